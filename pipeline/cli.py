@@ -1,0 +1,118 @@
+"""`python -m pipeline COMMAND`: every stage without Prefect, plus the demo and the deployment server."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="demo", help="profile name (demo, paper) or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any configuration value, e.g. --set download.timeout=20 (repeatable)")
+
+
+def _download_parser(sub) -> None:
+    p = sub.add_parser("download", help="download a URL list into webdataset shards")
+    p.add_argument("--input", required=True, help="CC12M TSV (url<TAB>caption), or parquet/CSV with url, caption")
+    p.add_argument("--output", help="dataset root (default: the profile's data_root)")
+    p.add_argument("--shard-size", type=int, help="input rows per shard (default 1000)")
+    p.add_argument("--max-side", type=int, help="longest side of stored images (default 768, never upscaled)")
+    p.add_argument("--processes", type=int, help="shards downloaded at once")
+    p.add_argument("--threads", type=int, help="concurrent downloads per shard")
+    p.add_argument("--allow-private-hosts", action="store_true", default=None,
+                   help="allow URLs whose host is on a loopback, private or link-local address")
+    _add_config_args(p)
+
+
+def _config_from(args, flags: dict) -> Config:
+    return load_config(args.profile, args.overrides, flags)
+
+
+class ShardProgress:
+    """A progress bar over shards that also shows images kept and failures."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="shard", dynamic_ncols=True)
+        self.ok = self.failed = 0
+
+    def __call__(self, name: str, stats: dict, skipped: bool) -> None:
+        self.ok += stats["ok"]
+        self.failed += stats["rows"] - stats["ok"]
+        self.bar.set_postfix(images=self.ok, failed=self.failed, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def print_summary(summary, root: str | Path) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in summary.status_counts.most_common())
+    print(f"{summary.shards_done} shards downloaded, {summary.shards_skipped} already committed; "
+          f"{summary.images} images in {Path(root)} ({counts}) in {summary.seconds:.1f} s")
+    for name, err in summary.failed_shards.items():
+        print(f"shard {name} failed and will be redone on the next run: {err}", file=sys.stderr)
+
+
+def cmd_download(args) -> int:
+    from stages.download import run_download
+    from stages.inputs import count_rows
+
+    config = _config_from(args, {
+        "data_root": args.output, "download.shard_size": args.shard_size, "download.max_side": args.max_side,
+        "download.processes": args.processes, "download.threads": args.threads,
+        "download.allow_private_hosts": args.allow_private_hosts,
+    })
+    if not Path(args.input).is_file():
+        raise ConfigError(f"--input {args.input!r}: no such file")
+    total = -(-count_rows(args.input) // config.download.shard_size)
+    progress = ShardProgress(total, "download")
+    try:
+        summary = run_download(args.input, config.data_root, config, on_shard=progress)
+    finally:
+        progress.close()
+    print_summary(summary, config.data_root)
+    return 1 if summary.failed_shards else 0
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(_config_from(args, {"data_root": args.output}))
+
+
+def cmd_serve(args) -> int:
+    from pipeline.deployments import serve
+
+    serve()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="The 4M data engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _download_parser(sub)
+    demo = sub.add_parser("demo", help="serve the bundled photos over loopback and build the demo dataset")
+    demo.add_argument("--output", help="dataset root (default: the profile's data_root)")
+    _add_config_args(demo)
+    sub.add_parser("serve", help="serve the Prefect deployments (download/cc12m, ...) to a Prefect API")
+    return parser
+
+
+COMMANDS = {"download": cmd_download, "demo": cmd_demo, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # InputError and friends: bad input named by the message
+        print(f"error: {err}", file=sys.stderr)
+        return 2

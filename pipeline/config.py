@@ -1,0 +1,153 @@
+"""One typed configuration for every stage, loaded from a YAML profile plus command-line overrides.
+
+Precedence, lowest first: the defaults below, the profile (`pipeline/profiles/<name>.yaml` or a path),
+`--set section.key=value` overrides, then a stage's own flags (`--shard-size` ...). Every layer is
+validated before any work starts; an unknown key or a bad value is a `ConfigError` that names the key,
+the value and the layer it came from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names it and its source."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors and values are validated on assignment too, so a typo never passes silently.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DownloadConfig(Section):
+    shard_size: int = Field(1000, ge=1, description="input rows per shard")
+    max_side: int = Field(768, ge=16, description="longest side of stored images; smaller images are never upscaled")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    processes: int = Field(2, ge=1, description="shards downloaded at once (one Ray task each)")
+    threads: int = Field(32, ge=1, description="concurrent downloads inside one shard task")
+    timeout: float = Field(10.0, gt=0, description="seconds one socket operation may wait")
+    deadline: float = Field(30.0, gt=0, description="seconds one download may take in all, retries included")
+    retries: int = Field(2, ge=0, description="extra attempts after a 5xx, a reset or a timeout")
+    retry_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each retry")
+    max_redirects: int = Field(5, ge=0)
+    max_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="byte cap on one response body")
+    max_pixels: int = Field(50_000_000, ge=1, description="refuse images with more pixels, read from the header")
+    max_url_chars: int = Field(4096, ge=16)
+    max_caption_chars: int = Field(4096, ge=1)
+    allow_private_hosts: bool = Field(False, description="allow hosts on loopback, private or link-local addresses")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="'host' or 'host:port' entries allowed even on private addresses"
+    )
+    respect_opt_out: bool = Field(True, description="skip images whose X-Robots-Tag says noai or noimageai")
+    user_agent: str = "4m-data-engine/0.1 (+https://github.com/4m-data-engine; respects X-Robots-Tag noai)"
+    url_column: str = "url"
+    caption_column: str = "caption"
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts a local Ray (RAY_ADDRESS wins)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None lets Ray count them")
+    object_store_memory: int | None = Field(None, ge=78_643_200)
+
+
+class Config(Section):
+    profile: str = "default"
+    data_root: str = "data/demo"
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def _profile_path(profile: str) -> Path:
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    return PROFILES_DIR / f"{profile}.yaml"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {key!r}")
+        else:
+            lines.append(f"{source}: {key} = {e.get('input')!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for k, v in update.items():
+        merged[k] = _deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _validate(data: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`download.threads=16` -> (["download", "threads"], 16); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"--set {text!r}: empty key component in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value {raw!r} is not valid YAML ({err})") from None
+    return path, value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(
+    profile: str = "demo",
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Build the configuration: profile, then `--set` overrides, then stage flags ({"download.threads": 8}).
+
+    Each layer is validated on its own so an error names the layer that brought the bad value.
+    """
+    path = _profile_path(profile)
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"profile {profile!r}: no file {path} (known profiles: {', '.join(known)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"profile {path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {path}: expected a mapping at the top level, got {type(data).__name__}")
+    data.setdefault("profile", path.stem)
+    _validate(data, f"profile {path}")
+
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        data = _deep_merge(data, _nest(key_path, value))
+        _validate(data, f"--set {text}")
+
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        data = _deep_merge(data, _nest(key.split("."), value))
+        _validate(data, f"--{key.split('.')[-1].replace('_', '-')} {value!r}")
+
+    return _validate(data, "configuration")

@@ -1,0 +1,109 @@
+"""`make demo`: real photos served over loopback, downloaded into the demo dataset.
+
+The photos ship inside scikit-image and matplotlib and are free to use: NASA's astronaut, rocket (SpaceX) and
+Hubble deep field and the US Navy's Grace Hopper portrait are public domain; Chelsea the cat, the coffee
+cup and the cameraman are CC0. The list also holds a few rows that must fail (a missing file, a web page,
+a duplicate, a malformed row) so the demo shows how every row's fate is recorded.
+"""
+from __future__ import annotations
+
+import http.server
+import shutil
+import tempfile
+import threading
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from pipeline.config import Config
+
+DEMO_PHOTOS = {
+    # file served -> (package, path inside the package, caption)
+    "astronaut.png": ("skimage", "data/astronaut.png", "an astronaut in a white spacesuit holding a helmet, "
+                      "with the american flag behind her"),
+    "chelsea.png": ("skimage", "data/chelsea.png", "a tabby cat looking to the side on a wooden floor"),
+    "coffee.png": ("skimage", "data/coffee.png", "a cup of coffee on a saucer with a spoon, seen from above"),
+    "rocket.jpg": ("skimage", "data/rocket.jpg", "a rocket on the launch pad at dusk"),
+    "hubble.jpg": ("skimage", "data/hubble_deep_field.jpg", "hundreds of distant galaxies on a black sky"),
+    "camera.png": ("skimage", "data/camera.png", "a black and white photo of a person with a camera on a tripod"),
+    "grace_hopper.jpg": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg",
+                         "a portrait of a woman in a navy uniform in front of a flag"),
+}
+
+
+def demo_photo_paths() -> dict[str, Path]:
+    import importlib
+
+    paths = {}
+    for name, (package, inner, _) in DEMO_PHOTOS.items():
+        module = importlib.import_module(package)
+        paths[name] = Path(module.__file__).parent / inner
+    return paths
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def serve_directory(directory: str | Path) -> Iterator[str]:
+    """Serve a folder over HTTP on 127.0.0.1 (a free port) while the block runs; yields the base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(directory)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_demo_list(site: Path, base_url: str, path: Path) -> None:
+    """The URL list: every demo photo, then the rows that must fail, as CC12M's TSV."""
+    for name, source in demo_photo_paths().items():
+        shutil.copyfile(source, site / name)
+    (site / "about.html").write_text("<!DOCTYPE html><html><body>not a photo</body></html>")
+    lines = [f"{base_url}/{name}\t{caption}" for name, (_, _, caption) in DEMO_PHOTOS.items()]
+    lines += [
+        f"{base_url}/missing.jpg\ta photo that is not there",
+        f"{base_url}/about.html\ta web page where a photo should be",
+        f"{base_url}/chelsea.png\tthe same cat again, listed twice",
+        "this row has no tab",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_demo(config: Config) -> int:
+    from pipeline.cli import ShardProgress, print_summary
+    from stages.download import STAGE, run_download
+    from stages.shards import DatasetLayout
+
+    root = Path(config.data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="4m-demo-site-") as site:
+        with serve_directory(site) as base_url:
+            urls = root / "urls.tsv"
+            write_demo_list(Path(site), base_url, urls)
+            print(f"serving {len(DEMO_PHOTOS)} demo photos at {base_url}; list written to {urls}")
+            # The server's port changes each run, so the list's shards are new each run too.
+            shutil.rmtree(root / "_status", ignore_errors=True)
+            progress = ShardProgress(-(-len(urls.read_text().splitlines()) // config.download.shard_size), "download")
+            try:
+                summary = run_download(urls, root, config, on_shard=progress)
+            finally:
+                progress.close()
+    print_summary(summary, root)
+    layout = DatasetLayout(root)
+    print(f"\n{'key':<10} {'status':<14} {'size':<10} error")
+    for shard in layout.committed_shards(STAGE):
+        for r in pq.read_table(layout.status_table(STAGE, shard)).to_pylist():
+            size = f"{r['width']}x{r['height']}" if r["width"] else "-"
+            print(f"{r['key']:<10} {r['status']:<14} {size:<10} {r['error'] or ''}")
+    print(f"\nimages:   {root / 'rgb'}/shard-*.tar\ncaptions: {root / 'caption'}/shard-*.tar\n"
+          f"status:   {layout.status_dir(STAGE)}/shard-*.parquet (+ .json commit markers)")
+    return 1 if summary.failed_shards else 0

@@ -1,0 +1,21 @@
+"""The Prefect deployments, served by `python -m pipeline serve` (keep it running; `prefect deployment run
+download/cc12m` then hands it runs). Parameters can be overridden per run with `--param`."""
+from __future__ import annotations
+
+from pipeline.flows import download_flow
+
+
+def deployments() -> list:
+    return [
+        download_flow.to_deployment(
+            name="cc12m",
+            parameters={"input": "data/cc12m.tsv", "output": "data/cc12m", "profile": "paper"},
+            description="Download CC12M (url<TAB>caption) into webdataset shards.",
+        ),
+    ]
+
+
+def serve() -> None:
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments())

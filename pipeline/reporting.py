@@ -1,0 +1,55 @@
+"""Prefect artifacts for a running stage: a progress bar, a table of shards, and a summary of failures.
+
+Artifacts are what a user watches in the Prefect UI while a stage runs for days, so they are updated as
+each shard finishes; the shard table is re-published at most every `table_every` seconds and at the end.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
+    update_progress_artifact
+
+
+class StageReporter:
+    def __init__(self, stage: str, total_shards: int, table_every: float = 30.0):
+        self.stage, self.total = stage, max(total_shards, 1)
+        self.rows: list[dict] = []
+        self.counts: Counter = Counter()
+        self.started = time.time()
+        self.table_every, self._last_table = table_every, 0.0
+        self.progress_id = create_progress_artifact(
+            0.0, key=f"{stage}-progress", description=f"{stage}: shards committed of {total_shards}")
+
+    def __call__(self, name: str, stats: dict, skipped: bool) -> None:
+        self.counts.update(stats["status_counts"])
+        self.rows.append({
+            "shard": name, "rows": stats["rows"], "ok": stats["ok"], "failed": stats["rows"] - stats["ok"],
+            "images/s": stats.get("images_per_s"), "seconds": stats.get("seconds"),
+            "state": "already committed" if skipped else "done",
+        })
+        update_progress_artifact(self.progress_id, 100.0 * len(self.rows) / self.total,
+                                 description=f"{self.stage}: {len(self.rows)} of {self.total} shards")
+        if time.time() - self._last_table >= self.table_every:
+            self._publish_table()
+
+    def _publish_table(self) -> None:
+        self._last_table = time.time()
+        create_table_artifact(self.rows, key=f"{self.stage}-shards",
+                              description=f"{self.stage}: shards done, {len(self.rows)} of {self.total}")
+
+    def finish(self) -> str:
+        self._publish_table()
+        elapsed = time.time() - self.started
+        ok = self.counts.get("ok", 0)
+        failures = [(k, v) for k, v in self.counts.most_common() if k != "ok"]
+        lines = [f"# {self.stage}", "",
+                 f"**{ok}** samples kept of {sum(self.counts.values())} rows, "
+                 f"{len(self.rows)} of {self.total} shards, {elapsed:.1f} s, "
+                 f"**{ok / elapsed if elapsed else 0:.1f} samples/s** in this run", "",
+                 "| failure reason | rows |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in failures] or ["| (none) | 0 |"]
+        markdown = "\n".join(lines)
+        create_markdown_artifact(markdown, key=f"{self.stage}-summary", description=f"{self.stage} summary")
+        return markdown

@@ -1,0 +1,221 @@
+"""The download stage: a URL list in, webdataset shards of images and captions out.
+
+Consumes  a CC12M-style list (`url<TAB>caption` TSV, or parquet/CSV with url and caption columns).
+Produces  <root>/rgb/shard-NNNNNN.tar      <key>.jpg  upright RGB JPEG, longest side <= max_side
+          <root>/caption/shard-NNNNNN.tar  <key>.txt  UTF-8 caption
+          <root>/_status/download/shard-NNNNNN.parquet  one row per input row, whatever its fate
+          <root>/_status/download/shard-NNNNNN.json     shard stats, the commit marker
+
+Shard i holds input rows [i * shard_size, (i + 1) * shard_size); a sample's key is its row number, so
+keys and shard contents are the same on every rerun. Committed shards are skipped; any other is redone.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import pyarrow as pa
+
+from pipeline.config import Config, DownloadConfig
+from stages.fetch import Fetcher
+from stages.images import ImageError, process_image
+from stages.inputs import InputRow, count_rows, read_rows
+from stages.shards import OK, DatasetLayout, ShardWriter, shard_name
+
+STAGE = "download"
+MODALITIES = ["rgb", "caption"]
+
+STATUS_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("row", pa.int64()),
+    ("url", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("http_status", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("sha256", pa.string()),
+    ("bytes", pa.int64()),
+    ("duplicate_of", pa.string()),
+])
+
+
+@dataclass
+class ShardTask:
+    index: int
+    rows: list[InputRow] = field(default_factory=list)
+    duplicate_of: dict[int, str] = field(default_factory=dict)  # row index -> key of the first occurrence
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+
+# -- one sample --------------------------------------------------------------------------------------
+def download_sample(row: InputRow, fetcher: Fetcher, cfg: DownloadConfig) -> tuple[dict, bytes | None]:
+    """Fetch and convert one row; returns its status record and the stored JPEG (None on failure)."""
+    record = {"key": row.key, "row": row.index, "url": row.url}
+    if row.error:
+        return {**record, "status": "invalid_row", "error": row.error}, None
+    result = fetcher.fetch(row.url)
+    record["http_status"] = result.http_status
+    if result.status != OK:
+        return {**record, "status": result.status, "error": result.error}, None
+    record["sha256"] = hashlib.sha256(result.data).hexdigest()
+    record["bytes"] = len(result.data)
+    try:
+        image = process_image(result.data, cfg.max_side, cfg.jpeg_quality, cfg.max_pixels)
+    except ImageError as err:
+        return {**record, "status": err.status, "error": err.message}, None
+    record.update(status=OK, width=image.width, height=image.height,
+                  original_width=image.original_width, original_height=image.original_height)
+    return record, image.jpeg
+
+
+def _ordered_map(fn: Callable, items: list, threads: int) -> Iterator:
+    """fn over items on a thread pool, yielded in input order, with a bounded number in flight."""
+    window = max(1, threads * 2)
+    with ThreadPoolExecutor(threads) as pool:
+        pending = []
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+# -- one shard ---------------------------------------------------------------------------------------
+def download_shard(root: str, task: ShardTask, cfg: DownloadConfig) -> dict:
+    """Download one shard and commit it; returns the shard's stats."""
+    layout = DatasetLayout(root)
+    fetcher = Fetcher(cfg)
+    started = time.time()
+    records = []
+
+    def one(row: InputRow):
+        if row.index in task.duplicate_of:
+            first = task.duplicate_of[row.index]
+            return {"key": row.key, "row": row.index, "url": row.url, "status": "duplicate",
+                    "error": f"same url as key {first}", "duplicate_of": first}, None
+        try:
+            return download_sample(row, fetcher, cfg)
+        except Exception as err:  # noqa: BLE001 - one sample's bug must not sink the shard
+            return {"key": row.key, "row": row.index, "url": row.url, "status": "internal_error",
+                    "error": f"{type(err).__name__}: {err}"}, None
+
+    with ShardWriter(layout, STAGE, task.name, MODALITIES) as writer:
+        for row, (record, jpeg) in zip(task.rows, _ordered_map(one, task.rows, cfg.threads)):
+            records.append(record)
+            if jpeg is not None:
+                caption = (row.caption or "").encode("utf-8")
+                writer.write(row.key, {"rgb": ("jpg", jpeg), "caption": ("txt", caption)})
+        table = pa.Table.from_pylist(records, schema=STATUS_SCHEMA)
+        counts = Counter(r["status"] for r in records)
+        seconds = time.time() - started
+        stats = {
+            "rows": len(records),
+            "ok": counts.get(OK, 0),
+            "status_counts": dict(sorted(counts.items())),
+            "bytes_downloaded": int(sum(r.get("bytes") or 0 for r in records)),
+            "seconds": round(seconds, 3),
+            "images_per_s": round(counts.get(OK, 0) / seconds, 2) if seconds > 0 else None,
+            "started_at": started,
+            "finished_at": time.time(),
+        }
+        writer.commit(table, stats)
+    return stats
+
+
+# -- all shards --------------------------------------------------------------------------------------
+def plan_shards(rows: Iterable[InputRow], shard_size: int) -> Iterator[ShardTask]:
+    """Cut the row stream into shards, marking repeated URLs as duplicates of their first occurrence.
+
+    Duplicates are decided here, in input order, so the decision is the same on every rerun. The table
+    keeps 8 bytes of hash per distinct URL (about 100 bytes per row in a Python dict).
+    """
+    first_seen: dict[int, int] = {}
+    task = ShardTask(0)
+    for row in rows:
+        if row.index // shard_size != task.index:
+            yield task
+            task = ShardTask(row.index // shard_size)
+        task.rows.append(row)
+        if row.url and not row.error:
+            digest = int.from_bytes(hashlib.blake2b(row.url.encode(), digest_size=8).digest(), "little")
+            first = first_seen.setdefault(digest, row.index)
+            if first != row.index:
+                task.duplicate_of[row.index] = InputRow(first, None, None).key
+    if task.rows:
+        yield task
+
+
+@dataclass
+class RunSummary:
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    status_counts: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def images(self) -> int:
+        return self.status_counts.get(OK, 0)
+
+
+def run_download(input_path: str | Path, root: str | Path, config: Config,
+                 on_shard: Callable[[str, dict, bool], None] | None = None) -> RunSummary:
+    """Download every shard not yet committed, `processes` Ray tasks at a time.
+
+    on_shard(name, stats, skipped) is called in the driver as each shard finishes or is found committed.
+    """
+    import ray
+
+    from pipeline.ray_runtime import init_ray
+
+    cfg = config.download
+    layout = DatasetLayout(root)
+    rows = read_rows(input_path, cfg.url_column, cfg.caption_column, cfg.max_url_chars, cfg.max_caption_chars)
+    summary = RunSummary(shards_total=-(-count_rows(input_path) // cfg.shard_size))
+    init_ray(config.ray)
+    remote = ray.remote(num_cpus=1, max_retries=3)(download_shard)
+    root_str = str(Path(root).resolve())
+    cfg_ref = ray.put(cfg)
+    in_flight: dict[ray.ObjectRef, str] = {}
+    started = time.time()
+
+    def settle(block_until: int) -> None:
+        while len(in_flight) > block_until:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            name = in_flight.pop(done[0])
+            try:
+                stats = ray.get(done[0])
+            except Exception as err:  # noqa: BLE001 - record and go on; the shard is redone next run
+                summary.failed_shards[name] = f"{type(err).__name__}: {err}"
+                continue
+            summary.shards_done += 1
+            summary.status_counts.update(stats["status_counts"])
+            if on_shard:
+                on_shard(name, stats, False)
+
+    for task in plan_shards(rows, cfg.shard_size):
+        if layout.is_committed(STAGE, task.name):
+            stats = layout.read_stats(STAGE, task.name)
+            summary.shards_skipped += 1
+            summary.status_counts.update(stats["status_counts"])
+            if on_shard:
+                on_shard(task.name, stats, True)
+            continue
+        settle(cfg.processes - 1)
+        in_flight[remote.remote(root_str, task, cfg_ref)] = task.name
+    settle(0)
+    summary.seconds = time.time() - started
+    return summary

@@ -1,0 +1,120 @@
+"""The dataset layout every stage shares, and the one way a stage commits a shard.
+
+    <root>/<modality>/shard-000000.tar          members <key>.<ext>, same shard names and key order per modality
+    <root>/_status/<stage>/shard-000000.parquet  one row per input sample: key, status, error, stage columns
+    <root>/_status/<stage>/shard-000000.json     the shard's stats, written last: the commit marker
+
+A shard is committed when its stats JSON exists. Every file is written under a temporary name and renamed
+into place, tars first and the JSON last, so a reader never sees a partial tar and a shard killed at any
+point is simply redone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+STATUS_DIR = "_status"
+OK = "ok"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+class DatasetLayout:
+    """Paths inside one dataset root."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def tar(self, modality: str, shard: str) -> Path:
+        return self.root / modality / f"{shard}.tar"
+
+    def status_dir(self, stage: str) -> Path:
+        return self.root / STATUS_DIR / stage
+
+    def status_table(self, stage: str, shard: str) -> Path:
+        return self.status_dir(stage) / f"{shard}.parquet"
+
+    def stats(self, stage: str, shard: str) -> Path:
+        return self.status_dir(stage) / f"{shard}.json"
+
+    def is_committed(self, stage: str, shard: str) -> bool:
+        return self.stats(stage, shard).is_file()
+
+    def read_stats(self, stage: str, shard: str) -> dict[str, Any]:
+        return json.loads(self.stats(stage, shard).read_text())
+
+    def committed_shards(self, stage: str) -> list[str]:
+        return sorted(p.stem for p in self.status_dir(stage).glob("shard-*.json"))
+
+
+def _temporary(path: Path) -> Path:
+    # Unique per writer: a stale writer from a killed run can never rename over a newer one's file.
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _temporary(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes one shard of a stage: one tar per modality, then the status table, then the stats JSON.
+
+    Use as a context manager; without `commit()` every temporary file is removed on exit.
+    """
+
+    def __init__(self, layout: DatasetLayout, stage: str, shard: str, modalities: list[str]):
+        self.layout, self.stage, self.shard = layout, stage, shard
+        self._final = {m: layout.tar(m, shard) for m in modalities}
+        self._tmp = {m: _temporary(p) for m, p in self._final.items()}
+        self._writers: dict[str, wds.TarWriter] = {}
+        self._committed = False
+        for modality, tmp in self._tmp.items():
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            # encoder=False: members are stored as the exact bytes given; a fixed mtime keeps reruns identical.
+            self._writers[modality] = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
+        layout.status_dir(stage).mkdir(parents=True, exist_ok=True)
+
+    def write(self, key: str, members: dict[str, tuple[str, bytes]]) -> None:
+        """members: modality -> (extension, bytes). Keys must not contain a dot (webdataset splits on it)."""
+        if "." in key:
+            raise ValueError(f"sample key {key!r} contains a dot")
+        for modality, (ext, data) in members.items():
+            self._writers[modality].write({"__key__": key, ext: data})
+
+    def commit(self, status: pa.Table, stats: dict[str, Any]) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        for modality, tmp in self._tmp.items():
+            os.replace(tmp, self._final[modality])
+        table_path = self.layout.status_table(self.stage, self.shard)
+        tmp = _temporary(table_path)
+        pq.write_table(status, tmp)
+        os.replace(tmp, table_path)
+        stats = {"stage": self.stage, "shard": self.shard, **stats}
+        _atomic_write_bytes(self.layout.stats(self.stage, self.shard), json.dumps(stats, indent=1).encode())
+        self._committed = True
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._committed:
+            return
+        for writer in self._writers.values():
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - best effort: the shard is being abandoned anyway
+                pass
+        for tmp in self._tmp.values():
+            tmp.unlink(missing_ok=True)
