@@ -282,14 +282,15 @@ class Fetcher:
             return status, None, b"".join(chunks)
         except FetchError:
             raise
-        except (TimeoutError, socket.timeout):
-            raise FetchError("timeout", f"no answer within {cfg.timeout:g} s from {host!r}", retryable=True) from None
-        except ssl.SSLError as err:
-            raise FetchError("network_error", f"TLS error with {host!r}: {err.reason or err}") from None
         except (OSError, http.client.HTTPException) as err:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:  # the watchdog or the last read's timeout ended it
                 raise FetchError("timeout", f"total deadline of {cfg.deadline:g} s exceeded "
                                  f"after {received} bytes") from None
+            if isinstance(err, TimeoutError):
+                raise FetchError("timeout", f"no answer within {cfg.timeout:g} s from {host!r}",
+                                 retryable=True) from None
+            if isinstance(err, ssl.SSLError):
+                raise FetchError("network_error", f"TLS error with {host!r}: {err.reason or err}") from None
             reason = type(err).__name__ + (f": {err}" if str(err) else "")
             raise FetchError("network_error", f"{reason} from {host!r}", retryable=True) from None
         finally:

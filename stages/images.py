@@ -25,7 +25,7 @@ UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-ACCEPTED_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"]
+ACCEPTED_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]  # JPEG also opens MPO
 
 
 class ImageError(Exception):
@@ -71,9 +71,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode.startswith("I;16") or im.mode == "I":
         # 16-bit samples: keep the top byte (Pillow's own convert would clip everything above 255 to white).
         values = np.asarray(im, dtype=np.uint32)
-        return Image.fromarray((values >> 8).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray((values >> 8).clip(0, 255).astype(np.uint8)).convert("RGB")
     if im.mode == "F":
-        return Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8)).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
 
 

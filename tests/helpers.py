@@ -1,0 +1,201 @@
+"""Test fixtures' building blocks: a real HTTP server on 127.0.0.1 that misbehaves on request, and images
+of every awkward kind, made from real photos that ship with scikit-image."""
+from __future__ import annotations
+
+import http.server
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from PIL import Image
+
+# Bounds for the misbehaving routes, so a broken client can never keep the server busy for long.
+DRIP_MAX_SECONDS = 20
+BLOCK_MAX_SECONDS = 60
+
+
+def photo(name: str = "astronaut") -> Image.Image:
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+
+
+def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def large_jpeg(size=(2048, 1536), name: str = "astronaut") -> bytes:
+    return encode(photo(name).resize(size, Image.Resampling.LANCZOS), quality=95)
+
+
+def exif_rotated_jpeg(orientation: int = 6) -> tuple[bytes, Image.Image]:
+    """A JPEG stored sideways with an EXIF tag saying how to turn it upright, and the upright picture."""
+    upright = photo("coffee")  # 600x400, not square
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a camera held sideways writes
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stored, quality=95, exif=exif.tobytes()), upright
+
+
+def png_bomb_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but whose pixel data is garbage: decoding it would fail."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"garbage") + chunk(b"IEND", b"")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+class MisbehavingServer(http.server.ThreadingHTTPServer):
+    """Routes (all GET):
+      /file/NAME                serve files[NAME] = (bytes, content type, extra headers)
+      /status/CODE              answer with that status
+      /flaky/N/NAME             503 for the first N requests of this path, then the file
+      /reset/N/NAME             reset the connection for the first N requests, then the file
+      /silent/N/NAME            say nothing (until the client gives up) for the first N requests, then the file
+      /drip                     headers, then one body byte every 20 ms
+      /drip-headers             one header byte every 20 ms
+      /endless                  an image/jpeg body with no length that never ends
+      /huge-length              Content-Length of a terabyte
+      /loop/A, /loop/B          redirect to each other
+      /chain/N                  N redirects, then a file ('chain-target')
+      /redirect?to=URL          redirect to URL
+      /block/NAME               announce arrival (events['arrived']), wait for events['release'], serve the file
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, tuple[bytes, str, dict]] = {}
+        self.hits: Counter = Counter()
+        self.lock = threading.Lock()
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        self.stop_misbehaving = threading.Event()
+        self.client_hung_up = threading.Event()  # a dripping route saw the client close the connection
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def add(self, name: str, data: bytes, content_type: str = "image/jpeg", **headers) -> str:
+        self.files[name] = (data, content_type, headers)
+        return f"{self.base}/file/{name}"
+
+    def count(self, path: str) -> int:
+        with self.lock:
+            return self.hits[path]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: MisbehavingServer
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send_file(self, name: str) -> None:
+        data, content_type, headers = self.server.files[name]
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: C901 - one branch per route reads best here
+        url = urlsplit(self.path)
+        parts = url.path.strip("/").split("/")
+        with self.server.lock:
+            self.server.hits[url.path] += 1
+            hit = self.server.hits[url.path]
+        route = parts[0]
+        self.close_connection = True
+        if route == "file":
+            self._send_file(parts[1])
+        elif route == "status":
+            self.send_response(int(parts[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif route in ("flaky", "reset", "silent") and hit <= int(parts[1]):
+            if route == "flaky":
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif route == "reset":
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+            else:
+                self.server.stop_misbehaving.wait(DRIP_MAX_SECONDS)
+        elif route in ("flaky", "reset", "silent"):
+            self._send_file(parts[2])
+        elif route == "drip":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(10**6))
+            self.end_headers()
+            self._dribble(b"\xff" * 10**6)
+        elif route == "drip-headers":
+            self._dribble(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n" + b"X-Slow: " + b"a" * 10**5)
+        elif route == "endless":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            chunk = b"\xff" * 65536
+            try:
+                for _ in range(4096):  # at most 256 MB, then stop whatever the client does
+                    self.wfile.write(chunk)
+            except OSError:
+                pass
+        elif route == "huge-length":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(10**12))
+            self.end_headers()
+        elif route == "loop":
+            self._redirect("/loop/B" if parts[1] == "A" else "/loop/A")
+        elif route == "chain":
+            n = int(parts[1])
+            self._redirect(f"/chain/{n - 1}") if n > 0 else self._send_file("chain-target")
+        elif route == "redirect":
+            self._redirect(parse_qs(url.query)["to"][0])
+        elif route == "block":
+            self.server.arrived.set()
+            self.server.release.wait(BLOCK_MAX_SECONDS)
+            self._send_file(parts[1])
+        else:
+            self.send_error(404)
+
+    def _dribble(self, data: bytes) -> None:
+        end = time.monotonic() + DRIP_MAX_SECONDS
+        try:
+            for i in range(len(data)):
+                if time.monotonic() > end or self.server.stop_misbehaving.is_set():
+                    return
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.02)  # the misbehaviour under test: a server that drips bytes
+        except OSError:
+            self.server.client_hung_up.set()

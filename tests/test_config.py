@@ -1,0 +1,45 @@
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def test_profiles_load_with_their_settings():
+    demo, paper = load_config("demo"), load_config("paper")
+    assert demo.profile == "demo" and paper.profile == "paper"
+    assert paper.download.shard_size == 1000 and paper.download.max_side == 768
+    assert paper.download.jpeg_quality == 95 and not paper.download.allow_private_hosts
+    assert demo.download.shard_size < paper.download.shard_size
+
+
+def test_overrides_and_flags_apply_in_order():
+    cfg = load_config("paper", ["download.threads=7", "download.timeout=2.5"], {"download.threads": 9})
+    assert cfg.download.threads == 9  # a stage flag wins over --set
+    assert cfg.download.timeout == 2.5
+    assert load_config("paper", ["download.allowed_hosts=[a.example, 'b.example:8080']"]).download.allowed_hosts == [
+        "a.example", "b.example:8080"]
+
+
+def test_unknown_key_is_named_with_its_source():
+    with pytest.raises(ConfigError, match=r"--set download\.thread=3: unknown key 'download\.thread'"):
+        load_config("demo", ["download.thread=3"])
+
+
+def test_bad_value_is_named_with_its_source():
+    with pytest.raises(ConfigError, match=r"download\.shard_size = 'many'"):
+        load_config("demo", ["download.shard_size=many"])
+    with pytest.raises(ConfigError, match=r"--processes 0: download\.processes = 0"):
+        load_config("demo", [], {"download.processes": 0})
+
+
+def test_bad_profile_file_is_named(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("download:\n  max_sid: 512\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: unknown key 'download\.max_sid'"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="profile 'nope'.*known profiles: demo, paper"):
+        load_config("nope")
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config("demo", ["download.threads"])
