@@ -34,11 +34,14 @@ def _config_from(args, flags: dict) -> Config:
 class ShardProgress:
     """A progress bar over shards that also shows images kept and failures."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+        self.ok = self.failed = 0
+
+    def start(self, total_shards: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="shard", dynamic_ncols=True)
-        self.ok = self.failed = 0
+        self.bar = tqdm(total=total_shards, desc=self.desc, unit="shard", dynamic_ncols=True)
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
         self.ok += stats["ok"]
@@ -47,7 +50,8 @@ class ShardProgress:
         self.bar.update(1)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def print_summary(summary, root: str | Path) -> None:
@@ -60,7 +64,6 @@ def print_summary(summary, root: str | Path) -> None:
 
 def cmd_download(args) -> int:
     from stages.download import run_download
-    from stages.inputs import count_rows
 
     config = _config_from(args, {
         "data_root": args.output, "download.shard_size": args.shard_size, "download.max_side": args.max_side,
@@ -69,10 +72,9 @@ def cmd_download(args) -> int:
     })
     if not Path(args.input).is_file():
         raise ConfigError(f"--input {args.input!r}: no such file")
-    total = -(-count_rows(args.input) // config.download.shard_size)
-    progress = ShardProgress(total, "download")
+    progress = ShardProgress("download")
     try:
-        summary = run_download(args.input, config.data_root, config, on_shard=progress)
+        summary = run_download(args.input, config.data_root, config, observer=progress)
     finally:
         progress.close()
     print_summary(summary, config.data_root)

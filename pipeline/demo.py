@@ -92,9 +92,9 @@ def run_demo(config: Config) -> int:
             print(f"serving {len(DEMO_PHOTOS)} demo photos at {base_url}; list written to {urls}")
             # The server's port changes each run, so the list's shards are new each run too.
             shutil.rmtree(root / "_status", ignore_errors=True)
-            progress = ShardProgress(-(-len(urls.read_text().splitlines()) // config.download.shard_size), "download")
+            progress = ShardProgress("download")
             try:
-                summary = run_download(urls, root, config, on_shard=progress)
+                summary = run_download(urls, root, config, observer=progress)
             finally:
                 progress.close()
     print_summary(summary, root)

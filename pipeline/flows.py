@@ -12,12 +12,10 @@ def download_flow(input: str = "data/cc12m.tsv", output: str | None = None, prof
                   overrides: list[str] | None = None) -> dict:
     """Download a URL list (CC12M TSV, parquet or CSV) into webdataset shards under `output`."""
     from stages.download import run_download
-    from stages.inputs import count_rows
 
     config = load_config(profile, overrides, {"data_root": output})  # a bad value fails here, before any work
-    total = -(-count_rows(input) // config.download.shard_size)
-    reporter = StageReporter("download", total)
-    summary = run_download(input, config.data_root, config, on_shard=reporter)
+    reporter = StageReporter("download")
+    summary = run_download(input, config.data_root, config, observer=reporter)
     print(reporter.finish())
     if summary.failed_shards:
         raise RuntimeError(f"{len(summary.failed_shards)} shards failed (rerun to redo them): {summary.failed_shards}")

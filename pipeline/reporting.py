@@ -13,14 +13,18 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 
 class StageReporter:
-    def __init__(self, stage: str, total_shards: int, table_every: float = 30.0):
-        self.stage, self.total = stage, max(total_shards, 1)
+    def __init__(self, stage: str, table_every: float = 30.0):
+        self.stage, self.total = stage, 1
         self.rows: list[dict] = []
         self.counts: Counter = Counter()
         self.started = time.time()
         self.table_every, self._last_table = table_every, 0.0
+        self.progress_id = None
+
+    def start(self, total_shards: int) -> None:
+        self.total = max(total_shards, 1)
         self.progress_id = create_progress_artifact(
-            0.0, key=f"{stage}-progress", description=f"{stage}: shards committed of {total_shards}")
+            0.0, key=f"{self.stage}-progress", description=f"{self.stage}: 0 of {total_shards} shards")
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
         self.counts.update(stats["status_counts"])
@@ -36,6 +40,7 @@ class StageReporter:
 
     def _publish_table(self) -> None:
         self._last_table = time.time()
+        self.rows.sort(key=lambda row: row["shard"])
         create_table_artifact(self.rows, key=f"{self.stage}-shards",
                               description=f"{self.stage}: shards done, {len(self.rows)} of {self.total}")
 

@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import pyarrow as pa
 
@@ -157,6 +157,14 @@ def plan_shards(rows: Iterable[InputRow], shard_size: int) -> Iterator[ShardTask
         yield task
 
 
+class ShardObserver(Protocol):
+    """What watches a run: a progress bar, Prefect artifacts. Called in the driver."""
+
+    def start(self, total_shards: int) -> None: ...
+
+    def __call__(self, name: str, stats: dict, skipped: bool) -> None: ...
+
+
 @dataclass
 class RunSummary:
     shards_total: int = 0
@@ -172,10 +180,10 @@ class RunSummary:
 
 
 def run_download(input_path: str | Path, root: str | Path, config: Config,
-                 on_shard: Callable[[str, dict, bool], None] | None = None) -> RunSummary:
+                 observer: ShardObserver | None = None) -> RunSummary:
     """Download every shard not yet committed, `processes` Ray tasks at a time.
 
-    on_shard(name, stats, skipped) is called in the driver as each shard finishes or is found committed.
+    The observer hears the number of shards, then each shard as it finishes or is found committed.
     """
     import ray
 
@@ -185,6 +193,8 @@ def run_download(input_path: str | Path, root: str | Path, config: Config,
     layout = DatasetLayout(root)
     rows = read_rows(input_path, cfg.url_column, cfg.caption_column, cfg.max_url_chars, cfg.max_caption_chars)
     summary = RunSummary(shards_total=-(-count_rows(input_path) // cfg.shard_size))
+    if observer:
+        observer.start(summary.shards_total)
     init_ray(config.ray)
     remote = ray.remote(num_cpus=1, max_retries=3)(download_shard)
     root_str = str(Path(root).resolve())
@@ -203,16 +213,16 @@ def run_download(input_path: str | Path, root: str | Path, config: Config,
                 continue
             summary.shards_done += 1
             summary.status_counts.update(stats["status_counts"])
-            if on_shard:
-                on_shard(name, stats, False)
+            if observer:
+                observer(name, stats, False)
 
     for task in plan_shards(rows, cfg.shard_size):
         if layout.is_committed(STAGE, task.name):
             stats = layout.read_stats(STAGE, task.name)
             summary.shards_skipped += 1
             summary.status_counts.update(stats["status_counts"])
-            if on_shard:
-                on_shard(task.name, stats, True)
+            if observer:
+                observer(task.name, stats, True)
             continue
         settle(cfg.processes - 1)
         in_flight[remote.remote(root_str, task, cfg_ref)] = task.name

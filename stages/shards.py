@@ -81,6 +81,8 @@ class ShardWriter:
         self._committed = False
         for modality, tmp in self._tmp.items():
             tmp.parent.mkdir(parents=True, exist_ok=True)
+            for stale in tmp.parent.glob(f".{self._final[modality].name}.tmp-*"):
+                stale.unlink(missing_ok=True)  # left by a run killed mid-shard
             # encoder=False: members are stored as the exact bytes given; a fixed mtime keeps reruns identical.
             self._writers[modality] = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
         layout.status_dir(stage).mkdir(parents=True, exist_ok=True)

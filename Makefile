@@ -1,0 +1,29 @@
+# Every target installs what it needs first, into .venv in the checkout (a second run reuses it).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED := 0
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install test demo bench-download clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/python -m pipeline demo --profile demo
+
+bench-download: $(STAMP)
+	$(BIN)/python bench/bench_download.py
+
+clean:
+	rm -rf $(VENV) data bench/_work bench/.venv-img2dataset

@@ -1,0 +1,89 @@
+"""The command line as a user runs it: a subprocess joined to the test session's Ray through RAY_ADDRESS."""
+import os
+import signal
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from stages.download import STAGE
+from stages.shards import DatasetLayout
+from tests.helpers import large_jpeg
+
+
+def cli(*args, ray_address=None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run_cli(*args, ray_address=None, timeout=240) -> subprocess.CompletedProcess:
+    proc = cli(*args, ray_address=ray_address)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_bad_configuration_fails_before_any_work(tmp_path):
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("http://127.0.0.1/a.jpg\ta\n")
+    out = tmp_path / "data"
+    result = run_cli("download", "--input", str(urls), "--output", str(out), "--set", "download.retrys=3")
+    assert result.returncode == 2 and "unknown key 'download.retrys'" in result.stderr
+    result = run_cli("download", "--input", str(urls), "--output", str(out), "--threads", "0")
+    assert result.returncode == 2 and "--threads 0: download.threads = 0" in result.stderr
+    result = run_cli("download", "--input", str(tmp_path / "nope.tsv"), "--output", str(out))
+    assert result.returncode == 2 and "nope.tsv" in result.stderr and "no such file" in result.stderr
+    assert not out.exists(), "nothing was written"
+
+
+def test_download_command_writes_shards_and_shows_progress(ray_address, server, tmp_path):
+    jpeg = large_jpeg((1024, 768))
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("".join(f"{server.add(f'{i}.jpg', jpeg)}\tphoto {i}\n" for i in range(5)))
+    result = run_cli("download", "--input", str(urls), "--output", str(tmp_path / "data"), "--shard-size", "2",
+                     "--max-side", "256", "--allow-private-hosts", ray_address=ray_address)
+    assert result.returncode == 0, result.stderr
+    assert "download: 100%" in result.stderr and "3/3" in result.stderr
+    assert "5 images in" in result.stdout
+    table = pq.read_table(tmp_path / "data/_status/download/shard-000000.parquet").to_pylist()
+    assert [(r["width"], r["height"]) for r in table] == [(256, 192)] * 2
+
+
+def test_killed_run_resumes_with_every_row_recorded_once(ray_address, server, tmp_path):
+    jpeg = large_jpeg((800, 600))
+    for i in range(9):
+        server.add(f"{i}.jpg", jpeg)
+    urls = [f"{server.base}/file/{i}.jpg" for i in range(9)]
+    urls[4] = f"{server.base}/block/4.jpg"  # shard 1 hangs here until the test lets it go
+    listing = tmp_path / "urls.tsv"
+    listing.write_text("".join(f"{u}\tphoto {i}\n" for i, u in enumerate(urls)))
+    root = tmp_path / "data"
+    args = ["download", "--input", str(listing), "--output", str(root), "--shard-size", "3", "--processes", "1",
+            "--threads", "2", "--allow-private-hosts"]
+
+    proc = cli(*args, ray_address=ray_address, start_new_session=True)
+    # With one shard at a time, a request from shard 1 means shard 0 has been committed.
+    assert server.arrived.wait(180), "the download never reached shard 1"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    layout = DatasetLayout(root)
+    assert layout.committed_shards(STAGE) == ["shard-000000"]
+    stamp = layout.stats(STAGE, "shard-000000").stat().st_mtime_ns
+    server.release.set()
+
+    result = run_cli(*args, ray_address=ray_address)
+    assert result.returncode == 0, result.stderr
+    assert layout.committed_shards(STAGE) == ["shard-000000", "shard-000001", "shard-000002"]
+    assert layout.stats(STAGE, "shard-000000").stat().st_mtime_ns == stamp, "committed shard was not redone"
+    assert [server.count(f"/file/{i}.jpg") for i in range(3)] == [1, 1, 1]
+    keys = []
+    for shard in layout.committed_shards(STAGE):
+        keys += [r["key"] for r in pq.read_table(layout.status_table(STAGE, shard)).to_pylist()]
+    assert keys == [f"{i:09d}" for i in range(9)], "every row recorded exactly once, in order"
+    for modality in ("rgb", "caption"):
+        tars = sorted(str(p) for p in (root / modality).glob("shard-*.tar"))
+        assert len(tars) == 3
+        assert [s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)] == keys

@@ -1,0 +1,78 @@
+"""The Prefect side against a real (temporary) Prefect API server."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import large_jpeg
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def url_list(server, tmp_path, n=5):
+    jpeg = large_jpeg((900, 700))
+    lines = [f"{server.add(f'{i}.jpg', jpeg)}\tphoto {i}" for i in range(n)] + [f"{server.base}/status/404\tgone"]
+    path = tmp_path / "urls.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_address, server, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from pipeline.flows import download_flow
+
+    result = download_flow(input=str(url_list(server, tmp_path)), output=str(tmp_path / "data"), profile="demo",
+                           overrides=["download.shard_size=2"])
+    assert result["status_counts"] == {"ok": 5, "http_error": 1} and result["shards_done"] == 3
+    progress = Artifact.get("download-progress")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    table = Artifact.get("download-shards")
+    rows = json.loads(table.data)
+    assert [r["shard"] for r in rows] == ["shard-000000", "shard-000001", "shard-000002"]
+    assert sum(r["ok"] for r in rows) == 5 and rows[2]["failed"] == 1
+    summary = Artifact.get("download-summary")
+    assert "samples/s" in summary.data and "| http_error | 1 |" in summary.data
+
+
+def test_download_flow_rejects_bad_configuration_before_work(prefect_api, tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.flows import download_flow
+
+    with pytest.raises(ConfigError, match="unknown key 'download.shard_sise'"):
+        download_flow(input=str(tmp_path / "x.tsv"), output=str(tmp_path / "data"), profile="demo",
+                      overrides=["download.shard_sise=2"])
+    assert not (tmp_path / "data").exists()
+
+
+def test_cc12m_deployment_runs_when_served(prefect_api, ray_address, server, tmp_path):
+    """`python -m pipeline serve` picks up `prefect deployment run download/cc12m`, as the README says."""
+    from prefect.deployments import run_deployment
+
+    from pipeline.deployments import deployments
+
+    for deployment in deployments():  # registered up front; `serve` upserts the same ones and polls for runs
+        deployment.apply()
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address,
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run = run_deployment("download/cc12m", timeout=300, poll_interval=1, parameters={
+            "input": str(url_list(server, tmp_path, n=3)), "output": str(tmp_path / "data"), "profile": "demo"})
+        assert run.state.is_completed(), run.state
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+    committed = sorted(p.name for p in (tmp_path / "data/_status/download").glob("*.json"))
+    assert committed == ["shard-000000.json"]
+    assert len(list((tmp_path / "data/rgb").glob("shard-*.tar"))) == 1
