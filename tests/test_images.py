@@ -92,3 +92,33 @@ def test_text_is_not_an_image(body):
     with pytest.raises(ImageError) as err:
         process_image(body)
     assert err.value.status == "not_an_image"
+
+
+def _with_orientation(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(photo("coffee"), quality=95, exif=exif.tobytes())  # 600x400 stored
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("path", ["opencv", "pillow"])
+def test_every_exif_orientation_matches_pillows_exif_transpose(orientation, path):
+    from PIL import ImageOps
+
+    data = _with_orientation(orientation)
+    if path == "pillow":
+        data += b"trailing bytes after the end marker"  # a complete JPEG that takes the Pillow path
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    out = process_image(data, max_side=300)
+    target = target_size(*expected.size, 300)
+    assert (out.width, out.height) == target and (out.original_width, out.original_height) == expected.size
+    reference = expected.resize(target, Image.Resampling.LANCZOS)
+    assert psnr(np.asarray(decode(out.jpeg)), np.asarray(reference)) > 30
+
+
+def test_opencv_and_pillow_paths_agree():
+    data = large_jpeg((2048, 1536), name="chelsea")
+    fast = np.asarray(decode(process_image(data).jpeg))
+    slow = np.asarray(decode(process_image(data + b"\0junk").jpeg))
+    assert fast.shape == slow.shape == (576, 768, 3)
+    assert psnr(fast, slow) > 38
