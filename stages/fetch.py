@@ -157,9 +157,9 @@ def _is_public(address: str) -> bool:
 class Fetcher:
     """Downloads URLs under one `DownloadConfig`; thread-safe, one instance per shard task."""
 
-    def __init__(self, cfg: DownloadConfig, resolve=socket.getaddrinfo):
+    def __init__(self, cfg: DownloadConfig, resolve=socket.getaddrinfo, sleep=time.sleep):
         self.cfg = cfg
-        self._resolve = resolve
+        self._resolve, self._sleep = resolve, sleep
         self._allowed = {h.lower() for h in cfg.allowed_hosts}
         self._headers = {"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5", "Connection": "close"}
 
@@ -177,7 +177,7 @@ class Fetcher:
                 last = err
             if not last.retryable or attempt > cfg.retries or time.monotonic() + delay >= deadline:
                 break
-            time.sleep(delay)  # exponential backoff between attempts, not synchronisation
+            self._sleep(delay)  # exponential backoff between attempts
             delay *= 2
         note = f" (after {attempt} attempts)" if attempt > 1 else ""
         return FetchResult(last.status, None, last.message + note, last.http_status, None, attempt)

@@ -35,6 +35,13 @@ def test_5xx_is_retried_with_backoff_then_succeeds(server):
     assert result.status == "ok" and result.attempts == 3 and server.count("/flaky/2/a.jpg") == 3
 
 
+def test_retries_back_off_exponentially(server):
+    delays = []
+    cfg = DownloadConfig(allow_private_hosts=True, retries=3, retry_backoff=0.01)
+    result = Fetcher(cfg, sleep=delays.append).fetch(f"{server.base}/status/502")
+    assert result.attempts == 4 and delays == [0.01, 0.02, 0.04]
+
+
 def test_5xx_gives_up_after_the_retries(server):
     result = fetcher(retries=1).fetch(f"{server.base}/status/503")
     assert result.status == "http_error" and result.http_status == 503

@@ -1,0 +1,18 @@
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+
+def test_demo_downloads_the_bundled_photos_and_records_the_bad_rows(ray_address, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", str(tmp_path / "demo")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    tables = sorted(str(p) for p in (tmp_path / "demo/_status/download").glob("shard-*.parquet"))
+    rows = [row for table in tables for row in pq.read_table(table).to_pylist()]
+    statuses = [r["status"] for r in sorted(rows, key=lambda r: r["key"])]
+    assert statuses == ["ok"] * 7 + ["http_error", "not_an_image", "duplicate", "invalid_row"]
+    assert "7 images in" in result.stdout and "rgb/shard-*.tar" in result.stdout
+    assert len(list((tmp_path / "demo/rgb").glob("shard-*.tar"))) == 3
