@@ -44,6 +44,7 @@ class DownloadConfig(Section):
     allowed_hosts: list[str] = Field(
         default_factory=list, description="'host' or 'host:port' entries allowed even on private addresses"
     )
+    ca_bundle: str | None = Field(None, description="PEM file of CAs to trust for https, instead of the system's")
     respect_opt_out: bool = Field(True, description="skip images whose X-Robots-Tag says noai or noimageai")
     user_agent: str = "4m-data-engine/0.1 (+https://github.com/4m-data-engine; respects X-Robots-Tag noai)"
     url_column: str = "url"

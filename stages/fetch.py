@@ -126,9 +126,13 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
     default_port = 443
-    _tls = ssl.create_default_context()
+
+    def __init__(self, host: str, port: int, address: str, timeout: float, on_socket, tls: ssl.SSLContext):
+        super().__init__(host, port, address, timeout, on_socket)
+        self._tls = tls
 
     def connect(self) -> None:
+        # The certificate is checked against the URL's host name, whatever address we connected to.
         self.sock = self._tls.wrap_socket(self._open(), server_hostname=self.host)
         self._on_socket(self.sock)  # the TLS socket replaces the raw one for reads from here on
 
@@ -160,6 +164,7 @@ class Fetcher:
     def __init__(self, cfg: DownloadConfig, resolve=socket.getaddrinfo, sleep=time.sleep):
         self.cfg = cfg
         self._resolve, self._sleep = resolve, sleep
+        self._tls = ssl.create_default_context(cafile=cfg.ca_bundle)
         self._allowed = {h.lower() for h in cfg.allowed_hosts}
         self._headers = {"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5", "Connection": "close"}
 
@@ -236,8 +241,11 @@ class Fetcher:
             sockets.append(sock)
             tickets.append(watchdog.watch(sock, deadline))
 
-        conn_cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-        conn = conn_cls(host, port, address, min(cfg.timeout, remaining), on_socket)
+        timeout = min(cfg.timeout, remaining)
+        if parts.scheme == "https":
+            conn = _PinnedHTTPSConnection(host, port, address, timeout, on_socket, self._tls)
+        else:
+            conn = _PinnedHTTPConnection(host, port, address, timeout, on_socket)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         received = 0
         try:

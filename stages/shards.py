@@ -86,6 +86,8 @@ class ShardWriter:
             # encoder=False: members are stored as the exact bytes given; a fixed mtime keeps reruns identical.
             self._writers[modality] = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
         layout.status_dir(stage).mkdir(parents=True, exist_ok=True)
+        for stale in layout.status_dir(stage).glob(f".{shard}.*.tmp-*"):
+            stale.unlink(missing_ok=True)
 
     def write(self, key: str, members: dict[str, tuple[str, bytes]]) -> None:
         """members: modality -> (extension, bytes). Keys must not contain a dot (webdataset splits on it)."""

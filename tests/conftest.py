@@ -30,3 +30,23 @@ def ray_address():
                        log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """The misbehaving server behind TLS, with a certificate for 'localhost' from a throwaway CA."""
+    import ssl
+
+    from tests.helpers import make_tls_files
+
+    ca, cert, key = make_tls_files(tmp_path)
+    srv = MisbehavingServer()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    srv.socket = context.wrap_socket(srv.socket, server_side=True)
+    srv.ca_bundle = ca
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()

@@ -199,3 +199,44 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 time.sleep(0.02)  # the misbehaviour under test: a server that drips bytes
         except OSError:
             self.server.client_hung_up.set()
+
+
+def make_tls_files(folder, hostname: str = "localhost") -> tuple[str, str, str]:
+    """A throwaway CA and a server certificate for `hostname` signed by it: (ca.pem, cert.pem, key.pem)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, public_key, signing_key, ca: bool, san=None):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                decipher_only=False), critical=True).add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "4m test CA")])
+    ca_cert = cert(ca_name, ca_name, ca_key.public_key(), ca_key, ca=True)
+    server_cert = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]), ca_name,
+                       key.public_key(), ca_key, ca=False, san=hostname)
+    paths = [str(folder / n) for n in ("ca.pem", "cert.pem", "key.pem")]
+    for path, data in zip(paths, [ca_cert.public_bytes(serialization.Encoding.PEM),
+                                  server_cert.public_bytes(serialization.Encoding.PEM),
+                                  key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption())]):
+        with open(path, "wb") as f:
+            f.write(data)
+    return tuple(paths)

@@ -153,3 +153,15 @@ def test_x_robots_tag_for_other_agents_or_other_directives_is_ignored(server):
     assert fetcher().fetch(url).status == "ok"
     url = server.add("b.jpg", JPEG, X_Robots_Tag="noai")
     assert fetcher(respect_opt_out=False).fetch(url).status == "ok"
+
+
+def test_https_checks_the_certificate_against_the_url_host(tls_server):
+    tls_server.add("a.jpg", JPEG)
+    port = tls_server.server_address[1]
+    result = fetcher(ca_bundle=tls_server.ca_bundle).fetch(f"https://localhost:{port}/file/a.jpg")
+    assert (result.status, result.data) == ("ok", JPEG)
+    # The certificate names 'localhost', not the address we connect to: refused by name, not retried.
+    by_address = fetcher(ca_bundle=tls_server.ca_bundle).fetch(f"https://127.0.0.1:{port}/file/a.jpg")
+    assert by_address.status == "network_error" and "TLS error" in by_address.error and by_address.attempts == 1
+    untrusted = fetcher().fetch(f"https://localhost:{port}/file/a.jpg")
+    assert untrusted.status == "network_error" and "CERTIFICATE_VERIFY_FAILED" in untrusted.error
