@@ -1,0 +1,248 @@
+"""Pseudo labelers: one small class per network, each with one loading path and one batched call.
+
+Every labeler loads with `from_pretrained(path)`, where path is a Hugging Face hub id (the `paper` profile)
+or a local folder written by `save_pretrained` (the `demo` profile's tiny random-weight models, and Omnidata
+checkpoints after conversion). A call takes a batch of same-sized uint8 RGB arrays (H, W, 3) and returns
+one label per image at that image's resolution (CLIP: one feature map per image):
+
+    depth   float32 (H, W) in [0, 1]       Omnidata DPT-Hybrid v2, relative depth
+    normal  float32 (H, W, 3) in [0, 1]    Omnidata DPT-Hybrid v2, 3 output channels
+    semseg  uint8 (H, W) class ids         Mask2Former, argmax over the semantic classes (COCO panoptic: 133)
+    det     list of {boxes, class_name, score}, boxes normalized (xmin, ymin, xmax, ymax)
+    clip    float32 (h, w, D)              CLIP ViT-B/16 patch tokens after the final layer norm and the
+                                           projection; shortest side 224, so 14x14x512 for a square image
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # per-load bars would drown the stage's own progress
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Labeler:
+    """Shared plumbing: loading, device, bf16 autocast on GPUs, and batching.
+
+    A call takes images of any sizes; they are grouped by the model input size the labeler asks for
+    (`input_size`), resized on the device, run `batch_size` at a time, and each output is handed back to
+    `finish` with its own image's size.
+    """
+
+    name: str
+    mean: tuple | None = None
+    std: tuple | None = None
+
+    def __init__(self, path: str, device: str = "auto", batch_size: int = 8, **options):
+        self.device = pick_device(device)
+        self.model = self.model_class().from_pretrained(path).to(self.device).eval()
+        self.batch_size, self.options = batch_size, options
+
+    def model_class(self):
+        raise NotImplementedError
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> list:
+        """A normalized batch (B, 3, h, w) -> B raw outputs."""
+        raise NotImplementedError
+
+    def finish(self, raw, height: int, width: int):
+        """One raw output -> the label at the image's own size."""
+        return raw
+
+    def _autocast(self):
+        # bf16 on GPUs (the models bound the stage there); full precision on CPUs, where bf16 is slow.
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _batch(self, images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+        tensors = []
+        for im in images:
+            x = torch.from_numpy(im).to(self.device, non_blocking=True).permute(2, 0, 1)[None].float().div_(255.0)
+            if x.shape[-2:] != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+            tensors.append(x)
+        x = torch.cat(tensors)
+        if self.mean is not None:
+            mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+            x = (x - mean) / torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        return x
+
+    @torch.inference_mode()
+    def __call__(self, images: list[np.ndarray]) -> list:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(self.input_size(*im.shape[:2]), []).append(i)
+        results: list = [None] * len(images)
+        for size, indices in groups.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                with self._autocast():
+                    raws = self.forward(self._batch([images[i] for i in chunk], size))
+                for i, raw in zip(chunk, raws):
+                    results[i] = self.finish(raw, *images[i].shape[:2])
+        return results
+
+
+def _multiple(value: float, step: int) -> int:
+    return max(step, int(round(value / step)) * step)
+
+
+def dpt_input_size(height: int, width: int, max_side: int = 768) -> tuple[int, int]:
+    """The paper's DPT input: each side to the closest multiple of 32, the longest side at most max_side."""
+    scale = min(1.0, max_side / max(height, width))
+    return tuple(min(_multiple(s * scale, 32), max_side // 32 * 32) for s in (height, width))
+
+
+def dpt_forward(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """DPT-Hybrid at any size that is a multiple of 32, square or not.
+
+    transformers' own forward assumes the configured square size for hybrid models (it neither interpolates
+    the position embeddings nor tells the neck the token grid); this runs its submodules with both.
+    """
+    cfg, dpt = model.config, model.dpt
+    embedded = dpt.embeddings(pixel_values, interpolate_pos_encoding=True)
+    hidden, layer_outputs = embedded.last_hidden_states, []
+    for layer in dpt.encoder.layer:
+        hidden = layer(hidden)
+        layer_outputs.append(hidden)
+    features = list(embedded.intermediate_activations)
+    features += [h for i, h in enumerate(layer_outputs) if i in cfg.backbone_out_indices[2:]]
+    height, width = pixel_values.shape[-2:]
+    return model.head(model.neck(features, height // cfg.patch_size, width // cfg.patch_size))
+
+
+class DepthLabeler(Labeler):
+    """Omnidata DPT-Hybrid depth: relative depth clamped to [0, 1], as Omnidata's own inference does."""
+
+    name, mean, std = "depth", (0.5,) * 3, (0.5,) * 3
+
+    def model_class(self):
+        from transformers import DPTForDepthEstimation
+
+        return DPTForDepthEstimation
+
+    def input_size(self, height, width):
+        return dpt_input_size(height, width, self.options.get("max_side", 768))
+
+    def forward(self, x):
+        out = dpt_forward(self.model, x).float()
+        return list(out if out.ndim == 4 else out.unsqueeze(1))
+
+    def finish(self, raw, height, width):
+        out = F.interpolate(raw[None], size=(height, width), mode="bilinear", align_corners=False).clamp_(0, 1)
+        out = out[0].cpu().numpy()
+        return out[0] if out.shape[0] == 1 else out.transpose(1, 2, 0)
+
+
+class NormalLabeler(DepthLabeler):
+    """Omnidata DPT-Hybrid surface normals: 3 channels in [0, 1] (x, y, z mapped from [-1, 1])."""
+
+    name = "normal"
+
+    def model_class(self):
+        from models.dpt_normals import DPTForSurfaceNormals
+
+        return DPTForSurfaceNormals
+
+
+class SemsegLabeler(Labeler):
+    """Mask2Former: per-pixel argmax of sum_q p(class | q) * sigmoid(mask_q), the semantic inference."""
+
+    name, mean, std = "semseg", IMAGENET_MEAN, IMAGENET_STD
+
+    def model_class(self):
+        from transformers import Mask2FormerForUniversalSegmentation
+
+        return Mask2FormerForUniversalSegmentation
+
+    def input_size(self, height, width):
+        scale = self.options.get("short_side", 384) / min(height, width)
+        return _multiple(height * scale, 32), _multiple(width * scale, 32)
+
+    def forward(self, x):
+        out = self.model(pixel_values=x)
+        classes = out.class_queries_logits.float().softmax(-1)[..., :-1]  # drop "no object"
+        masks = out.masks_queries_logits.float().sigmoid()
+        return list(torch.einsum("bqc,bqhw->bchw", classes, masks))
+
+    def finish(self, raw, height, width):
+        semantic = F.interpolate(raw[None], size=(height, width), mode="bilinear", align_corners=False)
+        return semantic[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+class DetLabeler(Labeler):
+    """A transformers DETR-family detector (D-FINE by default): instances scoring at least min_score."""
+
+    name = "det"
+
+    def model_class(self):
+        from transformers import AutoModelForObjectDetection
+
+        return AutoModelForObjectDetection
+
+    def input_size(self, height, width):
+        side = self.options.get("input_size", 640)
+        return side, side
+
+    def forward(self, x):
+        out = self.model(pixel_values=x)
+        scores, labels = out.logits.float().sigmoid().max(-1)
+        cx, cy, w, h = out.pred_boxes.float().clamp(0, 1).unbind(-1)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).clamp_(0, 1)
+        return list(zip(scores.cpu(), labels.cpu(), boxes.cpu()))
+
+    def finish(self, raw, height, width):
+        scores, labels, boxes = raw
+        keep = (scores >= self.options.get("min_score", 0.6)).nonzero().flatten()
+        keep = keep[scores[keep].argsort(descending=True)]
+        names = self.model.config.id2label
+        return [{"boxes": [round(float(v), 5) for v in boxes[i]], "class_name": names[int(labels[i])],
+                 "score": round(float(scores[i]), 4)} for i in keep]
+
+
+class ClipLabeler(Labeler):
+    """CLIP ViT-B/16 dense features: projection(post_layernorm(patch tokens)), at shortest side 224."""
+
+    name, mean, std = "clip", CLIP_MEAN, CLIP_STD
+
+    def model_class(self):
+        from transformers import CLIPVisionModelWithProjection
+
+        return CLIPVisionModelWithProjection
+
+    def input_size(self, height, width):
+        patch = self.model.config.patch_size
+        scale = self.options.get("short_side", 224) / min(height, width)
+        return _multiple(height * scale, patch), _multiple(width * scale, patch)
+
+    def forward(self, x):
+        vision, patch = self.model.vision_model, self.model.config.patch_size
+        tokens = vision(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+        features = self.model.visual_projection(vision.post_layernorm(tokens)).float()
+        grid = features.reshape(len(x), x.shape[-2] // patch, x.shape[-1] // patch, -1)
+        return list(grid.cpu().numpy())
+
+
+LABELERS: dict[str, type[Labeler]] = {
+    cls.name: cls for cls in (DepthLabeler, NormalLabeler, SemsegLabeler, DetLabeler, ClipLabeler)
+}
+
+
+def load_labeler(name: str, path: str, device: str = "auto", **options) -> Labeler:
+    if name not in LABELERS:
+        raise ValueError(f"unknown labeler {name!r} (known: {', '.join(LABELERS)})")
+    return LABELERS[name](path, device, **options)

@@ -1,0 +1,125 @@
+"""Random-weight labeler models of the real classes, saved with `save_pretrained` to a local folder.
+
+`tiny`: a few thousand parameters each, for the demo and the tests (built and saved in a second on a CPU).
+`paper`: the paper's model sizes (DPT-Hybrid, Mask2Former Swin-B with 200 queries, a D-FINE, CLIP ViT-B/16),
+for benchmarks where the real weights cannot be downloaded. Both load through `models.labelers`, exactly
+like a hub id or a converted checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.coco import COCO_PANOPTIC, COCO_THINGS
+
+
+def _labels(names: list[str]) -> dict:
+    return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def _dpt(size: str, channels: int):
+    from transformers import BitConfig, DPTConfig
+
+    if size == "paper":  # DPT-Hybrid (ViT-B/16 on a ResNet-50 stem), as Omnidata v2
+        cfg = DPTConfig(is_hybrid=True, image_size=384, backbone_featmap_shape=[1, 1024, 24, 24],
+                        neck_hidden_sizes=[256, 512, 768, 768], fusion_hidden_size=256,
+                        reassemble_factors=[1, 1, 1, 0.5], readout_type="project", backbone_out_indices=[2, 5, 8, 11])
+    else:
+        cfg = DPTConfig(
+            is_hybrid=True, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+            image_size=64, patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 32, 32, 32],
+            fusion_hidden_size=16, backbone_featmap_shape=[1, 64, 4, 4], reassemble_factors=[4, 2, 1, 0.5],
+            readout_type="project", head_in_index=-1,
+            backbone_config=BitConfig(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1],
+                                      out_features=["stage1", "stage2", "stage3"], embedding_size=16,
+                                      hidden_sizes=[16, 32, 64], num_groups=4,
+                                      embedding_dynamic_padding=True))
+    if channels == 1:
+        from transformers import DPTForDepthEstimation
+
+        return DPTForDepthEstimation(cfg)
+    from models.dpt_normals import DPTForSurfaceNormals
+
+    cfg.num_output_channels = channels
+    return DPTForSurfaceNormals(cfg)
+
+
+def _mask2former(size: str):
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    if size == "paper":  # Swin-B, 200 queries, COCO panoptic's 133 classes
+        backbone = SwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12,
+                              out_features=stages)
+        cfg = Mask2FormerConfig(backbone_config=backbone, num_queries=200, **_labels(COCO_PANOPTIC))
+    else:
+        backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                              out_features=stages)
+        cfg = Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                                encoder_feedforward_dim=64, dim_feedforward=64, decoder_layers=2, encoder_layers=1,
+                                num_queries=10, num_attention_heads=2, common_stride=4, **_labels(COCO_PANOPTIC))
+    return Mask2FormerForUniversalSegmentation(cfg)
+
+
+def _dfine(size: str):
+    from transformers import DFineConfig, DFineForObjectDetection, HGNetV2Config
+
+    if size == "paper":  # transformers' D-FINE defaults: HGNetV2 backbone, 300 queries
+        cfg = DFineConfig(**_labels(COCO_THINGS))
+    else:
+        backbone = HGNetV2Config(
+            stem_channels=[3, 16, 16], stage_in_channels=[16, 32, 64, 128], stage_mid_channels=[16, 16, 32, 64],
+            stage_out_channels=[32, 64, 128, 256], stage_num_blocks=[1, 1, 1, 1],
+            stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
+            stage_kernel_size=[3, 3, 5, 5], stage_numb_of_layers=[2, 2, 2, 2],
+            out_features=["stage2", "stage3", "stage4"], hidden_sizes=[32, 64, 128, 256])
+        cfg = DFineConfig(backbone_config=backbone, encoder_hidden_dim=32, encoder_in_channels=[64, 128, 256],
+                          d_model=32, decoder_layers=2, num_queries=20, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                          decoder_in_channels=[32, 32, 32], num_feature_levels=3, decoder_n_points=[2, 2, 2],
+                          hidden_expansion=0.5, encoder_attention_heads=2, decoder_attention_heads=2,
+                          **_labels(COCO_THINGS))
+    return DFineForObjectDetection(cfg)
+
+
+def _clip(size: str):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if size == "paper":  # ViT-B/16, 512-d projection
+        cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                               num_attention_heads=12, image_size=224, patch_size=16, projection_dim=512)
+    else:
+        cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=224, patch_size=16, projection_dim=16)
+    return CLIPVisionModelWithProjection(cfg)
+
+
+BUILDERS = {
+    "depth": lambda size: _dpt(size, 1),
+    "normal": lambda size: _dpt(size, 3),
+    "semseg": _mask2former,
+    "det": _dfine,
+    "clip": _clip,
+}
+
+
+def save_random_models(folder: str | Path, size: str = "tiny", names: list[str] | None = None,
+                       seed: int = 0) -> dict[str, str]:
+    """Build each labeler's model with random weights and save it to folder/<name>; returns the paths."""
+    if size not in ("tiny", "paper"):
+        raise ValueError(f"size {size!r}: expected 'tiny' or 'paper'")
+    paths = {}
+    for name in names or list(BUILDERS):
+        path = Path(folder) / name
+        if not (path / "config.json").is_file():
+            torch.manual_seed(seed)
+            model = BUILDERS[name](size)
+            if size == "tiny":
+                # Some heads start at constants (zero weights, a prior bias): jitter every parameter so
+                # outputs differ between pixels, queries and classes, as they do with trained weights.
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(torch.randn_like(p) * 0.05)
+            model.save_pretrained(path)
+        paths[name] = str(path)
+    return paths

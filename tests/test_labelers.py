@@ -1,0 +1,89 @@
+"""Every labeler through its one loading path: random-weight models of the real classes, saved to a folder."""
+import numpy as np
+import pytest
+import torch
+
+from models.coco import COCO_PANOPTIC, COCO_THINGS
+from models.labelers import dpt_input_size, load_labeler
+from models.random_weights import save_random_models
+from tests.helpers import photo
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return save_random_models(tmp_path_factory.mktemp("models"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def images():
+    # Real photos of two sizes and aspect ratios, as they come out of the download stage.
+    return [np.asarray(photo("chelsea")), np.asarray(photo("coffee")), np.asarray(photo("chelsea"))]
+
+
+def test_dpt_input_follows_the_paper():
+    assert dpt_input_size(300, 451) == (288, 448)
+    assert dpt_input_size(576, 768) == (576, 768)
+    assert dpt_input_size(500, 1000) == (384, 768)  # longest side kept at most 768
+    assert all(s % 32 == 0 for s in dpt_input_size(333, 517))
+
+
+def test_depth_and_normals_come_back_at_image_size_in_range(tiny_models, images):
+    depth = load_labeler("depth", tiny_models["depth"], device="cpu", batch_size=2)(images)
+    normal = load_labeler("normal", tiny_models["normal"], device="cpu")(images)
+    for im, d, n in zip(images, depth, normal):
+        assert d.shape == im.shape[:2] and d.dtype == np.float32 and 0 <= d.min() and d.max() <= 1
+        assert n.shape == im.shape and 0 <= n.min() and n.max() <= 1
+
+
+def test_normal_model_has_three_output_channels_after_reload(tiny_models):
+    from models.dpt_normals import DPTForSurfaceNormals
+
+    model = DPTForSurfaceNormals.from_pretrained(tiny_models["normal"])
+    assert model.config.num_output_channels == 3 and model.head.head[-2].out_channels == 3
+
+
+def test_semseg_gives_coco_panoptic_class_ids(tiny_models, images):
+    labeler = load_labeler("semseg", tiny_models["semseg"], device="cpu")
+    assert labeler.model.config.num_labels == len(COCO_PANOPTIC) == 133
+    for im, seg in zip(images, labeler(images)):
+        assert seg.shape == im.shape[:2] and seg.dtype == np.uint8 and seg.max() < 133
+
+
+def test_det_gives_normalized_boxes_with_coco_names(tiny_models, images):
+    everything = load_labeler("det", tiny_models["det"], device="cpu", min_score=0.0)(images)
+    assert all(len(instances) == 20 for instances in everything)  # every query of the tiny model
+    for inst in everything[0]:
+        xmin, ymin, xmax, ymax = inst["boxes"]
+        assert 0 <= xmin <= xmax <= 1 and 0 <= ymin <= ymax <= 1
+        assert inst["class_name"] in COCO_THINGS and 0 <= inst["score"] <= 1
+
+
+def test_det_keeps_instances_at_or_above_the_threshold_best_first(tiny_models):
+    labeler = load_labeler("det", tiny_models["det"], device="cpu", min_score=0.6)
+    scores = torch.tensor([0.2, 0.9, 0.6, 0.59, 0.75])
+    labels = torch.tensor([0, 15, 16, 2, 34])
+    boxes = torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 5)
+    kept = labeler.finish((scores, labels, boxes), 100, 100)
+    assert [(i["class_name"], i["score"]) for i in kept] == [("cat", 0.9), ("baseball bat", 0.75), ("dog", 0.6)]
+    assert kept[0]["boxes"] == [0.1, 0.2, 0.3, 0.4]
+
+
+def test_clip_map_is_projected_patch_tokens(tiny_models, images):
+    labeler = load_labeler("clip", tiny_models["clip"], device="cpu")
+    maps = labeler(images)
+    assert maps[0].shape == (14, 21, 16) and maps[1].shape == (14, 21, 16)  # 300x451 and 400x600 at short side 224
+    square = np.asarray(photo("astronaut"))  # 512x512 -> 224x224 -> 14x14
+    (grid,) = labeler([square])
+    assert grid.shape == (14, 14, labeler.model.config.projection_dim)
+    # The same numbers as the model's own pooled path would give for these tokens: layer norm, then projection.
+    model = labeler.model
+    x = labeler._batch([square], (224, 224))
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=x).last_hidden_state[:, 1:]
+        expected = model.visual_projection(model.vision_model.post_layernorm(hidden))
+    assert np.allclose(grid.reshape(-1, grid.shape[-1]), expected[0].numpy(), atol=1e-5)
+
+
+def test_unknown_labeler_is_a_clear_error(tiny_models):
+    with pytest.raises(ValueError, match="unknown labeler 'dept'"):
+        load_labeler("dept", tiny_models["depth"])
