@@ -242,7 +242,7 @@ LABELERS: dict[str, type[Labeler]] = {
 }
 
 
-def load_labeler(name: str, path: str, device: str = "auto", **options) -> Labeler:
+def load_labeler(name: str, path: str, device: str = "auto", batch_size: int = 8, **options) -> Labeler:
     if name not in LABELERS:
         raise ValueError(f"unknown labeler {name!r} (known: {', '.join(LABELERS)})")
-    return LABELERS[name](path, device, **options)
+    return LABELERS[name](path, device, batch_size, **options)

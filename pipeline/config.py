@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -51,6 +51,39 @@ class DownloadConfig(Section):
     caption_column: str = "caption"
 
 
+LABELER_NAMES = ("depth", "normal", "semseg", "det", "clip")
+
+
+class LabelConfig(Section):
+    labelers: list[str] = Field(default_factory=lambda: list(LABELER_NAMES), description="which labels to make")
+    models: dict[str, str] = Field(
+        default_factory=lambda: {
+            "depth": "models/omnidata/depth",    # Omnidata DPT-Hybrid v2, converted (python -m pipeline convert-omnidata)
+            "normal": "models/omnidata/normal",
+            "semseg": "facebook/mask2former-swin-base-coco-panoptic",
+            "det": "ustc-community/dfine-xlarge-obj2coco",
+            "clip": "openai/clip-vit-base-patch16",
+        },
+        description="hub id or local folder per labeler")
+    device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
+    batch_size: int = Field(16, ge=1, description="images per forward pass")
+    chunk_size: int = Field(128, ge=1, description="images decoded and labelled together, streamed per shard")
+    decode_threads: int = Field(4, ge=1)
+    workers: int | None = Field(None, ge=1, description="model replicas; None: one per GPU, else one")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a replica reserves when there is no GPU")
+    det_min_score: float = Field(0.6, ge=0, le=1)
+    semseg_short_side: int = Field(384, ge=32)
+    clip_short_side: int = Field(224, ge=16)
+
+    @field_validator("labelers")
+    @classmethod
+    def _known_labelers(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in LABELER_NAMES]
+        if unknown or not value:
+            raise ValueError(f"unknown labelers {unknown} (known: {', '.join(LABELER_NAMES)})")
+        return value
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray (RAY_ADDRESS wins)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None lets Ray count them")
@@ -61,6 +94,7 @@ class Config(Section):
     profile: str = "default"
     data_root: str = "data/demo"
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

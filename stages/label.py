@@ -1,0 +1,292 @@
+"""The pseudo-label stage: RGB shards in, one aligned shard per labeler out.
+
+Consumes  <root>/rgb/shard-NNNNNN.tar, the shards the download stage committed.
+Produces  <root>/depth/shard-NNNNNN.tar    <key>.png   16-bit grayscale, depth in [0, 1] scaled to 0..65535
+          <root>/normal/shard-NNNNNN.tar   <key>.png   8-bit RGB, normal components in [0, 1] scaled to 0..255
+          <root>/semseg/shard-NNNNNN.tar   <key>.png   8-bit class ids, COCO panoptic (0..132)
+          <root>/det/shard-NNNNNN.tar      <key>.json  {"instances": [{"boxes": [xmin, ymin, xmax, ymax] in 0..1,
+                                                        "class_name": str, "score": float}]}
+          <root>/clip/shard-NNNNNN.tar     <key>.npy   float16 (h, w, 512), h x w = 14 x 14 for a square image
+          <root>/_status/label_<labeler>/shard-NNNNNN.{parquet,json}   one row per rgb sample; commit marker
+Every label has the stored image's resolution (CLIP: one feature per 16x16 patch at shortest side 224), and
+each modality's shard holds the rgb shard's keys in the rgb shard's order (a sample a labeler failed on is
+absent from that modality only, and recorded).
+
+One Ray actor per GPU (or per CPU slot) holds every requested labeler; it reads and decodes each image once
+for all of them, in chunks, decoding the next chunk while the models run on this one. Shards are the unit
+of progress: a labeler's shard is committed by its stats JSON and skipped on the next run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import Config, LabelConfig
+from stages.shards import OK, DatasetLayout, ShardWriter
+
+DOWNLOAD_STAGE = "download"
+EXTENSIONS = {"depth": "png", "normal": "png", "semseg": "png", "det": "json", "clip": "npy"}
+
+STATUS_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+])
+
+
+class LabelInputError(ValueError):
+    """The stage's input is not there: no committed rgb shards, or a committed shard's tar is missing."""
+
+
+def stage_name(labeler: str) -> str:
+    return f"label_{labeler}"
+
+
+# -- encoding one label ------------------------------------------------------------------------------
+def encode_label(labeler: str, label) -> bytes:
+    import cv2
+
+    if labeler == "depth":
+        ok, data = cv2.imencode(".png", np.round(label * 65535).astype(np.uint16))
+    elif labeler == "normal":
+        ok, data = cv2.imencode(".png", np.round(label[..., ::-1] * 255).astype(np.uint8))  # RGB -> BGR
+    elif labeler == "semseg":
+        ok, data = cv2.imencode(".png", label.astype(np.uint8))
+    elif labeler == "det":
+        return json.dumps({"instances": label}).encode()
+    elif labeler == "clip":
+        buf = io.BytesIO()
+        np.save(buf, label.astype(np.float16))
+        return buf.getvalue()
+    else:
+        raise ValueError(f"unknown labeler {labeler!r}")
+    if not ok:
+        raise ValueError(f"{labeler}: PNG encoding failed")
+    return data.tobytes()
+
+
+# -- reading rgb shards ------------------------------------------------------------------------------
+def read_rgb(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(key, jpeg bytes) in the shard's order, streamed."""
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                yield member.name.rsplit(".", 1)[0], tar.extractfile(member).read()
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    import cv2
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if pixels is None:
+        raise ValueError("not a decodable image")
+    return np.ascontiguousarray(pixels[..., ::-1])  # BGR -> RGB
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# -- one shard ---------------------------------------------------------------------------------------
+def _label_safely(labeler, images: list[np.ndarray]) -> list[tuple[object, str | None]]:
+    """Labels for a chunk; if the batch fails, each image is retried alone so one bad sample costs only itself."""
+    if not images:
+        return []
+    try:
+        return [(label, None) for label in labeler(images)]
+    except Exception:  # noqa: BLE001 - isolate the sample below
+        results = []
+        for image in images:
+            try:
+                results.append((labeler([image])[0], None))
+            except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
+                results.append((None, f"{type(err).__name__}: {err}"))
+        return results
+
+
+def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict[str, dict]:
+    """Label one rgb shard with every labeler given (name -> Labeler); commits one shard per labeler."""
+    layout = DatasetLayout(root)
+    started = time.time()
+    records: dict[str, list[dict]] = {name: [] for name in labelers}
+    busy = dict.fromkeys(labelers, 0.0)
+
+    def decode(item):
+        key, data = item
+        try:
+            return key, decode_rgb(data), None
+        except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
+            return key, None, f"cannot decode {key}.jpg: {err}"
+
+    with ExitStack() as stack:
+        writers = {name: stack.enter_context(ShardWriter(layout, stage_name(name), shard, [name])) for name in labelers}
+        pool = stack.enter_context(ThreadPoolExecutor(cfg.decode_threads))
+        chunks = _chunks(read_rgb(layout.tar("rgb", shard)), cfg.chunk_size)
+
+        def start(chunk):  # decode the next chunk while the models work on this one
+            return None if chunk is None else [pool.submit(decode, item) for item in chunk]
+
+        pending = start(next(chunks, None))
+        while pending is not None:
+            decoded = [f.result() for f in pending]
+            pending = start(next(chunks, None))
+            good = [(key, image) for key, image, err in decoded if err is None]
+            for name, labeler in labelers.items():
+                t = time.time()
+                labels = dict(zip((k for k, _ in good), _label_safely(labeler, [im for _, im in good])))
+                busy[name] += time.time() - t
+                for key, image, decode_err in decoded:
+                    if decode_err:
+                        records[name].append({"key": key, "status": "decode_error", "error": decode_err})
+                        continue
+                    label, err = labels[key]
+                    if err is None:
+                        try:
+                            writers[name].write(key, {name: (EXTENSIONS[name], encode_label(name, label))})
+                        except Exception as enc_err:  # noqa: BLE001
+                            err = f"cannot encode the {name} label: {enc_err}"
+                    records[name].append({"key": key, "status": "model_error", "error": err} if err else
+                                         {"key": key, "status": OK, "height": image.shape[0], "width": image.shape[1]})
+        all_stats = {}
+        for name, writer in writers.items():
+            counts = Counter(r["status"] for r in records[name])
+            stats = {"rows": len(records[name]), "ok": counts.get(OK, 0), "status_counts": dict(sorted(counts.items())),
+                     "seconds": round(time.time() - started, 3), "model_seconds": round(busy[name], 3),
+                     "images_per_s": round(len(records[name]) / busy[name], 2) if busy[name] else None,
+                     "started_at": started, "finished_at": time.time()}
+            writer.commit(pa.Table.from_pylist(records[name], schema=STATUS_SCHEMA), stats)
+            all_stats[name] = stats
+    return all_stats
+
+
+def merge_stats(per_labeler: dict[str, dict]) -> dict:
+    """One shard's stats across labelers, for progress displays: a sample is ok when every labeler is."""
+    first = next(iter(per_labeler.values()))
+    counts = Counter()
+    for name, stats in per_labeler.items():
+        counts.update({(k if k == OK else f"{name}:{k}"): v for k, v in stats["status_counts"].items()})
+    seconds = max(s["seconds"] for s in per_labeler.values())
+    return {"rows": first["rows"], "ok": min(s["ok"] for s in per_labeler.values()), "status_counts": dict(counts),
+            "seconds": seconds, "images_per_s": round(first["rows"] / seconds, 2) if seconds else None,
+            "labelers": per_labeler}
+
+
+# -- all shards --------------------------------------------------------------------------------------
+class LabelWorker:
+    """A Ray actor: one replica of every requested labeler, loaded once, labelling shard after shard."""
+
+    def __init__(self, root: str, cfg: LabelConfig, names: list[str]):
+        from models.labelers import load_labeler
+
+        options = {"det": {"min_score": cfg.det_min_score}, "semseg": {"short_side": cfg.semseg_short_side},
+                   "clip": {"short_side": cfg.clip_short_side}}
+        self.root, self.cfg = root, cfg
+        self.labelers = {name: load_labeler(name, cfg.models[name], cfg.device, cfg.batch_size,
+                                            **options.get(name, {})) for name in names}
+
+    def label(self, shard: str, names: list[str]) -> dict:
+        return label_shard(self.root, shard, {n: self.labelers[n] for n in names}, self.cfg)
+
+
+@dataclass
+class LabelSummary:
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    status_counts: dict[str, Counter] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def input_shards(layout: DatasetLayout) -> list[str]:
+    shards = layout.committed_shards(DOWNLOAD_STAGE)
+    if not shards:
+        raise LabelInputError(f"no committed rgb shards under {layout.root} (run the download stage first)")
+    missing = [str(layout.tar("rgb", s)) for s in shards if not layout.tar("rgb", s).is_file()]
+    if missing:
+        raise LabelInputError(f"rgb shards committed by the download stage are missing: {', '.join(missing[:5])}")
+    return shards
+
+
+def run_label(root: str | Path, config: Config, labelers: list[str] | None = None, observer=None) -> LabelSummary:
+    """Label every rgb shard with every requested labeler not yet committed for it."""
+    import ray
+
+    from pipeline.ray_runtime import init_ray
+
+    cfg = config.label
+    names = labelers or cfg.labelers
+    layout = DatasetLayout(root)
+    shards = input_shards(layout)
+    missing_models = [n for n in names if n not in cfg.models]
+    if missing_models:
+        raise LabelInputError(f"no model configured for {missing_models} (label.models)")
+    summary = LabelSummary(shards_total=len(shards), status_counts={n: Counter() for n in names})
+    if observer:
+        observer.start(len(shards))
+
+    todo = []
+    for shard in shards:
+        pending = [n for n in names if not layout.is_committed(stage_name(n), shard)]
+        if pending:
+            todo.append((shard, pending))
+            continue
+        summary.shards_skipped += 1
+        stats = {n: layout.read_stats(stage_name(n), shard) for n in names}
+        for n in names:
+            summary.status_counts[n].update(stats[n]["status_counts"])
+        if observer:
+            observer(shard, merge_stats(stats), True)
+
+    started = time.time()
+    if todo:
+        init_ray(config.ray)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = gpus > 0 and cfg.device != "cpu"
+        count = min(cfg.workers or (gpus if use_gpu else 1), len(todo))
+        resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.cpus_per_worker}
+        actor = ray.remote(max_restarts=2, max_task_retries=2, **resources)(LabelWorker)
+        idle = [actor.remote(str(Path(root).resolve()), cfg, names) for _ in range(count)]
+        running = {}
+        while todo or running:
+            while idle and todo:
+                shard, pending = todo.pop(0)
+                worker = idle.pop()
+                running[worker.label.remote(shard, pending)] = (worker, shard)
+            done, _ = ray.wait(list(running), num_returns=1)
+            worker, shard = running.pop(done[0])
+            idle.append(worker)
+            try:
+                stats = ray.get(done[0])
+            except Exception as err:  # noqa: BLE001 - recorded; the shard is redone on the next run
+                summary.failed_shards[shard] = f"{type(err).__name__}: {err}"
+                continue
+            summary.shards_done += 1
+            for n, s in stats.items():
+                summary.status_counts[n].update(s["status_counts"])
+            if observer:
+                observer(shard, merge_stats(stats), False)
+        for worker in idle:
+            ray.kill(worker)
+    summary.seconds = time.time() - started
+    return summary
