@@ -81,6 +81,35 @@ def cmd_download(args) -> int:
     return 1 if summary.failed_shards else 0
 
 
+def cmd_label(args) -> int:
+    from stages.label import run_label
+
+    config = _config_from(args, {"data_root": args.data})
+    names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
+    if names:
+        config = load_config(args.profile, args.overrides + [f"label.labelers={names}"], {"data_root": args.data})
+    progress = ShardProgress("label")
+    try:
+        summary = run_label(config.data_root, config, names, observer=progress)
+    finally:
+        progress.close()
+    for name, counts in summary.status_counts.items():
+        print(f"{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    print(f"{summary.shards_done} shards labelled, {summary.shards_skipped} already committed, "
+          f"in {summary.seconds:.1f} s; labels under {Path(config.data_root)}")
+    for shard, err in summary.failed_shards.items():
+        print(f"shard {shard} failed and will be redone on the next run: {err.splitlines()[0]}", file=sys.stderr)
+    return 1 if summary.failed_shards else 0
+
+
+def cmd_random_models(args) -> int:
+    from models.random_weights import save_random_models
+
+    for name, path in save_random_models(args.out, args.size).items():
+        print(f"{name:7} {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -101,11 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="serve the bundled photos over loopback and build the demo dataset")
     demo.add_argument("--output", help="dataset root (default: the profile's data_root)")
     _add_config_args(demo)
+    label = sub.add_parser("label", help="pseudo-label the rgb shards: depth, normals, segmentation, boxes, CLIP")
+    label.add_argument("--data", help="dataset root (default: the profile's data_root)")
+    label.add_argument("--labelers", help="comma-separated subset of depth,normal,semseg,det,clip (default: all)")
+    _add_config_args(label)
+    models = sub.add_parser("random-models", help="save random-weight labeler models of the real classes")
+    models.add_argument("--out", required=True, help="folder; one subfolder per labeler")
+    models.add_argument("--size", default="tiny", choices=["tiny", "paper"])
     sub.add_parser("serve", help="serve the Prefect deployments (download/cc12m, ...) to a Prefect API")
     return parser
 
 
-COMMANDS = {"download": cmd_download, "demo": cmd_demo, "serve": cmd_serve}
+COMMANDS = {"download": cmd_download, "label": cmd_label, "random-models": cmd_random_models, "demo": cmd_demo,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -241,6 +241,9 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     missing_models = [n for n in names if n not in cfg.models]
     if missing_models:
         raise LabelInputError(f"no model configured for {missing_models} (label.models)")
+    # Local folders become absolute paths: Ray actors do not share the driver's working directory.
+    cfg = cfg.model_copy(update={"models": {n: str(Path(p).resolve()) if Path(p).exists() else p
+                                            for n, p in cfg.models.items()}})
     summary = LabelSummary(shards_total=len(shards), status_counts={n: Counter() for n in names})
     if observer:
         observer.start(len(shards))

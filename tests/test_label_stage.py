@@ -1,0 +1,133 @@
+"""The pseudo-label stage on a real Ray, with tiny random-weight models of the real classes."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from stages.label import LabelInputError, _label_safely, run_label, stage_name
+from stages.shards import DatasetLayout, ShardWriter
+from tests.helpers import encode, photo
+
+PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera"]
+
+
+def members(path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from models.random_weights import save_random_models
+
+    return save_random_models(tmp_path_factory.mktemp("models"), "tiny")
+
+
+def make_dataset(root, corrupt_key="000000003"):
+    """Two committed rgb shards as the download stage writes them; one image is corrupt on disk."""
+    layout = DatasetLayout(root)
+    keys = [f"{i:09d}" for i in range(5)]
+    for shard, chunk in (("shard-000000", keys[:3]), ("shard-000001", keys[3:])):
+        with ShardWriter(layout, "download", shard, ["rgb"]) as writer:
+            for key in chunk:
+                name = PHOTOS[int(key)]
+                data = b"\xff\xd8 not really a jpeg" if key == corrupt_key else encode(photo(name), quality=95)
+                writer.write(key, {"rgb": ("jpg", data)})
+            writer.commit(pa.table({"key": chunk, "status": ["ok"] * len(chunk)}), {"rows": len(chunk)})
+    return layout
+
+
+def config(tiny_models, *extra):
+    return load_config("demo", [f"label.models={tiny_models}", "label.chunk_size=2", "label.batch_size=2", *extra])
+
+
+def test_labels_are_aligned_with_rgb_in_the_reference_formats(ray_address, tiny_models, tmp_path):
+    layout = make_dataset(tmp_path)
+    summary = run_label(tmp_path, config(tiny_models))
+    assert summary.shards_done == 2 and not summary.failed_shards
+    for name in ("depth", "normal", "semseg", "det", "clip"):
+        assert summary.status_counts[name] == {"ok": 4, "decode_error": 1}
+        for shard in ("shard-000000", "shard-000001"):
+            rgb_keys = [n.split(".")[0] for n, _ in members(layout.tar("rgb", shard))]
+            keys = [n.split(".")[0] for n, _ in members(layout.tar(name, shard))]
+            assert keys == [k for k in rgb_keys if k != "000000003"], "same keys, same order, corrupt one absent"
+            status = pq.read_table(layout.status_table(stage_name(name), shard)).to_pylist()
+            assert [r["key"] for r in status] == rgb_keys, "every rgb sample recorded exactly once"
+        bad = pq.read_table(layout.status_table(stage_name(name), "shard-000001")).to_pylist()[0]
+        assert bad["status"] == "decode_error" and "000000003.jpg" in bad["error"]
+
+    sizes = {f"{i:09d}": np.asarray(photo(n)).shape[:2] for i, n in enumerate(PHOTOS)}
+    for member, data in members(layout.tar("depth", "shard-000000")):
+        depth = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert member.endswith(".png") and depth.dtype == np.uint16 and depth.shape == sizes[member[:9]]
+    for member, data in members(layout.tar("normal", "shard-000000")):
+        normal = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert normal.dtype == np.uint8 and normal.shape == (*sizes[member[:9]], 3)
+    for member, data in members(layout.tar("semseg", "shard-000000")):
+        seg = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert seg.dtype == np.uint8 and seg.shape == sizes[member[:9]] and seg.max() < 133
+    for member, data in members(layout.tar("det", "shard-000000")):
+        instances = json.loads(data)["instances"]
+        assert member.endswith(".json") and instances  # the demo profile keeps every box
+        assert all(0 <= v <= 1 for inst in instances for v in inst["boxes"])
+        assert all(set(inst) == {"boxes", "class_name", "score"} for inst in instances)
+    name, data = members(layout.tar("clip", "shard-000000"))[2]  # astronaut, 512x512
+    clip = np.load(io.BytesIO(data))
+    assert name == "000000002.npy" and clip.dtype == np.float16 and clip.shape == (14, 14, 16)
+
+
+def test_rerun_skips_committed_labelers_and_redoes_the_rest(ray_address, tiny_models, tmp_path):
+    layout = make_dataset(tmp_path)
+    first = run_label(tmp_path, config(tiny_models), ["depth"])
+    assert first.shards_done == 2
+    stamp = layout.stats("label_depth", "shard-000000").stat().st_mtime_ns
+    # An interrupted clip shard, as a kill leaves it: no commit marker, a temporary file.
+    (layout.root / "clip").mkdir()
+    (layout.root / "clip" / ".shard-000000.tar.tmp-0123abcd").write_bytes(b"partial")
+    second = run_label(tmp_path, config(tiny_models), ["depth", "clip"])
+    assert second.shards_done == 2 and second.status_counts["clip"]["ok"] == 4
+    assert layout.stats("label_depth", "shard-000000").stat().st_mtime_ns == stamp, "depth was not redone"
+    assert not list(layout.root.rglob("*.tmp-*"))
+    third = run_label(tmp_path, config(tiny_models), ["depth", "clip"])
+    assert (third.shards_done, third.shards_skipped) == (0, 2)
+
+
+def test_one_failing_sample_costs_only_itself():
+    def labeler(images):
+        if any(im.shape[0] == 13 for im in images):
+            raise RuntimeError(f"cannot label {len(images)} images")
+        return [im.shape for im in images]
+
+    images = [np.zeros((10, 10, 3)), np.zeros((13, 10, 3)), np.zeros((11, 10, 3))]
+    results = _label_safely(labeler, images)
+    assert results[0] == ((10, 10, 3), None) and results[2] == ((11, 10, 3), None)
+    assert results[1] == (None, "RuntimeError: cannot label 1 images")
+
+
+def test_missing_input_is_a_clear_error(tiny_models, tmp_path):
+    with pytest.raises(LabelInputError, match="no committed rgb shards"):
+        run_label(tmp_path, config(tiny_models))
+    layout = make_dataset(tmp_path)
+    layout.tar("rgb", "shard-000001").unlink()
+    with pytest.raises(LabelInputError, match="rgb/shard-000001.tar"):
+        run_label(tmp_path, config(tiny_models))
+
+
+def test_label_command_runs_a_subset(ray_address, tiny_models, tmp_path):
+    make_dataset(tmp_path)
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "label", "--data", str(tmp_path), "--labelers",
+                             "semseg,det", "--set", f"label.models={tiny_models}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "label: 100%" in result.stderr and "semseg  ok 4, decode_error 1" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_")) == ["det", "rgb", "semseg"]
