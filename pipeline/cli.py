@@ -102,6 +102,14 @@ def cmd_label(args) -> int:
     return 1 if summary.failed_shards else 0
 
 
+def cmd_show(args) -> int:
+    from pipeline.show import draw_sample
+    from stages.shards import DatasetLayout
+
+    print(draw_sample(DatasetLayout(args.data), args.key, args.out))
+    return 0
+
+
 def cmd_random_models(args) -> int:
     from models.random_weights import save_random_models
 
@@ -134,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--data", help="dataset root (default: the profile's data_root)")
     label.add_argument("--labelers", help="comma-separated subset of depth,normal,semseg,det,clip (default: all)")
     _add_config_args(label)
+    show = sub.add_parser("show", help="draw one sample's image, caption and labels into a PNG")
+    show.add_argument("--data", required=True, help="dataset root")
+    show.add_argument("--key", required=True, help="sample key, e.g. 000000004")
+    show.add_argument("--out", required=True, help="PNG file to write")
     models = sub.add_parser("random-models", help="save random-weight labeler models of the real classes")
     models.add_argument("--out", required=True, help="folder; one subfolder per labeler")
     models.add_argument("--size", default="tiny", choices=["tiny", "paper"])
@@ -141,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"download": cmd_download, "label": cmd_label, "random-models": cmd_random_models, "demo": cmd_demo,
+COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models, "demo": cmd_demo,
             "serve": cmd_serve}
 
 

@@ -83,8 +83,11 @@ def write_demo_list(site: Path, base_url: str, path: Path) -> None:
 
 
 def run_demo(config: Config) -> int:
+    from models.random_weights import save_random_models
     from pipeline.cli import ShardProgress, print_summary
+    from pipeline.show import draw_sample
     from stages.download import STAGE, run_download
+    from stages.label import run_label
     from stages.shards import DatasetLayout
 
     root = Path(config.data_root)
@@ -110,4 +113,26 @@ def run_demo(config: Config) -> int:
             print(f"{r['key']:<10} {r['status']:<14} {size:<10} {r['error'] or ''}")
     print(f"\nimages:   {root / 'rgb'}/shard-*.tar\ncaptions: {root / 'caption'}/shard-*.tar\n"
           f"status:   {layout.status_dir(STAGE)}/shard-*.parquet (+ .json commit markers)")
-    return 1 if summary.failed_shards else 0
+    if summary.failed_shards:
+        return 1
+
+    # Pseudo labels, from tiny random-weight models of the real classes (the paper profile names the real ones).
+    models_dir = Path(next(iter(config.label.models.values()))).parent
+    print(f"\nlabelling with random-weight models saved in {models_dir}")
+    save_random_models(models_dir, "tiny", [n for n in config.label.labelers])
+    for stage in (f"label_{n}" for n in config.label.labelers):  # new images each run: label them anew
+        shutil.rmtree(layout.status_dir(stage), ignore_errors=True)
+    progress = ShardProgress("label")
+    try:
+        labelled = run_label(root, config, observer=progress)
+    finally:
+        progress.close()
+    for name, counts in labelled.status_counts.items():
+        print(f"{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + f"  -> {root / name}/")
+    pictures = []
+    for shard in layout.committed_shards(STAGE):
+        for r in pq.read_table(layout.status_table(STAGE, shard)).to_pylist():
+            if r["status"] == "ok":
+                pictures.append(draw_sample(layout, r["key"], root / "show" / f"{r['key']}.png"))
+    print(f"\npictures of every labelled sample: {root / 'show'}/ ({len(pictures)} PNG files)")
+    return 1 if labelled.failed_shards else 0

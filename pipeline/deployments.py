@@ -1,8 +1,9 @@
-"""The Prefect deployments, served by `python -m pipeline serve` (keep it running; `prefect deployment run
-download/cc12m` then hands it runs). Parameters can be overridden per run with `--param`."""
+"""The Prefect deployments, served by `python -m pipeline serve` from the checkout (keep it running;
+`prefect deployment run download/cc12m` or `pseudo-label/cc12m` then hands it runs). Parameters can be
+overridden per run with `--param`."""
 from __future__ import annotations
 
-from pipeline.flows import download_flow
+from pipeline.flows import download_flow, pseudo_label_flow
 
 
 def deployments() -> list:
@@ -11,6 +12,11 @@ def deployments() -> list:
             name="cc12m",
             parameters={"input": "data/cc12m.tsv", "output": "data/cc12m", "profile": "paper"},
             description="Download CC12M (url<TAB>caption) into webdataset shards.",
+        ),
+        pseudo_label_flow.to_deployment(
+            name="cc12m",
+            parameters={"profile": "demo"},  # the demo dataset by default; --param profile=paper data=...
+            description="Pseudo-label every rgb shard: depth, normals, segmentation, boxes, CLIP maps.",
         ),
     ]
 

@@ -58,3 +58,53 @@ class StageReporter:
         markdown = "\n".join(lines)
         create_markdown_artifact(markdown, key=f"{self.stage}-summary", description=f"{self.stage} summary")
         return markdown
+
+
+class LabelReporter(StageReporter):
+    """The stage reporter plus one progress artifact per labeler."""
+
+    def __init__(self, stage: str, labelers: list[str], table_every: float = 30.0):
+        super().__init__(stage, table_every)
+        self.labelers, self.per_labeler, self.done = labelers, {}, Counter()
+
+    def start(self, total_shards: int) -> None:
+        super().start(total_shards)
+        for name in self.labelers:
+            self.per_labeler[name] = create_progress_artifact(
+                0.0, key=f"{self.stage}-{name}-progress", description=f"{name}: 0 of {total_shards} shards")
+
+    def __call__(self, name: str, stats: dict, skipped: bool) -> None:
+        super().__call__(name, stats, skipped)
+        for labeler in stats.get("labelers", {}):
+            self.done[labeler] += 1
+            update_progress_artifact(self.per_labeler[labeler], 100.0 * self.done[labeler] / self.total,
+                                     description=f"{labeler}: {self.done[labeler]} of {self.total} shards")
+
+
+def sample_pictures_markdown(root, count: int, key: str) -> str | None:
+    """A markdown artifact showing `count` labelled samples (pictures inlined, so no file server is needed)."""
+    import base64
+    import tempfile
+
+    from pipeline.show import draw_sample
+    from stages.shards import DatasetLayout
+
+    layout = DatasetLayout(root)
+    keys = []
+    for shard in layout.committed_shards("download"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(layout.status_table("download", shard), columns=["key", "status"]).to_pylist()
+        keys += [r["key"] for r in table if r["status"] == "ok"]
+        if len(keys) >= count:
+            break
+    if not keys:
+        return None
+    parts = [f"# Labelled samples from {root}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for sample in keys[:count]:
+            path = draw_sample(layout, sample, f"{tmp}/{sample}.png")
+            parts.append(f"## {sample}\n\n![{sample}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})")
+    markdown = "\n\n".join(parts)
+    create_markdown_artifact(markdown, key=key, description="labelled samples")
+    return markdown

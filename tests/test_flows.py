@@ -76,3 +76,55 @@ def test_cc12m_deployment_runs_when_served(prefect_api, ray_address, server, tmp
     committed = sorted(p.name for p in (tmp_path / "data/_status/download").glob("*.json"))
     assert committed == ["shard-000000.json"]
     assert len(list((tmp_path / "data/rgb").glob("shard-*.tar"))) == 1
+
+
+def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tmp_path):
+    """`prefect deployment run pseudo-label/cc12m`: labels, per-labeler progress and sample pictures."""
+    from prefect.artifacts import Artifact
+    from prefect.deployments import run_deployment
+
+    from models.random_weights import save_random_models
+    from pipeline.deployments import deployments
+    from tests.helpers import make_labelled_input
+
+    make_labelled_input(tmp_path / "data")
+    models = save_random_models(tmp_path / "models", "tiny")
+    for deployment in deployments():
+        deployment.apply()
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address, "HF_HUB_OFFLINE": "1",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run = run_deployment("pseudo-label/cc12m", timeout=400, poll_interval=1, parameters={
+            "data": str(tmp_path / "data"), "overrides": [f"label.models={models}"], "pictures": 2})
+        assert run.state.is_completed(), run.state
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+    for name in ("depth", "normal", "semseg", "det", "clip"):
+        assert sorted(p.name for p in (tmp_path / "data" / name).glob("shard-*.tar")) == [
+            "shard-000000.tar", "shard-000001.tar"]
+        assert float(Artifact.get(f"pseudo-label-{name}-progress").data) == 100.0
+    pictures = Artifact.get("pseudo-label-samples").data
+    assert pictures.count("data:image/png;base64,") == 2
+    assert "| depth:decode_error | 1 |" in Artifact.get("pseudo-label-summary").data
+
+
+def test_show_draws_a_labelled_sample(ray_address, tmp_path):
+    from PIL import Image
+
+    from models.random_weights import save_random_models
+    from pipeline.cli import main
+    from pipeline.config import load_config
+    from stages.label import run_label
+    from tests.helpers import make_labelled_input
+
+    make_labelled_input(tmp_path / "data")
+    models = save_random_models(tmp_path / "models", "tiny")
+    run_label(tmp_path / "data", load_config("demo", [f"label.models={models}"]))
+    out = tmp_path / "sample.png"
+    assert main(["show", "--data", str(tmp_path / "data"), "--key", "000000002", "--out", str(out)]) == 0
+    picture = Image.open(out)
+    assert picture.format == "PNG" and picture.width > 5 * picture.height  # six panels side by side
+    assert main(["show", "--data", str(tmp_path / "data"), "--key", "000000003", "--out", str(out)]) == 2

@@ -8,16 +8,15 @@ import tarfile
 
 import cv2
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
 from stages.label import LabelInputError, _label_safely, run_label, stage_name
-from stages.shards import DatasetLayout, ShardWriter
-from tests.helpers import encode, photo
+from tests.helpers import make_labelled_input as make_dataset
+from tests.helpers import photo
 
-PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera"]
+from tests.helpers import DATASET_PHOTOS as PHOTOS
 
 
 def members(path) -> list[tuple[str, bytes]]:
@@ -30,20 +29,6 @@ def tiny_models(tmp_path_factory):
     from models.random_weights import save_random_models
 
     return save_random_models(tmp_path_factory.mktemp("models"), "tiny")
-
-
-def make_dataset(root, corrupt_key="000000003"):
-    """Two committed rgb shards as the download stage writes them; one image is corrupt on disk."""
-    layout = DatasetLayout(root)
-    keys = [f"{i:09d}" for i in range(5)]
-    for shard, chunk in (("shard-000000", keys[:3]), ("shard-000001", keys[3:])):
-        with ShardWriter(layout, "download", shard, ["rgb"]) as writer:
-            for key in chunk:
-                name = PHOTOS[int(key)]
-                data = b"\xff\xd8 not really a jpeg" if key == corrupt_key else encode(photo(name), quality=95)
-                writer.write(key, {"rgb": ("jpg", data)})
-            writer.commit(pa.table({"key": chunk, "status": ["ok"] * len(chunk)}), {"rows": len(chunk)})
-    return layout
 
 
 def config(tiny_models, *extra):

@@ -1,0 +1,117 @@
+"""`python -m pipeline show`: one sample's image, caption and every label it has, in one picture."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from stages.shards import DatasetLayout
+
+PANELS = ["rgb", "depth", "normal", "semseg", "det", "clip"]
+
+
+def find_shard(layout: DatasetLayout, key: str) -> str:
+    """Shard i holds input rows [i * S, (i + 1) * S), S being the first shard's row count."""
+    shards = layout.committed_shards("download")
+    if not shards:
+        raise ValueError(f"no committed shards under {layout.root}")
+    if not key.isdigit():
+        raise ValueError(f"key {key!r}: keys are input row numbers such as 000000012")
+    rows_per_shard = layout.read_stats("download", shards[0])["rows"]
+    shard = f"shard-{int(key) // max(rows_per_shard, 1):06d}"
+    if shard not in shards:
+        raise ValueError(f"key {key!r}: its shard {shard} is not committed under {layout.root}")
+    return shard
+
+
+def read_sample(layout: DatasetLayout, key: str) -> dict[str, tuple[str, bytes]]:
+    """modality -> (extension, bytes) for every modality folder that holds the key."""
+    shard = find_shard(layout, key)
+    found = {}
+    for folder in sorted(p for p in layout.root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        path = folder / f"{shard}.tar"
+        if not path.is_file():
+            continue
+        with tarfile.open(path) as tar:
+            for member in tar:
+                stem, _, ext = member.name.partition(".")
+                if stem == key:
+                    found[folder.name] = (ext, tar.extractfile(member).read())
+                    break
+    if "rgb" not in found:
+        raise ValueError(f"key {key!r} is not in {layout.tar('rgb', shard)} (see the download status for its fate)")
+    return found
+
+
+def clip_pca(features: np.ndarray) -> np.ndarray:
+    """First three principal components of a (h, w, D) feature map, scaled to [0, 1] for display."""
+    flat = features.reshape(-1, features.shape[-1]).astype(np.float32)
+    flat -= flat.mean(0)
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
+    proj = flat @ vt[:3].T
+    proj = (proj - proj.min(0)) / np.maximum(proj.max(0) - proj.min(0), 1e-6)
+    return proj.reshape(*features.shape[:2], 3)
+
+
+def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
+    import cv2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+
+    from models.coco import COCO_PANOPTIC
+
+    sample = read_sample(layout, key)
+    decode = lambda data, flags=cv2.IMREAD_UNCHANGED: cv2.imdecode(np.frombuffer(data, np.uint8), flags)  # noqa: E731
+    rgb = decode(sample["rgb"][1], cv2.IMREAD_COLOR)
+    if rgb is None:
+        raise ValueError(f"key {key!r}: its rgb image cannot be decoded")
+    rgb = rgb[..., ::-1]
+    caption = sample.get("caption", ("txt", b""))[1].decode("utf-8", errors="replace")
+    panels = [p for p in PANELS if p in sample]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6), squeeze=False)
+    fig.suptitle(f"{key}: {caption}"[:160], fontsize=11)
+    for ax, name in zip(axes[0], panels):
+        ax.set_axis_off()
+        ax.set_title(name)
+        ext, data = sample[name]
+        if name == "rgb":
+            ax.imshow(rgb)
+        elif name == "depth":
+            depth = decode(data) / 65535.0
+            low, high = np.percentile(depth, [2, 98])  # relative depth: stretch each image's own range
+            ax.imshow(depth, cmap="turbo", vmin=low, vmax=max(high, low + 1e-6))
+        elif name == "normal":
+            ax.imshow(decode(data)[..., ::-1])
+        elif name == "semseg":
+            seg = decode(data)
+            palette = plt.get_cmap("tab20", 20)
+            ax.imshow(seg % 20, cmap=palette, vmin=0, vmax=19, interpolation="nearest")
+            present = [c for c, n in zip(*np.unique(seg, return_counts=True)) if n > 0][:12]
+            handles = [patches.Patch(color=palette(int(c) % 20), label=COCO_PANOPTIC[c] if c < 133 else str(c))
+                       for c in present]
+            ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
+        elif name == "det":
+            ax.imshow(rgb)
+            height, width = rgb.shape[:2]
+            for inst in json.loads(data)["instances"][:15]:
+                x0, y0, x1, y1 = inst["boxes"]
+                ax.add_patch(patches.Rectangle((x0 * width, y0 * height), (x1 - x0) * width, (y1 - y0) * height,
+                                               fill=False, color="lime", linewidth=1.5))
+                ax.text(x0 * width, y0 * height, f"{inst['class_name']} {inst['score']:.2f}", color="black",
+                        fontsize=7, bbox={"facecolor": "lime", "pad": 1, "linewidth": 0})
+        elif name == "clip":
+            features = np.load(io.BytesIO(data))
+            ax.imshow(clip_pca(features), interpolation="nearest")
+            ax.set_title(f"clip {features.shape[0]}x{features.shape[1]}x{features.shape[2]} (PCA)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
