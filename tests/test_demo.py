@@ -5,9 +5,11 @@ import sys
 import pyarrow.parquet as pq
 
 
-def test_demo_downloads_the_bundled_photos_and_records_the_bad_rows(ray_address, tmp_path):
+def test_demo_downloads_labels_and_draws_the_bundled_photos(ray_address, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", str(tmp_path / "demo")],
+    models = {n: str(tmp_path / "models" / n) for n in ("depth", "normal", "semseg", "det", "clip")}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", str(tmp_path / "demo"),
+                             "--set", f"label.models={models}"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     tables = sorted(str(p) for p in (tmp_path / "demo/_status/download").glob("shard-*.parquet"))
@@ -16,3 +18,8 @@ def test_demo_downloads_the_bundled_photos_and_records_the_bad_rows(ray_address,
     assert statuses == ["ok"] * 7 + ["http_error", "not_an_image", "duplicate", "invalid_row"]
     assert "7 images in" in result.stdout and "rgb/shard-*.tar" in result.stdout
     assert len(list((tmp_path / "demo/rgb").glob("shard-*.tar"))) == 3
+    for name in models:  # labelled with random-weight models saved where the profile says
+        assert len(list((tmp_path / "demo" / name).glob("shard-*.tar"))) == 3
+        assert (tmp_path / "models" / name / "config.json").is_file()
+        assert f"{name:7} ok 7" in result.stdout
+    assert len(list((tmp_path / "demo/show").glob("*.png"))) == 7
