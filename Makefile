@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo bench-download clean
+.PHONY: install test demo bench-download bench-label clean
 
 install: $(STAMP)
 
@@ -28,3 +28,6 @@ bench-download: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data bench/_work bench/.venv-img2dataset
+
+bench-label: $(STAMP)
+	$(BIN)/python bench/bench_label.py --size tiny --images 64

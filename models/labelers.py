@@ -68,14 +68,20 @@ class Labeler:
         # bf16 on GPUs (the models bound the stage there); full precision on CPUs, where bf16 is slow.
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(pixels)
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # page-locked: the copy to the GPU runs asynchronously
+        return x.to(self.device, non_blocking=True)
+
     def _batch(self, images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
-        tensors = []
-        for im in images:
-            x = torch.from_numpy(im).to(self.device, non_blocking=True).permute(2, 0, 1)[None].float().div_(255.0)
+        if len({im.shape for im in images}) == 1:  # the usual case: one transfer, one resize
+            x = self._to_device(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
             if x.shape[-2:] != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-            tensors.append(x)
-        x = torch.cat(tensors)
+        else:
+            x = torch.cat([F.interpolate(self._to_device(im).permute(2, 0, 1)[None].float().div_(255.0), size=size,
+                                         mode="bilinear", align_corners=False, antialias=True) for im in images])
         if self.mean is not None:
             mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
             x = (x - mean) / torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
