@@ -241,7 +241,7 @@ def input_shards(layout: DatasetLayout) -> list[str]:
     shards = layout.committed_shards(DOWNLOAD_STAGE)
     if not shards:
         raise LabelInputError(f"no committed rgb shards under {layout.root} (run the download stage first)")
-    missing = [str(layout.tar("rgb", s)) for s in shards if not layout.tar("rgb", s).is_file()]
+    missing = [str(layout.tar("rgb", s)) for s in shards if not layout.tar("rgb", s).exists()]
     if missing:
         raise LabelInputError(f"rgb shards committed by the download stage are missing: {', '.join(missing[:5])}")
     return shards

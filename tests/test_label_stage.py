@@ -116,3 +116,37 @@ def test_label_command_runs_a_subset(ray_address, tiny_models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "label: 100%" in result.stderr and "semseg  ok 4, decode_error 1" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_")) == ["det", "rgb", "semseg"]
+
+
+def test_killed_label_run_resumes_without_redoing_committed_shards(ray_address, tiny_models, tmp_path):
+    import signal
+
+    layout = make_dataset(tmp_path, corrupt_key=None)
+    tar = layout.tar("rgb", "shard-000001")
+    real = tar.read_bytes()
+    tar.unlink()
+    os.mkfifo(tar)  # the worker blocks opening shard 1 until the test opens the other end
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    args = [sys.executable, "-m", "pipeline", "label", "--data", str(tmp_path), "--labelers", "depth,semseg",
+            "--set", f"label.models={tiny_models}", "--set", "label.workers=1"]
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    with open(tar, "wb"):
+        # Opened: the only worker has finished shard 0 and started reading shard 1. Kill the run now.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert layout.committed_shards("label_depth") == ["shard-000000"]
+    stamp = layout.stats("label_depth", "shard-000000").stat().st_mtime_ns
+    tar.unlink()
+    tar.write_bytes(real)
+
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1 shards labelled, 1 already committed" in result.stdout
+    assert layout.stats("label_depth", "shard-000000").stat().st_mtime_ns == stamp
+    for name in ("depth", "semseg"):
+        keys = [r["key"] for s in ("shard-000000", "shard-000001")
+                for r in pq.read_table(layout.status_table(stage_name(name), s)).to_pylist()]
+        assert keys == [f"{i:09d}" for i in range(5)], "every sample recorded exactly once"
+        assert [n.split(".")[0] for s in ("shard-000000", "shard-000001")
+                for n, _ in members(layout.tar(name, s))] == keys

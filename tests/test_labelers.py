@@ -17,7 +17,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images():
     # Real photos of two sizes and aspect ratios, as they come out of the download stage.
-    return [np.asarray(photo("chelsea")), np.asarray(photo("coffee")), np.asarray(photo("chelsea"))]
+    return [np.array(photo("chelsea")), np.array(photo("coffee")), np.array(photo("chelsea"))]
 
 
 def test_dpt_input_follows_the_paper():
@@ -72,7 +72,7 @@ def test_clip_map_is_projected_patch_tokens(tiny_models, images):
     labeler = load_labeler("clip", tiny_models["clip"], device="cpu")
     maps = labeler(images)
     assert maps[0].shape == (14, 21, 16) and maps[1].shape == (14, 21, 16)  # 300x451 and 400x600 at short side 224
-    square = np.asarray(photo("astronaut"))  # 512x512 -> 224x224 -> 14x14
+    square = np.array(photo("astronaut"))  # 512x512 -> 224x224 -> 14x14
     (grid,) = labeler([square])
     assert grid.shape == (14, 14, labeler.model.config.projection_dim)
     # The same numbers as the model's own pooled path would give for these tokens: layer norm, then projection.
