@@ -17,7 +17,9 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images():
     # Real photos of two sizes and aspect ratios, as they come out of the download stage.
-    return [np.array(photo("chelsea")), np.array(photo("coffee")), np.array(photo("chelsea"))]
+    # The last one shares the first one's model input size but not its own size: a batch of mixed sizes.
+    return [np.array(photo("chelsea")), np.array(photo("coffee")), np.array(photo("chelsea")),
+            np.array(photo("chelsea"))[:299, :450]]
 
 
 def test_dpt_input_follows_the_paper():
@@ -51,7 +53,7 @@ def test_semseg_gives_coco_panoptic_class_ids(tiny_models, images):
 
 def test_det_gives_normalized_boxes_with_coco_names(tiny_models, images):
     everything = load_labeler("det", tiny_models["det"], device="cpu", min_score=0.0)(images)
-    assert all(len(instances) == 20 for instances in everything)  # every query of the tiny model
+    assert len(everything) == 4 and all(len(instances) == 20 for instances in everything)  # every query
     for inst in everything[0]:
         xmin, ymin, xmax, ymax = inst["boxes"]
         assert 0 <= xmin <= xmax <= 1 and 0 <= ymin <= ymax <= 1
