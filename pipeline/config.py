@@ -58,7 +58,7 @@ class LabelConfig(Section):
     labelers: list[str] = Field(default_factory=lambda: list(LABELER_NAMES), description="which labels to make")
     models: dict[str, str] = Field(
         default_factory=lambda: {
-            "depth": "models/omnidata/depth",    # Omnidata DPT-Hybrid v2, converted (python -m pipeline convert-omnidata)
+            "depth": "models/omnidata/depth",    # Omnidata DPT-Hybrid v2 in transformers' layout (converter: to do)
             "normal": "models/omnidata/normal",
             "semseg": "facebook/mask2former-swin-base-coco-panoptic",
             "det": "ustc-community/dfine-xlarge-obj2coco",

@@ -86,15 +86,16 @@ def sample_pictures_markdown(root, count: int, key: str) -> str | None:
     import base64
     import tempfile
 
+    import pyarrow.parquet as pq
+
     from pipeline.show import draw_sample
+    from stages.download import STAGE as DOWNLOAD_STAGE
     from stages.shards import DatasetLayout
 
     layout = DatasetLayout(root)
     keys = []
-    for shard in layout.committed_shards("download"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(layout.status_table("download", shard), columns=["key", "status"]).to_pylist()
+    for shard in layout.committed_shards(DOWNLOAD_STAGE):
+        table = pq.read_table(layout.status_table(DOWNLOAD_STAGE, shard), columns=["key", "status"]).to_pylist()
         keys += [r["key"] for r in table if r["status"] == "ok"]
         if len(keys) >= count:
             break

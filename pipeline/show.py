@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.download import STAGE as DOWNLOAD_STAGE
 from stages.shards import DatasetLayout
 
 PANELS = ["rgb", "depth", "normal", "semseg", "det", "clip"]
@@ -15,12 +16,12 @@ PANELS = ["rgb", "depth", "normal", "semseg", "det", "clip"]
 
 def find_shard(layout: DatasetLayout, key: str) -> str:
     """Shard i holds input rows [i * S, (i + 1) * S), S being the first shard's row count."""
-    shards = layout.committed_shards("download")
+    shards = layout.committed_shards(DOWNLOAD_STAGE)
     if not shards:
         raise ValueError(f"no committed shards under {layout.root}")
     if not key.isdigit():
         raise ValueError(f"key {key!r}: keys are input row numbers such as 000000012")
-    rows_per_shard = layout.read_stats("download", shards[0])["rows"]
+    rows_per_shard = layout.read_stats(DOWNLOAD_STAGE, shards[0])["rows"]
     shard = f"shard-{int(key) // max(rows_per_shard, 1):06d}"
     if shard not in shards:
         raise ValueError(f"key {key!r}: its shard {shard} is not committed under {layout.root}")

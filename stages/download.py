@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -25,7 +25,7 @@ from pipeline.config import Config, DownloadConfig
 from stages.fetch import Fetcher
 from stages.images import ImageError, process_image
 from stages.inputs import InputRow, count_rows, read_rows
-from stages.shards import OK, DatasetLayout, ShardWriter, shard_name
+from stages.shards import OK, DatasetLayout, ShardObserver, ShardWriter, shard_name
 
 STAGE = "download"
 MODALITIES = ["rgb", "caption"]
@@ -155,14 +155,6 @@ def plan_shards(rows: Iterable[InputRow], shard_size: int) -> Iterator[ShardTask
                 task.duplicate_of[row.index] = InputRow(first, None, None).key
     if task.rows:
         yield task
-
-
-class ShardObserver(Protocol):
-    """What watches a run: a progress bar, Prefect artifacts. Called in the driver."""
-
-    def start(self, total_shards: int) -> None: ...
-
-    def __call__(self, name: str, stats: dict, skipped: bool) -> None: ...
 
 
 @dataclass

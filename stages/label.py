@@ -34,11 +34,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config, LabelConfig
-from stages.shards import OK, DatasetLayout, ShardWriter
+from stages.download import STAGE as DOWNLOAD_STAGE
+from stages.shards import OK, DatasetLayout, ShardObserver, ShardWriter
 
-DOWNLOAD_STAGE = "download"
 EXTENSIONS = {"depth": "png", "normal": "png", "semseg": "png", "det": "json", "clip": "npy"}
-
 
 STATUS_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -247,7 +246,8 @@ def input_shards(layout: DatasetLayout) -> list[str]:
     return shards
 
 
-def run_label(root: str | Path, config: Config, labelers: list[str] | None = None, observer=None) -> LabelSummary:
+def run_label(root: str | Path, config: Config, labelers: list[str] | None = None,
+              observer: ShardObserver | None = None) -> LabelSummary:
     """Label every rgb shard with every requested labeler not yet committed for it."""
     import ray
 

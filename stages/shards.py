@@ -14,7 +14,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +22,14 @@ import webdataset as wds
 
 STATUS_DIR = "_status"
 OK = "ok"
+
+
+class ShardObserver(Protocol):
+    """What watches a run: a progress bar, Prefect artifacts. Called in the driver."""
+
+    def start(self, total_shards: int) -> None: ...
+
+    def __call__(self, name: str, stats: dict, skipped: bool) -> None: ...
 
 
 def shard_name(index: int) -> str:
