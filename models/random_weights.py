@@ -103,23 +103,25 @@ BUILDERS = {
 }
 
 
-def save_random_models(folder: str | Path, size: str = "tiny", names: list[str] | None = None,
-                       seed: int = 0) -> dict[str, str]:
-    """Build each labeler's model with random weights and save it to folder/<name>; returns the paths."""
+def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int = 0) -> str:
+    """Build one labeler's model with random weights and save it to `path` (kept if already there)."""
     if size not in ("tiny", "paper"):
         raise ValueError(f"size {size!r}: expected 'tiny' or 'paper'")
-    paths = {}
-    for name in names or list(BUILDERS):
-        path = Path(folder) / name
-        if not (path / "config.json").is_file():
-            torch.manual_seed(seed)
-            model = BUILDERS[name](size)
-            if size == "tiny":
-                # Some heads start at constants (zero weights, a prior bias): jitter every parameter so
-                # outputs differ between pixels, queries and classes, as they do with trained weights.
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p.add_(torch.randn_like(p) * 0.05)
-            model.save_pretrained(path)
-        paths[name] = str(path)
-    return paths
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        torch.manual_seed(seed)
+        model = BUILDERS[name](size)
+        if size == "tiny":
+            # Some heads start at constants (zero weights, a prior bias): jitter every parameter so
+            # outputs differ between pixels, queries and classes, as they do with trained weights.
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(path)
+    return str(path)
+
+
+def save_random_models(folder: str | Path, size: str = "tiny", names: list[str] | None = None,
+                       seed: int = 0) -> dict[str, str]:
+    """Every labeler's random-weight model, saved to folder/<name>; returns the paths."""
+    return {name: save_random_model(name, Path(folder) / name, size, seed) for name in names or list(BUILDERS)}

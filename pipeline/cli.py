@@ -84,10 +84,8 @@ def cmd_download(args) -> int:
 def cmd_label(args) -> int:
     from stages.label import run_label
 
-    config = _config_from(args, {"data_root": args.data})
     names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
-    if names:
-        config = load_config(args.profile, args.overrides + [f"label.labelers={names}"], {"data_root": args.data})
+    config = _config_from(args, {"data_root": args.data, "label.labelers": names})
     progress = ShardProgress("label")
     try:
         summary = run_label(config.data_root, config, names, observer=progress)

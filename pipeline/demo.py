@@ -83,7 +83,7 @@ def write_demo_list(site: Path, base_url: str, path: Path) -> None:
 
 
 def run_demo(config: Config) -> int:
-    from models.random_weights import save_random_models
+    from models.random_weights import save_random_model
     from pipeline.cli import ShardProgress, print_summary
     from pipeline.show import draw_sample
     from stages.download import STAGE, run_download
@@ -117,9 +117,9 @@ def run_demo(config: Config) -> int:
         return 1
 
     # Pseudo labels, from tiny random-weight models of the real classes (the paper profile names the real ones).
-    models_dir = Path(next(iter(config.label.models.values()))).parent
-    print(f"\nlabelling with random-weight models saved in {models_dir}")
-    save_random_models(models_dir, "tiny", [n for n in config.label.labelers])
+    print("\nlabelling with random-weight models saved at the profile's label.models paths")
+    for name in config.label.labelers:
+        save_random_model(name, config.label.models[name], "tiny")
     for stage in (f"label_{n}" for n in config.label.labelers):  # new images each run: label them anew
         shutil.rmtree(layout.status_dir(stage), ignore_errors=True)
     progress = ShardProgress("label")
