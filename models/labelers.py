@@ -155,9 +155,12 @@ class DepthLabeler(Labeler):
 
 
 class NormalLabeler(DepthLabeler):
-    """Omnidata DPT-Hybrid surface normals: 3 channels in [0, 1] (x, y, z mapped from [-1, 1])."""
+    """Omnidata DPT-Hybrid surface normals: 3 channels in [0, 1] (x, y, z mapped from [-1, 1]).
 
-    name = "normal"
+    Omnidata trained the normal network on pixels in [0, 1], unlike depth (normalized to [-1, 1]).
+    """
+
+    name, mean, std = "normal", None, None
 
     def model_class(self):
         from models.dpt_normals import DPTForSurfaceNormals

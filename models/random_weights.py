@@ -19,30 +19,9 @@ def _labels(names: list[str]) -> dict:
 
 
 def _dpt(size: str, channels: int):
-    from transformers import BitConfig, DPTConfig
+    from models.omnidata import dpt_hybrid_config, dpt_model_class
 
-    if size == "paper":  # DPT-Hybrid (ViT-B/16 on a ResNet-50 stem), as Omnidata v2
-        cfg = DPTConfig(is_hybrid=True, image_size=384, backbone_featmap_shape=[1, 1024, 24, 24],
-                        neck_hidden_sizes=[256, 512, 768, 768], fusion_hidden_size=256,
-                        reassemble_factors=[1, 1, 1, 0.5], readout_type="project", backbone_out_indices=[2, 5, 8, 11])
-    else:
-        cfg = DPTConfig(
-            is_hybrid=True, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
-            image_size=64, patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 32, 32, 32],
-            fusion_hidden_size=16, backbone_featmap_shape=[1, 64, 4, 4], reassemble_factors=[4, 2, 1, 0.5],
-            readout_type="project", head_in_index=-1,
-            backbone_config=BitConfig(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1],
-                                      out_features=["stage1", "stage2", "stage3"], embedding_size=16,
-                                      hidden_sizes=[16, 32, 64], num_groups=4,
-                                      embedding_dynamic_padding=True))
-    if channels == 1:
-        from transformers import DPTForDepthEstimation
-
-        return DPTForDepthEstimation(cfg)
-    from models.dpt_normals import DPTForSurfaceNormals
-
-    cfg.num_output_channels = channels
-    return DPTForSurfaceNormals(cfg)
+    return dpt_model_class(channels)(dpt_hybrid_config(size, channels))
 
 
 def _mask2former(size: str):

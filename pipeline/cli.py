@@ -116,6 +116,17 @@ def cmd_random_models(args) -> int:
     return 0
 
 
+def cmd_convert_omnidata(args) -> int:
+    from models.omnidata import convert_checkpoint
+
+    report = convert_checkpoint(args.checkpoint, args.out, args.task, trust_pickle=args.trust_pickle,
+                                verify=not args.no_verify)
+    checked = ("not checked" if report["max_abs_diff"] is None
+               else f"outputs match the checkpoint's own layout within {report['max_abs_diff']:.2g}")
+    print(f"{args.task}: {report['tensors']} tensors -> {report['out_dir']} ({checked})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -147,12 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("random-models", help="save random-weight labeler models of the real classes")
     models.add_argument("--out", required=True, help="folder; one subfolder per labeler")
     models.add_argument("--size", default="tiny", choices=["tiny", "paper"])
+    convert = sub.add_parser("convert-omnidata",
+                             help="convert an Omnidata DPT-Hybrid v2 checkpoint into a transformers folder")
+    convert.add_argument("--checkpoint", required=True, help="omnidata_dpt_{depth,normal}_v2.ckpt")
+    convert.add_argument("--task", required=True, choices=["depth", "normal"])
+    convert.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="load pickled objects besides tensors (only for checkpoints from a trusted source)")
+    convert.add_argument("--no-verify", action="store_true",
+                         help="skip running both layouts on a random input and comparing the outputs")
     sub.add_parser("serve", help="serve the Prefect deployments (download/cc12m, ...) to a Prefect API")
     return parser
 
 
-COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models, "demo": cmd_demo,
-            "serve": cmd_serve}
+COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
+            "convert-omnidata": cmd_convert_omnidata, "demo": cmd_demo, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
