@@ -216,11 +216,16 @@ class DetLabeler(Labeler):
 
     def finish(self, raw, height, width):
         scores, labels, boxes = raw
-        keep = (scores >= self.options.get("min_score", 0.6)).nonzero().flatten()
-        keep = keep[scores[keep].argsort(descending=True)]
-        names = self.model.config.id2label
-        return [{"boxes": [round(float(v), 5) for v in boxes[i]], "class_name": names[int(labels[i])],
-                 "score": round(float(scores[i]), 4)} for i in keep]
+        return detection_records(scores, labels, boxes, self.model.config.id2label,
+                                 self.options.get("min_score", 0.6))
+
+
+def detection_records(scores, labels, boxes, names, min_score: float) -> list[dict]:
+    """Detections -> the det JSON's instances: score >= min_score, best first, normalized xyxy boxes."""
+    keep = (scores >= min_score).nonzero().flatten()
+    keep = keep[scores[keep].argsort(descending=True)]
+    return [{"boxes": [round(float(v), 5) for v in boxes[i]], "class_name": names[int(labels[i])],
+             "score": round(float(scores[i]), 4)} for i in keep]
 
 
 class ClipLabeler(Labeler):
@@ -251,7 +256,15 @@ LABELERS: dict[str, type[Labeler]] = {
 }
 
 
-def load_labeler(name: str, path: str, device: str = "auto", batch_size: int = 8, **options) -> Labeler:
+def load_labeler(name: str, path: str, device: str = "auto", batch_size: int = 8, backend: str = "transformers",
+                 **options) -> Labeler:
+    """One labeler; `backend="detectron2"` (boxes only) takes a detectron2 LazyConfig file as `path`."""
     if name not in LABELERS:
         raise ValueError(f"unknown labeler {name!r} (known: {', '.join(LABELERS)})")
+    if backend == "detectron2" and name == "det":
+        from models.detectron2_det import Detectron2DetLabeler
+
+        return Detectron2DetLabeler(path, device, batch_size, **options)
+    if backend != "transformers":
+        raise ValueError(f"labeler {name!r}: unknown backend {backend!r} (known: transformers, detectron2 for det)")
     return LABELERS[name](path, device, batch_size, **options)

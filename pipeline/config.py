@@ -8,7 +8,7 @@ the value and the layer it came from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -58,7 +58,7 @@ class LabelConfig(Section):
     labelers: list[str] = Field(default_factory=lambda: list(LABELER_NAMES), description="which labels to make")
     models: dict[str, str] = Field(
         default_factory=lambda: {
-            "depth": "models/omnidata/depth",    # Omnidata DPT-Hybrid v2 in transformers' layout (converter: to do)
+            "depth": "models/omnidata/depth",    # Omnidata DPT-Hybrid v2, converted (convert-omnidata)
             "normal": "models/omnidata/normal",
             "semseg": "facebook/mask2former-swin-base-coco-panoptic",
             "det": "ustc-community/dfine-xlarge-obj2coco",
@@ -72,6 +72,13 @@ class LabelConfig(Section):
     workers: int | None = Field(None, ge=1, description="model replicas; None: one per GPU, else one")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a replica reserves when there is no GPU")
     det_min_score: float = Field(0.6, ge=0, le=1)
+    det_backend: Literal["auto", "transformers", "detectron2"] = Field(
+        "auto", description="boxes from detectron2 (ViTDet) or transformers (label.models.det); auto: detectron2 "
+                            "when it is importable and det_detectron2_config is set")
+    det_detectron2_config: str | None = Field(
+        None, description="detectron2 LazyConfig file, e.g. <detectron2 source>/projects/ViTDet/configs/COCO/"
+                          "cascade_mask_rcnn_vitdet_h_75ep.py")
+    det_detectron2_weights: str | None = Field(None, description="its weights: a model_final_*.pkl path or URL")
     semseg_short_side: int = Field(384, ge=32)
     clip_short_side: int = Field(224, ge=16)
 
@@ -82,6 +89,23 @@ class LabelConfig(Section):
         if unknown or not value:
             raise ValueError(f"unknown labelers {unknown} (known: {', '.join(LABELER_NAMES)})")
         return value
+
+    def resolved_det_backend(self) -> str:
+        """The detector backend this run uses: `auto` picks detectron2 only when it can run.
+
+        Checked when a stage starts rather than per configuration layer, so `--set` may name the backend
+        and its files in any order.
+        """
+        if self.det_backend == "detectron2" and not (self.det_detectron2_config and self.det_detectron2_weights):
+            raise ConfigError(f"label.det_backend = 'detectron2' needs label.det_detectron2_config "
+                              f"(now {self.det_detectron2_config!r}) and label.det_detectron2_weights "
+                              f"(now {self.det_detectron2_weights!r})")
+        if self.det_backend != "auto":
+            return self.det_backend
+        from models.detectron2_det import detectron2_available
+
+        ready = self.det_detectron2_config and self.det_detectron2_weights and detectron2_available()
+        return "detectron2" if ready else "transformers"
 
 
 class RayConfig(Section):

@@ -218,8 +218,12 @@ class LabelWorker:
 
         options = {"det": {"min_score": cfg.det_min_score}, "semseg": {"short_side": cfg.semseg_short_side},
                    "clip": {"short_side": cfg.clip_short_side}}
+        paths = dict(cfg.models)
+        if cfg.det_backend == "detectron2":  # run_label resolved `auto` already
+            paths["det"] = cfg.det_detectron2_config
+            options["det"].update(backend="detectron2", weights=cfg.det_detectron2_weights)
         self.root, self.cfg = root, cfg
-        self.labelers = {name: load_labeler(name, cfg.models[name], cfg.device, cfg.batch_size,
+        self.labelers = {name: load_labeler(name, paths[name], cfg.device, cfg.batch_size,
                                             **options.get(name, {})) for name in names}
 
     def label(self, shard: str, names: list[str]) -> dict:
@@ -260,9 +264,20 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     missing_models = [n for n in names if n not in cfg.models]
     if missing_models:
         raise LabelInputError(f"no model configured for {missing_models} (label.models)")
-    # Local folders become absolute paths: Ray actors do not share the driver's working directory.
-    cfg = cfg.model_copy(update={"models": {n: str(Path(p).resolve()) if Path(p).exists() else p
-                                            for n, p in cfg.models.items()}})
+    det_backend = cfg.resolved_det_backend() if "det" in names else cfg.det_backend
+    if det_backend == "detectron2":
+        from models.detectron2_det import INSTALL_HINT, detectron2_available
+
+        if not detectron2_available():
+            raise LabelInputError(f"label.det_backend is detectron2 but detectron2 is not importable; {INSTALL_HINT}")
+
+    # Local files become absolute paths: Ray actors do not share the driver's working directory.
+    def local(path):
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    cfg = cfg.model_copy(update={"models": {n: local(p) for n, p in cfg.models.items()}, "det_backend": det_backend,
+                                 "det_detectron2_config": local(cfg.det_detectron2_config),
+                                 "det_detectron2_weights": local(cfg.det_detectron2_weights)})
     summary = LabelSummary(shards_total=len(shards), status_counts={n: Counter() for n in names})
     if observer:
         observer.start(len(shards))

@@ -43,3 +43,14 @@ def test_bad_profile_file_is_named(tmp_path):
 def test_malformed_override_is_rejected():
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config("demo", ["download.threads"])
+
+
+def test_detector_backend_is_chosen_by_configuration():
+    half = load_config("demo", ["label.det_backend=detectron2", "label.det_detectron2_config=vitdet_h.py"])
+    with pytest.raises(ConfigError, match=r"needs .*det_detectron2_weights \(now None\)"):
+        half.label.resolved_det_backend()
+    with pytest.raises(ConfigError, match=r"label\.det_backend = 'vitdet'"):
+        load_config("demo", ["label.det_backend=vitdet"])
+    assert load_config("demo", ["label.det_backend=transformers"]).label.resolved_det_backend() == "transformers"
+    # auto without detectron2's files stays on the transformers detector, wherever detectron2 is installed
+    assert load_config("demo").label.resolved_det_backend() == "transformers"

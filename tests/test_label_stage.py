@@ -150,3 +150,18 @@ def test_killed_label_run_resumes_without_redoing_committed_shards(ray_address, 
         assert keys == [f"{i:09d}" for i in range(5)], "every sample recorded exactly once"
         assert [n.split(".")[0] for s in ("shard-000000", "shard-000001")
                 for n, _ in members(layout.tar(name, s))] == keys
+
+
+def test_detectron2_backend_without_detectron2_is_a_clear_error(tiny_models, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("detectron2"):
+        pytest.skip("detectron2 is installed here")
+    make_dataset(tmp_path)
+    cfg = config(tiny_models, "label.det_backend=detectron2", "label.det_detectron2_config=vitdet_h.py",
+                 "label.det_detectron2_weights=model_final.pkl")
+    with pytest.raises(LabelInputError, match="detectron2 is not importable; detectron2 installs from source"):
+        run_label(tmp_path, cfg)
+    assert not (tmp_path / "det").exists()
+    # auto falls back to the transformers detector when detectron2 cannot run
+    assert cfg.label.model_copy(update={"det_backend": "auto"}).resolved_det_backend() == "transformers"
