@@ -1,0 +1,67 @@
+"""The WordPiece vocabulary for captions and boxes: reference layout and a lossless box round trip."""
+import random
+
+import pytest
+
+from models.coco import COCO_THINGS
+from models.text_tokenizer import (BoxTextError, boxes_to_text, decode_text, encode_text, load_text_tokenizer,
+                                   text_to_boxes, train_text_tokenizer)
+
+CAPTIONS = ["A dog sitting on a couch next to a Baseball bat.", "Hotdog stand in the city at night",
+            "two cats and a dog on a red sofa", "a person riding a motorcycle down the road",
+            "an astronaut in a white suit holding a flag", "a cup of coffee on a wooden table"] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "tokenizer.json"
+    train_text_tokenizer(CAPTIONS, vocab_size=4500, path=path)
+    return load_text_tokenizer(path)  # through the saved file, as the stages load it
+
+
+def test_vocabulary_has_the_reference_layout(tokenizer):
+    expect = {"[PAD]": 0, "[UNK]": 1, "[SOS]": 2, "[EOS]": 3, "[S_0]": 4, "[S_199]": 203,
+              "v0=0": 204, "v0=999": 1203, "v1=0": 1204, "v2=0": 2204, "v3=999": 4203,
+              COCO_THINGS[0]: 4204, "baseball bat": 4204 + COCO_THINGS.index("baseball bat"), COCO_THINGS[-1]: 4283}
+    assert {t: tokenizer.token_to_id(t) for t in expect} == expect
+    assert 4284 < tokenizer.get_vocab_size() <= 4500  # learned pieces after the fixed tokens
+    assert all(tokenizer.id_to_token(i) is not None for i in range(tokenizer.get_vocab_size()))
+
+
+def test_class_names_are_single_tokens_in_captions(tokenizer):
+    tokens = tokenizer.encode("A Baseball Bat next to a Hotdog and a dog").tokens
+    assert "baseball bat" in tokens and "dog" in tokens
+    assert "hotdog" not in tokens or tokenizer.token_to_id("hotdog") >= 4284  # a word, not the class "dog"
+    ids = encode_text(tokenizer, "A Baseball Bat")
+    assert ids[0] == 2 and ids[-1] == 3 and ids[2] == tokenizer.token_to_id("baseball bat")
+    assert decode_text(tokenizer, ids + [0, 0]) == "a baseball bat"
+
+
+def test_boxes_are_ordered_by_corner_distance():
+    text = boxes_to_text([{"boxes": [0.5, 0.5, 0.9, 0.9], "class_name": "dog"},
+                          {"boxes": [0.1, 0.0, 0.3, 0.2], "class_name": "baseball bat"}])
+    assert text == "v0=100 v1=0 v2=300 v3=200 baseball bat v0=500 v1=500 v2=899 v3=899 dog"
+
+
+def test_boxes_survive_text_and_ids_within_one_bin(tokenizer):
+    rng = random.Random(0)
+    for _ in range(20):
+        instances = []
+        for _ in range(rng.randint(0, 6)):
+            x0, y0 = rng.random() * 0.8, rng.random() * 0.8
+            instances.append({"boxes": [x0, y0, x0 + rng.random() * (1 - x0), y0 + rng.random() * (1 - y0)],
+                              "class_name": rng.choice(COCO_THINGS), "score": 0.9})
+        ids = encode_text(tokenizer, boxes_to_text(instances))
+        assert tokenizer.token_to_id("[UNK]") not in ids
+        back = text_to_boxes(decode_text(tokenizer, ids))
+        ordered = sorted(instances, key=lambda inst: (inst["boxes"][0] ** 2 + inst["boxes"][1] ** 2))
+        assert [b["class_name"] for b in back] == [i["class_name"] for i in ordered]
+        for b, i in zip(back, ordered):
+            assert all(abs(u - v) <= 1 / 999 for u, v in zip(b["boxes"], i["boxes"]))
+
+
+def test_malformed_box_text_is_named():
+    with pytest.raises(BoxTextError, match="has no class name"):
+        text_to_boxes("v0=1 v1=2 v2=3 v3=4")
+    with pytest.raises(BoxTextError, match="expected v0= v1= v2= v3= at word 0"):
+        text_to_boxes("dog v0=1")
