@@ -91,13 +91,74 @@ def cmd_label(args) -> int:
         summary = run_label(config.data_root, config, names, observer=progress)
     finally:
         progress.close()
+    return print_per_model(summary, "", "labelled", f"in {summary.seconds:.1f} s; labels under {config.data_root}")
+
+
+def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
+    """Sample fates per labeler or tokenizer, the shard counts, and the shards to redo; the exit status."""
     for name, counts in summary.status_counts.items():
-        print(f"{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
-    print(f"{summary.shards_done} shards labelled, {summary.shards_skipped} already committed, "
-          f"in {summary.seconds:.1f} s; labels under {Path(config.data_root)}")
+        print(f"{prefix}{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    print(f"{summary.shards_done} shards {verb}, {summary.shards_skipped} already committed, {details}")
     for shard, err in summary.failed_shards.items():
         print(f"shard {shard} failed and will be redone on the next run: {err.splitlines()[0]}", file=sys.stderr)
     return 1 if summary.failed_shards else 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    from stages.train_tokenizer import run_train_tokenizers
+
+    modalities = None if args.modality in (None, "all") else [m.strip() for m in args.modality.split(",")]
+    config = _config_from(args, {"data_root": args.data, "tokenizer.modalities": modalities})
+
+    def report(modality, result):
+        if result.get("skipped"):
+            print(f"{modality:7} already trained ({tokenizer_path(modality)})")
+        elif modality == "text":
+            print(f"{modality:7} vocabulary of {result['vocab_size']} from {result['texts']} texts")
+        else:
+            final = ", ".join(f"{k} {v:.4g}" for k, v in result["final"].items()
+                              if k in ("loss", "codes_used", "perplexity", "psnr_db", "mean_angle_deg", "l1",
+                                       "miou", "cosine"))
+            print(f"{modality:7} {result['steps']} steps on {result['samples']} samples: {final}")
+
+    def tokenizer_path(modality):
+        from stages.train_tokenizer import tokenizer_dir
+
+        return tokenizer_dir(config.data_root, modality)
+
+    run_train_tokenizers(config.data_root, config, modalities, observer=report)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from stages.tokenize import run_tokenize
+
+    modalities = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
+    config = _config_from(args, {"data_root": args.data})
+    progress = ShardProgress("tokenize")
+    try:
+        summary = run_tokenize(config.data_root, config, modalities, observer=progress)
+    finally:
+        progress.close()
+    rate = f", {summary.tokens / summary.seconds:.0f} tokens/s" if summary.seconds and summary.tokens else ""
+    return print_per_model(summary, "tok_", "tokenized", f"{summary.tokens} tokens in {summary.seconds:.1f} s{rate}")
+
+
+def cmd_verify(args) -> int:
+    from stages.verify import verify_dataset
+
+    problems, checked = verify_dataset(args.data)
+    by_shard: dict[str, list] = {}
+    for problem in problems:
+        by_shard.setdefault(problem.shard, []).append(problem)
+    for shard, found in sorted(by_shard.items()):
+        print(f"{shard}: {len(found)} problem(s)")
+        for problem in found:
+            print(f"  {problem.folder}: {problem.message}")
+    if checked:
+        print(f"checked {checked['shards']} shards x {checked['folders']} folders, {checked['members']} members: "
+              f"{'OK' if not problems else f'{len(problems)} problems'}")
+    return 1 if problems else 0
 
 
 def cmd_show(args) -> int:
@@ -158,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("random-models", help="save random-weight labeler models of the real classes")
     models.add_argument("--out", required=True, help="folder; one subfolder per labeler")
     models.add_argument("--size", default="tiny", choices=["tiny", "paper"])
+    train = sub.add_parser("train-tokenizer", help="train the tokenizers: text (WordPiece) and dense VQ-VAEs")
+    train.add_argument("--data", help="dataset root (default: the profile's data_root)")
+    train.add_argument("--modality", help="text, rgb, depth, normal, semseg, clip, comma-separated, or all "
+                                          "(default: tokenizer.modalities)")
+    _add_config_args(train)
+    tokenize = sub.add_parser("tokenize", help="encode every sample's crops with the trained tokenizers")
+    tokenize.add_argument("--data", help="dataset root (default: the profile's data_root)")
+    tokenize.add_argument("--modalities", help="comma-separated dense modalities (default: every trained one)")
+    _add_config_args(tokenize)
+    verify = sub.add_parser("verify", help="check that every modality folder is whole and aligned with rgb/")
+    verify.add_argument("--data", required=True, help="dataset root")
     convert = sub.add_parser("convert-omnidata",
                              help="convert an Omnidata DPT-Hybrid v2 checkpoint into a transformers folder")
     convert.add_argument("--checkpoint", required=True, help="omnidata_dpt_{depth,normal}_v2.ckpt")
@@ -172,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
-            "convert-omnidata": cmd_convert_omnidata, "demo": cmd_demo, "serve": cmd_serve}
+            "convert-omnidata": cmd_convert_omnidata, "demo": cmd_demo, "serve": cmd_serve,
+            "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

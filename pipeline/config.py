@@ -108,6 +108,43 @@ class LabelConfig(Section):
         return "detectron2" if ready else "transformers"
 
 
+TOKENIZER_MODALITIES = ("rgb", "depth", "normal", "semseg", "clip")
+
+
+class TokenizerStageConfig(Section):
+    size: Literal["tiny", "paper"] = Field("paper", description="model sizes: the paper's (ViT-B) or tiny")
+    modalities: list[str] = Field(default_factory=lambda: ["text", *TOKENIZER_MODALITIES],
+                                  description="tokenizers to train and use: text and the dense modalities")
+    codebook_sizes: dict[str, int] = Field(default_factory=dict, description="override Table 3's codebook sizes")
+    vocab_size: int = Field(30000, ge=4400, description="text vocabulary (captions and boxes)")
+    batch_size: int = Field(640, ge=1, description="global batch size (Table 3: 640, CLIP 1024)")
+    epochs: float = Field(15, gt=0)
+    warmup_epochs: float = Field(1, ge=0)
+    base_lr: float = Field(5e-5, gt=0, description="learning rate per 256 samples")
+    weight_decay: float = Field(0.05, ge=0)
+    workers: int | None = Field(None, ge=1, description="data-parallel workers; None: one per GPU, else one")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (resume point)")
+    log_every: int = Field(50, ge=1, description="steps between logged metrics")
+    eval_every: int = Field(1000, ge=1, description="steps between reconstruction metrics and pictures")
+    eval_samples: int = Field(8, ge=1)
+    seed: int = 0
+    # pre-tokenization
+    n_crops: int = Field(4, ge=1, description="crops per sample: the center crop, then random-resized crops")
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    tokenize_batch_size: int = Field(64, ge=1)
+    device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
+
+    @field_validator("modalities")
+    @classmethod
+    def _known_modalities(cls, value: list[str]) -> list[str]:
+        known = ("text", *TOKENIZER_MODALITIES)
+        unknown = [m for m in value if m not in known]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown} (known: {', '.join(known)})")
+        return value
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray (RAY_ADDRESS wins)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None lets Ray count them")
@@ -119,6 +156,7 @@ class Config(Section):
     data_root: str = "data/demo"
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

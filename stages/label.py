@@ -26,7 +26,6 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,8 +33,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config, LabelConfig
+from stages.actor_pool import run_on_actors
 from stages.download import STAGE as DOWNLOAD_STAGE
-from stages.shards import OK, DatasetLayout, ShardObserver, ShardWriter
+from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
 
 EXTENSIONS = {"depth": "png", "normal": "png", "semseg": "png", "det": "json", "clip": "npy"}
 
@@ -230,14 +230,7 @@ class LabelWorker:
         return label_shard(self.root, shard, {n: self.labelers[n] for n in names}, self.cfg)
 
 
-@dataclass
-class LabelSummary:
-    shards_total: int = 0
-    shards_done: int = 0
-    shards_skipped: int = 0
-    failed_shards: dict[str, str] = field(default_factory=dict)
-    status_counts: dict[str, Counter] = field(default_factory=dict)
-    seconds: float = 0.0
+LabelSummary = ShardsSummary
 
 
 def input_shards(layout: DatasetLayout) -> list[str]:
@@ -253,8 +246,6 @@ def input_shards(layout: DatasetLayout) -> list[str]:
 def run_label(root: str | Path, config: Config, labelers: list[str] | None = None,
               observer: ShardObserver | None = None) -> LabelSummary:
     """Label every rgb shard with every requested labeler not yet committed for it."""
-    import ray
-
     from pipeline.ray_runtime import init_ray
 
     cfg = config.label
@@ -298,32 +289,16 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     started = time.time()
     if todo:
         init_ray(config.ray)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        use_gpu = gpus > 0 and cfg.device != "cpu"
-        count = min(cfg.workers or (gpus if use_gpu else 1), len(todo))
-        resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.cpus_per_worker}
-        actor = ray.remote(max_restarts=2, max_task_retries=2, **resources)(LabelWorker)
-        idle = [actor.remote(str(Path(root).resolve()), cfg, names) for _ in range(count)]
-        running = {}
-        while todo or running:
-            while idle and todo:
-                shard, pending = todo.pop(0)
-                worker = idle.pop()
-                running[worker.label.remote(shard, pending)] = (worker, shard)
-            done, _ = ray.wait(list(running), num_returns=1)
-            worker, shard = running.pop(done[0])
-            idle.append(worker)
-            try:
-                stats = ray.get(done[0])
-            except Exception as err:  # noqa: BLE001 - recorded; the shard is redone on the next run
-                summary.failed_shards[shard] = f"{type(err).__name__}: {err}"
+        for shard, stats, error in run_on_actors(LabelWorker, (str(Path(root).resolve()), cfg, names), todo,
+                                                 "label", device=cfg.device, workers=cfg.workers,
+                                                 cpus_per_worker=cfg.cpus_per_worker):
+            if error:
+                summary.failed_shards[shard] = error
                 continue
             summary.shards_done += 1
             for n, s in stats.items():
                 summary.status_counts[n].update(s["status_counts"])
             if observer:
                 observer(shard, merge_stats(stats), False)
-        for worker in idle:
-            ray.kill(worker)
     summary.seconds = time.time() - started
     return summary

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +32,18 @@ class ShardObserver(Protocol):
     def start(self, total_shards: int) -> None: ...
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None: ...
+
+
+@dataclass
+class ShardsSummary:
+    """What one run of a per-model stage did: shards, and sample fates per model (labeler, tokenizer)."""
+
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    status_counts: dict[str, Counter] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 def shard_name(index: int) -> str:

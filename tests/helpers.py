@@ -246,7 +246,7 @@ DATASET_PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera"]
 
 
 def make_labelled_input(root, corrupt_key="000000003"):
-    """Two committed rgb shards as the download stage writes them; one image is corrupt on disk."""
+    """Two committed rgb (and caption) shards as the download stage writes them; one image is corrupt."""
     import pyarrow as pa
 
     from stages.shards import DatasetLayout, ShardWriter
@@ -254,10 +254,10 @@ def make_labelled_input(root, corrupt_key="000000003"):
     layout = DatasetLayout(root)
     keys = [f"{i:09d}" for i in range(5)]
     for shard, chunk in (("shard-000000", keys[:3]), ("shard-000001", keys[3:])):
-        with ShardWriter(layout, "download", shard, ["rgb"]) as writer:
+        with ShardWriter(layout, "download", shard, ["rgb", "caption"]) as writer:
             for key in chunk:
                 name = DATASET_PHOTOS[int(key)]
                 data = b"\xff\xd8 not really a jpeg" if key == corrupt_key else encode(photo(name), quality=95)
-                writer.write(key, {"rgb": ("jpg", data)})
+                writer.write(key, {"rgb": ("jpg", data), "caption": ("txt", f"a photo of a {name}".encode())})
             writer.commit(pa.table({"key": chunk, "status": ["ok"] * len(chunk)}), {"rows": len(chunk)})
     return layout

@@ -1,0 +1,39 @@
+"""Shards over a pool of Ray actors: one replica per GPU (or per CPU slot), each taking the next shard."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+
+def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], method: str, *, device: str,
+                  workers: int | None, cpus_per_worker: float) -> Iterator[tuple[str, Any, str | None]]:
+    """Run `worker.method(shard, payload)` for every (shard, payload); yields (shard, result, error) as each
+    finishes. An actor that dies is restarted and its task retried by Ray; a task that still fails yields its
+    error and the others go on. Ray must be initialised."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 and device != "cpu"
+    count = min(workers or (gpus if use_gpu else 1), len(todo))
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_worker}
+    actor = ray.remote(max_restarts=2, max_task_retries=2, **resources)(worker_class)
+    idle = [actor.remote(*init_args) for _ in range(count)]
+    todo, running = list(todo), {}
+    try:
+        while todo or running:
+            while idle and todo:
+                shard, payload = todo.pop(0)
+                worker = idle.pop()
+                running[getattr(worker, method).remote(shard, payload)] = (worker, shard)
+            done, _ = ray.wait(list(running), num_returns=1)
+            worker, shard = running.pop(done[0])
+            idle.append(worker)
+            try:
+                result = ray.get(done[0])
+            except Exception as err:  # noqa: BLE001 - reported; the shard is redone on the next run
+                yield shard, None, f"{type(err).__name__}: {err}"
+                continue
+            yield shard, result, None
+    finally:
+        for worker in idle + [w for w, _ in running.values()]:
+            ray.kill(worker)

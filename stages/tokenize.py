@@ -1,0 +1,227 @@
+"""Pre-tokenization: every sample's crops, encoded once by every trained dense tokenizer.
+
+Consumes  <root>/rgb/ and the label folders (committed shards), <root>/tokenizers/<modality>/ (trained)
+Produces  <root>/crop_settings/shard-NNNNNN.tar    <key>.npy  int32 (n_crops, 5) = [top, left, h, w, hflip]
+                                                   in rgb pixels; crop 0 the center crop, the others
+                                                   random-resized crops shared by every modality
+          <root>/tok_<modality>@224/shard-NNNNNN.tar  <key>.npy  int16 (n_crops, 196) token ids
+          <root>/_status/tokenize_<modality>/shard-NNNNNN.{parquet,json}  one row per rgb sample; json last
+          (crop_settings: _status/crop_settings/)
+Captions and boxes stay text in caption/ and det/ (tokenized when loaded, with tokenizers/text).
+
+A sample's crops depend only on (seed, key) and its image size, so a redone shard gets the same crops. A
+sample whose image or label cannot be read is recorded (`decode_error`, `missing_label`) and absent from that
+folder only. One Ray actor per GPU (or CPU slot) holds every tokenizer; shards are the unit of resume.
+"""
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import Config, TokenizerStageConfig
+from stages.actor_pool import run_on_actors
+from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
+from stages.tokenizer_data import (EXTENSIONS, center_crop, crop_to_tensor, decode, random_crop, read_members,
+                                   rgb_sizes)
+from stages.train_tokenizer import DENSE, TokenizerInputError, is_trained, tokenizer_dir
+
+CROPS = "crop_settings"
+
+
+def token_folder(modality: str) -> str:
+    return f"tok_{modality}@224"
+
+
+def stage_name(modality: str) -> str:
+    return CROPS if modality == CROPS else f"tokenize_{modality}"
+
+
+def sample_crops(key: str, size: tuple[int, int], cfg: TokenizerStageConfig) -> np.ndarray:
+    rng = np.random.default_rng([cfg.seed, int(key)])
+    crops = [center_crop(*size)] + [random_crop(rng, *size, scale=cfg.crop_scale) for _ in range(cfg.n_crops - 1)]
+    return np.asarray(crops, dtype=np.int32)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+# -- one shard ---------------------------------------------------------------------------------------
+def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig) -> dict:
+    rows, started = [], time.time()
+    sizes = dict(rgb_sizes(layout, shard))
+    keys = [key for key, _ in read_members(layout.tar("rgb", shard), "jpg")]
+    with ShardWriter(layout, CROPS, shard, [CROPS]) as writer:
+        for key in keys:
+            if key in sizes:
+                writer.write(key, {CROPS: ("npy", _npy(sample_crops(key, sizes[key], cfg)))})
+            rows.append({"key": key, "status": OK if key in sizes else "decode_error",
+                         "error": None if key in sizes else "rgb image header unreadable"})
+        table = pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
+        counts = Counter(r["status"] for r in rows)
+        stats = {"rows": len(rows), "ok": counts[OK], "status_counts": dict(counts),
+                 "seconds": round(time.time() - started, 3)}
+        writer.commit(table, stats)
+    return stats
+
+
+STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("error", pa.string())])
+
+
+def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg: TokenizerStageConfig,
+                   device: torch.device) -> dict:
+    """Encode every crop of every sample of one shard with one tokenizer, and commit the token shard."""
+    started = time.time()
+    sizes = dict(rgb_sizes(layout, shard))
+    keys = [key for key, _ in read_members(layout.tar("rgb", shard), "jpg")]
+    source = "rgb" if modality == "rgb" else modality
+    labels = dict(read_members(layout.tar(source, shard), EXTENSIONS[modality]))
+    status: dict[str, tuple[str, str | None]] = {}
+    pending: list[tuple[str, torch.Tensor]] = []  # (key, its crops as one batch)
+    tokens: dict[str, np.ndarray] = {}
+
+    def flush():
+        if not pending:
+            return
+        batch = torch.cat([x for _, x in pending]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            ids = model.tokenize(batch).cpu().numpy().astype(np.int16)
+        start = 0
+        for key, x in pending:
+            tokens[key] = ids[start:start + len(x)]
+            start += len(x)
+        pending.clear()
+
+    for key in keys:
+        if key not in sizes:
+            status[key] = ("decode_error", "rgb image header unreadable")
+            continue
+        if key not in labels:
+            status[key] = ("missing_label", f"no {modality} label in {layout.tar(source, shard).name}")
+            continue
+        try:
+            label = decode(modality, labels.pop(key))
+            crops = sample_crops(key, sizes[key], cfg)
+            pending.append((key, torch.stack([crop_to_tensor(modality, label, c, sizes[key]) for c in crops])))
+            status[key] = (OK, None)
+        except Exception as err:  # noqa: BLE001 - one unreadable label costs one sample
+            status[key] = ("decode_error", f"{type(err).__name__}: {err}")
+        if sum(len(x) for _, x in pending) >= cfg.tokenize_batch_size:
+            flush()
+    flush()
+    folder = token_folder(modality)
+    with ShardWriter(layout, stage_name(modality), shard, [folder]) as writer:
+        for key in keys:
+            if key in tokens:
+                writer.write(key, {folder: ("npy", _npy(tokens[key]))})
+        rows = [{"key": k, "status": status[k][0], "error": status[k][1]} for k in keys]
+        counts = Counter(r["status"] for r in rows)
+        seconds = time.time() - started
+        stats = {"rows": len(rows), "ok": counts[OK], "status_counts": dict(counts), "seconds": round(seconds, 3),
+                 "tokens": int(sum(t.size for t in tokens.values())),
+                 "samples_per_s": round(counts[OK] / seconds, 2) if seconds else None}
+        writer.commit(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), stats)
+    return stats
+
+
+# -- all shards --------------------------------------------------------------------------------------
+class TokenizeWorker:
+    """A Ray actor: every trained tokenizer, loaded once, encoding shard after shard."""
+
+    def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str]):
+        from models.vqvae import load_tokenizer
+
+        self.layout, self.cfg = DatasetLayout(root), cfg
+        self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+        self.models = {m: load_tokenizer(tokenizer_dir(root, m), self.device) for m in modalities}
+
+    def tokenize(self, shard: str, modalities: list[str]) -> dict:
+        out = {}
+        if not self.layout.is_committed(CROPS, shard):
+            out[CROPS] = write_crops(self.layout, shard, self.cfg)
+        for m in modalities:
+            out[m] = tokenize_shard(self.layout, shard, m, self.models[m], self.cfg, self.device)
+        return out
+
+
+@dataclass
+class TokenizeSummary(ShardsSummary):
+    tokens: int = 0
+
+
+def tokenized_modalities(root: str | Path, cfg: TokenizerStageConfig) -> list[str]:
+    """The dense modalities asked for whose tokenizer is trained."""
+    return [m for m in cfg.modalities if m in DENSE and is_trained(root, m)]
+
+
+def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None = None,
+                 observer: ShardObserver | None = None) -> TokenizeSummary:
+    """Tokenize every rgb shard with every trained tokenizer not yet committed for it."""
+    from pipeline.ray_runtime import init_ray
+
+    cfg, layout = config.tokenizer, DatasetLayout(root)
+    names = modalities or tokenized_modalities(root, cfg)
+    untrained = [m for m in names if not is_trained(root, m)]
+    if not names or untrained:
+        raise TokenizerInputError(f"no trained tokenizer for {untrained or 'any dense modality'} under "
+                                  f"{tokenizer_dir(root, '*')} (run train-tokenizer first)")
+    shards = layout.committed_shards("download")
+    if not shards:
+        raise TokenizerInputError(f"no committed rgb shards under {layout.root} (run the download stage first)")
+    summary = TokenizeSummary(shards_total=len(shards), status_counts={m: Counter() for m in names})
+    if observer:
+        observer.start(len(shards))
+    todo = []
+    for shard in shards:
+        pending = [m for m in names if not layout.is_committed(stage_name(m), shard)]
+        missing = [m for m in pending if m != "rgb" and not layout.is_committed(f"label_{m}", shard)]
+        if missing:
+            summary.failed_shards[shard] = f"labels not committed for {missing} (run the label stage first)"
+            continue
+        if pending:
+            todo.append((shard, pending))
+            continue
+        summary.shards_skipped += 1
+        for m in names:
+            summary.status_counts[m].update(layout.read_stats(stage_name(m), shard)["status_counts"])
+        if observer:
+            observer(shard, _merged(layout, shard, names), True)
+    started = time.time()
+    if todo:
+        init_ray(config.ray)
+        worker_args = (str(Path(root).resolve()), cfg, names)
+        for shard, stats, error in run_on_actors(TokenizeWorker, worker_args, todo, "tokenize", device=cfg.device,
+                                                 workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker):
+            if error:
+                summary.failed_shards[shard] = error
+                continue
+            summary.shards_done += 1
+            for m in names:
+                if m in stats:
+                    summary.status_counts[m].update(stats[m]["status_counts"])
+                    summary.tokens += stats[m]["tokens"]
+            if observer:
+                observer(shard, _merged(layout, shard, names), False)
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _merged(layout: DatasetLayout, shard: str, names: list[str]) -> dict:
+    """One line of progress for a shard across its tokenizers."""
+    per = {m: layout.read_stats(stage_name(m), shard) for m in names}
+    seconds = sum(s["seconds"] for s in per.values())
+    rows = next(iter(per.values()))["rows"]
+    return {"rows": rows, "ok": min(s["ok"] for s in per.values()), "seconds": seconds,
+            "tokens": sum(s["tokens"] for s in per.values()),
+            "status_counts": dict(sum((Counter({f"{m}:{k}" if k != OK else k: v for k, v in s["status_counts"].items()})
+                                       for m, s in per.items()), Counter())),
+            "images_per_s": round(rows / seconds, 2) if seconds else None}

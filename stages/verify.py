@@ -1,0 +1,151 @@
+"""`python -m pipeline verify`: is the dataset whole and consistent, shard by shard?
+
+Checks every modality folder against rgb/: the same shard names; keys in rgb's order, none unknown or
+repeated; a key absent from a folder only where that folder's stage recorded the sample's failure; every member
+decodes; token ids are int16 (n_crops, 196) within their tokenizer's vocabulary; crop settings are
+(n_crops, 5), with as many crops as the token files of the sample.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from stages.shards import DatasetLayout
+
+SKIPPED_FOLDERS = {"tokenizers", "show"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    shard: str
+    folder: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.shard} {self.folder}: {self.message}"
+
+
+def producing_stage(folder: str) -> str:
+    if folder in ("rgb", "caption"):
+        return "download"
+    if folder == "crop_settings":
+        return "crop_settings"
+    if folder.startswith("tok_"):
+        return "tokenize_" + folder[len("tok_"):].split("@")[0]
+    return f"label_{folder}"
+
+
+def _vocabulary(root: Path, folder: str) -> int | None:
+    config = root / "tokenizers" / folder[len("tok_"):].split("@")[0] / "config.json"
+    return json.loads(config.read_text())["codebook_size"] if config.is_file() else None
+
+
+def _check_member(folder: str, name: str, data: bytes, vocabulary: int | None) -> tuple[str | None, object]:
+    """(problem or None, decoded value worth keeping for cross-checks)."""
+    import cv2
+
+    ext = name.rsplit(".", 1)[-1]
+    try:
+        if ext in ("jpg", "png"):
+            if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is None:
+                return f"{name} does not decode", None
+        elif ext == "json":
+            json.loads(data)
+        elif ext == "txt":
+            data.decode("utf-8")
+        elif ext == "npy":
+            array = np.load(io.BytesIO(data))
+            if folder.startswith("tok_"):
+                if array.dtype != np.int16 or array.ndim != 2 or array.shape[1] != 196:
+                    return f"{name}: {array.dtype} {array.shape}, expected int16 (n_crops, 196)", None
+                if array.min() < 0 or (vocabulary is not None and array.max() >= vocabulary):
+                    return f"{name}: token ids {array.min()}..{array.max()} outside 0..{vocabulary - 1}", None
+            if folder == "crop_settings" and (array.ndim != 2 or array.shape[1] != 5):
+                return f"{name}: shape {array.shape}, expected (n_crops, 5)", None
+            return None, array
+        else:
+            return f"{name}: unexpected member type .{ext}", None
+    except Exception as err:  # noqa: BLE001 - whatever fails to decode is the finding
+        return f"{name} does not decode ({type(err).__name__}: {err})", None
+    return None, None
+
+
+def _failed_keys(layout: DatasetLayout, stage: str, shard: str) -> set[str]:
+    path = layout.status_table(stage, shard)
+    if not path.is_file():
+        return set()
+    rows = pq.read_table(path, columns=["key", "status"]).to_pylist()
+    return {r["key"] for r in rows if r["status"] != "ok"}
+
+
+def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
+    """All problems found, and counts of what was checked."""
+    import cv2  # noqa: F401 - fail early if the decoder is missing
+
+    layout, root = DatasetLayout(root), Path(root)
+    problems: list[Problem] = []
+    rgb_shards = sorted(p.stem for p in (root / "rgb").glob("shard-*.tar"))
+    if not rgb_shards:
+        return [Problem("-", "rgb", f"no shards under {root / 'rgb'}")], {}
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+                     and p.name not in SKIPPED_FOLDERS and any(p.glob("shard-*.tar")))
+    checked = {"shards": len(rgb_shards), "folders": len(folders), "members": 0}
+    for shard in rgb_shards:
+        rgb_keys = _keys(layout.tar("rgb", shard))
+        position = {k: i for i, k in enumerate(rgb_keys)}
+        crops_per_key: dict[str, int] = {}
+        for folder in folders:
+            path = layout.tar(folder, shard)
+            if not path.is_file():
+                problems.append(Problem(shard, folder, "shard missing"))
+                continue
+            vocabulary = _vocabulary(root, folder) if folder.startswith("tok_") else None
+            seen, last = set(), -1
+            try:
+                with tarfile.open(path) as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        key = member.name.split(".", 1)[0]
+                        checked["members"] += 1
+                        if key not in position:
+                            problems.append(Problem(shard, folder, f"key {key} is not in rgb/{shard}.tar"))
+                            continue
+                        if key in seen:
+                            problems.append(Problem(shard, folder, f"key {key} appears twice"))
+                        elif position[key] < last:
+                            problems.append(Problem(shard, folder, f"key {key} is out of rgb's order"))
+                        seen.add(key)
+                        last = max(last, position[key])
+                        problem, value = _check_member(folder, member.name, tar.extractfile(member).read(),
+                                                       vocabulary)
+                        if problem:
+                            problems.append(Problem(shard, folder, problem))
+                        elif isinstance(value, np.ndarray) and (folder.startswith("tok_") or folder == "crop_settings"):
+                            if crops_per_key.setdefault(key, len(value)) != len(value):
+                                problems.append(Problem(shard, folder, f"{member.name}: {len(value)} crops, other "
+                                                                       f"folders have {crops_per_key[key]}"))
+            except (tarfile.TarError, OSError) as err:
+                problems.append(Problem(shard, folder, f"unreadable tar ({err})"))
+                continue
+            absent = [k for k in rgb_keys if k not in seen]
+            unexplained = [k for k in absent if k not in _failed_keys(layout, producing_stage(folder), shard)]
+            if unexplained:
+                problems.append(Problem(shard, folder, f"{len(unexplained)} keys missing with no failure recorded "
+                                                       f"in _status/{producing_stage(folder)}: {unexplained[:5]}"))
+    for folder in folders:
+        extra = sorted(p.stem for p in (root / folder).glob("shard-*.tar") if p.stem not in set(rgb_shards))
+        for shard in extra:
+            problems.append(Problem(shard, folder, "shard has no rgb counterpart"))
+    return problems, checked
+
+
+def _keys(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return [m.name.split(".", 1)[0] for m in tar if m.isfile()]

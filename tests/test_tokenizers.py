@@ -1,0 +1,224 @@
+"""The modality tokenizers: quantizer, models, training on Ray Train (improves, resumes exactly),
+pre-tokenization into aligned token shards, and the verifier."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from models.vqvae import MODALITIES, VQVAE, EMAQuantizer, load_tokenizer, reconstruction_metric, tokenizer_config
+from pipeline.cli import main as cli
+from pipeline.config import load_config
+from stages.label import run_label
+from stages.shards import DatasetLayout
+from stages.tokenize import run_tokenize
+from stages.train_tokenizer import (eval_batch, modality_shards, model_config, run_train_tokenizers, train_dense,
+                                    tokenizer_dir)
+from stages.verify import verify_dataset
+from tests.helpers import make_labelled_input
+
+SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=8", "tokenizer.warmup_epochs=1",
+            "tokenizer.checkpoint_every=3", "tokenizer.log_every=2", "tokenizer.eval_every=100",
+            "tokenizer.eval_samples=4", "label.chunk_size=2", "label.batch_size=2"]
+
+
+def members(path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def test_restart_revives_dead_codes():
+    torch.manual_seed(0)
+    quantizer = EMAQuantizer(size=16, dim=4, decay=0.5, c_replace=1.0)
+    direction = F.normalize(torch.tensor([1.0, 0.2, 0.0, 0.0]), dim=0)
+    quantizer.codebook[0] = direction  # one code sits where every vector falls; the rest never win
+    quantizer.ema_sum[0] = direction
+    before = quantizer.codebook.clone()
+    batch = F.normalize(direction + 0.3 * torch.randn(64, 4), dim=-1)
+    quantizer.train()
+    quantizer(batch[None])
+    # code 0 took all 64 vectors (EMA count 32.5); the 15 others fell below 64 / (1 * 16) and restarted
+    assert int(quantizer.restarts) == 15 and (quantizer.codebook[1:] != before[1:]).any(-1).all()
+    assert torch.equal(quantizer.ema_count[1:], torch.full((15,), 4.0))
+    # every revived code is one of the batch's vectors, so it now wins some of them
+    for code in quantizer.codebook[1:]:
+        assert torch.isclose(batch @ code, torch.ones(1), atol=1e-5).any()
+    assert len(quantizer.nearest(batch).unique()) > 1
+
+
+def test_ema_moves_used_codes_towards_their_vectors():
+    quantizer = EMAQuantizer(size=4, dim=2, decay=0.9, c_replace=1e9)  # no code is ever dead here
+    quantizer.codebook.copy_(torch.eye(2).repeat(2, 1))
+    quantizer.ema_sum.copy_(quantizer.codebook)
+    target = F.normalize(torch.tensor([[1.0, 0.5]]), dim=-1)
+    quantizer.restart = lambda *a: None
+    for _ in range(50):
+        quantizer.update(target.repeat(8, 1), torch.zeros(8, dtype=torch.long))
+    assert torch.allclose(quantizer.codebook[0], target[0], atol=1e-3)
+    assert torch.allclose(quantizer.codebook[1], torch.tensor([0.0, 1.0]))  # unused codes stay put
+
+
+@pytest.mark.parametrize("modality", list(MODALITIES))
+def test_every_tokenizer_encodes_decodes_and_trains(modality, tmp_path):
+    cfg = tokenizer_config(modality, "tiny", codebook_size=32, **({"in_channels": 16} if modality == "clip" else {}))
+    model = VQVAE(cfg)
+    if modality == "semseg":
+        x = torch.randint(0, 133, (2, 224, 224))
+    elif modality == "clip":
+        x = torch.randn(2, 16, 14, 14)
+    else:
+        x = torch.rand(2, cfg.in_channels, 224, 224) * 2 - 1
+    out = model(x)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())  # straight-through reaches the encoder
+    ids = model.tokenize(x)
+    assert ids.shape == (2, 196) and 0 <= int(ids.min()) and int(ids.max()) < 32
+    assert model.detokenize(ids).shape[-2:] == ((224, 224) if modality != "clip" else (14, 14))
+    from models.vqvae import save_tokenizer
+
+    save_tokenizer(model, tmp_path / modality)
+    assert torch.equal(load_tokenizer(tmp_path / modality).tokenize(x), ids)
+
+
+def test_paper_settings_follow_table_3():
+    sizes = {m: tokenizer_config(m).codebook_size for m in MODALITIES}
+    assert sizes == {"rgb": 16384, "normal": 8192, "depth": 8192, "semseg": 4096, "clip": 8192}
+    rgb, clip = tokenizer_config("rgb"), tokenizer_config("clip")
+    assert (rgb.latent_dim, rgb.patch_size, rgb.ema_decay, rgb.c_replace, rgb.width, rgb.depth) == (32, 16, 0.99,
+                                                                                                     32, 768, 12)
+    assert rgb.decoder == "diffusion" and clip.decoder == "vit" and clip.crop_scale == (0.2, 1.0)
+    assert (rgb.diffusion_steps, rgb.sample_steps) == (1000, 25)
+
+
+# -- the stages, on a real Ray with a labelled dataset of real photos --------------------------------------
+@pytest.fixture(scope="module")
+def dataset(ray_address, tmp_path_factory):
+    from models.random_weights import save_random_models
+
+    root = tmp_path_factory.mktemp("dataset")
+    make_labelled_input(root)
+    models = save_random_models(tmp_path_factory.mktemp("models"), "tiny")
+    run_label(root, load_config("demo", [f"label.models={models}", *SETTINGS]), ["clip", "semseg"])
+    return root
+
+
+def config(*extra):
+    return load_config("demo", [*SETTINGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained_rgb(dataset):
+    train_dense(dataset, config(), "rgb")
+    return dataset
+
+
+def test_training_lowers_the_reconstruction_error_on_photos(trained_rgb):
+    cfg = config().tokenizer
+    torch.manual_seed(cfg.seed)  # the same initial weights as the run
+    initial = VQVAE(model_config(cfg, "rgb")).eval()
+    trained = load_tokenizer(tokenizer_dir(trained_rgb, "rgb"))
+    photos = eval_batch(str(trained_rgb), "rgb", modality_shards(DatasetLayout(trained_rgb), "rgb"), 4)
+
+    def psnr(model):
+        ids = model.tokenize(photos)
+        return reconstruction_metric("rgb", model.detokenize(ids, generator=torch.Generator().manual_seed(0)),
+                                     photos)[1]
+
+    assert psnr(trained) > psnr(initial) + 1  # dB; 9.6 -> 11.5 in 16 steps of a tiny model (seeded)
+    log = [json.loads(line) for line in (tokenizer_dir(trained_rgb, "rgb") / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 16 and {"loss", "codes_used", "perplexity", "psnr_db", "lr"} <= set(log[-1])
+    assert log[-1]["reconstruction_loss"] < log[0]["reconstruction_loss"]
+    assert (tokenizer_dir(trained_rgb, "rgb") / "reconstructions.png").stat().st_size > 1000
+    summary = json.loads((tokenizer_dir(trained_rgb, "rgb") / "train.json").read_text())
+    assert summary["steps"] == 16 and summary["samples"] == 5  # as the download status counts them
+
+
+def test_resumed_training_matches_an_uninterrupted_run(trained_rgb, tmp_path):
+    import shutil
+
+    # the same dataset in a second root, so the run has its own tokenizer folder
+    for name in ("rgb", "caption", "_status"):
+        shutil.copytree(trained_rgb / name, tmp_path / name)
+    stopped = train_dense(tmp_path, config(), "rgb", stop_after=5)  # mid-epoch: 2 steps per epoch
+    assert stopped["stopped_at"] == 5 and not (tokenizer_dir(tmp_path, "rgb") / "train.json").exists()
+    state = json.loads((tokenizer_dir(tmp_path, "rgb") / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 5
+    assert set(load_file(tokenizer_dir(tmp_path, "rgb") / "checkpoint" / "optimizer.safetensors"))
+    train_dense(tmp_path, config(), "rgb")
+    resumed = load_file(tokenizer_dir(tmp_path, "rgb") / "model.safetensors")
+    straight = load_file(tokenizer_dir(trained_rgb, "rgb") / "model.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_text_tokenizer_is_trained_from_captions_and_boxes(dataset, tmp_path):
+    import shutil
+
+    for name in ("rgb", "caption", "_status"):
+        shutil.copytree(dataset / name, tmp_path / name, dirs_exist_ok=True)
+    results = run_train_tokenizers(tmp_path, config(), ["text"])
+    assert results["text"]["texts"] == 5  # the corrupt image's caption too: captions do not depend on pixels
+    from models.text_tokenizer import load_text_tokenizer
+
+    tokenizer = load_text_tokenizer(tokenizer_dir(tmp_path, "text") / "tokenizer.json")
+    assert tokenizer.token_to_id("[S_0]") == 4 and "astronaut" in tokenizer.get_vocab()
+    assert run_train_tokenizers(tmp_path, config(), ["text"])["text"]["skipped"]
+
+
+def test_tokenize_writes_aligned_shards_and_verify_catches_a_broken_one(trained_rgb, capsys):
+    root = trained_rgb
+    train_dense(root, config("tokenizer.epochs=2"), "clip")
+    summary = run_tokenize(root, config())
+    assert summary.shards_done == 2 and not summary.failed_shards
+    assert summary.status_counts["rgb"] == {"ok": 4, "decode_error": 1}
+    assert summary.status_counts["clip"] == {"ok": 4, "decode_error": 1}
+    layout = DatasetLayout(root)
+    for shard in ("shard-000000", "shard-000001"):
+        rgb_keys = [n.split(".")[0] for n in members(layout.tar("rgb", shard))]
+        crops = members(layout.tar("crop_settings", shard))
+        for folder in ("tok_rgb@224", "tok_clip@224"):
+            tokens = members(layout.tar(folder, shard))
+            assert [n.split(".")[0] for n in tokens] == [k for k in rgb_keys if k != "000000003"]
+            for name, data in tokens.items():
+                ids = np.load(io.BytesIO(data))
+                assert ids.dtype == np.int16 and ids.shape == (2, 196) and ids.min() >= 0
+                assert ids.max() < load_tokenizer(tokenizer_dir(root, folder[4:-4])).cfg.codebook_size
+                settings = np.load(io.BytesIO(crops[name]))
+                assert settings.shape == (2, 5) and settings[0, 4] == 0  # crop 0: the center crop, unflipped
+                assert settings[0, 2] == settings[0, 3]  # square
+    # a redone shard gets the same crops and tokens
+    before = members(layout.tar("tok_rgb@224", "shard-000001"))
+    layout.stats("tokenize_rgb", "shard-000001").unlink()
+    again = run_tokenize(root, config())
+    assert again.shards_done == 1 and again.shards_skipped == 1
+    assert members(layout.tar("tok_rgb@224", "shard-000001")) == before
+
+    # The fixture's one corrupt JPEG (committed as ok, as disk corruption would leave it) is the only finding.
+    problems, checked = verify_dataset(root)
+    assert [str(p) for p in problems] == ["shard-000001 rgb: 000000003.jpg does not decode"]
+    assert checked["shards"] == 2 and checked["folders"] == 7  # rgb caption semseg clip crop_settings tok_x2
+
+    # break one shard: a token id out of the vocabulary and a key dropped without a recorded failure
+    path = layout.tar("tok_clip@224", "shard-000000")
+    kept = members(path)
+    first, second = list(kept)[:2]
+    bad = np.load(io.BytesIO(kept[first]))
+    bad[0, 0] = 30000
+    buf = io.BytesIO()
+    np.save(buf, bad)
+    with tarfile.open(path, "w") as tar:
+        for name, data in ((first, buf.getvalue()),) + tuple((n, d) for n, d in kept.items() if n not in (first,
+                                                                                                          second)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    capsys.readouterr()
+    assert cli(["verify", "--data", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "shard-000000: 2 problem(s)" in out and "outside 0..31" in out
+    assert f"keys missing with no failure recorded in _status/tokenize_clip: ['{second.split('.')[0]}']" in out
+    assert "shard-000001: 1 problem(s)" in out
