@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo bench-download bench-label clean
+.PHONY: install test demo train-tokenizers tokenize verify bench-download bench-label bench-tokenize clean
 
 install: $(STAMP)
 
@@ -23,6 +23,19 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m pipeline demo --profile demo
 
+# The dataset stages on the configured dataset: PROFILE=paper DATA=data/cc12m make tokenize
+PROFILE ?= demo
+DATA_ARG = $(if $(DATA),--data $(DATA),)
+
+train-tokenizers: $(STAMP)
+	$(BIN)/python -m pipeline train-tokenizer --profile $(PROFILE) $(DATA_ARG) --modality all
+
+tokenize: $(STAMP)
+	$(BIN)/python -m pipeline tokenize --profile $(PROFILE) $(DATA_ARG)
+
+verify: $(STAMP)
+	$(BIN)/python -m pipeline verify --data $(or $(DATA),data/demo)
+
 bench-download: $(STAMP)
 	$(BIN)/python bench/bench_download.py
 
@@ -31,3 +44,6 @@ clean:
 
 bench-label: $(STAMP)
 	$(BIN)/python bench/bench_label.py --size tiny --images 64
+
+bench-tokenize: $(STAMP)
+	$(BIN)/python bench/bench_tokenize.py --size paper --images 16 --crops 2

@@ -14,7 +14,6 @@ one label per image at that image's resolution (CLIP: one feature map per image)
 """
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch

@@ -10,8 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from models.coco import COCO_PANOPTIC, COCO_THINGS
+
+
+hf_logging.disable_progress_bar()  # a bar per saved model would drown the demo's own output
 
 
 def _labels(names: list[str]) -> dict:

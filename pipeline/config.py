@@ -132,7 +132,8 @@ class TokenizerStageConfig(Section):
     # pre-tokenization
     n_crops: int = Field(4, ge=1, description="crops per sample: the center crop, then random-resized crops")
     crop_scale: tuple[float, float] = (0.8, 1.0)
-    tokenize_batch_size: int = Field(64, ge=1)
+    tokenize_batch_size: int = Field(64, ge=1, description="crops per encoder batch")
+    decode_threads: int = Field(4, ge=1, description="threads decoding and cropping samples for the encoder")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
 
     @field_validator("modalities")

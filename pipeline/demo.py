@@ -135,4 +135,41 @@ def run_demo(config: Config) -> int:
             if r["status"] == "ok":
                 pictures.append(draw_sample(layout, r["key"], root / "show" / f"{r['key']}.png"))
     print(f"\npictures of every labelled sample: {root / 'show'}/ ({len(pictures)} PNG files)")
-    return 1 if labelled.failed_shards else 0
+    if labelled.failed_shards:
+        return 1
+    return tokenize_demo(root, config)
+
+
+def tokenize_demo(root: Path, config: Config) -> int:
+    """Tiny tokenizers trained on the demo labels, every sample tokenized, the dataset verified."""
+    from pipeline.cli import ShardProgress
+    from stages.shards import DatasetLayout
+    from stages.tokenize import run_tokenize, stage_name
+    from stages.train_tokenizer import run_train_tokenizers, tokenizer_dir
+    from stages.verify import verify_dataset
+
+    print("\ntraining tiny tokenizers on the demo labels (Ray Train)")
+    shutil.rmtree(root / "tokenizers", ignore_errors=True)  # new images each run: new tokenizers too
+    for modality in config.tokenizer.modalities:
+        shutil.rmtree(DatasetLayout(root).status_dir(stage_name(modality)), ignore_errors=True)
+    shutil.rmtree(DatasetLayout(root).status_dir(stage_name("crop_settings")), ignore_errors=True)
+
+    def report(modality, result):
+        final = result.get("final", {})
+        metrics = ", ".join(f"{k} {final[k]:.3g}" for k in ("codes_used", "psnr_db", "mean_angle_deg", "l1", "miou",
+                                                              "cosine") if k in final)
+        print(f"{modality:7} -> {tokenizer_dir(root, modality)}/ {metrics}")
+
+    run_train_tokenizers(root, config, observer=report)
+    progress = ShardProgress("tokenize")
+    try:
+        tokenized = run_tokenize(root, config, observer=progress)
+    finally:
+        progress.close()
+    print(f"{tokenized.tokens} tokens written to {root}/tok_*@224/ (crops in {root / 'crop_settings'}/)")
+    problems, checked = verify_dataset(root)
+    print(f"verify: {checked.get('folders', 0)} folders x {checked.get('shards', 0)} shards, "
+          f"{len(problems)} problems" + "".join(f"\n  {p}" for p in problems))
+    pictures = sorted(str(p) for p in (root / "tokenizers").glob("*/reconstructions.png"))
+    print("reconstructions (inputs above, reconstructions below):\n  " + "\n  ".join(pictures))
+    return 1 if tokenized.failed_shards or problems else 0

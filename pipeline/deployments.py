@@ -1,9 +1,10 @@
 """The Prefect deployments, served by `python -m pipeline serve` from the checkout (keep it running;
-`prefect deployment run download/cc12m` or `pseudo-label/cc12m` then hands it runs). Parameters can be
+`prefect deployment run download/cc12m`, `pseudo-label/cc12m`, `train-tokenizers/cc12m` or `tokenize/cc12m`
+then hands it runs). Parameters can be
 overridden per run with `--param`."""
 from __future__ import annotations
 
-from pipeline.flows import download_flow, pseudo_label_flow
+from pipeline.flows import download_flow, pseudo_label_flow, tokenize_flow, train_tokenizers_flow
 
 
 def deployments() -> list:
@@ -17,6 +18,16 @@ def deployments() -> list:
             name="cc12m",
             parameters={"profile": "demo"},  # the demo dataset by default; --param profile=paper data=...
             description="Pseudo-label every rgb shard: depth, normals, segmentation, boxes, CLIP maps.",
+        ),
+        train_tokenizers_flow.to_deployment(
+            name="cc12m",
+            parameters={"profile": "demo"},
+            description="Train the text tokenizer and one VQ-VAE per dense modality (Ray Train).",
+        ),
+        tokenize_flow.to_deployment(
+            name="cc12m",
+            parameters={"profile": "demo"},
+            description="Encode every sample's crops into tok_<modality>@224 shards with the trained tokenizers.",
         ),
     ]
 

@@ -40,3 +40,35 @@ def download_flow(input: str = "data/cc12m.tsv", output: str | None = None, prof
         raise RuntimeError(f"{len(summary.failed_shards)} shards failed (rerun to redo them): {summary.failed_shards}")
     return {"shards_done": summary.shards_done, "shards_skipped": summary.shards_skipped,
             "status_counts": dict(summary.status_counts), "data_root": config.data_root}
+
+
+@flow(name="train-tokenizers", log_prints=True)
+def train_tokenizers_flow(data: str | None = None, profile: str = "demo", modalities: list[str] | None = None,
+                          overrides: list[str] | None = None) -> dict:
+    """Train every tokenizer not yet trained (text, then the dense VQ-VAEs) on the dataset under `data`."""
+    from pipeline.reporting import TokenizerReporter
+    from stages.train_tokenizer import run_train_tokenizers
+
+    extra = [f"tokenizer.modalities={modalities}"] if modalities else []
+    config = load_config(profile, (overrides or []) + extra, {"data_root": data})
+    reporter = TokenizerReporter(config.data_root, config.tokenizer.modalities)
+    results = run_train_tokenizers(config.data_root, config, observer=reporter)
+    print(reporter.finish())
+    return {"data_root": config.data_root, "tokenizers": results}
+
+
+@flow(name="tokenize", log_prints=True)
+def tokenize_flow(data: str | None = None, profile: str = "demo", modalities: list[str] | None = None,
+                  overrides: list[str] | None = None) -> dict:
+    """Encode every sample's crops with every trained tokenizer into tok_<modality>@224 shards."""
+    from stages.tokenize import run_tokenize
+
+    config = load_config(profile, overrides, {"data_root": data})
+    reporter = StageReporter("tokenize")
+    summary = run_tokenize(config.data_root, config, modalities, observer=reporter)
+    print(reporter.finish())
+    if summary.failed_shards:
+        raise RuntimeError(f"{len(summary.failed_shards)} shards not tokenized (rerun to redo them): "
+                           f"{summary.failed_shards}")
+    return {"shards_done": summary.shards_done, "shards_skipped": summary.shards_skipped, "tokens": summary.tokens,
+            "status_counts": {m: dict(c) for m, c in summary.status_counts.items()}, "data_root": config.data_root}

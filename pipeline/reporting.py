@@ -32,6 +32,7 @@ class StageReporter:
             "shard": name, "rows": stats["rows"], "ok": stats["ok"], "failed": stats["rows"] - stats["ok"],
             "images/s": stats.get("images_per_s"), "seconds": stats.get("seconds"),
             "state": "already committed" if skipped else "done",
+            **({"tokens": stats["tokens"]} if "tokens" in stats else {}),
         })
         update_progress_artifact(self.progress_id, 100.0 * len(self.rows) / self.total,
                                  description=f"{self.stage}: {len(self.rows)} of {self.total} shards")
@@ -55,6 +56,9 @@ class StageReporter:
                  f"**{ok / elapsed if elapsed else 0:.1f} samples/s** in this run", "",
                  "| failure reason | rows |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in failures] or ["| (none) | 0 |"]
+        tokens = sum(row.get("tokens", 0) for row in self.rows if row["state"] == "done")
+        if tokens:
+            lines += ["", f"**{tokens / elapsed if elapsed else 0:.0f} tokens/s** written in this run ({tokens} tokens)"]
         markdown = "\n".join(lines)
         create_markdown_artifact(markdown, key=f"{self.stage}-summary", description=f"{self.stage} summary")
         return markdown
@@ -79,6 +83,44 @@ class LabelReporter(StageReporter):
             self.done[labeler] += 1
             update_progress_artifact(self.per_labeler[labeler], 100.0 * self.done[labeler] / self.total,
                                      description=f"{labeler}: {self.done[labeler]} of {self.total} shards")
+
+
+class TokenizerReporter:
+    """train-tokenizers: a progress artifact over tokenizers, a table of results, reconstruction pictures."""
+
+    METRICS = ("loss", "codes_used", "perplexity", "psnr_db", "mean_angle_deg", "l1", "miou", "cosine")
+
+    def __init__(self, root, modalities: list[str]):
+        self.root, self.modalities, self.rows = root, modalities, []
+        self.progress_id = create_progress_artifact(0.0, key="train-tokenizers-progress",
+                                                    description=f"0 of {len(modalities)} tokenizers")
+
+    def __call__(self, modality: str, result: dict) -> None:
+        final = result.get("final", {})
+        self.rows.append({"tokenizer": modality, "state": "already trained" if result.get("skipped") else "trained",
+                          "steps": result.get("steps"), "samples": result.get("samples", result.get("texts")),
+                          **{k: round(final[k], 4) for k in self.METRICS if k in final},
+                          **({"vocab_size": result["vocab_size"]} if "vocab_size" in result else {})})
+        update_progress_artifact(self.progress_id, 100.0 * len(self.rows) / max(len(self.modalities), 1),
+                                 description=f"{len(self.rows)} of {len(self.modalities)} tokenizers")
+        create_table_artifact(self.rows, key="train-tokenizers-results",
+                              description="tokenizers: codebook usage and reconstruction metrics")
+
+    def finish(self) -> str:
+        import base64
+
+        from stages.train_tokenizer import tokenizer_dir
+
+        parts = [f"# Tokenizer reconstructions under {self.root}"]
+        for modality in self.modalities:
+            picture = tokenizer_dir(self.root, modality) / "reconstructions.png"
+            if picture.is_file():
+                encoded = base64.b64encode(picture.read_bytes()).decode()
+                parts.append(f"## {modality}\n\n![{modality}](data:image/png;base64,{encoded})")
+        markdown = "\n\n".join(parts)
+        create_markdown_artifact(markdown, key="train-tokenizers-reconstructions",
+                                 description="inputs above their reconstructions")
+        return markdown
 
 
 def sample_pictures_markdown(root, count: int, key: str) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,21 +102,30 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
             start += len(x)
         pending.clear()
 
-    for key in keys:
+    def prepare(key):  # decode and crop one sample: OpenCV and torch release the GIL, so threads overlap
         if key not in sizes:
-            status[key] = ("decode_error", "rgb image header unreadable")
-            continue
+            return key, None, ("decode_error", "rgb image header unreadable")
         if key not in labels:
-            status[key] = ("missing_label", f"no {modality} label in {layout.tar(source, shard).name}")
-            continue
+            return key, None, ("missing_label", f"no {modality} label in {layout.tar(source, shard).name}")
         try:
             label = decode(modality, labels.pop(key))
-            crops = sample_crops(key, sizes[key], cfg)
-            pending.append((key, torch.stack([crop_to_tensor(modality, label, c, sizes[key]) for c in crops])))
-            status[key] = (OK, None)
+            crops = [crop_to_tensor(modality, label, c, sizes[key]) for c in sample_crops(key, sizes[key], cfg)]
+            return key, torch.stack(crops), (OK, None)
         except Exception as err:  # noqa: BLE001 - one unreadable label costs one sample
-            status[key] = ("decode_error", f"{type(err).__name__}: {err}")
-        if sum(len(x) for _, x in pending) >= cfg.tokenize_batch_size:
+            return key, None, ("decode_error", f"{type(err).__name__}: {err}")
+
+    per_batch = max(1, cfg.tokenize_batch_size // cfg.n_crops)
+    chunks = [keys[i:i + per_batch] for i in range(0, len(keys), per_batch)]
+    with ThreadPoolExecutor(cfg.decode_threads) as pool:
+        ahead = [pool.submit(prepare, k) for k in chunks[0]] if chunks else []
+        for i in range(len(chunks)):  # the next chunk is decoded while this one is encoded
+            current = ahead
+            ahead = [pool.submit(prepare, k) for k in chunks[i + 1]] if i + 1 < len(chunks) else []
+            for future in current:
+                key, crops, fate = future.result()
+                status[key] = fate
+                if crops is not None:
+                    pending.append((key, crops))
             flush()
     flush()
     folder = token_folder(modality)

@@ -201,12 +201,12 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> int:
-    """Restore model and optimizer; returns the step to continue from (0 without a checkpoint)."""
+def load_checkpoint(folder: Path, model, optimizer) -> dict:
+    """Restore model and optimizer; returns state.json ({"step": 0} without a checkpoint)."""
     from safetensors.torch import load_file
 
     if not (folder / "state.json").is_file():
-        return 0
+        return {"step": 0}
     state = json.loads((folder / "state.json").read_text())
     model.load_state_dict(load_file(folder / "model.safetensors"))
     tensors, meta = load_file(folder / "optimizer.safetensors"), state["optimizer"]
@@ -215,7 +215,7 @@ def load_checkpoint(folder: Path, model, optimizer) -> int:
         pid, name = key.split(".", 1)
         slots.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    return int(state["step"])
+    return state
 
 
 # -- pictures -----------------------------------------------------------------------------------------
@@ -293,7 +293,8 @@ def train_worker(args: dict) -> None:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=plan.lr, betas=(0.9, 0.95))
-    start = load_checkpoint(folder / "checkpoint", model, optimizer)
+    resumed = load_checkpoint(folder / "checkpoint", model, optimizer)
+    start = int(resumed["step"])
     model.to(device)
     for state in optimizer.state.values():
         for k, v in state.items():
@@ -306,6 +307,8 @@ def train_worker(args: dict) -> None:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast_dtype = getattr(torch, mcfg.dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and autocast_dtype == torch.float16)
+    if resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
     shards = args["shards"]
     stop = min(plan.steps, args.get("stop_after") or plan.steps)
     evaluation = eval_batch(root, modality, shards, cfg.eval_samples).to(device) if rank == 0 else None
@@ -348,7 +351,8 @@ def train_worker(args: dict) -> None:
                 f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)), flush=True)
             window = []
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == stop):
-            save_checkpoint(folder / "checkpoint", model, optimizer, done, {"plan": asdict(plan)})
+            save_checkpoint(folder / "checkpoint", model, optimizer, done,
+                            {"plan": asdict(plan), "scaler": scaler.state_dict()})
         if world > 1 and done % cfg.checkpoint_every == 0:
             dist.barrier()
     if rank == 0 and stop == plan.steps:

@@ -3,14 +3,16 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
 
-def test_demo_downloads_labels_and_draws_the_bundled_photos(ray_address, tmp_path):
+@pytest.mark.timeout(900)
+def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_address, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     models = {n: str(tmp_path / "models" / n) for n in ("depth", "normal", "semseg", "det", "clip")}
     result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", str(tmp_path / "demo"),
-                             "--set", f"label.models={models}"],
-                            env=env, capture_output=True, text=True, timeout=300)
+                             "--set", f"label.models={models}", "--set", "tokenizer.epochs=3"],
+                            env=env, capture_output=True, text=True, timeout=850)
     assert result.returncode == 0, result.stderr
     tables = sorted(str(p) for p in (tmp_path / "demo/_status/download").glob("shard-*.parquet"))
     rows = [row for table in tables for row in pq.read_table(table).to_pylist()]
@@ -23,3 +25,11 @@ def test_demo_downloads_labels_and_draws_the_bundled_photos(ray_address, tmp_pat
         assert (tmp_path / "models" / name / "config.json").is_file()
         assert f"{name:7} ok 7" in result.stdout
     assert len(list((tmp_path / "demo/show").glob("*.png"))) == 7
+
+    # tiny tokenizers trained, every sample tokenized, the dataset verified, reconstructions drawn
+    assert (tmp_path / "demo/tokenizers/text/tokenizer.json").is_file()
+    for name in ("rgb", "depth", "normal", "semseg", "clip"):
+        assert len(list((tmp_path / "demo" / f"tok_{name}@224").glob("shard-*.tar"))) == 3
+        assert (tmp_path / "demo/tokenizers" / name / "reconstructions.png").is_file()
+    assert len(list((tmp_path / "demo/crop_settings").glob("shard-*.tar"))) == 3
+    assert "0 problems" in result.stdout and "reconstructions (inputs above" in result.stdout

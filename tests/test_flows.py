@@ -128,3 +128,30 @@ def test_show_draws_a_labelled_sample(ray_address, tmp_path):
     picture = Image.open(out)
     assert picture.format == "PNG" and picture.width > 5 * picture.height  # six panels side by side
     assert main(["show", "--data", str(tmp_path / "data"), "--key", "000000003", "--out", str(out)]) == 2
+
+
+def test_tokenizer_flows_publish_results_pictures_and_token_rates(prefect_api, ray_address, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from models.random_weights import save_random_models
+    from pipeline.config import load_config
+    from pipeline.flows import tokenize_flow, train_tokenizers_flow
+    from stages.label import run_label
+    from tests.helpers import make_labelled_input
+
+    data = tmp_path / "data"
+    make_labelled_input(data)
+    models = save_random_models(tmp_path / "models", "tiny")
+    run_label(data, load_config("demo", [f"label.models={models}"]), ["clip"])
+    overrides = ["tokenizer.epochs=2", "tokenizer.batch_size=2"]
+    result = train_tokenizers_flow(data=str(data), modalities=["text", "clip"], overrides=overrides)
+    assert set(result["tokenizers"]) == {"text", "clip"}
+    rows = json.loads(Artifact.get("train-tokenizers-results").data)
+    assert [r["tokenizer"] for r in rows] == ["text", "clip"] and "cosine" in rows[1] and "codes_used" in rows[1]
+    assert float(Artifact.get("train-tokenizers-progress").data) == 100.0
+    assert Artifact.get("train-tokenizers-reconstructions").data.count("data:image/png;base64,") == 1
+
+    result = tokenize_flow(data=str(data), overrides=overrides)
+    assert result["shards_done"] == 2 and result["status_counts"]["clip"] == {"ok": 4, "decode_error": 1}
+    assert "tokens/s** written" in Artifact.get("tokenize-summary").data
+    assert sum(r["tokens"] for r in json.loads(Artifact.get("tokenize-shards").data)) == result["tokens"] > 0

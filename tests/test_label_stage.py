@@ -115,7 +115,8 @@ def test_label_command_runs_a_subset(ray_address, tiny_models, tmp_path):
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "label: 100%" in result.stderr and "semseg  ok 4, decode_error 1" in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_")) == ["det", "rgb", "semseg"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_")) == ["caption", "det", "rgb",
+                                                                                       "semseg"]
 
 
 def test_killed_label_run_resumes_without_redoing_committed_shards(ray_address, tiny_models, tmp_path):

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models.labelers import load_labeler
 from models.omnidata import (TOLERANCE, ConversionError, OmnidataDPT, TASK_CHANNELS, compare_layouts, convert_checkpoint,
