@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo train-tokenizers tokenize verify bench-download bench-label bench-tokenize clean
+.PHONY: install test demo up down status train-tokenizers tokenize verify bench-download bench-label bench-tokenize clean
 
 install: $(STAMP)
 
@@ -22,6 +22,16 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline demo --profile demo
+
+# The local services (Prefect API + UI, Ray head + dashboard, the deployment server), in the background.
+up: $(STAMP)
+	$(BIN)/python -m pipeline up
+
+down: $(STAMP)
+	$(BIN)/python -m pipeline down
+
+status: $(STAMP)
+	$(BIN)/python -m pipeline services
 
 # The dataset stages on the configured dataset: PROFILE=paper DATA=data/cc12m make tokenize
 PROFILE ?= demo

@@ -161,6 +161,30 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_status(args) -> int:
+    from stages.status import format_table, stage_rows, tokenizer_rows
+
+    if not Path(args.data).is_dir():
+        raise ConfigError(f"--data {args.data!r}: no such folder")
+    print(format_table(stage_rows(args.data)))
+    tokenizers = tokenizer_rows(args.data)
+    if tokenizers:
+        print("\n" + format_table(tokenizers))
+    return 0
+
+
+def cmd_services(args) -> int:
+    from pipeline import services
+
+    if args.command == "up":
+        services.up()
+    elif args.command == "down":
+        services.down()
+    else:
+        services.status()
+    return 0
+
+
 def cmd_show(args) -> int:
     from pipeline.show import draw_sample
     from stages.shards import DatasetLayout
@@ -228,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--data", help="dataset root (default: the profile's data_root)")
     tokenize.add_argument("--modalities", help="comma-separated dense modalities (default: every trained one)")
     _add_config_args(tokenize)
+    sub.add_parser("up", help="start the Prefect server, a Ray head and the deployment server in the background")
+    sub.add_parser("down", help="stop what `up` started (by recorded process ids)")
+    sub.add_parser("services", help="say which of the local services run")
+    status = sub.add_parser("status", help="each stage's progress, read from the dataset's status files alone")
+    status.add_argument("--data", required=True, help="dataset root")
     verify = sub.add_parser("verify", help="check that every modality folder is whole and aligned with rgb/")
     verify.add_argument("--data", required=True, help="dataset root")
     convert = sub.add_parser("convert-omnidata",
@@ -245,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
             "convert-omnidata": cmd_convert_omnidata, "demo": cmd_demo, "serve": cmd_serve,
-            "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify}
+            "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,
+            "status": cmd_status, "up": cmd_services, "down": cmd_services, "services": cmd_services}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,28 +82,45 @@ def write_demo_list(site: Path, base_url: str, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_demo(config: Config) -> int:
-    from models.random_weights import save_random_model
-    from pipeline.cli import ShardProgress, print_summary
-    from pipeline.show import draw_sample
-    from stages.download import STAGE, run_download
-    from stages.label import run_label
-    from stages.shards import DatasetLayout
+def download_demo_photos(root: Path, config: Config, observer=None):
+    """Serve the bundled photos over loopback while the download stage fetches the demo list into `root`.
 
-    root = Path(config.data_root)
+    Keys are row numbers, so a rerun (on a new port) skips the shards already committed.
+    """
+    from stages.download import run_download
+
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="4m-demo-site-") as site:
         with serve_directory(site) as base_url:
             urls = root / "urls.tsv"
             write_demo_list(Path(site), base_url, urls)
             print(f"serving {len(DEMO_PHOTOS)} demo photos at {base_url}; list written to {urls}")
-            # The server's port changes each run, so the list's shards are new each run too.
-            shutil.rmtree(root / "_status", ignore_errors=True)
-            progress = ShardProgress("download")
-            try:
-                summary = run_download(urls, root, config, observer=progress)
-            finally:
-                progress.close()
+            return run_download(urls, root, config, observer=observer)
+
+
+def save_demo_models(config: Config) -> None:
+    """Tiny random-weight models at the profile's label.models paths (kept if already there)."""
+    from models.random_weights import save_random_model
+
+    for name in config.label.labelers:
+        save_random_model(name, config.label.models[name], "tiny")
+
+
+def run_demo(config: Config) -> int:
+    from pipeline.cli import ShardProgress, print_summary
+    from pipeline.show import draw_sample
+    from stages.download import STAGE
+    from stages.label import run_label
+    from stages.shards import DatasetLayout
+
+    root = Path(config.data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root / "_status" / STAGE, ignore_errors=True)  # a fresh download each run: the demo shows it
+    progress = ShardProgress("download")
+    try:
+        summary = download_demo_photos(root, config, observer=progress)
+    finally:
+        progress.close()
     print_summary(summary, root)
     layout = DatasetLayout(root)
     print(f"\n{'key':<10} {'status':<14} {'size':<10} error")
@@ -118,8 +135,7 @@ def run_demo(config: Config) -> int:
 
     # Pseudo labels, from tiny random-weight models of the real classes (the paper profile names the real ones).
     print("\nlabelling with random-weight models saved at the profile's label.models paths")
-    for name in config.label.labelers:
-        save_random_model(name, config.label.models[name], "tiny")
+    save_demo_models(config)
     for stage in (f"label_{n}" for n in config.label.labelers):  # new images each run: label them anew
         shutil.rmtree(layout.status_dir(stage), ignore_errors=True)
     progress = ShardProgress("label")

@@ -4,7 +4,8 @@ then hands it runs). Parameters can be
 overridden per run with `--param`."""
 from __future__ import annotations
 
-from pipeline.flows import download_flow, pseudo_label_flow, tokenize_flow, train_tokenizers_flow
+from pipeline.flows import (cc12m_pipeline_flow, download_flow, pseudo_label_flow, tokenize_flow,
+                            train_tokenizers_flow)
 
 
 def deployments() -> list:
@@ -28,6 +29,11 @@ def deployments() -> list:
             name="cc12m",
             parameters={"profile": "demo"},
             description="Encode every sample's crops into tok_<modality>@224 shards with the trained tokenizers.",
+        ),
+        cc12m_pipeline_flow.to_deployment(
+            name="cc12m",
+            parameters={"input": "demo", "profile": "demo"},  # --param input=cc12m.tsv profile=paper data=...
+            description="URLs to tokens: download, pseudo-label, train tokenizers, tokenize; resumes where it stopped.",
         ),
     ]
 

@@ -6,6 +6,9 @@ import os
 from pipeline.config import RayConfig
 
 
+_dashboard: dict[str, str | None] = {"url": None}
+
+
 def init_ray(cfg: RayConfig) -> None:
     import ray
 
@@ -14,7 +17,14 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry calls out
     address = os.environ.get("RAY_ADDRESS") or cfg.address
     if address:
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
-                 include_dashboard=False, log_to_driver=True)
+        context = ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
+                           include_dashboard=False, log_to_driver=True)
+    url = getattr(context, "dashboard_url", None)
+    _dashboard["url"] = (url if url.startswith("http") else f"http://{url}") if url else None
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard of the cluster this process joined (None for a local Ray without one)."""
+    return _dashboard["url"]

@@ -34,8 +34,11 @@ class StageReporter:
             "state": "already committed" if skipped else "done",
             **({"tokens": stats["tokens"]} if "tokens" in stats else {}),
         })
+        elapsed = time.time() - self.started
+        left = elapsed / len(self.rows) * (self.total - len(self.rows))
         update_progress_artifact(self.progress_id, 100.0 * len(self.rows) / self.total,
-                                 description=f"{self.stage}: {len(self.rows)} of {self.total} shards")
+                                 description=f"{self.stage}: {len(self.rows)} of {self.total} shards, "
+                                             f"{elapsed:.0f} s elapsed, about {left:.0f} s left")
         if time.time() - self._last_table >= self.table_every:
             self._publish_table()
 
@@ -83,6 +86,23 @@ class LabelReporter(StageReporter):
             self.done[labeler] += 1
             update_progress_artifact(self.per_labeler[labeler], 100.0 * self.done[labeler] / self.total,
                                      description=f"{labeler}: {self.done[labeler]} of {self.total} shards")
+
+
+def publish_stage_table(root, key: str) -> list[dict]:
+    """Every stage's row (shards done of total, samples/s, failures by reason, elapsed, remaining), as
+    `python -m pipeline status` prints it, and a link to the Ray dashboard when there is one."""
+    from prefect.artifacts import create_link_artifact
+
+    from pipeline.ray_runtime import dashboard_url
+    from stages.status import stage_rows
+
+    rows = stage_rows(root)
+    if rows:
+        create_table_artifact(rows, key=key, description=f"stages of {root}")
+    if dashboard_url():
+        create_link_artifact(dashboard_url(), link_text="Ray dashboard", key="ray-dashboard",
+                             description="the Ray cluster running the stages")
+    return rows
 
 
 class TokenizerReporter:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class ShardWriter:
         self._tmp = {m: _temporary(p) for m, p in self._final.items()}
         self._writers: dict[str, wds.TarWriter] = {}
         self._committed = False
+        self._started_at = time.time()
         for modality, tmp in self._tmp.items():
             tmp.parent.mkdir(parents=True, exist_ok=True)
             for stale in tmp.parent.glob(f".{self._final[modality].name}.tmp-*"):
@@ -127,7 +129,8 @@ class ShardWriter:
         tmp = _temporary(table_path)
         pq.write_table(status, tmp)
         os.replace(tmp, table_path)
-        stats = {"stage": self.stage, "shard": self.shard, **stats}
+        stats = {"stage": self.stage, "shard": self.shard, "started_at": self._started_at,
+                 "finished_at": time.time(), **stats}
         _atomic_write_bytes(self.layout.stats(self.stage, self.shard), json.dumps(stats, indent=1).encode())
         self._committed = True
 

@@ -1,0 +1,167 @@
+"""`make up` / `make down` / `make status`: the local services, in the background, by recorded process ids.
+
+up      starts what is not running yet: a Prefect API server (SQLite under the state folder), a Ray head with
+        its dashboard, and `python -m pipeline serve` (which picks up `prefect deployment run ...`); waits until
+        each answers, records its process id, and prints the two dashboard addresses.
+down    stops exactly the process groups `up` recorded, and nothing else.
+status  says which of them run.
+
+State folder: `.services/` in the checkout (`PIPELINE_SERVICES_DIR`); logs are `<service>.log` there. Ports:
+`PREFECT_PORT` (4200), `RAY_PORT` (6379), `RAY_DASHBOARD_PORT` (8265). No telemetry calls out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("PIPELINE_SERVICES_DIR", ".services")).resolve()
+
+
+def ports() -> dict[str, int]:
+    return {"prefect": int(os.environ.get("PREFECT_PORT", 4200)), "ray": int(os.environ.get("RAY_PORT", 6379)),
+            "dashboard": int(os.environ.get("RAY_DASHBOARD_PORT", 8265))}
+
+
+def urls() -> dict[str, str]:
+    p = ports()
+    return {"prefect_ui": f"http://127.0.0.1:{p['prefect']}", "prefect_api": f"http://127.0.0.1:{p['prefect']}/api",
+            "ray_address": f"127.0.0.1:{p['ray']}", "ray_dashboard": f"http://127.0.0.1:{p['dashboard']}"}
+
+
+def ray_token() -> Path:
+    """The Ray cluster's token (Ray 2.60 heads require one): made once, readable by this user only."""
+    import secrets
+
+    path = state_dir() / "ray_auth_token"
+    if not path.is_file():
+        state_dir().mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path
+
+
+def client_environment() -> dict[str, str]:
+    """What a process needs to reach these services (printed by `up` for the user's shell)."""
+    u = urls()
+    return {"PREFECT_API_URL": u["prefect_api"], "RAY_ADDRESS": u["ray_address"], "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(ray_token())}
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
+            "PREFECT_HOME": str(state_dir() / "prefect"), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            **client_environment()}
+
+
+def _services() -> list[tuple[str, list[str], str | None]]:
+    """(name, command, the URL that answers once it is up), in start order."""
+    p, u = ports(), urls()
+    return [
+        ("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(p["prefect"])],
+         u["prefect_api"] + "/health"),
+        ("ray-head", [str(BIN / "ray"), "start", "--head", "--block", "--port", str(p["ray"]), "--include-dashboard",
+                      "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(p["dashboard"]),
+                      "--disable-usage-stats"], u["ray_dashboard"]),
+        ("deployments", [sys.executable, "-m", "pipeline", "serve"], None),
+    ]
+
+
+def _records() -> dict:
+    path = state_dir() / "services.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save(records: dict) -> None:
+    state_dir().mkdir(parents=True, exist_ok=True)
+    tmp = state_dir() / ".services.json.tmp"
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, state_dir() / "services.json")
+
+
+def _alive(record: dict) -> bool:
+    """The recorded process still runs, and is still the command we started (process ids get reused)."""
+    try:
+        cmdline = [c.decode() for c in Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0") if c]
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return " ".join(cmdline).endswith(" ".join(record["cmd"][1:]))
+
+
+def _wait_for(url: str, proc: subprocess.Popen, name: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see {state_dir() / (name + '.log')}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)  # polling a service we started; not a test synchronisation
+    raise RuntimeError(f"{name} did not answer at {url} within {timeout:.0f} s; see {state_dir() / (name + '.log')}")
+
+
+def up() -> dict:
+    records, env = _records(), _environment()
+    state_dir().mkdir(parents=True, exist_ok=True)
+    for name, cmd, ready_url in _services():
+        if name in records and _alive(records[name]):
+            print(f"{name:15} already running (pid {records[name]['pid']})")
+            continue
+        log = open(state_dir() / f"{name}.log", "ab")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # its own process group: `down` stops all of it
+        records[name] = {"pid": proc.pid, "cmd": cmd, "log": str(state_dir() / f"{name}.log")}
+        _save(records)
+        if ready_url:
+            _wait_for(ready_url, proc, name)
+        print(f"{name:15} started (pid {proc.pid})")
+    u = urls()
+    print(f"\nPrefect UI:     {u['prefect_ui']}\nRay dashboard:  {u['ray_dashboard']}\n\nFor this shell:")
+    print("\n".join(f"export {k}={v}" for k, v in client_environment().items()))
+    return records
+
+
+def down() -> list[str]:
+    records, stopped = _records(), []
+    for name in reversed(list(records)):
+        record = records.pop(name)
+        if not _alive(record):
+            print(f"{name:15} was not running")
+            continue
+        try:
+            os.killpg(record["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + 30
+        while _alive(record) and time.monotonic() < deadline:
+            time.sleep(0.2)  # waiting for a process we signalled to exit
+        if _alive(record):
+            os.killpg(record["pid"], signal.SIGKILL)
+        stopped.append(name)
+        print(f"{name:15} stopped (pid {record['pid']})")
+        _save(records)
+    _save(records)
+    return stopped
+
+
+def status() -> dict[str, bool]:
+    records, states = _records(), {}
+    for name, _, _ in _services():
+        record = records.get(name)
+        states[name] = bool(record and _alive(record))
+        print(f"{name:15} {'running (pid ' + str(record['pid']) + ')' if states[name] else 'stopped'}")
+    u = urls()
+    print(f"\nPrefect UI: {u['prefect_ui']}   Ray dashboard: {u['ray_dashboard']}")
+    return states

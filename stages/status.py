@@ -1,0 +1,75 @@
+"""Where every stage of a dataset stands, read from its status files alone (no service needed).
+
+One row per stage: shards committed of the shards it has to do, samples kept and failed, failures by reason,
+samples/s over the stage's wall-clock span, elapsed and (when unfinished) estimated remaining time. Shared by
+`python -m pipeline status` and the flows' status tables.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from stages.shards import DatasetLayout
+
+TOKENIZER_MODALITIES = ("text", "rgb", "depth", "normal", "semseg", "clip")
+
+
+def _stage_order(layout: DatasetLayout) -> list[str]:
+    present = {p.name for p in (layout.root / "_status").iterdir() if p.is_dir()} if (layout.root / "_status").is_dir() \
+        else set()
+    rank = {"download": 0, "crop_settings": 2}
+    return sorted(present, key=lambda s: (rank.get(s, 1 if s.startswith("label_") else 3), s))
+
+
+def stage_rows(root: str | Path) -> list[dict]:
+    layout = DatasetLayout(root)
+    downloaded = len(layout.committed_shards("download"))
+    rows = []
+    for stage in _stage_order(layout):
+        stats = [json.loads(p.read_text()) for p in sorted(layout.status_dir(stage).glob("shard-*.json"))]
+        total = downloaded if stage != "download" else len(stats)
+        counts = sum((Counter(s.get("status_counts", {})) for s in stats), Counter())
+        ok = counts.get("ok", 0)
+        starts = [s["started_at"] for s in stats if "started_at" in s]
+        ends = [s["finished_at"] for s in stats if "finished_at" in s]
+        elapsed = max(ends) - min(starts) if starts and ends else None
+        done = len(stats)
+        remaining = elapsed / done * (total - done) if elapsed and done and total > done else (0.0 if done else None)
+        rows.append({
+            "stage": stage, "shards": f"{done}/{total}", "ok": ok, "failed": sum(counts.values()) - ok,
+            "failures": ", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "ok") or "-",
+            "samples_per_s": round(sum(counts.values()) / elapsed, 2) if elapsed else None,
+            "elapsed_s": round(elapsed, 1) if elapsed is not None else None,
+            "remaining_s": round(remaining, 1) if remaining is not None else None,
+        })
+    return rows
+
+
+def tokenizer_rows(root: str | Path) -> list[dict]:
+    rows = []
+    for modality in TOKENIZER_MODALITIES:
+        folder = Path(root) / "tokenizers" / modality
+        if (folder / "train.json").is_file():
+            summary = json.loads((folder / "train.json").read_text())
+            state = f"trained ({summary.get('steps', summary.get('vocab_size'))} " \
+                    f"{'steps' if 'steps' in summary else 'ids'})"
+        elif (folder / "checkpoint" / "state.json").is_file():
+            step = json.loads((folder / "checkpoint" / "state.json").read_text())["step"]
+            plan = json.loads((folder / "checkpoint" / "state.json").read_text()).get("plan", {})
+            state = f"interrupted at step {step} of {plan.get('steps', '?')} (resumes from there)"
+        else:
+            continue
+        rows.append({"tokenizer": modality, "state": state})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(nothing yet)"
+    columns = list(rows[0])
+    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
