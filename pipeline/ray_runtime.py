@@ -19,7 +19,8 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         context = ray.init(address=address, log_to_driver=True)
     else:
-        context = ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
+        # address="local": our own Ray, not a head that `ray start` left running on this machine
+        context = ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
                            include_dashboard=False, log_to_driver=True)
     url = getattr(context, "dashboard_url", None)
     _dashboard["url"] = (url if url.startswith("http") else f"http://{url}") if url else None

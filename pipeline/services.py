@@ -63,7 +63,7 @@ def _environment() -> dict[str, str]:
             **client_environment()}
 
 
-def _services() -> list[tuple[str, list[str], str | None]]:
+def _services() -> list[tuple[str, list[str], str]]:
     """(name, command, the URL that answers once it is up), in start order."""
     p, u = ports(), urls()
     return [
@@ -72,7 +72,9 @@ def _services() -> list[tuple[str, list[str], str | None]]:
         ("ray-head", [str(BIN / "ray"), "start", "--head", "--block", "--port", str(p["ray"]), "--include-dashboard",
                       "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(p["dashboard"]),
                       "--disable-usage-stats"], u["ray_dashboard"]),
-        ("deployments", [sys.executable, "-m", "pipeline", "serve"], None),
+        # ready once its deployments are registered, so `prefect deployment run` right after `up` finds them
+        ("deployments", [sys.executable, "-m", "pipeline", "serve"],
+         u["prefect_api"] + "/deployments/name/cc12m-pipeline/cc12m"),
     ]
 
 
@@ -124,13 +126,19 @@ def up() -> dict:
                                 start_new_session=True)  # its own process group: `down` stops all of it
         records[name] = {"pid": proc.pid, "cmd": cmd, "log": str(state_dir() / f"{name}.log")}
         _save(records)
-        if ready_url:
-            _wait_for(ready_url, proc, name)
+        _wait_for(ready_url, proc, name)
         print(f"{name:15} started (pid {proc.pid})")
     u = urls()
     print(f"\nPrefect UI:     {u['prefect_ui']}\nRay dashboard:  {u['ray_dashboard']}\n\nFor this shell:")
     print("\n".join(f"export {k}={v}" for k, v in client_environment().items()))
     return records
+
+
+def _forget_ray_cluster() -> None:
+    """`ray start` notes its address in /tmp/ray for `ray.init()` to find; a stopped head must not be found."""
+    note = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
+    if note.is_file() and note.read_text().strip().endswith(f":{ports()['ray']}"):
+        note.unlink(missing_ok=True)
 
 
 def down() -> list[str]:
@@ -150,6 +158,8 @@ def down() -> list[str]:
         if _alive(record):
             os.killpg(record["pid"], signal.SIGKILL)
         stopped.append(name)
+        if name == "ray-head":
+            _forget_ray_cluster()
         print(f"{name:15} stopped (pid {record['pid']})")
         _save(records)
     _save(records)

@@ -27,8 +27,9 @@ def ray_address():
     """One local Ray for the whole session (it takes seconds to start); subprocesses join it by address."""
     import ray
 
-    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024,
-                       log_to_driver=False)
+    # address="local": a new Ray even when `make up` runs a head on this machine
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False,
+                       object_store_memory=150 * 1024 * 1024, log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 

@@ -155,3 +155,37 @@ def test_tokenizer_flows_publish_results_pictures_and_token_rates(prefect_api, r
     assert result["shards_done"] == 2 and result["status_counts"]["clip"] == {"ok": 4, "decode_error": 1}
     assert "tokens/s** written" in Artifact.get("tokenize-summary").data
     assert sum(r["tokens"] for r in json.loads(Artifact.get("tokenize-shards").data)) == result["tokens"] > 0
+
+
+def test_stage_tasks_retry_infrastructure_failures_but_not_bad_configuration(prefect_api):
+    import ray.exceptions
+    from prefect import flow, task
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.flows import ShardsFailed, retry_on_infrastructure
+
+    calls = {"lost": 0, "config": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_on_infrastructure)
+    def loses_a_worker_once():
+        calls["lost"] += 1
+        if calls["lost"] == 1:
+            raise ray.exceptions.WorkerCrashedError()
+        if calls["lost"] == 2:
+            raise ShardsFailed("pseudo-label: 1 shards failed")
+        return "done"
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_on_infrastructure)
+    def badly_configured():
+        calls["config"] += 1
+        load_config("demo", ["label.batch_size=0"])
+
+    @flow
+    def pipeline_like():
+        outcome = loses_a_worker_once()
+        with pytest.raises(ConfigError):
+            badly_configured()
+        return outcome
+
+    assert pipeline_like() == "done"
+    assert calls == {"lost": 3, "config": 1}

@@ -166,3 +166,51 @@ def test_detectron2_backend_without_detectron2_is_a_clear_error(tiny_models, tmp
     assert not (tmp_path / "det").exists()
     # auto falls back to the transformers detector when detectron2 cannot run
     assert cfg.label.model_copy(update={"det_backend": "auto"}).resolved_det_backend() == "transformers"
+
+
+def _processes_named(prefix: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(prefix.encode()):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_killed_ray_worker_is_replaced_and_the_stage_completes(ray_address, tiny_models, tmp_path):
+    """A Ray worker process dies mid-shard (SIGKILL): Ray restarts the actor, the shard is redone, and every
+    sample is recorded exactly once."""
+    import signal
+    import threading
+
+    layout = make_dataset(tmp_path, corrupt_key=None)
+    tar = layout.tar("rgb", "shard-000001")
+    real = tar.read_bytes()
+    tar.unlink()
+    os.mkfifo(tar)
+    before = set(_processes_named("ray::LabelWorker"))
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.update(
+        summary=run_label(tmp_path, config(tiny_models, "label.workers=1"), ["depth", "semseg"])))
+    run.start()
+    with open(tar, "wb"):
+        # Opened: the worker is inside shard 1, blocked reading it. Put the real shard at the path (its open
+        # descriptor still points at the pipe), then kill the worker's process.
+        tar.unlink()
+        tar.write_bytes(real)
+        workers = [pid for pid in _processes_named("ray::LabelWorker") if pid not in before]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+    run.join(timeout=280)
+    summary = outcome["summary"]
+    assert summary.shards_done == 2 and not summary.failed_shards
+    for name in ("depth", "semseg"):
+        keys = [r["key"] for s in ("shard-000000", "shard-000001")
+                for r in pq.read_table(layout.status_table(stage_name(name), s)).to_pylist()]
+        assert keys == [f"{i:09d}" for i in range(5)], "every sample recorded exactly once"
+        assert [n.split(".")[0] for s in ("shard-000000", "shard-000001")
+                for n, _ in members(layout.tar(name, s))] == keys

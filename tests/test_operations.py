@@ -1,0 +1,123 @@
+"""Operations: `make up` / deployment run / `make down` against real services, and resuming a stopped pipeline."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.shards import DatasetLayout
+
+SMALL = ["tokenizer.modalities=[text, clip]", "tokenizer.epochs=2", "tokenizer.batch_size=2"]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shard_files(root: Path, folders) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of every committed shard file and commit marker: unchanged means not redone."""
+    files = {}
+    for folder in folders:
+        for path in sorted((root / folder).glob("shard-*")):
+            files[str(path.relative_to(root))] = (path.stat().st_ino, path.stat().st_mtime_ns)
+    return files
+
+
+@pytest.mark.timeout(900)
+def test_up_run_the_pipeline_deployment_down(tmp_path):
+    """The README's loop: make up, prefect deployment run cc12m-pipeline/cc12m --watch, make down."""
+    env = {**os.environ, "PIPELINE_SERVICES_DIR": str(tmp_path / "services"), "PREFECT_PORT": str(free_port()),
+           "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port())}
+    env.pop("RAY_ADDRESS", None)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)"], start_new_session=True)
+    try:
+        up = subprocess.run([sys.executable, "-m", "pipeline", "up"], env=env, capture_output=True, text=True,
+                            timeout=300)
+        assert up.returncode == 0, up.stderr
+        assert f"Ray dashboard:  http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}" in up.stdout
+        assert f"Prefect UI:     http://127.0.0.1:{env['PREFECT_PORT']}" in up.stdout
+        records = json.loads((tmp_path / "services/services.json").read_text())
+        assert set(records) == {"prefect-server", "ray-head", "deployments"}
+        again = subprocess.run([sys.executable, "-m", "pipeline", "up"], env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert again.stdout.count("already running") == 3  # idempotent: nothing started twice
+        assert json.loads((tmp_path / "services/services.json").read_text()) == records
+
+        client = {**env, **{line.split("=", 1)[0][len("export "):]: line.split("=", 1)[1]
+                            for line in up.stdout.splitlines() if line.startswith("export ")}}
+        data = tmp_path / "data"
+        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "cc12m-pipeline/cc12m", "--watch",
+                              "--param", f"data={data}", "--param", f"overrides={json.dumps(SMALL)}"],
+                             env=client, capture_output=True, text=True, timeout=700)
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+        assert len(list((data / "tok_clip@224").glob("shard-*.tar"))) == 3
+        assert (data / "tokenizers/text/tokenizer.json").is_file()
+        status = subprocess.run([sys.executable, "-m", "pipeline", "status", "--data", str(data)], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert "tokenize_clip" in status.stdout and "3/3" in status.stdout and "trained" in status.stdout
+        services = subprocess.run([sys.executable, "-m", "pipeline", "services"], env=env, capture_output=True,
+                                  text=True, timeout=60)
+        assert services.stdout.count("running (pid") == 3
+    finally:
+        down = subprocess.run([sys.executable, "-m", "pipeline", "down"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert down.returncode == 0 and down.stdout.count("stopped (pid") == 3, down.stdout + down.stderr
+    for record in records.values():
+        assert not Path(f"/proc/{record['pid']}").exists() or \
+            b"pipeline" not in Path(f"/proc/{record['pid']}/cmdline").read_bytes()
+    assert bystander.poll() is None, "down stops only what up started"
+    bystander.kill()
+    bystander.wait()
+    after = subprocess.run([sys.executable, "-m", "pipeline", "services"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert after.stdout.count("stopped") == 3
+
+
+@pytest.mark.timeout(900)
+def test_stopped_pipeline_resumes_without_redoing_committed_shards(prefect_api, ray_address, tmp_path):
+    """Kill the end-to-end flow while it trains a tokenizer; the rerun skips every committed shard."""
+    data = tmp_path / "data"
+    clip = data / "tokenizers" / "clip"
+    clip.mkdir(parents=True)
+    os.mkfifo(clip / "metrics.jsonl")  # the training worker blocks here at its first log line
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address}
+    code = ("from pipeline.flows import cc12m_pipeline_flow as f; import sys, json; "
+            f"f(data=sys.argv[1], overrides=json.loads(sys.argv[2]))")
+    args = [sys.executable, "-c", code, str(data), json.dumps(SMALL)]
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    with open(clip / "metrics.jsonl", "rb"):
+        # Opened: download and labels are committed, the clip tokenizer is training. Stop everything now.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    layout = DatasetLayout(data)
+    assert len(layout.committed_shards("download")) == 3 and len(layout.committed_shards("label_clip")) == 3
+    assert not (clip / "train.json").exists() and not layout.committed_shards("tokenize_clip")
+    folders = ["rgb", "caption", "depth", "normal", "semseg", "det", "clip", "_status/download", "_status/label_clip"]
+    before = shard_files(data, folders)
+    (clip / "metrics.jsonl").unlink()
+
+    from pipeline.flows import cc12m_pipeline_flow
+
+    result = cc12m_pipeline_flow(data=str(data), overrides=SMALL)
+    assert result["stages"]["download"] == {"shards_done": 0, "shards_skipped": 3}
+    assert result["stages"]["pseudo-label"] == {"shards_done": 0, "shards_skipped": 3}
+    assert result["stages"]["train-tokenizers"] == {"text": "already trained", "clip": "trained"}
+    assert result["stages"]["tokenize"]["shards_done"] == 3
+    assert shard_files(data, folders) == before, "committed shards were not redone"
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
