@@ -119,6 +119,15 @@ def test_label_command_runs_a_subset(ray_address, tiny_models, tmp_path):
                                                                                        "semseg"]
 
 
+def assert_every_sample_once(layout, names) -> None:
+    for name in names:
+        keys = [r["key"] for s in ("shard-000000", "shard-000001")
+                for r in pq.read_table(layout.status_table(stage_name(name), s)).to_pylist()]
+        assert keys == [f"{i:09d}" for i in range(5)], "every sample recorded exactly once"
+        assert [n.split(".")[0] for s in ("shard-000000", "shard-000001")
+                for n, _ in members(layout.tar(name, s))] == keys
+
+
 def test_killed_label_run_resumes_without_redoing_committed_shards(ray_address, tiny_models, tmp_path):
     import signal
 
@@ -145,12 +154,7 @@ def test_killed_label_run_resumes_without_redoing_committed_shards(ray_address, 
     assert result.returncode == 0, result.stderr
     assert "1 shards labelled, 1 already committed" in result.stdout
     assert layout.stats("label_depth", "shard-000000").stat().st_mtime_ns == stamp
-    for name in ("depth", "semseg"):
-        keys = [r["key"] for s in ("shard-000000", "shard-000001")
-                for r in pq.read_table(layout.status_table(stage_name(name), s)).to_pylist()]
-        assert keys == [f"{i:09d}" for i in range(5)], "every sample recorded exactly once"
-        assert [n.split(".")[0] for s in ("shard-000000", "shard-000001")
-                for n, _ in members(layout.tar(name, s))] == keys
+    assert_every_sample_once(layout, ("depth", "semseg"))
 
 
 def test_detectron2_backend_without_detectron2_is_a_clear_error(tiny_models, tmp_path):
@@ -208,9 +212,4 @@ def test_a_killed_ray_worker_is_replaced_and_the_stage_completes(ray_address, ti
     run.join(timeout=280)
     summary = outcome["summary"]
     assert summary.shards_done == 2 and not summary.failed_shards
-    for name in ("depth", "semseg"):
-        keys = [r["key"] for s in ("shard-000000", "shard-000001")
-                for r in pq.read_table(layout.status_table(stage_name(name), s)).to_pylist()]
-        assert keys == [f"{i:09d}" for i in range(5)], "every sample recorded exactly once"
-        assert [n.split(".")[0] for s in ("shard-000000", "shard-000001")
-                for n, _ in members(layout.tar(name, s))] == keys
+    assert_every_sample_once(layout, ("depth", "semseg"))

@@ -89,7 +89,7 @@ def test_stopped_pipeline_resumes_without_redoing_committed_shards(prefect_api, 
     os.mkfifo(clip / "metrics.jsonl")  # the training worker blocks here at its first log line
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address}
     code = ("from pipeline.flows import cc12m_pipeline_flow as f; import sys, json; "
-            f"f(data=sys.argv[1], overrides=json.loads(sys.argv[2]))")
+            "f(data=sys.argv[1], overrides=json.loads(sys.argv[2]))")
     args = [sys.executable, "-c", code, str(data), json.dumps(SMALL)]
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
