@@ -1,0 +1,122 @@
+"""The cluster and deployment files parse, and name what the tools accept (checked offline, against the
+tools' own schemas and templates where they ship them)."""
+import importlib
+import inspect
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRA = ROOT / "infra"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def pinned(package: str) -> str:
+    for requirement in PYPROJECT["project"]["dependencies"]:
+        match = re.match(rf"{package}(\[[^\]]*\])?==([\w.]+)", requirement)
+        if match:
+            return match.group(2)
+    raise AssertionError(f"{package} is not pinned in pyproject.toml")
+
+
+def test_cluster_launcher_yaml_passes_rays_own_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((INFRA / "ray-cluster.yaml").read_text()))  # as `ray up` does
+    validate_config(config)  # raises on a field the cluster launcher does not accept
+    assert config["head_node_type"] in config["available_node_types"]
+    assert any(t["node_config"]["InstanceType"].startswith("p4d") for t in config["available_node_types"].values())
+    assert all("--disable-usage-stats" in c for c in config["head_start_ray_commands"][1:])
+
+
+def test_cluster_launcher_schema_check_can_fail():
+    import pytest
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((INFRA / "ray-cluster.yaml").read_text()))
+    config["max_wokers"] = 3
+    with pytest.raises(Exception, match="max_wokers"):
+        validate_config(config)
+
+
+def _pod_spec_checks(spec: dict, gpu: bool) -> None:
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["image"].endswith(":latest") and container["name"].startswith("ray-")
+    if gpu:
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
+    assert "/mnt/shared" in mounts and {m["name"] for m in container["volumeMounts"]} <= volumes
+    assert all(isinstance(v, str) for v in spec["rayStartParams"].values())  # KubeRay takes strings only
+
+
+def test_kuberay_manifests_have_the_fields_the_crds_require():
+    cluster = yaml.safe_load((INFRA / "kuberay/raycluster.yaml").read_text())
+    job = yaml.safe_load((INFRA / "kuberay/rayjob.yaml").read_text())
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        assert spec["rayVersion"] == pinned("ray")  # the image's Ray is the one the project pins
+        _pod_spec_checks(spec["headGroupSpec"], gpu=False)
+        for group in spec["workerGroupSpecs"]:
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["groupName"]
+            _pod_spec_checks(group, gpu=True)
+    ports = {p["containerPort"] for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {6379, 8265} <= ports
+
+
+def test_rayjob_entrypoint_is_a_valid_pipeline_command():
+    from pipeline.cli import build_parser
+
+    job = yaml.safe_load((INFRA / "kuberay/rayjob.yaml").read_text())
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:3] == ["python", "-m", "pipeline"]
+    args = build_parser().parse_args(words[3:])
+    assert args.command == "label" and args.profile == "paper"
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_container_image_installs_the_project_on_a_cuda_base():
+    lines = [line.strip() for line in (INFRA / "Dockerfile").read_text().splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    assert instructions[0].startswith("FROM nvidia/cuda:") and "cudnn" in instructions[0]
+    python = PYPROJECT["project"]["requires-python"]  # ">=3.11,<3.12"
+    assert "3.11" in python and any("python3.11 -m venv" in line for line in instructions)
+    copied = {line.split()[1] for line in instructions if line.startswith("COPY ")}
+    for package in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert package.rstrip("*") in copied
+    assert any("pip install -e ." in line for line in instructions)
+
+
+def test_work_pool_template_matches_prefects_process_template():
+    default = json.loads(subprocess.run([str(Path(sys.executable).parent / "prefect"), "work-pool",
+                                         "get-default-base-job-template", "--type", "process"],
+                                        capture_output=True, text=True, timeout=120, check=True).stdout)
+    ours = json.loads((INFRA / "prefect/work-pool.json").read_text())
+    assert ours["job_configuration"] == default["job_configuration"]
+    assert set(ours["variables"]["properties"]) == set(default["variables"]["properties"])
+    env = ours["variables"]["properties"]["env"]["default"]
+    assert env["RAY_ADDRESS"] and env["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_prefect_yaml_deploys_every_flow_with_parameters_it_takes():
+    from prefect.flows import Flow
+
+    config = yaml.safe_load((INFRA / "prefect/prefect.yaml").read_text())
+    assert config["prefect-version"] == pinned("prefect")
+    names = set()
+    for deployment in config["deployments"]:
+        path, attribute = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), attribute)
+        assert isinstance(flow, Flow)
+        assert set(deployment["parameters"]) <= set(inspect.signature(flow.fn).parameters)
+        assert deployment["work_pool"]["name"] == "fourm-process"
+        names.add(f"{flow.name}/{deployment['name']}")
+    assert names == {"download/cc12m-cluster", "pseudo-label/cc12m-cluster", "train-tokenizers/cc12m-cluster",
+                     "tokenize/cc12m-cluster", "cc12m-pipeline/cc12m-cluster"}
