@@ -35,7 +35,10 @@ def stage_rows(root: str | Path) -> list[dict]:
         ends = [s["finished_at"] for s in stats if "finished_at" in s]
         elapsed = max(ends) - min(starts) if starts and ends else None
         done = len(stats)
-        remaining = elapsed / done * (total - done) if elapsed and done and total > done else (0.0 if done else None)
+        if done >= total:
+            remaining = 0.0
+        else:  # at the pace so far; unknown before the first shard commits
+            remaining = elapsed / done * (total - done) if elapsed and done else None
         rows.append({
             "stage": stage, "shards": f"{done}/{total}", "ok": ok, "failed": sum(counts.values()) - ok,
             "failures": ", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "ok") or "-",

@@ -222,3 +222,15 @@ def test_tokenize_writes_aligned_shards_and_verify_catches_a_broken_one(trained_
     assert "shard-000000: 2 problem(s)" in out and "outside 0..31" in out
     assert f"keys missing with no failure recorded in _status/tokenize_clip: ['{second.split('.')[0]}']" in out
     assert "shard-000001: 1 problem(s)" in out
+
+
+def test_status_reads_each_stage_from_the_status_files(trained_rgb, capsys):
+    from stages.status import stage_rows
+
+    rows = {r["stage"]: r for r in stage_rows(trained_rgb)}
+    assert rows["download"]["shards"] == "2/2" and rows["label_clip"]["shards"] == "2/2"
+    assert rows["label_clip"]["failures"] == "decode_error 1" and rows["label_clip"]["remaining_s"] == 0.0
+    assert rows["label_clip"]["samples_per_s"] > 0 and rows["label_clip"]["elapsed_s"] >= 0
+    assert cli(["status", "--data", str(trained_rgb)]) == 0
+    out = capsys.readouterr().out
+    assert "label_semseg" in out and "rgb        trained (16 steps)" in out
