@@ -19,9 +19,10 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         context = ray.init(address=address, log_to_driver=True)
     else:
-        # address="local": our own Ray, not a head that `ray start` left running on this machine
+        # address="local": our own Ray, not a head that `ray start` left running on this machine. Its dashboard
+        # shows the run (and Ray Train asks its state API about its workers).
         context = ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
-                           include_dashboard=False, log_to_driver=True)
+                           include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     url = getattr(context, "dashboard_url", None)
     _dashboard["url"] = (url if url.startswith("http") else f"http://{url}") if url else None
 

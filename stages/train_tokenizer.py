@@ -336,8 +336,8 @@ def train_worker(args: dict) -> None:
         if rank == 0 and (done % cfg.log_every == 0 or done == stop):
             usage = codebook_usage(torch.cat(window), mcfg.codebook_size)
             last = {"step": done, "epoch": round(done / plan.steps_per_epoch, 3), "lr": lr_at(step, plan),
-                    "loss": float(out["loss"]), "reconstruction_loss": float(out["reconstruction_loss"]),
-                    "commitment_loss": float(out["commitment_loss"]), **usage,
+                    "loss": out["loss"].item(), "reconstruction_loss": out["reconstruction_loss"].item(),
+                    "commitment_loss": out["commitment_loss"].item(), **usage,
                     "restarts": int(model.quantizer.restarts)}
             if done % cfg.eval_every == 0 or done == plan.steps:
                 result = evaluate(model, modality, evaluation, cfg.seed)
