@@ -28,7 +28,7 @@ from bench_label import GpuSampler, make_rgb_shards  # noqa: E402
 
 from pipeline.config import TokenizerStageConfig  # noqa: E402
 from stages.shards import DatasetLayout, ShardWriter  # noqa: E402
-from stages.tokenizer_data import read_members, rgb_sizes  # noqa: E402
+from stages.tokenizer_data import rgb_index  # noqa: E402
 
 MODALITIES = ("rgb", "depth", "normal", "semseg", "clip")
 
@@ -40,8 +40,8 @@ def make_label_shards(root: Path, shards: list[str]) -> None:
 
     layout = DatasetLayout(root)
     for shard in shards:
-        sizes = dict(rgb_sizes(layout, shard))
-        keys = [k for k, _ in read_members(layout.tar("rgb", shard), "jpg")]
+        index = rgb_index(layout, shard)
+        keys, sizes = index.keys, index.sizes
         for modality in ("depth", "normal", "semseg", "clip"):
             with ShardWriter(layout, f"label_{modality}", shard, [modality]) as writer:
                 for key in keys:

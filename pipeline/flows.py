@@ -1,4 +1,8 @@
-"""Prefect flows: each wraps one stage so it can be started as a deployment and watched in the UI."""
+"""Prefect flows: each stage as a flow (a deployment `<stage>/cc12m`), and `cc12m-pipeline` chaining them.
+
+Every stage runs through one function here that also publishes its artifacts (progress, shard table, summary,
+the per-stage status table), so a stage looks the same in the UI whether it runs alone or in the pipeline.
+"""
 from __future__ import annotations
 
 from functools import partial
@@ -6,86 +10,121 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.reporting import StageReporter, publish_stage_table
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards failed, typically on a lost worker or node; a rerun redoes only those."""
+
+
+def _check(stage: str, summary) -> None:
+    if summary.failed_shards:
+        raise ShardsFailed(f"{stage}: {len(summary.failed_shards)} shards failed (a rerun redoes them): "
+                           f"{summary.failed_shards}")
+
+
+def _counts(summary) -> dict:
+    return {"shards_done": summary.shards_done, "shards_skipped": summary.shards_skipped}
+
+
+# -- each stage, with its artifacts ---------------------------------------------------------------------------
+def download_with_artifacts(config: Config, input: str):
+    """`input="demo"` serves the bundled photos over loopback while they are downloaded."""
+    from pipeline.demo import download_demo_photos
+    from stages.download import run_download
+
+    reporter = StageReporter("download")
+    if input == "demo":
+        summary = download_demo_photos(Path(config.data_root), config, observer=reporter)
+    else:
+        summary = run_download(input, config.data_root, config, observer=reporter)
+    print(reporter.finish())
+    publish_stage_table(config.data_root, key="download-stages")
+    _check("download", summary)
+    return summary
+
+
+def label_with_artifacts(config: Config, pictures: int = 3):
+    from pipeline.demo import save_demo_models
+    from pipeline.reporting import LabelReporter, sample_pictures_markdown
+    from stages.label import run_label
+
+    if config.profile == "demo":  # the demo's tiny random-weight models, where the profile names them
+        save_demo_models(config)
+    reporter = LabelReporter("pseudo-label", config.label.labelers)
+    summary = run_label(config.data_root, config, observer=reporter)
+    print(reporter.finish())
+    publish_stage_table(config.data_root, key="pseudo-label-stages")
+    if pictures:
+        sample_pictures_markdown(config.data_root, pictures, key="pseudo-label-samples")
+    _check("pseudo-label", summary)
+    return summary
+
+
+def train_with_artifacts(config: Config) -> dict:
+    from pipeline.reporting import TokenizerReporter
+    from stages.train_tokenizer import run_train_tokenizers
+
+    reporter = TokenizerReporter(config.data_root, config.tokenizer.modalities)
+    results = run_train_tokenizers(config.data_root, config, observer=reporter)
+    print(reporter.finish())
+    publish_stage_table(config.data_root, key="train-tokenizers-stages")
+    return results
+
+
+def tokenize_with_artifacts(config: Config, modalities: list[str] | None = None):
+    from stages.tokenize import run_tokenize
+
+    reporter = StageReporter("tokenize")
+    summary = run_tokenize(config.data_root, config, modalities, observer=reporter)
+    print(reporter.finish())
+    publish_stage_table(config.data_root, key="tokenize-stages")
+    _check("tokenize", summary)
+    return summary
+
+
+# -- one flow per stage -----------------------------------------------------------------------------------------
+@flow(name="download", log_prints=True)
+def download_flow(input: str = "data/cc12m.tsv", output: str | None = None, profile: str = "paper",
+                  overrides: list[str] | None = None) -> dict:
+    """Download a URL list (CC12M TSV, parquet or CSV) into webdataset shards under `output`."""
+    config = load_config(profile, overrides, {"data_root": output})  # a bad value fails here, before any work
+    summary = download_with_artifacts(config, input)
+    return {**_counts(summary), "status_counts": dict(summary.status_counts), "data_root": config.data_root}
 
 
 @flow(name="pseudo-label", log_prints=True)
 def pseudo_label_flow(data: str | None = None, profile: str = "demo", labelers: list[str] | None = None,
                       overrides: list[str] | None = None, pictures: int = 3) -> dict:
     """Pseudo-label the rgb shards under `data` (default: the profile's data_root)."""
-    from pipeline.reporting import LabelReporter, sample_pictures_markdown
-    from stages.label import run_label
-
     extra = [f"label.labelers={labelers}"] if labelers else []
     config = load_config(profile, (overrides or []) + extra, {"data_root": data})
-    reporter = LabelReporter("pseudo-label", config.label.labelers)
-    summary = run_label(config.data_root, config, observer=reporter)
-    print(reporter.finish())
-    publish_stage_table(config.data_root, key="pseudo-label-stages")
-    sample_pictures_markdown(config.data_root, pictures, key="pseudo-label-samples")
-    if summary.failed_shards:
-        raise RuntimeError(f"{len(summary.failed_shards)} shards failed (rerun to redo them): {summary.failed_shards}")
-    return {"shards_done": summary.shards_done, "shards_skipped": summary.shards_skipped,
-            "status_counts": {n: dict(c) for n, c in summary.status_counts.items()}, "data_root": config.data_root}
-
-
-@flow(name="download", log_prints=True)
-def download_flow(input: str = "data/cc12m.tsv", output: str | None = None, profile: str = "paper",
-                  overrides: list[str] | None = None) -> dict:
-    """Download a URL list (CC12M TSV, parquet or CSV) into webdataset shards under `output`."""
-    from stages.download import run_download
-
-    config = load_config(profile, overrides, {"data_root": output})  # a bad value fails here, before any work
-    reporter = StageReporter("download")
-    summary = run_download(input, config.data_root, config, observer=reporter)
-    print(reporter.finish())
-    publish_stage_table(config.data_root, key="download-stages")
-    if summary.failed_shards:
-        raise RuntimeError(f"{len(summary.failed_shards)} shards failed (rerun to redo them): {summary.failed_shards}")
-    return {"shards_done": summary.shards_done, "shards_skipped": summary.shards_skipped,
-            "status_counts": dict(summary.status_counts), "data_root": config.data_root}
+    summary = label_with_artifacts(config, pictures)
+    return {**_counts(summary), "status_counts": {n: dict(c) for n, c in summary.status_counts.items()},
+            "data_root": config.data_root}
 
 
 @flow(name="train-tokenizers", log_prints=True)
 def train_tokenizers_flow(data: str | None = None, profile: str = "demo", modalities: list[str] | None = None,
                           overrides: list[str] | None = None) -> dict:
     """Train every tokenizer not yet trained (text, then the dense VQ-VAEs) on the dataset under `data`."""
-    from pipeline.reporting import TokenizerReporter
-    from stages.train_tokenizer import run_train_tokenizers
-
     extra = [f"tokenizer.modalities={modalities}"] if modalities else []
     config = load_config(profile, (overrides or []) + extra, {"data_root": data})
-    reporter = TokenizerReporter(config.data_root, config.tokenizer.modalities)
-    results = run_train_tokenizers(config.data_root, config, observer=reporter)
-    print(reporter.finish())
-    publish_stage_table(config.data_root, key="train-tokenizers-stages")
-    return {"data_root": config.data_root, "tokenizers": results}
+    return {"data_root": config.data_root, "tokenizers": train_with_artifacts(config)}
 
 
 @flow(name="tokenize", log_prints=True)
 def tokenize_flow(data: str | None = None, profile: str = "demo", modalities: list[str] | None = None,
                   overrides: list[str] | None = None) -> dict:
     """Encode every sample's crops with every trained tokenizer into tok_<modality>@224 shards."""
-    from stages.tokenize import run_tokenize
-
     config = load_config(profile, overrides, {"data_root": data})
-    reporter = StageReporter("tokenize")
-    summary = run_tokenize(config.data_root, config, modalities, observer=reporter)
-    print(reporter.finish())
-    publish_stage_table(config.data_root, key="tokenize-stages")
-    if summary.failed_shards:
-        raise RuntimeError(f"{len(summary.failed_shards)} shards not tokenized (rerun to redo them): "
-                           f"{summary.failed_shards}")
-    return {"shards_done": summary.shards_done, "shards_skipped": summary.shards_skipped, "tokens": summary.tokens,
-            "status_counts": {m: dict(c) for m, c in summary.status_counts.items()}, "data_root": config.data_root}
+    summary = tokenize_with_artifacts(config, modalities)
+    return {**_counts(summary), "tokens": summary.tokens, "data_root": config.data_root,
+            "status_counts": {m: dict(c) for m, c in summary.status_counts.items()}}
 
 
-# -- the whole pipeline ------------------------------------------------------------------------------------
-class ShardsFailed(RuntimeError):
-    """Some shards failed, typically on a lost worker or node; a rerun redoes only those."""
-
-
+# -- the whole pipeline: each stage a task, retried on infrastructure failures only ---------------------------
 def is_infrastructure_error(exc: BaseException | None) -> bool:
     """Worth retrying: lost workers, nodes, objects, connections. Not: bad configuration or input."""
     import ray.exceptions as rex
@@ -111,65 +150,39 @@ def retry_on_infrastructure(task, task_run, state) -> bool:
 stage_task = partial(task, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_infrastructure)
 
 
-def _raise_failed(stage: str, summary) -> None:
-    if summary.failed_shards:
-        raise ShardsFailed(f"{stage}: {len(summary.failed_shards)} shards failed: {summary.failed_shards}")
+def retry_on_infrastructure(task, task_run, state) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result()
+        except BaseException as err:  # noqa: BLE001 - the failed run's exception is what we judge
+            exc = err
+    return is_infrastructure_error(exc)
+
+
+stage_task = partial(task, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_infrastructure)
 
 
 @stage_task(name="download")
 def download_stage(input: str, profile: str, overrides: list[str], data: str | None) -> dict:
-    from pipeline.demo import download_demo_photos
-    from stages.download import run_download
-
-    config = load_config(profile, overrides, {"data_root": data})
-    reporter = StageReporter("download")
-    if input == "demo":
-        summary = download_demo_photos(Path(config.data_root), config, observer=reporter)
-    else:
-        summary = run_download(input, config.data_root, config, observer=reporter)
-    reporter.finish()
-    _raise_failed("download", summary)
-    return {"shards_done": summary.shards_done, "shards_skipped": summary.shards_skipped}
+    return _counts(download_with_artifacts(load_config(profile, overrides, {"data_root": data}), input))
 
 
 @stage_task(name="pseudo-label")
 def label_stage(profile: str, overrides: list[str], data: str | None) -> dict:
-    from pipeline.demo import save_demo_models
-    from pipeline.reporting import LabelReporter
-    from stages.label import run_label
-
-    config = load_config(profile, overrides, {"data_root": data})
-    if config.profile == "demo":
-        save_demo_models(config)
-    reporter = LabelReporter("pseudo-label", config.label.labelers)
-    summary = run_label(config.data_root, config, observer=reporter)
-    reporter.finish()
-    _raise_failed("pseudo-label", summary)
-    return {"shards_done": summary.shards_done, "shards_skipped": summary.shards_skipped}
+    return _counts(label_with_artifacts(load_config(profile, overrides, {"data_root": data}), pictures=0))
 
 
 @stage_task(name="train-tokenizers")
 def train_stage(profile: str, overrides: list[str], data: str | None) -> dict:
-    from pipeline.reporting import TokenizerReporter
-    from stages.train_tokenizer import run_train_tokenizers
-
-    config = load_config(profile, overrides, {"data_root": data})
-    reporter = TokenizerReporter(config.data_root, config.tokenizer.modalities)
-    results = run_train_tokenizers(config.data_root, config, observer=reporter)
-    reporter.finish()
+    results = train_with_artifacts(load_config(profile, overrides, {"data_root": data}))
     return {m: ("already trained" if r.get("skipped") else "trained") for m, r in results.items()}
 
 
 @stage_task(name="tokenize")
 def tokenize_stage(profile: str, overrides: list[str], data: str | None) -> dict:
-    from stages.tokenize import run_tokenize
-
-    config = load_config(profile, overrides, {"data_root": data})
-    reporter = StageReporter("tokenize")
-    summary = run_tokenize(config.data_root, config, observer=reporter)
-    reporter.finish()
-    _raise_failed("tokenize", summary)
-    return {"shards_done": summary.shards_done, "shards_skipped": summary.shards_skipped, "tokens": summary.tokens}
+    summary = tokenize_with_artifacts(load_config(profile, overrides, {"data_root": data}))
+    return {**_counts(summary), "tokens": summary.tokens}
 
 
 @flow(name="cc12m-pipeline", log_prints=True)

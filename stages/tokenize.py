@@ -29,8 +29,8 @@ import torch
 from pipeline.config import Config, TokenizerStageConfig
 from stages.actor_pool import run_on_actors
 from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
-from stages.tokenizer_data import (EXTENSIONS, center_crop, crop_to_tensor, decode, random_crop, read_members,
-                                   rgb_sizes)
+from stages.tokenizer_data import (EXTENSIONS, RgbIndex, center_crop, crop_to_tensor, decode, random_crop,
+                                   read_members, rgb_index)
 from stages.train_tokenizer import DENSE, TokenizerInputError, is_trained, tokenizer_dir
 
 CROPS = "crop_settings"
@@ -57,10 +57,9 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 # -- one shard ---------------------------------------------------------------------------------------
-def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig) -> dict:
+def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, index: RgbIndex) -> dict:
     rows, started = [], time.time()
-    sizes = dict(rgb_sizes(layout, shard))
-    keys = [key for key, _ in read_members(layout.tar("rgb", shard), "jpg")]
+    keys, sizes = index.keys, index.sizes
     with ShardWriter(layout, CROPS, shard, [CROPS]) as writer:
         for key in keys:
             if key in sizes:
@@ -79,11 +78,11 @@ STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("erro
 
 
 def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg: TokenizerStageConfig,
-                   device: torch.device) -> dict:
+                   device: torch.device, index: RgbIndex | None = None) -> dict:
     """Encode every crop of every sample of one shard with one tokenizer, and commit the token shard."""
     started = time.time()
-    sizes = dict(rgb_sizes(layout, shard))
-    keys = [key for key, _ in read_members(layout.tar("rgb", shard), "jpg")]
+    index = index or rgb_index(layout, shard)
+    keys, sizes = index.keys, index.sizes
     source = "rgb" if modality == "rgb" else modality
     labels = dict(read_members(layout.tar(source, shard), EXTENSIONS[modality]))
     status: dict[str, tuple[str, str | None]] = {}
@@ -155,11 +154,11 @@ class TokenizeWorker:
         self.models = {m: load_tokenizer(tokenizer_dir(root, m), self.device) for m in modalities}
 
     def tokenize(self, shard: str, modalities: list[str]) -> dict:
-        out = {}
+        index, out = rgb_index(self.layout, shard), {}  # read once for the crops and every tokenizer
         if not self.layout.is_committed(CROPS, shard):
-            out[CROPS] = write_crops(self.layout, shard, self.cfg)
+            out[CROPS] = write_crops(self.layout, shard, self.cfg, index)
         for m in modalities:
-            out[m] = tokenize_shard(self.layout, shard, m, self.models[m], self.cfg, self.device)
+            out[m] = tokenize_shard(self.layout, shard, m, self.models[m], self.cfg, self.device, index)
         return out
 
 

@@ -12,6 +12,7 @@ import io
 import math
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,21 +94,32 @@ def crop_to_tensor(modality: str, array: np.ndarray, crop, image_size: tuple[int
     return x.clamp_(0, 1).mul_(2).sub_(1)
 
 
-def rgb_sizes(layout: DatasetLayout, shard: str) -> Iterator[tuple[str, tuple[int, int]]]:
-    """(key, (height, width)) of every decodable rgb image of a shard, read from the JPEG headers."""
+@dataclass
+class RgbIndex:
+    """One shard's rgb members: every key in order, and the image size of those whose header reads."""
+
+    keys: list[str]
+    sizes: dict[str, tuple[int, int]]
+
+
+def rgb_index(layout: DatasetLayout, shard: str) -> RgbIndex:
+    """Keys and (height, width) of a shard's rgb images, read from the JPEG headers in one pass."""
     from PIL import Image
 
+    keys, sizes = [], {}
     for key, data in read_members(layout.tar("rgb", shard), "jpg"):
+        keys.append(key)
         try:
             with Image.open(io.BytesIO(data)) as im:
-                yield key, (im.height, im.width)
+                sizes[key] = (im.height, im.width)
         except Exception:  # noqa: BLE001 - an unreadable image has no size; its labels are absent too
             continue
+    return RgbIndex(keys, sizes)
 
 
 def shard_samples(layout: DatasetLayout, modality: str, shard: str) -> Iterator[tuple[str, np.ndarray, tuple]]:
     """(key, decoded label, rgb image size) for every sample of a shard that has this modality."""
-    sizes = dict(rgb_sizes(layout, shard))
+    sizes = rgb_index(layout, shard).sizes
     for key, data in read_members(layout.tar(modality, shard), EXTENSIONS[modality]):
         if key in sizes:
             yield key, decode(modality, data), sizes[key]
