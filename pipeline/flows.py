@@ -150,19 +150,6 @@ def retry_on_infrastructure(task, task_run, state) -> bool:
 stage_task = partial(task, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_infrastructure)
 
 
-def retry_on_infrastructure(task, task_run, state) -> bool:
-    exc = state.data if isinstance(state.data, BaseException) else None
-    if exc is None:
-        try:
-            state.result()
-        except BaseException as err:  # noqa: BLE001 - the failed run's exception is what we judge
-            exc = err
-    return is_infrastructure_error(exc)
-
-
-stage_task = partial(task, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_infrastructure)
-
-
 @stage_task(name="download")
 def download_stage(input: str, profile: str, overrides: list[str], data: str | None) -> dict:
     return _counts(download_with_artifacts(load_config(profile, overrides, {"data_root": data}), input))
