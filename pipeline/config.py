@@ -131,7 +131,8 @@ class TokenizerStageConfig(Section):
     seed: int = 0
     # pre-tokenization
     n_crops: int = Field(4, ge=1, description="crops per sample: the center crop, then random-resized crops")
-    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_scale: tuple[float, float] = Field((0.8, 1.0), description="area range of the random pre-tokenization crops "
+                                                                    "(training uses each tokenizer's own, Table 3)")
     tokenize_batch_size: int = Field(64, ge=1, description="crops per encoder batch")
     decode_threads: int = Field(4, ge=1, description="threads decoding and cropping samples for the encoder")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")

@@ -316,8 +316,7 @@ def train_worker(args: dict) -> None:
     for step in range(start, stop):
         epoch = step // plan.steps_per_epoch
         if stream_epoch != epoch:
-            stream = sample_stream(root, modality, shards, cfg.crop_scale if modality != "clip" else mcfg.crop_scale,
-                                   cfg.seed, epoch, rank, world)
+            stream = sample_stream(root, modality, shards, mcfg.crop_scale, cfg.seed, epoch, rank, world)
             stream_epoch = epoch
             for _ in range((step % plan.steps_per_epoch) * plan.local_batch):  # resume inside an epoch
                 next(stream)
