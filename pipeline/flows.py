@@ -129,9 +129,7 @@ def is_infrastructure_error(exc: BaseException | None) -> bool:
     """Worth retrying: lost workers, nodes, objects, connections. Not: bad configuration or input."""
     import ray.exceptions as rex
 
-    from pipeline.config import ConfigError
-
-    if exc is None or isinstance(exc, (ConfigError, ValueError, TypeError, KeyError)):
+    if exc is None or isinstance(exc, (ValueError, TypeError, KeyError)):  # ConfigError is a ValueError
         return False
     return isinstance(exc, (ShardsFailed, rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError,
                             rex.ObjectLostError, rex.RaySystemError, rex.GetTimeoutError, ConnectionError))

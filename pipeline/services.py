@@ -121,9 +121,9 @@ def up() -> dict:
         if name in records and _alive(records[name]):
             print(f"{name:15} already running (pid {records[name]['pid']})")
             continue
-        log = open(state_dir() / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # its own process group: `down` stops all of it
+        with open(state_dir() / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)  # its own process group: `down` stops all of it
         records[name] = {"pid": proc.pid, "cmd": cmd, "log": str(state_dir() / f"{name}.log")}
         _save(records)
         _wait_for(ready_url, proc, name)

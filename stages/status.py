@@ -58,9 +58,9 @@ def tokenizer_rows(root: str | Path) -> list[dict]:
             state = f"trained ({summary.get('steps', summary.get('vocab_size'))} " \
                     f"{'steps' if 'steps' in summary else 'ids'})"
         elif (folder / "checkpoint" / "state.json").is_file():
-            step = json.loads((folder / "checkpoint" / "state.json").read_text())["step"]
-            plan = json.loads((folder / "checkpoint" / "state.json").read_text()).get("plan", {})
-            state = f"interrupted at step {step} of {plan.get('steps', '?')} (resumes from there)"
+            checkpoint = json.loads((folder / "checkpoint" / "state.json").read_text())
+            state = (f"interrupted at step {checkpoint['step']} of {checkpoint.get('plan', {}).get('steps', '?')} "
+                     "(resumes from there)")
         else:
             continue
         rows.append({"tokenizer": modality, "state": state})

@@ -56,6 +56,9 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("error", pa.string())])
+
+
 # -- one shard ---------------------------------------------------------------------------------------
 def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, index: RgbIndex) -> dict:
     rows, started = [], time.time()
@@ -72,9 +75,6 @@ def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, in
                  "seconds": round(time.time() - started, 3)}
         writer.commit(table, stats)
     return stats
-
-
-STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("error", pa.string())])
 
 
 def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg: TokenizerStageConfig,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, TokenizerStageConfig
-from stages.shards import DatasetLayout
+from stages.shards import DatasetLayout, _atomic_write_bytes
 from stages.tokenizer_data import crop_to_tensor, random_crop, center_crop, shard_samples
 
 DENSE = ("rgb", "depth", "normal", "semseg", "clip")
@@ -64,19 +64,15 @@ def model_config(cfg: TokenizerStageConfig, modality: str, layout: DatasetLayout
 
     overrides = {"codebook_size": cfg.codebook_sizes[modality]} if modality in cfg.codebook_sizes else {}
     if modality == "clip" and layout is not None:
-        for shard in modality_shards(layout, modality):
-            for _, features, _ in shard_samples(layout, modality, shard):
-                overrides["in_channels"] = int(features.shape[-1])
-                break
-            if "in_channels" in overrides:
-                break
+        first = next((features for shard in modality_shards(layout, modality)
+                      for _, features, _ in shard_samples(layout, modality, shard)), None)
+        if first is not None:
+            overrides["in_channels"] = int(first.shape[-1])
     return tokenizer_config(modality, cfg.size, **overrides)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    _atomic_write_bytes(path, json.dumps(data, indent=1).encode())
 
 
 # -- the text tokenizer ------------------------------------------------------------------------------
