@@ -6,6 +6,13 @@ label worker does per shard (`stages.label.label_shard`: read, decode, every lab
 each labeler alone, then all of them sharing one decode. A decode-only pass shows whether decoding could
 bound the stage. On a GPU, nvidia-smi is sampled every 100 ms for the busy fraction.
 
+Image sizes: `--sizes mixed` (default) draws aspect ratios like web photos (common camera and screen ratios,
+portrait and landscape, and random ones between 1:2 and 2:1; longest side 768, a quarter of them smaller),
+so the models see many input sizes as they do on CC12M; `--sizes six` cycles through six sizes (the
+benchmark's first version). Besides images/s it prints, per labeler, images per forward pass (how full the
+batches of one input size are) and the share of the run the worker spent waiting for the device (high: the
+device bounds the stage) or for decoding.
+
 Run: python bench/bench_label.py [--size paper] [--images 256] [--batch-size 16] [--device auto]
 """
 from __future__ import annotations
@@ -28,15 +35,31 @@ from pipeline.config import LABELER_NAMES, LabelConfig  # noqa: E402
 from stages.label import decode_rgb, label_shard, read_rgb  # noqa: E402
 from stages.shards import DatasetLayout, ShardWriter  # noqa: E402
 
-SIZES = [(768, 512), (512, 768), (768, 576), (768, 768), (768, 432), (600, 768)]  # (width, height)
+SIX_SIZES = [(768, 512), (512, 768), (768, 576), (768, 768), (768, 432), (600, 768)]  # (width, height)
+COMMON_RATIOS = [4 / 3, 3 / 2, 16 / 9, 1.0, 5 / 4]  # width / height; each also drawn as a portrait
 
 
-def make_rgb_shards(root: Path, n_images: int, shard_size: int) -> list[str]:
+def mixed_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(width, height)s like downloaded web photos: 70% common ratios, 30% anywhere between 1:2 and 2:1."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    for _ in range(n):
+        ratio = rng.choice(COMMON_RATIOS) if rng.random() < 0.7 else float(np.exp(rng.uniform(np.log(0.5), np.log(2))))
+        if rng.random() < 0.5:
+            ratio = 1 / ratio
+        longest = 768 if rng.random() < 0.75 else int(rng.integers(400, 768))
+        width, height = (longest, longest / ratio) if ratio >= 1 else (longest * ratio, longest)
+        sizes.append((int(round(width)), int(round(height))))
+    return sizes
+
+
+def make_rgb_shards(root: Path, n_images: int, shard_size: int, sizes: str) -> list[str]:
     import cv2
     import pyarrow as pa
     import skimage.data
 
     photos = [getattr(skimage.data, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")]
+    size_of = mixed_sizes(n_images) if sizes == "mixed" else [SIX_SIZES[i % len(SIX_SIZES)] for i in range(n_images)]
     layout, shards = DatasetLayout(root), []
     for start in range(0, n_images, shard_size):
         shard = f"shard-{start // shard_size:06d}"
@@ -44,7 +67,7 @@ def make_rgb_shards(root: Path, n_images: int, shard_size: int) -> list[str]:
         with ShardWriter(layout, "download", shard, ["rgb"]) as writer:
             for key in keys:
                 i = int(key)
-                photo = cv2.resize(photos[i % len(photos)], SIZES[i % len(SIZES)], interpolation=cv2.INTER_CUBIC)
+                photo = cv2.resize(photos[i % len(photos)], size_of[i], interpolation=cv2.INTER_CUBIC)
                 ok, jpeg = cv2.imencode(".jpg", photo[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
                 writer.write(key, {"rgb": ("jpg", jpeg.tobytes())})
             writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys)}), {"rows": len(keys)})
@@ -84,20 +107,38 @@ class GpuSampler:
         return round(float(np.mean(self.samples)) / 100, 3) if self.samples else None
 
 
-def run(root: Path, shards: list[str], labelers: dict, cfg: LabelConfig) -> tuple[float, float | None]:
+def run(root: Path, shards: list[str], labelers: dict, cfg: LabelConfig) -> dict:
+    """Label every shard; images/s, GPU busy, and per labeler images per batch and seconds waited."""
     import torch
 
     for stage in {f"label_{n}" for n in labelers}:
         for path in (root / "_status" / stage).glob("*.json"):
             path.unlink()
+    stats = []
     with GpuSampler() as gpu:
         start = time.perf_counter()
         for shard in shards:
-            label_shard(str(root), shard, labelers, cfg)
+            stats.append(label_shard(str(root), shard, labelers, cfg))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    return seconds, gpu.busy
+    images = sum(next(iter(s.values()))["rows"] for s in stats)
+    per = {name: {"images_per_batch": round(sum(s[name]["rows"] - s[name]["status_counts"].get("decode_error", 0)
+                                                for s in stats) / sum(s[name]["batches"] for s in stats), 1),
+                  "device_wait": round(sum(s[name]["device_wait_seconds"] for s in stats) / seconds, 3)}
+           for name in labelers}
+    decode_wait = sum(next(iter(s.values()))["decode_wait_seconds"] for s in stats) / seconds
+    return {"images_per_s": round(images / seconds, 1), "gpu_busy": gpu.busy, "decode_wait": round(decode_wait, 3),
+            "labelers": per}
+
+
+def report(label: str, result: dict) -> str:
+    line = f"{label:14} {result['images_per_s']:8.1f} images/s"
+    if result["gpu_busy"] is not None:
+        line += f"  GPU busy {result['gpu_busy']:4.0%}"
+    batches = ", ".join(f"{n} {r['images_per_batch']}" for n, r in result["labelers"].items())
+    waits = sum(r["device_wait"] for r in result["labelers"].values())
+    return line + f"  images/batch: {batches}  waiting for the device {waits:.0%}, for decoding {result['decode_wait']:.0%}"
 
 
 def main() -> int:
@@ -107,6 +148,8 @@ def main() -> int:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--sizes", default="mixed", choices=["mixed", "six"])
+    parser.add_argument("--window", type=int, default=512, help="label.batch_window")
     parser.add_argument("--labelers", default=",".join(LABELER_NAMES))
     parser.add_argument("--work", default=str(HERE / "_work" / "label"))
     args = parser.parse_args()
@@ -117,13 +160,13 @@ def main() -> int:
     from models.random_weights import save_random_models
 
     work = Path(args.work)
-    root = work / f"data-{args.images}"
-    shards = make_rgb_shards(root, args.images, args.shard_size) if not (root / "rgb").is_dir() else \
+    root = work / f"data-{args.sizes}-{args.images}"
+    shards = make_rgb_shards(root, args.images, args.shard_size, args.sizes) if not (root / "rgb").is_dir() else \
         DatasetLayout(root).committed_shards("download")
     names = args.labelers.split(",")
     paths = save_random_models(work / f"models-{args.size}", args.size, names)
     cfg = LabelConfig(models=paths, device=args.device, batch_size=args.batch_size, chunk_size=128,
-                      decode_threads=8, det_min_score=0.6)
+                      batch_window=args.window, decode_threads=8, det_min_score=0.6)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"{args.images} images in {len(shards)} shards, {args.size} models, batch {args.batch_size}, on {device}")
 
@@ -133,6 +176,7 @@ def main() -> int:
     with ThreadPoolExecutor(cfg.decode_threads) as pool:
         list(pool.map(lambda item: decode_rgb(item[1]), items))
     results = {"device": device, "size": args.size, "images": args.images, "batch_size": args.batch_size,
+               "sizes": args.sizes, "batch_window": args.window,
                "decode_images_per_s": round(len(items) / (time.perf_counter() - start), 1), "labelers": {}}
     print(f"{'decode only':14} {results['decode_images_per_s']:8.1f} images/s ({cfg.decode_threads} threads)")
 
@@ -140,13 +184,11 @@ def main() -> int:
     loaded = {n: load_labeler(n, paths[n], args.device, args.batch_size, **options.get(n, {})) for n in names}
     label_shard(str(root), shards[0], loaded, cfg)  # warm-up: cuDNN autotuning, allocator, lazy inits
     for name, labeler in loaded.items():
-        seconds, busy = run(root, shards, {name: labeler}, cfg)
-        results["labelers"][name] = {"images_per_s": round(args.images / seconds, 1), "gpu_busy": busy}
-        print(f"{name:14} {args.images / seconds:8.1f} images/s" + (f"  GPU busy {busy:.0%}" if busy else ""))
-    seconds, busy = run(root, shards, loaded, cfg)
-    results["stage"] = {"images_per_s": round(args.images / seconds, 1), "gpu_busy": busy}
-    print(f"{'all labelers':14} {args.images / seconds:8.1f} images/s" + (f"  GPU busy {busy:.0%}" if busy else ""))
-    (work / f"results-{args.size}-{device.replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))
+        results["labelers"][name] = run(root, shards, {name: labeler}, cfg)
+        print(report(name, results["labelers"][name]))
+    results["stage"] = run(root, shards, loaded, cfg)
+    print(report("all labelers", results["stage"]))
+    (work / f"results-{args.size}-{args.sizes}-{device.replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -67,6 +67,6 @@ class Detectron2DetLabeler(Labeler):
             results.append((inst.scores.float(), inst.pred_classes, boxes.clamp_(0, 1)))
         return results
 
-    def finish(self, raw, height, width):
-        scores, labels, boxes = raw
+    def to_label(self, host):
+        scores, labels, boxes = host
         return detection_records(scores, labels, boxes, COCO_THINGS, self.options.get("min_score", 0.6))

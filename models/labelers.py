@@ -11,9 +11,17 @@ one label per image at that image's resolution (CLIP: one feature map per image)
     det     list of {boxes, class_name, score}, boxes normalized (xmin, ymin, xmax, ymax)
     clip    float32 (h, w, D)              CLIP ViT-B/16 patch tokens after the final layer norm and the
                                            projection; shortest side 224, so 14x14x512 for a square image
+
+For the stage, a call is split in two so that the device never waits for the host: `launch` queues one
+batch (forward pass, resizing to each image's size, the copy back to pinned host memory) and returns at once;
+`collect` waits for that batch and builds its labels. `run_overlapped` launches batch n+1 before collecting
+batch n, and `SizeBuckets` fills batches with images of one model input size.
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -32,12 +40,37 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class Launched:
+    """One batch queued on the device: its outputs (host copies that may still be in flight) and the event
+    that marks the end of its work."""
+
+    outputs: list
+    event: Any = None
+
+    def wait(self) -> float:
+        """Block until the batch is done; returns the seconds spent waiting (0 on a CPU)."""
+        if self.event is None:
+            return 0.0
+        start = time.perf_counter()
+        self.event.synchronize()
+        return time.perf_counter() - start
+
+
+def _to_host(value):
+    if isinstance(value, torch.Tensor):
+        return value.to("cpu", non_blocking=True)  # from a GPU: into pinned memory, without waiting
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value
+
+
 class Labeler:
     """Shared plumbing: loading, device, bf16 autocast on GPUs, and batching.
 
     A call takes images of any sizes; they are grouped by the model input size the labeler asks for
-    (`input_size`), resized on the device, run `batch_size` at a time, and each output is handed back to
-    `finish` with its own image's size.
+    (`input_size`), resized on the device, run `batch_size` at a time, and each output is handed to `finish`
+    (on the device) with its own image's size, then to `to_label` (on the host).
     """
 
     name: str
@@ -56,12 +89,16 @@ class Labeler:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> list:
-        """A normalized batch (B, 3, h, w) -> B raw outputs."""
+        """A normalized batch (B, 3, h, w) -> B raw outputs, left on the device."""
         raise NotImplementedError
 
     def finish(self, raw, height: int, width: int):
-        """One raw output -> the label at the image's own size."""
+        """One raw output -> the label's tensors at the image's own size, still on the device (no waiting)."""
         return raw
+
+    def to_label(self, host):
+        """`finish`'s tensors, now on the host -> the label handed back."""
+        return host.numpy()
 
     def _autocast(self):
         # bf16 on GPUs (the models bound the stage there); full precision on CPUs, where bf16 is slow.
@@ -87,19 +124,113 @@ class Labeler:
         return x
 
     @torch.inference_mode()
+    def launch(self, images: list[np.ndarray]) -> Launched:
+        """Queue one batch of images that share a model input size; returns without waiting for the device."""
+        with self._autocast():
+            raws = self.forward(self._batch(images, self.input_size(*images[0].shape[:2])))
+        outputs = _to_host([self.finish(raw, *im.shape[:2]) for raw, im in zip(raws, images)])
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        return Launched(outputs, event)
+
+    @torch.inference_mode()
+    def collect(self, launched: Launched) -> list:
+        launched.wait()
+        return [self.to_label(out) for out in launched.outputs]
+
     def __call__(self, images: list[np.ndarray]) -> list:
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(self.input_size(*im.shape[:2]), []).append(i)
+        """Labels for images of any sizes, in order; raises if any batch fails."""
+        buckets = SizeBuckets(self.input_size, self.batch_size, window=len(images))
+        batches = [b for i, im in enumerate(images) for b in buckets.add(i, im)] + buckets.flush()
         results: list = [None] * len(images)
-        for size, indices in groups.items():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                with self._autocast():
-                    raws = self.forward(self._batch([images[i] for i in chunk], size))
-                for i, raw in zip(chunk, raws):
-                    results[i] = self.finish(raw, *images[i].shape[:2])
+        for done in run_overlapped((self, [i for i, _ in b], [im for _, im in b]) for b in batches):
+            if done.error is not None:
+                raise done.error
+            for i, label in zip(done.tag, done.labels):
+                results[i] = label
         return results
+
+
+class SizeBuckets:
+    """Batches of images that share a model input size, filled across calls to `add`.
+
+    A bucket goes out when it holds `batch_size` images; while more than `window` images wait, the bucket
+    holding the oldest one goes out part-full, so no image waits behind more than `window` later ones (this
+    bounds memory and how far the ordered writers lag); `flush` empties every bucket, oldest first.
+    """
+
+    def __init__(self, input_size, batch_size: int, window: int):
+        self.input_size, self.batch_size, self.window = input_size, batch_size, window
+        # Insertion order is the order of each bucket's oldest image: a bucket is created by its first image.
+        self.buckets: dict[tuple[int, int], list] = {}
+        self.waiting = 0
+
+    def add(self, tag, image: np.ndarray) -> list[list[tuple[Any, np.ndarray]]]:
+        size = self.input_size(*image.shape[:2])
+        self.buckets.setdefault(size, []).append((tag, image))
+        self.waiting += 1
+        ready = [self._pop(size)] if len(self.buckets[size]) == self.batch_size else []
+        while self.waiting > self.window:
+            ready.append(self._pop(next(iter(self.buckets))))
+        return ready
+
+    def flush(self) -> list[list[tuple[Any, np.ndarray]]]:
+        return [self._pop(size) for size in list(self.buckets)]
+
+    def _pop(self, size) -> list[tuple[Any, np.ndarray]]:
+        batch = self.buckets.pop(size)
+        self.waiting -= len(batch)
+        return batch
+
+
+@dataclass
+class BatchDone:
+    """One batch's outcome: its labels, or the error that sank it; seconds spent on it on this thread (launch
+    and collect) and, of those, seconds spent waiting for the device."""
+
+    labeler: Labeler
+    tag: Any
+    images: list
+    labels: list | None
+    error: Exception | None
+    seconds: float
+    waited: float
+
+
+def run_overlapped(jobs: Iterable[tuple[Labeler, Any, list[np.ndarray]]]) -> Iterator[BatchDone]:
+    """(labeler, tag, images) batches -> their outcomes, in order, with one batch always queued ahead.
+
+    Batch n+1 is launched before batch n is collected, so the device works on it while the host reads back
+    and hands on batch n's labels and prepares the next batch; the device idles only when preparing and
+    launching a batch takes longer than running one.
+    """
+    in_flight = None
+    for labeler, tag, images in jobs:
+        start = time.perf_counter()
+        try:
+            launched = labeler.launch(images)
+        except Exception as err:  # noqa: BLE001 - the caller decides (retry alone, record)
+            launched = err
+        launch_seconds = time.perf_counter() - start
+        if in_flight is not None:
+            yield _collect(*in_flight)
+        in_flight = (labeler, tag, images, launched, launch_seconds)
+    if in_flight is not None:
+        yield _collect(*in_flight)
+
+
+def _collect(labeler, tag, images, launched, launch_seconds) -> BatchDone:
+    if isinstance(launched, Exception):
+        return BatchDone(labeler, tag, images, None, launched, launch_seconds, 0.0)
+    start, waited = time.perf_counter(), 0.0
+    try:
+        waited = launched.wait()
+        labels, error = labeler.collect(launched), None
+    except Exception as err:  # noqa: BLE001
+        labels, error = None, err
+    return BatchDone(labeler, tag, images, labels, error, launch_seconds + time.perf_counter() - start, waited)
 
 
 def _multiple(value: float, step: int) -> int:
@@ -148,8 +279,10 @@ class DepthLabeler(Labeler):
         return list(out if out.ndim == 4 else out.unsqueeze(1))
 
     def finish(self, raw, height, width):
-        out = F.interpolate(raw[None], size=(height, width), mode="bilinear", align_corners=False).clamp_(0, 1)
-        out = out[0].cpu().numpy()
+        return F.interpolate(raw[None], size=(height, width), mode="bilinear", align_corners=False)[0].clamp_(0, 1)
+
+    def to_label(self, host):
+        out = host.numpy()
         return out[0] if out.shape[0] == 1 else out.transpose(1, 2, 0)
 
 
@@ -189,7 +322,7 @@ class SemsegLabeler(Labeler):
 
     def finish(self, raw, height, width):
         semantic = F.interpolate(raw[None], size=(height, width), mode="bilinear", align_corners=False)
-        return semantic[0].argmax(0).to(torch.uint8).cpu().numpy()
+        return semantic[0].argmax(0).to(torch.uint8)
 
 
 class DetLabeler(Labeler):
@@ -211,10 +344,10 @@ class DetLabeler(Labeler):
         scores, labels = out.logits.float().sigmoid().max(-1)
         cx, cy, w, h = out.pred_boxes.float().clamp(0, 1).unbind(-1)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).clamp_(0, 1)
-        return list(zip(scores.cpu(), labels.cpu(), boxes.cpu()))
+        return list(zip(scores, labels, boxes))
 
-    def finish(self, raw, height, width):
-        scores, labels, boxes = raw
+    def to_label(self, host):
+        scores, labels, boxes = host
         return detection_records(scores, labels, boxes, self.model.config.id2label,
                                  self.options.get("min_score", 0.6))
 
@@ -247,7 +380,7 @@ class ClipLabeler(Labeler):
         tokens = vision(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
         features = self.model.visual_projection(vision.post_layernorm(tokens)).float()
         grid = features.reshape(len(x), x.shape[-2] // patch, x.shape[-1] // patch, -1)
-        return list(grid.cpu().numpy())
+        return list(grid)
 
 
 LABELERS: dict[str, type[Labeler]] = {

@@ -67,7 +67,10 @@ class LabelConfig(Section):
         description="hub id or local folder per labeler")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
     batch_size: int = Field(16, ge=1, description="images per forward pass")
-    chunk_size: int = Field(128, ge=1, description="images decoded and labelled together, streamed per shard")
+    chunk_size: int = Field(128, ge=1, description="images decoded together, one chunk ahead of the models")
+    batch_window: int = Field(
+        256, ge=1, description="images that may wait for a full batch of their model input size; bounds the "
+                               "decoded images held and how far the ordered label writers lag")
     decode_threads: int = Field(4, ge=1)
     workers: int | None = Field(None, ge=1, description="model replicas; None: one per GPU, else one")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a replica reserves when there is no GPU")

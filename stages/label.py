@@ -13,8 +13,9 @@ each modality's shard holds the rgb shard's keys in the rgb shard's order (a sam
 absent from that modality only, and recorded).
 
 One Ray actor per GPU (or per CPU slot) holds every requested labeler; it reads and decodes each image once
-for all of them, in chunks, decoding the next chunk while the models run on this one, and encodes labels on
-CPU threads while the next model runs, so that the GPU, not the CPU, bounds the stage. Shards are the unit
+for all of them, in chunks, decoding the next chunk while the models run on this one; it fills each model's
+batches with images of one input size, keeps one batch queued on the device while the last one's labels are
+read back, and encodes labels on CPU threads, so that the GPU, not the CPU, bounds the stage. Shards are the unit
 of progress: a labeler's shard is committed by its stats JSON and skipped on the next run.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import tarfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator
@@ -111,28 +112,33 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
 
 
 # -- one shard ---------------------------------------------------------------------------------------
-def _label_safely(labeler, images: list[np.ndarray]) -> list[tuple[object, str | None]]:
-    """Labels for a chunk; if the batch fails, each image is retried alone so one bad sample costs only itself."""
-    if not images:
-        return []
-    try:
-        return [(label, None) for label in labeler(images)]
-    except Exception:  # noqa: BLE001 - isolate the sample below
-        results = []
-        for image in images:
-            try:
-                results.append((labeler([image])[0], None))
-            except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
-                results.append((None, f"{type(err).__name__}: {err}"))
-        return results
+def _one_by_one(labeler, images: list[np.ndarray]) -> list[tuple[object, str | None]]:
+    """Labels for a batch that failed as a whole: each image alone, so one bad sample costs only itself."""
+    results = []
+    for image in images:
+        try:
+            results.append((labeler([image])[0], None))
+        except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
+            results.append((None, f"{type(err).__name__}: {err}"))
+    return results
 
 
 def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict[str, dict]:
-    """Label one rgb shard with every labeler given (name -> Labeler); commits one shard per labeler."""
+    """Label one rgb shard with every labeler given (name -> Labeler); commits one shard per labeler.
+
+    The images are read and decoded once, a chunk ahead; each labeler's batches are filled with images of one
+    model input size across chunks (`SizeBuckets`, at most `chunk_size` images waiting) and run with one
+    batch queued ahead on the device (`run_overlapped`); labels are encoded on CPU threads and written by one
+    thread per labeler in the rgb shard's key order.
+    """
+    from models.labelers import SizeBuckets, run_overlapped
+
     layout = DatasetLayout(root)
     started = time.time()
     records: dict[str, list[dict]] = {name: [] for name in labelers}
-    busy = dict.fromkeys(labelers, 0.0)
+    clock = {name: Counter() for name in labelers}  # seconds, waited, batches, images
+    decode_wait = 0.0
+    slots: dict[str, dict[str, Future]] = {name: {} for name in labelers}  # (encoded bytes, error) per key
 
     def decode(item):
         key, data = item
@@ -141,56 +147,83 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict
         except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
             return key, None, f"cannot decode {key}.jpg: {err}"
 
+    def encode_into(slot: Future, name, label, err):
+        data = None
+        if err is None:
+            try:
+                data = encode_label(name, label)
+            except Exception as enc_err:  # noqa: BLE001
+                err = f"cannot encode the {name} label: {enc_err}"
+        slot.set_result((data, err))
+
+    def write(name, key, shape, decode_err, slot):
+        if decode_err:
+            records[name].append({"key": key, "status": "decode_error", "error": decode_err})
+            return
+        data, err = slot.result()
+        if err:
+            records[name].append({"key": key, "status": "model_error", "error": err})
+        else:
+            writers[name].write(key, {name: (EXTENSIONS[name], data)})
+            records[name].append({"key": key, "status": OK, "height": shape[0], "width": shape[1]})
+
     with ExitStack() as stack:
         writers = {name: stack.enter_context(ShardWriter(layout, stage_name(name), shard, [name])) for name in labelers}
         pool = stack.enter_context(ThreadPoolExecutor(cfg.decode_threads))
-        # One writer thread per labeler keeps each tar in key order while the next model runs.
+        # One writer thread per labeler keeps each tar in key order while labels arrive in batch order.
         write_queues = {name: stack.enter_context(ThreadPoolExecutor(1)) for name in labelers}
+        buckets = {name: SizeBuckets(labeler.input_size, labeler.batch_size, cfg.batch_window)
+                   for name, labeler in labelers.items()}
         chunks = _chunks(read_rgb(layout.tar("rgb", shard)), cfg.chunk_size)
+        writes = []
 
         def start(chunk):  # decode the next chunk while the models work on this one
             return None if chunk is None else [pool.submit(decode, item) for item in chunk]
 
-        def encode(name, key, label, err):
-            if err is None:
-                try:
-                    return key, encode_label(name, label), None
-                except Exception as enc_err:  # noqa: BLE001
-                    return key, None, f"cannot encode the {name} label: {enc_err}"
-            return key, None, err
-
-        def write(name, decoded, encoded):
-            for key, image, decode_err in decoded:
-                if decode_err:
-                    records[name].append({"key": key, "status": "decode_error", "error": decode_err})
-                    continue
-                _, data, err = encoded[key].result()
-                if err:
-                    records[name].append({"key": key, "status": "model_error", "error": err})
-                else:
-                    writers[name].write(key, {name: (EXTENSIONS[name], data)})
-                    records[name].append({"key": key, "status": OK, "height": image.shape[0], "width": image.shape[1]})
-
-        writes = []
-        pending = start(next(chunks, None))
-        while pending is not None:
-            decoded = [f.result() for f in pending]
+        def batches():
+            nonlocal decode_wait
             pending = start(next(chunks, None))
-            good = [(key, image) for key, image, err in decoded if err is None]
+            while pending is not None:
+                t = time.perf_counter()
+                decoded = [f.result() for f in pending]
+                decode_wait += time.perf_counter() - t
+                pending = start(next(chunks, None))
+                for key, image, err in decoded:
+                    for name in labelers:
+                        slot = None if err else slots[name].setdefault(key, Future())
+                        shape = None if err else image.shape[:2]
+                        writes.append(write_queues[name].submit(write, name, key, shape, err, slot))
+                    if err is None:
+                        for name, labeler in labelers.items():
+                            for batch in buckets[name].add(key, image):
+                                yield labeler, (name, [k for k, _ in batch]), [im for _, im in batch]
             for name, labeler in labelers.items():
-                t = time.time()
-                labels = _label_safely(labeler, [im for _, im in good])
-                busy[name] += time.time() - t
-                encoded = {key: pool.submit(encode, name, key, label, err) for (key, _), (label, err) in zip(good, labels)}
-                writes.append(write_queues[name].submit(write, name, decoded, encoded))
+                for batch in buckets[name].flush():
+                    yield labeler, (name, [k for k, _ in batch]), [im for _, im in batch]
+
+        try:
+            for done in run_overlapped(batches()):
+                name, keys = done.tag
+                results = ([(label, None) for label in done.labels] if done.error is None
+                           else _one_by_one(done.labeler, done.images))
+                clock[name].update(seconds=done.seconds, waited=done.waited, batches=1, images=len(keys))
+                for key, (label, err) in zip(keys, results):
+                    pool.submit(encode_into, slots[name].pop(key), name, label, err)
+        finally:  # on an error, release the writer threads waiting for labels that will never come
+            for per_key in slots.values():
+                for slot in per_key.values():
+                    if not slot.done():
+                        slot.set_exception(RuntimeError(f"{shard}: labelling stopped before this sample"))
         for job in writes:
             job.result()  # surfaces a write error here, before anything is committed
         all_stats = {}
         for name, writer in writers.items():
-            counts = Counter(r["status"] for r in records[name])
+            counts, c = Counter(r["status"] for r in records[name]), clock[name]
             stats = {"rows": len(records[name]), "ok": counts.get(OK, 0), "status_counts": dict(sorted(counts.items())),
-                     "seconds": round(time.time() - started, 3), "model_seconds": round(busy[name], 3),
-                     "images_per_s": round(len(records[name]) / busy[name], 2) if busy[name] else None,
+                     "seconds": round(time.time() - started, 3), "model_seconds": round(c["seconds"], 3),
+                     "images_per_s": round(len(records[name]) / c["seconds"], 2) if c["seconds"] else None,
+                     "batches": c["batches"], "images_per_batch": round(c["images"] / c["batches"], 2) if c["batches"] else None,
+                     "device_wait_seconds": round(c["waited"], 3), "decode_wait_seconds": round(decode_wait, 3),
                      "started_at": started, "finished_at": time.time()}
             writer.commit(pa.Table.from_pylist(records[name], schema=STATUS_SCHEMA), stats)
             all_stats[name] = stats

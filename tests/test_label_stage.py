@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from stages.label import LabelInputError, _label_safely, run_label, stage_name
+from stages.label import LabelInputError, _one_by_one, label_shard, run_label, stage_name
 from tests.helpers import make_labelled_input as make_dataset
 from tests.helpers import photo
 
@@ -93,9 +93,104 @@ def test_one_failing_sample_costs_only_itself():
         return [im.shape for im in images]
 
     images = [np.zeros((10, 10, 3)), np.zeros((13, 10, 3)), np.zeros((11, 10, 3))]
-    results = _label_safely(labeler, images)
+    results = _one_by_one(labeler, images)
     assert results[0] == ((10, 10, 3), None) and results[2] == ((11, 10, 3), None)
     assert results[1] == (None, "RuntimeError: cannot label 1 images")
+
+
+def write_rgb_shard(root, sizes: list[tuple[int, int]]):
+    """One committed rgb shard of real photo crops with these (height, width)s, keys 0.. in order."""
+    import pyarrow as pa
+
+    from stages.shards import DatasetLayout, ShardWriter
+
+    layout, keys = DatasetLayout(root), [f"{i:09d}" for i in range(len(sizes))]
+    pixels = np.asarray(photo("astronaut"))
+    with ShardWriter(layout, "download", "shard-000000", ["rgb"]) as writer:
+        for key, (h, w) in zip(keys, sizes):
+            ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(pixels[:h, :w, ::-1]))
+            writer.write(key, {"rgb": ("jpg", jpeg.tobytes())})
+        writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys)}), {"rows": len(keys)})
+    return layout, keys
+
+
+def test_batches_fill_with_one_input_size_across_chunks(tiny_models, tmp_path):
+    from models.labelers import load_labeler
+
+    # Two aspect ratios taking turns, decoded two at a time: each chunk holds one image of each size.
+    sizes = [(96, 128), (128, 96)] * 4
+    layout, keys = write_rgb_shard(tmp_path, sizes)
+    depth = load_labeler("depth", tiny_models["depth"], device="cpu", batch_size=4)
+    cfg = config(tiny_models, "label.chunk_size=2", "label.batch_window=8").label
+    stats = label_shard(str(tmp_path), "shard-000000", {"depth": depth}, cfg)["depth"]
+    assert (stats["batches"], stats["images_per_batch"]) == (2, 4.0), "one full batch per input size"
+    stored = members(layout.tar("depth", "shard-000000"))
+    assert [n.split(".")[0] for n, _ in stored] == keys, "labels written in the rgb shard's order"
+    expected = depth([np.asarray(photo("astronaut"))[:h, :w] for h, w in sizes])
+    for (_, data), want in zip(stored, expected):
+        got = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert got.shape == want.shape and np.abs(got / 65535 - want).max() < 1e-4
+
+    # A window of 2 waiting images sends the oldest image's bucket out part-full.
+    stats = label_shard(str(tmp_path), "shard-000000", {"depth": depth},
+                        cfg.model_copy(update={"batch_window": 2}))["depth"]
+    assert (stats["batches"], stats["images_per_batch"]) == (4, 2.0)
+
+
+def test_size_buckets_send_the_oldest_image_first():
+    from models.labelers import SizeBuckets
+
+    buckets = SizeBuckets(lambda h, w: (h, w), batch_size=3, window=4)
+    image = {size: np.zeros((*size, 3), np.uint8) for size in [(1, 1), (2, 2), (3, 3)]}
+    assert buckets.add("a", image[1, 1]) == [] and buckets.add("b", image[2, 2]) == []
+    assert buckets.add("c", image[2, 2]) == [] and buckets.add("d", image[3, 3]) == []
+    # A fifth waiting image is one too many: the bucket holding the oldest ("a") goes, part-full.
+    assert [[t for t, _ in b] for b in buckets.add("e", image[2, 2])] == [["b", "c", "e"]]
+    assert [[t for t, _ in b] for b in buckets.add("f", image[3, 3])] == []
+    assert [[t for t, _ in b] for b in buckets.add("g", image[3, 3])] == [["d", "f", "g"]]
+    assert [[t for t, _ in b] for b in buckets.flush()] == [["a"]] and buckets.waiting == 0
+
+
+def test_next_batch_is_queued_before_the_last_is_read_back(tiny_models):
+    from models.labelers import DepthLabeler, run_overlapped
+
+    events = []
+
+    class Recording(DepthLabeler):  # the real labeler, telling the order of its two halves
+        def launch(self, images):
+            events.append(("launch", len(images)))
+            return super().launch(images)
+
+        def collect(self, launched):
+            events.append(("collect", len(launched.outputs)))
+            return super().collect(launched)
+
+    labeler = Recording(tiny_models["depth"], device="cpu")
+    images = [np.asarray(photo("astronaut"))[:64, :64]] * 6
+    done = list(run_overlapped((labeler, n, images[:n]) for n in (1, 2, 3)))
+    assert events == [("launch", 1), ("launch", 2), ("collect", 1), ("launch", 3), ("collect", 2), ("collect", 3)]
+    assert [d.tag for d in done] == [1, 2, 3] and all(d.error is None and len(d.labels) == d.tag for d in done)
+
+
+def test_a_failing_batch_is_redone_image_by_image(tiny_models, tmp_path):
+    from models.labelers import DepthLabeler
+
+    class FailsOnNarrow(DepthLabeler):  # a model error on one image, as a bad input would cause
+        def launch(self, images):
+            if any(im.shape[1] == 120 for im in images):
+                raise RuntimeError("cannot label a narrow image")
+            return super().launch(images)
+
+    # 96x120 shares 96x128's model input size: all four go to the model as one batch, which fails.
+    layout, keys = write_rgb_shard(tmp_path, [(96, 128), (96, 128), (96, 120), (96, 128)])
+    labeler = FailsOnNarrow(tiny_models["depth"], device="cpu", batch_size=4)
+    cfg = config(tiny_models, "label.chunk_size=4").label
+    stats = label_shard(str(tmp_path), "shard-000000", {"depth": labeler}, cfg)["depth"]
+    assert stats["status_counts"] == {"model_error": 1, "ok": 3} and stats["batches"] == 1
+    status = pq.read_table(layout.status_table("label_depth", "shard-000000")).to_pylist()
+    assert [(r["key"], r["status"]) for r in status] == [(k, "model_error" if k == keys[2] else "ok") for k in keys]
+    assert "cannot label a narrow image" in status[2]["error"]
+    assert [n.split(".")[0] for n, _ in members(layout.tar("depth", "shard-000000"))] == [keys[0], keys[1], keys[3]]
 
 
 def test_missing_input_is_a_clear_error(tiny_models, tmp_path):

@@ -65,7 +65,7 @@ def test_det_keeps_instances_at_or_above_the_threshold_best_first(tiny_models):
     scores = torch.tensor([0.2, 0.9, 0.6, 0.59, 0.75])
     labels = torch.tensor([0, 15, 16, 2, 34])
     boxes = torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 5)
-    kept = labeler.finish((scores, labels, boxes), 100, 100)
+    kept = labeler.to_label((scores, labels, boxes))
     assert [(i["class_name"], i["score"]) for i in kept] == [("cat", 0.9), ("baseball bat", 0.75), ("dog", 0.6)]
     assert kept[0]["boxes"] == [0.1, 0.2, 0.3, 0.4]
 
