@@ -13,7 +13,10 @@ benchmark's first version). Besides images/s it prints, per labeler, images per 
 batches of one input size are) and the share of the run the worker spent waiting for the device (high: the
 device bounds the stage) or for decoding.
 
-Run: python bench/bench_label.py [--size paper] [--images 256] [--batch-size 16] [--device auto]
+`--profile DIR` then labels one shard per labeler under torch.profiler and writes each labeler's busiest
+operators (by device time on a GPU, by CPU time otherwise) to DIR/profile-<labeler>.txt.
+
+Run: python bench/bench_label.py [--size paper] [--images 256] [--batch-size 16] [--device auto] [--profile DIR]
 """
 from __future__ import annotations
 
@@ -141,15 +144,35 @@ def report(label: str, result: dict) -> str:
     return line + f"  images/batch: {batches}  waiting for the device {waits:.0%}, for decoding {result['decode_wait']:.0%}"
 
 
+def profile_labelers(root: Path, shard: str, labelers: dict, cfg: LabelConfig, out: Path) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.is_available() and any(lab.device.type == "cuda" for lab in labelers.values())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    for name, labeler in labelers.items():
+        for path in (root / "_status" / f"label_{name}").glob("*.json"):
+            path.unlink()
+        with profile(activities=activities) as prof:
+            label_shard(str(root), shard, {name: labeler}, cfg)
+        table = prof.key_averages().table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total",
+                                          row_limit=30)
+        (out / f"profile-{name}.txt").write_text(table)
+        print(f"profile of {name}: {out / f'profile-{name}.txt'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=["tiny", "paper"])
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-sizes", default="", help="per labeler, e.g. clip=64,semseg=32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sizes", default="mixed", choices=["mixed", "six"])
     parser.add_argument("--window", type=int, default=512, help="label.batch_window")
+    parser.add_argument("--profile", default=None, help="folder for torch.profiler tables, one per labeler")
     parser.add_argument("--labelers", default=",".join(LABELER_NAMES))
     parser.add_argument("--work", default=str(HERE / "_work" / "label"))
     args = parser.parse_args()
@@ -181,13 +204,18 @@ def main() -> int:
     print(f"{'decode only':14} {results['decode_images_per_s']:8.1f} images/s ({cfg.decode_threads} threads)")
 
     options = {"det": {"min_score": cfg.det_min_score}}
-    loaded = {n: load_labeler(n, paths[n], args.device, args.batch_size, **options.get(n, {})) for n in names}
+    batch_sizes = {n: int(b) for n, b in (item.split("=") for item in args.batch_sizes.split(",") if item)}
+    cfg = cfg.model_copy(update={"batch_sizes": batch_sizes})
+    results["batch_sizes"] = {n: cfg.batch_size_of(n) for n in names}
+    loaded = {n: load_labeler(n, paths[n], args.device, cfg.batch_size_of(n), **options.get(n, {})) for n in names}
     label_shard(str(root), shards[0], loaded, cfg)  # warm-up: cuDNN autotuning, allocator, lazy inits
     for name, labeler in loaded.items():
         results["labelers"][name] = run(root, shards, {name: labeler}, cfg)
         print(report(name, results["labelers"][name]))
     results["stage"] = run(root, shards, loaded, cfg)
     print(report("all labelers", results["stage"]))
+    if args.profile:
+        profile_labelers(root, shards[0], loaded, cfg, Path(args.profile))
     (work / f"results-{args.size}-{args.sizes}-{device.replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))
     return 0
 

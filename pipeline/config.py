@@ -67,6 +67,9 @@ class LabelConfig(Section):
         description="hub id or local folder per labeler")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
     batch_size: int = Field(16, ge=1, description="images per forward pass")
+    batch_sizes: dict[str, int] = Field(
+        default_factory=dict, description="per-labeler batch sizes overriding batch_size (the models differ "
+                                          "in memory per image: DPT at 768 pixels, CLIP at 224)")
     chunk_size: int = Field(128, ge=1, description="images decoded together, one chunk ahead of the models")
     batch_window: int = Field(
         256, ge=1, description="images that may wait for a full batch of their model input size; bounds the "
@@ -92,6 +95,20 @@ class LabelConfig(Section):
         if unknown or not value:
             raise ValueError(f"unknown labelers {unknown} (known: {', '.join(LABELER_NAMES)})")
         return value
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _known_batch_sizes(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = [name for name in value if name not in LABELER_NAMES]
+        if unknown:
+            raise ValueError(f"batch sizes for unknown labelers {unknown} (known: {', '.join(LABELER_NAMES)})")
+        small = {name: size for name, size in value.items() if size < 1}
+        if small:
+            raise ValueError(f"batch sizes must be at least 1, got {small}")
+        return value
+
+    def batch_size_of(self, labeler: str) -> int:
+        return self.batch_sizes.get(labeler, self.batch_size)
 
     def resolved_det_backend(self) -> str:
         """The detector backend this run uses: `auto` picks detectron2 only when it can run.

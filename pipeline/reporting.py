@@ -33,6 +33,9 @@ class StageReporter:
             "images/s": stats.get("images_per_s"), "seconds": stats.get("seconds"),
             "state": "already committed" if skipped else "done",
             **({"tokens": stats["tokens"]} if "tokens" in stats else {}),
+            # the label stage: which side bounded the shard, and how full the model batches were
+            **({"waiting for device": stats["device_wait_share"], "waiting for decode": stats["decode_wait_share"],
+                "images/batch": stats["images_per_batch"]} if "device_wait_share" in stats else {}),
         })
         elapsed = time.time() - self.started
         left = elapsed / len(self.rows) * (self.total - len(self.rows))

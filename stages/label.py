@@ -231,14 +231,27 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict
 
 
 def merge_stats(per_labeler: dict[str, dict]) -> dict:
-    """One shard's stats across labelers, for progress displays: a sample is ok when every labeler is."""
+    """One shard's stats across labelers, for progress displays: a sample is ok when every labeler is.
+
+    The wait shares say which side bounded the shard: of its seconds, how many the worker spent waiting for
+    the device (the models) and for decoding (None for shards committed before these were recorded).
+    """
     first = next(iter(per_labeler.values()))
     counts = Counter()
     for name, stats in per_labeler.items():
         counts.update({(k if k == OK else f"{name}:{k}"): v for k, v in stats["status_counts"].items()})
     seconds = max(s["seconds"] for s in per_labeler.values())
+
+    def share(total):
+        return round(total / seconds, 3) if seconds and total is not None else None
+
+    recorded = all("device_wait_seconds" in s for s in per_labeler.values())
     return {"rows": first["rows"], "ok": min(s["ok"] for s in per_labeler.values()), "status_counts": dict(counts),
             "seconds": seconds, "images_per_s": round(first["rows"] / seconds, 2) if seconds else None,
+            "device_wait_share": share(sum(s["device_wait_seconds"] for s in per_labeler.values()) if recorded else None),
+            "decode_wait_share": share(first.get("decode_wait_seconds")),
+            "images_per_batch": ", ".join(f"{n} {s['images_per_batch']}" for n, s in per_labeler.items()
+                                          if s.get("images_per_batch")) or None,
             "labelers": per_labeler}
 
 
@@ -256,7 +269,7 @@ class LabelWorker:
             paths["det"] = cfg.det_detectron2_config
             options["det"].update(backend="detectron2", weights=cfg.det_detectron2_weights)
         self.root, self.cfg = root, cfg
-        self.labelers = {name: load_labeler(name, paths[name], cfg.device, cfg.batch_size,
+        self.labelers = {name: load_labeler(name, paths[name], cfg.device, cfg.batch_size_of(name),
                                             **options.get(name, {})) for name in names}
 
     def label(self, shard: str, names: list[str]) -> dict:

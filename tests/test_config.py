@@ -54,3 +54,12 @@ def test_detector_backend_is_chosen_by_configuration():
     assert load_config("demo", ["label.det_backend=transformers"]).label.resolved_det_backend() == "transformers"
     # auto without detectron2's files stays on the transformers detector, wherever detectron2 is installed
     assert load_config("demo").label.resolved_det_backend() == "transformers"
+
+
+def test_labelers_take_their_own_batch_sizes():
+    cfg = load_config("demo", ["label.batch_size=4", "label.batch_sizes={clip: 32, semseg: 8}"]).label
+    assert [cfg.batch_size_of(n) for n in ("depth", "semseg", "clip")] == [4, 8, 32]
+    with pytest.raises(ConfigError, match=r"batch sizes for unknown labelers \['dpeth'\]"):
+        load_config("demo", ["label.batch_sizes={dpeth: 8}"])
+    with pytest.raises(ConfigError, match=r"at least 1, got \{'clip': 0\}"):
+        load_config("demo", ["label.batch_sizes={clip: 0}"])

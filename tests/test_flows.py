@@ -109,6 +109,10 @@ def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tmp_
     pictures = Artifact.get("pseudo-label-samples").data
     assert pictures.count("data:image/png;base64,") == 2
     assert "| depth:decode_error | 1 |" in Artifact.get("pseudo-label-summary").data
+    shards = json.loads(Artifact.get("pseudo-label-shards").data)
+    assert [r["shard"] for r in shards] == ["shard-000000", "shard-000001"]
+    assert all(0 <= r["waiting for device"] <= 1 and 0 <= r["waiting for decode"] <= 1 for r in shards)
+    assert all(r["images/batch"].startswith("depth ") for r in shards)
 
 
 def test_show_draws_a_labelled_sample(ray_address, tmp_path):

@@ -137,6 +137,15 @@ def test_batches_fill_with_one_input_size_across_chunks(tiny_models, tmp_path):
     assert (stats["batches"], stats["images_per_batch"]) == (4, 2.0)
 
 
+def test_each_labeler_batches_at_its_own_size(tiny_models, tmp_path):
+    from stages.label import LabelWorker
+
+    write_rgb_shard(tmp_path, [(96, 128)] * 4)
+    cfg = config(tiny_models, "label.batch_size=1", "label.batch_sizes={clip: 4}").label
+    stats = LabelWorker(str(tmp_path), cfg, ["depth", "clip"]).label("shard-000000", ["depth", "clip"])
+    assert (stats["depth"]["batches"], stats["clip"]["batches"]) == (4, 1)
+
+
 def test_size_buckets_send_the_oldest_image_first():
     from models.labelers import SizeBuckets
 
