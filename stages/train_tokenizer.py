@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -342,8 +343,10 @@ def train_worker(args: dict) -> None:
                                      f"{modality} tokenizer, step {done}: {result['metric']} {result['value']:.4g}")
             with open(folder / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(last) + "\n")
-            print(f"[{modality}] step {done}/{plan.steps} " + " ".join(
-                f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)), flush=True)
+            # Not print(): Ray Train patches it in its workers to log and echo, so each line came out twice.
+            sys.stdout.write(f"[{modality}] step {done}/{plan.steps} " + " ".join(
+                f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)) + "\n")
+            sys.stdout.flush()
             window = []
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == stop):
             save_checkpoint(folder / "checkpoint", model, optimizer, done,
