@@ -14,7 +14,9 @@ batches of one input size are) and the share of the run the worker spent waiting
 device bounds the stage) or for decoding.
 
 `--profile DIR` then labels one shard per labeler under torch.profiler and writes each labeler's busiest
-operators (by device time on a GPU, by CPU time otherwise) to DIR/profile-<labeler>.txt.
+operators (by device time on a GPU, by CPU time otherwise) to DIR/profile-<labeler>.txt, and on a GPU the
+source lines where the host waited for the GPU (torch.cuda.set_sync_debug_mode) to DIR/syncs-<labeler>.txt:
+each such wait stops the worker from queueing the next batch while the GPU runs this one.
 
 Run: python bench/bench_label.py [--size paper] [--images 256] [--batch-size 16] [--device auto] [--profile DIR]
 """
@@ -26,6 +28,8 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -160,6 +164,28 @@ def profile_labelers(root: Path, shard: str, labelers: dict, cfg: LabelConfig, o
                                           row_limit=30)
         (out / f"profile-{name}.txt").write_text(table)
         print(f"profile of {name}: {out / f'profile-{name}.txt'}")
+        if gpu:
+            syncs = count_syncs(root, shard, {name: labeler}, cfg)
+            lines = [f"{count:6d}  {where}" for where, count in syncs.most_common()]
+            (out / f"syncs-{name}.txt").write_text("\n".join(lines) + "\n")
+            print(f"{name}: {sum(syncs.values())} host waits for the GPU in one shard, at {len(syncs)} places")
+
+
+def count_syncs(root: Path, shard: str, labelers: dict, cfg: LabelConfig) -> Counter:
+    """Where the worker's thread waits for the GPU while labelling one shard: 'file:line' -> times."""
+    import torch
+
+    for name in labelers:
+        for path in (root / "_status" / f"label_{name}").glob("*.json"):
+            path.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            label_shard(str(root), shard, labelers, cfg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
 
 
 def main() -> int:
