@@ -114,13 +114,18 @@ class GpuSampler:
         return round(float(np.mean(self.samples)) / 100, 3) if self.samples else None
 
 
+def uncommit(root: Path, names) -> None:
+    """Drop the labelers' commit markers, so that the next pass labels every shard again."""
+    for name in names:
+        for path in (root / "_status" / f"label_{name}").glob("*.json"):
+            path.unlink()
+
+
 def run(root: Path, shards: list[str], labelers: dict, cfg: LabelConfig) -> dict:
     """Label every shard; images/s, GPU busy, and per labeler images per batch and seconds waited."""
     import torch
 
-    for stage in {f"label_{n}" for n in labelers}:
-        for path in (root / "_status" / stage).glob("*.json"):
-            path.unlink()
+    uncommit(root, labelers)
     stats = []
     with GpuSampler() as gpu:
         start = time.perf_counter()
@@ -156,8 +161,7 @@ def profile_labelers(root: Path, shard: str, labelers: dict, cfg: LabelConfig, o
     gpu = torch.cuda.is_available() and any(lab.device.type == "cuda" for lab in labelers.values())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     for name, labeler in labelers.items():
-        for path in (root / "_status" / f"label_{name}").glob("*.json"):
-            path.unlink()
+        uncommit(root, [name])
         with profile(activities=activities) as prof:
             label_shard(str(root), shard, {name: labeler}, cfg)
         table = prof.key_averages().table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total",
@@ -175,9 +179,7 @@ def count_syncs(root: Path, shard: str, labelers: dict, cfg: LabelConfig) -> Cou
     """Where the worker's thread waits for the GPU while labelling one shard: 'file:line' -> times."""
     import torch
 
-    for name in labelers:
-        for path in (root / "_status" / f"label_{name}").glob("*.json"):
-            path.unlink()
+    uncommit(root, labelers)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")

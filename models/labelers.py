@@ -12,7 +12,7 @@ one label per image at that image's resolution (CLIP: one feature map per image)
     clip    float32 (h, w, D)              CLIP ViT-B/16 patch tokens after the final layer norm and the
                                            projection; shortest side 224, so 14x14x512 for a square image
 
-For the stage, a call is split in two so that the device never waits for the host: `launch` queues one
+For the stage, a call is split in two so that the device need not idle between batches: `launch` queues one
 batch (forward pass, resizing to each image's size, the copy back to pinned host memory) and returns at once;
 `collect` waits for that batch and builds its labels. `run_overlapped` launches batch n+1 before collecting
 batch n, and `SizeBuckets` fills batches with images of one model input size.
