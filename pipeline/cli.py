@@ -46,7 +46,10 @@ class ShardProgress:
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
         self.ok += stats["ok"]
         self.failed += stats["rows"] - stats["ok"]
-        self.bar.set_postfix(images=self.ok, failed=self.failed, refresh=False)
+        postfix = {"images": self.ok, "failed": self.failed}
+        if not skipped and stats.get("device_wait_share") is not None:  # the label stage: which side bounds it
+            postfix |= {"gpu_wait": f"{stats['device_wait_share']:.0%}", "decode_wait": f"{stats['decode_wait_share']:.0%}"}
+        self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:

@@ -219,6 +219,7 @@ def test_label_command_runs_a_subset(ray_address, tiny_models, tmp_path):
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "label: 100%" in result.stderr and "semseg  ok 4, decode_error 1" in result.stdout
+    assert "gpu_wait=0%" in result.stderr, "the bar says how long the worker waited for the device (none on a CPU)"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_")) == ["caption", "det", "rgb",
                                                                                        "semseg"]
 
