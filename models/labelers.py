@@ -50,11 +50,12 @@ class Launched:
     event: Any = None
 
     def wait(self) -> float:
-        """Block until the batch is done; returns the seconds spent waiting (0 on a CPU)."""
+        """Block until the batch is done; returns the seconds spent waiting (0 on a CPU, or once done)."""
         if self.event is None:
             return 0.0
         start = time.perf_counter()
         self.event.synchronize()
+        self.event = None  # done: `collect` after `run_overlapped`'s timed wait does not wait again
         return time.perf_counter() - start
 
 
