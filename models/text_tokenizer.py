@@ -5,11 +5,13 @@ Layout, as the reference implementation's (ids in this order):
     0..3        [PAD] [UNK] [SOS] [EOS]
     4..203      [S_0] .. [S_199]               sentinels for span masking
     204..4203   v0=0..v0=999, v1=.., v2=.., v3=..   one set of 1000 coordinate bins per box corner value
-    4204..4283  the 80 COCO class names, each a single token (even "baseball bat")
+    4204..4283  the 80 COCO class names in alphabetical order, each a single token (even "baseball bat")
     4284..      WordPiece pieces learned from the dataset's captions (30K ids in all in the `paper` profile)
 
-BERT normalizer (lowercase) and pre-tokenizer. Class names and coordinate tokens match whole words after
-normalization, so "Dog" in a caption is the same token as a box's "dog" and "hotdog" stays a word.
+All 4284 fixed tokens are special and single-word, as the reference's: a token matches a whole word only, so
+"hotdog" stays a word. Class names are matched after normalization (lowercase), so "Dog" in a caption is the
+same token as a box's "dog"; sentinels and coordinates are matched as written. BERT normalizer (lowercase) and
+pre-tokenizer, no post-processor, WordPiece decoder.
 
 Boxes serialize as in the paper (Pix2Seq): objects ordered by the distance of (xmin, ymin) to the origin,
 each as `v0=xmin v1=ymin v2=xmax v3=ymax class name`, coordinates round(c * 999).
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from models.coco import COCO_THINGS
 
+CLASS_TOKENS = sorted(COCO_THINGS)  # the reference orders the class names alphabetically: 4204 airplane
 CONTROL_TOKENS = ["[PAD]", "[UNK]", "[SOS]", "[EOS]"]
 SENTINEL_TOKENS = [f"[S_{i}]" for i in range(200)]
 COORD_BINS = 1000
@@ -36,12 +39,13 @@ class BoxTextError(ValueError):
 def build_trainer(vocab_size: int):
     from tokenizers import AddedToken, trainers
 
-    words = [AddedToken(t, single_word=True, normalized=True) for t in COORD_TOKENS + list(COCO_THINGS)]
-    fixed = len(CONTROL_TOKENS) + len(SENTINEL_TOKENS) + len(words)
-    if vocab_size <= fixed:
-        raise ValueError(f"vocab_size {vocab_size} leaves no room for learned pieces (the fixed tokens take {fixed})")
-    return trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=CONTROL_TOKENS + SENTINEL_TOKENS + words,
-                                     show_progress=False)
+    fixed = ([AddedToken(t, special=True) for t in CONTROL_TOKENS]
+             + [AddedToken(t, special=True, single_word=True, normalized=False) for t in SENTINEL_TOKENS + COORD_TOKENS]
+             + [AddedToken(t, special=True, single_word=True, normalized=True) for t in CLASS_TOKENS])
+    if vocab_size <= len(fixed):
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for learned pieces (the fixed tokens take "
+                         f"{len(fixed)})")
+    return trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=fixed, show_progress=False)
 
 
 def train_text_tokenizer(captions: Iterable[str], vocab_size: int, path: str | Path | None = None):
