@@ -33,8 +33,9 @@ down: $(STAMP)
 status: $(STAMP)
 	$(BIN)/python -m pipeline services
 
-# The dataset stages on the configured dataset: PROFILE=paper DATA=data/cc12m make tokenize
-PROFILE ?= demo
+# The dataset stages, with the paper's settings on data/cc12m unless told otherwise:
+#   make tokenize                          PROFILE=demo make tokenize (the demo dataset)
+PROFILE ?= paper
 DATA_ARG = $(if $(DATA),--data $(DATA),)
 
 train-tokenizers: $(STAMP)
@@ -44,7 +45,7 @@ tokenize: $(STAMP)
 	$(BIN)/python -m pipeline tokenize --profile $(PROFILE) $(DATA_ARG)
 
 verify: $(STAMP)
-	$(BIN)/python -m pipeline verify --data $(or $(DATA),data/demo)
+	$(BIN)/python -m pipeline verify --data $(or $(DATA),$(if $(filter demo,$(PROFILE)),data/demo,data/cc12m))
 
 bench-download: $(STAMP)
 	$(BIN)/python bench/bench_download.py

@@ -44,6 +44,9 @@ class Detectron2DetLabeler(Labeler):
             predictor.test_score_thresh = options.get("min_score", 0.6)  # drop weak boxes before NMS
         self.model = instantiate(config.model).to(self.device).eval()
         DetectionCheckpointer(self.model).load(options["weights"])
+        from models.weights import model_record
+
+        self.provenance = model_record(options["weights"], self.model)
         self.bgr = str(config.model.get("input_format", "BGR")).upper() == "BGR"
 
     def _autocast(self):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -80,8 +81,12 @@ class Labeler:
     std: tuple | None = None
 
     def __init__(self, path: str, device: str = "auto", batch_size: int = 8, **options):
+        from models.weights import model_record
+
         self.device = pick_device(device)
-        self.model = self.model_class().from_pretrained(path).to(self.device).eval()
+        model = self.model_class().from_pretrained(path)
+        self.provenance = model_record(path, model)  # what made the labels: recorded in every shard's stats
+        self.model = model.to(self.device).eval()
         self.batch_size, self.options = batch_size, options
 
     def model_class(self):
@@ -395,6 +400,56 @@ class ClipLabeler(Labeler):
 LABELERS: dict[str, type[Labeler]] = {
     cls.name: cls for cls in (DepthLabeler, NormalLabeler, SemsegLabeler, DetLabeler, ClipLabeler)
 }
+
+
+WEIGHTS_HINTS = {
+    "depth": "convert Omnidata's omnidata_dpt_depth_v2.ckpt with `python -m pipeline convert-omnidata --task depth "
+             "--checkpoint omnidata_dpt_depth_v2.ckpt --out {path}`",
+    "normal": "convert Omnidata's omnidata_dpt_normal_v2.ckpt with `python -m pipeline convert-omnidata --task normal "
+              "--checkpoint omnidata_dpt_normal_v2.ckpt --out {path}`",
+}
+HUB_HINT = ("fetch it where a network exists (`hf download {path}`) into the Hugging Face cache, or save it with "
+            "save_pretrained to a folder")
+
+
+class WeightsUnavailable(ValueError):
+    """A labeler's weights cannot be reached: the message names the model and how to provide it."""
+
+
+def _looks_local(path: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything deeper, or rooted, is a folder on disk.
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).exists()
+
+
+def check_weights(name: str, path: str) -> None:
+    """Fail at once, before any work, when a labeler's weights are neither a local model folder nor reachable on
+    the Hugging Face hub; the message says how to provide them. Never falls back to anything else."""
+    import os
+
+    setting = f"label.models.{name} = {path!r}"
+    if _looks_local(path):
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            hint = WEIGHTS_HINTS.get(name, "save a model there with save_pretrained").format(path=path)
+            raise WeightsUnavailable(f"{setting}: no such folder; {hint}, or point --set label.models.{name}=... at "
+                                     f"a model folder")
+        if not (folder / "config.json").is_file():
+            raise WeightsUnavailable(f"{setting}: {folder} holds no config.json (not a saved model folder)")
+        return
+    from huggingface_hub import hf_hub_download, is_offline_mode, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return  # cached: the weights come from the cache when the labeler loads
+    offline = is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline:
+        raise WeightsUnavailable(f"{setting}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                 + HUB_HINT.format(path=path))
+    try:
+        hf_hub_download(path, "config.json")  # a few kB; the weights follow when the labeler loads
+    except Exception as err:  # noqa: BLE001 - any failure to reach it is the finding
+        raise WeightsUnavailable(f"{setting}: cannot reach it on the Hugging Face hub ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''}); " + HUB_HINT.format(path=path)
+                                 ) from None
 
 
 def load_labeler(name: str, path: str, device: str = "auto", batch_size: int = 8, backend: str = "transformers",

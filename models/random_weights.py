@@ -13,6 +13,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from models.coco import COCO_PANOPTIC, COCO_THINGS
+from models.weights import mark_random_weights
 
 
 hf_logging.disable_progress_bar()  # a bar per saved model would drown the demo's own output
@@ -101,6 +102,7 @@ def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int
                 for p in model.parameters():
                     p.add_(torch.randn_like(p) * 0.05)
         model.save_pretrained(path)
+        mark_random_weights(path, labeler=name, size=size, seed=seed)  # every label it makes says so
     return str(path)
 
 

@@ -5,11 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import DEFAULT_PROFILE, Config, ConfigError, load_config
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default="demo", help="profile name (demo, paper) or a YAML path")
+def _add_config_args(parser: argparse.ArgumentParser, default: str = DEFAULT_PROFILE) -> None:
+    parser.add_argument("--profile", default=default,
+                        help=f"profile name (paper, demo) or a YAML path (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any configuration value, e.g. --set download.timeout=20 (repeatable)")
 
@@ -101,7 +102,10 @@ def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
     """Sample fates per labeler or tokenizer, the shard counts, and the shards to redo; the exit status."""
     for name, counts in summary.status_counts.items():
         print(f"{prefix}{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
-    print(f"{summary.shards_done} shards {verb}, {summary.shards_skipped} already committed, {details}")
+    if summary.shards_done == 0 and not summary.failed_shards:
+        print(f"nothing to do: all {summary.shards_skipped} shards were already {verb}")
+    else:
+        print(f"{summary.shards_done} shards {verb}, {summary.shards_skipped} already committed, {details}")
     for shard, err in summary.failed_shards.items():
         print(f"shard {shard} failed and will be redone on the next run: {err.splitlines()[0]}", file=sys.stderr)
     return 1 if summary.failed_shards else 0
@@ -144,7 +148,33 @@ def cmd_tokenize(args) -> int:
     finally:
         progress.close()
     rate = f", {summary.tokens / summary.seconds:.0f} tokens/s" if summary.seconds and summary.tokens else ""
-    return print_per_model(summary, "tok_", "tokenized", f"{summary.tokens} tokens in {summary.seconds:.1f} s{rate}")
+    status = print_per_model(summary, "tok_", "tokenized", f"{summary.tokens} tokens in {summary.seconds:.1f} s{rate}")
+    print_alignment(summary.dropped, summary.unaligned, config.data_root)
+    return status or (1 if summary.unaligned else 0)
+
+
+def print_alignment(dropped: int, unaligned: dict[str, str], root) -> None:
+    print(f"aligned: every loader folder holds the same keys in every shard; {dropped} samples that failed somewhere "
+          f"are dropped from all of them (reasons in {Path(root) / '_status' / 'align'}/, members kept in "
+          f"{Path(root) / '_dropped'}/)" if not unaligned else
+          f"{len(unaligned)} shards not aligned yet; {dropped} samples dropped so far")
+    for reason in unaligned.values():
+        print(f"  {reason}", file=sys.stderr)
+
+
+def cmd_align(args) -> int:
+    from stages.align import STAGE, align_dataset
+    from stages.shards import DatasetLayout
+
+    if not Path(args.data).is_dir():
+        raise ConfigError(f"--data {args.data!r}: no such folder")
+    results = align_dataset(args.data)
+    layout = DatasetLayout(args.data)
+    dropped = sum(layout.read_stats(STAGE, s)["status_counts"].get("dropped", 0) for s in layout.committed_shards(STAGE))
+    unaligned = {shard: result for shard, result in results.items() if isinstance(result, str)}
+    print(f"{len(results) - len(unaligned)} shards aligned now, the others already were")
+    print_alignment(dropped, unaligned, args.data)
+    return 1 if unaligned else 0
 
 
 def cmd_verify(args) -> int:
@@ -161,15 +191,23 @@ def cmd_verify(args) -> int:
     if checked:
         print(f"checked {checked['shards']} shards x {checked['folders']} folders, {checked['members']} members: "
               f"{'OK' if not problems else f'{len(problems)} problems'}")
+    from stages.status import RANDOM_WARNING, random_weight_stages
+
+    random_stages = random_weight_stages(args.data)
+    if random_stages:
+        print(RANDOM_WARNING.format(stages=", ".join(random_stages)))
     return 1 if problems else 0
 
 
 def cmd_status(args) -> int:
-    from stages.status import format_table, stage_rows, tokenizer_rows
+    from stages.status import RANDOM_WARNING, format_table, random_weight_stages, stage_rows, tokenizer_rows
 
     if not Path(args.data).is_dir():
         raise ConfigError(f"--data {args.data!r}: no such folder")
     print(format_table(stage_rows(args.data)))
+    random_stages = random_weight_stages(args.data)
+    if random_stages:
+        print("\n" + RANDOM_WARNING.format(stages=", ".join(random_stages)))
     tokenizers = tokenizer_rows(args.data)
     if tokenizers:
         print("\n" + format_table(tokenizers))
@@ -234,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _download_parser(sub)
     demo = sub.add_parser("demo", help="serve the bundled photos over loopback and build the demo dataset")
     demo.add_argument("--output", help="dataset root (default: the profile's data_root)")
-    _add_config_args(demo)
+    _add_config_args(demo, default="demo")
     label = sub.add_parser("label", help="pseudo-label the rgb shards: depth, normals, segmentation, boxes, CLIP")
     label.add_argument("--data", help="dataset root (default: the profile's data_root)")
     label.add_argument("--labelers", help="comma-separated subset of depth,normal,semseg,det,clip (default: all)")
@@ -260,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("services", help="say which of the local services run")
     status = sub.add_parser("status", help="each stage's progress, read from the dataset's status files alone")
     status.add_argument("--data", required=True, help="dataset root")
+    align = sub.add_parser("align", help="drop every sample missing from any loader folder from all of them "
+                                         "(the tokenize stage does this itself)")
+    align.add_argument("--data", required=True, help="dataset root")
     verify = sub.add_parser("verify", help="check that every modality folder is whole and aligned with rgb/")
     verify.add_argument("--data", required=True, help="dataset root")
     convert = sub.add_parser("convert-omnidata",
@@ -278,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
             "convert-omnidata": cmd_convert_omnidata, "demo": cmd_demo, "serve": cmd_serve,
             "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,
-            "status": cmd_status, "up": cmd_services, "down": cmd_services, "services": cmd_services}
+            "status": cmd_status, "align": cmd_align, "up": cmd_services, "down": cmd_services, "services": cmd_services}
 
 
 def main(argv: list[str] | None = None) -> int:

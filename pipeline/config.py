@@ -175,7 +175,7 @@ class RayConfig(Section):
 
 class Config(Section):
     profile: str = "default"
-    data_root: str = "data/demo"
+    data_root: str = "data/cc12m"
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)
@@ -236,8 +236,11 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
+DEFAULT_PROFILE = "paper"  # the real settings; the demo's apply only where the demo is named
+
+
 def load_config(
-    profile: str = "demo",
+    profile: str = DEFAULT_PROFILE,
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
 ) -> Config:

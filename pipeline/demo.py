@@ -95,7 +95,14 @@ def download_demo_photos(root: Path, config: Config, observer=None):
             urls = root / "urls.tsv"
             write_demo_list(Path(site), base_url, urls)
             print(f"serving {len(DEMO_PHOTOS)} demo photos at {base_url}; list written to {urls}")
-            return run_download(urls, root, config, observer=observer)
+            return run_download(urls, root, allow_demo_server(config, base_url), observer=observer)
+
+
+def allow_demo_server(config: Config, base_url: str) -> Config:
+    """The configuration with the demo's own server, and no other private address, let through the guard."""
+    host_port = base_url.split("://", 1)[1]
+    download = config.download.model_copy(update={"allowed_hosts": [*config.download.allowed_hosts, host_port]})
+    return config.model_copy(update={"download": download})
 
 
 def save_demo_models(config: Config) -> None:

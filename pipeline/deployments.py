@@ -1,41 +1,40 @@
-"""The Prefect deployments, served by `python -m pipeline serve` from the checkout (keep it running;
-`prefect deployment run download/cc12m`, `pseudo-label/cc12m`, `train-tokenizers/cc12m` or `tokenize/cc12m`
-then hands it runs). Parameters can be
-overridden per run with `--param`."""
+"""The Prefect deployments, served by `python -m pipeline serve` from the checkout (`make up` runs it).
+
+`<flow>/cc12m` runs the `paper` profile on `data/cc12m` (the real models and settings, CC12M's list at
+`data/cc12m.tsv`); `<flow>/demo` runs the `demo` profile on `data/demo`, the bundled photos served over loopback
+and tiny random-weight models. `prefect deployment run pseudo-label/cc12m` then hands the server a run;
+`--param` overrides a parameter for one run (`--param data=/mnt/cc12m`).
+"""
 from __future__ import annotations
 
 from pipeline.flows import (cc12m_pipeline_flow, download_flow, pseudo_label_flow, tokenize_flow,
                             train_tokenizers_flow)
 
+STAGE_FLOWS = {
+    # flow -> (what it does, its parameters on CC12M, its parameters on the demo)
+    download_flow: ("Download a URL list (url<TAB>caption) into webdataset shards.",
+                    {"input": "data/cc12m.tsv", "output": "data/cc12m"}, {"input": "demo", "output": "data/demo"}),
+    pseudo_label_flow: ("Pseudo-label every rgb shard: depth, normals, segmentation, boxes, CLIP maps.",
+                        {"data": "data/cc12m"}, {"data": "data/demo"}),
+    train_tokenizers_flow: ("Train the text tokenizer and one VQ-VAE per dense modality (Ray Train).",
+                            {"data": "data/cc12m"}, {"data": "data/demo"}),
+    tokenize_flow: ("Encode every sample's crops into tok_<modality>@224 shards with the trained tokenizers.",
+                    {"data": "data/cc12m"}, {"data": "data/demo"}),
+    cc12m_pipeline_flow: ("URLs to tokens: download, pseudo-label, train tokenizers, tokenize; resumes where it "
+                          "stopped.", {"input": "data/cc12m.tsv", "data": "data/cc12m"},
+                          {"input": "demo", "data": "data/demo"}),
+}
+
 
 def deployments() -> list:
-    return [
-        download_flow.to_deployment(
-            name="cc12m",
-            parameters={"input": "data/cc12m.tsv", "output": "data/cc12m", "profile": "paper"},
-            description="Download CC12M (url<TAB>caption) into webdataset shards.",
-        ),
-        pseudo_label_flow.to_deployment(
-            name="cc12m",
-            parameters={"profile": "demo"},  # the demo dataset by default; --param profile=paper data=...
-            description="Pseudo-label every rgb shard: depth, normals, segmentation, boxes, CLIP maps.",
-        ),
-        train_tokenizers_flow.to_deployment(
-            name="cc12m",
-            parameters={"profile": "demo"},
-            description="Train the text tokenizer and one VQ-VAE per dense modality (Ray Train).",
-        ),
-        tokenize_flow.to_deployment(
-            name="cc12m",
-            parameters={"profile": "demo"},
-            description="Encode every sample's crops into tok_<modality>@224 shards with the trained tokenizers.",
-        ),
-        cc12m_pipeline_flow.to_deployment(
-            name="cc12m",
-            parameters={"input": "demo", "profile": "demo"},  # --param input=cc12m.tsv profile=paper data=...
-            description="URLs to tokens: download, pseudo-label, train tokenizers, tokenize; resumes where it stopped.",
-        ),
-    ]
+    made = []
+    for flow, (description, cc12m, demo) in STAGE_FLOWS.items():
+        made.append(flow.to_deployment(name="cc12m", parameters={**cc12m, "profile": "paper"},
+                                       description=f"{description} CC12M with the paper's models and settings."))
+        made.append(flow.to_deployment(name="demo", parameters={**demo, "profile": "demo"},
+                                       description=f"{description} The demo: bundled photos, tiny random-weight "
+                                                   "models."))
+    return made
 
 
 def serve() -> None:

@@ -95,7 +95,7 @@ def download_flow(input: str = "data/cc12m.tsv", output: str | None = None, prof
 
 
 @flow(name="pseudo-label", log_prints=True)
-def pseudo_label_flow(data: str | None = None, profile: str = "demo", labelers: list[str] | None = None,
+def pseudo_label_flow(data: str | None = None, profile: str = "paper", labelers: list[str] | None = None,
                       overrides: list[str] | None = None, pictures: int = 3) -> dict:
     """Pseudo-label the rgb shards under `data` (default: the profile's data_root)."""
     extra = [f"label.labelers={labelers}"] if labelers else []
@@ -106,7 +106,7 @@ def pseudo_label_flow(data: str | None = None, profile: str = "demo", labelers: 
 
 
 @flow(name="train-tokenizers", log_prints=True)
-def train_tokenizers_flow(data: str | None = None, profile: str = "demo", modalities: list[str] | None = None,
+def train_tokenizers_flow(data: str | None = None, profile: str = "paper", modalities: list[str] | None = None,
                           overrides: list[str] | None = None) -> dict:
     """Train every tokenizer not yet trained (text, then the dense VQ-VAEs) on the dataset under `data`."""
     extra = [f"tokenizer.modalities={modalities}"] if modalities else []
@@ -115,7 +115,7 @@ def train_tokenizers_flow(data: str | None = None, profile: str = "demo", modali
 
 
 @flow(name="tokenize", log_prints=True)
-def tokenize_flow(data: str | None = None, profile: str = "demo", modalities: list[str] | None = None,
+def tokenize_flow(data: str | None = None, profile: str = "paper", modalities: list[str] | None = None,
                   overrides: list[str] | None = None) -> dict:
     """Encode every sample's crops with every trained tokenizer into tok_<modality>@224 shards."""
     config = load_config(profile, overrides, {"data_root": data})
@@ -171,7 +171,7 @@ def tokenize_stage(profile: str, overrides: list[str], data: str | None) -> dict
 
 
 @flow(name="cc12m-pipeline", log_prints=True)
-def cc12m_pipeline_flow(input: str = "demo", data: str | None = None, profile: str = "demo",
+def cc12m_pipeline_flow(input: str = "data/cc12m.tsv", data: str | None = None, profile: str = "paper",
                         labelers: list[str] | None = None, ray_address: str | None = None,
                         overrides: list[str] | None = None) -> dict:
     """URLs to tokens: download, pseudo-label, train the tokenizers, tokenize. Each stage skips what is

@@ -1,12 +1,39 @@
-"""Starting or joining Ray: a cluster when RAY_ADDRESS (or ray.address) names one, a local Ray otherwise."""
+"""Starting or joining Ray: a cluster when RAY_ADDRESS (or ray.address) names one, a local Ray otherwise.
+
+What reaches the console: our own progress and results (printed by the driver and, through Ray, by the
+training workers), warnings and errors. Ray's own INFO lines (the local instance starting, the token
+authentication notice, Ray Train's worker-group and process-group lines) stay in Ray's session logs
+(/tmp/ray/session_latest/logs); `RAY_LOG_LEVEL=INFO` brings them back to the console.
+"""
 from __future__ import annotations
 
+import logging
 import os
 
 from pipeline.config import RayConfig
 
 
 _dashboard: dict[str, str | None] = {"url": None}
+
+
+def _console_level() -> str:
+    return os.environ.get("RAY_LOG_LEVEL", "WARNING").upper()
+
+
+def train_logging():
+    """Ray Train's console logging: warnings and errors (its INFO lines go to its log files only).
+
+    On a one-machine Ray there is no node to be preempted, so Ray Train's preemption watcher (an observability
+    actor: it reports node drains) is left out there, unless RAY_TRAIN_ENABLE_PREEMPTION_WATCHER says otherwise;
+    starting it makes Ray's core worker log an `E ... core_worker.cc` line on every run that is not a failure.
+    Clusters of several machines keep it.
+    """
+    import ray
+    from ray.train import LoggingConfig
+
+    if len([node for node in ray.nodes() if node.get("Alive")]) == 1:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by the driver, passed on by Ray
+    return LoggingConfig(log_level=_console_level())
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -16,13 +43,24 @@ def init_ray(cfg: RayConfig) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry calls out
     address = os.environ.get("RAY_ADDRESS") or cfg.address
+    # The driver's `ray` logger: the local-instance notices are INFO lines, so only warnings and errors.
+    driver_level = logging.WARNING if _console_level() == "WARNING" else _console_level()
+    quiet = {
+        "logging_level": driver_level,
+        "log_to_driver": True,  # the workers' own output: the training progress lines
+        "logging_config": ray.LoggingConfig(log_level=_console_level()),  # Python logging in the job's workers
+    }
     if address:
-        context = ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, **quiet)
     else:
         # address="local": our own Ray, not a head that `ray start` left running on this machine. Its dashboard
-        # shows the run (and Ray Train asks its state API about its workers).
+        # shows the run (and Ray Train asks its state API about its workers). Token authentication stays on, as
+        # Ray's default for a new local cluster; only its notice saying so is kept off the console (its other
+        # warning, about a cluster without authentication, cannot apply to this one).
+        if _console_level() == "WARNING":
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         context = ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
-                           include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+                           include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     url = getattr(context, "dashboard_url", None)
     _dashboard["url"] = (url if url.startswith("http") else f"http://{url}") if url else None
 

@@ -36,6 +36,7 @@ class StageReporter:
             # the label stage: which side bounded the shard, and how full the model batches were
             **({"waiting for device": stats["device_wait_share"], "waiting for decode": stats["decode_wait_share"],
                 "images/batch": stats["images_per_batch"]} if "device_wait_share" in stats else {}),
+            **({"random weights": ", ".join(stats["random_weights"]) or "none"} if "random_weights" in stats else {}),
         })
         elapsed = time.time() - self.started
         left = elapsed / len(self.rows) * (self.total - len(self.rows))
@@ -56,13 +57,18 @@ class StageReporter:
         elapsed = time.time() - self.started
         ok = self.counts.get("ok", 0)
         failures = [(k, v) for k, v in self.counts.most_common() if k != "ok"]
+        done = [row for row in self.rows if row["state"] == "done"]
+        if done:  # a rate over the shards this run did, never over shards it found committed
+            rate = f"**{sum(row['ok'] for row in done) / elapsed if elapsed else 0:.1f} samples/s** in this run " \
+                   f"({len(done)} shards done, {len(self.rows) - len(done)} already committed)"
+        else:
+            rate = f"**nothing to do**: all {len(self.rows)} shards were already committed"
         lines = [f"# {self.stage}", "",
                  f"**{ok}** samples kept of {sum(self.counts.values())} rows, "
-                 f"{len(self.rows)} of {self.total} shards, {elapsed:.1f} s, "
-                 f"**{ok / elapsed if elapsed else 0:.1f} samples/s** in this run", "",
+                 f"{len(self.rows)} of {self.total} shards, {elapsed:.1f} s; {rate}", "",
                  "| failure reason | rows |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in failures] or ["| (none) | 0 |"]
-        tokens = sum(row.get("tokens", 0) for row in self.rows if row["state"] == "done")
+        tokens = sum(row.get("tokens", 0) for row in done)
         if tokens:
             lines += ["", f"**{tokens / elapsed if elapsed else 0:.0f} tokens/s** written in this run ({tokens} tokens)"]
         markdown = "\n".join(lines)
@@ -97,11 +103,13 @@ def publish_stage_table(root, key: str) -> list[dict]:
     from prefect.artifacts import create_link_artifact
 
     from pipeline.ray_runtime import dashboard_url
-    from stages.status import stage_rows
+    from stages.status import RANDOM_WARNING, random_weight_stages, stage_rows
 
     rows = stage_rows(root)
     if rows:
-        create_table_artifact(rows, key=key, description=f"stages of {root}")
+        random_stages = random_weight_stages(root)
+        warning = f" -- {RANDOM_WARNING.format(stages=', '.join(random_stages))}" if random_stages else ""
+        create_table_artifact(rows, key=key, description=f"stages of {root}{warning}")
     if dashboard_url():
         create_link_artifact(dashboard_url(), link_text="Ray dashboard", key="ray-dashboard",
                              description="the Ray cluster running the stages")

@@ -72,9 +72,10 @@ def _services() -> list[tuple[str, list[str], str]]:
         ("ray-head", [str(BIN / "ray"), "start", "--head", "--block", "--port", str(p["ray"]), "--include-dashboard",
                       "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(p["dashboard"]),
                       "--disable-usage-stats"], u["ray_dashboard"]),
-        # ready once its deployments are registered, so `prefect deployment run` right after `up` finds them
+        # ready once its deployments are registered (the demo's pipeline is the last), so `prefect deployment run`
+        # right after `up` finds them
         ("deployments", [sys.executable, "-m", "pipeline", "serve"],
-         u["prefect_api"] + "/deployments/name/cc12m-pipeline/cc12m"),
+         u["prefect_api"] + "/deployments/name/cc12m-pipeline/demo"),
     ]
 
 

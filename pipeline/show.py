@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.download import STAGE as DOWNLOAD_STAGE
-from stages.shards import DatasetLayout
+from stages.shards import DatasetLayout, producing_stage
 
 PANELS = ["rgb", "depth", "normal", "semseg", "det", "clip"]
 
@@ -47,6 +47,18 @@ def read_sample(layout: DatasetLayout, key: str) -> dict[str, tuple[str, bytes]]
     return found
 
 
+def random_weight_panels(layout: DatasetLayout, shard: str, folders: list[str]) -> list[str]:
+    """The folders among `folders` whose shard was made by a random-weight model (its stats' provenance)."""
+    found = []
+    for folder in folders:
+        stage = producing_stage(folder)
+        if layout.is_committed(stage, shard):
+            models = layout.read_stats(stage, shard).get("provenance", {}).get("models", {})
+            if any(record.get("random_weights") for record in models.values()):
+                found.append(folder)
+    return found
+
+
 def clip_pca(features: np.ndarray) -> np.ndarray:
     """First three principal components of a (h, w, D) feature map, scaled to [0, 1] for display."""
     flat = features.reshape(-1, features.shape[-1]).astype(np.float32)
@@ -68,6 +80,7 @@ def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
     from models.coco import COCO_PANOPTIC
 
     sample = read_sample(layout, key)
+    random_panels = random_weight_panels(layout, find_shard(layout, key), list(sample))
     decode = lambda data, flags=cv2.IMREAD_UNCHANGED: cv2.imdecode(np.frombuffer(data, np.uint8), flags)  # noqa: E731
     rgb = decode(sample["rgb"][1], cv2.IMREAD_COLOR)
     if rgb is None:
@@ -76,10 +89,12 @@ def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
     caption = sample.get("caption", ("txt", b""))[1].decode("utf-8", errors="replace")
     panels = [p for p in PANELS if p in sample]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6), squeeze=False)
-    fig.suptitle(f"{key}: {caption}"[:160], fontsize=11)
+    warning = f"RANDOM WEIGHTS made {', '.join(random_panels)}: these labels mean nothing" if random_panels else ""
+    fig.suptitle(f"{key}: {caption}"[:160] + (f"\n{warning}" if warning else ""), fontsize=11)
     for ax, name in zip(axes[0], panels):
         ax.set_axis_off()
-        ax.set_title(name)
+        ax.set_title(name + (" (random weights)" if name in random_panels else ""),
+                     color="red" if name in random_panels else "black")
         ext, data = sample[name]
         if name == "rgb":
             ax.imshow(rgb)
@@ -113,6 +128,7 @@ def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=80, metadata={"Title": f"4M sample {key}", "Description": warning or "labels from the "
+                                                                                     "recorded models"})
     plt.close(fig)
     return out

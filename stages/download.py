@@ -24,6 +24,7 @@ import pyarrow as pa
 from pipeline.config import Config, DownloadConfig
 from stages.fetch import Fetcher
 from stages.images import ImageError, process_image
+from stages.provenance import provenance
 from stages.inputs import InputRow, count_rows, read_rows
 from stages.shards import OK, DatasetLayout, ShardObserver, ShardWriter, shard_name
 
@@ -129,6 +130,7 @@ def download_shard(root: str, task: ShardTask, cfg: DownloadConfig) -> dict:
             "images_per_s": round(counts.get(OK, 0) / seconds, 2) if seconds > 0 else None,
             "started_at": started,
             "finished_at": time.time(),
+            "provenance": provenance(cfg),
         }
         writer.commit(table, stats)
     return stats

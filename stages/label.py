@@ -10,7 +10,8 @@ Produces  <root>/depth/shard-NNNNNN.tar    <key>.png   16-bit grayscale, depth i
           <root>/_status/label_<labeler>/shard-NNNNNN.{parquet,json}   one row per rgb sample; commit marker
 Every label has the stored image's resolution (CLIP: one feature per 16x16 patch at shortest side 224), and
 each modality's shard holds the rgb shard's keys in the rgb shard's order (a sample a labeler failed on is
-absent from that modality only, and recorded).
+absent from that modality and recorded; the tokenize stage then drops it from every folder, `stages/align.py`).
+Each shard's stats record the model that made it (source, sha256 of its weights, random or not).
 
 One Ray actor per GPU (or per CPU slot) holds every requested labeler; it reads and decodes each image once
 for all of them, in chunks, decoding the next chunk while the models run on this one; it fills each model's
@@ -36,6 +37,7 @@ import pyarrow as pa
 from pipeline.config import Config, LabelConfig
 from stages.actor_pool import run_on_actors
 from stages.download import STAGE as DOWNLOAD_STAGE
+from stages.provenance import provenance
 from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
 
 EXTENSIONS = {"depth": "png", "normal": "png", "semseg": "png", "det": "json", "clip": "npy"}
@@ -219,12 +221,14 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict
         all_stats = {}
         for name, writer in writers.items():
             counts, c = Counter(r["status"] for r in records[name]), clock[name]
+            model = getattr(labelers[name], "provenance", None)
             stats = {"rows": len(records[name]), "ok": counts.get(OK, 0), "status_counts": dict(sorted(counts.items())),
                      "seconds": round(time.time() - started, 3), "model_seconds": round(c["seconds"], 3),
                      "images_per_s": round(len(records[name]) / c["seconds"], 2) if c["seconds"] else None,
                      "batches": c["batches"], "images_per_batch": round(c["images"] / c["batches"], 2) if c["batches"] else None,
                      "device_wait_seconds": round(c["waited"], 3), "decode_wait_seconds": round(decode_wait, 3),
-                     "started_at": started, "finished_at": time.time()}
+                     "started_at": started, "finished_at": time.time(),
+                     "provenance": provenance(cfg, {name: model} if model else None)}
             writer.commit(pa.Table.from_pylist(records[name], schema=STATUS_SCHEMA), stats)
             all_stats[name] = stats
     return all_stats
@@ -252,6 +256,8 @@ def merge_stats(per_labeler: dict[str, dict]) -> dict:
             "decode_wait_share": share(first.get("decode_wait_seconds")),
             "images_per_batch": ", ".join(f"{n} {s['images_per_batch']}" for n, s in per_labeler.items()
                                           if s.get("images_per_batch")) or None,
+            "random_weights": [n for n, s in per_labeler.items()
+                               if any(m.get("random_weights") for m in s.get("provenance", {}).get("models", {}).values())],
             "labelers": per_labeler}
 
 
@@ -334,6 +340,11 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
 
     started = time.time()
     if todo:
+        from models.labelers import check_weights
+
+        for name in sorted({n for _, pending in todo for n in pending}):  # before any work, never a fallback
+            if not (name == "det" and det_backend == "detectron2"):
+                check_weights(name, cfg.models[name])
         init_ray(config.ray)
         for shard, stats, error in run_on_actors(LabelWorker, (str(Path(root).resolve()), cfg, names), todo,
                                                  "label", device=cfg.device, workers=cfg.workers,

@@ -78,6 +78,28 @@ class DatasetLayout:
     def committed_shards(self, stage: str) -> list[str]:
         return sorted(p.stem for p in self.status_dir(stage).glob("shard-*.json"))
 
+    def loader_folders(self) -> list[str]:
+        """The modality folders a 4M loader reads: every top-level folder holding shards, but for our own
+        (`_status`, `_dropped`, `tokenizers`, `show`)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+                      and p.name not in NOT_LOADER_FOLDERS and any(p.glob("shard-*.tar")))
+
+
+NOT_LOADER_FOLDERS = {"tokenizers", "show"}
+
+
+def producing_stage(folder: str) -> str:
+    """The stage whose status files record the fate of each sample of a modality folder."""
+    if folder in ("rgb", "caption"):
+        return "download"
+    if folder == "crop_settings":
+        return "crop_settings"
+    if folder.startswith("tok_"):
+        return "tokenize_" + folder[len("tok_"):].split("@")[0]
+    return f"label_{folder}"
+
 
 def _temporary(path: Path) -> Path:
     # Unique per writer: a stale writer from a killed run can never rename over a newer one's file.

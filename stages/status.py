@@ -1,7 +1,8 @@
 """Where every stage of a dataset stands, read from its status files alone (no service needed).
 
 One row per stage: shards committed of the shards it has to do, samples kept and failed, failures by reason,
-samples/s over the stage's wall-clock span, elapsed and (when unfinished) estimated remaining time. Shared by
+samples/s over the stage's wall-clock span, elapsed and (when unfinished) estimated remaining time, the models
+that made its folder (source, weights hash, RANDOM WEIGHTS for the demo's) and the project version. Shared by
 `python -m pipeline status` and the flows' status tables.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from stages.provenance import describe_model
 from stages.shards import DatasetLayout
 
 TOKENIZER_MODALITIES = ("text", "rgb", "depth", "normal", "semseg", "clip")
@@ -20,6 +22,30 @@ def _stage_order(layout: DatasetLayout) -> list[str]:
         else set()
     rank = {"download": 0, "crop_settings": 2}
     return sorted(present, key=lambda s: (rank.get(s, 1 if s.startswith("label_") else 3), s))
+
+
+def models_of(stats: list[dict]) -> dict[str, dict]:
+    """The distinct models that made a stage's shards: description -> record, in the order first met."""
+    made = {}
+    for s in stats:
+        for record in s.get("provenance", {}).get("models", {}).values():
+            made.setdefault(describe_model(record), record)
+    return made
+
+
+def random_weight_stages(root: str | Path) -> list[str]:
+    """The stages whose shards were made, even in part, by random-weight models (the demo's)."""
+    layout = DatasetLayout(root)
+    found = []
+    for stage in _stage_order(layout):
+        stats = [json.loads(p.read_text()) for p in sorted(layout.status_dir(stage).glob("shard-*.json"))]
+        if any(record.get("random_weights") for record in models_of(stats).values()):
+            found.append(stage)
+    return found
+
+
+RANDOM_WARNING = ("WARNING: labelled by random-weight models (the demo's): {stages}. These labels mean nothing; "
+                  "label with real weights (the paper profile) for a dataset to train on.")
 
 
 def stage_rows(root: str | Path) -> list[dict]:
@@ -45,6 +71,8 @@ def stage_rows(root: str | Path) -> list[dict]:
             "samples_per_s": round(sum(counts.values()) / elapsed, 2) if elapsed else None,
             "elapsed_s": round(elapsed, 1) if elapsed is not None else None,
             "remaining_s": round(remaining, 1) if remaining is not None else None,
+            "made_by": "; ".join(models_of(stats)) or None,
+            "version": ", ".join(sorted({s["provenance"]["version"] for s in stats if "provenance" in s})) or None,
         })
     return rows
 

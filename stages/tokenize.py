@@ -10,8 +10,10 @@ Produces  <root>/crop_settings/shard-NNNNNN.tar    <key>.npy  int32 (n_crops, 5)
 Captions and boxes stay text in caption/ and det/ (tokenized when loaded, with tokenizers/text).
 
 A sample's crops depend only on (seed, key) and its image size, so a redone shard gets the same crops. A
-sample whose image or label cannot be read is recorded (`decode_error`, `missing_label`) and absent from that
-folder only. One Ray actor per GPU (or CPU slot) holds every tokenizer; shards are the unit of resume.
+sample whose image or label cannot be read is recorded (`decode_error`, `missing_label`). Once a shard's tokens
+are written, the worker aligns it (`stages/align.py`): a sample missing from any loader folder is dropped from
+all of them, with its reason in _status/align/, so a position-by-position loader never diverges. One Ray actor
+per GPU (or CPU slot) holds every tokenizer; shards are the unit of resume.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import io
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +30,17 @@ import torch
 
 from pipeline.config import Config, TokenizerStageConfig
 from stages.actor_pool import run_on_actors
+from stages.align import STAGE as ALIGN_STAGE
+from stages.align import AlignError, align_dataset, align_shard
+from models.weights import file_sha256
+from stages.provenance import provenance
 from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
 from stages.tokenizer_data import (EXTENSIONS, RgbIndex, center_crop, crop_to_tensor, decode, random_crop,
                                    read_members, rgb_index)
 from stages.train_tokenizer import DENSE, TokenizerInputError, is_trained, tokenizer_dir
 
 CROPS = "crop_settings"
+ALIGN = "align"  # the key of a shard's alignment in the worker's result
 
 
 def token_folder(modality: str) -> str:
@@ -72,14 +79,16 @@ def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, in
         table = pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
         counts = Counter(r["status"] for r in rows)
         stats = {"rows": len(rows), "ok": counts[OK], "status_counts": dict(counts),
-                 "seconds": round(time.time() - started, 3)}
+                 "seconds": round(time.time() - started, 3), "provenance": provenance(cfg)}
         writer.commit(table, stats)
     return stats
 
 
 def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg: TokenizerStageConfig,
-                   device: torch.device, index: RgbIndex | None = None) -> dict:
-    """Encode every crop of every sample of one shard with one tokenizer, and commit the token shard."""
+                   device: torch.device, index: RgbIndex | None = None, model_record: dict | None = None) -> dict:
+    """Encode every crop of every sample of one shard with one tokenizer, and commit the token shard.
+
+    `model_record` (source, weights_sha256) goes into the shard's provenance."""
     started = time.time()
     index = index or rgb_index(layout, shard)
     keys, sizes = index.keys, index.sizes
@@ -137,7 +146,8 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
         seconds = time.time() - started
         stats = {"rows": len(rows), "ok": counts[OK], "status_counts": dict(counts), "seconds": round(seconds, 3),
                  "tokens": int(sum(t.size for t in tokens.values())),
-                 "samples_per_s": round(counts[OK] / seconds, 2) if seconds else None}
+                 "samples_per_s": round(counts[OK] / seconds, 2) if seconds else None,
+                 "provenance": provenance(cfg, {modality: model_record} if model_record else None)}
         writer.commit(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), stats)
     return stats
 
@@ -152,19 +162,29 @@ class TokenizeWorker:
         self.layout, self.cfg = DatasetLayout(root), cfg
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.models = {m: load_tokenizer(tokenizer_dir(root, m), self.device) for m in modalities}
+        self.records = {m: {"source": str(tokenizer_dir(root, m)),
+                            "weights_sha256": file_sha256(tokenizer_dir(root, m) / "model.safetensors")}
+                        for m in modalities}
 
     def tokenize(self, shard: str, modalities: list[str]) -> dict:
         index, out = rgb_index(self.layout, shard), {}  # read once for the crops and every tokenizer
         if not self.layout.is_committed(CROPS, shard):
             out[CROPS] = write_crops(self.layout, shard, self.cfg, index)
         for m in modalities:
-            out[m] = tokenize_shard(self.layout, shard, m, self.models[m], self.cfg, self.device, index)
+            out[m] = tokenize_shard(self.layout, shard, m, self.models[m], self.cfg, self.device, index,
+                                    self.records[m])
+        try:  # the shard's folders now complete: drop what failed anywhere from all of them
+            out[ALIGN] = align_shard(self.layout, shard)
+        except AlignError as err:
+            out[ALIGN] = str(err)
         return out
 
 
 @dataclass
 class TokenizeSummary(ShardsSummary):
     tokens: int = 0
+    dropped: int = 0  # samples dropped from every folder so that all folders align (all shards, every run)
+    unaligned: dict[str, str] = field(default_factory=dict)  # shard -> why it could not be aligned yet
 
 
 def tokenized_modalities(root: str | Path, cfg: TokenizerStageConfig) -> list[str]:
@@ -220,6 +240,12 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
                     summary.tokens += stats[m]["tokens"]
             if observer:
                 observer(shard, _merged(layout, shard, names), False)
+    # Shards tokenized earlier whose folders changed since (a labeler rerun, a new folder): align them too.
+    for shard, result in align_dataset(root, [s for s in shards if s not in summary.failed_shards]).items():
+        if isinstance(result, str):
+            summary.unaligned[shard] = result
+    for shard in layout.committed_shards(ALIGN_STAGE):
+        summary.dropped += layout.read_stats(ALIGN_STAGE, shard)["status_counts"].get("dropped", 0)
     summary.seconds = time.time() - started
     return summary
 

@@ -363,7 +363,7 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_runtime import init_ray
+    from pipeline.ray_runtime import init_ray, train_logging
 
     cfg, layout, folder = config.tokenizer, DatasetLayout(root), tokenizer_dir(root, modality)
     init_ray(config.ray)
@@ -378,7 +378,8 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
     trainer = TorchTrainer(
         train_worker, train_loop_config=args,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"tokenizer-{modality}", storage_path=str((folder / "ray").resolve())))
+        run_config=RunConfig(name=f"tokenizer-{modality}", storage_path=str((folder / "ray").resolve()),
+                             logging_config=train_logging()))
     trainer.fit()
     if stop_after is not None and stop_after < plan.steps:
         return {"modality": modality, "stopped_at": stop_after, "steps": plan.steps}

@@ -1,9 +1,10 @@
-"""`python -m pipeline verify`: is the dataset whole and consistent, shard by shard?
+"""`python -m pipeline verify`: is the dataset whole, aligned and consistent, shard by shard?
 
-Checks every modality folder against rgb/: the same shard names; keys in rgb's order, none unknown or
-repeated; a key absent from a folder only where that folder's stage recorded the sample's failure; every member
-decodes; token ids are int16 (n_crops, 196) within their tokenizer's vocabulary; crop settings are
-(n_crops, 5), with as many crops as the token files of the sample.
+Checks every folder a 4M loader reads against rgb/: the same shard names; exactly rgb's keys in rgb's order,
+none missing, unknown or repeated (a loader that zips the folders position by position must never diverge);
+every member decodes; token ids are int16 (n_crops, 196) within their tokenizer's vocabulary; crop settings are
+(n_crops, 5), with as many crops as the token files of the sample. Across shards: every shard of a folder was
+made by the same weights (the stats' provenance).
 """
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from stages.shards import DatasetLayout
-
-SKIPPED_FOLDERS = {"tokenizers", "show"}
+from stages.shards import DatasetLayout, producing_stage
 
 
 @dataclass(frozen=True)
@@ -29,16 +28,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.shard} {self.folder}: {self.message}"
-
-
-def producing_stage(folder: str) -> str:
-    if folder in ("rgb", "caption"):
-        return "download"
-    if folder == "crop_settings":
-        return "crop_settings"
-    if folder.startswith("tok_"):
-        return "tokenize_" + folder[len("tok_"):].split("@")[0]
-    return f"label_{folder}"
 
 
 def _vocabulary(root: Path, folder: str) -> int | None:
@@ -93,8 +82,7 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
     rgb_shards = sorted(p.stem for p in (root / "rgb").glob("shard-*.tar"))
     if not rgb_shards:
         return [Problem("-", "rgb", f"no shards under {root / 'rgb'}")], {}
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
-                     and p.name not in SKIPPED_FOLDERS and any(p.glob("shard-*.tar")))
+    folders = layout.loader_folders()
     checked = {"shards": len(rgb_shards), "folders": len(folders), "members": 0}
     for shard in rgb_shards:
         rgb_keys = _keys(layout.tar("rgb", shard))
@@ -135,10 +123,15 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
                 problems.append(Problem(shard, folder, f"unreadable tar ({err})"))
                 continue
             absent = [k for k in rgb_keys if k not in seen]
-            unexplained = [k for k in absent if k not in _failed_keys(layout, producing_stage(folder), shard)]
-            if unexplained:
-                problems.append(Problem(shard, folder, f"{len(unexplained)} keys missing with no failure recorded "
-                                                       f"in _status/{producing_stage(folder)}: {unexplained[:5]}"))
+            if absent:
+                recorded = _failed_keys(layout, producing_stage(folder), shard)
+                why = (f"failures recorded in _status/{producing_stage(folder)}" if set(absent) <= recorded
+                       else f"no failure recorded in _status/{producing_stage(folder)} for some")
+                problems.append(Problem(shard, folder, f"not aligned with rgb: {len(absent)} keys missing "
+                                                       f"{absent[:5]} ({why}); a position-by-position loader "
+                                                       f"diverges here. `python -m pipeline align` drops such "
+                                                       f"samples from every folder"))
+    problems += _mixed_weights(layout, folders)
     for folder in folders:
         extra = sorted(p.stem for p in (root / folder).glob("shard-*.tar") if p.stem not in set(rgb_shards))
         for shard in extra:
@@ -149,3 +142,24 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
 def _keys(path: Path) -> list[str]:
     with tarfile.open(path) as tar:
         return [m.name.split(".", 1)[0] for m in tar if m.isfile()]
+
+
+def weights_by_shard(layout: DatasetLayout, folder: str) -> dict[str, list[str]]:
+    """Per folder: weights hash -> the shards its stats say that model made (shards without provenance: 'unknown')."""
+    stage, made = producing_stage(folder), {}
+    for shard in layout.committed_shards(stage):
+        models = layout.read_stats(stage, shard).get("provenance", {}).get("models", {})
+        for record in models.values() or [{}]:
+            made.setdefault(record.get("weights_sha256", "unknown"), []).append(shard)
+    return made
+
+
+def _mixed_weights(layout: DatasetLayout, folders: list[str]) -> list[Problem]:
+    problems = []
+    for folder in folders:
+        made = weights_by_shard(layout, folder)
+        if len(made) > 1:
+            parts = [f"{digest[:12]} ({len(shards)} shards: {', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''})"
+                     for digest, shards in sorted(made.items(), key=lambda item: -len(item[1]))]
+            problems.append(Problem("-", folder, f"shards made by different weights: {'; '.join(parts)}"))
+    return problems

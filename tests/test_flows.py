@@ -26,13 +26,18 @@ def url_list(server, tmp_path, n=5):
     return path
 
 
+def allow(server) -> str:
+    """The test server's host:port let through the private-address guard, by name."""
+    return f"download.allowed_hosts=['127.0.0.1:{server.server_address[1]}']"
+
+
 def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_address, server, tmp_path):
     from prefect.artifacts import Artifact
 
     from pipeline.flows import download_flow
 
     result = download_flow(input=str(url_list(server, tmp_path)), output=str(tmp_path / "data"), profile="demo",
-                           overrides=["download.shard_size=2"])
+                           overrides=["download.shard_size=2", allow(server)])
     assert result["status_counts"] == {"ok": 5, "http_error": 1} and result["shards_done"] == 3
     progress = Artifact.get("download-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0
@@ -54,8 +59,20 @@ def test_download_flow_rejects_bad_configuration_before_work(prefect_api, tmp_pa
     assert not (tmp_path / "data").exists()
 
 
-def test_cc12m_deployment_runs_when_served(prefect_api, ray_address, server, tmp_path):
-    """`python -m pipeline serve` picks up `prefect deployment run download/cc12m`, as the README says."""
+def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
+    from pipeline.deployments import deployments
+
+    made = {f"{d.flow_name}/{d.name}": d.parameters for d in deployments()}
+    flows = {"download", "pseudo-label", "train-tokenizers", "tokenize", "cc12m-pipeline"}
+    assert set(made) == {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")}
+    for flow in flows:
+        assert made[f"{flow}/cc12m"]["profile"] == "paper" and made[f"{flow}/demo"]["profile"] == "demo"
+        assert "data/cc12m" in made[f"{flow}/cc12m"].values() and "data/demo" in made[f"{flow}/demo"].values()
+    assert made["cc12m-pipeline/cc12m"]["input"] == "data/cc12m.tsv" and made["cc12m-pipeline/demo"]["input"] == "demo"
+
+
+def test_demo_deployment_runs_when_served(prefect_api, ray_address, server, tmp_path):
+    """`python -m pipeline serve` picks up `prefect deployment run download/demo`, as the README says."""
     from prefect.deployments import run_deployment
 
     from pipeline.deployments import deployments
@@ -67,8 +84,9 @@ def test_cc12m_deployment_runs_when_served(prefect_api, ray_address, server, tmp
     serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        run = run_deployment("download/cc12m", timeout=300, poll_interval=1, parameters={
-            "input": str(url_list(server, tmp_path, n=3)), "output": str(tmp_path / "data"), "profile": "demo"})
+        run = run_deployment("download/demo", timeout=300, poll_interval=1, parameters={
+            "input": str(url_list(server, tmp_path, n=3)), "output": str(tmp_path / "data"),
+            "overrides": [allow(server)]})
         assert run.state.is_completed(), run.state
     finally:
         serve.terminate()
@@ -79,7 +97,7 @@ def test_cc12m_deployment_runs_when_served(prefect_api, ray_address, server, tmp
 
 
 def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tmp_path):
-    """`prefect deployment run pseudo-label/cc12m`: labels, per-labeler progress and sample pictures."""
+    """`prefect deployment run pseudo-label/demo`: labels, per-labeler progress and sample pictures."""
     from prefect.artifacts import Artifact
     from prefect.deployments import run_deployment
 
@@ -96,7 +114,7 @@ def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tmp_
     serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        run = run_deployment("pseudo-label/cc12m", timeout=400, poll_interval=1, parameters={
+        run = run_deployment("pseudo-label/demo", timeout=400, poll_interval=1, parameters={
             "data": str(tmp_path / "data"), "overrides": [f"label.models={models}"], "pictures": 2})
         assert run.state.is_completed(), run.state
     finally:
@@ -148,14 +166,14 @@ def test_tokenizer_flows_publish_results_pictures_and_token_rates(prefect_api, r
     models = save_random_models(tmp_path / "models", "tiny")
     run_label(data, load_config("demo", [f"label.models={models}"]), ["clip"])
     overrides = ["tokenizer.epochs=2", "tokenizer.batch_size=2"]
-    result = train_tokenizers_flow(data=str(data), modalities=["text", "clip"], overrides=overrides)
+    result = train_tokenizers_flow(data=str(data), profile="demo", modalities=["text", "clip"], overrides=overrides)
     assert set(result["tokenizers"]) == {"text", "clip"}
     rows = json.loads(Artifact.get("train-tokenizers-results").data)
     assert [r["tokenizer"] for r in rows] == ["text", "clip"] and "cosine" in rows[1] and "codes_used" in rows[1]
     assert float(Artifact.get("train-tokenizers-progress").data) == 100.0
     assert Artifact.get("train-tokenizers-reconstructions").data.count("data:image/png;base64,") == 1
 
-    result = tokenize_flow(data=str(data), overrides=overrides)
+    result = tokenize_flow(data=str(data), profile="demo", overrides=overrides)
     assert result["shards_done"] == 2 and result["status_counts"]["clip"] == {"ok": 4, "decode_error": 1}
     assert "tokens/s** written" in Artifact.get("tokenize-summary").data
     assert sum(r["tokens"] for r in json.loads(Artifact.get("tokenize-shards").data)) == result["tokens"] > 0

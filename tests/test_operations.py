@@ -32,7 +32,7 @@ def shard_files(root: Path, folders) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.timeout(900)
 def test_up_run_the_pipeline_deployment_down(tmp_path):
-    """The README's loop: make up, prefect deployment run cc12m-pipeline/cc12m --watch, make down."""
+    """The README's loop: make up, prefect deployment run cc12m-pipeline/demo --watch, make down."""
     env = {**os.environ, "PIPELINE_SERVICES_DIR": str(tmp_path / "services"), "PREFECT_PORT": str(free_port()),
            "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port())}
     env.pop("RAY_ADDRESS", None)
@@ -53,7 +53,7 @@ def test_up_run_the_pipeline_deployment_down(tmp_path):
         client = {**env, **{line.split("=", 1)[0][len("export "):]: line.split("=", 1)[1]
                             for line in up.stdout.splitlines() if line.startswith("export ")}}
         data = tmp_path / "data"
-        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "cc12m-pipeline/cc12m", "--watch",
+        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "cc12m-pipeline/demo", "--watch",
                               "--param", f"data={data}", "--param", f"overrides={json.dumps(SMALL)}"],
                              env=client, capture_output=True, text=True, timeout=700)
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_stopped_pipeline_resumes_without_redoing_committed_shards(prefect_api, 
     os.mkfifo(clip / "metrics.jsonl")  # the training worker blocks here at its first log line
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address}
     code = ("from pipeline.flows import cc12m_pipeline_flow as f; import sys, json; "
-            "f(data=sys.argv[1], overrides=json.loads(sys.argv[2]))")
+            "f(input='demo', profile='demo', data=sys.argv[1], overrides=json.loads(sys.argv[2]))")
     args = [sys.executable, "-c", code, str(data), json.dumps(SMALL)]
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -106,7 +106,7 @@ def test_stopped_pipeline_resumes_without_redoing_committed_shards(prefect_api, 
 
     from pipeline.flows import cc12m_pipeline_flow
 
-    result = cc12m_pipeline_flow(data=str(data), overrides=SMALL)
+    result = cc12m_pipeline_flow(input="demo", profile="demo", data=str(data), overrides=SMALL)
     assert result["stages"]["download"] == {"shards_done": 0, "shards_skipped": 3}
     assert result["stages"]["pseudo-label"] == {"shards_done": 0, "shards_skipped": 3}
     assert result["stages"]["train-tokenizers"] == {"text": "already trained", "clip": "trained"}

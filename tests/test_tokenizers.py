@@ -5,6 +5,7 @@ import json
 import tarfile
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,10 +198,16 @@ def test_tokenize_writes_aligned_shards_and_verify_catches_a_broken_one(trained_
     assert again.shards_done == 1 and again.shards_skipped == 1
     assert members(layout.tar("tok_rgb@224", "shard-000001")) == before
 
-    # The fixture's one corrupt JPEG (committed as ok, as disk corruption would leave it) is the only finding.
+    # The fixture's one corrupt JPEG (committed as ok, as disk corruption would leave it) failed every later
+    # stage: alignment dropped it from rgb and caption too, kept its members aside and recorded why.
     problems, checked = verify_dataset(root)
-    assert [str(p) for p in problems] == ["shard-000001 rgb: 000000003.jpg does not decode"]
+    assert problems == []
     assert checked["shards"] == 2 and checked["folders"] == 7  # rgb caption semseg clip crop_settings tok_x2
+    assert list(members(root / "_dropped" / "rgb" / "shard-000001.tar")) == ["000000003.jpg"]
+    assert list(members(root / "_dropped" / "caption" / "shard-000001.tar")) == ["000000003.txt"]
+    align = {r["key"]: r for r in pq.read_table(layout.status_table("align", "shard-000001")).to_pylist()}
+    assert align["000000004"]["status"] == "ok" and align["000000003"]["status"] == "dropped"
+    assert "missing from clip" in align["000000003"]["error"] and "label_clip: decode_error" in align["000000003"]["error"]
 
     # break one shard: a token id out of the vocabulary and a key dropped without a recorded failure
     path = layout.tar("tok_clip@224", "shard-000000")
@@ -220,8 +227,8 @@ def test_tokenize_writes_aligned_shards_and_verify_catches_a_broken_one(trained_
     assert cli(["verify", "--data", str(root)]) == 1
     out = capsys.readouterr().out
     assert "shard-000000: 2 problem(s)" in out and "outside 0..31" in out
-    assert f"keys missing with no failure recorded in _status/tokenize_clip: ['{second.split('.')[0]}']" in out
-    assert "shard-000001: 1 problem(s)" in out
+    assert f"not aligned with rgb: 1 keys missing ['{second.split('.')[0]}'] (no failure recorded" in out
+    assert "shard-000001" not in out
 
 
 def test_status_reads_each_stage_from_the_status_files(trained_rgb, capsys):
@@ -234,3 +241,61 @@ def test_status_reads_each_stage_from_the_status_files(trained_rgb, capsys):
     assert cli(["status", "--data", str(trained_rgb)]) == 0
     out = capsys.readouterr().out
     assert "label_semseg" in out and "rgb        trained (16 steps)" in out
+
+
+def test_a_sample_failed_anywhere_is_dropped_everywhere_so_a_positional_zip_never_diverges(ray_address, tmp_path):
+    """One labeler fails on a sample in the middle of a shard and on the last sample of another; after tokenize
+    every folder holds the same keys, and zipping the tars position by position (as the reference loader does)
+    yields every surviving sample whole."""
+    from models.labelers import ClipLabeler, load_labeler
+    from models.random_weights import save_random_models
+    from models.vqvae import save_tokenizer
+    from stages.label import label_shard
+
+    def injected(image) -> bool:  # coffee (400x600) is key 1, mid shard 0; the grey camera is key 4, shard 1's last
+        return image.shape[:2] == (400, 600) or bool((image[..., 0] == image[..., 1]).all())
+
+    class FailingClip(ClipLabeler):
+        def launch(self, images):
+            if any(injected(im) for im in images):
+                raise RuntimeError("injected failure")
+            return super().launch(images)
+
+    root = tmp_path / "data"
+    make_labelled_input(root, corrupt_key=None)
+    models = save_random_models(tmp_path / "models", "tiny", ["clip", "semseg"])
+    cfg = config(f"label.models={models}").label
+    labelers = {"clip": FailingClip(models["clip"], "cpu", 2), "semseg": load_labeler("semseg", models["semseg"], "cpu", 2)}
+    for shard in ("shard-000000", "shard-000001"):
+        label_shard(str(root), shard, labelers, cfg)
+    layout = DatasetLayout(root)
+    assert [k.split(".")[0] for k in members(layout.tar("clip", "shard-000001"))] == ["000000003"]
+    for modality in ("rgb", "clip"):  # untrained tokenizers are enough to write token shards
+        tokenizer_cfg = config().tokenizer
+        save_tokenizer(VQVAE(model_config(tokenizer_cfg, modality, layout)), tokenizer_dir(root, modality))
+        (tokenizer_dir(root, modality) / "train.json").write_text("{}")
+
+    summary = run_tokenize(root, config())
+    assert not summary.failed_shards and not summary.unaligned and summary.dropped == 2
+    folders = layout.loader_folders()
+    assert folders == ["caption", "clip", "crop_settings", "rgb", "semseg", "tok_clip@224", "tok_rgb@224"]
+    survivors = []
+    for shard in ("shard-000000", "shard-000001"):
+        tars = [tarfile.open(layout.tar(f, shard)) for f in folders]
+        streams = [[m for m in tar if m.isfile()] for tar in tars]
+        assert len({len(s) for s in streams}) == 1, "every folder holds as many samples"
+        for position in zip(*streams):  # the reference loader's zip: one member per folder, by position
+            keys = {m.name.split(".", 1)[0] for m in position}
+            assert len(keys) == 1, f"{shard}: folders diverge at {[m.name for m in position]}"
+            survivors.append(keys.pop())
+    assert survivors == ["000000000", "000000002", "000000003"]
+    assert verify_dataset(root)[0] == []
+    dropped = {r["key"]: r["error"] for shard in ("shard-000000", "shard-000001")
+               for r in pq.read_table(layout.status_table("align", shard)).to_pylist() if r["status"] == "dropped"}
+    assert set(dropped) == {"000000001", "000000004"}
+    assert all("label_clip: model_error: RuntimeError: injected failure" in e for e in dropped.values())
+    assert sorted(members(root / "_dropped" / "rgb" / "shard-000001.tar")) == ["000000004.jpg"]
+    # Nothing to do the second time: the shards stay as they are.
+    before = {f: layout.tar(f, "shard-000000").stat().st_mtime_ns for f in folders}
+    assert run_tokenize(root, config()).shards_done == 0
+    assert {f: layout.tar(f, "shard-000000").stat().st_mtime_ns for f in folders} == before
