@@ -165,7 +165,7 @@ def run_demo(config: Config) -> int:
 
 def tokenize_demo(root: Path, config: Config) -> int:
     """Tiny tokenizers trained on the demo labels, every sample tokenized, the dataset verified."""
-    from pipeline.cli import ShardProgress
+    from pipeline.cli import ShardProgress, print_alignment
     from stages.shards import DatasetLayout
     from stages.tokenize import run_tokenize, stage_name
     from stages.train_tokenizer import run_train_tokenizers, tokenizer_dir
@@ -190,6 +190,7 @@ def tokenize_demo(root: Path, config: Config) -> int:
     finally:
         progress.close()
     print(f"{tokenized.tokens} tokens written to {root}/tok_*@224/ (crops in {root / 'crop_settings'}/)")
+    print_alignment(tokenized.dropped, tokenized.unaligned, root)
     problems, checked = verify_dataset(root)
     print(f"verify: {checked.get('folders', 0)} folders x {checked.get('shards', 0)} shards, "
           f"{len(problems)} problems" + "".join(f"\n  {p}" for p in problems))

@@ -295,6 +295,20 @@ def input_shards(layout: DatasetLayout) -> list[str]:
     return shards
 
 
+def check_all_weights(models: dict[str, str]) -> None:
+    """Before any work: every labeler's weights reachable, or one error naming each that is not."""
+    from models.labelers import WeightsUnavailable, check_weights
+
+    problems = []
+    for name, path in models.items():
+        try:
+            check_weights(name, path)
+        except WeightsUnavailable as err:
+            problems.append(str(err))
+    if problems:
+        raise WeightsUnavailable("labeler weights not available (nothing was labelled):\n  " + "\n  ".join(problems))
+
+
 def run_label(root: str | Path, config: Config, labelers: list[str] | None = None,
               observer: ShardObserver | None = None) -> LabelSummary:
     """Label every rgb shard with every requested labeler not yet committed for it."""
@@ -321,6 +335,8 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     cfg = cfg.model_copy(update={"models": {n: local(p) for n, p in cfg.models.items()}, "det_backend": det_backend,
                                  "det_detectron2_config": local(cfg.det_detectron2_config),
                                  "det_detectron2_weights": local(cfg.det_detectron2_weights)})
+    needed = [n for n in names if any(not layout.is_committed(stage_name(n), shard) for shard in shards)]
+    check_all_weights({n: cfg.models[n] for n in needed if not (n == "det" and det_backend == "detectron2")})
     summary = LabelSummary(shards_total=len(shards), status_counts={n: Counter() for n in names})
     if observer:
         observer.start(len(shards))
@@ -340,11 +356,6 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
 
     started = time.time()
     if todo:
-        from models.labelers import check_weights
-
-        for name in sorted({n for _, pending in todo for n in pending}):  # before any work, never a fallback
-            if not (name == "det" and det_backend == "detectron2"):
-                check_weights(name, cfg.models[name])
         init_ray(config.ray)
         for shard, stats, error in run_on_actors(LabelWorker, (str(Path(root).resolve()), cfg, names), todo,
                                                  "label", device=cfg.device, workers=cfg.workers,

@@ -87,3 +87,26 @@ def test_killed_run_resumes_with_every_row_recorded_once(ray_address, server, tm
         tars = sorted(str(p) for p in (root / modality).glob("shard-*.tar"))
         assert len(tars) == 3
         assert [s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)] == keys
+
+
+def test_private_addresses_are_refused_with_no_profile_and_with_the_demo_profile(ray_address, server, tmp_path):
+    urls = tmp_path / "urls.tsv"
+    urls.write_text(f"{server.add('a.jpg', large_jpeg((320, 240)))}\tloopback\nhttp://169.254.169.254/latest\tmetadata\n")
+    for profile in ([], ["--profile", "demo"]):
+        out = tmp_path / f"data{len(profile)}"
+        result = run_cli("download", "--input", str(urls), "--output", str(out), *profile, ray_address=ray_address)
+        assert result.returncode == 0, result.stderr
+        rows = pq.read_table(out / "_status/download/shard-000000.parquet").to_pylist()
+        assert [r["status"] for r in rows] == ["private_host", "private_host"], (profile, rows)
+        assert server.count("/file/a.jpg") == 0
+
+
+def test_label_with_no_profile_uses_the_real_models_and_fails_at_once_without_them(tmp_path):
+    from tests.helpers import make_labelled_input
+
+    make_labelled_input(tmp_path / "data")
+    result = run_cli("label", "--data", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert "label.models.depth = 'models/omnidata/depth': no such folder" in result.stderr
+    assert "python -m pipeline convert-omnidata" in result.stderr
+    assert not (tmp_path / "data" / "depth").exists() and not (tmp_path / "data/_status/label_depth").exists()

@@ -63,3 +63,19 @@ def test_labelers_take_their_own_batch_sizes():
         load_config("demo", ["label.batch_sizes={dpeth: 8}"])
     with pytest.raises(ConfigError, match=r"at least 1, got \{'clip': 0\}"):
         load_config("demo", ["label.batch_sizes={clip: 0}"])
+
+
+def test_no_profile_means_the_paper_settings_and_the_demo_only_where_named():
+    from pipeline.cli import build_parser
+
+    default, paper = load_config(), load_config("paper")
+    assert default.profile == "paper" and default.model_dump() == paper.model_dump()
+    assert default.data_root == "data/cc12m" and not default.download.allow_private_hosts
+    assert default.label.models["semseg"] == "facebook/mask2former-swin-base-coco-panoptic"
+    parser = build_parser()
+    for command in (["download", "--input", "x.tsv"], ["label"], ["train-tokenizer"], ["tokenize"]):
+        assert parser.parse_args(command).profile == "paper", command
+    assert parser.parse_args(["demo"]).profile == "demo"
+    # the demo profile keeps the private-address guard: only its own server is let through, at run time
+    demo = load_config("demo")
+    assert not demo.download.allow_private_hosts and demo.download.allowed_hosts == []

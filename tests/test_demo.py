@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -33,3 +34,21 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
         assert (tmp_path / "demo/tokenizers" / name / "reconstructions.png").is_file()
     assert len(list((tmp_path / "demo/crop_settings").glob("shard-*.tar"))) == 3
     assert "0 problems" in result.stdout and "reconstructions (inputs above" in result.stdout
+
+    # only our own progress, results and errors: none of Ray's internal notices
+    output = result.stdout + result.stderr
+    for noise in ("core_worker.cc", "PreemptionWatcher", "TrainController", "authentication_token_setup",
+                  "Setting up process group", "Started training worker group"):
+        assert noise not in output, noise
+    assert "[rgb] step" in output  # the training workers' own progress lines still come through
+    # the private-address guard held: the demo server's own host:port was the one let through
+    download = json.loads((tmp_path / "demo/_status/download/shard-000000.json").read_text())
+    settings = download["provenance"]["config"]
+    assert settings["allow_private_hosts"] is False and len(settings["allowed_hosts"]) == 1
+    assert settings["allowed_hosts"][0].startswith("127.0.0.1:")
+    # provenance: every label and token shard says what made it, and the demo's labels say they are random
+    for name in models:
+        made = json.loads((tmp_path / "demo/_status" / f"label_{name}" / "shard-000000.json").read_text())
+        assert made["provenance"]["models"][name]["random_weights"] is True
+    tokens = json.loads((tmp_path / "demo/_status/tokenize_rgb/shard-000000.json").read_text())["provenance"]
+    assert len(tokens["models"]["rgb"]["weights_sha256"]) == 64 and tokens["config"]["n_crops"] == 2

@@ -211,3 +211,22 @@ def test_stage_tasks_retry_infrastructure_failures_but_not_bad_configuration(pre
 
     assert pipeline_like() == "done"
     assert calls == {"lost": 3, "config": 1}
+
+
+def test_a_run_with_nothing_to_do_says_so_instead_of_a_rate(prefect_api):
+    from pipeline.reporting import StageReporter
+
+    stats = {"rows": 4, "ok": 4, "status_counts": {"ok": 4}, "images_per_s": 2.0, "seconds": 2.0}
+    idle = StageReporter("idle-stage")
+    idle.start(2)
+    for shard in ("shard-000000", "shard-000001"):
+        idle(shard, stats, True)
+    summary = idle.finish()
+    assert "**nothing to do**: all 2 shards were already committed" in summary and "samples/s" not in summary
+
+    busy = StageReporter("busy-stage")
+    busy.start(2)
+    busy("shard-000000", stats, True)
+    busy("shard-000001", stats, False)
+    summary = busy.finish()
+    assert "samples/s** in this run (1 shards done, 1 already committed)" in summary

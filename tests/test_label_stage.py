@@ -318,3 +318,42 @@ def test_a_killed_ray_worker_is_replaced_and_the_stage_completes(ray_address, ti
     summary = outcome["summary"]
     assert summary.shards_done == 2 and not summary.failed_shards
     assert_every_sample_once(layout, ("depth", "semseg"))
+
+
+def test_shards_record_what_made_them_and_verify_reports_mixed_weights(tiny_models, tmp_path, capsys):
+    from PIL import Image
+
+    from models.labelers import load_labeler
+    from models.random_weights import save_random_model
+    from pipeline.cli import main
+    from stages.provenance import project_version
+    from stages.status import stage_rows
+    from stages.verify import verify_dataset
+
+    layout = make_dataset(tmp_path)
+    cfg = config(tiny_models).label
+    clip = load_labeler("clip", tiny_models["clip"], "cpu", 2)
+    for shard in ("shard-000000", "shard-000001"):
+        label_shard(str(tmp_path), shard, {"clip": clip}, cfg)
+    made = layout.read_stats("label_clip", "shard-000000")["provenance"]
+    assert made["version"] == project_version() and made["config"]["batch_size"] == 2
+    assert made["models"]["clip"] == clip.provenance and made["models"]["clip"]["random_weights"] is True
+    assert not any("different weights" in str(p) for p in verify_dataset(tmp_path)[0])
+
+    # shard 1 redone by other weights: verify names both hashes and their shards
+    other = load_labeler("clip", save_random_model("clip", tmp_path / "clip-seed1", "tiny", seed=1), "cpu", 2)
+    label_shard(str(tmp_path), "shard-000001", {"clip": other}, cfg)
+    mixed = [str(p) for p in verify_dataset(tmp_path)[0] if "different weights" in str(p)]
+    assert mixed == [f"- clip: shards made by different weights: {clip.provenance['weights_sha256'][:12]} (1 shards: "
+                     f"shard-000000); {other.provenance['weights_sha256'][:12]} (1 shards: shard-000001)"]
+    row = {r["stage"]: r for r in stage_rows(tmp_path)}["label_clip"]
+    assert row["made_by"].count("RANDOM WEIGHTS") == 2 and tiny_models["clip"] in row["made_by"]
+
+    # random weights say so wherever the dataset is shown: status, verify, the show picture
+    capsys.readouterr()
+    assert main(["status", "--data", str(tmp_path)]) == 0
+    assert "WARNING: labelled by random-weight models (the demo's): label_clip" in capsys.readouterr().out
+    assert main(["verify", "--data", str(tmp_path)]) == 1
+    assert "WARNING: labelled by random-weight models" in capsys.readouterr().out
+    assert main(["show", "--data", str(tmp_path), "--key", "000000000", "--out", str(tmp_path / "s.png")]) == 0
+    assert "RANDOM WEIGHTS made clip" in Image.open(tmp_path / "s.png").text["Description"]

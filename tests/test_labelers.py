@@ -89,3 +89,37 @@ def test_clip_map_is_projected_patch_tokens(tiny_models, images):
 def test_unknown_labeler_is_a_clear_error(tiny_models):
     with pytest.raises(ValueError, match="unknown labeler 'dept'"):
         load_labeler("dept", tiny_models["depth"])
+
+
+def test_unreachable_weights_fail_at_once_naming_the_model_and_how_to_provide_it(tmp_path, monkeypatch):
+    from models.labelers import WeightsUnavailable, check_weights
+
+    with pytest.raises(WeightsUnavailable, match=r"label\.models\.depth = 'models/omnidata/depth': no such folder; "
+                                                 r"convert Omnidata's omnidata_dpt_depth_v2\.ckpt with `python -m "
+                                                 r"pipeline convert-omnidata"):
+        check_weights("depth", "models/omnidata/depth")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsUnavailable, match="holds no config.json"):
+        check_weights("clip", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # empty: nothing to fall back on
+    with pytest.raises(WeightsUnavailable, match=r"label\.models\.semseg = 'facebook/mask2former-swin-base-coco-"
+                                                 r"panoptic': not in the local Hugging Face cache .*hf download"):
+        check_weights("semseg", "facebook/mask2former-swin-base-coco-panoptic")
+    check_weights("clip", save_random_models(tmp_path / "models", "tiny", ["clip"])["clip"])  # a model folder: fine
+
+
+def test_a_labeler_records_its_source_and_weights_hash_and_random_weights(tiny_models, tmp_path):
+    from models.random_weights import save_random_model
+
+    first = load_labeler("clip", tiny_models["clip"], "cpu")
+    again = load_labeler("clip", tiny_models["clip"], "cpu")
+    other = load_labeler("clip", save_random_model("clip", tmp_path / "clip-seed1", "tiny", seed=1), "cpu")
+    assert first.provenance == again.provenance and first.provenance["source"] == tiny_models["clip"]
+    assert first.provenance["random_weights"] is True and len(first.provenance["weights_sha256"]) == 64
+    assert other.provenance["weights_sha256"] != first.provenance["weights_sha256"]
+    real = tmp_path / "saved"  # the same model class saved without the random-weights marker
+    first.model.save_pretrained(real)
+    assert load_labeler("clip", str(real), "cpu").provenance["random_weights"] is False
