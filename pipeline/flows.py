@@ -1,4 +1,5 @@
-"""Prefect flows: each stage as a flow (a deployment `<stage>/cc12m`), and `cc12m-pipeline` chaining them.
+"""Prefect flows: each stage as a flow (deployments `<stage>/cc12m` and `<stage>/demo`), and `cc12m-pipeline`
+chaining them. With no `profile` given, a flow runs the paper's settings; the demo's only where it is named.
 
 Every stage runs through one function here that also publishes its artifacts (progress, shard table, summary,
 the per-stage status table), so a stage looks the same in the UI whether it runs alone or in the pipeline.
