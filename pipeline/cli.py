@@ -191,9 +191,9 @@ def cmd_verify(args) -> int:
     if checked:
         print(f"checked {checked['shards']} shards x {checked['folders']} folders, {checked['members']} members: "
               f"{'OK' if not problems else f'{len(problems)} problems'}")
-    from stages.status import RANDOM_WARNING, random_weight_stages
+    from stages.status import RANDOM_WARNING, random_weight_stages, stage_rows
 
-    random_stages = random_weight_stages(args.data)
+    random_stages = random_weight_stages(stage_rows(args.data))
     if random_stages:
         print(RANDOM_WARNING.format(stages=", ".join(random_stages)))
     return 1 if problems else 0
@@ -204,8 +204,9 @@ def cmd_status(args) -> int:
 
     if not Path(args.data).is_dir():
         raise ConfigError(f"--data {args.data!r}: no such folder")
-    print(format_table(stage_rows(args.data)))
-    random_stages = random_weight_stages(args.data)
+    rows = stage_rows(args.data)
+    print(format_table(rows))
+    random_stages = random_weight_stages(rows)
     if random_stages:
         print("\n" + RANDOM_WARNING.format(stages=", ".join(random_stages)))
     tokenizers = tokenizer_rows(args.data)

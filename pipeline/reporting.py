@@ -107,7 +107,7 @@ def publish_stage_table(root, key: str) -> list[dict]:
 
     rows = stage_rows(root)
     if rows:
-        random_stages = random_weight_stages(root)
+        random_stages = random_weight_stages(rows)
         warning = f" -- {RANDOM_WARNING.format(stages=', '.join(random_stages))}" if random_stages else ""
         create_table_artifact(rows, key=key, description=f"stages of {root}{warning}")
     if dashboard_url():

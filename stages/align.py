@@ -57,7 +57,8 @@ def member_keys(path: Path) -> list[str]:
     return keys
 
 
-def _recorded_failures(layout: DatasetLayout, stage: str, shard: str) -> dict[str, str]:
+def recorded_failures(layout: DatasetLayout, stage: str, shard: str) -> dict[str, str]:
+    """key -> "status: error" for every sample a stage's status table records as failed in one shard."""
     path = layout.status_table(stage, shard)
     if not path.is_file():
         return {}
@@ -110,7 +111,7 @@ def align_shard(layout: DatasetLayout, shard: str, folders: list[str] | None = N
     everywhere = [k for k in order if all(k in found for found in present.values())]
     keep = set(everywhere)
 
-    failures = {folder: _recorded_failures(layout, producing_stage(folder), shard) for folder in folders}
+    failures = {folder: recorded_failures(layout, producing_stage(folder), shard) for folder in folders}
     rows: dict[str, dict] = {}
     if layout.status_table(STAGE, shard).is_file():  # earlier drops stay recorded
         for row in pq.read_table(layout.status_table(STAGE, shard)).to_pylist():

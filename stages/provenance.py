@@ -43,7 +43,10 @@ def provenance(config_section, models: dict[str, dict] | None = None) -> dict[st
     return {"version": project_version(), "config": config, "models": models or {}}
 
 
+RANDOM_MARK = "RANDOM WEIGHTS"
+
+
 def describe_model(record: dict) -> str:
     """One line for tables: source, short hash, and a warning for random weights."""
     text = f"{record.get('source')} (sha256 {str(record.get('weights_sha256'))[:12]})"
-    return text + " RANDOM WEIGHTS" if record.get("random_weights") else text
+    return f"{text} {RANDOM_MARK}" if record.get("random_weights") else text

@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from stages.provenance import describe_model
+from stages.provenance import RANDOM_MARK, describe_model
 from stages.shards import DatasetLayout
 
 TOKENIZER_MODALITIES = ("text", "rgb", "depth", "normal", "semseg", "clip")
@@ -33,15 +33,9 @@ def models_of(stats: list[dict]) -> dict[str, dict]:
     return made
 
 
-def random_weight_stages(root: str | Path) -> list[str]:
-    """The stages whose shards were made, even in part, by random-weight models (the demo's)."""
-    layout = DatasetLayout(root)
-    found = []
-    for stage in _stage_order(layout):
-        stats = [json.loads(p.read_text()) for p in sorted(layout.status_dir(stage).glob("shard-*.json"))]
-        if any(record.get("random_weights") for record in models_of(stats).values()):
-            found.append(stage)
-    return found
+def random_weight_stages(rows: list[dict]) -> list[str]:
+    """Of `stage_rows`, the stages whose shards were made, even in part, by random-weight models (the demo's)."""
+    return [row["stage"] for row in rows if RANDOM_MARK in (row["made_by"] or "")]
 
 
 RANDOM_WARNING = ("WARNING: labelled by random-weight models (the demo's): {stages}. These labels mean nothing; "

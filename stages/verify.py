@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from stages.align import recorded_failures
 from stages.shards import DatasetLayout, producing_stage
 
 
@@ -63,14 +63,6 @@ def _check_member(folder: str, name: str, data: bytes, vocabulary: int | None) -
     except Exception as err:  # noqa: BLE001 - whatever fails to decode is the finding
         return f"{name} does not decode ({type(err).__name__}: {err})", None
     return None, None
-
-
-def _failed_keys(layout: DatasetLayout, stage: str, shard: str) -> set[str]:
-    path = layout.status_table(stage, shard)
-    if not path.is_file():
-        return set()
-    rows = pq.read_table(path, columns=["key", "status"]).to_pylist()
-    return {r["key"] for r in rows if r["status"] != "ok"}
 
 
 def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
@@ -124,7 +116,7 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
                 continue
             absent = [k for k in rgb_keys if k not in seen]
             if absent:
-                recorded = _failed_keys(layout, producing_stage(folder), shard)
+                recorded = set(recorded_failures(layout, producing_stage(folder), shard))
                 why = (f"failures recorded in _status/{producing_stage(folder)}" if set(absent) <= recorded
                        else f"no failure recorded in _status/{producing_stage(folder)} for some")
                 problems.append(Problem(shard, folder, f"not aligned with rgb: {len(absent)} keys missing "
