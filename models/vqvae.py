@@ -284,18 +284,49 @@ class PatchUNet(nn.Module):
         return F.pixel_shuffle(self.out(h), self.patch)
 
 
+TERMINAL_SIGNAL = 1e-3  # alpha_bar at the last training timestep: sampling starts from pure noise, so must training
+
+
+def noise_schedule(steps: int) -> torch.Tensor:
+    """DDPM's linear betas (1e-4 .. 0.02 over 1000 steps), scaled by 1000/steps for shorter schedules.
+
+    Unscaled, 100 steps would end at alpha_bar 0.36: the decoder would never see an input without most of the
+    image in it, learn to denoise rather than to decode its tokens, and fail from the pure noise sampling
+    starts with. Scaled, every schedule of 2 steps or more ends near zero signal (1000 steps: 4e-5).
+    """
+    scale = 1000 / steps
+    betas = torch.linspace(1e-4 * scale, 0.02 * scale, steps, dtype=torch.float64).clamp(max=0.999)
+    terminal = float(torch.prod(1 - betas))
+    if terminal > TERMINAL_SIGNAL:
+        raise ValueError(f"diffusion_steps={steps}: the schedule ends at alpha_bar {terminal:.3g}, above "
+                         f"{TERMINAL_SIGNAL} (signal left where sampling starts from noise); use 2 steps or more")
+    return betas
+
+
 class Diffusion(nn.Module):
-    """DDPM training (linear betas, x0 prediction) and DDIM sampling around a PatchUNet."""
+    """The diffusion decoder: diffusers' DDPM noising for training (x0 prediction), DDIM for sampling.
+
+    Sampling uses the "trailing" timesteps (Lin et al. 2023, the reference's default): the first step is the
+    last training timestep, the one whose input is (near) pure noise, as the sampler's start is.
+    """
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
+        from diffusers import DDIMScheduler, DDPMScheduler
+
         self.cfg, self.unet = cfg, PatchUNet(cfg)
-        betas = torch.linspace(1e-4, 0.02, cfg.diffusion_steps, dtype=torch.float64)
-        self.register_buffer("alpha_bar", torch.cumprod(1 - betas, 0).float(), persistent=False)
+        betas = noise_schedule(cfg.diffusion_steps).numpy()
+        common = dict(num_train_timesteps=cfg.diffusion_steps, trained_betas=betas, prediction_type="sample",
+                      clip_sample=True, clip_sample_range=1.0)
+        self.train_scheduler = DDPMScheduler(**common)
+        self.sampler = DDIMScheduler(**common, set_alpha_to_one=True, timestep_spacing="trailing")
+
+    @property
+    def alpha_bar(self) -> torch.Tensor:
+        return self.train_scheduler.alphas_cumprod
 
     def noised(self, x0, t, noise):
-        a = self.alpha_bar[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return self.train_scheduler.add_noise(x0, noise, t)
 
     def training_prediction(self, x0, codes_map, generator=None):
         t = torch.randint(self.cfg.diffusion_steps, (len(x0),), device=x0.device, generator=generator)
@@ -303,20 +334,18 @@ class Diffusion(nn.Module):
         return self.unet(self.noised(x0, t, noise), t, codes_map)
 
     @torch.no_grad()
-    def sample(self, codes_map, shape, steps: int | None = None, generator=None):
-        steps = steps or self.cfg.sample_steps
-        times = torch.linspace(self.cfg.diffusion_steps - 1, 0, steps, device=codes_map.device).round().long()
-        x = torch.randn(shape, device=codes_map.device, generator=generator)
-        x0 = x
-        for i, t in enumerate(times):
-            a = self.alpha_bar[t]
-            x0 = self.unet(x, t.expand(len(x)), codes_map).float().clamp(-1, 1)
-            if i + 1 == len(times):
-                break
-            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-            a_next = self.alpha_bar[times[i + 1]]
-            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        return x0
+    def sample(self, codes_map, shape, steps: int | None = None, generator=None, start=None):
+        """DDIM from pure noise, or from `start` (a tensor already noised to the first timestep)."""
+        self.sampler.set_timesteps(steps or self.cfg.sample_steps)
+        x = start if start is not None else torch.randn(shape, generator=generator, device=codes_map.device)
+        for t in self.sampler.timesteps:
+            prediction = self.unet(x, t.to(x.device).expand(len(x)), codes_map).float()
+            x = self.sampler.step(prediction, int(t), x).prev_sample
+        return x
+
+    def first_timestep(self, steps: int | None = None) -> int:
+        self.sampler.set_timesteps(steps or self.cfg.sample_steps)
+        return int(self.sampler.timesteps[0])
 
 
 # --- the VQ-VAE --------------------------------------------------------------------------------------------
@@ -340,13 +369,14 @@ class VQVAE(nn.Module):
         return self.quantizer.nearest(self.encoder(x))
 
     @torch.no_grad()
-    def detokenize(self, ids, steps: int | None = None, generator=None) -> torch.Tensor:
-        """Token ids -> reconstruction (semseg: class logits; diffusion decoders: DDIM sampling)."""
+    def detokenize(self, ids, steps: int | None = None, generator=None, start=None) -> torch.Tensor:
+        """Token ids -> reconstruction (semseg: class logits; diffusion decoders: DDIM sampling from noise,
+        or from `start`, an input already noised to the sampler's first timestep)."""
         codes = self.quantizer.lookup(ids)
         if self.cfg.decoder == "diffusion":
             size = self.cfg.image_size
             return self.decoder.sample(self._codes_map(codes), (len(ids), self.cfg.in_channels, size, size),
-                                       steps, generator)
+                                       steps, generator, start)
         return self.decoder(codes)
 
     def forward(self, x, generator=None) -> dict:
@@ -387,6 +417,29 @@ def reconstruction_metric(modality: str, reconstruction, target) -> tuple[str, f
             ious.append(float(inter) / float(union))
         return "miou", sum(ious) / len(ious)
     return "cosine", float(F.cosine_similarity(reconstruction, target, dim=1).mean())  # clip
+
+
+# What a tokenizer that learned nothing would score: each sample's mean colour, depth, normal or feature
+# vector everywhere, or its most frequent class. A metric reads only beside this figure.
+BASELINES = {"rgb": "mean-colour image", "depth": "mean-depth map", "normal": "mean-normal map",
+             "semseg": "majority class", "clip": "mean feature"}
+HIGHER_IS_BETTER = {"psnr_db": True, "mean_angle_deg": False, "l1": False, "miou": True, "cosine": True}
+
+
+def baseline_reconstruction(modality: str, target: torch.Tensor, classes: int | None = None) -> torch.Tensor:
+    """The trivial reconstruction of each sample in the batch, in the form the decoder outputs."""
+    if modality == "semseg":
+        majority = torch.stack([t.flatten().bincount().argmax() for t in target])
+        logits = F.one_hot(majority, classes or int(target.max()) + 1).float()
+        return logits[:, :, None, None].expand(-1, -1, *target.shape[-2:])
+    mean = target.float().mean((2, 3), keepdim=True)
+    if modality == "normal":
+        mean = F.normalize(mean, dim=1)
+    return mean.expand_as(target)
+
+
+def baseline_metric(modality: str, target: torch.Tensor, classes: int | None = None) -> float:
+    return reconstruction_metric(modality, baseline_reconstruction(modality, target, classes), target)[1]
 
 
 def codebook_usage(ids: torch.Tensor, size: int) -> dict:

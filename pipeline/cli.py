@@ -112,7 +112,7 @@ def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
 
 
 def cmd_train_tokenizer(args) -> int:
-    from stages.train_tokenizer import run_train_tokenizers
+    from stages.train_tokenizer import run_train_tokenizers, training_line
 
     modalities = None if args.modality in (None, "all") else [m.strip() for m in args.modality.split(",")]
     config = _config_from(args, {"data_root": args.data, "tokenizer.modalities": modalities})
@@ -123,10 +123,8 @@ def cmd_train_tokenizer(args) -> int:
         elif modality == "text":
             print(f"{modality:7} vocabulary of {result['vocab_size']} from {result['texts']} texts")
         else:
-            final = ", ".join(f"{k} {v:.4g}" for k, v in result["final"].items()
-                              if k in ("loss", "codes_used", "perplexity", "psnr_db", "mean_angle_deg", "l1",
-                                       "miou", "cosine"))
-            print(f"{modality:7} {result['steps']} steps on {result['samples']} samples: {final}")
+            print(f"{modality:7} {result['steps']} steps on {result['samples']} samples: "
+                  f"{training_line(modality, result['final'])}")
 
     def tokenizer_path(modality):
         from stages.train_tokenizer import tokenizer_dir

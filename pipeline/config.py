@@ -139,6 +139,8 @@ class TokenizerStageConfig(Section):
     vocab_size: int = Field(30000, ge=4400, description="text vocabulary (captions and boxes)")
     batch_size: int = Field(640, ge=1, description="global batch size (Table 3: 640, CLIP 1024)")
     epochs: float = Field(15, gt=0)
+    epochs_by_modality: dict[str, float] = Field(default_factory=dict,
+                                                 description="epochs for the named tokenizers, instead of `epochs`")
     warmup_epochs: float = Field(1, ge=0)
     base_lr: float = Field(5e-5, gt=0, description="learning rate per 256 samples")
     weight_decay: float = Field(0.05, ge=0)
@@ -157,13 +159,15 @@ class TokenizerStageConfig(Section):
     decode_threads: int = Field(4, ge=1, description="threads decoding and cropping samples for the encoder")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
 
-    @field_validator("modalities")
+    @field_validator("modalities", "epochs_by_modality")
     @classmethod
-    def _known_modalities(cls, value: list[str]) -> list[str]:
+    def _known_modalities(cls, value):
         known = ("text", *TOKENIZER_MODALITIES)
         unknown = [m for m in value if m not in known]
         if unknown:
             raise ValueError(f"unknown modalities {unknown} (known: {', '.join(known)})")
+        if isinstance(value, dict) and any(epochs <= 0 for epochs in value.values()):
+            raise ValueError(f"epochs must be positive: {value}")
         return value
 
 

@@ -168,7 +168,7 @@ def tokenize_demo(root: Path, config: Config) -> int:
     from pipeline.cli import ShardProgress, print_alignment
     from stages.shards import DatasetLayout
     from stages.tokenize import run_tokenize, stage_name
-    from stages.train_tokenizer import run_train_tokenizers, tokenizer_dir
+    from stages.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
     from stages.verify import verify_dataset
 
     print("\ntraining tiny tokenizers on the demo labels (Ray Train)")
@@ -178,10 +178,8 @@ def tokenize_demo(root: Path, config: Config) -> int:
     shutil.rmtree(DatasetLayout(root).status_dir(stage_name("crop_settings")), ignore_errors=True)
 
     def report(modality, result):
-        final = result.get("final", {})
-        metrics = ", ".join(f"{k} {final[k]:.3g}" for k in ("codes_used", "psnr_db", "mean_angle_deg", "l1", "miou",
-                                                              "cosine") if k in final)
-        print(f"{modality:7} -> {tokenizer_dir(root, modality)}/ {metrics}")
+        figures = training_line(modality, result.get("final", {}))
+        print(f"{modality:7} -> {tokenizer_dir(root, modality)}/ {figures}")
 
     run_train_tokenizers(root, config, observer=report)
     progress = ShardProgress("tokenize")

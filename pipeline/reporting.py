@@ -119,7 +119,7 @@ def publish_stage_table(root, key: str) -> list[dict]:
 class TokenizerReporter:
     """train-tokenizers: a progress artifact over tokenizers, a table of results, reconstruction pictures."""
 
-    METRICS = ("loss", "codes_used", "perplexity", "psnr_db", "mean_angle_deg", "l1", "miou", "cosine")
+    METRICS = ("loss", "codes_used", "perplexity")
 
     def __init__(self, root, modalities: list[str]):
         self.root, self.modalities, self.rows = root, modalities, []
@@ -131,11 +131,23 @@ class TokenizerReporter:
         self.rows.append({"tokenizer": modality, "state": "already trained" if result.get("skipped") else "trained",
                           "steps": result.get("steps"), "samples": result.get("samples", result.get("texts")),
                           **{k: round(final[k], 4) for k in self.METRICS if k in final},
+                          **self.quality_columns(modality, final),
                           **({"vocab_size": result["vocab_size"]} if "vocab_size" in result else {})})
         update_progress_artifact(self.progress_id, 100.0 * len(self.rows) / max(len(self.modalities), 1),
                                  description=f"{len(self.rows)} of {len(self.modalities)} tokenizers")
         create_table_artifact(self.rows, key="train-tokenizers-results",
-                              description="tokenizers: codebook usage and reconstruction metrics")
+                              description="tokenizers: codebook usage, and each reconstruction metric beside "
+                                          "the trivial baseline's (what a tokenizer that learned nothing scores)")
+
+    @staticmethod
+    def quality_columns(modality: str, final: dict) -> dict:
+        from stages.train_tokenizer import quality
+
+        q = quality(modality, final)
+        if not q:
+            return {}
+        return {"metric": q["metric"], "value": round(q["value"], 4),
+                "baseline": None if q["baseline"] is None else round(q["baseline"], 4), "baseline is": q["baseline_of"]}
 
     def finish(self) -> str:
         import base64

@@ -133,7 +133,8 @@ def make_plan(layout: DatasetLayout, modality: str, cfg: TokenizerStageConfig, w
                                   f"per shard (tokenizer.workers)")
     local_batch = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, samples // (local_batch * world))
-    return Plan(samples, world, local_batch, steps_per_epoch, max(1, round(cfg.epochs * steps_per_epoch)),
+    epochs = cfg.epochs_by_modality.get(modality, cfg.epochs)
+    return Plan(samples, world, local_batch, steps_per_epoch, max(1, round(epochs * steps_per_epoch)),
                 round(cfg.warmup_epochs * steps_per_epoch), cfg.base_lr * local_batch * world / 256)
 
 
@@ -262,14 +263,47 @@ def _device(name: str) -> torch.device:
 
 
 def evaluate(model, modality: str, batch: torch.Tensor, seed: int) -> dict:
-    from models.vqvae import reconstruction_metric
+    """Reconstructions of the evaluation batch (diffusion decoders: sampled from noise, as users decode) and
+    their metric, beside the trivial baseline's (each sample's mean, or its majority class)."""
+    from models.vqvae import baseline_metric, reconstruction_metric
 
     model.eval()
     ids = model.tokenize(batch)
     reconstruction = model.detokenize(ids, generator=torch.Generator(batch.device).manual_seed(seed)).float()
     name, value = reconstruction_metric(modality, reconstruction, batch)
     model.train()
-    return {"metric": name, "value": value, "reconstruction": reconstruction}
+    return {"metric": name, "value": value, "baseline": baseline_metric(modality, batch, model.cfg.in_channels),
+            "reconstruction": reconstruction}
+
+
+QUALITY_METRICS = ("psnr_db", "mean_angle_deg", "l1", "miou", "cosine")
+
+
+def quality(modality: str, final: dict) -> dict:
+    """A tokenizer's reconstruction metric beside what learning nothing scores (each sample's mean colour,
+    depth, normal or feature, or its majority class), from its last logged metrics; {} before any evaluation."""
+    from models.vqvae import BASELINES
+
+    name = next((k for k in QUALITY_METRICS if k in final), None)
+    if name is None:
+        return {}
+    return {"metric": name, "value": final[name], "baseline": final.get(f"{name}_baseline"),
+            "baseline_of": BASELINES[modality]}
+
+
+def quality_line(modality: str, final: dict) -> str:
+    """'psnr_db 19.2 (mean-colour image: 12.9)'."""
+    q = quality(modality, final)
+    if not q:
+        return ""
+    beside = f" ({q['baseline_of']}: {q['baseline']:.4g})" if q["baseline"] is not None else ""
+    return f"{q['metric']} {q['value']:.4g}{beside}"
+
+
+def training_line(modality: str, final: dict) -> str:
+    """A finished run's figures for the console: loss, codebook usage, then the metric beside its baseline."""
+    figures = [f"{k} {final[k]:.4g}" for k in ("loss", "codes_used", "perplexity") if k in final]
+    return ", ".join(figures + ([quality_line(modality, final)] if quality(modality, final) else []))
 
 
 def train_worker(args: dict) -> None:
@@ -338,9 +372,10 @@ def train_worker(args: dict) -> None:
             if done % cfg.eval_every == 0 or done == plan.steps:
                 result = evaluate(model, modality, evaluation, cfg.seed)
                 last[result["metric"]] = result["value"]
+                last[f"{result['metric']}_baseline"] = result["baseline"]
                 save_reconstructions(folder / "reconstructions.png", modality, evaluation.cpu(),
                                      result["reconstruction"].cpu(),
-                                     f"{modality} tokenizer, step {done}: {result['metric']} {result['value']:.4g}")
+                                     f"{modality} tokenizer, step {done}: {quality_line(modality, last)}")
             with open(folder / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(last) + "\n")
             # Not print(): Ray Train patches it in its workers to log and echo, so each line came out twice.

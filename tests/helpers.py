@@ -261,3 +261,78 @@ def make_labelled_input(root, corrupt_key="000000003"):
                 writer.write(key, {"rgb": ("jpg", data), "caption": ("txt", f"a photo of a {name}".encode())})
             writer.commit(pa.table({"key": chunk, "status": ["ok"] * len(chunk)}), {"rows": len(chunk)})
     return layout
+
+
+# -- non-constant targets for the tokenizer quality checks, made from real photos -----------------------------
+QUALITY_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "camera", "immunohistochemistry",
+                  "retina")
+
+
+def photo_tensor(size: int):
+    """The photos center-cropped and resized to size x size: float (N, 3, size, size) in [-1, 1]."""
+    import torch
+
+    crops = []
+    for name in QUALITY_PHOTOS:
+        im = photo(name)
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+        crops.append(np.asarray(im))
+    return torch.tensor(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def quality_targets(modality: str, rgb):
+    """Maps with the photos' structure, in each tokenizer's input form: depth from the blurred luminance,
+    normals from its gradients (a height field), segmentation from luminance quantised into four classes,
+    CLIP-like maps as a fixed random projection of each 16x16 patch."""
+    import torch
+    import torch.nn.functional as F
+
+    luminance = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])[:, None]
+    blur = max(3, rgb.shape[-1] // 16) | 1  # odd, a patch's width at most
+
+    def smoothed(x):
+        for _ in range(2):
+            x = F.avg_pool2d(F.pad(x, [blur // 2] * 4, mode="replicate"), blur, stride=1)
+        return x
+
+    smooth = smoothed(luminance)
+    if modality == "rgb":
+        return rgb
+    if modality == "depth":
+        return smooth.clamp(-1, 1)
+    if modality == "normal":
+        dy, dx = torch.gradient(smooth[:, 0] * rgb.shape[-1] / 4, dim=(1, 2))
+        return F.normalize(torch.stack([-dx, -dy, torch.ones_like(dx)], dim=1), dim=1)
+    if modality == "semseg":
+        return torch.bucketize(smooth[:, 0], torch.tensor([-0.5, 0.0, 0.5]))
+    generator = torch.Generator().manual_seed(0)
+    projection = torch.randn(3 * 16 * 16, 512, generator=generator) / 16
+    patches = F.unfold(rgb, 16, stride=16).transpose(1, 2)  # (N, cells, 768)
+    features = torch.tanh(patches @ projection)
+    side = rgb.shape[-1] // 16
+    return features.transpose(1, 2).reshape(len(rgb), 512, side, side)
+
+
+def fit_tokenizer(model, data, steps: int, lr: float, batch: int = 4, seed: int = 0):
+    """A short AdamW run on random batches with flips (warmup, cosine decay), as the training stage steps."""
+    import math
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        picks = torch.randint(len(data), (batch,), generator=generator)
+        x = data[picks]
+        if torch.rand((), generator=generator) < 0.5 and model.cfg.modality != "normal":
+            x = x.flip(-1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = model(x, generator=generator)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()

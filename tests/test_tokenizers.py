@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.vqvae import MODALITIES, VQVAE, EMAQuantizer, load_tokenizer, reconstruction_metric, tokenizer_config
+from models.vqvae import (MODALITIES, VQVAE, EMAQuantizer, baseline_metric, load_tokenizer, reconstruction_metric,
+                          tokenizer_config)
 from pipeline.cli import main as cli
 from pipeline.config import load_config
 from stages.label import run_label
@@ -132,6 +133,7 @@ def test_training_lowers_the_reconstruction_error_on_photos(trained_rgb):
     assert psnr(trained) > psnr(initial) + 1  # dB; 9.6 -> 11.5 in 16 steps of a tiny model (seeded)
     log = [json.loads(line) for line in (tokenizer_dir(trained_rgb, "rgb") / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 16 and {"loss", "codes_used", "perplexity", "psnr_db", "lr"} <= set(log[-1])
+    assert log[-1]["psnr_db_baseline"] == pytest.approx(baseline_metric("rgb", photos))  # the mean-colour image
     assert log[-1]["reconstruction_loss"] < log[0]["reconstruction_loss"]
     assert (tokenizer_dir(trained_rgb, "rgb") / "reconstructions.png").stat().st_size > 1000
     summary = json.loads((tokenizer_dir(trained_rgb, "rgb") / "train.json").read_text())
@@ -154,6 +156,18 @@ def test_resumed_training_matches_an_uninterrupted_run(trained_rgb, tmp_path):
     straight = load_file(tokenizer_dir(trained_rgb, "rgb") / "model.safetensors")
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_epochs_can_be_set_per_tokenizer(dataset):
+    from pipeline.config import ConfigError
+    from stages.train_tokenizer import make_plan
+
+    cfg = config("tokenizer.epochs_by_modality={clip: 3}").tokenizer
+    layout = DatasetLayout(dataset)
+    clip, rgb = make_plan(layout, "clip", cfg, 1), make_plan(layout, "rgb", cfg, 1)
+    assert clip.steps == 3 * clip.steps_per_epoch and rgb.steps == 8 * rgb.steps_per_epoch
+    with pytest.raises(ConfigError, match="lidar"):
+        config("tokenizer.epochs_by_modality={lidar: 3}")
 
 
 def test_text_tokenizer_is_trained_from_captions_and_boxes(dataset, tmp_path):
