@@ -389,6 +389,11 @@ def train_worker(args: dict) -> None:
         if world > 1 and done % cfg.checkpoint_every == 0:
             dist.barrier()
     if rank == 0 and stop == plan.steps:
+        if start >= stop:  # resumed from the final checkpoint of a run stopped before it finished: record its metric
+            result = evaluate(model, modality, evaluation, cfg.seed)
+            with open(folder / "metrics.jsonl", "a") as log:
+                log.write(json.dumps({"step": stop, result["metric"]: result["value"],
+                                      f"{result['metric']}_baseline": result["baseline"]}) + "\n")
         save_tokenizer(model.cpu(), folder)
 
 
@@ -418,7 +423,8 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
     trainer.fit()
     if stop_after is not None and stop_after < plan.steps:
         return {"modality": modality, "stopped_at": stop_after, "steps": plan.steps}
-    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    log = folder / "metrics.jsonl"
+    metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     summary = {"modality": modality, "samples": plan.samples, "steps": plan.steps, "workers": world,
                "final": metrics[-1] if metrics else {}}
     _write_json_atomic(folder / "train.json", summary)

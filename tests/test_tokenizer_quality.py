@@ -79,7 +79,7 @@ def test_the_normal_decoder_decodes_maps_with_structure():
     from_noise, from_truth = from_noise_and_from_noised_truth(model, normals)
     angle, constant = reconstruction_metric("normal", from_noise, normals)[1], baseline_metric("normal", normals)
     assert constant > 20  # degrees from each map's mean normal
-    assert angle <= constant / 2  # seeded: 4 to 10 (800 to 1200 steps) against 27; unscaled: 30
+    assert angle <= constant / 2  # seeded: 5.6 against 27 (800 steps: 10); unscaled schedule: 30
     assert abs(angle - reconstruction_metric("normal", from_truth, normals)[1]) <= 3
 
 
@@ -87,14 +87,14 @@ def test_the_segmentation_decoder_recovers_the_classes():
     model, labels = trained("semseg", 1000)
     miou = reconstruction_metric("semseg", model.detokenize(model.tokenize(labels)), labels)[1]
     majority = baseline_metric("semseg", labels, model.cfg.in_channels)
-    assert miou >= 0.75 and miou >= majority + 0.4  # seeded: 0.87 against 0.31
+    assert miou >= 0.75 and miou >= majority + 0.4  # seeded: 0.80 against 0.31 (1200 steps: 0.87)
 
 
 def test_the_clip_decoder_recovers_the_feature_maps():
     model, features = trained("clip", 1500)
     cosine = reconstruction_metric("clip", model.detokenize(model.tokenize(features)), features)[1]
     mean_feature = baseline_metric("clip", features)
-    assert cosine >= 0.9 and cosine >= mean_feature + 0.2  # seeded: 0.94 against 0.66
+    assert cosine >= 0.9 and cosine >= mean_feature + 0.2  # seeded: 0.96 against 0.66
 
 
 def test_baselines_score_what_a_constant_prediction_scores():

@@ -158,6 +158,22 @@ def test_resumed_training_matches_an_uninterrupted_run(trained_rgb, tmp_path):
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+def test_a_run_killed_after_its_last_checkpoint_finishes_on_rerun(trained_rgb, tmp_path):
+    import shutil
+
+    # killed between the final checkpoint and train.json (its worker outlived the driver): no metrics, no summary
+    for name in ("rgb", "caption", "_status"):
+        shutil.copytree(trained_rgb / name, tmp_path / name)
+    shutil.copytree(tokenizer_dir(trained_rgb, "rgb") / "checkpoint", tokenizer_dir(tmp_path, "rgb") / "checkpoint")
+    summary = train_dense(tmp_path, config(), "rgb")
+    assert summary["steps"] == 16 and summary["final"]["step"] == 16
+    assert summary["final"]["psnr_db"] > 0 and "psnr_db_baseline" in summary["final"]
+    assert (tokenizer_dir(tmp_path, "rgb") / "train.json").is_file()
+    trained = load_file(tokenizer_dir(trained_rgb, "rgb") / "model.safetensors")
+    finished = load_file(tokenizer_dir(tmp_path, "rgb") / "model.safetensors")
+    assert finished.keys() == trained.keys() and all(torch.equal(v, trained[k]) for k, v in finished.items())
+
+
 def test_epochs_can_be_set_per_tokenizer(dataset):
     from pipeline.config import ConfigError
     from stages.train_tokenizer import make_plan
