@@ -252,6 +252,17 @@ def cmd_convert_omnidata(args) -> int:
     return 0
 
 
+def cmd_convert_4m(args) -> int:
+    from models.fourm import convert_checkpoint
+
+    model = convert_checkpoint(args.checkpoint, args.out)
+    cfg = model.cfg
+    print(f"4M ({cfg.encoder_depth}+{cfg.decoder_depth} blocks, width {cfg.dim}, "
+          f"{model.num_parameters() / 1e6:.1f}M parameters without embeddings) -> {args.out}\n"
+          f"  in:  {', '.join(cfg.domains_in)}\n  out: {', '.join(cfg.domains_out)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -311,12 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="load pickled objects besides tensors (only for checkpoints from a trusted source)")
     convert.add_argument("--no-verify", action="store_true",
                          help="skip running both layouts on a random input and comparing the outputs")
+    convert4m = sub.add_parser("convert-4m", help="convert a reference 4M checkpoint (apple/ml-4m) for FourM")
+    convert4m.add_argument("--checkpoint", required=True,
+                           help="a folder with config.json + model.safetensors, one .safetensors with the settings "
+                                "in its metadata, or a hub id such as EPFL-VILAB/4M-7_B_CC12M (needs a network)")
+    convert4m.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
     sub.add_parser("serve", help="serve the Prefect deployments (download/cc12m, ...) to a Prefect API")
     return parser
 
 
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
-            "convert-omnidata": cmd_convert_omnidata, "demo": cmd_demo, "serve": cmd_serve,
+            "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "demo": cmd_demo,
+            "serve": cmd_serve,
             "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,
             "status": cmd_status, "align": cmd_align, "up": cmd_services, "down": cmd_services, "services": cmd_services}
 

@@ -1,0 +1,505 @@
+"""4M: a multimodal masked encoder-decoder over token sequences (Mizrahi, Bachmann et al., 2023).
+
+One file, top to bottom: the modality registry, the configuration and the paper's sizes, the layers (pre-LN
+blocks, SwiGLU, attention through `scaled_dot_product_attention`), the per-modality embeddings, and the model:
+select the visible input tokens, encode them, decode the target tokens, score them.
+
+Batch layout (the reference's, so its batches and weights work here), per modality name:
+    tensor                  image tokens (B, 196) or (B, 14, 14) ids; RGB pixels (B, 3, 224, 224), normalised;
+                            sequences (B, L) ids, input and target tokens in one row (see the masking sampler)
+    input_mask              (B, n) bool, True = not an input (masked or padding)
+    target_mask             (B, n) bool, True = not a target
+    decoder_attention_mask  (B, n) int, how many following targets each target may see (images: the count of
+                            targets on the first target token; sequences: 1 per token = causal)
+`num_encoder_tokens` and `num_decoder_tokens` fix how many input and target slots a batch uses (128 and 128 in
+the paper); valid tokens are gathered first, in modality then position order, and the rest is padding.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- the modality registry -----------------------------------------------------------------------------------
+# kind: "pixels" (input only: RGB patches), "tokens" (a tokenizer's 14x14 ids), "sequence" (WordPiece ids)
+MODALITIES = {
+    "rgb@224": dict(kind="pixels", channels=3),
+    "tok_rgb@224": dict(kind="tokens", vocab_size=16384),
+    "tok_depth@224": dict(kind="tokens", vocab_size=8192),
+    "tok_normal@224": dict(kind="tokens", vocab_size=8192),
+    "tok_semseg@224": dict(kind="tokens", vocab_size=4096),
+    "tok_clip@224": dict(kind="tokens", vocab_size=8192),
+    "caption": dict(kind="sequence", vocab_size=30000),
+    "det": dict(kind="sequence", vocab_size=30000),
+}
+MAX_SEQUENCE = 256          # sequence tokens; a decoder position at or past this reads position 0
+SEQUENCE_TABLE = 512        # sine-cosine positions of a sequence: the reference means to cut its 512-entry table to
+                            # 256, but its slice falls on the batch axis, so its checkpoints carry all 512
+
+SIZES = {  # Table 4: encoder and decoder depth, width, heads (head dimension 64)
+    "Ti": dict(encoder_depth=6, decoder_depth=6, dim=384, num_heads=6),
+    "S": dict(encoder_depth=8, decoder_depth=8, dim=512, num_heads=8),
+    "B": dict(encoder_depth=12, decoder_depth=12, dim=768, num_heads=12),
+    "L": dict(encoder_depth=24, decoder_depth=24, dim=1024, num_heads=16),
+    "XL": dict(encoder_depth=24, decoder_depth=24, dim=2048, num_heads=32),
+}
+
+
+@dataclass
+class FourMConfig:
+    """The model's settings, named as the reference's `config.json` names them."""
+    domains_in: list = field(default_factory=lambda: ["rgb@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224",
+                                                      "tok_semseg@224", "tok_clip@224", "caption", "det"])
+    domains_out: list = field(default_factory=lambda: ["tok_rgb@224", "tok_depth@224", "tok_normal@224",
+                                                       "tok_semseg@224", "tok_clip@224", "caption", "det"])
+    dim: int = 768
+    encoder_depth: int = 12
+    decoder_depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    gated_mlp: bool = True          # SwiGLU (the final models); False: GELU MLP (the ablation reference)
+    act_layer: str = "SiLU"
+    qkv_bias: bool = False
+    proj_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = False
+    image_size: int = 224
+    patch_size: int = 16
+    vocab_sizes: dict = field(default_factory=dict)   # overrides of the registry's (the dataset's tokenizers)
+    tie_output: bool = True         # each decoder head shares its token embedding (training); the reference's
+                                    # Hugging Face checkpoints keep them apart
+    decoder_sep_mask: bool = True   # decoder tokens attend within their own modality only
+
+    @classmethod
+    def sized(cls, size: str, **overrides) -> "FourMConfig":
+        if size not in SIZES:
+            raise ValueError(f"unknown 4M size {size!r} (known: {', '.join(SIZES)})")
+        return cls(**{**SIZES[size], **overrides})
+
+    def __post_init__(self):
+        unknown = [m for m in [*self.domains_in, *self.domains_out] if m not in MODALITIES]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown} (known: {', '.join(MODALITIES)})")
+        inputs_only = [m for m in self.domains_out if MODALITIES[m]["kind"] == "pixels"]
+        if inputs_only:
+            raise ValueError(f"{inputs_only} can only be inputs (RGB pixels are never a target)")
+        if self.dim % self.num_heads or self.dim % 4:
+            raise ValueError(f"dim {self.dim} must divide by num_heads {self.num_heads} and by 4")
+
+    def vocab(self, modality: str) -> int:
+        return int(self.vocab_sizes.get(modality, MODALITIES[modality].get("vocab_size", 0)))
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.dim * self.mlp_ratio)
+        return int(2 * hidden / 3) if self.gated_mlp else hidden
+
+
+# --- positions -----------------------------------------------------------------------------------------------
+def sincos_1d(length: int, dim: int) -> torch.Tensor:
+    """(1, length, dim): [sin(p w), cos(p w)], w_k = 10000^(-k / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * omega[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)[None]
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(1, grid*grid, dim) in raster order: [sin(r w), cos(r w), sin(c w), cos(c w)], w_k = 10000^(-k / (dim/4))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    r, c = rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega
+    return torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)[None]
+
+
+# --- layers --------------------------------------------------------------------------------------------------
+def _norm(cfg: FourMConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.dim, eps=1e-6, bias=cfg.norm_bias)
+
+
+def _attend(q, k, v, mask):
+    """q (B, h, n, d), k/v (B, h, m, d), mask (B, n|1, m) bool, True = may not attend.
+
+    The mask is added as the dtype's most negative finite value, as the reference masks: a row with every key
+    masked (a padding slot) then averages all keys instead of producing NaN."""
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None])
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.proj_bias)
+
+    def forward(self, x, mask):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.q = nn.Linear(cfg.dim, cfg.dim, bias=cfg.qkv_bias)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.proj_bias)
+
+    def forward(self, x, context, mask):
+        (b, n, d), m = x.shape, context.shape[1]
+        q = self.q(x).reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, m, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    """SwiGLU, fc2(act(fc1 x) * fc3 x), or a plain two-layer MLP."""
+
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        self.act = getattr(nn, cfg.act_layer)()
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=cfg.mlp_bias)
+        self.fc3 = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=cfg.mlp_bias) if cfg.gated_mlp else None
+
+    def forward(self, x):
+        hidden = self.act(self.fc1(x))
+        return self.fc2(hidden * self.fc3(x) if self.fc3 is not None else hidden)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = _norm(cfg), SelfAttention(cfg), _norm(cfg), MLP(cfg)
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        self.norm1, self.self_attn = _norm(cfg), SelfAttention(cfg)
+        self.query_norm, self.context_norm, self.cross_attn = _norm(cfg), _norm(cfg), CrossAttention(cfg)
+        self.norm2, self.mlp = _norm(cfg), MLP(cfg)
+
+    def forward(self, y, context, self_mask, cross_mask):
+        y = y + self.self_attn(self.norm1(y), self_mask)
+        y = y + self.cross_attn(self.query_norm(y), self.context_norm(context), cross_mask)
+        return y + self.mlp(self.norm2(y))
+
+
+# --- embeddings: content x and emb = position + modality, per modality ---------------------------------------
+class Embedding(nn.Module):
+    """One modality's encoder (or decoder) embedding. `mod_emb` is shared by a modality's two embeddings."""
+
+    def __init__(self, cfg: FourMConfig, modality: str, decoder: bool):
+        super().__init__()
+        spec = MODALITIES[modality]
+        self.kind, self.decoder = spec["kind"], decoder
+        self.mod_emb = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        if self.kind == "pixels":
+            self.patch = cfg.patch_size
+            self.proj = nn.Linear(spec["channels"] * cfg.patch_size ** 2, cfg.dim, bias=False)
+        else:
+            padding = 0 if self.kind == "sequence" else None
+            self.token_emb = nn.Embedding(cfg.vocab(modality), cfg.dim, padding_idx=padding)
+        positions = sincos_1d(SEQUENCE_TABLE, cfg.dim) if self.kind == "sequence" else sincos_2d(cfg.grid, cfg.dim)
+        self.register_buffer("pos_emb", positions, persistent=False)
+        if decoder:
+            self.to_logits = nn.Linear(cfg.dim, cfg.vocab(modality), bias=False)
+            if cfg.tie_output:
+                self.to_logits.weight = self.token_emb.weight
+
+    def forward(self, d: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        data = d["tensor"]
+        b = data.shape[0]
+        if self.kind == "pixels":  # (B, C, H, W) -> patches flattened in (row, col, channel) order
+            p = self.patch
+            c, h, w = data.shape[1:]
+            patches = data.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+            return self.proj(patches), (self.pos_emb + self.mod_emb).expand(b, -1, -1)
+        ids = data.reshape(b, -1)
+        x = self.token_emb(ids)
+        if self.kind == "tokens":
+            return x, (self.pos_emb + self.mod_emb).expand(b, -1, -1)
+        # sequences: a token's position is its rank among the valid tokens of its part (input or target)
+        invalid = d["target_mask" if self.decoder else "input_mask"]
+        rank = (~invalid).long().cumsum(1) - 1
+        rank = rank.masked_fill(invalid | ((rank >= MAX_SEQUENCE) if self.decoder else False), 0)
+        positions = self.pos_emb[0][rank].masked_fill(invalid[..., None], 0.0)
+        return x, positions + self.mod_emb
+
+
+# --- the model -----------------------------------------------------------------------------------------------
+class FourM(nn.Module):
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder_embeddings = nn.ModuleDict({m: Embedding(cfg, m, decoder=False) for m in cfg.domains_in})
+        self.decoder_embeddings = nn.ModuleDict({m: Embedding(cfg, m, decoder=True) for m in cfg.domains_out})
+        self.encoder = nn.ModuleList([EncoderBlock(cfg) for _ in range(cfg.encoder_depth)])
+        self.encoder_norm = _norm(cfg)
+        self.decoder_proj_context = nn.Linear(cfg.dim, cfg.dim)  # with a bias, even in the bias-free models
+        self.decoder = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = _norm(cfg)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.modality_ids = {m: i for i, m in enumerate(sorted(set(cfg.domains_in) | set(cfg.domains_out)))}
+        self.init_weights()
+        for m in set(cfg.domains_in) & set(cfg.domains_out):  # one modality embedding per modality
+            self.decoder_embeddings[m].mod_emb = self.encoder_embeddings[m].mod_emb
+
+    def init_weights(self) -> None:
+        """MAE-style: xavier-uniform Linears (fused q/k/v and k/v bounded per part), zero biases, N(0, 0.02)
+        embeddings, modality embeddings and the mask token. Tied heads end xavier-uniform, as the reference's."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                parts = 3 if name.endswith(".qkv") else 2 if name.endswith(".kv") else 1
+                bound = math.sqrt(6.0 / (module.weight.shape[0] // parts + module.weight.shape[1]))
+                nn.init.uniform_(module.weight, -bound, bound)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for name, parameter in self.named_parameters():
+            if name.endswith("mod_emb") or name == "mask_token":
+                nn.init.normal_(parameter, std=0.02)
+
+    # -- selecting the visible tokens and the targets ---------------------------------------------------------
+    @staticmethod
+    def _gather(tensors: list[torch.Tensor], invalid: torch.Tensor, count: int):
+        """Keep `count` slots per sample, valid ones first in their original order (a stable sort)."""
+        order = torch.sort(invalid.to(torch.uint8), dim=1, stable=True).indices[:, :count]
+        return [t.gather(1, order if t.ndim == 2 else order[..., None].expand(-1, -1, t.shape[-1])) for t in tensors]
+
+    def _encoder_tokens(self, batch: dict, count: int):
+        xs, embs, invalid, ids = [], [], [], []
+        for m, d in batch.items():
+            if m not in self.encoder_embeddings:
+                continue
+            x, emb = self.encoder_embeddings[m](d)
+            xs.append(x), embs.append(emb), invalid.append(d["input_mask"])
+            ids.append(torch.full_like(d["input_mask"], self.modality_ids[m], dtype=torch.long))
+        x, emb, mask, modality = self._gather([torch.cat(xs, 1), torch.cat(embs, 1), torch.cat(invalid, 1),
+                                              torch.cat(ids, 1)], torch.cat(invalid, 1), count)
+        keep = ~mask[..., None]
+        return x * keep, emb * keep, mask
+
+    def _decoder_tokens(self, batch: dict, count: int):
+        xs, embs, invalid, targets, see, ids = [], [], [], [], [], []
+        for m, d in batch.items():
+            if m not in self.decoder_embeddings:
+                continue
+            x, emb = self.decoder_embeddings[m](d)
+            target_mask, attention = d["target_mask"], d["decoder_attention_mask"]
+            if MODALITIES[m]["kind"] == "sequence":  # teacher forcing: slot i reads token i, predicts token i+1
+                xs.append(x[:, :-1]), embs.append(emb[:, :-1])
+                invalid.append(target_mask[:, 1:] | target_mask[:, :-1])
+                targets.append(d["tensor"][:, 1:]), see.append(attention[:, :-1])
+            else:  # image targets are queried by the mask token at their positions
+                xs.append(self.mask_token.expand_as(x)), embs.append(emb)
+                invalid.append(target_mask), targets.append(d["tensor"].reshape(len(x), -1)), see.append(attention)
+            ids.append(torch.full_like(invalid[-1], self.modality_ids[m], dtype=torch.long))
+        all_invalid = torch.cat(invalid, 1)
+        y, emb, mask, target, see, modality = self._gather(
+            [torch.cat(xs, 1), torch.cat(embs, 1), all_invalid, torch.cat(targets, 1), torch.cat(see, 1),
+             torch.cat(ids, 1)], all_invalid, count)
+        keep = ~mask[..., None]
+        modality = modality.masked_fill(mask, -1)
+        return y * keep, emb * keep, mask, target.masked_fill(mask, 0), self._decoder_mask(see, modality), modality
+
+    def _decoder_mask(self, see: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """(B, M, M), True = may not attend: slot q sees slot k iff k < cumsum(see)[q] (an image's count on its
+        first target opens all of them; one per sequence token is causal), and only within its modality."""
+        n = see.shape[1]
+        blocked = torch.arange(n, device=see.device)[None, None, :] >= see.cumsum(1)[..., None]
+        if self.cfg.decoder_sep_mask:
+            blocked = blocked | (modality[:, None, :] != modality[:, :, None])
+        return blocked
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(self, batch: dict, num_encoder_tokens: int, num_decoder_tokens: int, return_logits: bool = False):
+        """The loss (mean over target modalities of each one's mean cross-entropy) and the per-modality losses;
+        or, with return_logits, {modality: logits (K, vocab)} for its K target slots in (sample, slot) order."""
+        x, x_emb, x_mask = self._encoder_tokens(batch, num_encoder_tokens)
+        y, y_emb, _, target, self_mask, modality = self._decoder_tokens(batch, num_decoder_tokens)
+        cross_mask = x_mask[:, None, :]
+        x = x + x_emb
+        for block in self.encoder:
+            x = block(x, cross_mask)
+        context = self.decoder_proj_context(self.encoder_norm(x)) + x_emb
+        y = y + y_emb
+        for block in self.decoder:
+            y = block(y, context, self_mask, cross_mask)
+        y = self.decoder_norm(y)
+        logits, losses = {}, {}
+        for m in batch:
+            if m not in self.decoder_embeddings:
+                continue
+            slots = modality == self.modality_ids[m]
+            logits[m] = self.decoder_embeddings[m].to_logits(y[slots])
+            losses[m] = F.cross_entropy(logits[m].float(), target[slots]) if slots.any() \
+                else y.new_zeros((), dtype=torch.float32)  # counted in the mean, as the reference counts it
+        if return_logits:
+            return logits
+        return sum(losses.values()) / len(losses), losses
+
+    # -- sizes, saving, loading -------------------------------------------------------------------------------
+    def num_parameters(self, embeddings: bool = False) -> int:
+        """Trainable parameters; without embeddings as the paper counts them (Table 4)."""
+        skip = ("encoder_embeddings.", "decoder_embeddings.", "mask_token")
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (not embeddings and name.startswith(skip)):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / ".model.safetensors.tmp"
+        save_model(self, str(tmp))
+        tmp.replace(folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "FourM":
+        from safetensors.torch import load_model
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no 4M model in {str(folder)!r} (config.json missing); a reference checkpoint "
+                                    f"needs `python -m pipeline convert-4m` first")
+        model = cls(FourMConfig(**json.loads((folder / "config.json").read_text())))
+        load_model(model, str(folder / "model.safetensors"), device=str(device))
+        return model.to(device)
+
+
+# --- the reference's checkpoints -----------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A reference checkpoint that cannot be read as this model: names the tensor or setting."""
+
+
+REFERENCE_SETTINGS = ("domains_in", "domains_out", "dim", "encoder_depth", "decoder_depth", "num_heads", "mlp_ratio",
+                      "gated_mlp", "act_layer", "qkv_bias", "proj_bias", "mlp_bias", "norm_bias", "image_size",
+                      "patch_size")
+UNSUPPORTED = {"qk_norm": False, "num_register_tokens": 0, "decoder_causal_mask": False}
+
+
+def read_reference_checkpoint(source: str | Path) -> tuple[dict, dict, str]:
+    """(settings, tensors, layout) from a folder with config.json + model.safetensors (the reference's Hugging
+    Face class), one .safetensors with the settings in its metadata, or a hub id (downloaded where a network is)."""
+    import yaml
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(source)
+    if not path.exists():
+        if str(source).count("/") != 1 or str(source).startswith((".", "/")):
+            raise CheckpointError(f"checkpoint {str(source)!r}: no such file or folder")
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(str(source), allow_patterns=["config.json", "*.safetensors"]))
+        except Exception as err:  # offline, unknown repository: say which and why
+            raise CheckpointError(f"checkpoint {str(source)!r}: not a local path, and the hub could not provide it "
+                                  f"({type(err).__name__}: {err})") from None
+    if path.is_dir():
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise CheckpointError(f"{path}: expected config.json and model.safetensors (the reference's layout)")
+        settings = json.loads((path / "config.json").read_text())
+        return settings, load_file(path / "model.safetensors"), "folder"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if "domains_in" not in metadata:
+        raise CheckpointError(f"{path}: no 4M settings in the safetensors metadata (domains_in missing)")
+    settings = {k: yaml.safe_load(v.replace("None", "null")) for k, v in metadata.items()}
+    return settings, load_file(path), "file"
+
+
+def convert_reference(source: str | Path) -> tuple[FourMConfig, dict]:
+    """The reference's checkpoint as this model's configuration and state dict; refuses unknown, missing or
+    mis-shaped tensors and settings this model does not implement, by name."""
+    settings, tensors, _ = read_reference_checkpoint(source)
+    for key, supported in UNSUPPORTED.items():
+        if settings.get(key, supported) != supported:
+            raise CheckpointError(f"{source}: {key}={settings[key]!r} is not supported (only {supported!r})")
+    missing = [k for k in ("domains_in", "domains_out", "dim", "encoder_depth", "decoder_depth", "num_heads")
+               if k not in settings]
+    if missing:
+        raise CheckpointError(f"{source}: settings {missing} missing")
+    kept = {k: settings[k] for k in REFERENCE_SETTINGS if k in settings}
+    kept["domains_in"] = [m for m in kept["domains_in"] if m in MODALITIES and
+                          f"encoder_embeddings.{m}.mod_emb" in tensors]  # the reference drops embedding-less ones
+    unknown = [m for m in [*settings["domains_in"], *settings["domains_out"]] if m not in MODALITIES]
+    if unknown:
+        raise CheckpointError(f"{source}: modalities {unknown} are not in this project's registry "
+                              f"({', '.join(MODALITIES)})")
+    vocab = {}
+    for m in settings["domains_in"] + settings["domains_out"]:
+        for side in ("encoder", "decoder"):
+            weight = tensors.get(f"{side}_embeddings.{m}.token_emb.weight")
+            if weight is not None:
+                vocab[m] = int(weight.shape[0])
+    kept["vocab_sizes"] = vocab
+    kept["tie_output"] = all(torch.equal(tensors.get(f"decoder_embeddings.{m}.to_logits.weight", torch.empty(0)),
+                                         tensors.get(f"decoder_embeddings.{m}.token_emb.weight", torch.empty(1)))
+                             for m in settings["domains_out"])
+    try:
+        cfg = FourMConfig(**kept)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    with torch.device("meta"):
+        expected = FourM(cfg).state_dict()
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith(".pos_emb"):  # fixed sine-cosine tables: rebuilt, but they must be the same ones
+            continue
+        if key.endswith(".bias") and key not in expected and not cfg.norm_bias and not value.any():
+            continue  # the reference's bias-free LayerNorm keeps a zero bias buffer
+        state[key] = value
+    for m in set(cfg.domains_in) & set(cfg.domains_out):  # the Hugging Face files omit the shared copy
+        state.setdefault(f"decoder_embeddings.{m}.mod_emb", state.get(f"encoder_embeddings.{m}.mod_emb"))
+    extra = sorted(set(state) - set(expected))
+    absent = sorted(set(expected) - set(state))
+    if extra or absent:
+        raise CheckpointError(f"{source}: " + "; ".join(
+            part for part in (f"unknown tensors {extra[:8]}" if extra else "",
+                              f"missing tensors {absent[:8]}" if absent else "") if part))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(f"{source}: tensors of the wrong shape: {', '.join(wrong[:8])}")
+    reference = {k: v for k, v in tensors.items() if k.endswith(".pos_emb")}
+    model = FourM(cfg)
+    ours = dict(model.named_buffers())
+    for key, table in reference.items():
+        if key in ours and (ours[key].shape != table.shape or not torch.allclose(ours[key], table, atol=1e-5)):
+            raise CheckpointError(f"{source}: {key} is not the sine-cosine table this model builds")
+    return cfg, state
+
+
+def convert_checkpoint(source: str | Path, out: str | Path) -> FourM:
+    """`convert-4m`: the reference's checkpoint saved as a folder `FourM.from_pretrained` reads."""
+    cfg, state = convert_reference(source)
+    model = FourM(cfg)
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(out)
+    return model
