@@ -1,0 +1,172 @@
+"""4M's multimodal masking: which tokens of a sample the encoder sees and which the decoder must predict.
+
+Consumes one sample's modalities: image token grids (196 ids), RGB pixels (196 patches), and texts (captions,
+box sequences) as strings. Produces, per modality, the model's batch layout (`models/fourm.py`): `tensor`,
+`input_mask` and `target_mask` (True = not an input / not a target) and `decoder_attention_mask`.
+
+Per sample (the paper's section 2.3 and appendix C.1):
+1. pick a mixture component (uniformly, or by the components' weights);
+2. split the input budget over the modalities by a Dirichlet draw with the component's input alphas (floor,
+   then the remaining tokens one by one to the argmax of fresh draws), capped by what each modality holds;
+3. the same for the target budget with the target alphas, an image's cap lowered by its inputs;
+4. images: a random permutation, its first n_in positions inputs and the next n_tgt targets (disjoint);
+5. sequences: span masking with sentinels. Each token is kept with a probability drawn per the component's
+   keep scheme; masked runs become [S_1], [S_2], ... in the input and `[S_k] span` in the target, which ends with
+   one more sentinel. The probability shrinks by 0.9 until the input fits its budget; a target longer than its
+   budget is cut to start at a sentinel.
+Every draw comes from the generator passed in, so a seeded loader masks the same way after a resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+IMAGE_TOKENS = 196          # 14x14 per 224x224 crop, for token grids and RGB patches alike
+SEQUENCE_TOKENS = 256       # a caption's or a box sequence's tokens, [EOS] included
+KEEP_DECAY = 0.9
+EPS = 1e-9                  # an alpha of 0 never samples the modality
+
+
+@dataclass
+class Component:
+    """One Dirichlet of the mixture: alphas per modality (missing = 0), keep schemes for sequences."""
+    input_alphas: dict[str, float]
+    target_alphas: dict[str, float]
+    keep: dict[str, str] = field(default_factory=dict)   # "random" (default), "all" or "binary"
+    weight: float = 1.0
+
+
+TOKEN_MODALITIES = ("tok_rgb@224", "tok_depth@224", "tok_semseg@224", "tok_normal@224", "tok_clip@224", "caption",
+                    "det")
+PAPER_MIXTURE = [  # Table 5 and appendix E.4: "RGB->All & All->All", alpha 0.5, half each
+    Component(input_alphas={"rgb@224": 1000.0}, target_alphas={m: 0.5 for m in TOKEN_MODALITIES}),
+    Component(input_alphas={m: 0.5 for m in ("rgb@224", *TOKEN_MODALITIES)},
+              target_alphas={m: 0.5 for m in TOKEN_MODALITIES}),
+]
+
+
+def is_sequence(modality: str) -> bool:
+    return modality in ("caption", "det")
+
+
+def span_mask(ids: list[int], keep: float, sentinels: list[int], rng: np.random.Generator):
+    """(input, target): kept tokens stay in the input; each masked run becomes one sentinel there and
+    `sentinel + run` in the target, which ends with the next sentinel."""
+    masked = rng.random(len(ids)) > keep
+    inputs, targets, count, previous = [], [], 0, False
+    for token, is_masked in zip(ids, masked):
+        if is_masked:
+            if not previous:
+                count += 1
+                inputs.append(sentinels[count])
+                targets.append(sentinels[count])
+            targets.append(token)
+        else:
+            inputs.append(token)
+        previous = bool(is_masked)
+    targets.append(sentinels[count + 1])
+    return inputs, targets
+
+
+class MaskingSampler:
+    def __init__(self, modalities: list[str], mixture: list[Component], input_tokens: int = 128,
+                 target_tokens: int = 128, text_tokenizer=None):
+        unknown = sorted({m for c in mixture for m in [*c.input_alphas, *c.target_alphas]} - set(modalities))
+        if unknown:
+            raise ValueError(f"the masking mixture names modalities {unknown} that are not loaded ({modalities})")
+        if any(is_sequence(m) for m in modalities) and text_tokenizer is None:
+            raise ValueError("captions and boxes need the text tokenizer")
+        self.modalities, self.input_tokens, self.target_tokens = list(modalities), input_tokens, target_tokens
+        self.caps = np.array([SEQUENCE_TOKENS if is_sequence(m) else IMAGE_TOKENS for m in modalities])
+        self.images = np.array([not is_sequence(m) for m in modalities])
+        self.input_alphas = [np.array([max(c.input_alphas.get(m, 0.0), EPS) for m in modalities]) for c in mixture]
+        self.target_alphas = [np.array([max(c.target_alphas.get(m, 0.0), EPS) for m in modalities]) for c in mixture]
+        self.keep = [c.keep for c in mixture]
+        weights = np.array([c.weight for c in mixture], dtype=float)
+        self.weights = weights / weights.sum()
+        self.tokenizer = text_tokenizer
+        if text_tokenizer is not None:
+            self.sentinels = [text_tokenizer.token_to_id(f"[S_{i}]") for i in range(200)]
+            self.sentinel_ids = set(self.sentinels)
+            self.pad_id, self.eos_id = text_tokenizer.token_to_id("[PAD]"), text_tokenizer.token_to_id("[EOS]")
+
+    # -- budgets ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def split(alphas: np.ndarray, total: int, caps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        budget = np.floor(rng.dirichlet(alphas) * total).astype(int)
+        for _ in range(total - int(budget.sum())):  # the rounding remainder, one token at a time
+            budget[int(np.argmax(rng.dirichlet(alphas)))] += 1
+        return np.minimum(budget, caps)
+
+    def budgets(self, component: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        inputs = self.split(self.input_alphas[component], self.input_tokens, self.caps, rng)
+        target_caps = np.where(self.images, self.caps - inputs, self.caps)
+        return inputs, self.split(self.target_alphas[component], self.target_tokens, target_caps, rng)
+
+    # -- one modality -------------------------------------------------------------------------------------------
+    @staticmethod
+    def image(tensor, n_in: int, n_tgt: int, rng: np.random.Generator) -> dict:
+        order = rng.permutation(IMAGE_TOKENS)
+        input_mask = np.ones(IMAGE_TOKENS, bool)
+        input_mask[order[:n_in]] = False
+        target_mask = np.ones(IMAGE_TOKENS, bool)
+        target_mask[order[n_in:n_in + n_tgt]] = False
+        attention = np.zeros(IMAGE_TOKENS, np.int32)
+        if n_tgt:  # the first target opens all of them to each other: bidirectional within the image
+            attention[int(np.argmin(target_mask))] = n_tgt
+        return {"tensor": tensor, "input_mask": torch.from_numpy(input_mask),
+                "target_mask": torch.from_numpy(target_mask), "decoder_attention_mask": torch.from_numpy(attention)}
+
+    def sequence(self, text: str, n_in: int, n_tgt: int, keep_scheme: str, rng: np.random.Generator) -> dict:
+        ids = (self.tokenizer.encode(text).ids + [self.eos_id])[:SEQUENCE_TOKENS]
+        if n_in == 0:
+            inputs, targets = span_mask(ids, 0.0, self.sentinels, rng)
+            inputs = []
+        else:
+            keep = {"random": lambda: rng.uniform(0, 1), "all": lambda: 1.0,
+                    "binary": lambda: float(rng.integers(2))}[keep_scheme]()
+            inputs, targets = span_mask(ids, keep, self.sentinels, rng)
+            while len(inputs) > n_in:
+                keep *= KEEP_DECAY
+                inputs, targets = span_mask(ids, keep, self.sentinels, rng)
+        if len(targets) > n_tgt:
+            targets = self.cut_at_sentinel(targets, n_tgt, rng)
+        length = (SEQUENCE_TOKENS + 1) * 2
+        tensor = torch.full((length,), self.pad_id, dtype=torch.int32)
+        input_mask, target_mask = torch.ones(length, dtype=torch.bool), torch.ones(length, dtype=torch.bool)
+        attention = torch.zeros(length, dtype=torch.int32)
+        tensor[:len(inputs)] = torch.tensor(inputs, dtype=torch.int32)
+        input_mask[:len(inputs)] = False
+        span = slice(n_in, n_in + len(targets))  # targets start at the input budget, as the reference lays them out
+        tensor[span] = torch.tensor(targets, dtype=torch.int32)
+        target_mask[span] = False
+        attention[span] = 1  # causal: each target token opens one more
+        return {"tensor": tensor, "input_mask": input_mask, "target_mask": target_mask,
+                "decoder_attention_mask": attention}
+
+    def cut_at_sentinel(self, targets: list[int], budget: int, rng: np.random.Generator) -> list[int]:
+        """`budget` tokens from a random sentinel on (not the final one), or the shortest tail that fits."""
+        starts = [i for i, t in enumerate(targets) if t in self.sentinel_ids]
+        start = starts[int(rng.integers(max(1, len(starts) - 1)))]
+        if len(targets) - start >= budget:
+            return targets[start:start + budget]
+        return targets[next(i for i in starts if len(targets) - i <= budget):]
+
+    # -- a sample -----------------------------------------------------------------------------------------------
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        """sample: modality -> token grid / pixels (tensors) or text (str). Every modality of the sampler must be
+        present; returns modality -> the batch layout."""
+        missing = [m for m in self.modalities if m not in sample]
+        if missing:
+            raise KeyError(f"sample lacks {missing}")
+        component = int(rng.choice(len(self.weights), p=self.weights))
+        inputs, targets = self.budgets(component, rng)
+        out = {}
+        for m, n_in, n_tgt in zip(self.modalities, inputs.tolist(), targets.tolist()):
+            if is_sequence(m):
+                out[m] = self.sequence(sample[m], n_in, n_tgt, self.keep[component].get(m, "random"), rng)
+            else:
+                out[m] = self.image(sample[m], n_in, n_tgt, rng)
+        return out

@@ -1,0 +1,103 @@
+"""The masking sampler: the reference sampler's statistics (fixture made by running apple/ml-4m's UnifiedMasking,
+tests/fixtures/reference/make_masking_stats.py), disjoint inputs and targets, budgets, and span masking that a
+merge through the sentinels undoes."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.text_tokenizer import boxes_to_text, train_text_tokenizer
+from stages.masking import PAPER_MIXTURE, Component, MaskingSampler, span_mask
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures/reference/masking_stats.json").read_text())
+MODALITIES = list(FIXTURE["mixture"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = FIXTURE["captions"] + [boxes_to_text(b) for b in FIXTURE["boxes"]]
+    tokenizer = train_text_tokenizer(corpus * 3, 4400)
+    # the counts depend on each text's length in tokens (piece ids may be numbered otherwise: training breaks ties
+    # between equally frequent pieces in no fixed order)
+    assert [len(tokenizer.encode(t).ids) for t in corpus] == [len(ids) for ids in FIXTURE["ids"]]
+    return tokenizer
+
+
+def sample(i: int) -> dict:
+    out = {m: torch.zeros(196, dtype=torch.long) for m in MODALITIES}
+    out["caption"] = FIXTURE["captions"][i % len(FIXTURE["captions"])]
+    out["det"] = boxes_to_text(FIXTURE["boxes"][i % len(FIXTURE["boxes"])])
+    return out
+
+
+def test_mean_token_counts_equal_the_reference_samplers(tokenizer):
+    sampler = MaskingSampler(MODALITIES, PAPER_MIXTURE, 128, 128, tokenizer)
+    rng = np.random.default_rng(0)
+    n = FIXTURE["samples"]
+    counts = {m: {"input": [], "target": []} for m in MODALITIES}
+    for i in range(n):
+        for m, d in sampler(sample(i), rng).items():
+            counts[m]["input"].append(int((~d["input_mask"]).sum()))
+            counts[m]["target"].append(int((~d["target_mask"]).sum()))
+    for m in MODALITIES:
+        for part in ("input", "target"):
+            ours, reference = np.array(counts[m][part]), FIXTURE["stats"][m][part]
+            spread = math.sqrt(reference["std"] ** 2 / n + ours.std() ** 2 / n)
+            assert abs(ours.mean() - reference["mean"]) <= 4 * spread + 1e-9, (m, part, ours.mean(), reference)
+    # and what the mixture means: half the samples see RGB pixels alone, pixels are never a target
+    assert np.mean(counts["rgb@224"]["input"]) == pytest.approx(128 / 2 + 128 / 16, abs=4)
+    assert sum(counts["rgb@224"]["target"]) == 0
+
+
+def test_inputs_and_targets_are_disjoint_and_within_budget(tokenizer):
+    sampler = MaskingSampler(MODALITIES, PAPER_MIXTURE, 128, 128, tokenizer)
+    rng = np.random.default_rng(1)
+    for i in range(200):
+        out = sampler(sample(i), rng)
+        total_in = sum(int((~d["input_mask"]).sum()) for d in out.values())
+        assert total_in <= 128
+        for m, d in out.items():
+            if m in ("caption", "det"):
+                continue
+            assert not (~d["input_mask"] & ~d["target_mask"]).any()  # never the same position twice
+            targets = int((~d["target_mask"]).sum())
+            assert int(d["decoder_attention_mask"].sum()) == targets
+            if targets:
+                assert int(d["decoder_attention_mask"][int(np.argmin(d["target_mask"].numpy()))]) == targets
+
+
+def test_span_masking_round_trips_through_the_sentinels(tokenizer):
+    sentinels = [tokenizer.token_to_id(f"[S_{i}]") for i in range(200)]
+    ids = tokenizer.encode(FIXTURE["captions"][1]).ids + [3]
+    rng = np.random.default_rng(2)
+    for keep in (0.0, 0.3, 0.7, 1.0):
+        inputs, targets = span_mask(ids, keep, sentinels, rng)
+        spans, current = {}, None
+        for t in targets:
+            if t in sentinels:
+                current = t
+                spans[current] = []
+            else:
+                spans[current].append(t)
+        merged = [x for t in inputs for x in (spans[t] if t in sentinels else [t])]
+        assert merged == ids and targets[0] == sentinels[1] and targets[-1] in sentinels
+
+
+def test_a_long_caption_fits_its_budgets(tokenizer):
+    sampler = MaskingSampler(["caption"], [Component({"caption": 1.0}, {"caption": 1.0})], 12, 10, tokenizer)
+    rng = np.random.default_rng(3)
+    sentinels = set(sampler.sentinels)
+    for _ in range(50):
+        d = sampler({"caption": FIXTURE["captions"][3]}, rng)["caption"]
+        inputs, targets = d["tensor"][~d["input_mask"]], d["tensor"][~d["target_mask"]]
+        assert len(inputs) <= 12 and len(targets) <= 10
+        assert int(targets[0]) in sentinels  # a cut target starts at a sentinel
+        assert d["tensor"].shape == (514,)
+
+
+def test_a_mixture_naming_a_modality_not_loaded_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="tok_lidar"):
+        MaskingSampler(["caption"], [Component({"tok_lidar@224": 1.0}, {"caption": 1.0})], 8, 8, tokenizer)
