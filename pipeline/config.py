@@ -171,6 +171,35 @@ class TokenizerStageConfig(Section):
         return value
 
 
+class PretrainConfig(Section):
+    size: Literal["Ti", "S", "B", "L", "XL"] = Field("B", description="4M size (Table 4)")
+    modalities: list[str] = Field(default_factory=lambda: ["rgb@224", "tok_rgb@224", "tok_depth@224",
+                                                           "tok_normal@224", "tok_semseg@224", "tok_clip@224",
+                                                           "caption", "det"],
+                                  description="modalities loaded and masked (rgb@224: pixels, an input only)")
+    input_tokens: int = Field(128, ge=1, description="encoder tokens per sample (Table 5)")
+    target_tokens: int = Field(128, ge=1, description="decoder tokens per sample (Table 5)")
+    mixture: str | list[dict] = Field("paper", description="'paper' (RGB->All & All->All, alpha 0.5), or a list of "
+                                                           "{input_alphas, target_alphas, keep, weight}")
+    repeats: int = Field(4, ge=1, description="masks drawn per sample read (Table 28)")
+    val_shards: int = Field(1, ge=0, description="the last shards, held out for validation and never trained on")
+    det_min_score: float = Field(0.6, ge=0, le=1, description="boxes below this score are left out of the sequence")
+    shuffle_buffer: int = Field(1000, ge=1, description="masked samples in the shuffle buffer")
+    batch_size: int = Field(8192, ge=1, description="global batch (Table 5)")
+    loader_workers: int = Field(8, ge=0, description="DataLoader worker processes per training worker")
+    seed: int = 0
+
+    @field_validator("modalities")
+    @classmethod
+    def _known_4m_modalities(cls, value: list[str]) -> list[str]:
+        from models.fourm import MODALITIES
+
+        unknown = [m for m in value if m not in MODALITIES]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown} (known: {', '.join(MODALITIES)})")
+        return value
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray (RAY_ADDRESS wins)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None lets Ray count them")
@@ -183,6 +212,7 @@ class Config(Section):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

@@ -1,0 +1,223 @@
+"""The 4M loader: the dataset's aligned token shards in, masked batches in the model's layout out.
+
+Consumes  <root>/tok_<m>@224/shard-N.tar  <key>.npy  int16 (n_crops, 196)   one tokenizer's ids per crop
+          <root>/crop_settings/shard-N.tar <key>.npy int32 (n_crops, 5)   [top, left, h, w, hflip] in rgb pixels
+          <root>/rgb/shard-N.tar <key>.jpg, caption/ <key>.txt, det/ <key>.json   (rgb@224: pixels cropped alike)
+          (the folders hold the same keys in the same order: `align` makes them so; a divergence is an error)
+Produces  batches {modality: {tensor, input_mask, target_mask, decoder_attention_mask}} (models/fourm.py)
+
+Per sample: one crop index for every modality (training: a random one of the pre-tokenized crops; validation:
+crop 0, the center crop), RGB pixels cut with that crop's settings and normalised with ImageNet's statistics,
+boxes scoring at least `det_min_score` moved into the crop and serialized with the text tokenizer's layout, then
+`repeats` independent masks of it (each sample read once, masked several times, Table 28). Training shards are
+resampled forever through a shuffle buffer; the last `val_shards` shards are held out, read once in order.
+Decoding and masking run in DataLoader worker processes, each seeded by (seed, rank, worker).
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.masking import PAPER_MIXTURE, Component, MaskingSampler, is_sequence
+from stages.shards import DatasetLayout
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+SIZE = 224
+
+
+class LoaderInputError(ValueError):
+    """Missing or unusable input for the 4M loader: names the folder, shard or key."""
+
+
+def folder_of(modality: str) -> str:
+    return "rgb" if modality == "rgb@224" else modality
+
+
+def loader_folders(modalities: list[str]) -> list[str]:
+    return sorted({folder_of(m) for m in modalities} | {"crop_settings"})
+
+
+def split_shards(root: str | Path, modalities: list[str], val_shards: int) -> tuple[list[str], list[str]]:
+    """(train, validation) shards: those every folder holds, the last `val_shards` held out."""
+    layout, per_folder = DatasetLayout(root), {}
+    for folder in loader_folders(modalities):
+        per_folder[folder] = {p.stem for p in (layout.root / folder).glob("shard-*.tar")}
+        if not per_folder[folder]:
+            raise LoaderInputError(f"no shards in {layout.root / folder} (run the stage that writes {folder!r})")
+    shards = sorted(set.intersection(*per_folder.values()))
+    if len(shards) <= val_shards:
+        raise LoaderInputError(f"{len(shards)} shards under {layout.root} and pretrain.val_shards={val_shards}: "
+                               f"nothing would be left to train on")
+    return shards[:len(shards) - val_shards], shards[len(shards) - val_shards:]
+
+
+def mixture_from(setting, modalities: list[str]) -> list[Component]:
+    """The configured mixture; the paper's is kept to the loaded modalities (a dataset without boxes, say)."""
+    if setting == "paper":
+        def kept(alphas):
+            return {m: a for m, a in alphas.items() if m in modalities}
+
+        return [Component(kept(c.input_alphas), kept(c.target_alphas), c.keep, c.weight) for c in PAPER_MIXTURE]
+    if isinstance(setting, str):
+        raise ValueError(f"pretrain.mixture={setting!r}: expected 'paper' or a list of components")
+    return [Component(**c) for c in setting]
+
+
+# -- reading one shard of every folder, in step -------------------------------------------------------------------
+def _members(path: Path) -> Iterator[tuple[str, bytes]]:
+    from webdataset.tariterators import tar_file_iterator
+
+    with open(path, "rb") as stream:  # streamed: a shard is never loaded whole
+        for member in tar_file_iterator(stream):
+            yield member["fname"].split(".", 1)[0], member["data"]
+
+
+def shard_samples(root: str | Path, shard: str, folders: list[str]) -> Iterator[dict]:
+    """{"__key__", "__shard__", folder: bytes} for each sample, the folders read side by side."""
+    layout = DatasetLayout(root)
+    streams = [_members(layout.tar(folder, shard)) for folder in folders]
+    for members in zip(*streams, strict=False):
+        keys = {key for key, _ in members}
+        if len(keys) != 1:
+            named = ", ".join(f"{f}={k}" for f, (k, _) in zip(folders, members))
+            raise LoaderInputError(f"{shard}: folders out of step ({named}); run `python -m pipeline align`")
+        yield {"__key__": members[0][0], "__shard__": shard, **{f: data for f, (_, data) in zip(folders, members)}}
+
+
+# -- decoding one sample at one crop ------------------------------------------------------------------------------
+def crop_pixels(jpeg: bytes, crop) -> torch.Tensor:
+    """The crop of the stored image, resized to 224x224, flipped if asked, ImageNet-normalised (3, 224, 224)."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise LoaderInputError("rgb: not a decodable image")
+    top, left, h, w, flip = (int(v) for v in crop)
+    region = image[top:top + h, left:left + w, ::-1]
+    region = cv2.resize(np.ascontiguousarray(region), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    if flip:
+        region = region[:, ::-1]
+    pixels = (region.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def crop_boxes(instances: list[dict], crop, image_size: tuple[int, int], min_score: float) -> list[dict]:
+    """Boxes (normalised to the image) scoring at least min_score, moved into the crop, clipped, mirrored with
+    it; boxes left without area are dropped."""
+    top, left, h, w, flip = (float(v) for v in crop)
+    height, width = image_size
+    kept = []
+    for inst in instances:
+        if float(inst.get("score", 1.0)) < min_score:
+            continue
+        x0, y0, x1, y1 = inst["boxes"]
+        x0, x1 = [min(max((x * width - left) / w, 0.0), 1.0) for x in (x0, x1)]
+        y0, y1 = [min(max((y * height - top) / h, 0.0), 1.0) for y in (y0, y1)]
+        if x1 <= x0 or y1 <= y0:
+            continue
+        if flip:
+            x0, x1 = 1.0 - x1, 1.0 - x0
+        kept.append({"boxes": [x0, y0, x1, y1], "class_name": inst["class_name"]})
+    return kept
+
+
+def image_size_of(jpeg: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return im.height, im.width
+
+
+def decode_sample(raw: dict, modalities: list[str], crop_index: int, min_score: float) -> dict:
+    """Raw members -> {modality: token grid (196,) long, pixels (3, 224, 224), or text}."""
+    from models.text_tokenizer import boxes_to_text
+
+    crops = np.load(io.BytesIO(raw["crop_settings"]))
+    crop = crops[crop_index % len(crops)]
+    out = {}
+    for m in modalities:
+        data = raw[folder_of(m)]
+        if m == "rgb@224":
+            out[m] = crop_pixels(data, crop)
+        elif m == "caption":
+            out[m] = data.decode("utf-8", errors="replace")
+        elif m == "det":
+            instances = json.loads(data)["instances"]
+            out[m] = boxes_to_text(crop_boxes(instances, crop, image_size_of(raw["rgb"]), min_score))
+        else:
+            tokens = np.load(io.BytesIO(data))
+            if tokens.shape[0] != len(crops):
+                raise LoaderInputError(f"{raw['__shard__']}/{raw['__key__']}: {m} holds {tokens.shape[0]} crops, "
+                                       f"crop_settings {len(crops)}")
+            out[m] = torch.from_numpy(tokens[crop_index % len(crops)].astype(np.int64))
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    return {m: {k: torch.stack([s[m][k] for s in samples]) for k in samples[0][m]} for m in samples[0]}
+
+
+# -- the pipeline -------------------------------------------------------------------------------------------------
+class MaskedSamples(torch.utils.data.IterableDataset):
+    """Masked samples of a split: training resamples its shards forever, validation reads each shard once."""
+
+    def __init__(self, root, shards: list[str], modalities: list[str], sampler: MaskingSampler, *, train: bool,
+                 repeats: int, min_score: float, shuffle_buffer: int, seed: int, rank: int = 0):
+        super().__init__()
+        self.root, self.shards, self.modalities, self.sampler = str(root), shards, modalities, sampler
+        self.train, self.repeats, self.min_score = train, repeats, min_score
+        self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
+
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def _shard_order(self, rng: np.random.Generator, worker: int, workers: int) -> Iterator[str]:
+        if not self.train:
+            yield from self.shards[worker::workers]
+            return
+        while True:  # resampled: every worker draws shards with replacement, forever
+            yield self.shards[int(rng.integers(len(self.shards)))]
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = self._worker()
+        rng = np.random.default_rng([self.seed, self.rank, worker])
+        folders = sorted(set(loader_folders(self.modalities)) | ({"rgb"} if "det" in self.modalities else set()))
+        pool: list[dict] = []
+        for shard in self._shard_order(rng, worker, workers):
+            for raw in shard_samples(self.root, shard, folders):
+                crop_index = int(rng.integers(1 << 30)) if self.train else 0
+                sample = decode_sample(raw, self.modalities, crop_index, self.min_score)
+                for _ in range(self.repeats if self.train else 1):
+                    masked = self.sampler({m: (v.clone() if torch.is_tensor(v) else v) for m, v in sample.items()},
+                                          rng)
+                    if not self.train:
+                        yield masked
+                        continue
+                    pool.append(masked)
+                    if len(pool) >= self.shuffle_buffer:
+                        yield pool.pop(int(rng.integers(len(pool))))
+        while pool:
+            yield pool.pop(int(rng.integers(len(pool))))
+
+
+def make_loader(root, config, tokenizer, *, split: str, batch_size: int, rank: int = 0,
+                workers: int | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader of masked batches for 'train' or 'val', decoding and masking in worker processes."""
+    cfg = config.pretrain
+    train_shards, val_shards = split_shards(root, cfg.modalities, cfg.val_shards)
+    shards = train_shards if split == "train" else val_shards
+    sampler = MaskingSampler(cfg.modalities, mixture_from(cfg.mixture, cfg.modalities), cfg.input_tokens, cfg.target_tokens,
+                             tokenizer if any(is_sequence(m) for m in cfg.modalities) else None)
+    dataset = MaskedSamples(root, shards, cfg.modalities, sampler, train=split == "train", repeats=cfg.repeats,
+                            min_score=cfg.det_min_score, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank)
+    workers = cfg.loader_workers if workers is None else workers
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
+                                       persistent_workers=workers > 0, drop_last=split == "train",
+                                       prefetch_factor=4 if workers else None)

@@ -1,0 +1,152 @@
+"""The 4M loader on token shards written by the project's shard writer: one crop for every modality, held-out
+validation shards, boxes moved into the crop, repeated masks, worker processes, and folders out of step."""
+import io
+import json
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from models.text_tokenizer import train_text_tokenizer
+from pipeline.config import load_config
+from stages.fourm_data import LoaderInputError, MaskedSamples, make_loader, shard_samples, split_shards
+from stages.masking import Component, MaskingSampler
+from stages.shards import DatasetLayout, ShardWriter
+
+MODALITIES = ["rgb@224", "tok_rgb@224", "caption", "det"]
+CROPS = np.array([[0, 0, 64, 48, 0],     # crop 0: the left (red) half
+                  [0, 48, 64, 48, 0],    # crop 1: the right (blue) half
+                  [0, 48, 64, 48, 1]],   # crop 2: the right half, mirrored
+                 dtype=np.int32)
+
+
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def write_dataset(root, shards=3, per_shard=4):
+    image = np.zeros((64, 96, 3), np.uint8)
+    image[:, :48] = (0, 0, 255)    # BGR: red on the left
+    image[:, 48:] = (255, 0, 0)    # blue on the right
+    jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    layout = DatasetLayout(root)
+    det = {"instances": [{"boxes": [0.05, 0.1, 0.4, 0.9], "class_name": "cat", "score": 0.9},
+                         {"boxes": [0.05, 0.1, 0.3, 0.5], "class_name": "dog", "score": 0.3}]}
+    for s in range(shards):
+        shard = f"shard-{s:06d}"
+        folders = ["rgb", "caption", "det", "tok_rgb@224", "crop_settings"]
+        with ShardWriter(layout, "synthetic", shard, folders) as writer:
+            keys = [f"{s:03d}{i:06d}" for i in range(per_shard)]
+            for key in keys:
+                tokens = np.stack([np.full(196, 10 * s + c, np.int16) for c in range(len(CROPS))])
+                writer.write(key, {"rgb": ("jpg", jpeg), "caption": ("txt", f"a photo number {key}".encode()),
+                                   "det": ("json", json.dumps(det).encode()), "tok_rgb@224": ("npy", npy(tokens)),
+                                   "crop_settings": ("npy", npy(CROPS))})
+            writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys)}), {})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    write_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_text_tokenizer(["a photo number", "a cat and a dog"], 4400)
+
+
+def config(*extra):
+    return load_config("paper", ["pretrain.modalities=[rgb@224, tok_rgb@224, caption, det]", "pretrain.val_shards=1",
+                                 "pretrain.shuffle_buffer=8", "pretrain.input_tokens=64", "pretrain.target_tokens=64",
+                                 *extra])
+
+
+def all_visible_sampler(tokenizer):
+    """Every token an input: the samples' content is read straight off the batch."""
+    mixture = [Component({m: 1.0 for m in MODALITIES}, {"tok_rgb@224": 1.0}, keep={"caption": "all", "det": "all"})]
+    return MaskingSampler(MODALITIES, mixture, 1000, 8, tokenizer)
+
+
+def test_one_crop_for_every_modality_and_boxes_moved_into_it(dataset, tokenizer):
+    train, _ = split_shards(dataset, MODALITIES, 1)
+    samples = MaskedSamples(dataset, train, MODALITIES, all_visible_sampler(tokenizer), train=True, repeats=1,
+                            min_score=0.6, shuffle_buffer=4, seed=0)
+    crops_seen = set()
+    for i, sample in zip(range(40), samples):
+        crop = int(sample["tok_rgb@224"]["tensor"][0]) % 10
+        crops_seen.add(crop)
+        assert (sample["tok_rgb@224"]["tensor"] == sample["tok_rgb@224"]["tensor"][0]).all()
+        pixels = sample["rgb@224"]["tensor"]  # ImageNet-normalised: red has a high first channel
+        red = pixels[0].mean() > pixels[2].mean()
+        assert red == (crop == 0), (crop, pixels.mean((1, 2)))
+        det = tokenizer.decode(sample["det"]["tensor"][~sample["det"]["input_mask"]].tolist(),
+                               skip_special_tokens=False)
+        assert ("cat" in det) == (crop == 0) and "dog" not in det  # outside crops 1-2; the dog scores 0.3
+    assert crops_seen == {0, 1, 2}
+
+
+def test_validation_shards_are_held_out(dataset, tokenizer):
+    train, val = split_shards(dataset, MODALITIES, 1)
+    assert val == ["shard-000002"] and train == ["shard-000000", "shard-000001"]
+    cfg = config("pretrain.repeats=4")
+    seen = set()
+    for batch, _ in zip(make_loader(dataset, cfg, tokenizer, split="train", batch_size=4, workers=0), range(30)):
+        seen |= set((batch["tok_rgb@224"]["tensor"][:, 0] // 10).tolist())
+    assert seen == {0, 1}  # never shard 2
+    val_batches = list(make_loader(dataset, cfg, tokenizer, split="val", batch_size=3, workers=0))
+    ids = torch.cat([b["tok_rgb@224"]["tensor"][:, 0] for b in val_batches])
+    assert ids.tolist() == [20] * 4  # shard 2, center crop, each sample once, unshuffled
+
+
+def test_batches_come_from_worker_processes_in_the_models_layout(dataset, tokenizer):
+    loader = make_loader(dataset, config(), tokenizer, split="train", batch_size=6, workers=2)
+    batch = next(iter(loader))
+    assert batch["rgb@224"]["tensor"].shape == (6, 3, 224, 224)
+    assert batch["tok_rgb@224"]["tensor"].shape == (6, 196) and batch["caption"]["tensor"].shape == (6, 514)
+    for m in MODALITIES:
+        assert batch[m]["input_mask"].dtype == torch.bool and batch[m]["target_mask"].shape[0] == 6
+    visible = sum(int((~batch[m]["input_mask"]).sum()) for m in MODALITIES)
+    assert visible <= 6 * 64  # the input budget
+
+
+def test_folders_out_of_step_are_an_error_naming_the_shard(tmp_path):
+    write_dataset(tmp_path, shards=2, per_shard=3)
+    layout = DatasetLayout(tmp_path)
+    with ShardWriter(layout, "synthetic", "shard-000000", ["caption"]) as writer:  # caption loses its first key
+        for key in ("000000001", "000000002"):
+            writer.write(key, {"caption": ("txt", b"x")})
+        writer.commit(pa.table({"key": ["000000001", "000000002"], "status": ["ok", "ok"]}), {})
+    with pytest.raises(LoaderInputError, match="shard-000000.*align"):
+        list(shard_samples(tmp_path, "shard-000000", ["caption", "rgb"]))
+
+
+def test_too_few_shards_for_the_held_out_split_is_refused(dataset):
+    with pytest.raises(LoaderInputError, match="val_shards=3"):
+        split_shards(dataset, MODALITIES, 3)
+
+
+def test_the_model_trains_on_the_loaders_batches(dataset, tokenizer):
+    from models.fourm import FourM, FourMConfig
+
+    cfg = config()
+    model = FourM(FourMConfig(dim=64, encoder_depth=1, decoder_depth=1, num_heads=2, domains_in=MODALITIES,
+                              domains_out=["tok_rgb@224", "caption", "det"],
+                              vocab_sizes={"tok_rgb@224": 64, "caption": tokenizer.get_vocab_size(),
+                                           "det": tokenizer.get_vocab_size()}))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = next(iter(make_loader(dataset, cfg, tokenizer, split="train", batch_size=8, workers=0)))
+    losses = []
+    for _ in range(15):  # one batch, over and over: the loss must fall
+        loss, per_modality = model(batch, cfg.pretrain.input_tokens, cfg.pretrain.target_tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert set(per_modality) == {"tok_rgb@224", "caption", "det"}
+    assert losses[-1] < 0.7 * losses[0]
