@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -233,6 +234,27 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_inspect_masking(args) -> int:
+    from pipeline.show import draw_masked_sample
+    from stages.fourm_data import inspect_masking, text_tokenizer_of
+
+    config = _config_from(args, {"data_root": args.data})
+    means, first = inspect_masking(config.data_root, config, args.samples)
+    if args.json:
+        print(json.dumps({"samples": args.samples, "mean_tokens": means}, indent=1))
+    else:
+        print(f"mean tokens per sample over {args.samples} masked samples "
+              f"(budgets: {config.pretrain.input_tokens} in, {config.pretrain.target_tokens} out)")
+        print(f"{'modality':16} {'input':>7} {'target':>7}")
+        for m, parts in means.items():
+            print(f"{m:16} {parts['input']:7.1f} {parts['target']:7.1f}")
+    if args.out:
+        has_text = any(m in ("caption", "det") for m in first)
+        picture = draw_masked_sample(first, text_tokenizer_of(config.data_root) if has_text else None, args.out)
+        print(f"one masked sample: {picture}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def cmd_random_models(args) -> int:
     from models.random_weights import save_random_models
 
@@ -291,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--data", required=True, help="dataset root")
     show.add_argument("--key", required=True, help="sample key, e.g. 000000004")
     show.add_argument("--out", required=True, help="PNG file to write")
+    inspect = sub.add_parser("inspect-masking", help="mean input and target tokens per modality, and one masked sample")
+    _add_config_args(inspect)
+    inspect.add_argument("--data", help="dataset root with token shards (default: the profile's data_root)")
+    inspect.add_argument("--samples", type=int, default=1000, help="masked samples to average over")
+    inspect.add_argument("--out", help="PNG of one masked sample")
+    inspect.add_argument("--json", action="store_true", help="print the figures as JSON")
     models = sub.add_parser("random-models", help="save random-weight labeler models of the real classes")
     models.add_argument("--out", required=True, help="folder; one subfolder per labeler")
     models.add_argument("--size", default="tiny", choices=["tiny", "paper"])
@@ -332,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
+            "inspect-masking": cmd_inspect_masking,
             "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "demo": cmd_demo,
             "serve": cmd_serve,
             "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,

@@ -132,3 +132,42 @@ def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
                                                                                      "recorded models"})
     plt.close(fig)
     return out
+
+
+def draw_masked_sample(sample: dict, tokenizer, out: str | Path) -> Path:
+    """One masked sample: per image modality its 14x14 grid (visible inputs, targets, neither), per sequence
+    the encoder's input and the decoder's target with their sentinels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    images = [m for m in sample if sample[m]["input_mask"].numel() == 196]
+    texts = [m for m in sample if m not in images]
+    image_height, text_height = 2.8, 0.8 * len(texts)
+    height = image_height + text_height
+    fig = plt.figure(figsize=(max(2.4 * len(images), 7.5), height))
+    colours = ListedColormap(["#dddddd", "#2b7bba", "#e8743b"])  # neither, input, target
+    for i, m in enumerate(images):
+        d = sample[m]
+        grid = (~d["input_mask"]).long() + 2 * (~d["target_mask"]).long()
+        ax = fig.add_axes([(i + 0.05) / len(images), (text_height + 0.15) / height, 0.9 / len(images),
+                           1.9 / height])
+        ax.imshow(grid.reshape(14, 14).numpy(), cmap=colours, vmin=0, vmax=2, interpolation="nearest")
+        ax.set_title(f"{m}\n{int((~d['input_mask']).sum())} in, {int((~d['target_mask']).sum())} out", fontsize=8)
+        ax.set_axis_off()
+    for j, m in enumerate(texts):
+        d = sample[m]
+        shown = [tokenizer.decode(d["tensor"][~d[mask]].tolist(), skip_special_tokens=False) if tokenizer else ""
+                 for mask in ("input_mask", "target_mask")]
+        fig.text(0.01, (text_height - 0.8 * j - 0.4) / height,
+                 f"{m} input:  {shown[0][:110]}\n{m} target: {shown[1][:110]}", fontsize=7, family="monospace",
+                 va="center")
+    fig.text(0.5, 1 - 0.12 / height, "blue: encoder inputs, orange: decoder targets, grey: neither", fontsize=9,
+             ha="center", va="top")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -221,3 +221,34 @@ def make_loader(root, config, tokenizer, *, split: str, batch_size: int, rank: i
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
                                        persistent_workers=workers > 0, drop_last=split == "train",
                                        prefetch_factor=4 if workers else None)
+
+
+# -- inspection ---------------------------------------------------------------------------------------------------
+def text_tokenizer_of(root: str | Path):
+    from models.text_tokenizer import load_text_tokenizer
+
+    path = Path(root) / "tokenizers" / "text" / "tokenizer.json"
+    if not path.is_file():
+        raise LoaderInputError(f"no text tokenizer at {path}: run `python -m pipeline train-tokenizer --modality text`")
+    return load_text_tokenizer(path)
+
+
+def inspect_masking(root, config, samples: int) -> tuple[dict, dict]:
+    """Mean input and target tokens per modality over `samples` masked training samples (read in the
+    process, no workers), and the first masked sample, for `inspect-masking`."""
+    cfg = config.pretrain
+    tokenizer = text_tokenizer_of(root) if any(is_sequence(m) for m in cfg.modalities) else None
+    train, _ = split_shards(root, cfg.modalities, cfg.val_shards)
+    sampler = MaskingSampler(cfg.modalities, mixture_from(cfg.mixture, cfg.modalities), cfg.input_tokens,
+                             cfg.target_tokens, tokenizer)
+    stream = MaskedSamples(root, train, cfg.modalities, sampler, train=True, repeats=cfg.repeats,
+                           min_score=cfg.det_min_score, shuffle_buffer=1, seed=cfg.seed)
+    totals = {m: {"input": 0, "target": 0} for m in cfg.modalities}
+    first = None
+    for _, sample in zip(range(samples), stream):
+        first = first or sample
+        for m, d in sample.items():
+            totals[m]["input"] += int((~d["input_mask"]).sum())
+            totals[m]["target"] += int((~d["target_mask"]).sum())
+    means = {m: {part: count / samples for part, count in parts.items()} for m, parts in totals.items()}
+    return means, first

@@ -57,8 +57,9 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_text_tokenizer(["a photo number", "a cat and a dog"], 4400)
+def tokenizer(dataset):
+    return train_text_tokenizer(["a photo number", "a cat and a dog"], 4400,
+                                dataset / "tokenizers" / "text" / "tokenizer.json")
 
 
 def config(*extra):
@@ -150,3 +151,21 @@ def test_the_model_trains_on_the_loaders_batches(dataset, tokenizer):
         losses.append(loss.item())
     assert set(per_modality) == {"tok_rgb@224", "caption", "det"}
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_inspect_masking_prints_the_mean_tokens_and_draws_a_sample(dataset, tokenizer, tmp_path, capsys):
+    from PIL import Image
+
+    from pipeline.cli import main as cli
+
+    args = ["inspect-masking", "--data", str(dataset), "--samples", "200", "--out", str(tmp_path / "masked.png"),
+            "--set", "pretrain.modalities=[rgb@224, tok_rgb@224, caption, det]"]
+    assert cli([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    means = report["mean_tokens"]
+    assert report["samples"] == 200 and set(means) == set(MODALITIES)
+    assert means["rgb@224"]["target"] == 0 and 0 < means["rgb@224"]["input"] <= 128
+    assert sum(m["input"] for m in means.values()) <= 128 and sum(m["target"] for m in means.values()) <= 128
+    assert Image.open(tmp_path / "masked.png").width > 100
+    assert cli(args) == 0
+    assert "tok_rgb@224" in capsys.readouterr().out
