@@ -234,6 +234,18 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from stages.pretrain import run_pretrain, run_dir
+
+    config = _config_from(args, {"data_root": args.data, "pretrain.size": args.size, "pretrain.steps": args.steps})
+    summary = run_pretrain(config.data_root, config)
+    final = summary["final"]
+    losses = ", ".join(f"{k.removeprefix('loss.')} {v:.4g}" for k, v in final.items() if k.startswith("loss."))
+    print(f"4M-{config.pretrain.size}: {summary['steps']} steps on {summary['workers']} worker(s); "
+          f"loss {final.get('loss', float('nan')):.4g} ({losses}) -> {run_dir(config.data_root)}/")
+    return 0
+
+
 def cmd_inspect_masking(args) -> int:
     from pipeline.show import draw_masked_sample
     from stages.fourm_data import inspect_masking, text_tokenizer_of
@@ -313,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--data", required=True, help="dataset root")
     show.add_argument("--key", required=True, help="sample key, e.g. 000000004")
     show.add_argument("--out", required=True, help="PNG file to write")
+    pretrain = sub.add_parser("pretrain", help="pretrain 4M on the dataset's token shards (Ray Train)")
+    _add_config_args(pretrain)
+    pretrain.add_argument("--data", help="dataset root with token shards (default: the profile's data_root)")
+    pretrain.add_argument("--size", choices=["Ti", "S", "B", "L", "XL"], help="4M size (default: the profile's)")
+    pretrain.add_argument("--steps", type=int, help="optimizer steps (default: the profile's)")
     inspect = sub.add_parser("inspect-masking", help="mean input and target tokens per modality, and one masked sample")
     _add_config_args(inspect)
     inspect.add_argument("--data", help="dataset root with token shards (default: the profile's data_root)")
@@ -360,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
-            "inspect-masking": cmd_inspect_masking,
+            "inspect-masking": cmd_inspect_masking, "pretrain": cmd_pretrain,
             "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "demo": cmd_demo,
             "serve": cmd_serve,
             "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,

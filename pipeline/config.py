@@ -187,6 +187,21 @@ class PretrainConfig(Section):
     shuffle_buffer: int = Field(1000, ge=1, description="masked samples in the shuffle buffer")
     batch_size: int = Field(8192, ge=1, description="global batch (Table 5)")
     loader_workers: int = Field(8, ge=0, description="DataLoader worker processes per training worker")
+    model: dict = Field(default_factory=dict, description="overrides of the size's settings (dim, encoder_depth, "
+                                                          "decoder_depth, num_heads, ...)")
+    steps: int = Field(239_120, ge=1, description="optimizer steps (500B tokens at batch 8192, 256 tokens each)")
+    warmup_steps: int = Field(4_769, ge=0, description="linear warmup (10B tokens), then cosine decay to 0")
+    base_lr: float = Field(1e-4, gt=0, description="learning rate per 256 samples (Table 5)")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(None, gt=0, description="gradient norm clip (Table 5: XL only, 3.0)")
+    workers: int | None = Field(None, ge=1, description="data-parallel workers; None: one per GPU, else one")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
+    log_every: int = Field(50, ge=1)
+    val_every: int = Field(2000, ge=1, description="steps between validation losses")
+    val_batches: int = Field(20, ge=1, description="validation batches averaged per evaluation")
+    checkpoint_every: int = Field(1000, ge=1)
     seed: int = 0
 
     @field_validator("modalities")

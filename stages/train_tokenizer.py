@@ -17,9 +17,7 @@ on GPUs. Every random draw of a step is seeded by (seed, step, rank), and the da
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -31,6 +29,7 @@ import torch
 from pipeline.config import Config, TokenizerStageConfig
 from stages.shards import DatasetLayout, _atomic_write_bytes
 from stages.tokenizer_data import crop_to_tensor, random_crop, center_crop, shard_samples
+from stages.training import device_for, load_checkpoint, optimizer_to, save_checkpoint, warmup_cosine
 
 DENSE = ("rgb", "depth", "normal", "semseg", "clip")
 
@@ -139,10 +138,7 @@ def make_plan(layout: DatasetLayout, modality: str, cfg: TokenizerStageConfig, w
 
 
 def lr_at(step: int, plan: Plan) -> float:
-    if step < plan.warmup_steps:
-        return plan.lr * (step + 1) / plan.warmup_steps
-    progress = (step - plan.warmup_steps) / max(1, plan.steps - plan.warmup_steps)
-    return plan.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, plan.lr, plan.warmup_steps, plan.steps)
 
 
 def sample_stream(root: str, modality: str, shards: list[str], crop_scale, seed: int, epoch: int, rank: int,
@@ -171,49 +167,6 @@ def eval_batch(root: str, modality: str, shards: list[str], count: int) -> torch
         if len(samples) == count:
             break
     return torch.stack(samples)
-
-
-def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> None:
-    """Model and optimizer as safetensors, then state.json; written aside and swapped in whole."""
-    from safetensors.torch import save_file
-
-    tmp, final = folder.with_name(folder.name + ".tmp"), folder
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    state = optimizer.state_dict()
-    tensors, meta = {}, {"param_groups": state["param_groups"], "slots": {}}
-    for pid, slots in state["state"].items():
-        meta["slots"][str(pid)] = {}
-        for name, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.contiguous()
-            else:
-                meta["slots"][str(pid)][name] = value
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, **extra}, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(folder: Path, model, optimizer) -> dict:
-    """Restore model and optimizer; returns state.json ({"step": 0} without a checkpoint)."""
-    from safetensors.torch import load_file
-
-    if not (folder / "state.json").is_file():
-        return {"step": 0}
-    state = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    tensors, meta = load_file(folder / "optimizer.safetensors"), state["optimizer"]
-    slots = {int(pid): dict(values) for pid, values in meta["slots"].items()}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        slots.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    return state
 
 
 # -- pictures -----------------------------------------------------------------------------------------
@@ -256,12 +209,6 @@ def save_reconstructions(path: Path, modality: str, inputs, reconstructions, tit
 
 
 # -- one worker's training loop ---------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def evaluate(model, modality: str, batch: torch.Tensor, seed: int) -> dict:
     """Reconstructions of the evaluation batch (diffusion decoders: sampled from noise, as users decode) and
     their metric, beside the trivial baseline's (each sample's mean, or its majority class)."""
@@ -317,7 +264,7 @@ def train_worker(args: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg, plan, mcfg = TokenizerStageConfig(**args["cfg"]), Plan(**args["plan"]), args["model_config"]
     root, modality, folder = args["root"], args["modality"], Path(args["folder"])
-    device = _device(cfg.device)
+    device = device_for(cfg.device)
     torch.manual_seed(cfg.seed)
     model = VQVAE(mcfg)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
@@ -327,10 +274,7 @@ def train_worker(args: dict) -> None:
     resumed = load_checkpoint(folder / "checkpoint", model, optimizer)
     start = int(resumed["step"])
     model.to(device)
-    for state in optimizer.state.values():
-        for k, v in state.items():
-            if torch.is_tensor(v):
-                state[k] = v.to(device)
+    optimizer_to(optimizer, device)
     trained = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -1,0 +1,73 @@
+"""4M pretraining on a real Ray Train: the loss falls, metrics and validation losses are logged, a stopped run
+resumes to exactly the weights of an uninterrupted one, and bad input fails before training."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.fourm import FourM
+from models.text_tokenizer import train_text_tokenizer
+from pipeline.config import load_config
+from stages.pretrain import PretrainInputError, run_dir, run_pretrain
+from tests.test_fourm_data import write_dataset
+
+SETTINGS = ["pretrain.modalities=[rgb@224, tok_rgb@224, caption, det]", "pretrain.size=Ti",
+            "pretrain.model={dim: 32, encoder_depth: 1, decoder_depth: 1, num_heads: 2}", "pretrain.batch_size=4",
+            "pretrain.steps=6", "pretrain.warmup_steps=2", "pretrain.base_lr=0.2", "pretrain.log_every=1",
+            "pretrain.val_every=3", "pretrain.val_batches=1", "pretrain.checkpoint_every=2",
+            "pretrain.loader_workers=0", "pretrain.device=cpu", "pretrain.input_tokens=32",
+            "pretrain.target_tokens=32", "pretrain.shuffle_buffer=8"]
+
+
+def dataset(root, codebook=64):
+    write_dataset(root)
+    train_text_tokenizer(["a photo number", "a cat and a dog"], 4400, root / "tokenizers/text/tokenizer.json")
+    (root / "tokenizers/rgb").mkdir(parents=True)
+    (root / "tokenizers/rgb/config.json").write_text(json.dumps({"codebook_size": codebook}))
+    return root
+
+
+def config(*extra):
+    return load_config("paper", [*SETTINGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_address, tmp_path_factory):
+    root = dataset(tmp_path_factory.mktemp("pretrain"))
+    return root, run_pretrain(root, config())
+
+
+def test_pretraining_logs_losses_rates_and_validation_and_saves_the_model(pretrained):
+    root, summary = pretrained
+    log = [json.loads(line) for line in (run_dir(root) / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert {"loss.tok_rgb@224", "loss.caption", "loss.det", "samples_per_s", "tokens_per_s", "lr"} <= set(log[0])
+    assert log[0]["mfu"] is None  # no accelerator peak to compare against on a CPU
+    assert {"val_loss.tok_rgb@224", "val_loss.caption"} <= set(log[2]) and "val_loss.caption" not in log[1]
+    assert summary["steps"] == 6 and summary["final"]["step"] == 6
+    model = FourM.from_pretrained(run_dir(root))
+    assert model.cfg.vocab_sizes["tok_rgb@224"] == 64 and model.cfg.dim == 32
+    assert (run_dir(root) / "train.json").is_file()
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path):
+    root, _ = pretrained
+    again = dataset(tmp_path / "again")
+    stopped = run_pretrain(again, config(), stop_after=3)
+    assert stopped["stopped_at"] == 3 and not (run_dir(again) / "model.safetensors").exists()
+    run_pretrain(again, config())
+    straight, resumed = load_file(run_dir(root) / "model.safetensors"), load_file(run_dir(again) / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_bad_input_fails_before_training_naming_it(tmp_path):
+    root = dataset(tmp_path / "small", codebook=8)  # the shards hold ids up to 22
+    with pytest.raises(PretrainInputError, match="tok_rgb@224: token id 2[0-2] outside its vocabulary of 8"):
+        run_pretrain(root, config())
+    (root / "tokenizers/rgb/config.json").unlink()
+    with pytest.raises(PretrainInputError, match="tokenizers/rgb"):
+        run_pretrain(root, config())
+    assert not (run_dir(root) / "checkpoint").exists()
