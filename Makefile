@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo up down status train-tokenizers tokenize verify bench-download bench-label bench-tokenize clean
+.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize clean
 
 install: $(STAMP)
 
@@ -43,6 +43,9 @@ train-tokenizers: $(STAMP)
 
 tokenize: $(STAMP)
 	$(BIN)/python -m pipeline tokenize --profile $(PROFILE) $(DATA_ARG)
+
+pretrain: $(STAMP)
+	$(BIN)/python -m pipeline pretrain --profile $(PROFILE) $(DATA_ARG)
 
 verify: $(STAMP)
 	$(BIN)/python -m pipeline verify --data $(or $(DATA),$(if $(filter demo,$(PROFILE)),data/demo,data/cc12m))

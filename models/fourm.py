@@ -357,6 +357,22 @@ class FourM(nn.Module):
             return logits
         return sum(losses.values()) / len(losses), losses
 
+    @torch.no_grad()
+    def predict_from_rgb(self, pixels: torch.Tensor, targets: list[str]) -> dict[str, torch.Tensor]:
+        """Every token of each target image modality from RGB pixels alone, in one pass: {modality: (B, 196)}
+        ids, the most likely at each position (what the paper's RGB->X transfers decode)."""
+        b, n = len(pixels), self.cfg.grid ** 2
+        visible = torch.zeros(b, n, dtype=torch.bool, device=pixels.device)
+        batch = {"rgb@224": {"tensor": pixels, "input_mask": visible, "target_mask": ~visible,
+                             "decoder_attention_mask": torch.zeros(b, n, dtype=torch.int32, device=pixels.device)}}
+        for m in targets:
+            attention = torch.zeros(b, n, dtype=torch.int32, device=pixels.device)
+            attention[:, 0] = n  # all positions see each other
+            batch[m] = {"tensor": torch.zeros(b, n, dtype=torch.long, device=pixels.device), "input_mask": ~visible,
+                        "target_mask": visible, "decoder_attention_mask": attention}
+        logits = self(batch, n, n * len(targets), return_logits=True)
+        return {m: logits[m].argmax(-1).reshape(b, n) for m in targets}
+
     # -- sizes, saving, loading -------------------------------------------------------------------------------
     def num_parameters(self, embeddings: bool = False) -> int:
         """Trainable parameters; without embeddings as the paper counts them (Table 4)."""

@@ -171,3 +171,56 @@ def draw_masked_sample(sample: dict, tokenizer, out: str | Path) -> Path:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def draw_predictions(root: str | Path, model, batch: dict, out: str | Path, title: str = "") -> Path:
+    """RGB, then per image-token modality the tokens' own decoding (the pseudo label as the model sees it) and
+    the model's prediction from RGB alone, both decoded by the dataset's tokenizers; one row per sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from models.vqvae import load_tokenizer
+    from stages.fourm_data import IMAGENET_MEAN, IMAGENET_STD
+    from stages.train_tokenizer import to_picture
+
+    targets = [m for m in batch if m.startswith("tok_") and (Path(root) / "tokenizers" / m.split("@")[0].removeprefix(
+        "tok_") / "model.safetensors").is_file()]
+    if not targets:
+        raise FileNotFoundError(f"no trained image tokenizer under {Path(root) / 'tokenizers'} to decode predictions")
+    pixels = batch["rgb@224"]["tensor"]
+    model.eval()
+    predicted = model.predict_from_rgb(pixels, targets)
+    columns = [("rgb", None, None)] + [(m, "tokens", batch[m]["tensor"]) for m in targets] + \
+        [(m, "predicted from rgb", predicted[m]) for m in targets]
+    decoded = {}
+    for m in targets:
+        name = m.split("@")[0].removeprefix("tok_")
+        tokenizer = load_tokenizer(Path(root) / "tokenizers" / name)
+        generator = torch.Generator().manual_seed(0)
+        decoded[(m, "tokens")] = tokenizer.detokenize(batch[m]["tensor"].long(), generator=generator)
+        decoded[(m, "predicted from rgb")] = tokenizer.detokenize(predicted[m], generator=generator)
+    rows = len(pixels)
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.9 * len(columns), 2.0 * rows + 0.6), squeeze=False)
+    for r in range(rows):
+        for c, (m, kind, _) in enumerate(columns):
+            ax = axes[r][c]
+            if kind is None:
+                image = (pixels[r].permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN).clip(0, 1)
+            else:
+                image = to_picture(m.split("@")[0].removeprefix("tok_"), decoded[(m, kind)][r].float())
+            ax.imshow(image, interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title("rgb" if kind is None else f"{m.split('@')[0]}\n{kind}", fontsize=7)
+    fig.suptitle(title or "4M: each modality's tokens decoded, and predicted from RGB alone", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=70)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

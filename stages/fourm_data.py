@@ -44,17 +44,25 @@ def loader_folders(modalities: list[str]) -> list[str]:
 
 
 def split_shards(root: str | Path, modalities: list[str], val_shards: int) -> tuple[list[str], list[str]]:
-    """(train, validation) shards: those every folder holds, the last `val_shards` held out."""
+    """(train, validation) shards: those every folder holds with samples in them, the last `val_shards` held out."""
     layout, per_folder = DatasetLayout(root), {}
     for folder in loader_folders(modalities):
         per_folder[folder] = {p.stem for p in (layout.root / folder).glob("shard-*.tar")}
         if not per_folder[folder]:
             raise LoaderInputError(f"no shards in {layout.root / folder} (run the stage that writes {folder!r})")
-    shards = sorted(set.intersection(*per_folder.values()))
+    shards = [s for s in sorted(set.intersection(*per_folder.values())) if not _empty(layout.tar("crop_settings", s))]
     if len(shards) <= val_shards:
         raise LoaderInputError(f"{len(shards)} shards under {layout.root} and pretrain.val_shards={val_shards}: "
                                f"nothing would be left to train on")
     return shards[:len(shards) - val_shards], shards[len(shards) - val_shards:]
+
+
+def _empty(path: Path) -> bool:
+    """A shard every sample of which failed upstream: its tar has no member (one header read)."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return tar.next() is None
 
 
 def mixture_from(setting, modalities: list[str]) -> list[Component]:

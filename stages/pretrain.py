@@ -198,6 +198,26 @@ def train_worker(args: dict) -> None:
         model.cpu().save_pretrained(folder)
 
 
+def prediction_picture(root, config: Config, samples: int = 4) -> Path | None:
+    """<root>/pretrain/predictions.png: validation samples' RGB, their tokens decoded, and the trained model's
+    prediction of every image modality from RGB alone."""
+    from models.fourm import FourM
+    from models.text_tokenizer import load_text_tokenizer
+    from pipeline.show import draw_predictions
+    from stages.fourm_data import make_loader
+
+    text = Path(root) / "tokenizers" / "text" / "tokenizer.json"
+    loader = make_loader(root, config, load_text_tokenizer(text) if text.is_file() else None, split="val",
+                         batch_size=samples, workers=0)
+    batch = next(iter(loader))
+    model = FourM.from_pretrained(run_dir(root))
+    if "rgb@224" not in batch or not any((Path(root) / "tokenizers" / m.split("@")[0].removeprefix("tok_") /
+                                          "model.safetensors").is_file() for m in batch if m.startswith("tok_")):
+        return None  # nothing to predict from, or no tokenizer to decode with
+    return draw_predictions(root, model, batch, run_dir(root) / "predictions.png",
+                            f"4M-{config.pretrain.size} after {config.pretrain.steps} steps: validation samples")
+
+
 def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None) -> dict:
     """Pretrain (or resume) 4M on the dataset at `root`; returns the summary."""
     import ray
@@ -229,5 +249,7 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
     metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     summary = {"steps": cfg.steps, "workers": world, "size": cfg.size, "final": metrics[-1] if metrics else {},
                "first": metrics[0] if metrics else {}}
+    picture = prediction_picture(root, config)
+    summary["predictions"] = str(picture) if picture else None
     _atomic_write_bytes(folder / "train.json", json.dumps(summary, indent=1).encode())
     return summary

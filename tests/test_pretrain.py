@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.fourm import FourM
+from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
 from models.text_tokenizer import train_text_tokenizer
 from pipeline.config import load_config
 from stages.pretrain import PretrainInputError, run_dir, run_pretrain
@@ -23,8 +24,8 @@ SETTINGS = ["pretrain.modalities=[rgb@224, tok_rgb@224, caption, det]", "pretrai
 def dataset(root, codebook=64):
     write_dataset(root)
     train_text_tokenizer(["a photo number", "a cat and a dog"], 4400, root / "tokenizers/text/tokenizer.json")
-    (root / "tokenizers/rgb").mkdir(parents=True)
-    (root / "tokenizers/rgb/config.json").write_text(json.dumps({"codebook_size": codebook}))
+    # a tiny random-weight rgb tokenizer of the real class: its codebook sizes the model, it decodes the predictions
+    save_tokenizer(VQVAE(tokenizer_config("rgb", "tiny", codebook_size=codebook)), root / "tokenizers/rgb")
     return root
 
 
@@ -50,6 +51,10 @@ def test_pretraining_logs_losses_rates_and_validation_and_saves_the_model(pretra
     model = FourM.from_pretrained(run_dir(root))
     assert model.cfg.vocab_sizes["tok_rgb@224"] == 64 and model.cfg.dim == 32
     assert (run_dir(root) / "train.json").is_file()
+    from PIL import Image
+
+    picture = Image.open(summary["predictions"])  # rgb, tok_rgb decoded, tok_rgb predicted; a row per sample
+    assert picture.width > 2.5 * 1.9 * 70 and picture.height > 4 * 1.5 * 70
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path):
