@@ -194,4 +194,22 @@ def tokenize_demo(root: Path, config: Config) -> int:
           f"{len(problems)} problems" + "".join(f"\n  {p}" for p in problems))
     pictures = sorted(str(p) for p in (root / "tokenizers").glob("*/reconstructions.png"))
     print("reconstructions (inputs above, reconstructions below):\n  " + "\n  ".join(pictures))
-    return 1 if tokenized.failed_shards or problems else 0
+    if tokenized.failed_shards or problems:
+        return 1
+    return pretrain_demo(root, config)
+
+
+def pretrain_demo(root: Path, config: Config) -> int:
+    """A tiny 4M pretrained on the demo tokens, and its predictions from RGB drawn."""
+    from stages.pretrain import run_dir, run_pretrain
+
+    print(f"\npretraining a tiny 4M on the demo tokens (Ray Train, {config.pretrain.steps} steps)")
+    shutil.rmtree(run_dir(root), ignore_errors=True)  # new tokens each run: a new model too
+    summary = run_pretrain(root, config)
+    first, final = summary["first"], summary["final"]
+    validation = ", ".join(f"{k.removeprefix('val_loss.')} {v:.3g}" for k, v in final.items()
+                           if k.startswith("val_loss."))
+    print(f"4M loss {first.get('loss', float('nan')):.3g} at step {first.get('step')} -> "
+          f"{final.get('loss', float('nan')):.3g} at step {final.get('step')}; validation: {validation}")
+    print(f"model: {run_dir(root)}/ (FourM.from_pretrained)\npredictions from RGB alone: {summary['predictions']}")
+    return 0

@@ -7,7 +7,7 @@ and tiny random-weight models. `prefect deployment run pseudo-label/cc12m` then 
 """
 from __future__ import annotations
 
-from pipeline.flows import (cc12m_pipeline_flow, download_flow, pseudo_label_flow, tokenize_flow,
+from pipeline.flows import (cc12m_pipeline_flow, download_flow, pretrain_flow, pseudo_label_flow, tokenize_flow,
                             train_tokenizers_flow)
 
 STAGE_FLOWS = {
@@ -20,8 +20,10 @@ STAGE_FLOWS = {
                             {"data": "data/cc12m"}, {"data": "data/demo"}),
     tokenize_flow: ("Encode every sample's crops into tok_<modality>@224 shards with the trained tokenizers.",
                     {"data": "data/cc12m"}, {"data": "data/demo"}),
-    cc12m_pipeline_flow: ("URLs to tokens: download, pseudo-label, train tokenizers, tokenize; resumes where it "
-                          "stopped.", {"input": "data/cc12m.tsv", "data": "data/cc12m"},
+    pretrain_flow: ("Pretrain 4M on the token shards (Ray Train), resuming from its last checkpoint.",
+                    {"data": "data/cc12m"}, {"data": "data/demo"}),
+    cc12m_pipeline_flow: ("URLs to a trained 4M: download, pseudo-label, train tokenizers, tokenize, pretrain; "
+                          "resumes where it stopped.", {"input": "data/cc12m.tsv", "data": "data/cc12m"},
                           {"input": "demo", "data": "data/demo"}),
 }
 

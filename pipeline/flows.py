@@ -85,6 +85,19 @@ def tokenize_with_artifacts(config: Config, modalities: list[str] | None = None)
     return summary
 
 
+def pretrain_with_artifacts(config: Config) -> dict:
+    from pipeline.reporting import PretrainReporter
+    from stages.pretrain import run_pretrain
+
+    reporter = PretrainReporter(config.data_root, config.pretrain.steps)
+    try:
+        summary = run_pretrain(config.data_root, config)
+    finally:
+        reporter.stop.set()
+    print(reporter.finish(summary).split("![")[0])
+    return summary
+
+
 # -- one flow per stage -----------------------------------------------------------------------------------------
 @flow(name="download", log_prints=True)
 def download_flow(input: str = "data/cc12m.tsv", output: str | None = None, profile: str = "paper",
@@ -123,6 +136,16 @@ def tokenize_flow(data: str | None = None, profile: str = "paper", modalities: l
     summary = tokenize_with_artifacts(config, modalities)
     return {**_counts(summary), "tokens": summary.tokens, "data_root": config.data_root,
             "status_counts": {m: dict(c) for m, c in summary.status_counts.items()}}
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain_flow(data: str | None = None, profile: str = "paper", overrides: list[str] | None = None) -> dict:
+    """Pretrain 4M on the token shards under `data` (resuming from its checkpoint), with loss and prediction
+    pictures."""
+    config = load_config(profile, overrides, {"data_root": data})
+    summary = pretrain_with_artifacts(config)
+    return {"data_root": config.data_root, "steps": summary["steps"], "final": summary["final"],
+            "predictions": summary.get("predictions")}
 
 
 # -- the whole pipeline: each stage a task, retried on infrastructure failures only ---------------------------
@@ -171,12 +194,19 @@ def tokenize_stage(profile: str, overrides: list[str], data: str | None) -> dict
     return {**_counts(summary), "tokens": summary.tokens}
 
 
+@stage_task(name="pretrain")
+def pretrain_stage(profile: str, overrides: list[str], data: str | None) -> dict:
+    summary = pretrain_with_artifacts(load_config(profile, overrides, {"data_root": data}))
+    return {"steps": summary["steps"], "loss": summary["final"].get("loss")}
+
+
 @flow(name="cc12m-pipeline", log_prints=True)
 def cc12m_pipeline_flow(input: str = "data/cc12m.tsv", data: str | None = None, profile: str = "paper",
                         labelers: list[str] | None = None, ray_address: str | None = None,
                         overrides: list[str] | None = None) -> dict:
-    """URLs to tokens: download, pseudo-label, train the tokenizers, tokenize. Each stage skips what is
-    committed, so a rerun resumes where the last one stopped. `input="demo"` serves the bundled photos."""
+    """URLs to a trained 4M: download, pseudo-label, train the tokenizers, tokenize, pretrain. Each stage skips
+    what is committed (pretraining resumes from its checkpoint), so a rerun resumes where the last one stopped.
+    `input="demo"` serves the bundled photos."""
     overrides = list(overrides or [])
     overrides += [f"label.labelers={labelers}"] if labelers else []
     overrides += [f"ray.address={ray_address}"] if ray_address else []
@@ -186,7 +216,8 @@ def cc12m_pipeline_flow(input: str = "data/cc12m.tsv", data: str | None = None, 
     for name, run in (("download", lambda: download_stage(input, profile, overrides, data)),
                       ("pseudo-label", lambda: label_stage(profile, overrides, data)),
                       ("train-tokenizers", lambda: train_stage(profile, overrides, data)),
-                      ("tokenize", lambda: tokenize_stage(profile, overrides, data))):
+                      ("tokenize", lambda: tokenize_stage(profile, overrides, data)),
+                      ("pretrain", lambda: pretrain_stage(profile, overrides, data))):
         results[name] = run()
         print(f"{name}: {results[name]}")
         publish_stage_table(data, key="cc12m-pipeline-stages")

@@ -5,7 +5,9 @@ each shard finishes; the shard table is re-published at most every `table_every`
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from collections import Counter
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
@@ -194,3 +196,58 @@ def sample_pictures_markdown(root, count: int, key: str) -> str | None:
     markdown = "\n\n".join(parts)
     create_markdown_artifact(markdown, key=key, description="labelled samples")
     return markdown
+
+
+class PretrainReporter:
+    """pretrain: a progress artifact kept current from metrics.jsonl while Ray Train runs, then the losses as a
+    table, and a markdown artifact with the loss curves and the predictions from RGB."""
+
+    def __init__(self, root, steps: int, every: float = 5.0):
+        import threading
+
+        from stages.pretrain import run_dir
+
+        self.metrics, self.steps, self.every = run_dir(root) / "metrics.jsonl", steps, every
+        self.progress_id = create_progress_artifact(0.0, key="pretrain-progress", description=f"0 of {steps} steps")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _last_step(self) -> int:
+        if not self.metrics.is_file():
+            return 0
+        lines = self.metrics.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+
+    def _update(self) -> None:
+        step = self._last_step()
+        update_progress_artifact(self.progress_id, 100.0 * step / self.steps,
+                                 description=f"{step} of {self.steps} steps")
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.every):
+            self._update()
+
+    def finish(self, summary: dict) -> str:
+        import base64
+
+        from pipeline.show import draw_loss_curves
+
+        self.stop.set()
+        self.thread.join()
+        self._update()
+        lines = [json.loads(line) for line in self.metrics.read_text().splitlines()]
+        rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()
+                 if k == "step" or "loss" in k or k in ("samples_per_s", "tokens_per_s", "mfu")} for line in lines]
+        create_table_artifact(rows, key="pretrain-losses", description="4M losses per modality (train, validation), "
+                                                                         "samples/s, tokens/s and MFU per logged step")
+        parts = ["# 4M pretraining", f"{summary['steps']} steps on {summary['workers']} worker(s)"]
+        pictures = [draw_loss_curves(self.metrics, self.metrics.with_name("losses.png"))]
+        if summary.get("predictions"):
+            pictures.append(Path(summary["predictions"]))
+        for picture in pictures:
+            encoded = base64.b64encode(picture.read_bytes()).decode()
+            parts.append(f"![{picture.stem}](data:image/png;base64,{encoded})")
+        markdown = "\n\n".join(parts)
+        create_markdown_artifact(markdown, key="pretrain-pictures", description="loss curves and predictions from RGB")
+        return markdown

@@ -224,3 +224,34 @@ def draw_predictions(root: str | Path, model, batch: dict, out: str | Path, titl
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def draw_loss_curves(metrics: str | Path, out: str | Path) -> Path:
+    """Training loss per modality (and validation losses as points) against steps, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = sorted({k for line in lines for k in line if k == "loss" or k.startswith("loss.")})
+    for i, name in enumerate(names):
+        steps = [line["step"] for line in lines if name in line]
+        ax.plot(steps, [line[name] for line in lines if name in line], label=name.removeprefix("loss.") + " (train)",
+                color=f"C{i}", linewidth=2 if name == "loss" else 1)
+        val = f"val_{name}"
+        points = [(line["step"], line[val]) for line in lines if val in line]
+        if points:
+            ax.scatter(*zip(*points), color=f"C{i}", marker="o", s=18)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title("4M losses (lines: training, dots: validation)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -63,7 +63,7 @@ def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
     from pipeline.deployments import deployments
 
     made = {f"{d.flow_name}/{d.name}": d.parameters for d in deployments()}
-    flows = {"download", "pseudo-label", "train-tokenizers", "tokenize", "cc12m-pipeline"}
+    flows = {"download", "pseudo-label", "train-tokenizers", "tokenize", "pretrain", "cc12m-pipeline"}
     assert set(made) == {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")}
     for flow in flows:
         assert made[f"{flow}/cc12m"]["profile"] == "paper" and made[f"{flow}/demo"]["profile"] == "demo"
@@ -233,3 +233,19 @@ def test_a_run_with_nothing_to_do_says_so_instead_of_a_rate(prefect_api):
     busy("shard-000001", stats, False)
     summary = busy.finish()
     assert "samples/s** in this run (1 shards done, 1 already committed)" in summary
+
+
+def test_pretrain_flow_publishes_progress_losses_and_pictures(prefect_api, ray_address, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from pipeline.flows import pretrain_flow
+    from tests.test_pretrain import SETTINGS, dataset
+
+    data = dataset(tmp_path / "data")
+    result = pretrain_flow(data=str(data), profile="paper", overrides=SETTINGS)
+    assert result["steps"] == 6 and result["final"]["step"] == 6
+    assert float(Artifact.get("pretrain-progress").data) == 100.0
+    rows = json.loads(Artifact.get("pretrain-losses").data)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and "loss.tok_rgb@224" in rows[0]
+    assert "val_loss.caption" in rows[2]
+    assert Artifact.get("pretrain-pictures").data.count("data:image/png;base64,") == 2  # losses, predictions

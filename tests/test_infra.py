@@ -10,6 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,6 @@ def test_cluster_launcher_yaml_passes_rays_own_schema():
 
 
 def test_cluster_launcher_schema_check_can_fail():
-    import pytest
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = prepare_config(yaml.safe_load((INFRA / "ray-cluster.yaml").read_text()))
@@ -49,16 +49,18 @@ def _pod_spec_checks(spec: dict, gpu: bool) -> None:
     container = spec["template"]["spec"]["containers"][0]
     assert container["image"].endswith(":latest") and container["name"].startswith("ray-")
     if gpu:
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+        assert gpus.isdigit() and int(gpus) >= 1 and container["resources"]["requests"]["nvidia.com/gpu"] == gpus
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
     assert "/mnt/shared" in mounts and {m["name"] for m in container["volumeMounts"]} <= volumes
     assert all(isinstance(v, str) for v in spec["rayStartParams"].values())  # KubeRay takes strings only
 
 
-def test_kuberay_manifests_have_the_fields_the_crds_require():
+@pytest.mark.parametrize("job_file", ["rayjob.yaml", "rayjob-pretrain.yaml"])
+def test_kuberay_manifests_have_the_fields_the_crds_require(job_file):
     cluster = yaml.safe_load((INFRA / "kuberay/raycluster.yaml").read_text())
-    job = yaml.safe_load((INFRA / "kuberay/rayjob.yaml").read_text())
+    job = yaml.safe_load((INFRA / "kuberay" / job_file).read_text())
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
@@ -71,14 +73,15 @@ def test_kuberay_manifests_have_the_fields_the_crds_require():
     assert {6379, 8265} <= ports
 
 
-def test_rayjob_entrypoint_is_a_valid_pipeline_command():
+@pytest.mark.parametrize("job_file, command", [("rayjob.yaml", "label"), ("rayjob-pretrain.yaml", "pretrain")])
+def test_rayjob_entrypoint_is_a_valid_pipeline_command(job_file, command):
     from pipeline.cli import build_parser
 
-    job = yaml.safe_load((INFRA / "kuberay/rayjob.yaml").read_text())
+    job = yaml.safe_load((INFRA / "kuberay" / job_file).read_text())
     words = shlex.split(job["spec"]["entrypoint"])
     assert words[:3] == ["python", "-m", "pipeline"]
     args = build_parser().parse_args(words[3:])
-    assert args.command == "label" and args.profile == "paper"
+    assert args.command == command and args.profile == "paper"
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
 
 
@@ -119,4 +122,4 @@ def test_prefect_yaml_deploys_every_flow_with_parameters_it_takes():
         assert deployment["work_pool"]["name"] == "fourm-process"
         names.add(f"{flow.name}/{deployment['name']}")
     assert names == {"download/cc12m-cluster", "pseudo-label/cc12m-cluster", "train-tokenizers/cc12m-cluster",
-                     "tokenize/cc12m-cluster", "cc12m-pipeline/cc12m-cluster"}
+                     "tokenize/cc12m-cluster", "pretrain/cc12m-cluster", "cc12m-pipeline/cc12m-cluster"}

@@ -11,7 +11,9 @@ import pytest
 
 from stages.shards import DatasetLayout
 
-SMALL = ["tokenizer.modalities=[text, clip]", "tokenizer.epochs=2", "tokenizer.batch_size=2"]
+SMALL = ["tokenizer.modalities=[text, clip]", "tokenizer.epochs=2", "tokenizer.batch_size=2",
+         "pretrain.modalities=[rgb@224, tok_clip@224, caption, det]", "pretrain.steps=4", "pretrain.log_every=2",
+         "pretrain.val_every=4", "pretrain.checkpoint_every=2", "pretrain.loader_workers=0"]
 BIN = Path(sys.executable).parent
 
 
@@ -59,6 +61,7 @@ def test_up_run_the_pipeline_deployment_down(tmp_path):
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
         assert len(list((data / "tok_clip@224").glob("shard-*.tar"))) == 3
         assert (data / "tokenizers/text/tokenizer.json").is_file()
+        assert (data / "pretrain/model.safetensors").is_file() and (data / "pretrain/predictions.png").is_file()
         status = subprocess.run([sys.executable, "-m", "pipeline", "status", "--data", str(data)], env=env,
                                 capture_output=True, text=True, timeout=60)
         assert "tokenize_clip" in status.stdout and "3/3" in status.stdout and "trained" in status.stdout
@@ -111,6 +114,7 @@ def test_stopped_pipeline_resumes_without_redoing_committed_shards(prefect_api, 
     assert result["stages"]["pseudo-label"] == {"shards_done": 0, "shards_skipped": 3}
     assert result["stages"]["train-tokenizers"] == {"text": "already trained", "clip": "trained"}
     assert result["stages"]["tokenize"]["shards_done"] == 3
+    assert result["stages"]["pretrain"]["steps"] == 4 and result["stages"]["pretrain"]["loss"] > 0
     assert shard_files(data, folders) == before, "committed shards were not redone"
 
 
