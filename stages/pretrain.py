@@ -191,7 +191,9 @@ def train_worker(args: dict) -> None:
             sys.stdout.flush()
             window_start, window_steps = time.perf_counter(), 0
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == stop):
-            save_checkpoint(folder / "checkpoint", model, optimizer, done, {})
+            save_checkpoint(folder / "checkpoint", model, optimizer, done,
+                            {"steps": cfg.steps, "batch_size": local_batch * world,
+                             "tokens_per_sample": cfg.input_tokens + cfg.target_tokens})
         if world > 1 and done % cfg.checkpoint_every == 0:
             torch.distributed.barrier()
     if rank == 0 and stop == cfg.steps:

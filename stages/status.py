@@ -98,3 +98,24 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def pretrain_row(root: str | Path) -> dict | None:
+    """The 4M run under <root>/pretrain: step, tokens seen, last losses, and the time left at its recent pace."""
+    folder = Path(root) / "pretrain"
+    state_path = folder / "checkpoint" / "state.json"
+    if not state_path.is_file() or not (folder / "metrics.jsonl").is_file():
+        return None
+    state = json.loads(state_path.read_text())
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = lines[-1] if lines else {}
+    steps, batch, tokens = state.get("steps"), state.get("batch_size"), state.get("tokens_per_sample")
+    done = (folder / "train.json").is_file()
+    rate = last.get("samples_per_s")
+    left = None if done or not (rate and steps and batch) else (steps - state["step"]) * batch / rate
+    return {"run": str(folder), "state": "trained" if done else "stopped or running (resumes from its checkpoint)",
+            "step": f"{state['step']}/{steps}", "tokens_seen": f"{state['step'] * batch * tokens:.3g}"
+            if batch and tokens else None, "loss": round(last["loss"], 4) if "loss" in last else None,
+            "val_loss": ", ".join(f"{k.removeprefix('val_loss.')} {v:.3g}" for k, v in last.items()
+                                  if k.startswith("val_loss.")) or None,
+            "remaining": None if left is None else f"{left / 3600:.1f} h"}

@@ -51,17 +51,30 @@ def test_pretraining_logs_losses_rates_and_validation_and_saves_the_model(pretra
     model = FourM.from_pretrained(run_dir(root))
     assert model.cfg.vocab_sizes["tok_rgb@224"] == 64 and model.cfg.dim == 32
     assert (run_dir(root) / "train.json").is_file()
+    from stages.status import pretrain_row
+
+    assert pretrain_row(root)["state"] == "trained" and pretrain_row(root)["step"] == "6/6"
     from PIL import Image
 
     picture = Image.open(summary["predictions"])  # rgb, tok_rgb decoded, tok_rgb predicted; a row per sample
     assert picture.width > 2.5 * 1.9 * 70 and picture.height > 4 * 1.5 * 70
 
 
-def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path):
+def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    import shutil
+
     root, _ = pretrained
-    again = dataset(tmp_path / "again")
+    again = tmp_path / "again"  # the same shards and tokenizers (a WordPiece retrained may number its pieces otherwise)
+    shutil.copytree(root, again, ignore=lambda folder, names: ["pretrain"] if folder == str(root) else [])
     stopped = run_pretrain(again, config(), stop_after=3)
     assert stopped["stopped_at"] == 3 and not (run_dir(again) / "model.safetensors").exists()
+    capsys.readouterr()
+    assert cli(["status", "--data", str(again)]) == 0
+    shown = capsys.readouterr().out
+    assert "3/6" in shown and "resumes from its checkpoint" in shown
+    assert f"{3 * 4 * 64:.3g}" in shown  # tokens seen: 3 steps x 4 samples x (32 + 32) tokens
     run_pretrain(again, config())
     straight, resumed = load_file(run_dir(root) / "model.safetensors"), load_file(run_dir(again) / "model.safetensors")
     assert straight.keys() == resumed.keys()
