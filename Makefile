@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize clean
+.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain clean
 
 install: $(STAMP)
 
@@ -61,6 +61,12 @@ BENCH_LABEL_ARGS ?= $(if $(shell command -v nvidia-smi),--size paper --images 10
 
 bench-label: $(STAMP)
 	$(BIN)/python bench/bench_label.py $(BENCH_LABEL_ARGS)
+
+# 4M-B where there is a GPU; a tiny run that checks the path elsewhere (BENCH_PRETRAIN_ARGS overrides).
+BENCH_PRETRAIN_ARGS ?= $(if $(shell command -v nvidia-smi),--size B --batch 128 --steps 20,--size Ti --batch 8 --steps 5 --loader-samples 256)
+
+bench-pretrain: $(STAMP)
+	$(BIN)/python bench/bench_pretrain.py $(BENCH_PRETRAIN_ARGS)
 
 bench-tokenize: $(STAMP)
 	$(BIN)/python bench/bench_tokenize.py --size paper --images 16 --crops 2

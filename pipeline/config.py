@@ -202,6 +202,7 @@ class PretrainConfig(Section):
     val_every: int = Field(2000, ge=1, description="steps between validation losses")
     val_batches: int = Field(20, ge=1, description="validation batches averaged per evaluation")
     checkpoint_every: int = Field(1000, ge=1)
+    max_failures: int = Field(3, ge=0, description="times Ray Train restarts lost workers (from the last checkpoint)")
     seed: int = 0
 
     @field_validator("modalities")

@@ -223,7 +223,7 @@ def prediction_picture(root, config: Config, samples: int = 4) -> Path | None:
 def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None) -> dict:
     """Pretrain (or resume) 4M on the dataset at `root`; returns the summary."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.ray_runtime import init_ray, train_logging
@@ -242,6 +242,7 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
                                      resources_per_worker={} if use_gpu else {"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name="pretrain-4m", storage_path=str((folder / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),  # restarts resume
                              logging_config=train_logging()))
     trainer.fit()
     state = json.loads((folder / "checkpoint" / "state.json").read_text())
