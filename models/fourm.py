@@ -286,15 +286,14 @@ class FourM(nn.Module):
         return [t.gather(1, order if t.ndim == 2 else order[..., None].expand(-1, -1, t.shape[-1])) for t in tensors]
 
     def _encoder_tokens(self, batch: dict, count: int):
-        xs, embs, invalid, ids = [], [], [], []
+        xs, embs, invalid = [], [], []
         for m, d in batch.items():
             if m not in self.encoder_embeddings:
                 continue
             x, emb = self.encoder_embeddings[m](d)
             xs.append(x), embs.append(emb), invalid.append(d["input_mask"])
-            ids.append(torch.full_like(d["input_mask"], self.modality_ids[m], dtype=torch.long))
-        x, emb, mask, modality = self._gather([torch.cat(xs, 1), torch.cat(embs, 1), torch.cat(invalid, 1),
-                                              torch.cat(ids, 1)], torch.cat(invalid, 1), count)
+        all_invalid = torch.cat(invalid, 1)
+        x, emb, mask = self._gather([torch.cat(xs, 1), torch.cat(embs, 1), all_invalid], all_invalid, count)
         keep = ~mask[..., None]
         return x * keep, emb * keep, mask
 

@@ -69,13 +69,15 @@ def model_config(root: str | Path, config: Config):
 
 
 def flops_per_sample(model, n_in: int, n_out: int) -> float:
-    """Training FLOPs of one sample: 6 x (encoder parameters x inputs + decoder parameters x targets), plus
+    """Training FLOPs of one sample: 6 x (encoder parameters x inputs + decoder parameters x targets), the
+    output heads (6 x width x vocabulary per target, the mean vocabulary of the target modalities), and
     attention's score and value products (12 x layers x width x tokens^2, cross-attention n_out x n_in)."""
     cfg = model.cfg
     encoder = sum(p.numel() for p in model.encoder.parameters())
-    decoder = sum(p.numel() for p in model.decoder.parameters())
+    decoder = sum(p.numel() for p in model.decoder.parameters()) + model.decoder_proj_context.weight.numel()
+    vocab = sum(cfg.vocab(m) for m in cfg.domains_out) / max(len(cfg.domains_out), 1)
     attention = 12 * cfg.dim * (cfg.encoder_depth * n_in * n_in + cfg.decoder_depth * (n_out * n_out + n_out * n_in))
-    return 6.0 * (encoder * n_in + decoder * n_out) + attention
+    return 6.0 * (encoder * n_in + decoder * n_out + cfg.dim * vocab * n_out) + attention
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -39,15 +39,20 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     rgb = json.loads((tmp_path / "demo/tokenizers/rgb/train.json").read_text())["final"]
     assert rgb["psnr_db"] >= rgb["psnr_db_baseline"] + 4
     assert f"psnr_db {rgb['psnr_db']:.4g} (mean-colour image: {rgb['psnr_db_baseline']:.4g})" in result.stdout
+    # a tiny 4M pretrained on the demo tokens, its predictions from RGB drawn
+    pretrained = json.loads((tmp_path / "demo/pretrain/train.json").read_text())
+    assert pretrained["final"]["step"] == 60 and pretrained["final"]["loss"] < pretrained["first"]["loss"]
+    assert {f"val_loss.tok_{m}@224" for m in ("rgb", "depth", "normal", "semseg", "clip")} <= set(pretrained["final"])
+    assert (tmp_path / "demo/pretrain/predictions.png").is_file() and "predictions from RGB alone" in result.stdout
     clip = json.loads((tmp_path / "demo/tokenizers/clip/train.json").read_text())["final"]
     assert clip["cosine"] > clip["cosine_baseline"]  # the random CLIP's maps do vary, unlike depth and normals
 
     # only our own progress, results and errors: none of Ray's internal notices
     output = result.stdout + result.stderr
     for noise in ("core_worker.cc", "PreemptionWatcher", "TrainController", "authentication_token_setup",
-                  "Setting up process group", "Started training worker group"):
+                  "Setting up process group", "Started training worker group", "Traceback"):
         assert noise not in output, noise
-    assert "[rgb] step" in output  # the training workers' own progress lines still come through
+    assert "[rgb] step" in output and "[4M] step" in output  # the workers' own progress lines still come through
     # the private-address guard held: the demo server's own host:port was the one let through
     download = json.loads((tmp_path / "demo/_status/download/shard-000000.json").read_text())
     settings = download["provenance"]["config"]
