@@ -257,6 +257,7 @@ class FourM(nn.Module):
         self.decoder_norm = _norm(cfg)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.modality_ids = {m: i for i, m in enumerate(sorted(set(cfg.domains_in) | set(cfg.domains_out)))}
+        self.activation_checkpointing = False  # recompute each block's activations in backward (L/XL memory)
         self.init_weights()
         for m in set(cfg.domains_in) & set(cfg.domains_out):  # one modality embedding per modality
             self.decoder_embeddings[m].mod_emb = self.encoder_embeddings[m].mod_emb
@@ -329,6 +330,13 @@ class FourM(nn.Module):
             blocked = blocked | (modality[:, None, :] != modality[:, :, None])
         return blocked
 
+    def _run(self, block, *args):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, batch: dict, num_encoder_tokens: int, num_decoder_tokens: int, return_logits: bool = False):
         """The loss (mean over target modalities of each one's mean cross-entropy) and the per-modality losses;
@@ -338,11 +346,11 @@ class FourM(nn.Module):
         cross_mask = x_mask[:, None, :]
         x = x + x_emb
         for block in self.encoder:
-            x = block(x, cross_mask)
+            x = self._run(block, x, cross_mask)
         context = self.decoder_proj_context(self.encoder_norm(x)) + x_emb
         y = y + y_emb
         for block in self.decoder:
-            y = block(y, context, self_mask, cross_mask)
+            y = self._run(block, y, context, self_mask, cross_mask)
         y = self.decoder_norm(y)
         logits, losses = {}, {}
         for m in batch:

@@ -195,6 +195,8 @@ class PretrainConfig(Section):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = Field(None, gt=0, description="gradient norm clip (Table 5: XL only, 3.0)")
+    activation_checkpointing: bool = Field(False, description="recompute block activations in backward: less "
+                                                              "memory for L/XL, about a third more compute")
     workers: int | None = Field(None, ge=1, description="data-parallel workers; None: one per GPU, else one")
     cpus_per_worker: float = Field(1.0, gt=0)
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")

@@ -140,10 +140,12 @@ def train_worker(args: dict) -> None:
     cfg, folder, root = config.pretrain, Path(args["folder"]), args["root"]
     device = device_for(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = FourM(FourMConfig(**args["model_config"]))
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=0.0, betas=tuple(cfg.betas))
+    model = FourM(FourMConfig(**args["model_config"])).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    # fused: one kernel for the whole update on a GPU (the parameters are already there)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=0.0, betas=tuple(cfg.betas),
+                                  fused=device.type == "cuda")
     start = int(load_checkpoint(folder / "checkpoint", model, optimizer)["step"])
-    model.to(device)
     optimizer_to(optimizer, device)
     trained = model
     if world > 1:

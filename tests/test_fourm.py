@@ -124,3 +124,25 @@ def test_positions_and_shared_embeddings_follow_the_paper():
     assert caption.mod_emb is model.encoder_embeddings["caption"].mod_emb
     with pytest.raises(ValueError, match="rgb@224"):
         FourMConfig(domains_out=["rgb@224"])                            # pixels are never a target
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    batch, _, n_in, n_out, _ = reference_io()
+    model = FourM(FourMConfig(dim=64, encoder_depth=2, decoder_depth=2, num_heads=4, image_size=64,
+                              domains_in=list(batch), domains_out=["tok_rgb@224", "tok_depth@224", "caption"],
+                              vocab_sizes={"tok_rgb@224": 64, "tok_depth@224": 32, "caption": 300}))
+    calls = []
+    model.encoder[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    results, counted = [], []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        calls.clear()
+        loss, _ = model(batch, n_in, n_out)
+        loss.backward()
+        counted.append(len(calls))
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert counted == [1, 2]  # checkpointed: the block runs again in backward instead of keeping its activations
+    (plain, plain_grads), (recomputed, recomputed_grads) = results
+    assert plain == pytest.approx(recomputed, abs=1e-6) and plain_grads.keys() == recomputed_grads.keys()
+    assert all(torch.allclose(plain_grads[n], recomputed_grads[n], atol=1e-6) for n in plain_grads)
