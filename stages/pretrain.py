@@ -151,7 +151,9 @@ def train_worker(args: dict) -> None:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # a batch whose masks give a modality no target leaves its head without a gradient: let DDP skip it
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True)
     text = Path(root) / "tokenizers" / "text" / "tokenizer.json"
     tokenizer = load_text_tokenizer(text) if text.is_file() else None
     local_batch = max(1, cfg.batch_size // world)
