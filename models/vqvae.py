@@ -423,7 +423,6 @@ def reconstruction_metric(modality: str, reconstruction, target) -> tuple[str, f
 # vector everywhere, or its most frequent class. A metric reads only beside this figure.
 BASELINES = {"rgb": "mean-colour image", "depth": "mean-depth map", "normal": "mean-normal map",
              "semseg": "majority class", "clip": "mean feature"}
-HIGHER_IS_BETTER = {"psnr_db": True, "mean_angle_deg": False, "l1": False, "miou": True, "cosine": True}
 
 
 def baseline_reconstruction(modality: str, target: torch.Tensor, classes: int | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ Decoding and masking run in DataLoader worker processes, each seeded by (seed, r
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,9 +91,9 @@ def shard_samples(root: str | Path, shard: str, folders: list[str]) -> Iterator[
     """{"__key__", "__shard__", folder: bytes} for each sample, the folders read side by side."""
     layout = DatasetLayout(root)
     streams = [_members(layout.tar(folder, shard)) for folder in folders]
-    for members in zip(*streams, strict=False):
+    for members in itertools.zip_longest(*streams, fillvalue=("(ended)", b"")):
         keys = {key for key, _ in members}
-        if len(keys) != 1:
+        if len(keys) != 1:  # a key missing in one folder, or one folder ending first
             named = ", ".join(f"{f}={k}" for f, (k, _) in zip(folders, members))
             raise LoaderInputError(f"{shard}: folders out of step ({named}); run `python -m pipeline align`")
         yield {"__key__": members[0][0], "__shard__": shard, **{f: data for f, (_, data) in zip(folders, members)}}
@@ -203,8 +204,7 @@ class MaskedSamples(torch.utils.data.IterableDataset):
                 crop_index = int(rng.integers(1 << 30)) if self.train else 0
                 sample = decode_sample(raw, self.modalities, crop_index, self.min_score)
                 for _ in range(self.repeats if self.train else 1):
-                    masked = self.sampler({m: (v.clone() if torch.is_tensor(v) else v) for m, v in sample.items()},
-                                          rng)
+                    masked = self.sampler(sample, rng)  # fresh masks; the decoded sample is shared, never changed
                     if not self.train:
                         yield masked
                         continue
