@@ -146,6 +146,9 @@ class TokenizerStageConfig(Section):
     weight_decay: float = Field(0.05, ge=0)
     workers: int | None = Field(None, ge=1, description="data-parallel workers; None: one per GPU, else one")
     cpus_per_worker: float = Field(1.0, gt=0)
+    loader_workers: int = Field(6, ge=0, description="DataLoader processes decoding and cropping samples per training "
+                                                     "worker (at most one per shard it reads; 0: in the trainer)")
+    max_failures: int = Field(3, ge=0, description="times Ray Train restarts lost workers (from the last checkpoint)")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (resume point)")
     log_every: int = Field(50, ge=1, description="steps between logged metrics")
     eval_every: int = Field(1000, ge=1, description="steps between reconstruction metrics and pictures")
@@ -197,6 +200,10 @@ class PretrainConfig(Section):
     grad_clip: float | None = Field(None, gt=0, description="gradient norm clip (Table 5: XL only, 3.0)")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward: less "
                                                               "memory for L/XL, about a third more compute")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: every worker holds the whole model; fsdp: "
+                                                             "parameters, gradients and optimizer state sharded "
+                                                             "across workers (4M-XL)")
+    compile: bool = Field(False, description="torch.compile the model (GPUs; the first steps pay the compilation)")
     workers: int | None = Field(None, ge=1, description="data-parallel workers; None: one per GPU, else one")
     cpus_per_worker: float = Field(1.0, gt=0)
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")

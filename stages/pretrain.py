@@ -9,16 +9,15 @@ Produces  <root>/pretrain/
                                                per validation: val_loss per modality
               train.json                       the summary, written last
 
-One step: every worker reads its masked batch (decoded and masked in DataLoader workers), runs FourM under
-bf16 autocast on GPUs, and AdamW (the reference's parameter groups) steps with a warmup then cosine schedule.
-A rerun resumes from the checkpoint: the loader is fast-forwarded past the batches already trained on, so the
-run takes the same steps as one never stopped.
+One step (the project's training loop, stages/training.py): every worker reads its masked batch (decoded and
+masked in DataLoader workers), runs FourM under bf16 autocast on GPUs (DDP, or FSDP with `pretrain.parallel`),
+and AdamW (the reference's parameter groups) steps with a warmup then cosine schedule. A rerun resumes from the
+checkpoint: the loader is fast-forwarded past the batches already trained on, so the run takes the same steps as
+one never stopped.
 """
 from __future__ import annotations
 
 import json
-import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,10 +25,7 @@ import torch
 
 from pipeline.config import Config
 from stages.shards import _atomic_write_bytes
-from stages.training import (device_for, load_checkpoint, optimizer_to, parameter_groups, save_checkpoint,
-                             warmup_cosine)
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
+from stages.training import LoopSettings, TrainTask, fit, parameter_groups, train_loop, world_for
 
 
 class PretrainInputError(ValueError):
@@ -80,13 +76,6 @@ def flops_per_sample(model, n_in: int, n_out: int) -> float:
     return 6.0 * (encoder * n_in + decoder * n_out + cfg.dim * vocab * n_out) + attention
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def _check_token_ids(batch: dict, vocab: dict) -> None:
     for m, d in batch.items():
         if m in vocab and d["tensor"].dtype != torch.float32:
@@ -125,85 +114,88 @@ def validate(model, loader, n_in: int, n_out: int, batches: int, device) -> dict
     return {f"val_loss.{m}": v / max(count, 1) for m, v in totals.items()}
 
 
-def train_worker(args: dict) -> None:
+class PretrainTask(TrainTask):
+    """4M on the training loop: masked batches from DataLoader workers, per-modality losses, validation."""
+
+    find_unused_parameters = True  # a batch whose masks give a modality no target leaves its head without a gradient
+
+    def __init__(self, config: Config, root: str, model_config: dict, folder: Path):
+        from models.text_tokenizer import load_text_tokenizer
+
+        self.config, self.cfg, self.root, self.model_config = config, config.pretrain, root, model_config
+        self.folder = folder
+        text = Path(root) / "tokenizers" / "text" / "tokenizer.json"
+        self.tokenizer = load_text_tokenizer(text) if text.is_file() else None
+        self.val_loader = None
+
+    def build(self):
+        from models.fourm import FourM, FourMConfig
+
+        model = FourM(FourMConfig(**self.model_config))
+        model.activation_checkpointing = self.cfg.activation_checkpointing
+        return model
+
+    def parameter_groups(self, model):
+        return parameter_groups(model, self.cfg.weight_decay)
+
+    def fsdp_units(self, model):
+        return [*model.encoder, *model.decoder]
+
+    def batches(self, start, rank, world):
+        from stages.fourm_data import make_loader
+
+        local_batch = max(1, self.cfg.batch_size // world)
+        loader = iter(make_loader(self.root, self.config, self.tokenizer, split="train", batch_size=local_batch,
+                                  rank=rank))
+        for _ in range(start):  # fast-forward: the batches this run trained on before it stopped
+            next(loader)
+        # every rank validates on the same batches, so a sharded model runs its collectives on all of them
+        self.val_loader = make_loader(self.root, self.config, self.tokenizer, split="val", batch_size=local_batch)
+        self.local_batch, self.world = local_batch, world
+        return loader
+
+    def forward(self, model, batch):
+        loss, losses = model(batch, self.cfg.input_tokens, self.cfg.target_tokens)
+        return {"loss": loss, **{f"loss.{m}": v for m, v in losses.items()}}
+
+    def log_extras(self, model, done):
+        if done % self.cfg.val_every and done != self.cfg.steps:
+            return {}
+        return validate(model, self.val_loader, self.cfg.input_tokens, self.cfg.target_tokens, self.cfg.val_batches,
+                        next(model.parameters()).device)
+
+    def checkpoint_extras(self):
+        return {"steps": self.cfg.steps, "batch_size": self.local_batch * self.world,
+                "tokens_per_sample": self.cfg.input_tokens + self.cfg.target_tokens}
+
+    def finish(self, model, resumed_at_end):
+        model.save_pretrained(self.folder)
+
+
+def loop_settings(config: Config, model, world: int, stop_after: int | None) -> LoopSettings:
+    cfg = config.pretrain
+    local_batch = max(1, cfg.batch_size // world)
+    return LoopSettings(
+        name="4M", steps=cfg.steps, warmup_steps=cfg.warmup_steps, peak_lr=cfg.base_lr * local_batch * world / 256,
+        samples_per_step=local_batch * world, betas=tuple(cfg.betas), grad_clip=cfg.grad_clip,
+        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, device=cfg.device,
+        parallel=cfg.parallel, compile=cfg.compile, tokens_per_sample=cfg.input_tokens + cfg.target_tokens,
+        flops_per_sample=flops_per_sample(model, cfg.input_tokens, cfg.target_tokens), stop_after=stop_after)
+
+
+def train_worker(args: dict, task_class=None) -> None:
     """Runs on every Ray Train worker; rank 0 writes checkpoints and metrics."""
     import ray.train
 
     from models.fourm import FourM, FourMConfig
-    from models.text_tokenizer import load_text_tokenizer
-    from pipeline.config import Config
-    from stages.fourm_data import make_loader
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config = Config(**args["config"])
-    cfg, folder, root = config.pretrain, Path(args["folder"]), args["root"]
-    device = device_for(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = FourM(FourMConfig(**args["model_config"])).to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    # fused: one kernel for the whole update on a GPU (the parameters are already there)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=0.0, betas=tuple(cfg.betas),
-                                  fused=device.type == "cuda")
-    start = int(load_checkpoint(folder / "checkpoint", model, optimizer)["step"])
-    optimizer_to(optimizer, device)
-    trained = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # a batch whose masks give a modality no target leaves its head without a gradient: let DDP skip it
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=True)
-    text = Path(root) / "tokenizers" / "text" / "tokenizer.json"
-    tokenizer = load_text_tokenizer(text) if text.is_file() else None
-    local_batch = max(1, cfg.batch_size // world)
-    peak_lr = cfg.base_lr * local_batch * world / 256
-    train_loader = iter(make_loader(root, config, tokenizer, split="train", batch_size=local_batch, rank=rank))
-    for _ in range(start):  # fast-forward: the batches this run trained on before it stopped
-        next(train_loader)
-    val_loader = make_loader(root, config, tokenizer, split="val", batch_size=local_batch, rank=rank) \
-        if rank == 0 else None
-    per_sample = flops_per_sample(model, cfg.input_tokens, cfg.target_tokens)
-    peak = peak_flops(device)
-    stop = min(cfg.steps, args.get("stop_after") or cfg.steps)
-    window_start, window_steps = time.perf_counter(), 0
-    for step in range(start, stop):
-        batch = next(train_loader)
-        batch = {m: {k: v.to(device, non_blocking=True) for k, v in d.items()} for m, d in batch.items()}
-        lr = warmup_cosine(step, peak_lr, cfg.warmup_steps, cfg.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, losses = trained(batch, cfg.input_tokens, cfg.target_tokens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        optimizer.step()
-        done, window_steps = step + 1, window_steps + 1
-        if rank == 0 and (done % cfg.log_every == 0 or done == stop):
-            elapsed = time.perf_counter() - window_start
-            samples_per_s = window_steps * local_batch * world / elapsed
-            line = {"step": done, "lr": lr, "loss": loss.item(), **{f"loss.{m}": v.item() for m, v in losses.items()},
-                    "samples_per_s": samples_per_s,
-                    "tokens_per_s": samples_per_s * (cfg.input_tokens + cfg.target_tokens),
-                    "mfu": samples_per_s * per_sample / (peak * world) if peak else None,
-                    **({"grad_norm": float(norm)} if norm is not None else {})}
-            if done % cfg.val_every == 0 or done == cfg.steps:
-                line.update(validate(model, val_loader, cfg.input_tokens, cfg.target_tokens, cfg.val_batches, device))
-            with open(folder / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(line) + "\n")
-            sys.stdout.write(f"[4M] step {done}/{cfg.steps} " + " ".join(
-                f"{k}={v:.4g}" for k, v in line.items() if isinstance(v, float)) + "\n")
-            sys.stdout.flush()
-            window_start, window_steps = time.perf_counter(), 0
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == stop):
-            save_checkpoint(folder / "checkpoint", model, optimizer, done,
-                            {"steps": cfg.steps, "batch_size": local_batch * world,
-                             "tokens_per_sample": cfg.input_tokens + cfg.target_tokens})
-        if world > 1 and done % cfg.checkpoint_every == 0:
-            torch.distributed.barrier()
-    if rank == 0 and stop == cfg.steps:
-        model.cpu().save_pretrained(folder)
+    task = (task_class or PretrainTask)(config, args["root"], args["model_config"], Path(args["folder"]))
+    with torch.device("meta"):  # only its shape: FLOPs per sample
+        shape = FourM(FourMConfig(**args["model_config"]))
+    train_loop(task, loop_settings(config, shape, world, args.get("stop_after")), task.folder, rank, world)
 
 
 def prediction_picture(root, config: Config, samples: int = 4) -> Path | None:
@@ -228,29 +220,14 @@ def prediction_picture(root, config: Config, samples: int = 4) -> Path | None:
 
 def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None) -> dict:
     """Pretrain (or resume) 4M on the dataset at `root`; returns the summary."""
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.ray_runtime import init_ray, train_logging
-    from stages.fourm_data import split_shards
-
     cfg, folder = config.pretrain, run_dir(root)
     model_cfg = preflight(root, config)  # bad input fails here, before any worker starts
-    init_ray(config.ray)
-    use_gpu = cfg.device != "cpu" and bool(ray.cluster_resources().get("GPU"))
-    world = cfg.workers or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
+    world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
     folder.mkdir(parents=True, exist_ok=True)
     args = {"root": str(Path(root).resolve()), "folder": str(folder.resolve()), "config": config.model_dump(),
             "model_config": asdict(model_cfg), "stop_after": stop_after}
-    trainer = TorchTrainer(
-        train_worker, train_loop_config=args,
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
-                                     resources_per_worker={} if use_gpu else {"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name="pretrain-4m", storage_path=str((folder / "ray").resolve()),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),  # restarts resume
-                             logging_config=train_logging()))
-    trainer.fit()
+    fit(train_worker, args, name="pretrain-4m", folder=folder, world=world, use_gpu=use_gpu,
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
     state = json.loads((folder / "checkpoint" / "state.json").read_text())
     if stop_after is not None and stop_after < cfg.steps:
         return {"stopped_at": state["step"], "steps": cfg.steps}

@@ -9,16 +9,16 @@ Produces  <root>/tokenizers/<modality>/
               reconstructions.png                 inputs above their reconstructions
               train.json                          the summary, written last: the commit marker
 
-A dense tokenizer trains data-parallel on Ray Train (`TorchTrainer`, one worker per GPU, or CPU workers), with
-the paper's random-resized crops and flips, AdamW (0.9, 0.95), a linear warmup then cosine decay, and autocast
-on GPUs. Every random draw of a step is seeded by (seed, step, rank), and the data stream of an epoch by
-(seed, epoch, rank), so a run resumed from its checkpoint takes the same steps as one never stopped.
+A dense tokenizer trains data-parallel on the project's training loop (stages/training.py: Ray Train, one worker
+per GPU, or CPU workers), with the paper's random-resized crops and flips, AdamW (0.9, 0.95), a linear warmup then
+cosine decay, and autocast on GPUs. Samples are decoded and cropped in DataLoader worker processes. Every random
+draw of a step is seeded by (seed, step, rank), and each step's batch by (seed, epoch, rank, loader slot), so a run
+resumed from its checkpoint takes the same steps as one never stopped.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 from pipeline.config import Config, TokenizerStageConfig
 from stages.shards import DatasetLayout, _atomic_write_bytes
 from stages.tokenizer_data import crop_to_tensor, random_crop, center_crop, shard_samples
-from stages.training import device_for, load_checkpoint, optimizer_to, save_checkpoint, warmup_cosine
+from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
 
 DENSE = ("rgb", "depth", "normal", "semseg", "clip")
 
@@ -117,6 +117,7 @@ class Plan:
     steps: int
     warmup_steps: int
     lr: float
+    loader_workers: int = 0  # DataLoader processes per training worker, at most one per shard it reads
 
 
 def make_plan(layout: DatasetLayout, modality: str, cfg: TokenizerStageConfig, world: int) -> Plan:
@@ -134,20 +135,17 @@ def make_plan(layout: DatasetLayout, modality: str, cfg: TokenizerStageConfig, w
     steps_per_epoch = max(1, samples // (local_batch * world))
     epochs = cfg.epochs_by_modality.get(modality, cfg.epochs)
     return Plan(samples, world, local_batch, steps_per_epoch, max(1, round(epochs * steps_per_epoch)),
-                round(cfg.warmup_epochs * steps_per_epoch), cfg.base_lr * local_batch * world / 256)
-
-
-def lr_at(step: int, plan: Plan) -> float:
-    return warmup_cosine(step, plan.lr, plan.warmup_steps, plan.steps)
+                round(cfg.warmup_epochs * steps_per_epoch), cfg.base_lr * local_batch * world / 256,
+                min(cfg.loader_workers, len(shards) // world))
 
 
 def sample_stream(root: str, modality: str, shards: list[str], crop_scale, seed: int, epoch: int, rank: int,
-                  world: int, buffer: int = 256) -> Iterator[torch.Tensor]:
-    """This worker's endless stream of cropped samples for one epoch: its shards in an epoch-seeded order,
-    through a seeded shuffle buffer, cycling if the epoch asks for more than the shards hold."""
-    layout, rng = DatasetLayout(root), np.random.default_rng([seed, epoch, rank])
+                  world: int, slot: int = 0, slots: int = 1, buffer: int = 256) -> Iterator[torch.Tensor]:
+    """One endless stream of cropped samples for one epoch: this rank's shards (of an epoch-seeded order), split
+    between the loader's `slots`, through a seeded shuffle buffer, cycling if the epoch asks for more."""
+    layout, rng = DatasetLayout(root), np.random.default_rng([seed, epoch, rank, slot])
     order = [shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(shards))]
-    mine, pool = order[rank::world], []
+    mine, pool = order[rank::world][slot::slots], []
     while True:
         for shard in mine:
             for _, label, size in shard_samples(layout, modality, shard):
@@ -157,6 +155,35 @@ def sample_stream(root: str, modality: str, shards: list[str], crop_scale, seed:
                     yield pool.pop(int(rng.integers(len(pool))))
         while pool:
             yield pool.pop(int(rng.integers(len(pool))))
+
+
+class TokenizerBatches(torch.utils.data.IterableDataset):
+    """A rank's batches from step `start` on, decoded and cropped in DataLoader workers.
+
+    Step s belongs to slot s % slots and is the k-th batch of the (epoch, slot) stream, k counting that slot's
+    earlier steps in the epoch: a step's batch depends on the step alone, not on where the run (re)started.
+    The DataLoader takes its workers' batches in turn, so worker w serves the slot of step start + w."""
+
+    def __init__(self, root: str, modality: str, shards: list[str], crop_scale, seed: int, rank: int, plan: Plan,
+                 start: int):
+        super().__init__()
+        self.root, self.modality, self.shards, self.crop_scale = root, modality, shards, crop_scale
+        self.seed, self.rank, self.plan, self.start = seed, rank, plan, start
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        worker, slots = (info.id, info.num_workers) if info else (0, 1)
+        plan, stream, stream_epoch = self.plan, None, None
+        for step in range(self.start + worker, plan.steps, slots):
+            epoch = step // plan.steps_per_epoch
+            if stream_epoch != epoch:
+                stream, stream_epoch = sample_stream(self.root, self.modality, self.shards, self.crop_scale,
+                                                     self.seed, epoch, self.rank, plan.world, step % slots,
+                                                     slots), epoch
+                first = epoch * plan.steps_per_epoch + (step - epoch * plan.steps_per_epoch) % slots
+                for _ in range(len(range(first, step, slots)) * plan.local_batch):  # resume inside an epoch
+                    next(stream)
+            yield torch.stack([next(stream) for _ in range(plan.local_batch)])
 
 
 def eval_batch(root: str, modality: str, shards: list[str], count: int) -> torch.Tensor:
@@ -253,118 +280,103 @@ def training_line(modality: str, final: dict) -> str:
     return ", ".join(figures + ([quality_line(modality, final)] if quality(modality, final) else []))
 
 
+class TokenizerTask(TrainTask):
+    """A dense tokenizer on the training loop: cropped batches from DataLoader workers, codebook usage per log
+    window, reconstructions of a fixed evaluation batch with their metric and picture."""
+
+    def __init__(self, args: dict, rank: int):
+        self.cfg, self.plan, self.mcfg = TokenizerStageConfig(**args["cfg"]), Plan(**args["plan"]), args["model_config"]
+        self.root, self.modality, self.folder, self.shards = args["root"], args["modality"], Path(args["folder"]), \
+            args["shards"]
+        self.rank, self.window, self.evaluation = rank, [], None
+
+    def build(self):
+        from models.vqvae import VQVAE
+
+        return VQVAE(self.mcfg)
+
+    def parameter_groups(self, model):
+        return [{"params": [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n],
+                 "weight_decay": self.cfg.weight_decay},
+                {"params": [p for n, p in model.named_parameters() if p.ndim < 2 or "pos" in n], "weight_decay": 0.0}]
+
+    def batches(self, start, rank, world):
+        if rank == 0:
+            self.evaluation = eval_batch(self.root, self.modality, self.shards, self.cfg.eval_samples)
+        data = TokenizerBatches(self.root, self.modality, self.shards, self.mcfg.crop_scale, self.cfg.seed, rank,
+                                self.plan, start)
+        workers = self.plan.loader_workers
+        return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
+                                                pin_memory=torch.cuda.is_available(),
+                                                prefetch_factor=4 if workers else None))
+
+    def forward(self, model, batch):
+        return model(batch)
+
+    def observe(self, out):
+        if self.rank == 0:
+            self.window.append(out["ids"].detach().flatten().cpu())
+
+    def _evaluate(self, model, done: int) -> dict:
+        device = next(model.parameters()).device
+        result = evaluate(model, self.modality, self.evaluation.to(device), self.cfg.seed)
+        figures = {result["metric"]: result["value"], f"{result['metric']}_baseline": result["baseline"]}
+        save_reconstructions(self.folder / "reconstructions.png", self.modality, self.evaluation,
+                             result["reconstruction"].cpu(),
+                             f"{self.modality} tokenizer, step {done}: {quality_line(self.modality, figures)}")
+        return figures
+
+    def log_extras(self, model, done):
+        from models.vqvae import codebook_usage
+
+        if self.rank != 0:
+            return {}
+        figures = {"epoch": round(done / self.plan.steps_per_epoch, 3),
+                   **codebook_usage(torch.cat(self.window), self.mcfg.codebook_size),
+                   "restarts": int(model.quantizer.restarts)}
+        self.window = []
+        if done % self.cfg.eval_every == 0 or done == self.plan.steps:
+            figures.update(self._evaluate(model, done))
+        return figures
+
+    def checkpoint_extras(self):
+        return {"plan": asdict(self.plan)}
+
+    def finish(self, model, resumed_at_end):
+        from models.vqvae import save_tokenizer
+
+        if resumed_at_end:  # resumed from the final checkpoint of a run stopped before it finished: record its metric
+            with open(self.folder / "metrics.jsonl", "a") as log:
+                log.write(json.dumps({"step": self.plan.steps, **self._evaluate(model, self.plan.steps)}) + "\n")
+        save_tokenizer(model, self.folder)
+
+
 def train_worker(args: dict) -> None:
     """Runs on every Ray Train worker; rank 0 writes checkpoints, metrics and pictures."""
     import ray.train
-    import torch.distributed as dist
-
-    from models.vqvae import VQVAE, codebook_usage, save_tokenizer
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    cfg, plan, mcfg = TokenizerStageConfig(**args["cfg"]), Plan(**args["plan"]), args["model_config"]
-    root, modality, folder = args["root"], args["modality"], Path(args["folder"])
-    device = device_for(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = VQVAE(mcfg)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=plan.lr, betas=(0.9, 0.95))
-    resumed = load_checkpoint(folder / "checkpoint", model, optimizer)
-    start = int(resumed["step"])
-    model.to(device)
-    optimizer_to(optimizer, device)
-    trained = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast_dtype = getattr(torch, mcfg.dtype)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and autocast_dtype == torch.float16)
-    if resumed.get("scaler"):
-        scaler.load_state_dict(resumed["scaler"])
-    shards = args["shards"]
-    stop = min(plan.steps, args.get("stop_after") or plan.steps)
-    evaluation = eval_batch(root, modality, shards, cfg.eval_samples).to(device) if rank == 0 else None
-    stream, stream_epoch, window, last = None, None, [], {}
-    for step in range(start, stop):
-        epoch = step // plan.steps_per_epoch
-        if stream_epoch != epoch:
-            stream = sample_stream(root, modality, shards, mcfg.crop_scale, cfg.seed, epoch, rank, world)
-            stream_epoch = epoch
-            for _ in range((step % plan.steps_per_epoch) * plan.local_batch):  # resume inside an epoch
-                next(stream)
-        batch = torch.stack([next(stream) for _ in range(plan.local_batch)]).to(device, non_blocking=True)
-        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # every draw of this step: restarts, noise
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, plan)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=device.type == "cuda"):
-            out = trained(batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        window.append(out["ids"].detach().flatten().cpu())
-        done = step + 1
-        if rank == 0 and (done % cfg.log_every == 0 or done == stop):
-            usage = codebook_usage(torch.cat(window), mcfg.codebook_size)
-            last = {"step": done, "epoch": round(done / plan.steps_per_epoch, 3), "lr": lr_at(step, plan),
-                    "loss": out["loss"].item(), "reconstruction_loss": out["reconstruction_loss"].item(),
-                    "commitment_loss": out["commitment_loss"].item(), **usage,
-                    "restarts": int(model.quantizer.restarts)}
-            if done % cfg.eval_every == 0 or done == plan.steps:
-                result = evaluate(model, modality, evaluation, cfg.seed)
-                last[result["metric"]] = result["value"]
-                last[f"{result['metric']}_baseline"] = result["baseline"]
-                save_reconstructions(folder / "reconstructions.png", modality, evaluation.cpu(),
-                                     result["reconstruction"].cpu(),
-                                     f"{modality} tokenizer, step {done}: {quality_line(modality, last)}")
-            with open(folder / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(last) + "\n")
-            # Not print(): Ray Train patches it in its workers to log and echo, so each line came out twice.
-            sys.stdout.write(f"[{modality}] step {done}/{plan.steps} " + " ".join(
-                f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)) + "\n")
-            sys.stdout.flush()
-            window = []
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == stop):
-            save_checkpoint(folder / "checkpoint", model, optimizer, done,
-                            {"plan": asdict(plan), "scaler": scaler.state_dict()})
-        if world > 1 and done % cfg.checkpoint_every == 0:
-            dist.barrier()
-    if rank == 0 and stop == plan.steps:
-        if start >= stop:  # resumed from the final checkpoint of a run stopped before it finished: record its metric
-            result = evaluate(model, modality, evaluation, cfg.seed)
-            with open(folder / "metrics.jsonl", "a") as log:
-                log.write(json.dumps({"step": stop, result["metric"]: result["value"],
-                                      f"{result['metric']}_baseline": result["baseline"]}) + "\n")
-        save_tokenizer(model.cpu(), folder)
+    task = TokenizerTask(args, rank)
+    cfg, plan = task.cfg, task.plan
+    settings = LoopSettings(name=task.modality, steps=plan.steps, warmup_steps=plan.warmup_steps, peak_lr=plan.lr,
+                            samples_per_step=plan.local_batch * world, betas=(0.9, 0.95), log_every=cfg.log_every,
+                            checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, device=cfg.device,
+                            precision=task.mcfg.dtype, stop_after=args.get("stop_after"))
+    train_loop(task, settings, task.folder, rank, world)
 
 
 def train_dense(root: str | Path, config: Config, modality: str, stop_after: int | None = None) -> dict:
     """Train (or resume) one dense tokenizer on Ray Train; returns its summary."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.ray_runtime import init_ray, train_logging
-
     cfg, layout, folder = config.tokenizer, DatasetLayout(root), tokenizer_dir(root, modality)
-    init_ray(config.ray)
-    use_gpu = cfg.device != "cpu" and bool(ray.cluster_resources().get("GPU"))
-    world = cfg.workers or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
+    world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
     plan = make_plan(layout, modality, cfg, world)
     folder.mkdir(parents=True, exist_ok=True)
     args = {"root": str(Path(root).resolve()), "modality": modality, "folder": str(folder.resolve()),
             "cfg": cfg.model_dump(), "plan": asdict(plan), "model_config": model_config(cfg, modality, layout),
             "shards": modality_shards(layout, modality), "stop_after": stop_after}
-    resources = {} if use_gpu else {"CPU": cfg.cpus_per_worker}
-    trainer = TorchTrainer(
-        train_worker, train_loop_config=args,
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"tokenizer-{modality}", storage_path=str((folder / "ray").resolve()),
-                             logging_config=train_logging()))
-    trainer.fit()
+    fit(train_worker, args, name=f"tokenizer-{modality}", folder=folder, world=world, use_gpu=use_gpu,
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
     if stop_after is not None and stop_after < plan.steps:
         return {"modality": modality, "stopped_at": stop_after, "steps": plan.steps}
     log = folder / "metrics.jsonl"

@@ -1,9 +1,18 @@
-"""What every training run in the project shares: the device, the learning-rate schedule, parameter groups,
-checkpoints written aside and swapped in whole, and exact resume.
+"""The one training loop every model in the project trains with (the tokenizers, 4M, later fine-tuning).
 
-The tokenizers (`stages/train_tokenizer.py`) and 4M (`stages/pretrain.py`) train on Ray Train with these; a
-checkpoint folder holds `model.safetensors`, `optimizer.safetensors` and `state.json` (step and whatever the run
-adds), and a run restored from it takes exactly the steps an uninterrupted run would.
+A model brings a `TrainTask`: how to build it, its parameter groups, the batch of every step (read in DataLoader
+worker processes), its forward, and the figures and files it adds. The loop brings the rest, the same for all:
+
+    every Ray Train worker: build the model -> DDP or FSDP (optionally torch.compile) -> AdamW with the task's
+    parameter groups -> restore the last checkpoint -> for each step: the step's batch, the step's seed, the
+    warmup + cosine learning rate, forward under bf16 autocast on GPUs, backward, clip, step -> rank 0 logs
+    metrics.jsonl and the console line, checkpoints are written aside and swapped in whole -> the task saves the
+    finished model.
+
+A checkpoint folder holds `model.safetensors`, `optimizer.safetensors` (both full, unsharded state, keyed by
+parameter name, so a run may resume with another number of workers or another parallelism) and `state.json`
+(step and whatever the task adds). Every random draw of a step is seeded by (seed, step, rank) and the task
+fast-forwards its data to the restored step, so a resumed run takes exactly the steps of one never stopped.
 """
 from __future__ import annotations
 
@@ -11,9 +20,15 @@ import json
 import math
 import os
 import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
 
 
 def device_for(name: str) -> torch.device:
@@ -21,6 +36,13 @@ def device_for(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def warmup_cosine(step: int, peak: float, warmup: int, total: int) -> float:
@@ -49,44 +71,287 @@ def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None
                 state[k] = v.to(device)
 
 
-def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> None:
-    """Model and optimizer as safetensors, then state.json; written aside and swapped in whole."""
-    from safetensors.torch import save_file, save_model
+# -- checkpoints ----------------------------------------------------------------------------------------------
+def _full_state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    tmp, final = folder.with_name(folder.name + ".tmp"), folder
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gather_state(model, optimizer) -> tuple[dict, dict]:
+    """The full (unsharded) model and optimizer state on the CPU, keyed by parameter name. Under FSDP it is a
+    collective: every rank calls it, rank 0 receives the tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _full_state_options(cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else {})
+
+
+def _without_aliases(weights: dict) -> tuple[dict, dict]:
+    """Tied weights (4M's output heads) share storage: store each tensor once, the other names as aliases."""
+    seen, unique, aliases = {}, {}, {}
+    for name, tensor in weights.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key], unique[name] = name, tensor.contiguous()
+    return unique, aliases
+
+
+def write_checkpoint(folder: Path, weights: dict, optimizer_state: dict, step: int, extra: dict) -> None:
+    """Model and optimizer as safetensors, then state.json; written aside and swapped in whole."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # tied weights (4M's heads) stored once
-    state = optimizer.state_dict()
-    tensors, meta = {}, {"param_groups": state["param_groups"], "slots": {}}
-    for pid, slots in state["state"].items():
-        meta["slots"][str(pid)] = {}
-        for name, value in slots.items():
+    unique, aliases = _without_aliases(weights)
+    save_file(unique, tmp / "model.safetensors")
+    tensors, meta = {}, {"param_groups": optimizer_state.get("param_groups", []), "slots": {}}
+    for param, slots in optimizer_state.get("state", {}).items():
+        meta["slots"][str(param)] = {}
+        for slot, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.contiguous()
+                tensors[f"{param}/{slot}"] = value.contiguous()
             else:
-                meta["slots"][str(pid)][name] = value
+                meta["slots"][str(param)][slot] = value
     save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, **extra}, indent=1))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "aliases": aliases, **extra},
+                                               indent=1))
     old = folder.with_name(folder.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> None:
+    """One process's model and optimizer (not sharded): gather and write."""
+    write_checkpoint(folder, *gather_state(model, optimizer), step, extra)
+
+
+def read_weights(folder: Path) -> dict | None:
+    """The checkpoint's full model state (aliases restored), or None without a checkpoint."""
+    from safetensors.torch import load_file
+
+    if not (folder / "state.json").is_file():
+        return None
+    weights = load_file(folder / "model.safetensors")
+    for alias, name in json.loads((folder / "state.json").read_text()).get("aliases", {}).items():
+        weights[alias] = weights[name]
+    return weights
+
+
 def load_checkpoint(folder: Path, model, optimizer) -> dict:
-    """Restore model and optimizer; returns state.json ({"step": 0} without a checkpoint)."""
-    from safetensors.torch import load_file, load_model
+    """Restore model and optimizer (plain, DDP's inner module, or FSDP-sharded: every rank calls it); returns
+    state.json ({"step": 0} without a checkpoint)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     if not (folder / "state.json").is_file():
         return {"step": 0}
     state = json.loads((folder / "state.json").read_text())
-    load_model(model, str(folder / "model.safetensors"))
-    tensors, meta = load_file(folder / "optimizer.safetensors"), state["optimizer"]
-    slots = {int(pid): dict(values) for pid, values in meta["slots"].items()}
+    meta, tensors = state["optimizer"], load_file(folder / "optimizer.safetensors")
+    slots = {param: dict(values) for param, values in meta["slots"].items()}
     for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        slots.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+        param, slot = key.rsplit("/", 1)
+        slots.setdefault(param, {})[slot] = value
+    set_model_state_dict(model, read_weights(folder), options=_full_state_options())
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, {"state": slots, "param_groups": meta["param_groups"]},
+                                 options=_full_state_options())
     return state
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+@dataclass
+class LoopSettings:
+    name: str                             # the console tag: "[rgb] step 5/16 ..."
+    steps: int
+    warmup_steps: int
+    peak_lr: float
+    samples_per_step: int                 # the global batch
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = None
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "bfloat16"           # autocast dtype on GPUs; float16 adds a gradient scaler
+    parallel: str = "ddp"                 # ddp, or fsdp: the task's units sharded, then the whole model
+    compile: bool = False                 # torch.compile the model that trains
+    tokens_per_sample: int | None = None  # for tokens/s
+    flops_per_sample: float | None = None  # for MFU, against the device's peak
+    stop_after: int | None = None         # stop (checkpointed) after this step, as a killed run would
+
+
+class TrainTask:
+    """What one model brings to the loop; subclasses override what they need."""
+
+    find_unused_parameters = False  # DDP: True where a batch may leave some parameters without a gradient
+
+    def build(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def parameter_groups(self, model) -> list[dict]:
+        raise NotImplementedError
+
+    def batches(self, start: int, rank: int, world: int) -> Iterator:
+        """The batch of every step from `start` on, identical to an uninterrupted run's."""
+        raise NotImplementedError
+
+    def forward(self, model, batch) -> dict:
+        """'loss' and any other 0-d tensors to log; the rest is for `observe`."""
+        raise NotImplementedError
+
+    def fsdp_units(self, model) -> list[torch.nn.Module]:
+        """Modules FSDP shards one by one (the transformer blocks) before the whole model."""
+        return []
+
+    def observe(self, out: dict) -> None:
+        """Sees every step's outputs (a codebook's usage window)."""
+
+    def log_extras(self, model, done: int) -> dict:
+        """Figures added at a log step (evaluations, validation). Every rank calls it, so it may run the model;
+        rank 0's figures are logged."""
+        return {}
+
+    def checkpoint_extras(self) -> dict:
+        return {}
+
+    def finish(self, model, resumed_at_end: bool) -> None:
+        """Rank 0, once the last step is done: save the finished (unsharded) model."""
+
+
+def _to(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    return {k: _to(v, device) for k, v in batch.items()}
+
+
+def _wrap(model, task: TrainTask, s: LoopSettings, device, world: int):
+    """The module that trains: the model itself, under DDP, or sharded in place by FSDP; compiled on request."""
+    if s.parallel == "fsdp" and world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 parameters in forward and backward on GPUs, fp32 gradient reduction and master weights
+        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, s.precision), reduce_dtype=torch.float32) \
+            if device.type == "cuda" else MixedPrecisionPolicy()
+        for unit in task.fsdp_units(model):
+            fully_shard(unit, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        trained = model
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=task.find_unused_parameters)
+    else:
+        trained = model
+    return torch.compile(trained) if s.compile else trained
+
+
+def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world: int) -> None:
+    """Train (or resume) on this worker; rank 0 writes `folder`/metrics.jsonl and `folder`/checkpoint."""
+    device = device_for(s.device)
+    torch.manual_seed(s.seed)
+    model = task.build().to(device)
+    trained = _wrap(model, task, s, device, world)
+    sharded = s.parallel == "fsdp" and world > 1
+    # fused: one kernel for the whole update on a GPU (the parameters are already there)
+    optimizer = torch.optim.AdamW(task.parameter_groups(model), lr=0.0, betas=tuple(s.betas),
+                                  fused=device.type == "cuda")
+    resumed = load_checkpoint(folder / "checkpoint", model, optimizer)
+    start = int(resumed["step"])
+    optimizer_to(optimizer, device)
+    autocast_dtype = getattr(torch, s.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and autocast_dtype == torch.float16)
+    if resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
+    batches = task.batches(start, rank, world)
+    stop = min(s.steps, s.stop_after or s.steps)
+    peak = peak_flops(device)
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start, stop):
+        batch = _to(next(batches), device)
+        torch.manual_seed(s.seed * 1_000_003 + step * world + rank)  # every draw of this step: restarts, noise
+        lr = warmup_cosine(step, s.peak_lr, s.warmup_steps, s.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=device.type == "cuda"):
+            out = task.forward(trained, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out["loss"]).backward()
+        norm = None
+        if s.grad_clip:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
+        scaler.step(optimizer)
+        scaler.update()
+        task.observe(out)
+        done, window_steps = step + 1, window_steps + 1
+        if done % s.log_every == 0 or done == stop:
+            extras = task.log_extras(model, done)
+            if rank == 0:
+                samples_per_s = window_steps * s.samples_per_step / (time.perf_counter() - window_start)
+                line = {"step": done, "lr": lr,
+                        **{k: v.item() for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0},
+                        "samples_per_s": samples_per_s,
+                        **({"tokens_per_s": samples_per_s * s.tokens_per_sample} if s.tokens_per_sample else {}),
+                        **({"mfu": samples_per_s * s.flops_per_sample / (peak * world) if peak else None}
+                           if s.flops_per_sample else {}),
+                        **({"grad_norm": float(norm)} if norm is not None else {}), **extras}
+                with open(folder / "metrics.jsonl", "a") as log:
+                    log.write(json.dumps(line) + "\n")
+                # Not print(): Ray Train patches it in its workers to log and echo, so each line came out twice.
+                sys.stdout.write(f"[{s.name}] step {done}/{s.steps} " + " ".join(
+                    f"{k}={v:.4g}" for k, v in line.items() if isinstance(v, float)) + "\n")
+                sys.stdout.flush()
+            window_start, window_steps = time.perf_counter(), 0
+        if done % s.checkpoint_every == 0 or done == stop:
+            weights, optimizer_state = gather_state(model, optimizer)  # a collective under FSDP
+            if rank == 0:
+                write_checkpoint(folder / "checkpoint", weights, optimizer_state, done,
+                                 {**task.checkpoint_extras(), "scaler": scaler.state_dict()})
+            if world > 1:
+                torch.distributed.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+    if stop == s.steps:
+        weights = gather_state(model, None)[0] if sharded else None
+        if rank == 0:
+            if sharded:  # the finished model, unsharded, on the CPU
+                model = task.build()
+                model.load_state_dict(weights)
+            task.finish(model.cpu(), resumed_at_end=start >= stop)
+
+
+# -- on Ray Train -----------------------------------------------------------------------------------------------
+def world_for(ray_config, device: str, workers: int | None) -> tuple[int, bool]:
+    """(data-parallel workers, on GPUs?): the configured number, else one per GPU of the cluster, else one."""
+    import ray
+
+    from pipeline.ray_runtime import init_ray
+
+    init_ray(ray_config)
+    use_gpu = device != "cpu" and bool(ray.cluster_resources().get("GPU"))
+    return workers or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1), use_gpu
+
+
+def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: bool, cpus_per_worker: float,
+        max_failures: int) -> None:
+    """Run `train_fn(args)` on `world` Ray Train workers (one GPU each, or `cpus_per_worker` CPUs). A lost worker
+    makes Ray Train restart the group, up to `max_failures` times; the loop resumes from the last checkpoint."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ray_runtime import train_logging
+
+    TorchTrainer(
+        train_fn, train_loop_config=args,
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
+                                     resources_per_worker={} if use_gpu else {"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str((folder / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             logging_config=train_logging())).fit()

@@ -329,3 +329,25 @@ def test_a_sample_failed_anywhere_is_dropped_everywhere_so_a_positional_zip_neve
     before = {f: layout.tar(f, "shard-000000").stat().st_mtime_ns for f in folders}
     assert run_tokenize(root, config()).shards_done == 0
     assert {f: layout.tar(f, "shard-000000").stat().st_mtime_ns for f in folders} == before
+
+
+def test_loader_workers_serve_each_step_the_same_batch_wherever_the_run_resumes(dataset):
+    from stages.train_tokenizer import Plan, TokenizerBatches
+
+    shards = modality_shards(DatasetLayout(dataset), "rgb")
+    assert len(shards) == 2
+    # two DataLoader processes, one per shard; 3 steps an epoch, so slots and epochs fall out of step
+    plan = Plan(samples=5, world=1, local_batch=2, steps_per_epoch=3, steps=9, warmup_steps=0, lr=0.0,
+                loader_workers=2)
+
+    def steps_from(start):
+        data = TokenizerBatches(str(dataset), "rgb", shards, (0.5, 1.0), 0, 0, plan, start)
+        return list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=2))
+
+    straight = steps_from(0)
+    assert len(straight) == 9 and straight[0].shape[:2] == (2, 3)
+    assert not torch.equal(straight[0], straight[1])
+    for start in (4, 5):  # a worker serving the other slot than it would from step 0
+        resumed = steps_from(start)
+        assert len(resumed) == 9 - start
+        assert all(torch.equal(a, b) for a, b in zip(resumed, straight[start:]))

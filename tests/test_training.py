@@ -1,0 +1,109 @@
+"""The training loop every model shares, run in this process (one worker, no Ray): checkpoints store tied
+weights once and restore model and optimizer exactly, a stopped run resumes to the same weights, and the
+compiled model trains as the eager one does."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.training import LoopSettings, TrainTask, load_checkpoint, save_checkpoint, train_loop
+
+
+class Tied(torch.nn.Module):
+    """An embedding whose transpose is the output head (as 4M's are), and a block between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.block = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8), torch.nn.GELU())
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.block(self.embed(ids)))
+
+
+class NextToken(TrainTask):
+    """Predict (id + 1) mod 16 from seeded random ids: a step's batch depends on the step alone."""
+
+    def __init__(self, folder):
+        self.folder, self.finished = folder, None
+
+    def build(self):
+        return Tied()
+
+    def parameter_groups(self, model):
+        return [{"params": list(model.parameters()), "weight_decay": 0.01}]
+
+    def batches(self, start, rank, world):
+        step = start
+        while True:
+            ids = torch.randint(0, 16, (8,), generator=torch.Generator().manual_seed(step))
+            yield {"ids": ids}
+            step += 1
+
+    def forward(self, model, batch):
+        logits = model(batch["ids"])
+        return {"loss": torch.nn.functional.cross_entropy(logits, (batch["ids"] + 1) % 16)}
+
+    def finish(self, model, resumed_at_end):
+        self.finished = {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def settings(**kw):
+    return LoopSettings(**{"name": "test", "steps": 6, "warmup_steps": 1, "peak_lr": 0.05, "samples_per_step": 8,
+                           "log_every": 1, "checkpoint_every": 2, "device": "cpu", **kw})
+
+
+def losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_checkpoint_stores_tied_weights_once_and_restores_model_and_optimizer(tmp_path):
+    torch.manual_seed(0)
+    model = Tied()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.arange(16)).logsumexp(-1).mean().backward()
+        optimizer.step()
+    save_checkpoint(tmp_path / "checkpoint", model, optimizer, 2, {"note": "kept"})
+    stored = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    assert ("embed.weight" in stored) != ("head.weight" in stored)  # the tied weight, once
+    restored, fresh_optimizer = Tied(), None
+    fresh_optimizer = torch.optim.AdamW(restored.parameters(), lr=0.1)
+    state = load_checkpoint(tmp_path / "checkpoint", restored, fresh_optimizer)
+    assert state["step"] == 2 and state["note"] == "kept"
+    assert restored.head.weight is restored.embed.weight  # still tied
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
+    for a, b in zip(optimizer.state.values(), fresh_optimizer.state.values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    straight, stopped = NextToken(tmp_path / "straight"), NextToken(tmp_path / "stopped")
+    for task in (straight, stopped):
+        task.folder.mkdir()
+    train_loop(straight, settings(), straight.folder, 0, 1)
+    train_loop(stopped, settings(stop_after=3), stopped.folder, 0, 1)
+    assert stopped.finished is None and json.loads((stopped.folder / "checkpoint/state.json").read_text())["step"] == 3
+    train_loop(stopped, settings(), stopped.folder, 0, 1)
+    assert losses(stopped.folder) == losses(straight.folder)
+    assert losses(straight.folder)[-1] < losses(straight.folder)[0]
+    assert all(torch.equal(straight.finished[k], stopped.finished[k]) for k in straight.finished)
+
+
+def test_the_compiled_model_trains_as_the_eager_one(tmp_path):
+    eager, compiled = NextToken(tmp_path / "eager"), NextToken(tmp_path / "compiled")
+    for task in (eager, compiled):
+        task.folder.mkdir()
+    train_loop(eager, settings(steps=3), eager.folder, 0, 1)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    train_loop(compiled, settings(steps=3, compile=True), compiled.folder, 0, 1)
+    assert counters["stats"]["unique_graphs"] >= 1  # it did go through the compiler
+    assert losses(compiled.folder) == pytest.approx(losses(eager.folder), rel=1e-4)
+    assert all(torch.allclose(eager.finished[k], compiled.finished[k], atol=1e-5) for k in eager.finished)
