@@ -250,6 +250,21 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_transfer(args) -> int:
+    from stages.transfer import run_transfer
+
+    config = _config_from(args, {f"transfer.{args.task}.linear_probe": True if args.linear_probe else None})
+    results = run_transfer(args.task, args.train, args.val, config, model=args.model, backbone=args.backbone,
+                           out=args.out)
+    paper = results["paper"]
+    scores = ", ".join(f"{k} {v:.4g}" for k, v in results["metrics"].items())
+    print(f"{args.task} transfer of {results['backbone']}: {scores} after {results['steps']} steps on "
+          f"{results['samples']} training images -> {results['folder']}/")
+    print(f"the paper's {paper['metric']} on the full dataset (Table 1): 4M-B {paper['4M-B']}, 4M-L {paper['4M-L']}, "
+          f"MAE-B {paper['MAE-B']}, MAE-L {paper['MAE-L']}")
+    return 0
+
+
 def cmd_inspect_masking(args) -> int:
     from pipeline.show import draw_masked_sample
     from stages.fourm_data import inspect_masking, text_tokenizer_of
@@ -371,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="load pickled objects besides tensors (only for checkpoints from a trusted source)")
     convert.add_argument("--no-verify", action="store_true",
                          help="skip running both layouts on a random input and comparing the outputs")
+    transfer = sub.add_parser("transfer", help="fine-tune 4M's encoder (or a timm baseline) on classification, "
+                                               "segmentation or depth and score it (Ray Train)")
+    _add_config_args(transfer)
+    transfer.add_argument("--task", required=True, choices=["classification", "segmentation", "depth"])
+    transfer.add_argument("--train", required=True, help="training data: ImageNet class folders, an ADE20K root, or "
+                                                         "an NYUv2 folder with rgb/ and depth/ (see the README)")
+    transfer.add_argument("--val", required=True, help="validation data, in the same layout")
+    transfer.add_argument("--model", help="a 4M folder (a pretraining run or a convert-4m output); with a timm "
+                                          "backbone, a local timm checkpoint file (default: random initialisation)")
+    transfer.add_argument("--backbone", help="fourm (default), or a timm model name, e.g. vit_base_patch16_224")
+    transfer.add_argument("--out", help="run folder (default: <model>/transfer-<task>, or runs/transfer-<task>-<name>)")
+    transfer.add_argument("--linear-probe", action="store_true", help="freeze the backbone; train the head alone")
     convert4m = sub.add_parser("convert-4m", help="convert a reference 4M checkpoint (apple/ml-4m) for FourM")
     convert4m.add_argument("--checkpoint", required=True,
                            help="a folder with config.json + model.safetensors, one .safetensors with the settings "
@@ -381,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
-            "inspect-masking": cmd_inspect_masking, "pretrain": cmd_pretrain,
+            "inspect-masking": cmd_inspect_masking, "pretrain": cmd_pretrain, "transfer": cmd_transfer,
             "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "demo": cmd_demo,
             "serve": cmd_serve,
             "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -225,6 +225,67 @@ class PretrainConfig(Section):
         return value
 
 
+class TransferTaskConfig(Section):
+    image_size: int = Field(224, ge=16, description="training and validation resolution (a multiple of 16)")
+    epochs: float = Field(50, gt=0)
+    warmup_epochs: float = Field(2, ge=0)
+    batch_size: int = Field(4096, ge=1, description="global batch")
+    base_lr: float = Field(1e-4, gt=0, description="learning rate per 256 samples")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float = Field(0.75, gt=0, le=1, description="each block's lr x this per block above it (L: 0.85)")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth of the last block (L: 0.2)")
+    # classification (Table 6)
+    randaugment: str | None = Field("rand-m9-mstd0.5", description="timm's RandAugment spec; None: off")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized crop area range")
+    mixup: float = Field(0.1, ge=0)
+    cutmix: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    linear_probe: bool = Field(False, description="freeze the backbone: train the head alone")
+    # dense tasks (Tables 8 and 9)
+    classes: int = Field(150, ge=1, description="segmentation classes (ADE20K: 150; annotation id c is class c-1)")
+    scale_jitter: tuple[float, float] = Field((0.1, 2.0), description="large-scale jitter range (segmentation)")
+    depth_scale: float = Field(1000.0, gt=0, description="depth PNG value per metre (NYUv2's millimetres: 1000)")
+    eval_every: int = Field(1000, ge=1, description="steps between validation scores")
+    loader_workers: int = Field(8, ge=0, description="DataLoader processes per training worker")
+
+
+TRANSFER_DEFAULTS = {  # what differs from TransferTaskConfig's (Table 6, 4M-B on ImageNet-1K) per task
+    "classification": {},
+    "segmentation": dict(  # Table 8: ADE20K at 512^2, lr 2e-4 at batch 64
+        image_size=512, epochs=64, warmup_epochs=1, batch_size=64, base_lr=8e-4, randaugment=None, mixup=0.0,
+        cutmix=0.0, label_smoothing=0.0),
+    "depth": dict(  # Table 9: NYUv2 at 256^2, lr 1e-4 at batch 128, 1000 epochs
+        image_size=256, epochs=1000, warmup_epochs=100, batch_size=128, base_lr=2e-4, weight_decay=1e-4,
+        randaugment=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0),
+}
+
+
+class TransferConfig(Section):
+    classification: TransferTaskConfig = Field(default_factory=TransferTaskConfig)
+    segmentation: TransferTaskConfig = Field(
+        default_factory=lambda: TransferTaskConfig(**TRANSFER_DEFAULTS["segmentation"]))
+    depth: TransferTaskConfig = Field(default_factory=lambda: TransferTaskConfig(**TRANSFER_DEFAULTS["depth"]))
+    workers: int | None = Field(None, ge=1, description="data-parallel workers; None: one per GPU, else one")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    max_failures: int = Field(3, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_over_the_tasks_defaults(cls, values):
+        # `transfer.depth.epochs=10` changes one setting: the rest stay the depth task's, not classification's
+        if isinstance(values, dict):
+            values = dict(values)
+            for task, defaults in TRANSFER_DEFAULTS.items():
+                if isinstance(values.get(task), dict):
+                    values[task] = {**defaults, **values[task]}
+        return values
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray (RAY_ADDRESS wins)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None lets Ray count them")
@@ -238,6 +299,7 @@ class Config(Section):
     label: LabelConfig = Field(default_factory=LabelConfig)
     tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

@@ -64,6 +64,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's learning rate, scaled per group where a group says so (layer-wise decay's `lr_scale`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     for state in optimizer.state.values():
         for k, v in state.items():
@@ -228,6 +234,8 @@ class TrainTask:
 def _to(batch, device):
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
     return {k: _to(v, device) for k, v in batch.items()}
 
 
@@ -278,8 +286,7 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
         batch = _to(next(batches), device)
         torch.manual_seed(s.seed * 1_000_003 + step * world + rank)  # every draw of this step: restarts, noise
         lr = warmup_cosine(step, s.peak_lr, s.warmup_steps, s.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        apply_lr(optimizer, lr)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=device.type == "cuda"):
             out = task.forward(trained, batch)
         optimizer.zero_grad(set_to_none=True)

@@ -342,7 +342,8 @@ def test_loader_workers_serve_each_step_the_same_batch_wherever_the_run_resumes(
 
     def steps_from(start):
         data = TokenizerBatches(str(dataset), "rgb", shards, (0.5, 1.0), 0, 0, plan, start)
-        return list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=2))
+        # spawned, not forked: a fork of this process (Ray, Prefect threads) is not what the trainer forks
+        return list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=2, multiprocessing_context="spawn"))
 
     straight = steps_from(0)
     assert len(straight) == 9 and straight[0].shape[:2] == (2, 3)

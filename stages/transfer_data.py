@@ -1,0 +1,208 @@
+"""The transfer datasets, read from the user's local copies in their usual layouts, and their augmentations.
+
+  classification  ImageNet-1K folders: <dir>/<class>/*.JPEG (train and val alike); the class list is the
+                  training folder's, sorted
+  segmentation    ADE20K: <dir>/images/<split>/*.jpg with <dir>/annotations/<split>/*.png (0 = unlabelled,
+                  ignored; class c is id c - 1), <split> = training or validation; or <dir>/images and
+                  <dir>/annotations directly
+  depth           NYUv2: <dir>/rgb/<name>.{jpg,png} with <dir>/depth/<name>.png (16-bit, metres x
+                  `depth_scale`, 1000 by default: millimetres) or <name>.npy (float metres); 0 = no measurement
+
+Augmentations are timm's (classification: RandAugment, random-resized crops; mixup and cutmix act on batches in
+the training task) and torchvision's paired v2 transforms (segmentation: large-scale jitter, crop, flip, colour
+jitter; depth: random crop, flip, colour jitter), so image and label move together. Every sample's random draws
+are seeded by (seed, its position in the run), so a resumed run sees the same augmented batches.
+
+Bad input fails before training and names the file: an empty class folder, a class missing from the training
+folder, an image without its label, a label of another size than its image, class ids beyond the head.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IGNORE = 255  # segmentation pixels that count in no metric and no loss
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as 4M's RGB input is normalised
+
+
+class TransferInputError(ValueError):
+    """A transfer dataset that cannot be trained on: names the folder or file."""
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
+# -- classification -------------------------------------------------------------------------------------------------
+def class_folders(train: Path) -> list[str]:
+    classes = sorted(p.name for p in Path(train).iterdir() if p.is_dir()) if Path(train).is_dir() else []
+    if not classes:
+        raise TransferInputError(f"{train}: no class folders (expected <dir>/<class>/*.JPEG)")
+    return classes
+
+
+def classification_samples(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    folder, samples = Path(folder), []
+    extra = sorted({p.name for p in folder.iterdir() if p.is_dir()} - set(classes)) if folder.is_dir() else []
+    if extra:
+        raise TransferInputError(f"{folder}: class folders {extra} are not in the training set's classes")
+    for index, name in enumerate(classes):
+        images = _images(folder / name)
+        if not images and (folder / name).exists():
+            raise TransferInputError(f"{folder / name}: an empty class folder (no images)")
+        samples += [(p, index) for p in images]
+    if not samples:
+        raise TransferInputError(f"{folder}: no images in class folders")
+    return samples
+
+
+# -- segmentation ---------------------------------------------------------------------------------------------------
+def segmentation_samples(folder: Path, split: str) -> list[tuple[Path, Path]]:
+    folder = Path(folder)
+    images = folder / "images" / split if (folder / "images" / split).is_dir() else folder / "images"
+    labels = folder / "annotations" / split if (folder / "annotations" / split).is_dir() else folder / "annotations"
+    pairs = [(p, labels / f"{p.stem}.png") for p in _images(images)]
+    if not pairs:
+        raise TransferInputError(f"{folder}: no images under {images} (expected images/{split}/*.jpg and "
+                                 f"annotations/{split}/*.png)")
+    missing = [str(label) for _, label in pairs if not label.is_file()]
+    if missing:
+        raise TransferInputError(f"{missing[0]}: the annotation of {pairs[0][0].name} is missing"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return pairs
+
+
+def read_annotation(path: Path, image_size: tuple[int, int], classes: int) -> np.ndarray:
+    """Class ids 0..classes-1 and IGNORE, from an ADE20K png (0 = unlabelled, c = class c - 1)."""
+    from PIL import Image
+
+    raw = np.asarray(Image.open(path))
+    if raw.ndim != 2:
+        raise TransferInputError(f"{path}: an annotation must be one channel of class ids, not shape {raw.shape}")
+    if raw.shape != image_size:
+        raise TransferInputError(f"{path}: annotation {raw.shape[1]}x{raw.shape[0]} for an image of "
+                                 f"{image_size[1]}x{image_size[0]}")
+    if int(raw.max()) > classes:
+        raise TransferInputError(f"{path}: class id {int(raw.max())} beyond the head's {classes} classes "
+                                 f"(transfer.classes)")
+    ids = raw.astype(np.int64) - 1
+    ids[raw == 0] = IGNORE
+    return ids
+
+
+# -- depth ----------------------------------------------------------------------------------------------------------
+def depth_samples(folder: Path) -> list[tuple[Path, Path]]:
+    folder = Path(folder)
+    pairs = []
+    for image in _images(folder / "rgb"):
+        label = next((p for p in (folder / "depth" / f"{image.stem}.png", folder / "depth" / f"{image.stem}.npy")
+                      if p.is_file()), None)
+        if label is None:
+            raise TransferInputError(f"{folder / 'depth'}: no {image.stem}.png or .npy for {image}")
+        pairs.append((image, label))
+    if not pairs:
+        raise TransferInputError(f"{folder}: no images under {folder / 'rgb'} (expected rgb/<name>.jpg with "
+                                 f"depth/<name>.png)")
+    return pairs
+
+
+def read_depth(path: Path, image_size: tuple[int, int], scale: float) -> np.ndarray:
+    """Metres (float32); 0 where nothing was measured."""
+    from PIL import Image
+
+    depth = np.load(path).astype(np.float32) if path.suffix == ".npy" else \
+        np.asarray(Image.open(path)).astype(np.float32) / scale
+    if depth.shape != image_size:
+        raise TransferInputError(f"{path}: depth {depth.shape[-1]}x{depth.shape[0]} for an image of "
+                                 f"{image_size[1]}x{image_size[0]}")
+    return depth
+
+
+# -- one dataset for the three tasks --------------------------------------------------------------------------------
+def _rgb(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as err:
+        raise TransferInputError(f"{path}: not a readable image ({err})") from None
+
+
+def make_transform(task: str, train: bool, size: int, settings):
+    """timm's classification transforms; torchvision's paired v2 transforms for dense tasks."""
+    if task == "classification":
+        from timm.data import create_transform
+
+        return create_transform(size, is_training=train, auto_augment=settings.randaugment if train else None,
+                                scale=tuple(settings.crop_scale), mean=MEAN, std=STD, interpolation="bicubic",
+                                re_prob=0.0)
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    to_tensor = [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(MEAN, STD)]
+    if not train:
+        return v2.Compose([v2.Resize((size, size), antialias=True), *to_tensor])
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE if task == "segmentation" else 0, "others": 0}
+    geometry = [v2.ScaleJitter((size, size), scale_range=tuple(settings.scale_jitter), antialias=True)] \
+        if task == "segmentation" else [v2.Resize(size, antialias=True)]
+    return v2.Compose([*geometry, v2.RandomCrop(size, pad_if_needed=True, fill=fill), v2.RandomHorizontalFlip(),
+                       v2.ColorJitter(0.4, 0.4, 0.4, 0.1), *to_tensor])
+
+
+class TransferDataset(torch.utils.data.Dataset):
+    """Indexed by (position in the run, sample index): the position seeds the sample's augmentation."""
+
+    def __init__(self, task: str, samples: list, train: bool, size: int, settings, seed: int):
+        self.task, self.samples, self.train, self.size = task, samples, train, size
+        self.settings, self.seed = settings, seed
+        self.transform = make_transform(task, train, size, settings)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        position, index = key if isinstance(key, tuple) else (key, key)
+        seed = (self.seed * 1_000_003 + position) % 2 ** 32
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)  # timm's RandAugment draws from `random`
+        path, label = self.samples[index]
+        image = _rgb(path)
+        if self.task == "classification":
+            return self.transform(image), torch.tensor(label)
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as TF
+
+        size = (image.height, image.width)
+        target = read_annotation(label, size, self.settings.classes) if self.task == "segmentation" \
+            else read_depth(label, size, self.settings.depth_scale)
+        pixels, target = self.transform(tv_tensors.Image(TF.pil_to_tensor(image)),
+                                        tv_tensors.Mask(torch.from_numpy(target)))
+        return pixels.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)
+
+
+class RunOrder(torch.utils.data.Sampler):
+    """(position, sample index) for every sample a run reads from step `start` on: each epoch a permutation
+    seeded by (seed, epoch), cut into batches; a resumed run reads on from the same position."""
+
+    def __init__(self, size: int, batch: int, start: int, steps: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.batch, self.start, self.steps = size, batch, start, steps
+        self.seed, self.rank, self.world = seed, rank, world
+        self.per_epoch = max(1, size // (batch * world))
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order, order_epoch = None, None
+        for step in range(self.start, self.steps):
+            epoch, within = divmod(step, self.per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.size), epoch
+            first = (within * self.world + self.rank) * self.batch
+            for i in range(self.batch):
+                yield step * self.batch * self.world + self.rank * self.batch + i, int(order[(first + i) % self.size])
