@@ -3,7 +3,7 @@
 Backbones
   FourMViT   4M's encoder alone (appendix D.1): the `rgb@224` pixel embedding, fixed sine-cosine positions rebuilt
              for any input size, the encoder blocks (with drop-path) and the encoder norm; no masking, no [CLS].
-             Loads from a pretraining run's folder or checkpoint, or from converted reference weights.
+             Loads from a finished pretraining run's folder or from converted reference weights.
   timm       any timm model by name (`vit_base_patch16_224`, optionally a local checkpoint): the baseline measured
              by the same command on the same data.
 Heads
@@ -15,7 +15,6 @@ Both backbones expose timm's `group_matcher`, so timm's layer-wise learning-rate
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -103,20 +102,12 @@ class FourMViT(nn.Module):
 
 
 def read_fourm(path: str | Path) -> FourM:
-    """A 4M model from a folder with config.json + model.safetensors (what pretraining and `convert-4m` write), or
-    from a pretraining run's folder whose final model is not written yet (its checkpoint/)."""
+    """A 4M model from a folder with config.json + model.safetensors: a finished pretraining run or `convert-4m`."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return FourM.from_pretrained(path)
-    checkpoint = path / "checkpoint"
-    if (checkpoint / "state.json").is_file() and (path / "config.json").is_file():
-        from stages.training import read_weights
-
-        model = FourM(FourMConfig(**json.loads((path / "config.json").read_text())))
-        model.load_state_dict(read_weights(checkpoint))
-        return model
-    raise BackboneError(f"no 4M model in {str(path)!r}: expected config.json and model.safetensors (a pretraining run "
-                        f"or `python -m pipeline convert-4m`)")
+    raise BackboneError(f"no 4M model in {str(path)!r}: expected config.json and model.safetensors (a finished "
+                        f"pretraining run, or `python -m pipeline convert-4m`)")
 
 
 class TimmBackbone(nn.Module):
