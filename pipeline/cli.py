@@ -265,6 +265,23 @@ def cmd_transfer(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from stages.evaluate import run_evaluate
+    from stages.pretrain import run_dir
+
+    config = _config_from(args, {"data_root": args.data})
+    model = args.model or run_dir(config.data_root)
+    results = run_evaluate(config.data_root, config, model, samples=args.samples)
+    print(f"4M from RGB alone on {results['samples']} validation samples ({', '.join(results['val_shards'])}):")
+    for name, scores in results["scores"].items():
+        figures = ", ".join(f"{k} {v:.4g} (each sample's mean or majority: {scores[k + '_baseline']:.4g})"
+                            for k, v in scores.items() if not k.endswith("_baseline"))
+        print(f"  {name}: {figures}")
+    losses = ", ".join(f"{k.removeprefix('val_loss.')} {v:.4g}" for k, v in results["val_loss"].items())
+    print(f"  masked validation loss: {losses}\npicture: {results['picture']}")
+    return 0
+
+
 def cmd_inspect_masking(args) -> int:
     from pipeline.show import draw_masked_sample
     from stages.fourm_data import inspect_masking, text_tokenizer_of
@@ -398,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--backbone", help="fourm (default), or a timm model name, e.g. vit_base_patch16_224")
     transfer.add_argument("--out", help="run folder (default: <model>/transfer-<task>, or runs/transfer-<task>-<name>)")
     transfer.add_argument("--linear-probe", action="store_true", help="freeze the backbone; train the head alone")
+    evaluate = sub.add_parser("evaluate", help="score a 4M model's depth, normals and segmentation from RGB alone "
+                                               "against the pseudo labels of the held-out shards")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--data", help="dataset root (default: the profile's data_root)")
+    evaluate.add_argument("--model", help="a 4M folder (default: <data>/pretrain)")
+    evaluate.add_argument("--samples", type=int, default=200, help="validation samples to score (default: 200)")
     convert4m = sub.add_parser("convert-4m", help="convert a reference 4M checkpoint (apple/ml-4m) for FourM")
     convert4m.add_argument("--checkpoint", required=True,
                            help="a folder with config.json + model.safetensors, one .safetensors with the settings "
@@ -409,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
             "inspect-masking": cmd_inspect_masking, "pretrain": cmd_pretrain, "transfer": cmd_transfer,
+            "evaluate": cmd_evaluate,
             "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "demo": cmd_demo,
             "serve": cmd_serve,
             "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,

@@ -212,4 +212,19 @@ def pretrain_demo(root: Path, config: Config) -> int:
     print(f"4M loss {first.get('loss', float('nan')):.3g} at step {first.get('step')} -> "
           f"{final.get('loss', float('nan')):.3g} at step {final.get('step')}; validation: {validation}")
     print(f"model: {run_dir(root)}/ (FourM.from_pretrained)\npredictions from RGB alone: {summary['predictions']}")
+    return evaluate_demo(root, config)
+
+
+def evaluate_demo(root: Path, config: Config) -> int:
+    """The demo model scored out of the box against the pseudo labels of the held-out shard."""
+    from stages.evaluate import run_evaluate
+    from stages.pretrain import run_dir
+
+    results = run_evaluate(root, config, run_dir(root), samples=8, batch_size=8)
+    print(f"\nout of the box, from RGB alone, on {results['samples']} held-out samples "
+          f"(a tiny model after a minute: expect the baselines' level):")
+    for name, scores in results["scores"].items():
+        print(f"  {name}: " + ", ".join(f"{k} {v:.3g} (baseline {scores[k + '_baseline']:.3g})"
+                                       for k, v in scores.items() if not k.endswith("_baseline")))
+    print(f"picture: {results['picture']}")
     return 0

@@ -44,6 +44,10 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     assert pretrained["final"]["step"] == 60 and pretrained["final"]["loss"] < pretrained["first"]["loss"]
     assert {f"val_loss.tok_{m}@224" for m in ("rgb", "depth", "normal", "semseg", "clip")} <= set(pretrained["final"])
     assert (tmp_path / "demo/pretrain/predictions.png").is_file() and "predictions from RGB alone" in result.stdout
+    # and scored out of the box against the held-out shard's pseudo labels
+    evaluation = json.loads((tmp_path / "demo/pretrain/evaluation/results.json").read_text())
+    assert set(evaluation["scores"]) == {"depth", "normal", "semseg"} and evaluation["samples"] >= 1
+    assert "out of the box, from RGB alone" in result.stdout and "mean_angle_deg" in result.stdout
     clip = json.loads((tmp_path / "demo/tokenizers/clip/train.json").read_text())["final"]
     assert clip["cosine"] > clip["cosine_baseline"]  # the random CLIP's maps do vary, unlike depth and normals
 
