@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain clean
+.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer clean
 
 install: $(STAMP)
 
@@ -67,6 +67,9 @@ BENCH_PRETRAIN_ARGS ?= $(if $(shell command -v nvidia-smi),--size B --batch 128 
 
 bench-pretrain: $(STAMP)
 	$(BIN)/python bench/bench_pretrain.py $(BENCH_PRETRAIN_ARGS)
+
+bench-transfer: $(STAMP)
+	$(BIN)/python bench/bench_transfer.py $(BENCH_TRANSFER_ARGS)
 
 bench-tokenize: $(STAMP)
 	$(BIN)/python bench/bench_tokenize.py --size paper --images 16 --crops 2

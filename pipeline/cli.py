@@ -199,8 +199,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from stages.status import (RANDOM_WARNING, format_table, pretrain_row, random_weight_stages, stage_rows,
-                               tokenizer_rows)
+    from stages.status import (RANDOM_WARNING, evaluation_rows, format_table, pretrain_row, random_weight_stages,
+                               stage_rows, tokenizer_rows)
 
     if not Path(args.data).is_dir():
         raise ConfigError(f"--data {args.data!r}: no such folder")
@@ -215,6 +215,9 @@ def cmd_status(args) -> int:
     pretrain = pretrain_row(args.data)
     if pretrain:
         print("\n" + format_table([pretrain]))
+    evaluations = evaluation_rows(args.data)
+    if evaluations:
+        print("\n" + format_table(evaluations))
     return 0
 
 

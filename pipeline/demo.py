@@ -227,4 +227,38 @@ def evaluate_demo(root: Path, config: Config) -> int:
         print(f"  {name}: " + ", ".join(f"{k} {v:.3g} (baseline {scores[k + '_baseline']:.3g})"
                                        for k, v in scores.items() if not k.endswith("_baseline")))
     print(f"picture: {results['picture']}")
+    return transfer_demo(root, config)
+
+
+DEMO_COLOURS = {"blue": (30, 60, 200), "green": (40, 180, 60), "grey": (128, 128, 128), "red": (210, 40, 40)}
+
+
+def colour_classes(folder: Path, size: int = 64) -> tuple[Path, Path]:
+    """ImageNet-style class folders a tiny model can separate: the demo photos tinted halfway to four colours,
+    five photos per class to train on, two to validate."""
+    import numpy as np
+    from PIL import Image
+
+    photos = [Image.open(p).convert("RGB").resize((size, size)) for p in demo_photo_paths().values()]
+    for split, chosen in (("train", photos[:5]), ("val", photos[5:7])):
+        for name, colour in DEMO_COLOURS.items():
+            (folder / split / name).mkdir(parents=True, exist_ok=True)
+            for i, photo in enumerate(chosen):
+                tinted = (np.asarray(photo) * 0.5 + np.array(colour) * 0.5).astype(np.uint8)
+                Image.fromarray(tinted).save(folder / split / name / f"{i}.png")
+    return folder / "train", folder / "val"
+
+
+def transfer_demo(root: Path, config: Config) -> int:
+    """The demo model's encoder fine-tuned on a tiny classification task (the transfer command's path)."""
+    from stages.pretrain import run_dir
+    from stages.transfer import run_transfer
+
+    train, val = colour_classes(root / "transfer" / "colours")
+    out = run_dir(root) / "transfer-classification"
+    shutil.rmtree(out, ignore_errors=True)  # a new model each demo run: a new fine-tune too
+    print(f"\nfine-tuning the demo model's encoder on {len(DEMO_COLOURS)} colour classes (Ray Train)")
+    results = run_transfer("classification", train, val, config, model=str(run_dir(root)), out=out)
+    print(f"classification transfer: top1 {results['metrics']['top1']:.3g}% on {len(DEMO_COLOURS) * 2} validation "
+          f"images (chance: {100 / len(DEMO_COLOURS):.0f}%) -> {out}/")
     return 0

@@ -7,8 +7,8 @@ and tiny random-weight models. `prefect deployment run pseudo-label/cc12m` then 
 """
 from __future__ import annotations
 
-from pipeline.flows import (cc12m_pipeline_flow, download_flow, pretrain_flow, pseudo_label_flow, tokenize_flow,
-                            train_tokenizers_flow)
+from pipeline.flows import (cc12m_pipeline_flow, download_flow, evaluate_flow, pretrain_flow, pseudo_label_flow,
+                            tokenize_flow, train_tokenizers_flow, transfer_flow)
 
 STAGE_FLOWS = {
     # flow -> (what it does, its parameters on CC12M, its parameters on the demo)
@@ -22,14 +22,27 @@ STAGE_FLOWS = {
                     {"data": "data/cc12m"}, {"data": "data/demo"}),
     pretrain_flow: ("Pretrain 4M on the token shards (Ray Train), resuming from its last checkpoint.",
                     {"data": "data/cc12m"}, {"data": "data/demo"}),
+    evaluate_flow: ("Score the pretrained 4M's depth, normals and segmentation from RGB alone against the held-out "
+                    "pseudo labels.", {"data": "data/cc12m"}, {"data": "data/demo", "samples": 8}),
     cc12m_pipeline_flow: ("URLs to a trained 4M: download, pseudo-label, train tokenizers, tokenize, pretrain; "
                           "resumes where it stopped.", {"input": "data/cc12m.tsv", "data": "data/cc12m"},
                           {"input": "demo", "data": "data/demo"}),
 }
 
 
+TRANSFERS = {  # transfer/<name>: the paper's fine-tunes of the CC12M model, on local copies of the datasets
+    "imagenet1k": {"task": "classification", "train": "data/imagenet/train", "val": "data/imagenet/val"},
+    "ade20k": {"task": "segmentation", "train": "data/ADEChallengeData2016", "val": "data/ADEChallengeData2016"},
+    "nyuv2": {"task": "depth", "train": "data/nyuv2/train", "val": "data/nyuv2/val"},
+}
+
+
 def deployments() -> list:
-    made = []
+    made = [transfer_flow.to_deployment(name=name, parameters={**params, "model": "data/cc12m/pretrain",
+                                                                "profile": "paper"},
+                                        description=f"Fine-tune and score the CC12M 4M on {name} "
+                                                    f"({params['task']}, the paper's settings).")
+            for name, params in TRANSFERS.items()]
     for flow, (description, cc12m, demo) in STAGE_FLOWS.items():
         made.append(flow.to_deployment(name="cc12m", parameters={**cc12m, "profile": "paper"},
                                        description=f"{description} CC12M with the paper's models and settings."))

@@ -138,6 +138,37 @@ def tokenize_flow(data: str | None = None, profile: str = "paper", modalities: l
             "status_counts": {m: dict(c) for m, c in summary.status_counts.items()}}
 
 
+@flow(name="transfer", log_prints=True)
+def transfer_flow(task: str = "classification", train: str = "data/imagenet/train", val: str = "data/imagenet/val",
+                  model: str | None = "data/cc12m/pretrain", backbone: str | None = None, out: str | None = None,
+                  profile: str = "paper", overrides: list[str] | None = None) -> dict:
+    """Fine-tune 4M's encoder (or a timm baseline) on classification, segmentation or depth and score it, with a
+    results table beside the paper's and the training curves."""
+    from pipeline.reporting import publish_transfer
+    from stages.transfer import run_transfer
+
+    config = load_config(profile, overrides)
+    results = run_transfer(task, train, val, config, model=model, backbone=backbone, out=out)
+    publish_transfer(results)
+    print(f"{task} transfer of {results['backbone']}: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                                                   results["metrics"].items()))
+    return results
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(data: str | None = None, model: str | None = None, samples: int = 200, profile: str = "paper",
+                  overrides: list[str] | None = None) -> dict:
+    """Score a 4M model's depth, normals and segmentation from RGB alone against the held-out pseudo labels."""
+    from pipeline.reporting import publish_evaluation
+    from stages.evaluate import run_evaluate
+    from stages.pretrain import run_dir
+
+    config = load_config(profile, overrides, {"data_root": data})
+    results = run_evaluate(config.data_root, config, model or run_dir(config.data_root), samples=samples)
+    publish_evaluation(results)
+    return results
+
+
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(data: str | None = None, profile: str = "paper", overrides: list[str] | None = None) -> dict:
     """Pretrain 4M on the token shards under `data` (resuming from its checkpoint), with loss and prediction

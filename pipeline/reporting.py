@@ -251,3 +251,44 @@ class PretrainReporter:
         markdown = "\n\n".join(parts)
         create_markdown_artifact(markdown, key="pretrain-pictures", description="loss curves and predictions from RGB")
         return markdown
+
+
+def png_markdown(path, alt: str) -> str:
+    import base64
+
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
+
+
+def publish_evaluation(results: dict) -> None:
+    """evaluate: a table of scores beside each sample's mean (or majority class), and the predictions picture."""
+    rows = [{"modality": name, "metric": metric, "value": round(value, 4),
+             "baseline (each sample's mean or majority)": round(scores[f"{metric}_baseline"], 4)}
+            for name, scores in results["scores"].items() for metric, value in scores.items()
+            if not metric.endswith("_baseline")]
+    rows += [{"modality": k.removeprefix("val_loss."), "metric": "masked validation loss", "value": round(v, 4),
+              "baseline (each sample's mean or majority)": None} for k, v in results["val_loss"].items()]
+    create_table_artifact(rows, key="evaluate-scores",
+                          description=f"4M from RGB alone on {results['samples']} held-out samples, against the "
+                                      f"pseudo labels")
+    create_markdown_artifact(f"# 4M out of the box\n\n{results['samples']} samples of {', '.join(results['val_shards'])}"
+                             f"\n\n{png_markdown(results['picture'], 'predictions')}", key="evaluate-pictures",
+                             description="RGB, the pseudo labels and the predictions from RGB alone")
+
+
+def publish_transfer(results: dict) -> None:
+    """transfer: our validation scores beside the paper's Table 1 for the same task, and the training curves."""
+    from pipeline.show import draw_transfer_curves
+
+    paper = results["paper"]
+    columns = [k for k in paper if k != "metric"]
+    rows = [{"metric": metric, "ours": round(value, 3),
+             **{f"paper {k}": (paper[k] if metric == paper["metric"] else None) for k in columns}}
+            for metric, value in results["metrics"].items()]
+    create_table_artifact(rows, key="transfer-results",
+                          description=f"{results['task']} transfer of {results['backbone']} after {results['steps']} "
+                                      f"steps; the paper's figures are on the full dataset")
+    folder = Path(results["folder"])
+    curves = draw_transfer_curves(folder / "metrics.jsonl", folder / "curves.png",
+                                  f"{results['task']}: {results['backbone']}")
+    create_markdown_artifact(f"# {results['task']} transfer\n\n{png_markdown(curves, 'curves')}",
+                             key="transfer-curves", description="training loss and validation scores")

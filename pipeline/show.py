@@ -248,10 +248,41 @@ def draw_loss_curves(metrics: str | Path, out: str | Path) -> Path:
     ax.set_ylabel("cross-entropy")
     ax.set_title("4M losses (lines: training, dots: validation)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, out, dpi=80)
+
+
+def draw_transfer_curves(metrics: str | Path, out: str | Path, title: str) -> Path:
+    """A fine-tune's training loss against steps, and its validation scores (right axis), from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([line["step"] for line in lines if "loss" in line], [line["loss"] for line in lines if "loss" in line],
+            color="C0", label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    scores = ax.twinx()
+    for i, name in enumerate(sorted({k for line in lines for k in line if k.startswith("val_")})):
+        points = [(line["step"], line[name]) for line in lines if name in line]
+        scores.plot(*zip(*points), marker="o", color=f"C{i + 1}", label=name.removeprefix("val_"))
+    scores.set_ylabel("validation")
+    handles = ax.get_legend_handles_labels()[0] + scores.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper center")
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, out, dpi=80)
+
+
+def save_figure(fig, out: str | Path, dpi: int) -> Path:
+    """Laid out, written aside and renamed into place (a reader never sees half a PNG), then closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(out)
     return out

@@ -119,3 +119,23 @@ def pretrain_row(root: str | Path) -> dict | None:
             "val_loss": ", ".join(f"{k.removeprefix('val_loss.')} {v:.3g}" for k, v in last.items()
                                   if k.startswith("val_loss.")) or None,
             "remaining": None if left is None else f"{left / 3600:.1f} h"}
+
+
+def evaluation_rows(root: str | Path) -> list[dict]:
+    """The finished transfers of the dataset's model (<root>/pretrain/transfer-*/results.json) and its
+    out-of-the-box evaluation, each with its scores."""
+    folder, rows = Path(root) / "pretrain", []
+    for path in sorted(folder.glob("transfer-*/results.json")):
+        results = json.loads(path.read_text())
+        paper = results["paper"]
+        rows.append({"evaluation": f"transfer {results['task']}", "backbone": results["backbone"],
+                     "scores": ", ".join(f"{k} {v:.4g}" for k, v in results["metrics"].items()),
+                     "reference": f"paper 4M-B {paper['metric']} {paper['4M-B']}", "folder": str(path.parent)})
+    path = folder / "evaluation" / "results.json"
+    if path.is_file():
+        results = json.loads(path.read_text())
+        scores = "; ".join(f"{name} " + ", ".join(f"{k} {v:.3g}" for k, v in s.items() if not k.endswith("_baseline"))
+                           for name, s in results["scores"].items())
+        rows.append({"evaluation": "out of the box (RGB alone)", "backbone": "4M", "scores": scores,
+                     "reference": "baselines in results.json", "folder": str(path.parent)})
+    return rows

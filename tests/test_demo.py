@@ -48,6 +48,9 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     evaluation = json.loads((tmp_path / "demo/pretrain/evaluation/results.json").read_text())
     assert set(evaluation["scores"]) == {"depth", "normal", "semseg"} and evaluation["samples"] >= 1
     assert "out of the box, from RGB alone" in result.stdout and "mean_angle_deg" in result.stdout
+    # and its encoder fine-tuned on colour classes through the transfer command's path
+    transfer = json.loads((tmp_path / "demo/pretrain/transfer-classification/results.json").read_text())
+    assert transfer["metrics"]["top1"] >= 50 and "classification transfer: top1" in result.stdout  # chance: 25
     clip = json.loads((tmp_path / "demo/tokenizers/clip/train.json").read_text())["final"]
     assert clip["cosine"] > clip["cosine_baseline"]  # the random CLIP's maps do vary, unlike depth and normals
 

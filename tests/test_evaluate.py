@@ -32,9 +32,10 @@ def test_depth_is_scored_up_to_scale_and_shift_and_normals_by_angle():
     assert normal_angles(side, up).item() == pytest.approx(90)
 
 
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    root = token_dataset(tmp_path_factory.mktemp("evaluate"))
+def evaluation_dataset(root):
+    """The pretraining test's token shards, with depth pseudo labels, a depth tokenizer and a model predicting depth;
+    returns (root, config)."""
+    root = token_dataset(root)
     layout = DatasetLayout(root)
     depth = (np.linspace(1000, 60000, 96)[None, :] * np.ones((64, 1))).astype(np.uint16)  # the photos are 96x64
     png = cv2.imencode(".png", depth)[1].tobytes()
@@ -52,6 +53,12 @@ def evaluated(tmp_path_factory):
     model.save_pretrained(root / "model")
     config = load_config("paper", ["pretrain.modalities=[rgb@224, tok_rgb@224, caption, det]", "pretrain.val_batches=1",
                                    "pretrain.input_tokens=32", "pretrain.target_tokens=32"])
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root, config = evaluation_dataset(tmp_path_factory.mktemp("evaluate"))
     return root, config, run_evaluate(root, config, root / "model", samples=3, batch_size=2, pictures=2)
 
 

@@ -63,8 +63,11 @@ def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
     from pipeline.deployments import deployments
 
     made = {f"{d.flow_name}/{d.name}": d.parameters for d in deployments()}
-    flows = {"download", "pseudo-label", "train-tokenizers", "tokenize", "pretrain", "cc12m-pipeline"}
-    assert set(made) == {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")}
+    flows = {"download", "pseudo-label", "train-tokenizers", "tokenize", "pretrain", "evaluate", "cc12m-pipeline"}
+    transfers = {"transfer/imagenet1k", "transfer/ade20k", "transfer/nyuv2"}
+    assert set(made) == {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")} | transfers
+    assert {made[t]["task"] for t in transfers} == {"classification", "segmentation", "depth"}
+    assert all(made[t]["profile"] == "paper" and made[t]["model"] == "data/cc12m/pretrain" for t in transfers)
     for flow in flows:
         assert made[f"{flow}/cc12m"]["profile"] == "paper" and made[f"{flow}/demo"]["profile"] == "demo"
         assert "data/cc12m" in made[f"{flow}/cc12m"].values() and "data/demo" in made[f"{flow}/demo"].values()
@@ -249,3 +252,32 @@ def test_pretrain_flow_publishes_progress_losses_and_pictures(prefect_api, ray_a
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and "loss.tok_rgb@224" in rows[0]
     assert "val_loss.caption" in rows[2]
     assert Artifact.get("pretrain-pictures").data.count("data:image/png;base64,") == 2  # losses, predictions
+
+
+def test_transfer_and_evaluate_flows_publish_scores_beside_their_references(prefect_api, ray_address, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from pipeline.flows import evaluate_flow, transfer_flow
+    from tests.test_transfer import SETTINGS, TASK, classification_folders, tiny_fourm
+
+    train, val = classification_folders(tmp_path / "colours")
+    settings = json.dumps({**TASK, "epochs": 2, "randaugment": None, "mixup": 0.0, "cutmix": 0.0})
+    results = transfer_flow(task="classification", train=str(train), val=str(val),
+                            model=str(tiny_fourm(tmp_path / "fourm")), profile="demo",
+                            overrides=[*SETTINGS, f"transfer.classification={settings}"])
+    rows = json.loads(Artifact.get("transfer-results").data)
+    top1 = next(r for r in rows if r["metric"] == "top1")
+    assert top1["ours"] == round(results["metrics"]["top1"], 3) and top1["paper 4M-B"] == 84.5
+    assert next(r for r in rows if r["metric"] == "top5")["paper 4M-B"] is None
+    assert Artifact.get("transfer-curves").data.count("data:image/png;base64,") == 1
+
+    from tests.test_evaluate import evaluation_dataset
+
+    root, _ = evaluation_dataset(tmp_path / "evaluate")
+    evaluate_flow(data=str(root), model=str(root / "model"), samples=2, profile="paper",
+                  overrides=["pretrain.modalities=[rgb@224, tok_rgb@224, caption, det]", "pretrain.val_batches=1",
+                             "pretrain.input_tokens=32", "pretrain.target_tokens=32"])
+    scores = json.loads(Artifact.get("evaluate-scores").data)
+    assert {(r["modality"], r["metric"]) for r in scores} >= {("depth", "delta1"), ("depth", "standardised_l1"),
+                                                               ("tok_rgb@224", "masked validation loss")}
+    assert Artifact.get("evaluate-pictures").data.count("data:image/png;base64,") == 1

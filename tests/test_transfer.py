@@ -270,3 +270,17 @@ def test_each_task_keeps_its_papers_settings_when_one_is_changed():
     assert paper.segmentation.base_lr * 64 / 256 == pytest.approx(2e-4)  # Table 8's learning rate at its batch
     assert (paper.depth.image_size, paper.depth.epochs, paper.depth.batch_size, paper.depth.weight_decay) == \
         (256, 10, 128, 1e-4)  # the one change, the rest Table 9's
+
+
+def test_status_lists_the_finished_transfers_of_the_datasets_model(classification, tmp_path, capsys):
+    import shutil
+
+    from pipeline.cli import main as cli
+
+    root, _, _, model, _, results = classification
+    data = tmp_path / "data"  # a dataset whose model was the one fine-tuned
+    shutil.copytree(model, data / "pretrain")
+    assert cli(["status", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "transfer classification" in out and f"top1 {results['metrics']['top1']:.4g}" in out
+    assert "paper 4M-B top1 84.5" in out
