@@ -43,6 +43,13 @@ def deployments() -> list:
                                         description=f"Fine-tune and score the CC12M 4M on {name} "
                                                     f"({params['task']}, the paper's settings).")
             for name, params in TRANSFERS.items()]
+    # the demo's: its model fine-tuned on the colour classes `make demo` writes from the bundled photos
+    made.append(transfer_flow.to_deployment(
+        name="demo", parameters={"task": "classification", "train": "data/demo/transfer/colours/train",
+                                 "val": "data/demo/transfer/colours/val", "model": "data/demo/pretrain",
+                                 "profile": "demo"},
+        description="Fine-tune the demo's tiny 4M on four colour classes made from the demo photos (after "
+                    "`make demo`)."))
     for flow, (description, cc12m, demo) in STAGE_FLOWS.items():
         made.append(flow.to_deployment(name="cc12m", parameters={**cc12m, "profile": "paper"},
                                        description=f"{description} CC12M with the paper's models and settings."))

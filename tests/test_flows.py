@@ -65,9 +65,10 @@ def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
     made = {f"{d.flow_name}/{d.name}": d.parameters for d in deployments()}
     flows = {"download", "pseudo-label", "train-tokenizers", "tokenize", "pretrain", "evaluate", "cc12m-pipeline"}
     transfers = {"transfer/imagenet1k", "transfer/ade20k", "transfer/nyuv2"}
-    assert set(made) == {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")} | transfers
+    assert set(made) == {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")} | transfers | {"transfer/demo"}
     assert {made[t]["task"] for t in transfers} == {"classification", "segmentation", "depth"}
     assert all(made[t]["profile"] == "paper" and made[t]["model"] == "data/cc12m/pretrain" for t in transfers)
+    assert made["transfer/demo"]["profile"] == "demo" and made["transfer/demo"]["model"] == "data/demo/pretrain"
     for flow in flows:
         assert made[f"{flow}/cc12m"]["profile"] == "paper" and made[f"{flow}/demo"]["profile"] == "demo"
         assert "data/cc12m" in made[f"{flow}/cc12m"].values() and "data/demo" in made[f"{flow}/demo"].values()
