@@ -259,6 +259,10 @@ def train_worker(args: dict) -> None:
 
 def default_out(task: str, model: str | None, backbone: str | None) -> Path:
     if backbone in (None, "fourm"):
+        if model is None:
+            from models.transfer import BackboneError
+
+            raise BackboneError("a 4M backbone needs --model DIR (a finished pretraining run or a convert-4m folder)")
         return Path(model) / f"transfer-{task}"
     return Path("runs") / f"transfer-{task}-{backbone.removeprefix('timm:').replace('/', '_')}"
 

@@ -242,6 +242,8 @@ def test_bad_input_fails_before_training_naming_the_file(tmp_path):
         make_transfer_plan("depth", nyu, nyu, model, None, config("depth"), 1)
     with pytest.raises(BackboneError, match="no 4M model"):
         make_transfer_plan("depth", nyu, nyu, str(tmp_path), None, config("depth"), 1)
+    with pytest.raises(BackboneError, match="needs --model DIR"):
+        run_transfer("depth", nyu, nyu, config("depth"))
 
 
 def test_the_command_runs_a_linear_probe_that_leaves_the_backbone_as_it_was(classification, tmp_path, capsys):
