@@ -142,9 +142,14 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.proj_bias)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, cache: dict | None = None):
+        """cache (decoding one token at a time): the keys and values of the earlier tokens, extended in place."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
         return self.proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, n, d))
 
 
@@ -156,10 +161,16 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.proj_bias)
 
-    def forward(self, x, context, mask):
-        (b, n, d), m = x.shape, context.shape[1]
+    def forward(self, x, context, mask, cache: dict | None = None):
+        """cache: the context's keys and values, computed once for all the tokens decoded against it."""
+        b, n, d = x.shape
         q = self.q(x).reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
-        k, v = self.kv(context).reshape(b, m, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None and "kv" in cache:
+            k, v = cache["kv"]
+        else:
+            k, v = self.kv(context).reshape(b, context.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            if cache is not None:
+                cache["kv"] = (k, v)
         return self.proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, n, d))
 
 
@@ -195,9 +206,14 @@ class DecoderBlock(nn.Module):
         self.query_norm, self.context_norm, self.cross_attn = _norm(cfg), _norm(cfg), CrossAttention(cfg)
         self.norm2, self.mlp = _norm(cfg), MLP(cfg)
 
-    def forward(self, y, context, self_mask, cross_mask):
-        y = y + self.self_attn(self.norm1(y), self_mask)
-        y = y + self.cross_attn(self.query_norm(y), self.context_norm(context), cross_mask)
+    def forward(self, y, context, self_mask, cross_mask, cache: dict | None = None):
+        y = y + self.self_attn(self.norm1(y), self_mask, None if cache is None else cache.setdefault("self", {}))
+        if cache is not None and "kv" in cache.setdefault("cross", {}):
+            context_normed = None  # the keys and values are cached: the context is not read again
+        else:
+            context_normed = self.context_norm(context)
+        y = y + self.cross_attn(self.query_norm(y), context_normed, cross_mask,
+                                None if cache is None else cache["cross"])
         return y + self.mlp(self.norm2(y))
 
 
@@ -337,21 +353,34 @@ class FourM(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    # -- the two halves: generation calls them directly ------------------------------------------------------
+    def encode(self, batch: dict, num_encoder_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, n, D) for the decoder's cross-attention, mask (B, 1, n), True = padding) from the
+        visible input tokens of `batch`, at most `num_encoder_tokens` per sample."""
+        x, x_emb, x_mask = self._encoder_tokens(batch, num_encoder_tokens)
+        mask = x_mask[:, None, :]
+        x = x + x_emb
+        for block in self.encoder:
+            x = self._run(block, x, mask)
+        return self.decoder_proj_context(self.encoder_norm(x)) + x_emb, mask
+
+    def decode(self, y, context, self_mask, cross_mask, caches: list[dict] | None = None) -> torch.Tensor:
+        """The decoder over queries `y` (content + position + modality), normalised. With `caches` (one dict per
+        block, empty at first) `y` holds only the new tokens and `self_mask` covers every token so far."""
+        for i, block in enumerate(self.decoder):
+            if caches is None:
+                y = self._run(block, y, context, self_mask, cross_mask)
+            else:
+                y = block(y, context, self_mask, cross_mask, caches[i])
+        return self.decoder_norm(y)
+
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, batch: dict, num_encoder_tokens: int, num_decoder_tokens: int, return_logits: bool = False):
         """The loss (mean over target modalities of each one's mean cross-entropy) and the per-modality losses;
         or, with return_logits, {modality: logits (K, vocab)} for its K target slots in (sample, slot) order."""
-        x, x_emb, x_mask = self._encoder_tokens(batch, num_encoder_tokens)
+        context, cross_mask = self.encode(batch, num_encoder_tokens)
         y, y_emb, _, target, self_mask, modality = self._decoder_tokens(batch, num_decoder_tokens)
-        cross_mask = x_mask[:, None, :]
-        x = x + x_emb
-        for block in self.encoder:
-            x = self._run(block, x, cross_mask)
-        context = self.decoder_proj_context(self.encoder_norm(x)) + x_emb
-        y = y + y_emb
-        for block in self.decoder:
-            y = self._run(block, y, context, self_mask, cross_mask)
-        y = self.decoder_norm(y)
+        y = self.decode(y + y_emb, context, self_mask, cross_mask)
         logits, losses = {}, {}
         for m in batch:
             if m not in self.decoder_embeddings:

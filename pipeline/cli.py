@@ -285,6 +285,48 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def generation_request(args) -> dict:
+    """The command line's one request (the JSONL format's keys)."""
+    conditions = {}
+    for item in args.condition or []:
+        modality, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--condition {item!r}: expected MODALITY=VALUE (caption=\"a red bus\", rgb=photo.jpg)")
+        conditions[modality] = value
+    inpaint = {}
+    for item in args.inpaint or []:
+        modality, sep, region = item.partition("=")
+        rows, _, cols = region.partition(",")
+        try:
+            inpaint[modality] = [int(v) for v in (*rows.split(":"), *cols.split(":"))]
+        except ValueError:
+            raise ValueError(f"--inpaint {item!r}: expected MODALITY=ROW0:ROW1,COL0:COL1 (token rows and columns)")
+    request = {"name": args.name, "conditions": conditions, "targets": args.targets, "schedule": args.schedule,
+               "scheme": args.scheme, "steps": args.steps, "cfg": args.cfg, "temperature": args.temperature,
+               "temperature_schedule": args.temperature_schedule, "top_k": args.top_k, "top_p": args.top_p,
+               "seed": args.seed, "samples": args.samples, "inpaint": inpaint}
+    return {k: v for k, v in request.items() if v not in (None, {}, [])}
+
+
+def cmd_generate(args) -> int:
+    from stages.generate import read_requests, run_generation
+    from stages.pretrain import run_dir
+
+    config = _config_from(args, {"data_root": args.data})
+    model = Path(args.model or run_dir(config.data_root))
+    tokenizers = args.tokenizers or str(Path(config.data_root) / "tokenizers")
+    requests = read_requests(args.requests) if args.requests else [generation_request(args)]
+    out = args.out or str(model / "generations")
+    results = run_generation(requests, model, tokenizers, out, batch_size=args.batch_size, device=args.device,
+                             progress=True)
+    for request in results["requests"]:
+        for i, sample in enumerate(request["samples"]):
+            texts = "; ".join(f"{k}: {v['text']!r}" for k, v in sample.items() if isinstance(v, dict) and "text" in v)
+            print(f"{request['name']} sample {i}: {sample['grid']}" + (f"  ({texts})" if texts else ""))
+    print(f"tokens (.npy), pictures (.png) and texts per sample under {out}/; index: {out}/results.json")
+    return 0
+
+
 def cmd_inspect_masking(args) -> int:
     from pipeline.show import draw_masked_sample
     from stages.fourm_data import inspect_masking, text_tokenizer_of
@@ -424,6 +466,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="dataset root (default: the profile's data_root)")
     evaluate.add_argument("--model", help="a 4M folder (default: <data>/pretrain)")
     evaluate.add_argument("--samples", type=int, default=200, help="validation samples to score (default: 200)")
+    generate = sub.add_parser("generate", help="generate any modalities from any others with a 4M model (MaskGIT, "
+                                               "ROAR, left-to-right; guidance; chained schedules)")
+    _add_config_args(generate)
+    generate.add_argument("--data", help="dataset root (default: the profile's data_root)")
+    generate.add_argument("--model", help="a 4M folder (default: <data>/pretrain)")
+    generate.add_argument("--tokenizers", help="the dataset's tokenizers folder (default: <data>/tokenizers)")
+    generate.add_argument("--condition", action="append", metavar="MODALITY=VALUE",
+                          help="a condition, repeatable: caption=\"a red bus\", rgb=photo.jpg, tok_rgb=photo.jpg, "
+                               "det=boxes.json, tok_clip=ids.npy (-1 = generate)")
+    generate.add_argument("--targets", help="modalities to generate, in order, e.g. tok_clip,tok_rgb,tok_depth,caption")
+    generate.add_argument("--schedule", help="a chained schedule (YAML; see the README) instead of --targets")
+    generate.add_argument("--requests", help="a JSONL file of requests instead of the flags above")
+    generate.add_argument("--scheme", choices=["maskgit", "roar"], help="image decoding (default: maskgit)")
+    generate.add_argument("--steps", type=int, help="decoding steps per image target (default: 8)")
+    generate.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 1, none)")
+    generate.add_argument("--temperature", type=float, help="sampling temperature (default: 1)")
+    generate.add_argument("--temperature-schedule", help="constant, linear or onex:<min>:<power>")
+    generate.add_argument("--top-k", type=float, help="keep the k most likely tokens (a fraction < 1: of the vocab)")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    generate.add_argument("--inpaint", action="append", metavar="MODALITY=ROW0:ROW1,COL0:COL1",
+                          help="regenerate this region of a given image modality's 14x14 tokens")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i: seed + i)")
+    generate.add_argument("--samples", type=int, default=1, help="samples per request")
+    generate.add_argument("--name", default="request", help="the request's folder name under --out")
+    generate.add_argument("--batch-size", type=int, default=16, help="samples decoded together")
+    generate.add_argument("--device", help="cuda or cpu (default: cuda where available)")
+    generate.add_argument("--out", help="output folder (default: <model>/generations)")
     convert4m = sub.add_parser("convert-4m", help="convert a reference 4M checkpoint (apple/ml-4m) for FourM")
     convert4m.add_argument("--checkpoint", required=True,
                            help="a folder with config.json + model.safetensors, one .safetensors with the settings "
@@ -435,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
             "inspect-masking": cmd_inspect_masking, "pretrain": cmd_pretrain, "transfer": cmd_transfer,
-            "evaluate": cmd_evaluate,
+            "evaluate": cmd_evaluate, "generate": cmd_generate,
             "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "demo": cmd_demo,
             "serve": cmd_serve,
             "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,

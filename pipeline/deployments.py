@@ -7,8 +7,8 @@ and tiny random-weight models. `prefect deployment run pseudo-label/cc12m` then 
 """
 from __future__ import annotations
 
-from pipeline.flows import (cc12m_pipeline_flow, download_flow, evaluate_flow, pretrain_flow, pseudo_label_flow,
-                            tokenize_flow, train_tokenizers_flow, transfer_flow)
+from pipeline.flows import (cc12m_pipeline_flow, download_flow, evaluate_flow, generate_flow, pretrain_flow,
+                            pseudo_label_flow, tokenize_flow, train_tokenizers_flow, transfer_flow)
 
 STAGE_FLOWS = {
     # flow -> (what it does, its parameters on CC12M, its parameters on the demo)
@@ -50,6 +50,13 @@ def deployments() -> list:
                                  "profile": "demo"},
         description="Fine-tune the demo's tiny 4M on four colour classes made from the demo photos (after "
                     "`make demo`)."))
+    for name, root in (("cc12m", "data/cc12m"), ("demo", "data/demo")):
+        made.append(generate_flow.to_deployment(
+            name=name, parameters={"requests": f"{root}/generate/requests.jsonl", "model": f"{root}/pretrain",
+                                   "tokenizers": f"{root}/tokenizers", "out": f"{root}/pretrain/generations"},
+            description=f"Generate from the requests in {root}/generate/requests.jsonl (one JSON object a line) with "
+                        f"the {name} 4M" + (" (`make demo` writes them: a caption and a photo)." if name == "demo"
+                                            else "; pictures of every sample as an artifact.")))
     for flow, (description, cc12m, demo) in STAGE_FLOWS.items():
         made.append(flow.to_deployment(name="cc12m", parameters={**cc12m, "profile": "paper"},
                                        description=f"{description} CC12M with the paper's models and settings."))

@@ -169,6 +169,22 @@ def evaluate_flow(data: str | None = None, model: str | None = None, samples: in
     return results
 
 
+@flow(name="generate", log_prints=True)
+def generate_flow(requests: str = "data/cc12m/generate/requests.jsonl", model: str = "data/cc12m/pretrain",
+                  tokenizers: str = "data/cc12m/tokenizers", out: str | None = None, batch_size: int = 16,
+                  device: str | None = None) -> dict:
+    """Generate from a JSONL file of requests (see the README) in batches; every sample's grid as a picture."""
+    from pipeline.reporting import publish_generation
+    from stages.generate import read_requests, run_generation
+
+    out = out or str(Path(model) / "generations")
+    results = run_generation(read_requests(requests), model, tokenizers, out, batch_size=batch_size, device=device)
+    publish_generation(results)
+    print(f"{sum(len(r['samples']) for r in results['requests'])} samples of {len(results['requests'])} requests "
+          f"-> {out}/")
+    return results
+
+
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(data: str | None = None, profile: str = "paper", overrides: list[str] | None = None) -> dict:
     """Pretrain 4M on the token shards under `data` (resuming from its checkpoint), with loss and prediction

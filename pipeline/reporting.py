@@ -292,3 +292,19 @@ def publish_transfer(results: dict) -> None:
                                   f"{results['task']}: {results['backbone']}")
     create_markdown_artifact(f"# {results['task']} transfer\n\n{png_markdown(curves, 'curves')}",
                              key="transfer-curves", description="training loss and validation scores")
+
+
+def publish_generation(results: dict, pictures: int = 12) -> None:
+    """generate: a table of every sample's texts and files, and the first samples' grids."""
+    rows, grids = [], []
+    for request in results["requests"]:
+        for i, sample in enumerate(request["samples"]):
+            rows.append({"request": request["name"], "sample": i, "seed": request["seed"] + i,
+                         **{f"{k} text": v["text"] for k, v in sample.items() if isinstance(v, dict) and "text" in v},
+                         "grid": sample["grid"]})
+            grids.append((f"{request['name']} sample {i}", sample["grid"]))
+    create_table_artifact(rows, key="generate-samples", description=f"{len(rows)} samples under {results['out']}")
+    shown = "\n\n".join(f"**{title}**\n\n{png_markdown(path, title)}" for title, path in grids[:pictures])
+    more = f"\n\n{len(grids) - pictures} more under {results['out']}" if len(grids) > pictures else ""
+    create_markdown_artifact(f"# Generated samples\n\n{shown}{more}", key="generate-pictures",
+                             description="the conditions, then every generated modality, per sample")

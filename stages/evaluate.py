@@ -66,13 +66,14 @@ def baseline_of(modality: str, label: torch.Tensor) -> torch.Tensor:
     return label.mean((-2, -1), keepdim=True).expand_as(label)
 
 
-def decode(tokenizer, ids: torch.Tensor, first: int) -> torch.Tensor:
-    """Token ids -> maps. A diffusion decoder starts each sample from its own seeded noise (seed: the sample's
-    index in the evaluation), so a score does not depend on how samples were batched."""
+def decode(tokenizer, ids: torch.Tensor, first: int = 0, seeds: list[int] | None = None) -> torch.Tensor:
+    """Token ids -> maps. A diffusion decoder starts each sample from its own seeded noise (seed: `seeds`, or the
+    sample's index in the evaluation from `first` on), so a result does not depend on how samples were batched."""
     if tokenizer.cfg.decoder != "diffusion":
         return tokenizer.detokenize(ids).float()
     shape = (tokenizer.cfg.in_channels, tokenizer.cfg.image_size, tokenizer.cfg.image_size)
-    start = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(first + i)) for i in range(len(ids))])
+    seeds = list(range(first, first + len(ids))) if seeds is None else seeds
+    start = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     return tokenizer.detokenize(ids, start=start.to(ids.device)).float()
 
 

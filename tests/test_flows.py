@@ -65,7 +65,12 @@ def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
     made = {f"{d.flow_name}/{d.name}": d.parameters for d in deployments()}
     flows = {"download", "pseudo-label", "train-tokenizers", "tokenize", "pretrain", "evaluate", "cc12m-pipeline"}
     transfers = {"transfer/imagenet1k", "transfer/ade20k", "transfer/nyuv2"}
-    assert set(made) == {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")} | transfers | {"transfer/demo"}
+    generate = {"generate/cc12m", "generate/demo"}
+    assert set(made) == {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")} | transfers | {"transfer/demo"} | generate
+    for name in ("cc12m", "demo"):
+        assert made[f"generate/{name}"] == {"requests": f"data/{name}/generate/requests.jsonl",
+                                            "model": f"data/{name}/pretrain", "tokenizers": f"data/{name}/tokenizers",
+                                            "out": f"data/{name}/pretrain/generations"}
     assert {made[t]["task"] for t in transfers} == {"classification", "segmentation", "depth"}
     assert all(made[t]["profile"] == "paper" and made[t]["model"] == "data/cc12m/pretrain" for t in transfers)
     assert made["transfer/demo"]["profile"] == "demo" and made["transfer/demo"]["model"] == "data/demo/pretrain"

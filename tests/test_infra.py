@@ -123,4 +123,4 @@ def test_prefect_yaml_deploys_every_flow_with_parameters_it_takes():
         names.add(f"{flow.name}/{deployment['name']}")
     assert names == {"download/cc12m-cluster", "pseudo-label/cc12m-cluster", "train-tokenizers/cc12m-cluster",
                      "tokenize/cc12m-cluster", "pretrain/cc12m-cluster", "evaluate/cc12m-cluster",
-                     "transfer/imagenet1k-cluster", "cc12m-pipeline/cc12m-cluster"}
+                     "transfer/imagenet1k-cluster", "generate/cc12m-cluster", "cc12m-pipeline/cc12m-cluster"}

@@ -1,0 +1,256 @@
+"""Any-to-any generation: schedules and model outputs against the reference's own sampler, the decoding schemes'
+bookkeeping, guidance, the key-value cache, an overfitted model regenerating its sample, and the command."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from models.fourm import FourM, FourMConfig, convert_reference
+from models.generate import (Sampler, Schedule, Step, cosine_tokens, filter_logits, image_entry, linear_tokens,
+                             merge_spans, pixels_entry, sequence_entry, sequence_rows, temperatures)
+from models.text_tokenizer import EOS_ID, train_text_tokenizer
+from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
+from stages.masking import Component, MaskingSampler
+
+REFERENCE = Path(__file__).parent / "fixtures" / "reference"
+SENTINELS = list(range(4, 204))  # [S_0].. in this project's (and the reference's) vocabulary layout
+CAPTIONS = ["a red bus on a street", "a photo of a cat", "a dog on the grass", "two people at the beach"]
+VOCAB = {"tok_rgb@224": 64, "tok_depth@224": 32, "tok_normal@224": 32, "tok_semseg@224": 32, "tok_clip@224": 32}
+
+
+# -- the reference as the oracle ------------------------------------------------------------------------------------
+def reference_outputs():
+    with safe_open(str(REFERENCE / "generation_outputs.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    return load_file(REFERENCE / "generation_outputs.safetensors"), metadata
+
+
+def test_token_and_temperature_schedules_match_the_reference():
+    _, metadata = reference_outputs()
+    for case, expected in json.loads(metadata["schedules"]).items():
+        steps, total = (int(v) for v in case.split(":"))
+        ours = cosine_tokens(steps, total)
+        if min(expected["cosine"]) >= 0:
+            assert ours == expected["cosine"], case
+        else:  # the reference's last step goes negative where rounding overshoots; ours rounds cumulatively
+            assert min(ours) >= 0 and sum(ours) == total and len(ours) == steps, (case, ours)
+        assert linear_tokens(steps, total) == expected["linear"], case
+        np.testing.assert_allclose(temperatures("linear", 2.0, expected["cosine"]), expected["temperature.linear"],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(temperatures("onex:0.5:0.5", 6.0, expected["linear"]),
+                                   expected["temperature.onex:0.5:0.5"], rtol=1e-6)
+
+
+def reference_model_and_state():
+    cfg, state = convert_reference(REFERENCE / "fourm_tiny.safetensors")
+    model = FourM(cfg).eval()
+    model.load_state_dict(state)
+    tensors, metadata = reference_outputs()
+    conditions = {}
+    for m in ("rgb@224", "tok_rgb@224", "caption"):
+        conditions[m] = {"tensor": tensors[f"conditions.{m}.tensor"],
+                         "input_mask": tensors[f"conditions.{m}.input_mask"].bool()}
+    return model, conditions, tensors, metadata
+
+
+def test_maskgit_logits_and_the_unconditional_pass_match_the_reference():
+    model, conditions, expected, _ = reference_model_and_state()
+    sampler = Sampler(model, SENTINELS)
+    b, n = 2, model.cfg.grid ** 2
+    state = {**conditions, "tok_depth@224": image_entry(torch.zeros(b, n, dtype=torch.long),
+                                                        torch.zeros(b, n, dtype=torch.bool))}
+    positions = torch.arange(n).expand(b, -1)
+    passes = sampler._passes(state, "tok_depth@224", ["caption"], {"*": 3.0})
+    cond = sampler.image_logits([passes[1]], "tok_depth@224", positions, None)
+    uncond = sampler.image_logits([passes[0]], "tok_depth@224", positions, None)
+    torch.testing.assert_close(cond, expected["maskgit.cond"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(uncond, expected["maskgit.uncond"], atol=1e-4, rtol=1e-4)
+    # one stacked forward of both passes, guided: u + 3 (c - u)
+    guided = sampler.image_logits(passes, "tok_depth@224", positions, {"*": 3.0})
+    reference = expected["maskgit.uncond"] + 3.0 * (expected["maskgit.cond"] - expected["maskgit.uncond"])
+    torch.testing.assert_close(guided, reference, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("name,cfg", [("plain", 1.0), ("guided", 2.0)])
+def test_greedy_caption_matches_the_reference(name, cfg, cache):
+    model, conditions, expected, metadata = reference_model_and_state()
+    state = {m: conditions[m] for m in ("rgb@224", "tok_rgb@224")}
+    step = Step("caption", "autoregressive", temperature=0.0, cfg=cfg, max_tokens=int(metadata["caption_slots"]) - 1)
+    Sampler(model, SENTINELS, cache=cache).generate(state, Schedule([step]), ["tok_rgb@224"], [0, 1])
+    reference = [row[mask == 0].tolist() for row, mask in zip(expected[f"caption.{name}.tensor"],
+                                                              expected[f"caption.{name}.input_mask"])]
+    assert sequence_rows(state["caption"]) == reference
+
+
+# -- the pieces -------------------------------------------------------------------------------------------------
+def test_merge_spans_puts_each_span_where_its_sentinel_stands():
+    assert merge_spans([5], [5, 400, 410, 3, 6], set(SENTINELS)) == [400, 410, 3]
+    assert merge_spans([300, 5, 310, 6, 3], [5, 400, 6, 410, 420, 7], set(SENTINELS)) == [300, 400, 310, 410, 420, 3]
+    assert merge_spans([300, 5, 3], [5, 7], set(SENTINELS)) == [300, 3]  # an empty span
+
+
+def test_top_k_and_top_p_keep_the_most_likely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_k=0.5)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+
+
+def test_bad_schedules_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown scheme 'beam'"):
+        Step("tok_rgb@224", "beam")
+    with pytest.raises(ValueError, match="unknown temperature schedule 'cubic'"):
+        Step("tok_rgb@224", temperature_schedule="cubic")
+    with pytest.raises(ValueError, match="unknown keys \\['stpes'\\]"):
+        Schedule.from_dict({"steps": [{"target": "tok_rgb@224", "stpes": 3}]})
+
+
+# -- a tiny model with every modality -------------------------------------------------------------------------------
+def tiny_model(seed: int = 0, text_vocab: int = 4400, **overrides) -> FourM:
+    torch.manual_seed(seed)
+    settings = dict(dim=64, encoder_depth=2, decoder_depth=2, num_heads=4,
+                    vocab_sizes={**VOCAB, "caption": text_vocab, "det": text_vocab})
+    return FourM(FourMConfig.sized("Ti", **{**settings, **overrides})).eval()
+
+
+def caption_state(b: int, ids=(300, 310, 320, EOS_ID)) -> dict:
+    return {"caption": sequence_entry([list(ids)] * b)}
+
+
+def test_each_step_keeps_the_planned_tokens_and_ends_with_none_unknown():
+    model = tiny_model()
+    schedule = Schedule([Step("tok_clip@224", "maskgit", 8), Step("tok_rgb@224", "roar", 5, temperature=0.7),
+                         Step("tok_depth@224", "maskgit", 6, token_schedule="linear", temperature=0.0)])
+    b = 3
+    known = torch.zeros(b, 196, dtype=torch.bool)
+    known[:, :50] = True  # in-painting: the first 50 tokens of depth given, 146 to generate
+    given = torch.randint(32, (b, 196))
+    state = {**caption_state(b), "tok_depth@224": image_entry(given, known)}
+    seen = []
+    Sampler(model, SENTINELS).generate(state, schedule, ["caption"], [0, 1, 2],
+                                       observer=lambda target, kept, s: seen.append((target, kept.clone())))
+    for step, total in zip(schedule.steps, (196, 196, 146)):
+        kept = [k for target, k in seen if target == step.target]
+        assert [k.shape[1] for k in kept] == [n for n, _ in step.plan(total)]
+        everything = torch.cat(kept, 1)
+        assert all(len(set(row.tolist())) == total for row in everything)  # each position decoded once
+        assert not state[step.target]["input_mask"].any()
+        assert int(state[step.target]["tensor"].max()) < VOCAB[step.target]
+    assert torch.equal(state["tok_depth@224"]["tensor"][:, :50], given[:, :50])  # the given tokens stay
+    assert not (torch.cat([k for t, k in seen if t == "tok_depth@224"], 1) < 50).any()
+    assert [n for n, _ in Step("x", steps=8).plan(196)] == [7, 21, 32, 38, 38, 32, 21, 7]
+
+
+def test_a_seed_decides_a_sample_whatever_its_batch():
+    model = tiny_model()
+    schedule = Schedule([Step("tok_rgb@224", "roar", 4), Step("det", "autoregressive", max_tokens=12),
+                         Step("tok_clip@224", "maskgit", 4, top_k=8, top_p=0.9, cfg=2.0)], grow_conditioning=True)
+
+    def run(seeds):
+        state = caption_state(len(seeds))
+        Sampler(model, SENTINELS).generate(state, schedule, ["caption"], seeds)
+        return state
+
+    both, again, alone = run([7, 8]), run([7, 8]), run([8])
+    for m in ("tok_rgb@224", "tok_clip@224"):
+        assert torch.equal(both[m]["tensor"], again[m]["tensor"])
+        assert torch.equal(both[m]["tensor"][1], alone[m]["tensor"][0])
+        assert not torch.equal(both[m]["tensor"][0], both[m]["tensor"][1])
+    assert sequence_rows(both["det"]) == sequence_rows(again["det"])
+    assert sequence_rows(both["det"])[1] == sequence_rows(alone["det"])[0]
+    assert all(0 <= t < 4400 for row in sequence_rows(both["det"]) for t in row)
+
+
+def test_guidance_weight_zero_is_unconditional_one_conditional_and_weights_add():
+    model = tiny_model()
+    sampler = Sampler(model, SENTINELS)
+    b = 2
+    photo = torch.randn(b, 3, 224, 224)
+    state = {**caption_state(b), "rgb@224": pixels_entry(photo, 14),
+             "tok_rgb@224": image_entry(torch.zeros(b, 196, dtype=torch.long), torch.zeros(b, 196, dtype=torch.bool))}
+    positions = torch.arange(196).expand(b, -1)
+    target, guided = "tok_rgb@224", ["caption", "rgb@224"]
+    alone = {"caption": caption_state(b, [SENTINELS[1]])["caption"],
+             "rgb@224": {"tensor": photo, "input_mask": torch.ones(b, 196, dtype=torch.bool)},
+             "tok_rgb@224": state["tok_rgb@224"]}
+    unconditional = sampler.image_logits([alone], target, positions, None)
+    conditional = sampler.image_logits([state], target, positions, None)
+    for weight, expected in ((0.0, unconditional), (1.0, conditional)):
+        passes = sampler._passes(state, target, guided, {"*": weight})
+        torch.testing.assert_close(sampler.image_logits(passes, target, positions, {"*": weight}), expected,
+                                   atol=1e-5, rtol=1e-5)
+    # multimodal guidance: each condition alone against the unconditional pass, a negative weight allowed
+    weights = {"caption": 2.0, "rgb@224": -0.5}
+    only_caption = sampler.image_logits([{**alone, "caption": state["caption"]}], target, positions, None)
+    only_rgb = sampler.image_logits([{**alone, "rgb@224": state["rgb@224"]}], target, positions, None)
+    expected = unconditional + 2.0 * (only_caption - unconditional) - 0.5 * (only_rgb - unconditional)
+    passes = sampler._passes(state, target, guided, weights)
+    torch.testing.assert_close(sampler.image_logits(passes, target, positions, weights), expected, atol=1e-4,
+                               rtol=1e-4)
+    assert not torch.allclose(only_caption, only_rgb)
+
+
+def test_the_key_value_cache_decodes_the_same_tokens_as_recomputing():
+    model = tiny_model(1, text_vocab=300)  # a small vocabulary: long sequences before a final sentinel
+    schedule = Schedule([Step("det", "autoregressive", temperature=1.0, top_p=0.95, cfg=2.0, max_tokens=120)])
+    outputs = []
+    for cache in (True, False):
+        state = {**caption_state(3, (210, 220, EOS_ID)),
+                 "det": sequence_entry([[SENTINELS[1]], [250, SENTINELS[1], 260, SENTINELS[2]], [SENTINELS[1]]])}
+        sampler = Sampler(model, SENTINELS, cache=cache)
+        generators = [torch.Generator().manual_seed(s) for s in (0, 1, 2)]
+        passes = sampler._passes(state, "det", ["caption"], {"*": 2.0})
+        raw = sampler.decode_sequence(passes, "det", {"*": 2.0}, schedule.steps[0], generators,
+                                      torch.tensor([SENTINELS[2], SENTINELS[3], SENTINELS[2]]))
+        sampler.generate(state, schedule, ["caption"], [0, 1, 2])
+        outputs.append((raw, sequence_rows(state["det"])))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and outputs[0][1] == outputs[1][1]
+    assert outputs[0][0].shape[1] > 30  # token for token over a long sequence
+    merged = outputs[0][1][1]
+    assert merged[0] == 250 and 260 in merged and SENTINELS[1] not in merged  # in-painting fills the gaps
+
+
+# -- an overfitted model regenerates its sample ---------------------------------------------------------------------
+def overfit(steps: int = 250):
+    """A tiny model trained on one sample (caption, RGB pixels, tok_rgb) under random masks until it knows it."""
+    from tests.helpers import photo_tensor
+
+    text = train_text_tokenizer(CAPTIONS, 4400)
+    model = tiny_model(2, domains_in=["rgb@224", "tok_rgb@224", "caption"], domains_out=["tok_rgb@224", "caption"])
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    sample = {"rgb@224": photo_tensor(224)[0], "tok_rgb@224": torch.randint(64, (196,), generator=g),
+              "caption": CAPTIONS[0]}
+    mixture = [Component({"caption": 1.0}, {"tok_rgb@224": 1.0}), Component({"rgb@224": 1.0}, {"caption": 1.0}),
+               Component({m: 0.5 for m in sample}, {"tok_rgb@224": 0.5, "caption": 0.5})]
+    masking = MaskingSampler(list(sample), mixture, 128, 128, text)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        batch = [masking(sample, rng) for _ in range(8)]
+        collated = {m: {k: torch.stack([s[m][k] for s in batch]) for k in batch[0][m]} for m in batch[0]}
+        loss, _ = model(collated, 128, 128)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), text, sample
+
+
+def test_an_overfitted_model_regenerates_its_sample_from_its_caption_and_its_caption_from_its_rgb():
+    model, text, sample = overfit()
+    sentinels = [text.token_to_id(f"[S_{i}]") for i in range(200)]
+    sampler = Sampler(model, sentinels)
+    ids = text.encode(sample["caption"]).ids + [EOS_ID]
+    state = {"caption": sequence_entry([ids] * 2)}
+    sampler.generate(state, Schedule([Step("tok_rgb@224", "maskgit", 8, temperature=0.5)]), ["caption"], [0, 1])
+    agreement = (state["tok_rgb@224"]["tensor"] == sample["tok_rgb@224"]).float().mean()
+    assert agreement > 0.9, agreement
+    state = {"rgb@224": pixels_entry(sample["rgb@224"][None].expand(2, -1, -1, -1), 14)}
+    sampler.generate(state, Schedule([Step("caption", "autoregressive", temperature=0.3)]), ["rgb@224"], [0, 1])
+    assert sequence_rows(state["caption"]) == [ids, ids]
