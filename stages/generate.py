@@ -215,10 +215,10 @@ def parse_request(raw: dict, resources: Resources) -> Request:
             raise GenerateInputError(f"{where}: {step.target} is both a full condition and a target (mark the gaps "
                                      f"to fill with [S_1], [S_2], ...)")
         available = set(conditions) | {s.target for s in schedule.steps[:schedule.steps.index(step)]}
-        strange = sorted(set(step.guidance) - available)
+        strange = sorted(set(step.guidance) - (available - {step.target}))
         if strange:
-            raise GenerateInputError(f"{where}: guidance for {step.target} names {strange}, which are neither "
-                                     f"conditions nor earlier targets")
+            raise GenerateInputError(f"{where}: guidance for {step.target} names {strange}, which are not "
+                                     f"conditions at that step (the conditions and earlier targets are)")
         if MODALITIES[step.target]["kind"] == "tokens":
             _require(resources.folder(step.target) / "model.safetensors", f"drawing {step.target}", where)
     try:

@@ -287,3 +287,42 @@ def test_transfer_and_evaluate_flows_publish_scores_beside_their_references(pref
     assert {(r["modality"], r["metric"]) for r in scores} >= {("depth", "delta1"), ("depth", "standardised_l1"),
                                                                ("tok_rgb@224", "masked validation loss")}
     assert Artifact.get("evaluate-pictures").data.count("data:image/png;base64,") == 1
+
+
+def test_generate_deployment_runs_when_served(prefect_api, ray_address, tmp_path):
+    """`prefect deployment run generate/demo`: a JSONL file of requests, every sample's files and a pictures
+    artifact."""
+    from prefect.artifacts import Artifact
+    from prefect.deployments import run_deployment
+
+    from pipeline.deployments import deployments
+    from tests.test_generate import generation_assets
+
+    assets = generation_assets(tmp_path)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"name": "from-caption", "conditions": {"caption": "a red bus on a street"},
+         "targets": ["tok_clip", "tok_rgb"], "steps": 3, "cfg": 2.0, "samples": 2},
+        {"name": "from-photo", "conditions": {"rgb": str(assets / "photo.jpg")}, "targets": ["caption", "tok_depth"],
+         "steps": 3}]) + "\n")
+    for deployment in deployments():
+        deployment.apply()
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address,
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run = run_deployment("generate/demo", timeout=300, poll_interval=1, parameters={
+            "requests": str(requests), "model": str(assets / "model"), "tokenizers": str(assets / "tokenizers"),
+            "out": str(tmp_path / "out")})
+        assert run.state.is_completed(), run.state
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+    grids = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").glob("*/*/grid.png"))
+    assert grids == ["from-caption/sample-0/grid.png", "from-caption/sample-1/grid.png",
+                     "from-photo/sample-0/grid.png"]
+    assert (tmp_path / "out/from-photo/sample-0/caption.txt").is_file()
+    assert Artifact.get("generate-pictures").data.count("data:image/png;base64,") == 3
+    rows = json.loads(Artifact.get("generate-samples").data)
+    assert [(r["request"], r["sample"]) for r in rows] == [("from-caption", 0), ("from-caption", 1), ("from-photo", 0)]

@@ -254,3 +254,96 @@ def test_an_overfitted_model_regenerates_its_sample_from_its_caption_and_its_cap
     state = {"rgb@224": pixels_entry(sample["rgb@224"][None].expand(2, -1, -1, -1), 14)}
     sampler.generate(state, Schedule([Step("caption", "autoregressive", temperature=0.3)]), ["rgb@224"], [0, 1])
     assert sequence_rows(state["caption"]) == [ids, ids]
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+def generation_assets(root: Path) -> Path:
+    """A tiny model (every modality but boxes as inputs), the dataset's tokenizers at tiny sizes, a photo."""
+    from tests.helpers import encode, photo
+
+    torch.manual_seed(0)
+    train_text_tokenizer(CAPTIONS, 4400, root / "tokenizers" / "text" / "tokenizer.json")
+    for modality, vocab in VOCAB.items():
+        name = modality.removeprefix("tok_").split("@")[0]
+        save_tokenizer(VQVAE(tokenizer_config(name, "tiny", codebook_size=vocab)), root / "tokenizers" / name)
+    inputs = ["rgb@224", *VOCAB, "caption"]
+    tiny_model(domains_in=inputs).save_pretrained(root / "model")
+    (root / "photo.jpg").write_bytes(encode(photo("astronaut")))
+    return root
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return generation_assets(tmp_path_factory.mktemp("generate"))
+
+
+def generate_command(assets, out, *args) -> int:
+    from pipeline.cli import main
+
+    return main(["generate", "--model", str(assets / "model"), "--tokenizers", str(assets / "tokenizers"),
+                 "--out", str(out), *args])
+
+
+def test_the_command_writes_each_samples_tokens_pictures_texts_and_grid(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate_command(assets, out, "--condition", "caption=a red bus on a street", "--condition",
+                            f"rgb={assets / 'photo.jpg'}", "--targets", "tok_clip,tok_rgb,tok_depth,det",
+                            "--steps", "4", "--cfg", "3", "--samples", "2", "--seed", "5", "--name", "bus") == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    [request] = results["requests"]
+    assert request["name"] == "bus" and request["seed"] == 5 and len(request["samples"]) == 2
+    for i, sample in enumerate(request["samples"]):
+        folder = out / "bus" / f"sample-{i}"
+        assert sample["grid"] == str(folder / "grid.png") and sample["grid"] in printed
+        for name, vocab in (("clip", 32), ("rgb", 64), ("depth", 32)):
+            ids = np.load(folder / f"{name}.npy")
+            assert ids.shape == (14, 14) and 0 <= ids.min() and ids.max() < vocab
+            assert (folder / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (folder / "det.txt").read_text().strip() == sample["det"]["text"]
+        assert (folder / "det.png").is_file() and (folder / "grid.png").stat().st_size > 5000
+    assert not np.array_equal(np.load(out / "bus/sample-0/rgb.npy"), np.load(out / "bus/sample-1/rgb.npy"))
+
+
+def test_a_schedule_file_chains_targets_and_inpainting_keeps_the_given_region(assets, tmp_path):
+    import yaml
+
+    from stages.generate import Resources, token_ids
+
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text(yaml.safe_dump({"grow_conditioning": True, "steps": [
+        {"target": "caption", "scheme": "autoregressive", "temperature": 0.7, "max_tokens": 20},
+        {"target": "tok_normal", "scheme": "roar", "steps": 3, "cfg": 2.0},
+        {"target": "tok_rgb", "scheme": "maskgit", "steps": 4, "guidance": {"caption": 1.5, "tok_normal": -0.5}}]}))
+    out = tmp_path / "out"
+    assert generate_command(assets, out, "--condition", f"tok_rgb={assets / 'photo.jpg'}", "--inpaint",
+                            "tok_rgb=0:7,0:14", "--schedule", str(schedule)) == 0
+    sample = json.loads((out / "results.json").read_text())["requests"][0]["samples"][0]
+    assert set(sample) >= {"caption", "normal", "rgb", "grid"} and (out / "request/sample-0/caption.txt").is_file()
+    given, _ = token_ids("tok_rgb@224", str(assets / "photo.jpg"), Resources(assets / "model", assets / "tokenizers"),
+                         "test")
+    generated = np.load(out / "request/sample-0/rgb.npy")
+    assert np.array_equal(generated[7:], given.numpy().reshape(14, 14)[7:])  # the bottom half stays the photo's
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--condition", "colour=red", "--targets", "tok_rgb"], "unknown modality 'colour'"),
+    (["--condition", "det=v0=1 v1=2 v2=30 v3=40 dog", "--targets", "tok_rgb"], "the model has no 'det@224'|no 'det'"),
+    (["--condition", "caption=a bus", "--targets", "tok_sketch"], "unknown modality 'tok_sketch'"),
+    (["--condition", "rgb=NOT_AN_IMAGE", "--targets", "tok_rgb"], "is not an image OpenCV can read"),
+    (["--condition", "caption=" + "word " * 300, "--targets", "tok_rgb"],
+     "is \\d+ tokens with \\[EOS\\]; the model reads at most 256"),
+    (["--condition", "caption=a bus", "--targets", "tok_rgb", "--schedule", "missing.yaml"], "no schedule file"),
+    (["--condition", "caption=a bus", "--targets", "caption"], "both a full condition and a target"),
+    (["--condition", "caption=a bus", "--targets", "tok_rgb", "--inpaint", "tok_rgb=0:7,0:14"],
+     "inpaint 'tok_rgb' needs the same image modality as a condition"),
+])
+def test_bad_requests_fail_before_any_work_naming_the_value(assets, tmp_path, capsys, args, message):
+    import re
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    args = [a.replace("NOT_AN_IMAGE", str(bad)) for a in args]
+    assert generate_command(assets, tmp_path / "out", *args) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
