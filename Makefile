@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer clean
+.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate clean
 
 install: $(STAMP)
 
@@ -70,6 +70,9 @@ bench-pretrain: $(STAMP)
 
 bench-transfer: $(STAMP)
 	$(BIN)/python bench/bench_transfer.py $(BENCH_TRANSFER_ARGS)
+
+bench-generate: $(STAMP)
+	$(BIN)/python bench/bench_generate.py $(BENCH_GENERATE_ARGS)
 
 bench-tokenize: $(STAMP)
 	$(BIN)/python bench/bench_tokenize.py --size paper --images 16 --crops 2

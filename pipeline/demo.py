@@ -261,4 +261,51 @@ def transfer_demo(root: Path, config: Config) -> int:
     results = run_transfer("classification", train, val, config, model=str(run_dir(root)), out=out)
     print(f"classification transfer: top1 {results['metrics']['top1']:.3g}% on {len(DEMO_COLOURS) * 2} validation "
           f"images (chance: {100 / len(DEMO_COLOURS):.0f}%) -> {out}/")
+    return generate_demo(root)
+
+
+def demo_requests(root: Path, outputs: list[str]) -> Path:
+    """The generate/demo deployment's requests: every modality the model predicts from one caption (chained,
+    guided) and from one photo; written to <root>/generate/requests.jsonl."""
+    import json
+
+    name, (_, _, caption) = next(iter(DEMO_PHOTOS.items()))
+    images = [m for m in ("tok_clip@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224", "tok_semseg@224")
+              if m in outputs]
+    texts = [m for m in ("caption", "det") if m in outputs]
+    requests = [
+        {"name": "from-caption", "conditions": {"caption": caption}, "targets": images + texts[1:], "scheme": "maskgit",
+         "steps": 8, "cfg": 3.0, "grow_conditioning": True, "samples": 2, "seed": 0},
+        {"name": "from-photo", "conditions": {"rgb": str(demo_photo_paths()[name])}, "targets": texts + images,
+         "steps": 8, "temperature": 0.7, "samples": 2, "seed": 0}]
+    path = root / "generate" / "requests.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    return path
+
+
+def generate_demo(root: Path) -> int:
+    """The demo model generating every modality from a caption and from a photo (the generate command's path)."""
+    import json
+
+    from models.fourm import FourMConfig
+    from stages.generate import read_requests, run_generation
+    from stages.pretrain import run_dir
+
+    model = run_dir(root)
+    outputs = FourMConfig(**json.loads((model / "config.json").read_text())).domains_out
+    requests = demo_requests(root, outputs)
+    out = model / "generations"
+    shutil.rmtree(out, ignore_errors=True)  # a new model each demo run: new samples too
+    print(f"\ngenerating every modality from a caption and from a photo ({requests})")
+    results = run_generation(read_requests(requests), model, root / "tokenizers", out, batch_size=4, device="cpu",
+                             progress=True)
+    for request in results["requests"]:
+        given = ", ".join(f"{k}={v!r}" for k, v in request["conditions"].items())
+        print(f"  {request['name']} ({given}):")
+        for sample in request["samples"]:
+            caption = sample.get("caption", {}).get("text")
+            print(f"    {sample['grid']}" + (f"  caption: {caption!r}" if caption is not None else ""))
+    print(f"(a tiny model after a minute of training: expect texture, not objects) -> {out}/; "
+          f"`prefect deployment run generate/demo` reruns the requests in {requests}")
     return 0

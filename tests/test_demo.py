@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -51,6 +52,15 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     # and its encoder fine-tuned on colour classes through the transfer command's path
     transfer = json.loads((tmp_path / "demo/pretrain/transfer-classification/results.json").read_text())
     assert transfer["metrics"]["top1"] >= 50 and "classification transfer: top1" in result.stdout  # chance: 25
+    # and generating every modality from one caption and from one photo, the pictures' paths printed
+    generated = json.loads((tmp_path / "demo/pretrain/generations/results.json").read_text())["requests"]
+    assert [r["name"] for r in generated] == ["from-caption", "from-photo"]
+    from_caption, from_photo = (r["samples"][0] for r in generated)
+    assert {"clip", "rgb", "depth", "normal", "semseg", "det"} <= set(from_caption)
+    assert {"caption", "det", "clip", "rgb", "depth", "normal", "semseg"} <= set(from_photo)
+    for sample in (from_caption, from_photo):
+        assert Path(sample["grid"]).is_file() and sample["grid"] in result.stdout
+    assert (tmp_path / "demo/generate/requests.jsonl").is_file()
     clip = json.loads((tmp_path / "demo/tokenizers/clip/train.json").read_text())["final"]
     assert clip["cosine"] > clip["cosine_baseline"]  # the random CLIP's maps do vary, unlike depth and normals
 

@@ -1,4 +1,5 @@
 """The Prefect side against a real (temporary) Prefect API server."""
+import contextlib
 import json
 import os
 import subprocess
@@ -29,6 +30,25 @@ def url_list(server, tmp_path, n=5):
 def allow(server) -> str:
     """The test server's host:port let through the private-address guard, by name."""
     return f"download.allowed_hosts=['127.0.0.1:{server.server_address[1]}']"
+
+
+
+@contextlib.contextmanager
+def serving(prefect_api: str, ray_address: str, **env):
+    """`python -m pipeline serve` against the test's Prefect API, the deployments registered up front."""
+    from pipeline.deployments import deployments
+
+    for deployment in deployments():  # registered up front; `serve` upserts the same ones and polls for runs
+        deployment.apply()
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address,
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
 
 
 def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_address, server, tmp_path):
@@ -84,22 +104,11 @@ def test_demo_deployment_runs_when_served(prefect_api, ray_address, server, tmp_
     """`python -m pipeline serve` picks up `prefect deployment run download/demo`, as the README says."""
     from prefect.deployments import run_deployment
 
-    from pipeline.deployments import deployments
-
-    for deployment in deployments():  # registered up front; `serve` upserts the same ones and polls for runs
-        deployment.apply()
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address,
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with serving(prefect_api, ray_address):
         run = run_deployment("download/demo", timeout=300, poll_interval=1, parameters={
             "input": str(url_list(server, tmp_path, n=3)), "output": str(tmp_path / "data"),
             "overrides": [allow(server)]})
         assert run.state.is_completed(), run.state
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
     committed = sorted(p.name for p in (tmp_path / "data/_status/download").glob("*.json"))
     assert committed == ["shard-000000.json"]
     assert len(list((tmp_path / "data/rgb").glob("shard-*.tar"))) == 1
@@ -111,24 +120,14 @@ def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tmp_
     from prefect.deployments import run_deployment
 
     from models.random_weights import save_random_models
-    from pipeline.deployments import deployments
     from tests.helpers import make_labelled_input
 
     make_labelled_input(tmp_path / "data")
     models = save_random_models(tmp_path / "models", "tiny")
-    for deployment in deployments():
-        deployment.apply()
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address, "HF_HUB_OFFLINE": "1",
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with serving(prefect_api, ray_address, HF_HUB_OFFLINE="1"):
         run = run_deployment("pseudo-label/demo", timeout=400, poll_interval=1, parameters={
             "data": str(tmp_path / "data"), "overrides": [f"label.models={models}"], "pictures": 2})
         assert run.state.is_completed(), run.state
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
     for name in ("depth", "normal", "semseg", "det", "clip"):
         assert sorted(p.name for p in (tmp_path / "data" / name).glob("shard-*.tar")) == [
             "shard-000000.tar", "shard-000001.tar"]
@@ -295,7 +294,6 @@ def test_generate_deployment_runs_when_served(prefect_api, ray_address, tmp_path
     from prefect.artifacts import Artifact
     from prefect.deployments import run_deployment
 
-    from pipeline.deployments import deployments
     from tests.test_generate import generation_assets
 
     assets = generation_assets(tmp_path)
@@ -305,20 +303,11 @@ def test_generate_deployment_runs_when_served(prefect_api, ray_address, tmp_path
          "targets": ["tok_clip", "tok_rgb"], "steps": 3, "cfg": 2.0, "samples": 2},
         {"name": "from-photo", "conditions": {"rgb": str(assets / "photo.jpg")}, "targets": ["caption", "tok_depth"],
          "steps": 3}]) + "\n")
-    for deployment in deployments():
-        deployment.apply()
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address,
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with serving(prefect_api, ray_address):
         run = run_deployment("generate/demo", timeout=300, poll_interval=1, parameters={
             "requests": str(requests), "model": str(assets / "model"), "tokenizers": str(assets / "tokenizers"),
             "out": str(tmp_path / "out")})
         assert run.state.is_completed(), run.state
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
     grids = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").glob("*/*/grid.png"))
     assert grids == ["from-caption/sample-0/grid.png", "from-caption/sample-1/grid.png",
                      "from-photo/sample-0/grid.png"]
