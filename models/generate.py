@@ -395,6 +395,9 @@ class Sampler:
         tokens = torch.full((b, 1), self.sentinels[1], dtype=torch.long, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         caches = [{} for _ in self.model.decoder] if self.cache else None
+        # every sample draws all its numbers up front: how many the batch's longest sequence would use must not
+        # change what a sample's generator gives the steps after this one
+        uniform = self._uniform(generators, int(step.max_tokens))
         for t in range(int(step.max_tokens)):
             if self.cache:  # only the newest token; the earlier ones' keys and values are cached
                 y = embedding.token_emb(tokens[:, -1:]) + embedding.pos_emb[0][t:t + 1] + embedding.mod_emb
@@ -406,7 +409,7 @@ class Sampler:
                 out = self.model.decode(y.repeat(p, 1, 1), context, self_mask, cross, caches)
                 logits = embedding.to_logits(out[:, -1]).float()
             logits = guide(logits.reshape(p, b, -1), list(weights.values()) if weights else None)
-            new, _ = draw(logits, step.temperature, step.top_k, step.top_p, self._uniform(generators, 1)[:, 0])
+            new, _ = draw(logits, step.temperature, step.top_k, step.top_p, uniform[:, t])
             new = new.masked_fill(done, self.pad_id)
             tokens = torch.cat([tokens, new[:, None]], 1)
             done |= new == final

@@ -300,9 +300,18 @@ def generation_request(args) -> dict:
         try:
             inpaint[modality] = [int(v) for v in (*rows.split(":"), *cols.split(":"))]
         except ValueError:
-            raise ValueError(f"--inpaint {item!r}: expected MODALITY=ROW0:ROW1,COL0:COL1 (token rows and columns)")
+            raise ValueError(f"--inpaint {item!r}: expected MODALITY=ROW0:ROW1,COL0:COL1 (token rows and "
+                             f"columns)") from None
+    guidance = {}
+    for item in args.guidance or []:
+        modality, sep, weight = item.partition("=")
+        try:
+            guidance[modality] = float(weight)
+        except ValueError:
+            raise ValueError(f"--guidance {item!r}: expected MODALITY=WEIGHT (caption=2, rgb=-0.5)") from None
     request = {"name": args.name, "conditions": conditions, "targets": args.targets, "schedule": args.schedule,
-               "scheme": args.scheme, "steps": args.steps, "cfg": args.cfg, "temperature": args.temperature,
+               "scheme": args.scheme, "steps": args.steps, "cfg": args.cfg, "guidance": guidance,
+               "temperature": args.temperature,
                "temperature_schedule": args.temperature_schedule, "top_k": args.top_k, "top_p": args.top_p,
                "seed": args.seed, "samples": args.samples, "inpaint": inpaint}
     return {k: v for k, v in request.items() if v not in (None, {}, [])}
@@ -481,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--scheme", choices=["maskgit", "roar"], help="image decoding (default: maskgit)")
     generate.add_argument("--steps", type=int, help="decoding steps per image target (default: 8)")
     generate.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 1, none)")
+    generate.add_argument("--guidance", action="append", metavar="MODALITY=WEIGHT",
+                          help="multimodal guidance, repeatable: each condition weighed on its own (negative: away)")
     generate.add_argument("--temperature", type=float, help="sampling temperature (default: 1)")
     generate.add_argument("--temperature-schedule", help="constant, linear or onex:<min>:<power>")
     generate.add_argument("--top-k", type=float, help="keep the k most likely tokens (a fraction < 1: of the vocab)")

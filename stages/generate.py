@@ -13,7 +13,9 @@ Consumes  a 4M model folder (a pretraining run or a convert-4m output), the data
           ids), tokenized by the dataset's tokenizer; a .npy of 196 ids for any tok_* (-1 = to generate).
 Produces  <out>/<request>/sample-<i>/: <modality>.npy (token ids) and <modality>.png (RGB, depth and normals through
           the diffusion decoders, segmentation in the palette, CLIP as principal components, boxes drawn),
-          caption.txt / det.txt, grid.png (conditions, then every generated modality); <out>/results.json.
+          caption.txt / det.txt, grid.png (conditions, then every generated modality), and sample.json last (what
+          was written, and what decided it); <out>/results.json. A rerun keeps every sample whose sample.json
+          matches its request, seed and model, and generates the rest.
 
 Every request is checked before any work (unknown modality, a condition the model has no embedding for, an
 unreadable image, a caption past the sequence budget), naming the value and the request. Requests with the same
@@ -97,7 +99,7 @@ def schedule_of(raw: dict, where: str) -> Schedule:
     for target in targets:
         sequence = MODALITIES.get(target, MODALITIES.get(f"{target}@224", {})).get("kind") == "sequence"
         settings = {k: raw[k] for k in ("steps", "temperature", "temperature_schedule", "token_schedule", "cfg",
-                                        "top_k", "top_p") if raw.get(k) is not None}
+                                        "guidance", "top_k", "top_p") if raw.get(k) is not None}
         try:
             steps.append(Step(target, "autoregressive" if sequence else raw.get("scheme", "maskgit"), **settings))
         except (TypeError, ValueError) as err:
@@ -169,6 +171,11 @@ class Resources:
         return any(MODALITIES[m]["kind"] == "sequence" for m in [*self.inputs, *self.outputs])
 
 
+REQUEST_KEYS = {"name", "conditions", "targets", "schedule", "scheme", "steps", "temperature", "temperature_schedule",
+                "token_schedule", "cfg", "guidance", "top_k", "top_p", "seed", "samples", "inpaint",
+                "grow_conditioning"}
+
+
 def _require(path: Path, what: str, where: str) -> None:
     if not path.is_file():
         raise GenerateInputError(f"{where}: {what} needs {path}, which does not exist (train the tokenizer first)")
@@ -180,11 +187,9 @@ def parse_request(raw: dict, resources: Resources) -> Request:
     where = f"request {name!r}"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise GenerateInputError(f"{where}: a name may hold letters, digits, '.', '_' and '-' only")
-    unknown = sorted(set(raw) - {"name", "conditions", "targets", "schedule", "scheme", "steps", "temperature",
-                                 "temperature_schedule", "token_schedule", "cfg", "top_k", "top_p", "seed", "samples",
-                                 "inpaint", "grow_conditioning"})
+    unknown = sorted(set(raw) - REQUEST_KEYS)
     if unknown:
-        raise GenerateInputError(f"{where}: unknown keys {unknown}")
+        raise GenerateInputError(f"{where}: unknown keys {unknown} (known: {', '.join(sorted(REQUEST_KEYS))})")
     conditions = {resolve(m, resources.inputs, f"{where}, condition {m!r}"): v
                   for m, v in (raw.get("conditions") or {}).items()}
     schedule = schedule_of(raw, where)
@@ -344,16 +349,26 @@ def initial_state(items: list[tuple[Request, int]], resources: Resources) -> dic
 
 
 # -- running and writing --------------------------------------------------------------------------------------------
-def batches(requests: list[Request], batch_size: int) -> list[list[tuple[Request, int]]]:
+def batches(items: list[tuple[Request, int]], batch_size: int) -> list[list[tuple[Request, int]]]:
+    """(request, sample) pairs grouped by what lets them share a forward, in chunks of batch_size."""
     groups: dict[str, list] = {}
-    for request in requests:
-        groups.setdefault(request.signature(), []).extend((request, i) for i in range(request.samples))
-    return [items[i:i + batch_size] for items in groups.values() for i in range(0, len(items), batch_size)]
+    for request, i in items:
+        groups.setdefault(request.signature(), []).append((request, i))
+    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def sample_identity(request: Request, i: int, model_dir) -> str:
+    """What decides a sample's files: the request's settings, its seed and the model's weights file."""
+    weights = Path(model_dir) / "model.safetensors"
+    stat = weights.stat()
+    return json.dumps([request.signature(), request.conditions, request.seed + i, str(weights.resolve()),
+                       stat.st_size, stat.st_mtime_ns])
 
 
 def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, batch_size: int = 16,
                    device: str | None = None, progress: bool = False) -> dict:
-    """Check every request, generate in batches, write each sample's files; returns the results."""
+    """Check every request, generate in batches, write each sample's files; returns the results. A sample whose
+    files a previous run finished with the same settings, seed and model is kept, not generated again."""
     from tqdm import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -364,24 +379,38 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
     if repeated:
         raise GenerateInputError(f"request names must be unique: {repeated} repeat")
     out = Path(out)
+    samples, pending = {}, []
+    for request in requests:
+        for i in range(request.samples):
+            marker = out / request.name / f"sample-{i}" / "sample.json"
+            record = json.loads(marker.read_text()) if marker.is_file() else {}
+            if record.get("identity") == sample_identity(request, i, model_dir):
+                samples[request.name, i] = record["files"]
+            else:
+                pending.append((request, i))
+    reused = len(samples)
     sampler = resources.sampler()
-    samples = {}
-    bar = tqdm(total=sum(r.samples for r in requests), desc="generate", unit="sample", disable=not progress)
-    for items in batches(requests, batch_size):
+    bar = tqdm(total=len(pending), desc="generate", unit="sample", disable=not progress)
+    for items in batches(pending, batch_size):
         state = initial_state(items, resources)
-        conditions = list(items[0][0].conditions)
         seeds = [r.seed + i for r, i in items]
-        sampler.generate(state, items[0][0].schedule, conditions, seeds)
+        schedule = items[0][0].schedule
+        sampler.generate(state, schedule, list(items[0][0].conditions), seeds)
+        pictures = {step.target: pictures_of(step.target, state[step.target]["tensor"], seeds, resources)
+                    for step in schedule.steps if MODALITIES[step.target]["kind"] == "tokens"}
         for row, (request, i) in enumerate(items):
-            folder = out / request.name / f"sample-{i}"
-            samples.setdefault(request.name, []).append(write_sample(folder, request, state, row, seeds[row],
-                                                                     resources))
+            files = write_sample(out / request.name / f"sample-{i}", request, state, row, seeds[row], resources,
+                                 {m: p[row] for m, p in pictures.items()})
+            _write_bytes(out / request.name / f"sample-{i}" / "sample.json",  # written last: the sample is done
+                         json.dumps({"identity": sample_identity(request, i, model_dir), "files": files}).encode())
+            samples[request.name, i] = files
         bar.update(len(items))
     bar.close()
     results = {"model": str(model_dir), "tokenizers": str(tokenizers_dir), "out": str(out),
+               "generated": len(pending), "reused": reused,
                "requests": [{"name": r.name, "conditions": r.conditions, "seed": r.seed,
-                             "schedule": r.schedule.to_dict(), "inpaint": r.inpaint, "samples": samples[r.name]}
-                            for r in requests]}
+                             "schedule": r.schedule.to_dict(), "inpaint": r.inpaint,
+                             "samples": [samples[r.name, i] for i in range(r.samples)]} for r in requests]}
     _write_bytes(out / "results.json", json.dumps(results, indent=1).encode())
     return results
 
@@ -401,14 +430,15 @@ def _png(picture: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def picture_of(modality: str, ids: torch.Tensor, seed: int, resources: Resources) -> np.ndarray:
-    """Generated image tokens -> a picture (H, W, 3) in [0, 1], through the dataset's tokenizer."""
+def pictures_of(modality: str, ids: torch.Tensor, seeds: list[int], resources: Resources) -> list[np.ndarray]:
+    """A batch's generated image tokens (B, 196) -> pictures (H, W, 3) in [0, 1], through the dataset's tokenizer
+    in one pass (a diffusion decoder starts each sample from noise seeded by the sample's seed)."""
     from stages.evaluate import decode
     from stages.train_tokenizer import to_picture
 
     name = modality.removeprefix("tok_").split("@")[0]
-    decoded = decode(resources.tokenizer(modality), ids[None].to(resources.device), seeds=[seed])[0].cpu()
-    return to_picture(name, decoded)
+    decoded = decode(resources.tokenizer(modality), ids.to(resources.device), seeds=seeds).cpu()
+    return [to_picture(name, x) for x in decoded]
 
 
 def draw_boxes(picture: np.ndarray | None, boxes: list[dict]) -> np.ndarray:
@@ -424,7 +454,8 @@ def draw_boxes(picture: np.ndarray | None, boxes: list[dict]) -> np.ndarray:
     return canvas
 
 
-def write_sample(folder: Path, request: Request, state: dict, row: int, seed: int, resources: Resources) -> dict:
+def write_sample(folder: Path, request: Request, state: dict, row: int, seed: int, resources: Resources,
+                 pictures: dict) -> dict:
     """One sample's generated tokens, pictures and texts, and its grid; returns what was written."""
     from models.text_tokenizer import BoxTextError, decode_text, text_to_boxes
 
@@ -434,7 +465,7 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
             panels.append((f"{modality} (given)", _denormalise(state[modality]["tensor"][row])))
         elif MODALITIES[modality]["kind"] == "sequence" and modality not in [s.target for s in request.schedule.steps]:
             texts[f"{modality} (given)"] = str(value)
-    pictures = {}
+    boxes = None
     for step in request.schedule.steps:
         m = step.target
         name = m.removeprefix("tok_").split("@")[0]
@@ -452,23 +483,23 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
                 except BoxTextError:
                     boxes = []
                 written[name]["boxes"] = boxes
-                pictures["det"] = boxes
             continue
         ids = entry["tensor"][row].cpu()
         _write_bytes(folder / f"{name}.npy", _npy(ids.numpy().reshape(resources.model.cfg.grid, -1)))
-        picture = picture_of(m, ids, seed, resources)
+        picture = pictures[m]
         _write_bytes(folder / f"{name}.png", _png(picture))
         written[name] = {"tokens": str(folder / f"{name}.npy"), "picture": str(folder / f"{name}.png")}
         panels.append((name, picture))
-    if "det" in pictures:
+    if boxes is not None:
         base = next((p for n, p in panels if n == "rgb"), None)
         if base is None:
             base = next((p for n, p in panels if n.startswith("rgb@")), None)
-        boxes_picture = draw_boxes(base, pictures["det"])
+        boxes_picture = draw_boxes(base, boxes)
         _write_bytes(folder / "det.png", _png(boxes_picture))
         written["det"]["picture"] = str(folder / "det.png")
-        panels.append(("det", boxes_picture))
-    written["grid"] = str(draw_grid(folder / "grid.png", panels, texts, f"{request.name} sample {row} (seed {seed})"))
+        panels.append(("det" if boxes else "det (no boxes)", boxes_picture))
+    title = f"{request.name} sample {seed - request.seed} (seed {seed})"
+    written["grid"] = str(draw_grid(folder / "grid.png", panels, texts, title))
     return written
 
 

@@ -119,7 +119,7 @@ def tiny_model(seed: int = 0, text_vocab: int = 4400, **overrides) -> FourM:
     return FourM(FourMConfig.sized("Ti", **{**settings, **overrides})).eval()
 
 
-def caption_state(b: int, ids=(300, 310, 320, EOS_ID)) -> dict:
+def caption_state(b: int, ids=(205, 207, 209, EOS_ID)) -> dict:
     return {"caption": sequence_entry([list(ids)] * b)}
 
 
@@ -148,8 +148,8 @@ def test_each_step_keeps_the_planned_tokens_and_ends_with_none_unknown():
 
 
 def test_a_seed_decides_a_sample_whatever_its_batch():
-    model = tiny_model()
-    schedule = Schedule([Step("tok_rgb@224", "roar", 4), Step("det", "autoregressive", max_tokens=12),
+    model = tiny_model(text_vocab=210)  # sentinels everywhere: the samples' box sequences end at different lengths
+    schedule = Schedule([Step("tok_rgb@224", "roar", 4), Step("det", "autoregressive"),
                          Step("tok_clip@224", "maskgit", 4, top_k=8, top_p=0.9, cfg=2.0)], grow_conditioning=True)
 
     def run(seeds):
@@ -164,7 +164,7 @@ def test_a_seed_decides_a_sample_whatever_its_batch():
         assert not torch.equal(both[m]["tensor"][0], both[m]["tensor"][1])
     assert sequence_rows(both["det"]) == sequence_rows(again["det"])
     assert sequence_rows(both["det"])[1] == sequence_rows(alone["det"])[0]
-    assert all(0 <= t < 4400 for row in sequence_rows(both["det"]) for t in row)
+    assert all(0 <= t < 210 for row in sequence_rows(both["det"]) for t in row)
 
 
 def test_guidance_weight_zero_is_unconditional_one_conditional_and_weights_add():
@@ -288,7 +288,8 @@ def test_the_command_writes_each_samples_tokens_pictures_texts_and_grid(assets, 
     out = tmp_path / "out"
     assert generate_command(assets, out, "--condition", "caption=a red bus on a street", "--condition",
                             f"rgb={assets / 'photo.jpg'}", "--targets", "tok_clip,tok_rgb,tok_depth,det",
-                            "--steps", "4", "--cfg", "3", "--samples", "2", "--seed", "5", "--name", "bus") == 0
+                            "--steps", "4", "--guidance", "caption=3", "--guidance", "rgb=-0.5", "--samples", "2",
+                            "--seed", "5", "--name", "bus") == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     [request] = results["requests"]
@@ -303,6 +304,27 @@ def test_the_command_writes_each_samples_tokens_pictures_texts_and_grid(assets, 
         assert (folder / "det.txt").read_text().strip() == sample["det"]["text"]
         assert (folder / "det.png").is_file() and (folder / "grid.png").stat().st_size > 5000
     assert not np.array_equal(np.load(out / "bus/sample-0/rgb.npy"), np.load(out / "bus/sample-1/rgb.npy"))
+    assert results["generated"] == 2 and results["reused"] == 0
+    assert request["schedule"]["steps"][0]["guidance"] == {"caption": 3.0, "rgb@224": -0.5}
+
+
+def test_a_rerun_keeps_finished_samples_and_redoes_changed_ones(assets, tmp_path):
+    from stages.generate import run_generation
+
+    request = {"name": "cat", "conditions": {"caption": "a photo of a cat"}, "targets": ["tok_rgb", "det"],
+               "steps": 3, "samples": 2}
+
+    def run(**changes):
+        return run_generation([{**request, **changes}], assets / "model", assets / "tokenizers", tmp_path)
+
+    first = run()
+    (tmp_path / "cat/sample-1/sample.json").unlink()  # as if the run had stopped before its last sample
+    again = run()
+    assert (first["generated"], again["generated"], again["reused"]) == (2, 1, 1)
+    assert again["requests"] == first["requests"]  # the redone sample is the same: its seed decides it
+    changed = run(seed=7)
+    assert (changed["generated"], changed["reused"]) == (2, 0)
+    assert not np.array_equal(np.load(tmp_path / "cat/sample-0/rgb.npy"), np.load(tmp_path / "cat/sample-1/rgb.npy"))
 
 
 def test_a_schedule_file_chains_targets_and_inpainting_keeps_the_given_region(assets, tmp_path):
@@ -324,6 +346,19 @@ def test_a_schedule_file_chains_targets_and_inpainting_keeps_the_given_region(as
                          "test")
     generated = np.load(out / "request/sample-0/rgb.npy")
     assert np.array_equal(generated[7:], given.numpy().reshape(14, 14)[7:])  # the bottom half stays the photo's
+    assert not np.array_equal(generated[:7], given.numpy().reshape(14, 14)[:7])
+
+
+def test_the_shipped_text_to_image_schedule_reads(assets):
+    from stages.generate import Resources, parse_request
+
+    shipped = Path(__file__).parents[1] / "pipeline" / "schedules" / "caption-to-clip-to-rgb.yaml"
+    request = parse_request({"conditions": {"caption": "a bus"}, "schedule": str(shipped)},
+                            Resources(assets / "model", assets / "tokenizers"))
+    clip, rgb = request.schedule.steps
+    assert (clip.target, clip.scheme, len(clip.plan(196)), rgb.target, len(rgb.plan(196))) == (
+        "tok_clip@224", "roar", 49, "tok_rgb@224", 25)
+    assert request.schedule.grow_conditioning and clip.plan(196)[0][1] == pytest.approx(6.0, rel=0.05)
 
 
 @pytest.mark.parametrize("args,message", [
