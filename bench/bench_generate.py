@@ -53,8 +53,8 @@ def main() -> None:
     device = device_for(args.device)
     torch.manual_seed(0)
     model = FourM(FourMConfig.sized("B")).to(device).eval()
-    print(f"4M-B ({model.num_parameters() / 1e6:.0f}M parameters without embeddings), random weights, on "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"4M-B ({model.num_parameters() / 1e6:.0f}M parameters without embeddings), random weights, on {where}")
     results = []
     for batch in (int(b) for b in args.batches.split(",")):
         for steps in (int(s) for s in args.steps.split(",")):

@@ -168,7 +168,8 @@ class CrossAttention(nn.Module):
         if cache is not None and "kv" in cache:
             k, v = cache["kv"]
         else:
-            k, v = self.kv(context).reshape(b, context.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            m = context.shape[1]
+            k, v = self.kv(context).reshape(b, m, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
             if cache is not None:
                 cache["kv"] = (k, v)
         return self.proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, n, d))
@@ -207,13 +208,12 @@ class DecoderBlock(nn.Module):
         self.norm2, self.mlp = _norm(cfg), MLP(cfg)
 
     def forward(self, y, context, self_mask, cross_mask, cache: dict | None = None):
-        y = y + self.self_attn(self.norm1(y), self_mask, None if cache is None else cache.setdefault("self", {}))
-        if cache is not None and "kv" in cache.setdefault("cross", {}):
-            context_normed = None  # the keys and values are cached: the context is not read again
-        else:
-            context_normed = self.context_norm(context)
-        y = y + self.cross_attn(self.query_norm(y), context_normed, cross_mask,
-                                None if cache is None else cache["cross"])
+        self_cache = cross_cache = None
+        if cache is not None:  # decoding token by token: each attention keeps its own keys and values
+            self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
+        y = y + self.self_attn(self.norm1(y), self_mask, self_cache)
+        context = None if cross_cache and "kv" in cross_cache else self.context_norm(context)  # cached: not read
+        y = y + self.cross_attn(self.query_norm(y), context, cross_mask, cross_cache)
         return y + self.mlp(self.norm2(y))
 
 

@@ -349,7 +349,8 @@ class Sampler:
             entry = state[target]
             unknown = entry["input_mask"]
             if step.scheme == "maskgit":  # every unknown position, in raster order
-                positions = torch.sort((~unknown).to(torch.uint8), dim=1, stable=True).indices[:, :int(unknown[0].sum())]
+                order = torch.sort((~unknown).to(torch.uint8), dim=1, stable=True).indices
+                positions = order[:, :int(unknown[0].sum())]
             else:  # roar: `count` unknown positions at random
                 scores = self._uniform(generators, unknown.shape[1]).masked_fill(~unknown, 2.0)
                 positions = scores.argsort(1)[:, :count]

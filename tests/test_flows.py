@@ -86,7 +86,8 @@ def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
     flows = {"download", "pseudo-label", "train-tokenizers", "tokenize", "pretrain", "evaluate", "cc12m-pipeline"}
     transfers = {"transfer/imagenet1k", "transfer/ade20k", "transfer/nyuv2"}
     generate = {"generate/cc12m", "generate/demo"}
-    assert set(made) == {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")} | transfers | {"transfer/demo"} | generate
+    stages = {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")}
+    assert set(made) == stages | transfers | {"transfer/demo"} | generate
     for name in ("cc12m", "demo"):
         assert made[f"generate/{name}"] == {"requests": f"data/{name}/generate/requests.jsonl",
                                             "model": f"data/{name}/pretrain", "tokenizers": f"data/{name}/tokenizers",
