@@ -183,7 +183,8 @@ def draw_predictions(root: str | Path, model, batch: dict, out: str | Path, titl
     import torch
 
     from models.vqvae import load_tokenizer
-    from stages.fourm_data import IMAGENET_MEAN, IMAGENET_STD
+    from stages.fourm_data import pixels_picture
+    from stages.tokenizer_data import tokenizer_name
     from stages.train_tokenizer import to_picture
 
     targets = [m for m in batch if m.startswith("tok_") and (Path(root) / "tokenizers" / m.split("@")[0].removeprefix(
@@ -197,7 +198,7 @@ def draw_predictions(root: str | Path, model, batch: dict, out: str | Path, titl
         [(m, "predicted from rgb", predicted[m]) for m in targets]
     decoded = {}
     for m in targets:
-        name = m.split("@")[0].removeprefix("tok_")
+        name = tokenizer_name(m)
         tokenizer = load_tokenizer(Path(root) / "tokenizers" / name)
         generator = torch.Generator().manual_seed(0)
         decoded[(m, "tokens")] = tokenizer.detokenize(batch[m]["tensor"].long(), generator=generator)
@@ -208,9 +209,9 @@ def draw_predictions(root: str | Path, model, batch: dict, out: str | Path, titl
         for c, (m, kind, _) in enumerate(columns):
             ax = axes[r][c]
             if kind is None:
-                image = (pixels[r].permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN).clip(0, 1)
+                image = pixels_picture(pixels[r])
             else:
-                image = to_picture(m.split("@")[0].removeprefix("tok_"), decoded[(m, kind)][r].float())
+                image = to_picture(tokenizer_name(m), decoded[(m, kind)][r].float())
             ax.imshow(image, interpolation="nearest")
             ax.set_axis_off()
             if r == 0:

@@ -210,7 +210,7 @@ def draw(path: Path, root, model, tokenizers: dict, targets: dict, val_shards: l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stages.fourm_data import IMAGENET_MEAN, IMAGENET_STD
+    from stages.fourm_data import pixels_picture
     from stages.train_tokenizer import to_picture
 
     chunk = list(validation_samples(root, list(targets.values()), val_shards, rows))
@@ -218,10 +218,10 @@ def draw(path: Path, root, model, tokenizers: dict, targets: dict, val_shards: l
     predicted = model.predict_from_rgb(pixels, list(targets))
     decoded = {name: decode(tokenizers[m], predicted[m], 0) for m, name in targets.items()}
     names = list(targets.values())
-    fig, axes = plt.subplots(len(chunk), 1 + 2 * len(names), figsize=(1.9 * (1 + 2 * len(names)), 2.0 * len(chunk) + 0.8),
-                             squeeze=False)
+    columns = 1 + 2 * len(names)
+    fig, axes = plt.subplots(len(chunk), columns, figsize=(1.9 * columns, 2.0 * len(chunk) + 0.8), squeeze=False)
     for r, (key, pixel, labels) in enumerate(chunk):
-        axes[r][0].imshow((pixel.permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN).clip(0, 1))
+        axes[r][0].imshow(pixels_picture(pixel))
         for c, name in enumerate(names):
             for offset, (kind, image) in enumerate((("pseudo label", labels[name]), ("from rgb", decoded[name][r]))):
                 axes[r][1 + 2 * c + offset].imshow(to_picture(name, image.float()), interpolation="nearest")

@@ -99,6 +99,11 @@ def shard_samples(root: str | Path, shard: str, folders: list[str]) -> Iterator[
         yield {"__key__": members[0][0], "__shard__": shard, **{f: data for f, (_, data) in zip(folders, members)}}
 
 
+def pixels_picture(pixels: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised pixels (3, H, W) -> a picture (H, W, 3) in [0, 1] to draw."""
+    return (pixels.float().cpu().permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN).clip(0, 1)
+
+
 # -- decoding one sample at one crop ------------------------------------------------------------------------------
 def crop_pixels(jpeg: bytes, crop) -> torch.Tensor:
     """The crop of the stored image, resized to 224x224, flipped if asked, ImageNet-normalised (3, 224, 224)."""

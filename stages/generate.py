@@ -36,6 +36,8 @@ import torch
 from models.fourm import MODALITIES
 from models.generate import (Sampler, Schedule, Step, image_entry, pixels_entry, sequence_entry, sequence_rows)
 from stages.masking import SEQUENCE_TOKENS
+from stages.shards import _atomic_write_bytes, npy_bytes
+from stages.tokenizer_data import center_crop, tokenizer_name
 
 IMAGE_SIZE = 224
 
@@ -145,7 +147,7 @@ class Resources:
         return list(self.model.cfg.domains_out)
 
     def folder(self, modality: str) -> Path:
-        return self.tokenizers_dir / modality.removeprefix("tok_").split("@")[0]
+        return self.tokenizers_dir / tokenizer_name(modality)
 
     def tokenizer(self, modality: str):
         if modality not in self._tokenizers:
@@ -252,11 +254,6 @@ def read_image(path: str, where: str, flags=None) -> np.ndarray:
     return image
 
 
-def center_crop(height: int, width: int) -> tuple[int, int, int, int, int]:
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side, 0
-
-
 def photo_pixels(path: str, where: str) -> torch.Tensor:
     """An image file -> its centre square at 224, ImageNet-normalised (3, 224, 224), as the loader feeds rgb@224."""
     import cv2
@@ -299,7 +296,7 @@ def token_ids(modality: str, value: str, resources: Resources, where: str) -> tu
             raise GenerateInputError(f"{where}: {value!r} must hold {n} ids in [0, {vocab}) or -1 (to generate)")
         ids = torch.from_numpy(ids)
         return ids.clamp(min=0), ids >= 0
-    name = modality.removeprefix("tok_").split("@")[0]
+    name = tokenizer_name(modality)
     if name == "clip":
         raise GenerateInputError(f"{where}: a CLIP condition is given as a .npy of token ids, not {value!r}")
     _require(resources.folder(modality) / "model.safetensors", f"the {modality} condition", where)
@@ -335,8 +332,12 @@ def initial_state(items: list[tuple[Request, int]], resources: Resources) -> dic
     """The batch's state: each (request, sample) pair's conditions in the model's layout."""
     state, device = {}, resources.device
     for modality in items[0][0].conditions:
-        entries = [condition_entry(modality, r.conditions[modality], resources, f"request {r.name!r}",
-                                   r.inpaint.get(modality)) for r, _ in items]
+        read = {}  # a request's samples share its conditions: each file read (and tokenized) once
+        for r, _ in items:
+            if r.name not in read:
+                read[r.name] = condition_entry(modality, r.conditions[modality], resources, f"request {r.name!r}",
+                                               r.inpaint.get(modality))
+        entries = [read[r.name] for r, _ in items]
         kind = MODALITIES[modality]["kind"]
         if kind == "pixels":
             state[modality] = pixels_entry(torch.stack(entries).to(device), resources.model.cfg.grid)
@@ -357,12 +358,15 @@ def batches(items: list[tuple[Request, int]], batch_size: int) -> list[list[tupl
     return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
-def sample_identity(request: Request, i: int, model_dir) -> str:
-    """What decides a sample's files: the request's settings, its seed and the model's weights file."""
+def weights_identity(model_dir) -> list:
     weights = Path(model_dir) / "model.safetensors"
     stat = weights.stat()
-    return json.dumps([request.signature(), request.conditions, request.seed + i, str(weights.resolve()),
-                       stat.st_size, stat.st_mtime_ns])
+    return [str(weights.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def sample_identity(request: Request, i: int, weights: list) -> str:
+    """What decides a sample's files: the request's settings, its seed and the model's weights file."""
+    return json.dumps([request.signature(), request.conditions, request.seed + i, weights])
 
 
 def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, batch_size: int = 16,
@@ -378,13 +382,13 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise GenerateInputError(f"request names must be unique: {repeated} repeat")
-    out = Path(out)
+    out, weights = Path(out), weights_identity(model_dir)
     samples, pending = {}, []
     for request in requests:
         for i in range(request.samples):
             marker = out / request.name / f"sample-{i}" / "sample.json"
             record = json.loads(marker.read_text()) if marker.is_file() else {}
-            if record.get("identity") == sample_identity(request, i, model_dir):
+            if record.get("identity") == sample_identity(request, i, weights):
                 samples[request.name, i] = record["files"]
             else:
                 pending.append((request, i))
@@ -401,8 +405,9 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
         for row, (request, i) in enumerate(items):
             files = write_sample(out / request.name / f"sample-{i}", request, state, row, seeds[row], resources,
                                  {m: p[row] for m, p in pictures.items()})
-            _write_bytes(out / request.name / f"sample-{i}" / "sample.json",  # written last: the sample is done
-                         json.dumps({"identity": sample_identity(request, i, model_dir), "files": files}).encode())
+            record = {"identity": sample_identity(request, i, weights), "files": files}
+            # written last: a sample with its sample.json is done
+            _atomic_write_bytes(out / request.name / f"sample-{i}" / "sample.json", json.dumps(record).encode())
             samples[request.name, i] = files
         bar.update(len(items))
     bar.close()
@@ -411,15 +416,9 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
                "requests": [{"name": r.name, "conditions": r.conditions, "seed": r.seed,
                              "schedule": r.schedule.to_dict(), "inpaint": r.inpaint,
                              "samples": [samples[r.name, i] for i in range(r.samples)]} for r in requests]}
-    _write_bytes(out / "results.json", json.dumps(results, indent=1).encode())
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(out / "results.json", json.dumps(results, indent=1).encode())
     return results
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _png(picture: np.ndarray) -> bytes:
@@ -436,7 +435,7 @@ def pictures_of(modality: str, ids: torch.Tensor, seeds: list[int], resources: R
     from stages.evaluate import decode
     from stages.train_tokenizer import to_picture
 
-    name = modality.removeprefix("tok_").split("@")[0]
+    name = tokenizer_name(modality)
     decoded = decode(resources.tokenizer(modality), ids.to(resources.device), seeds=seeds).cpu()
     return [to_picture(name, x) for x in decoded]
 
@@ -458,23 +457,25 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
                  pictures: dict) -> dict:
     """One sample's generated tokens, pictures and texts, and its grid; returns what was written."""
     from models.text_tokenizer import BoxTextError, decode_text, text_to_boxes
+    from stages.fourm_data import pixels_picture
 
+    folder.mkdir(parents=True, exist_ok=True)
     written, panels, texts = {}, [], {}
     for modality, value in request.conditions.items():
         if MODALITIES[modality]["kind"] == "pixels":
-            panels.append((f"{modality} (given)", _denormalise(state[modality]["tensor"][row])))
+            panels.append((f"{modality} (given)", pixels_picture(state[modality]["tensor"][row])))
         elif MODALITIES[modality]["kind"] == "sequence" and modality not in [s.target for s in request.schedule.steps]:
             texts[f"{modality} (given)"] = str(value)
     boxes = None
     for step in request.schedule.steps:
         m = step.target
-        name = m.removeprefix("tok_").split("@")[0]
+        name = tokenizer_name(m)
         entry = state[m]
         if MODALITIES[m]["kind"] == "sequence":
             ids = sequence_rows({k: v[row:row + 1] for k, v in entry.items()})[0]
             text = decode_text(resources.text, ids)
-            _write_bytes(folder / f"{name}.txt", (text + "\n").encode())
-            _write_bytes(folder / f"{name}.npy", _npy(np.array(ids, np.int64)))
+            _atomic_write_bytes(folder / f"{name}.txt", (text + "\n").encode())
+            _atomic_write_bytes(folder / f"{name}.npy", npy_bytes(np.array(ids, np.int64)))
             written[name] = {"tokens": str(folder / f"{name}.npy"), "text": text}
             texts[name] = text
             if m == "det":
@@ -485,9 +486,9 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
                 written[name]["boxes"] = boxes
             continue
         ids = entry["tensor"][row].cpu()
-        _write_bytes(folder / f"{name}.npy", _npy(ids.numpy().reshape(resources.model.cfg.grid, -1)))
+        _atomic_write_bytes(folder / f"{name}.npy", npy_bytes(ids.numpy().reshape(resources.model.cfg.grid, -1)))
         picture = pictures[m]
-        _write_bytes(folder / f"{name}.png", _png(picture))
+        _atomic_write_bytes(folder / f"{name}.png", _png(picture))
         written[name] = {"tokens": str(folder / f"{name}.npy"), "picture": str(folder / f"{name}.png")}
         panels.append((name, picture))
     if boxes is not None:
@@ -495,24 +496,12 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
         if base is None:
             base = next((p for n, p in panels if n.startswith("rgb@")), None)
         boxes_picture = draw_boxes(base, boxes)
-        _write_bytes(folder / "det.png", _png(boxes_picture))
+        _atomic_write_bytes(folder / "det.png", _png(boxes_picture))
         written["det"]["picture"] = str(folder / "det.png")
         panels.append(("det" if boxes else "det (no boxes)", boxes_picture))
     title = f"{request.name} sample {seed - request.seed} (seed {seed})"
     written["grid"] = str(draw_grid(folder / "grid.png", panels, texts, title))
     return written
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def _denormalise(pixels: torch.Tensor) -> np.ndarray:
-    from stages.fourm_data import IMAGENET_MEAN, IMAGENET_STD
-
-    return (pixels.float().cpu().permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN).clip(0, 1)
 
 
 def draw_grid(path: Path, panels: list[tuple[str, np.ndarray]], texts: dict[str, str], title: str) -> Path:

@@ -25,6 +25,7 @@ import torch
 
 from pipeline.config import Config
 from stages.shards import _atomic_write_bytes
+from stages.tokenizer_data import tokenizer_name
 from stages.training import LoopSettings, TrainTask, fit, parameter_groups, train_loop, world_for
 
 
@@ -45,7 +46,7 @@ def model_config(root: str | Path, config: Config):
     for m in cfg.modalities:
         kind = MODALITIES[m]["kind"]
         if kind == "tokens":
-            folder = root / "tokenizers" / m.split("@")[0].removeprefix("tok_") / "config.json"
+            folder = root / "tokenizers" / tokenizer_name(m) / "config.json"
             if not folder.is_file():
                 raise PretrainInputError(f"{m}: no tokenizer at {folder.parent} (train it: make train-tokenizers)")
             vocab[m] = int(json.loads(folder.read_text())["codebook_size"])
@@ -211,7 +212,7 @@ def prediction_picture(root, config: Config, samples: int = 4) -> Path | None:
                          batch_size=samples, workers=0)
     batch = next(iter(loader))
     model = FourM.from_pretrained(run_dir(root))
-    if "rgb@224" not in batch or not any((Path(root) / "tokenizers" / m.split("@")[0].removeprefix("tok_") /
+    if "rgb@224" not in batch or not any((Path(root) / "tokenizers" / tokenizer_name(m) /
                                           "model.safetensors").is_file() for m in batch if m.startswith("tok_")):
         return None  # nothing to predict from, or no tokenizer to decode with
     return draw_predictions(root, model, batch, run_dir(root) / "predictions.png",

@@ -106,6 +106,17 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
+def npy_bytes(array) -> bytes:
+    """An array as the bytes of a .npy file (a shard member or a file)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = _temporary(path)
     tmp.write_bytes(data)

@@ -17,7 +17,6 @@ per GPU (or CPU slot) holds every tokenizer; shards are the unit of resume.
 """
 from __future__ import annotations
 
-import io
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from stages.align import STAGE as ALIGN_STAGE
 from stages.align import AlignError, align_dataset, align_shard
 from models.weights import file_sha256
 from stages.provenance import provenance
-from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
+from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, npy_bytes
 from stages.tokenizer_data import (EXTENSIONS, RgbIndex, center_crop, crop_to_tensor, decode, random_crop,
                                    read_members, rgb_index)
 from stages.train_tokenizer import DENSE, TokenizerInputError, is_trained, tokenizer_dir
@@ -57,12 +56,6 @@ def sample_crops(key: str, size: tuple[int, int], cfg: TokenizerStageConfig) -> 
     return np.asarray(crops, dtype=np.int32)
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
 STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("error", pa.string())])
 
 
@@ -73,7 +66,7 @@ def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, in
     with ShardWriter(layout, CROPS, shard, [CROPS]) as writer:
         for key in keys:
             if key in sizes:
-                writer.write(key, {CROPS: ("npy", _npy(sample_crops(key, sizes[key], cfg)))})
+                writer.write(key, {CROPS: ("npy", npy_bytes(sample_crops(key, sizes[key], cfg)))})
             rows.append({"key": key, "status": OK if key in sizes else "decode_error",
                          "error": None if key in sizes else "rgb image header unreadable"})
         table = pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
@@ -140,7 +133,7 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
     with ShardWriter(layout, stage_name(modality), shard, [folder]) as writer:
         for key in keys:
             if key in tokens:
-                writer.write(key, {folder: ("npy", _npy(tokens[key]))})
+                writer.write(key, {folder: ("npy", npy_bytes(tokens[key]))})
         rows = [{"key": k, "status": status[k][0], "error": status[k][1]} for k in keys]
         counts = Counter(r["status"] for r in rows)
         seconds = time.time() - started

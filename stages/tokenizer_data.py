@@ -25,6 +25,11 @@ EXTENSIONS = {"rgb": "jpg", "depth": "png", "normal": "png", "semseg": "png", "c
 SIZE = 224
 
 
+def tokenizer_name(modality: str) -> str:
+    """tok_<name>@224 -> <name>: the tokenizer's folder under <root>/tokenizers."""
+    return modality.split("@")[0].removeprefix("tok_")
+
+
 def read_members(path: Path, extension: str) -> Iterator[tuple[str, bytes]]:
     """(key, bytes) of the members with this extension, in the shard's order, streamed."""
     with tarfile.open(path) as tar:
