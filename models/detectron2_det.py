@@ -17,7 +17,7 @@ import importlib.util
 import torch
 
 from models.coco import COCO_THINGS
-from models.labelers import Labeler, detection_records, pick_device
+from models.labelers import DetLabeler, Labeler, detection_records, pick_device
 
 INSTALL_HINT = ("detectron2 installs from source only: "
                 "pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git' "
@@ -29,8 +29,6 @@ def detectron2_available() -> bool:
 
 
 class Detectron2DetLabeler(Labeler):
-    name = "det"
-
     def __init__(self, path: str, device: str = "auto", batch_size: int = 8, **options):
         if not detectron2_available():
             raise ImportError(f"label.det_backend is detectron2 but detectron2 is not importable; {INSTALL_HINT}")
@@ -73,3 +71,29 @@ class Detectron2DetLabeler(Labeler):
     def to_label(self, host):
         scores, labels, boxes = host
         return detection_records(scores, labels, boxes, COCO_THINGS, self.options.get("min_score", 0.6))
+
+
+# -- the detector of the boxes modality: ViTDet through detectron2, or a transformers detector -------------------
+def detector_options(cfg) -> dict:
+    """The label section's detector settings; with detectron2 (`auto`: when it can run) its config and weights."""
+    options = {"min_score": cfg.det_min_score}
+    if cfg.resolved_det_backend() == "detectron2":
+        options.update(backend="detectron2", config=cfg.det_detectron2_config, weights=cfg.det_detectron2_weights)
+    return options
+
+
+def check_detector(cfg) -> None:
+    """Before any work: a detectron2 backend that cannot run is refused, with how to install it."""
+    if cfg.resolved_det_backend() == "detectron2" and not detectron2_available():
+        raise ImportError(f"label.det_backend is detectron2 but detectron2 is not importable; {INSTALL_HINT}")
+
+
+def load_detector(path: str, device: str = "auto", batch_size: int = 8, backend: str = "transformers",
+                  config: str | None = None, **options) -> Labeler:
+    """The boxes labeler: `backend="detectron2"` takes its LazyConfig file as `config` (label.models' entry is
+    not used then); otherwise a transformers detector from `path`."""
+    if backend == "detectron2":
+        return Detectron2DetLabeler(config, device, batch_size, **options)
+    if backend != "transformers":
+        raise ValueError(f"unknown detector backend {backend!r} (known: transformers, detectron2)")
+    return DetLabeler(path, device, batch_size, **options)

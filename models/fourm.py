@@ -25,18 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# --- the modality registry -----------------------------------------------------------------------------------
-# kind: "pixels" (input only: RGB patches), "tokens" (a tokenizer's 14x14 ids), "sequence" (WordPiece ids)
-MODALITIES = {
-    "rgb@224": dict(kind="pixels", channels=3),
-    "tok_rgb@224": dict(kind="tokens", vocab_size=16384),
-    "tok_depth@224": dict(kind="tokens", vocab_size=8192),
-    "tok_normal@224": dict(kind="tokens", vocab_size=8192),
-    "tok_semseg@224": dict(kind="tokens", vocab_size=4096),
-    "tok_clip@224": dict(kind="tokens", vocab_size=8192),
-    "caption": dict(kind="sequence", vocab_size=30000),
-    "det": dict(kind="sequence", vocab_size=30000),
-}
+from core import registry
+from core.files import save_model_safetensors, write_json
+
+# --- the modalities: each domain's kind ("pixels": RGB patches, an input only; "tokens": a tokenizer's 14x14 ids;
+# "sequence": text token ids), vocabulary and channels come from the registry (core/registry.py)
+def _domain(name: str) -> registry.Domain:
+    return registry.domain(name)
+
+
 MAX_SEQUENCE = 256          # sequence tokens; a decoder position at or past this reads position 0
 SEQUENCE_TABLE = 512        # sine-cosine positions of a sequence: the reference means to cut its 512-entry table to
                             # 256, but its slice falls on the batch axis, so its checkpoints carry all 512
@@ -53,10 +50,8 @@ SIZES = {  # Table 4: encoder and decoder depth, width, heads (head dimension 64
 @dataclass
 class FourMConfig:
     """The model's settings, named as the reference's `config.json` names them."""
-    domains_in: list = field(default_factory=lambda: ["rgb@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224",
-                                                      "tok_semseg@224", "tok_clip@224", "caption", "det"])
-    domains_out: list = field(default_factory=lambda: ["tok_rgb@224", "tok_depth@224", "tok_normal@224",
-                                                       "tok_semseg@224", "tok_clip@224", "caption", "det"])
+    domains_in: list = field(default_factory=registry.domain_names)   # every registered modality
+    domains_out: list = field(default_factory=lambda: [d.name for d in registry.domains() if not d.input_only])
     dim: int = 768
     encoder_depth: int = 12
     decoder_depth: int = 12
@@ -82,21 +77,27 @@ class FourMConfig:
         return cls(**{**SIZES[size], **overrides})
 
     def __post_init__(self):
-        unknown = [m for m in [*self.domains_in, *self.domains_out] if m not in MODALITIES]
+        known = registry.domain_names()
+        unknown = [m for m in [*self.domains_in, *self.domains_out] if m not in known]
         if unknown:
-            raise ValueError(f"unknown modalities {unknown} (known: {', '.join(MODALITIES)})")
-        inputs_only = [m for m in self.domains_out if MODALITIES[m]["kind"] == "pixels"]
+            raise ValueError(f"unknown modalities {unknown} (known: {', '.join(known)})")
+        inputs_only = [m for m in self.domains_out if _domain(m).input_only]
         if inputs_only:
             raise ValueError(f"{inputs_only} can only be inputs (RGB pixels are never a target)")
         if self.dim % self.num_heads or self.dim % 4:
             raise ValueError(f"dim {self.dim} must divide by num_heads {self.num_heads} and by 4")
 
     def vocab(self, modality: str) -> int:
-        return int(self.vocab_sizes.get(modality, MODALITIES[modality].get("vocab_size", 0)))
+        return int(self.vocab_sizes.get(modality, _domain(modality).vocab_size or 0))
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def pixels_input(self) -> str | None:
+        """The domain the model reads RGB pixels through (rgb@224), if it has one."""
+        return next((m for m in self.domains_in if _domain(m).kind == "pixels"), None)
 
     @property
     def mlp_hidden(self) -> int:
@@ -223,12 +224,12 @@ class Embedding(nn.Module):
 
     def __init__(self, cfg: FourMConfig, modality: str, decoder: bool):
         super().__init__()
-        spec = MODALITIES[modality]
-        self.kind, self.decoder = spec["kind"], decoder
+        spec = _domain(modality)
+        self.kind, self.decoder = spec.kind, decoder
         self.mod_emb = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         if self.kind == "pixels":
             self.patch = cfg.patch_size
-            self.proj = nn.Linear(spec["channels"] * cfg.patch_size ** 2, cfg.dim, bias=False)
+            self.proj = nn.Linear(spec.channels * cfg.patch_size ** 2, cfg.dim, bias=False)
         else:
             padding = 0 if self.kind == "sequence" else None
             self.token_emb = nn.Embedding(cfg.vocab(modality), cfg.dim, padding_idx=padding)
@@ -321,7 +322,7 @@ class FourM(nn.Module):
                 continue
             x, emb = self.decoder_embeddings[m](d)
             target_mask, attention = d["target_mask"], d["decoder_attention_mask"]
-            if MODALITIES[m]["kind"] == "sequence":  # teacher forcing: slot i reads token i, predicts token i+1
+            if _domain(m).kind == "sequence":  # teacher forcing: slot i reads token i, predicts token i+1
                 xs.append(x[:, :-1]), embs.append(emb[:, :-1])
                 invalid.append(target_mask[:, 1:] | target_mask[:, :-1])
                 targets.append(d["tensor"][:, 1:]), see.append(attention[:, :-1])
@@ -399,7 +400,7 @@ class FourM(nn.Module):
         ids, the most likely at each position (what the paper's RGB->X transfers decode)."""
         b, n = len(pixels), self.cfg.grid ** 2
         visible = torch.zeros(b, n, dtype=torch.bool, device=pixels.device)
-        batch = {"rgb@224": {"tensor": pixels, "input_mask": visible, "target_mask": ~visible,
+        batch = {self.cfg.pixels_input: {"tensor": pixels, "input_mask": visible, "target_mask": ~visible,
                              "decoder_attention_mask": torch.zeros(b, n, dtype=torch.int32, device=pixels.device)}}
         for m in targets:
             attention = torch.zeros(b, n, dtype=torch.int32, device=pixels.device)
@@ -422,14 +423,9 @@ class FourM(nn.Module):
         return total
 
     def save_pretrained(self, folder: str | Path) -> None:
-        from safetensors.torch import save_model
-
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".model.safetensors.tmp"
-        save_model(self, str(tmp))
-        tmp.replace(folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
+        save_model_safetensors(self, folder / "model.safetensors")
+        write_json(folder / "config.json", asdict(self.cfg))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "FourM":
@@ -498,12 +494,13 @@ def convert_reference(source: str | Path) -> tuple[FourMConfig, dict]:
     if missing:
         raise CheckpointError(f"{source}: settings {missing} missing")
     kept = {k: settings[k] for k in REFERENCE_SETTINGS if k in settings}
-    kept["domains_in"] = [m for m in kept["domains_in"] if m in MODALITIES and
+    known = registry.domain_names()
+    kept["domains_in"] = [m for m in kept["domains_in"] if m in known and
                           f"encoder_embeddings.{m}.mod_emb" in tensors]  # the reference drops embedding-less ones
-    unknown = [m for m in [*settings["domains_in"], *settings["domains_out"]] if m not in MODALITIES]
+    unknown = [m for m in [*settings["domains_in"], *settings["domains_out"]] if m not in known]
     if unknown:
         raise CheckpointError(f"{source}: modalities {unknown} are not in this project's registry "
-                              f"({', '.join(MODALITIES)})")
+                              f"({', '.join(known)})")
     vocab = {}
     for m in settings["domains_in"] + settings["domains_out"]:
         for side in ("encoder", "decoder"):

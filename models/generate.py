@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.fourm import MAX_SEQUENCE, MODALITIES
+from core import registry
+from models.fourm import MAX_SEQUENCE
 
 SCHEMES = ("maskgit", "roar", "autoregressive")
 
@@ -225,7 +226,7 @@ def _stack(states: list[dict], pad_id: int) -> dict:
     out = {}
     for m in states[0]:
         tensors, masks = [s[m]["tensor"] for s in states], [s[m]["input_mask"] for s in states]
-        if MODALITIES[m]["kind"] == "sequence":
+        if registry.domain(m).kind == "sequence":
             length = max(t.shape[1] for t in tensors)
             tensors = [F.pad(t, (0, length - t.shape[1]), value=pad_id) for t in tensors]
             masks = [F.pad(k, (0, length - k.shape[1]), value=True) for k in masks]
@@ -257,7 +258,7 @@ class Sampler:
                 raise ValueError(f"the model cannot generate {step.target!r} (it predicts "
                                  f"{', '.join(self.model.decoder_embeddings)})")
             weights = self._weights(step, guided, state)
-            if MODALITIES[step.target]["kind"] == "sequence":
+            if registry.domain(step.target).kind == "sequence":
                 self._sequence(state, step, guided, weights, generators)
                 if observer:
                     observer(step.target, None, state)
@@ -305,7 +306,7 @@ class Sampler:
         return passes
 
     def _emptied(self, modality: str, entry: dict) -> dict:
-        if MODALITIES[modality]["kind"] == "sequence":
+        if registry.domain(modality).kind == "sequence":
             return sequence_entry([[self.sentinels[1]]] * len(entry["tensor"]), self.pad_id, self.device)
         return {"tensor": entry["tensor"], "input_mask": torch.ones_like(entry["input_mask"])}
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging as hf_logging
 
+from core import registry
+
 hf_logging.disable_progress_bar()  # per-load bars would drown the stage's own progress
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -76,7 +78,6 @@ class Labeler:
     (on the device) with its own image's size, then to `to_label` (on the host).
     """
 
-    name: str
     mean: tuple | None = None
     std: tuple | None = None
 
@@ -278,7 +279,7 @@ def dpt_forward(model, pixel_values: torch.Tensor) -> torch.Tensor:
 class DepthLabeler(Labeler):
     """Omnidata DPT-Hybrid depth: relative depth clamped to [0, 1], as Omnidata's own inference does."""
 
-    name, mean, std = "depth", (0.5,) * 3, (0.5,) * 3
+    mean, std = (0.5,) * 3, (0.5,) * 3
 
     def model_class(self):
         from transformers import DPTForDepthEstimation
@@ -306,7 +307,7 @@ class NormalLabeler(DepthLabeler):
     Omnidata trained the normal network on pixels in [0, 1], unlike depth (normalized to [-1, 1]).
     """
 
-    name, mean, std = "normal", None, None
+    mean, std = None, None
 
     def model_class(self):
         from models.dpt_normals import DPTForSurfaceNormals
@@ -317,7 +318,7 @@ class NormalLabeler(DepthLabeler):
 class SemsegLabeler(Labeler):
     """Mask2Former: per-pixel argmax of sum_q p(class | q) * sigmoid(mask_q), the semantic inference."""
 
-    name, mean, std = "semseg", IMAGENET_MEAN, IMAGENET_STD
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def model_class(self):
         from transformers import Mask2FormerForUniversalSegmentation
@@ -341,8 +342,6 @@ class SemsegLabeler(Labeler):
 
 class DetLabeler(Labeler):
     """A transformers DETR-family detector (D-FINE by default): instances scoring at least min_score."""
-
-    name = "det"
 
     def model_class(self):
         from transformers import AutoModelForObjectDetection
@@ -377,7 +376,7 @@ def detection_records(scores, labels, boxes, names, min_score: float) -> list[di
 class ClipLabeler(Labeler):
     """CLIP ViT-B/16 dense features: projection(post_layernorm(patch tokens)), at shortest side 224."""
 
-    name, mean, std = "clip", CLIP_MEAN, CLIP_STD
+    mean, std = CLIP_MEAN, CLIP_STD
 
     def model_class(self):
         from transformers import CLIPVisionModelWithProjection
@@ -397,17 +396,6 @@ class ClipLabeler(Labeler):
         return list(grid)
 
 
-LABELERS: dict[str, type[Labeler]] = {
-    cls.name: cls for cls in (DepthLabeler, NormalLabeler, SemsegLabeler, DetLabeler, ClipLabeler)
-}
-
-
-WEIGHTS_HINTS = {
-    "depth": "convert Omnidata's omnidata_dpt_depth_v2.ckpt with `python -m pipeline convert-omnidata --task depth "
-             "--checkpoint omnidata_dpt_depth_v2.ckpt --out {path}`",
-    "normal": "convert Omnidata's omnidata_dpt_normal_v2.ckpt with `python -m pipeline convert-omnidata --task normal "
-              "--checkpoint omnidata_dpt_normal_v2.ckpt --out {path}`",
-}
 HUB_HINT = ("fetch it where a network exists (`hf download {path}`) into the Hugging Face cache, or save it with "
             "save_pretrained to a folder")
 
@@ -430,7 +418,7 @@ def check_weights(name: str, path: str) -> None:
     if _looks_local(path):
         folder = Path(path).expanduser()
         if not folder.is_dir():
-            hint = WEIGHTS_HINTS.get(name, "save a model there with save_pretrained").format(path=path)
+            hint = registry.get(name).labeler.weights_hint.format(path=path)
             raise WeightsUnavailable(f"{setting}: no such folder; {hint}, or point --set label.models.{name}=... at "
                                      f"a model folder")
         if not (folder / "config.json").is_file():
@@ -452,15 +440,32 @@ def check_weights(name: str, path: str) -> None:
                                  ) from None
 
 
-def load_labeler(name: str, path: str, device: str = "auto", batch_size: int = 8, backend: str = "transformers",
-                 **options) -> Labeler:
-    """One labeler; `backend="detectron2"` (boxes only) takes a detectron2 LazyConfig file as `path`."""
-    if name not in LABELERS:
-        raise ValueError(f"unknown labeler {name!r} (known: {', '.join(LABELERS)})")
-    if backend == "detectron2" and name == "det":
-        from models.detectron2_det import Detectron2DetLabeler
+def load_labeler(modality: str, path: str, device: str = "auto", batch_size: int = 8, **options) -> Labeler:
+    """The labeler of a registered modality, loaded from `path` (a hub id or a local folder)."""
+    labelled = {m.name: m.labeler for m in registry.labelled()}
+    if modality not in labelled:
+        raise ValueError(f"unknown labeler {modality!r} (known: {', '.join(labelled)})")
+    return labelled[modality].load(path, device, batch_size, **options)
 
-        return Detectron2DetLabeler(path, device, batch_size, **options)
-    if backend != "transformers":
-        raise ValueError(f"labeler {name!r}: unknown backend {backend!r} (known: transformers, detectron2 for det)")
-    return LABELERS[name](path, device, batch_size, **options)
+
+class ComputedLabeler(Labeler):
+    """A labeler without a network: `compute(image)` on the CPU, one image at a time, at the image's own size.
+
+    For labels a few lines of numpy or OpenCV make (edges, colour statistics); `path` is ignored."""
+
+    def __init__(self, path: str | None = None, device: str = "cpu", batch_size: int = 8, **options):
+        self.device, self.batch_size, self.options = torch.device("cpu"), batch_size, options
+        self.provenance = {"source": type(self).__module__ + "." + type(self).__qualname__, "weights_sha256": None,
+                           "random_weights": False}
+
+    def input_size(self, height, width):
+        return height, width
+
+    def compute(self, image: np.ndarray):
+        raise NotImplementedError
+
+    def launch(self, images):
+        return Launched([self.compute(im) for im in images])
+
+    def collect(self, launched):
+        return launched.outputs

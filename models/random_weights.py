@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from core import registry
 from models.coco import COCO_PANOPTIC, COCO_THINGS
 from models.weights import mark_random_weights
 
@@ -23,13 +24,13 @@ def _labels(names: list[str]) -> dict:
     return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
-def _dpt(size: str, channels: int):
+def dpt(size: str, channels: int):
     from models.omnidata import dpt_hybrid_config, dpt_model_class
 
     return dpt_model_class(channels)(dpt_hybrid_config(size, channels))
 
 
-def _mask2former(size: str):
+def mask2former(size: str):
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
     stages = ["stage1", "stage2", "stage3", "stage4"]
@@ -46,7 +47,7 @@ def _mask2former(size: str):
     return Mask2FormerForUniversalSegmentation(cfg)
 
 
-def _dfine(size: str):
+def dfine(size: str):
     from transformers import DFineConfig, DFineForObjectDetection, HGNetV2Config
 
     if size == "paper":  # transformers' D-FINE defaults: HGNetV2 backbone, 300 queries
@@ -66,7 +67,7 @@ def _dfine(size: str):
     return DFineForObjectDetection(cfg)
 
 
-def _clip(size: str):
+def clip(size: str):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if size == "paper":  # ViT-B/16, 512-d projection
@@ -78,15 +79,6 @@ def _clip(size: str):
     return CLIPVisionModelWithProjection(cfg)
 
 
-BUILDERS = {
-    "depth": lambda size: _dpt(size, 1),
-    "normal": lambda size: _dpt(size, 3),
-    "semseg": _mask2former,
-    "det": _dfine,
-    "clip": _clip,
-}
-
-
 def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int = 0) -> str:
     """Build one labeler's model with random weights and save it to `path` (kept if already there)."""
     if size not in ("tiny", "paper"):
@@ -94,7 +86,7 @@ def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int
     path = Path(path)
     if not (path / "config.json").is_file():
         torch.manual_seed(seed)
-        model = BUILDERS[name](size)
+        model = registry.get(name).labeler.random_model(size)
         if size == "tiny":
             # Some heads start at constants (zero weights, a prior bias): jitter every parameter so
             # outputs differ between pixels, queries and classes, as they do with trained weights.
@@ -109,4 +101,4 @@ def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int
 def save_random_models(folder: str | Path, size: str = "tiny", names: list[str] | None = None,
                        seed: int = 0) -> dict[str, str]:
     """Every labeler's random-weight model, saved to folder/<name>; returns the paths."""
-    return {name: save_random_model(name, Path(folder) / name, size, seed) for name in names or list(BUILDERS)}
+    return {name: save_random_model(name, Path(folder) / name, size, seed) for name in names or [m.name for m in registry.labelled() if m.labeler.random_model]}

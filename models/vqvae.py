@@ -1,7 +1,7 @@
 """The dense modality tokenizers: ViT VQ-VAEs with an EMA codebook, and ViT or diffusion decoders.
 
-One file, top to bottom: the modality registry (what each tokenizer sees and how it is trained, the paper's
-Table 3), the quantizer, the encoder, the two decoders, the VQ-VAE that joins them, saving and loading.
+One file, top to bottom: the settings (each modality's own, from the registry: what its tokenizer sees and how it is
+trained, the paper's Table 3), the quantizer, the encoder, the two decoders, the VQ-VAE, saving and loading.
 
 Inputs, as `stages/tokenizer_data.py` prepares them from the labelled shards (B = batch, 224x224 crops):
     rgb, normal  float (B, 3, 224, 224) in [-1, 1]
@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from core import registry
+from core.files import save_safetensors, write_json
 
 # --- the registry ----------------------------------------------------------------------------------------
 
@@ -57,24 +60,18 @@ class TokenizerConfig:
         return self.image_size // 16  # tokens per side: 14 at 224, for images and CLIP maps alike
 
 
-MODALITIES = {  # Table 3 of the paper, at the `paper` size
-    "rgb": dict(in_channels=3, codebook_size=16384, decoder="diffusion", loss="mse"),
-    "normal": dict(in_channels=3, codebook_size=8192, decoder="diffusion", loss="mse"),
-    "depth": dict(in_channels=1, codebook_size=8192, decoder="diffusion", loss="smooth_l1"),
-    "semseg": dict(in_channels=133, codebook_size=4096, decoder="vit", loss="ce", dtype="bfloat16"),
-    "clip": dict(in_channels=512, codebook_size=8192, decoder="vit", loss="smooth_l1", patch_size=1,
-                 crop_scale=(0.2, 1.0), dtype="bfloat16"),
-}
 TINY = dict(width=32, depth=1, heads=2, unet_channels=16, unet_mults=(1, 2), unet_blocks=1,
             unet_attention_levels=1, diffusion_steps=100, sample_steps=5)
 
 
 def tokenizer_config(modality: str, size: str = "paper", **overrides) -> TokenizerConfig:
-    if modality not in MODALITIES:
-        raise ValueError(f"no tokenizer for modality {modality!r} (known: {', '.join(MODALITIES)})")
+    """A modality's tokenizer at a size: its registry entry's settings (Table 3 at `paper`), `overrides` on top."""
+    known = [m.name for m in registry.tokenized()]
+    if modality not in known:
+        raise ValueError(f"no tokenizer for modality {modality!r} (known: {', '.join(known)})")
     if size not in ("paper", "tiny"):
         raise ValueError(f"size {size!r}: expected 'paper' or 'tiny'")
-    settings = {**MODALITIES[modality], **(TINY if size == "tiny" else {}), **overrides}
+    settings = {**registry.get(modality).tokenizer, **(TINY if size == "tiny" else {}), **overrides}
     return TokenizerConfig(modality=modality, **settings)
 
 
@@ -399,46 +396,13 @@ def reconstruction_loss(kind: str, prediction, target):
 
 
 def reconstruction_metric(modality: str, reconstruction, target) -> tuple[str, float]:
-    """The paper's kind of quality figure per modality, on a batch of reconstructions."""
-    if modality == "rgb":  # PSNR over [0, 1] pixels
-        mse = F.mse_loss((reconstruction.clamp(-1, 1) + 1) / 2, (target + 1) / 2)
-        return "psnr_db", float(10 * torch.log10(1 / mse.clamp(min=1e-10)))
-    if modality == "normal":  # mean angle between normal vectors, degrees
-        cos = F.cosine_similarity(reconstruction, target, dim=1).clamp(-1, 1)
-        return "mean_angle_deg", float(torch.rad2deg(torch.acos(cos)).mean())
-    if modality == "depth":  # L1 on relative depth in [0, 1]
-        return "l1", float(((reconstruction - target).abs() / 2).mean())
-    if modality == "semseg":  # mean IoU over the classes present in either map
-        predicted = reconstruction.argmax(1)
-        ious = []
-        for c in torch.unique(torch.cat([predicted.unique(), target.unique()])):
-            inter = ((predicted == c) & (target == c)).sum()
-            union = ((predicted == c) | (target == c)).sum()
-            ious.append(float(inter) / float(union))
-        return "miou", sum(ious) / len(ious)
-    return "cosine", float(F.cosine_similarity(reconstruction, target, dim=1).mean())  # clip
-
-
-# What a tokenizer that learned nothing would score: each sample's mean colour, depth, normal or feature
-# vector everywhere, or its most frequent class. A metric reads only beside this figure.
-BASELINES = {"rgb": "mean-colour image", "depth": "mean-depth map", "normal": "mean-normal map",
-             "semseg": "majority class", "clip": "mean feature"}
-
-
-def baseline_reconstruction(modality: str, target: torch.Tensor, classes: int | None = None) -> torch.Tensor:
-    """The trivial reconstruction of each sample in the batch, in the form the decoder outputs."""
-    if modality == "semseg":
-        majority = torch.stack([t.flatten().bincount().argmax() for t in target])
-        logits = F.one_hot(majority, classes or int(target.max()) + 1).float()
-        return logits[:, :, None, None].expand(-1, -1, *target.shape[-2:])
-    mean = target.float().mean((2, 3), keepdim=True)
-    if modality == "normal":
-        mean = F.normalize(mean, dim=1)
-    return mean.expand_as(target)
+    """The paper's kind of quality figure for the modality (its registry entry's `metric`), on a batch."""
+    return registry.get(modality).metric(reconstruction, target)
 
 
 def baseline_metric(modality: str, target: torch.Tensor, classes: int | None = None) -> float:
-    return reconstruction_metric(modality, baseline_reconstruction(modality, target, classes), target)[1]
+    """What a tokenizer that learned nothing would score (each sample's mean, or its majority class)."""
+    return registry.get(modality).baseline_metric(target, classes)
 
 
 def codebook_usage(ids: torch.Tensor, size: int) -> dict:
@@ -450,12 +414,9 @@ def codebook_usage(ids: torch.Tensor, size: int) -> dict:
 
 
 def save_tokenizer(model: VQVAE, folder: str | Path) -> None:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(asdict(model.cfg), indent=1))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    write_json(folder / "config.json", asdict(model.cfg))
+    save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
 
 
 def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu") -> VQVAE:

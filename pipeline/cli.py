@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import DEFAULT_PROFILE, Config, ConfigError, load_config
+from core.config import DEFAULT_PROFILE, Config, ConfigError, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str = DEFAULT_PROFILE) -> None:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from pipeline.config import Config
+from core.config import Config
 
 DEMO_PHOTOS = {
     # file served -> (package, path inside the package, caption)

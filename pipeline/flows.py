@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from pipeline.config import Config, load_config
+from core.config import Config, load_config
 from pipeline.reporting import StageReporter, publish_stage_table
 
 

@@ -104,7 +104,7 @@ def publish_stage_table(root, key: str) -> list[dict]:
     `python -m pipeline status` prints it, and a link to the Ray dashboard when there is one."""
     from prefect.artifacts import create_link_artifact
 
-    from pipeline.ray_runtime import dashboard_url
+    from core.ray_runtime import dashboard_url
     from stages.status import RANDOM_WARNING, random_weight_stages, stage_rows
 
     rows = stage_rows(root)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import time
 from collections import Counter
@@ -33,7 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.provenance import provenance
-from stages.shards import OK, DatasetLayout, _atomic_write_bytes, _temporary, producing_stage
+from core import registry
+from core.files import publish, temporary_name, write_json
+from stages.shards import OK, DatasetLayout, producing_stage
 
 STAGE = "align"
 DROPPED = "dropped"
@@ -75,7 +76,7 @@ def _move_members(source: Path, keep: set[str], dropped_tar: Path) -> None:
         with tarfile.open(dropped_tar) as old:
             earlier = [(m, old.extractfile(m).read()) for m in old if m.isfile()]
     names = {m.name for m, _ in earlier}
-    kept_tmp, dropped_tmp = _temporary(source), _temporary(dropped_tar)
+    kept_tmp, dropped_tmp = temporary_name(source), temporary_name(dropped_tar)
     try:
         with tarfile.open(source) as tar, tarfile.open(kept_tmp, "w") as kept, tarfile.open(dropped_tmp, "w") as gone:
             for member, data in earlier:
@@ -88,8 +89,8 @@ def _move_members(source: Path, keep: set[str], dropped_tar: Path) -> None:
                     kept.addfile(member, data)
                 elif member.name not in names:  # a rerun after a kill may meet a member already moved
                     gone.addfile(member, data)
-        os.replace(dropped_tmp, dropped_tar)  # first the copy, then the shrunk shard: nothing is ever lost
-        os.replace(kept_tmp, source)
+        publish(dropped_tmp, dropped_tar)  # first the copy, then the shrunk shard: nothing is ever lost
+        publish(kept_tmp, source)
     finally:
         kept_tmp.unlink(missing_ok=True)
         dropped_tmp.unlink(missing_ok=True)
@@ -107,7 +108,8 @@ def align_shard(layout: DatasetLayout, shard: str, folders: list[str] | None = N
         raise AlignError(f"{shard}: cannot align, no shard in {', '.join(missing)} (run the stages that write them)")
     keys = {folder: member_keys(layout.tar(folder, shard)) for folder in folders}
     present = {folder: set(found) for folder, found in keys.items()}
-    order = keys["rgb"] if "rgb" in keys else keys[folders[0]]
+    photo = registry.photo().folder
+    order = keys[photo] if photo in keys else keys[folders[0]]
     everywhere = [k for k in order if all(k in found for found in present.values())]
     keep = set(everywhere)
 
@@ -137,10 +139,10 @@ def align_shard(layout: DatasetLayout, shard: str, folders: list[str] | None = N
              "seconds": round(time.time() - started, 3), "started_at": started, "finished_at": time.time(),
              "provenance": provenance({})}
     layout.status_dir(STAGE).mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(layout.status_table(STAGE, shard))
+    tmp = temporary_name(layout.status_table(STAGE, shard))
     pq.write_table(table, tmp)
-    os.replace(tmp, layout.status_table(STAGE, shard))
-    _atomic_write_bytes(layout.stats(STAGE, shard), json.dumps(stats, indent=1).encode())
+    publish(tmp, layout.status_table(STAGE, shard))
+    write_json(layout.stats(STAGE, shard), stats)
     return stats
 
 

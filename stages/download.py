@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from pipeline.config import Config, DownloadConfig
+from core.config import Config, DownloadConfig
 from stages.fetch import Fetcher
 from stages.images import ImageError, process_image
 from stages.provenance import provenance
@@ -181,7 +181,7 @@ def run_download(input_path: str | Path, root: str | Path, config: Config,
     """
     import ray
 
-    from pipeline.ray_runtime import init_ray
+    from core.ray_runtime import init_ray
 
     cfg = config.download
     layout = DatasetLayout(root)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from pipeline.config import DownloadConfig
+from core.config import DownloadConfig
 
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 OPT_OUT_DIRECTIVES = {"noai", "noimageai"}

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stages.masking import PAPER_MIXTURE, Component, MaskingSampler, is_sequence
+from core import registry
+from stages.masking import Component, MaskingSampler, is_sequence, paper_mixture
+from stages.shards import CROPS
 from stages.shards import DatasetLayout
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -37,11 +38,15 @@ class LoaderInputError(ValueError):
 
 
 def folder_of(modality: str) -> str:
-    return "rgb" if modality == "rgb@224" else modality
+    return registry.domain(modality).folder
 
 
 def loader_folders(modalities: list[str]) -> list[str]:
-    return sorted({folder_of(m) for m in modalities} | {"crop_settings"})
+    """The folders a sample of these modalities is read from: theirs, the crops, and the photo where a modality
+    needs its size (boxes are moved into the crop)."""
+    photo = [registry.photo().folder] if any(getattr(registry.domain(m).modality, "needs_photo", False)
+                                             for m in modalities) else []
+    return sorted({folder_of(m) for m in modalities} | {CROPS, *photo})
 
 
 def split_shards(root: str | Path, modalities: list[str], val_shards: int) -> tuple[list[str], list[str]]:
@@ -51,7 +56,7 @@ def split_shards(root: str | Path, modalities: list[str], val_shards: int) -> tu
         per_folder[folder] = {p.stem for p in (layout.root / folder).glob("shard-*.tar")}
         if not per_folder[folder]:
             raise LoaderInputError(f"no shards in {layout.root / folder} (run the stage that writes {folder!r})")
-    shards = [s for s in sorted(set.intersection(*per_folder.values())) if not _empty(layout.tar("crop_settings", s))]
+    shards = [s for s in sorted(set.intersection(*per_folder.values())) if not _empty(layout.tar(CROPS, s))]
     if len(shards) <= val_shards:
         raise LoaderInputError(f"{len(shards)} shards under {layout.root} and pretrain.val_shards={val_shards}: "
                                f"nothing would be left to train on")
@@ -72,7 +77,7 @@ def mixture_from(setting, modalities: list[str]) -> list[Component]:
         def kept(alphas):
             return {m: a for m, a in alphas.items() if m in modalities}
 
-        return [Component(kept(c.input_alphas), kept(c.target_alphas), c.keep, c.weight) for c in PAPER_MIXTURE]
+        return [Component(kept(c.input_alphas), kept(c.target_alphas), c.keep, c.weight) for c in paper_mixture()]
     if isinstance(setting, str):
         raise ValueError(f"pretrain.mixture={setting!r}: expected 'paper' or a list of components")
     return [Component(**c) for c in setting]
@@ -111,7 +116,7 @@ def crop_pixels(jpeg: bytes, crop) -> torch.Tensor:
 
     image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise LoaderInputError("rgb: not a decodable image")
+        raise LoaderInputError(f"{registry.photo().folder}: not a decodable image")
     top, left, h, w, flip = (int(v) for v in crop)
     region = image[top:top + h, left:left + w, ::-1]
     region = cv2.resize(np.ascontiguousarray(region), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
@@ -119,26 +124,6 @@ def crop_pixels(jpeg: bytes, crop) -> torch.Tensor:
         region = region[:, ::-1]
     pixels = (region.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-
-
-def crop_boxes(instances: list[dict], crop, image_size: tuple[int, int], min_score: float) -> list[dict]:
-    """Boxes (normalised to the image) scoring at least min_score, moved into the crop, clipped, mirrored with
-    it; boxes left without area are dropped."""
-    top, left, h, w, flip = (float(v) for v in crop)
-    height, width = image_size
-    kept = []
-    for inst in instances:
-        if float(inst.get("score", 1.0)) < min_score:
-            continue
-        x0, y0, x1, y1 = inst["boxes"]
-        x0, x1 = [min(max((x * width - left) / w, 0.0), 1.0) for x in (x0, x1)]
-        y0, y1 = [min(max((y * height - top) / h, 0.0), 1.0) for y in (y0, y1)]
-        if x1 <= x0 or y1 <= y0:
-            continue
-        if flip:
-            x0, x1 = 1.0 - x1, 1.0 - x0
-        kept.append({"boxes": [x0, y0, x1, y1], "class_name": inst["class_name"]})
-    return kept
 
 
 def image_size_of(jpeg: bytes) -> tuple[int, int]:
@@ -149,21 +134,19 @@ def image_size_of(jpeg: bytes) -> tuple[int, int]:
 
 
 def decode_sample(raw: dict, modalities: list[str], crop_index: int, min_score: float) -> dict:
-    """Raw members -> {modality: token grid (196,) long, pixels (3, 224, 224), or text}."""
-    from models.text_tokenizer import boxes_to_text
-
-    crops = np.load(io.BytesIO(raw["crop_settings"]))
+    """Raw members -> {modality: token grid (196,) long, pixels (3, 224, 224), or text}; scored items of a
+    sequence (boxes) below `min_score` are left out."""
+    crops = np.load(io.BytesIO(raw[CROPS]))
     crop = crops[crop_index % len(crops)]
     out = {}
     for m in modalities:
-        data = raw[folder_of(m)]
-        if m == "rgb@224":
+        domain = registry.domain(m)
+        data = raw[domain.folder]
+        if domain.kind == "pixels":
             out[m] = crop_pixels(data, crop)
-        elif m == "caption":
-            out[m] = data.decode("utf-8", errors="replace")
-        elif m == "det":
-            instances = json.loads(data)["instances"]
-            out[m] = boxes_to_text(crop_boxes(instances, crop, image_size_of(raw["rgb"]), min_score))
+        elif domain.kind == "sequence":
+            size = image_size_of(raw[registry.photo().folder]) if domain.modality.needs_photo else None
+            out[m] = domain.modality.to_text(data, crop, size, min_score)
         else:
             tokens = np.load(io.BytesIO(data))
             if tokens.shape[0] != len(crops):
@@ -202,7 +185,7 @@ class MaskedSamples(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, workers = self._worker()
         rng = np.random.default_rng([self.seed, self.rank, worker])
-        folders = sorted(set(loader_folders(self.modalities)) | ({"rgb"} if "det" in self.modalities else set()))
+        folders = loader_folders(self.modalities)
         pool: list[dict] = []
         for shard in self._shard_order(rng, worker, workers):
             for raw in shard_samples(self.root, shard, folders):

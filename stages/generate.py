@@ -36,7 +36,7 @@ import torch
 from models.fourm import MODALITIES
 from models.generate import (Sampler, Schedule, Step, image_entry, pixels_entry, sequence_entry, sequence_rows)
 from stages.masking import SEQUENCE_TOKENS
-from stages.shards import _atomic_write_bytes, npy_bytes
+from core.files import npy_bytes, write_bytes, write_json
 from stages.tokenizer_data import center_crop, tokenizer_name
 
 IMAGE_SIZE = 224
@@ -407,7 +407,7 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
                                  {m: p[row] for m, p in pictures.items()})
             record = {"identity": sample_identity(request, i, weights), "files": files}
             # written last: a sample with its sample.json is done
-            _atomic_write_bytes(out / request.name / f"sample-{i}" / "sample.json", json.dumps(record).encode())
+            write_json(out / request.name / f"sample-{i}" / "sample.json", record, indent=None)
             samples[request.name, i] = files
         bar.update(len(items))
     bar.close()
@@ -417,7 +417,7 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
                              "schedule": r.schedule.to_dict(), "inpaint": r.inpaint,
                              "samples": [samples[r.name, i] for i in range(r.samples)]} for r in requests]}
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out / "results.json", json.dumps(results, indent=1).encode())
+    write_json(out / "results.json", results)
     return results
 
 
@@ -474,8 +474,8 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
         if MODALITIES[m]["kind"] == "sequence":
             ids = sequence_rows({k: v[row:row + 1] for k, v in entry.items()})[0]
             text = decode_text(resources.text, ids)
-            _atomic_write_bytes(folder / f"{name}.txt", (text + "\n").encode())
-            _atomic_write_bytes(folder / f"{name}.npy", npy_bytes(np.array(ids, np.int64)))
+            write_bytes(folder / f"{name}.txt", (text + "\n").encode())
+            write_bytes(folder / f"{name}.npy", npy_bytes(np.array(ids, np.int64)))
             written[name] = {"tokens": str(folder / f"{name}.npy"), "text": text}
             texts[name] = text
             if m == "det":
@@ -486,9 +486,9 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
                 written[name]["boxes"] = boxes
             continue
         ids = entry["tensor"][row].cpu()
-        _atomic_write_bytes(folder / f"{name}.npy", npy_bytes(ids.numpy().reshape(resources.model.cfg.grid, -1)))
+        write_bytes(folder / f"{name}.npy", npy_bytes(ids.numpy().reshape(resources.model.cfg.grid, -1)))
         picture = pictures[m]
-        _atomic_write_bytes(folder / f"{name}.png", _png(picture))
+        write_bytes(folder / f"{name}.png", _png(picture))
         written[name] = {"tokens": str(folder / f"{name}.npy"), "picture": str(folder / f"{name}.png")}
         panels.append((name, picture))
     if boxes is not None:
@@ -496,7 +496,7 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
         if base is None:
             base = next((p for n, p in panels if n.startswith("rgb@")), None)
         boxes_picture = draw_boxes(base, boxes)
-        _atomic_write_bytes(folder / "det.png", _png(boxes_picture))
+        write_bytes(folder / "det.png", _png(boxes_picture))
         written["det"]["picture"] = str(folder / "det.png")
         panels.append(("det" if boxes else "det (no boxes)", boxes_picture))
     title = f"{request.name} sample {seed - request.seed} (seed {seed})"

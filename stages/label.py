@@ -21,8 +21,6 @@ of progress: a labeler's shard is committed by its stats JSON and skipped on the
 """
 from __future__ import annotations
 
-import io
-import json
 import tarfile
 import time
 from collections import Counter
@@ -34,13 +32,14 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import Config, LabelConfig
+from core import registry
+from core.config import Config, LabelConfig
+from core.ray_runtime import init_ray
+from models.labelers import SizeBuckets, WeightsUnavailable, check_weights, run_overlapped
 from stages.actor_pool import run_on_actors
 from stages.download import STAGE as DOWNLOAD_STAGE
 from stages.provenance import provenance
 from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
-
-EXTENSIONS = {"depth": "png", "normal": "png", "semseg": "png", "det": "json", "clip": "npy"}
 
 STATUS_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -56,32 +55,7 @@ class LabelInputError(ValueError):
 
 
 def stage_name(labeler: str) -> str:
-    return f"label_{labeler}"
-
-
-# -- encoding one label ------------------------------------------------------------------------------
-def encode_label(labeler: str, label) -> bytes:
-    import cv2
-
-    # zlib level 1: several times faster than OpenCV's default on 768-pixel labels, for slightly larger files.
-    fast_png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    if labeler == "depth":
-        ok, data = cv2.imencode(".png", np.round(label * 65535).astype(np.uint16), fast_png)
-    elif labeler == "normal":
-        ok, data = cv2.imencode(".png", np.round(label[..., ::-1] * 255).astype(np.uint8), fast_png)  # RGB -> BGR
-    elif labeler == "semseg":
-        ok, data = cv2.imencode(".png", label.astype(np.uint8), fast_png)
-    elif labeler == "det":
-        return json.dumps({"instances": label}).encode()
-    elif labeler == "clip":
-        buf = io.BytesIO()
-        np.save(buf, label.astype(np.float16))
-        return buf.getvalue()
-    else:
-        raise ValueError(f"unknown labeler {labeler!r}")
-    if not ok:
-        raise ValueError(f"{labeler}: PNG encoding failed")
-    return data.tobytes()
+    return registry.get(labeler).stage
 
 
 # -- reading rgb shards ------------------------------------------------------------------------------
@@ -133,8 +107,6 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict
     batch queued ahead on the device (`run_overlapped`); labels are encoded on CPU threads and written by one
     thread per labeler in the rgb shard's key order.
     """
-    from models.labelers import SizeBuckets, run_overlapped
-
     layout = DatasetLayout(root)
     started = time.time()
     records: dict[str, list[dict]] = {name: [] for name in labelers}
@@ -153,7 +125,7 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict
         data = None
         if err is None:
             try:
-                data = encode_label(name, label)
+                data = registry.get(name).encode(label)
             except Exception as enc_err:  # noqa: BLE001
                 err = f"cannot encode the {name} label: {enc_err}"
         slot.set_result((data, err))
@@ -166,7 +138,7 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict
         if err:
             records[name].append({"key": key, "status": "model_error", "error": err})
         else:
-            writers[name].write(key, {name: (EXTENSIONS[name], data)})
+            writers[name].write(key, {name: (registry.get(name).extension, data)})
             records[name].append({"key": key, "status": OK, "height": shape[0], "width": shape[1]})
 
     with ExitStack() as stack:
@@ -176,7 +148,7 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict
         write_queues = {name: stack.enter_context(ThreadPoolExecutor(1)) for name in labelers}
         buckets = {name: SizeBuckets(labeler.input_size, labeler.batch_size, cfg.batch_window)
                    for name, labeler in labelers.items()}
-        chunks = _chunks(read_rgb(layout.tar("rgb", shard)), cfg.chunk_size)
+        chunks = _chunks(read_rgb(layout.tar(registry.photo().folder, shard)), cfg.chunk_size)
         writes = []
 
         def start(chunk):  # decode the next chunk while the models work on this one
@@ -265,18 +237,14 @@ def merge_stats(per_labeler: dict[str, dict]) -> dict:
 class LabelWorker:
     """A Ray actor: one replica of every requested labeler, loaded once, labelling shard after shard."""
 
-    def __init__(self, root: str, cfg: LabelConfig, names: list[str]):
-        from models.labelers import load_labeler
-
-        options = {"det": {"min_score": cfg.det_min_score}, "semseg": {"short_side": cfg.semseg_short_side},
-                   "clip": {"short_side": cfg.clip_short_side}}
-        paths = dict(cfg.models)
-        if cfg.det_backend == "detectron2":  # run_label resolved `auto` already
-            paths["det"] = cfg.det_detectron2_config
-            options["det"].update(backend="detectron2", weights=cfg.det_detectron2_weights)
+    def __init__(self, root: str, cfg: LabelConfig, names: list[str], plugins: list[str]):
+        registry.use(plugins)  # a worker process imports the modules that define its modalities
         self.root, self.cfg = root, cfg
-        self.labelers = {name: load_labeler(name, paths[name], cfg.device, cfg.batch_size_of(name),
-                                            **options.get(name, {})) for name in names}
+        self.labelers = {}
+        for name in names:
+            labeling = registry.get(name).labeler
+            self.labelers[name] = labeling.load(cfg.models.get(name), cfg.device, cfg.batch_size_of(name),
+                                                **labeling.options(cfg))
 
     def label(self, shard: str, names: list[str]) -> dict:
         return label_shard(self.root, shard, {n: self.labelers[n] for n in names}, self.cfg)
@@ -286,19 +254,18 @@ LabelSummary = ShardsSummary
 
 
 def input_shards(layout: DatasetLayout) -> list[str]:
+    photo = registry.photo().folder
     shards = layout.committed_shards(DOWNLOAD_STAGE)
     if not shards:
-        raise LabelInputError(f"no committed rgb shards under {layout.root} (run the download stage first)")
-    missing = [str(layout.tar("rgb", s)) for s in shards if not layout.tar("rgb", s).exists()]
+        raise LabelInputError(f"no committed {photo} shards under {layout.root} (run the download stage first)")
+    missing = [str(layout.tar(photo, s)) for s in shards if not layout.tar(photo, s).exists()]
     if missing:
-        raise LabelInputError(f"rgb shards committed by the download stage are missing: {', '.join(missing[:5])}")
+        raise LabelInputError(f"{photo} shards committed by the download stage are missing: {', '.join(missing[:5])}")
     return shards
 
 
 def check_all_weights(models: dict[str, str]) -> None:
     """Before any work: every labeler's weights reachable, or one error naming each that is not."""
-    from models.labelers import WeightsUnavailable, check_weights
-
     problems = []
     for name, path in models.items():
         try:
@@ -312,31 +279,31 @@ def check_all_weights(models: dict[str, str]) -> None:
 def run_label(root: str | Path, config: Config, labelers: list[str] | None = None,
               observer: ShardObserver | None = None) -> LabelSummary:
     """Label every rgb shard with every requested labeler not yet committed for it."""
-    from pipeline.ray_runtime import init_ray
-
     cfg = config.label
     names = labelers or cfg.labelers
     layout = DatasetLayout(root)
     shards = input_shards(layout)
-    missing_models = [n for n in names if n not in cfg.models]
+    labelings = {n: registry.get(n).labeler for n in names}
+    missing_models = [n for n, lab in labelings.items() if lab.weights_used(cfg) and lab.weights and n not in cfg.models]
     if missing_models:
         raise LabelInputError(f"no model configured for {missing_models} (label.models)")
-    det_backend = cfg.resolved_det_backend() if "det" in names else cfg.det_backend
-    if det_backend == "detectron2":
-        from models.detectron2_det import INSTALL_HINT, detectron2_available
-
-        if not detectron2_available():
-            raise LabelInputError(f"label.det_backend is detectron2 but detectron2 is not importable; {INSTALL_HINT}")
+    for name, labeling in labelings.items():
+        try:
+            if labeling.check:
+                labeling.check(cfg)
+        except ImportError as err:
+            raise LabelInputError(f"{name}: {err}") from None
 
     # Local files become absolute paths: Ray actors do not share the driver's working directory.
     def local(path):
         return str(Path(path).resolve()) if path and Path(path).exists() else path
 
-    cfg = cfg.model_copy(update={"models": {n: local(p) for n, p in cfg.models.items()}, "det_backend": det_backend,
+    cfg = cfg.model_copy(update={"models": {n: local(p) for n, p in cfg.models.items()},
                                  "det_detectron2_config": local(cfg.det_detectron2_config),
                                  "det_detectron2_weights": local(cfg.det_detectron2_weights)})
     needed = [n for n in names if any(not layout.is_committed(stage_name(n), shard) for shard in shards)]
-    check_all_weights({n: cfg.models[n] for n in needed if not (n == "det" and det_backend == "detectron2")})
+    check_all_weights({n: cfg.models[n] for n in needed
+                       if labelings[n].weights_used(cfg) and labelings[n].weights and n in cfg.models})
     summary = LabelSummary(shards_total=len(shards), status_counts={n: Counter() for n in names})
     if observer:
         observer.start(len(shards))
@@ -357,7 +324,8 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     started = time.time()
     if todo:
         init_ray(config.ray)
-        for shard, stats, error in run_on_actors(LabelWorker, (str(Path(root).resolve()), cfg, names), todo,
+        worker_args = (str(Path(root).resolve()), cfg, names, registry.loaded_plugins())
+        for shard, stats, error in run_on_actors(LabelWorker, worker_args, todo,
                                                  "label", device=cfg.device, workers=cfg.workers,
                                                  cpus_per_worker=cfg.cpus_per_worker):
             if error:

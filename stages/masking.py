@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from core import registry
+
 IMAGE_TOKENS = 196          # 14x14 per 224x224 crop, for token grids and RGB patches alike
 SEQUENCE_TOKENS = 256       # a caption's or a box sequence's tokens, [EOS] included
 KEEP_DECAY = 0.9
@@ -38,17 +40,17 @@ class Component:
     weight: float = 1.0
 
 
-TOKEN_MODALITIES = ("tok_rgb@224", "tok_depth@224", "tok_semseg@224", "tok_normal@224", "tok_clip@224", "caption",
-                    "det")
-PAPER_MIXTURE = [  # Table 5 and appendix E.4: "RGB->All & All->All", alpha 0.5, half each
-    Component(input_alphas={"rgb@224": 1000.0}, target_alphas={m: 0.5 for m in TOKEN_MODALITIES}),
-    Component(input_alphas={m: 0.5 for m in ("rgb@224", *TOKEN_MODALITIES)},
-              target_alphas={m: 0.5 for m in TOKEN_MODALITIES}),
-]
+def paper_mixture() -> list[Component]:
+    """Table 5 and appendix E.4: "RGB->All & All->All", alpha 0.5, half each, over every registered modality
+    (RGB pixels are an input only; RGB->All puts nearly the whole input budget on them)."""
+    pixels = [d.name for d in registry.domains() if d.input_only]
+    targets = {d.name: 0.5 for d in registry.domains() if not d.input_only}
+    return [Component(input_alphas={m: 1000.0 for m in pixels}, target_alphas=dict(targets)),
+            Component(input_alphas={d.name: 0.5 for d in registry.domains()}, target_alphas=dict(targets))]
 
 
 def is_sequence(modality: str) -> bool:
-    return modality in ("caption", "det")
+    return registry.domain(modality).kind == "sequence"
 
 
 def span_mask(ids: list[int], keep: float, sentinels: list[int], rng: np.random.Generator):

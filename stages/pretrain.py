@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config
-from stages.shards import _atomic_write_bytes
+from core.config import Config
+from core.files import write_json
 from stages.tokenizer_data import tokenizer_name
 from stages.training import LoopSettings, TrainTask, fit, parameter_groups, train_loop, world_for
 
@@ -238,5 +238,5 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
                "first": metrics[0] if metrics else {}}
     picture = prediction_picture(root, config)
     summary["predictions"] = str(picture) if picture else None
-    _atomic_write_bytes(folder / "train.json", json.dumps(summary, indent=1).encode())
+    write_json(folder / "train.json", summary)
     return summary

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,9 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
+
+from core import registry
+from core.files import atomic_path, npy_bytes, publish, temporary_name, write_json  # noqa: F401 - npy_bytes: shared
 
 STATUS_DIR = "_status"
 OK = "ok"
@@ -90,37 +92,15 @@ class DatasetLayout:
 NOT_LOADER_FOLDERS = {"tokenizers", "show"}
 
 
+CROPS = "crop_settings"  # the folder (and stage) of each sample's pre-tokenization crops
+
+
 def producing_stage(folder: str) -> str:
-    """The stage whose status files record the fate of each sample of a modality folder."""
-    if folder in ("rgb", "caption"):
-        return "download"
-    if folder == "crop_settings":
-        return "crop_settings"
-    if folder.startswith("tok_"):
-        return "tokenize_" + folder[len("tok_"):].split("@")[0]
-    return f"label_{folder}"
-
-
-def _temporary(path: Path) -> Path:
-    # Unique per writer: a stale writer from a killed run can never rename over a newer one's file.
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-
-
-def npy_bytes(array) -> bytes:
-    """An array as the bytes of a .npy file (a shard member or a file)."""
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _temporary(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """The stage whose status files record the fate of each sample of a folder under the data root."""
+    if folder == CROPS:
+        return CROPS
+    modality, domain = registry.of_folder(folder)
+    return modality.stage if domain is None else modality.tokenize_stage
 
 
 class ShardWriter:
@@ -132,7 +112,7 @@ class ShardWriter:
     def __init__(self, layout: DatasetLayout, stage: str, shard: str, modalities: list[str]):
         self.layout, self.stage, self.shard = layout, stage, shard
         self._final = {m: layout.tar(m, shard) for m in modalities}
-        self._tmp = {m: _temporary(p) for m, p in self._final.items()}
+        self._tmp = {m: temporary_name(p) for m, p in self._final.items()}
         self._writers: dict[str, wds.TarWriter] = {}
         self._committed = False
         self._started_at = time.time()
@@ -157,14 +137,12 @@ class ShardWriter:
         for writer in self._writers.values():
             writer.close()
         for modality, tmp in self._tmp.items():
-            os.replace(tmp, self._final[modality])
-        table_path = self.layout.status_table(self.stage, self.shard)
-        tmp = _temporary(table_path)
-        pq.write_table(status, tmp)
-        os.replace(tmp, table_path)
+            publish(tmp, self._final[modality])
+        with atomic_path(self.layout.status_table(self.stage, self.shard)) as tmp:
+            pq.write_table(status, tmp)
         stats = {"stage": self.stage, "shard": self.shard, "started_at": self._started_at,
                  "finished_at": time.time(), **stats}
-        _atomic_write_bytes(self.layout.stats(self.stage, self.shard), json.dumps(stats, indent=1).encode())
+        write_json(self.layout.stats(self.stage, self.shard), stats)
         self._committed = True
 
     def __enter__(self) -> "ShardWriter":

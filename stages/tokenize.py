@@ -27,13 +27,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import Config, TokenizerStageConfig
+from core.config import Config, TokenizerStageConfig
+from core.files import npy_bytes
 from stages.actor_pool import run_on_actors
 from stages.align import STAGE as ALIGN_STAGE
 from stages.align import AlignError, align_dataset, align_shard
 from models.weights import file_sha256
 from stages.provenance import provenance
-from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, npy_bytes
+from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
 from stages.tokenizer_data import (EXTENSIONS, RgbIndex, center_crop, crop_to_tensor, decode, random_crop,
                                    read_members, rgb_index)
 from stages.train_tokenizer import DENSE, TokenizerInputError, is_trained, tokenizer_dir
@@ -188,7 +189,7 @@ def tokenized_modalities(root: str | Path, cfg: TokenizerStageConfig) -> list[st
 def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None = None,
                  observer: ShardObserver | None = None) -> TokenizeSummary:
     """Tokenize every rgb shard with every trained tokenizer not yet committed for it."""
-    from pipeline.ray_runtime import init_ray
+    from core.ray_runtime import init_ray
 
     cfg, layout = config.tokenizer, DatasetLayout(root)
     names = modalities or tokenized_modalities(root, cfg)

@@ -17,17 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from core import registry
 from stages.shards import DatasetLayout
 
-EXTENSIONS = {"rgb": "jpg", "depth": "png", "normal": "png", "semseg": "png", "clip": "npy"}
 SIZE = 224
 
 
 def tokenizer_name(modality: str) -> str:
-    """tok_<name>@224 -> <name>: the tokenizer's folder under <root>/tokenizers."""
-    return modality.split("@")[0].removeprefix("tok_")
+    """A 4M domain (tok_<name>@224, <name>) -> its modality's name: the tokenizer's folder under <root>/tokenizers."""
+    return registry.domain(modality).modality.name
 
 
 def read_members(path: Path, extension: str) -> Iterator[tuple[str, bytes]]:
@@ -39,17 +38,8 @@ def read_members(path: Path, extension: str) -> Iterator[tuple[str, bytes]]:
 
 
 def decode(modality: str, data: bytes) -> np.ndarray:
-    """Stored bytes -> the label at its stored size (rgb/normal uint8 HxWx3, depth uint16, semseg uint8,
-    clip float16 (h, w, D))."""
-    import cv2
-
-    if modality == "clip":
-        return np.load(io.BytesIO(data))
-    flags = {"rgb": cv2.IMREAD_COLOR, "normal": cv2.IMREAD_COLOR}.get(modality, cv2.IMREAD_UNCHANGED)
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if array is None:
-        raise ValueError(f"{modality}: not a decodable PNG/JPEG")
-    return np.ascontiguousarray(array[..., ::-1]) if array.ndim == 3 else array
+    """Stored bytes -> the label at its stored size (the modality's `decode`)."""
+    return registry.get(modality).decode(data)
 
 
 def center_crop(height: int, width: int) -> list[int]:
@@ -72,31 +62,8 @@ def random_crop(rng: np.random.Generator, height: int, width: int, scale=(0.8, 1
 
 
 def crop_to_tensor(modality: str, array: np.ndarray, crop, image_size: tuple[int, int]) -> torch.Tensor:
-    """One sample's stored label and a crop in rgb pixels -> the tokenizer's input (see models/vqvae.py)."""
-    top, left, h, w, flip = (int(v) for v in crop)
-    if modality == "clip":
-        from torchvision.ops import roi_align
-
-        scale_y, scale_x = array.shape[0] / image_size[0], array.shape[1] / image_size[1]
-        features = torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1)[None]
-        box = torch.tensor([[0, left * scale_x, top * scale_y, (left + w) * scale_x, (top + h) * scale_y]])
-        out = roi_align(features, box, output_size=SIZE // 16, spatial_scale=1.0, sampling_ratio=2, aligned=True)[0]
-        return out.flip(-1) if flip else out
-    if array.shape[:2] != tuple(image_size):
-        raise ValueError(f"{modality}: stored at {array.shape[:2]}, the rgb image is {tuple(image_size)}")
-    region = torch.from_numpy(np.ascontiguousarray(array[top:top + h, left:left + w]))
-    if modality == "semseg":
-        out = F.interpolate(region[None, None].float(), size=(SIZE, SIZE), mode="nearest")[0, 0].long()
-        return out.flip(-1) if flip else out
-    scale = 65535.0 if modality == "depth" else 255.0
-    x = region.float().div_(scale)
-    x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
-    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)[0]
-    if flip:
-        x = x.flip(-1)
-        if modality == "normal":
-            x[0] = 1 - x[0]  # mirrored surfaces face the other way along x
-    return x.clamp_(0, 1).mul_(2).sub_(1)
+    """One sample's stored label and a crop in rgb pixels -> the tokenizer's input (the modality's `to_tensor`)."""
+    return registry.get(modality).to_tensor(array, crop, image_size)
 
 
 @dataclass
@@ -112,7 +79,8 @@ def rgb_index(layout: DatasetLayout, shard: str) -> RgbIndex:
     from PIL import Image
 
     keys, sizes = [], {}
-    for key, data in read_members(layout.tar("rgb", shard), "jpg"):
+    photo = registry.photo()
+    for key, data in read_members(layout.tar(photo.folder, shard), photo.extension):
         keys.append(key)
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -125,6 +93,6 @@ def rgb_index(layout: DatasetLayout, shard: str) -> RgbIndex:
 def shard_samples(layout: DatasetLayout, modality: str, shard: str) -> Iterator[tuple[str, np.ndarray, tuple]]:
     """(key, decoded label, rgb image size) for every sample of a shard that has this modality."""
     sizes = rgb_index(layout, shard).sizes
-    for key, data in read_members(layout.tar(modality, shard), EXTENSIONS[modality]):
+    for key, data in read_members(layout.tar(modality, shard), registry.get(modality).extension):
         if key in sizes:
             yield key, decode(modality, data), sizes[key]

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Config, TokenizerStageConfig
-from stages.shards import DatasetLayout, _atomic_write_bytes
+from core.config import Config, TokenizerStageConfig
+from core.files import write_json
+from stages.shards import DatasetLayout
 from stages.tokenizer_data import crop_to_tensor, random_crop, center_crop, shard_samples
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
 
@@ -71,10 +72,6 @@ def model_config(cfg: TokenizerStageConfig, modality: str, layout: DatasetLayout
     return tokenizer_config(modality, cfg.size, **overrides)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    _atomic_write_bytes(path, json.dumps(data, indent=1).encode())
-
-
 # -- the text tokenizer ------------------------------------------------------------------------------
 def text_corpus(layout: DatasetLayout) -> Iterator[str]:
     """Every caption, then every box sequence, streamed shard by shard."""
@@ -103,7 +100,7 @@ def train_text(root: str | Path, cfg: TokenizerStageConfig) -> dict:
 
     tokenizer = train_text_tokenizer(corpus(), cfg.vocab_size, folder / "tokenizer.json")
     summary = {"modality": "text", "texts": counted["texts"], "vocab_size": tokenizer.get_vocab_size()}
-    _write_json_atomic(folder / "train.json", summary)
+    write_json(folder / "train.json", summary)
     return summary
 
 
@@ -383,7 +380,7 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
     metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     summary = {"modality": modality, "samples": plan.samples, "steps": plan.steps, "workers": world,
                "final": metrics[-1] if metrics else {}}
-    _write_json_atomic(folder / "train.json", summary)
+    write_json(folder / "train.json", summary)
     return summary
 
 

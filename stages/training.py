@@ -339,7 +339,7 @@ def world_for(ray_config, device: str, workers: int | None) -> tuple[int, bool]:
     """(data-parallel workers, on GPUs?): the configured number, else one per GPU of the cluster, else one."""
     import ray
 
-    from pipeline.ray_runtime import init_ray
+    from core.ray_runtime import init_ray
 
     init_ray(ray_config)
     use_gpu = device != "cpu" and bool(ray.cluster_resources().get("GPU"))
@@ -353,7 +353,7 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_runtime import train_logging
+    from core.ray_runtime import train_logging
 
     TorchTrainer(
         train_fn, train_loop_config=args,

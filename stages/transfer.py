@@ -242,7 +242,7 @@ class TransferTask(TrainTask):
 def train_worker(args: dict) -> None:
     import ray.train
 
-    from pipeline.config import Config
+    from core.config import Config
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

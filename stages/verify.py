@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.align import recorded_failures
-from stages.shards import DatasetLayout, producing_stage
+from core import registry
+from stages.shards import CROPS, DatasetLayout, producing_stage
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Problem:
 
 
 def _vocabulary(root: Path, folder: str) -> int | None:
-    config = root / "tokenizers" / folder[len("tok_"):].split("@")[0] / "config.json"
+    config = root / "tokenizers" / registry.of_folder(folder)[0].name / "config.json"
     return json.loads(config.read_text())["codebook_size"] if config.is_file() else None
 
 
@@ -50,12 +51,12 @@ def _check_member(folder: str, name: str, data: bytes, vocabulary: int | None) -
             data.decode("utf-8")
         elif ext == "npy":
             array = np.load(io.BytesIO(data))
-            if folder.startswith("tok_"):
+            if registry.is_token_folder(folder):
                 if array.dtype != np.int16 or array.ndim != 2 or array.shape[1] != 196:
                     return f"{name}: {array.dtype} {array.shape}, expected int16 (n_crops, 196)", None
                 if array.min() < 0 or (vocabulary is not None and array.max() >= vocabulary):
                     return f"{name}: token ids {array.min()}..{array.max()} outside 0..{vocabulary - 1}", None
-            if folder == "crop_settings" and (array.ndim != 2 or array.shape[1] != 5):
+            if folder == CROPS and (array.ndim != 2 or array.shape[1] != 5):
                 return f"{name}: shape {array.shape}, expected (n_crops, 5)", None
             return None, array
         else:
@@ -71,13 +72,14 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
 
     layout, root = DatasetLayout(root), Path(root)
     problems: list[Problem] = []
-    rgb_shards = sorted(p.stem for p in (root / "rgb").glob("shard-*.tar"))
+    photo = registry.photo().folder
+    rgb_shards = sorted(p.stem for p in (root / photo).glob("shard-*.tar"))
     if not rgb_shards:
-        return [Problem("-", "rgb", f"no shards under {root / 'rgb'}")], {}
+        return [Problem("-", photo, f"no shards under {root / photo}")], {}
     folders = layout.loader_folders()
     checked = {"shards": len(rgb_shards), "folders": len(folders), "members": 0}
     for shard in rgb_shards:
-        rgb_keys = _keys(layout.tar("rgb", shard))
+        rgb_keys = _keys(layout.tar(photo, shard))
         position = {k: i for i, k in enumerate(rgb_keys)}
         crops_per_key: dict[str, int] = {}
         for folder in folders:
@@ -85,7 +87,7 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
             if not path.is_file():
                 problems.append(Problem(shard, folder, "shard missing"))
                 continue
-            vocabulary = _vocabulary(root, folder) if folder.startswith("tok_") else None
+            vocabulary = _vocabulary(root, folder) if registry.is_token_folder(folder) else None
             seen, last = set(), -1
             try:
                 with tarfile.open(path) as tar:
@@ -107,7 +109,7 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
                                                        vocabulary)
                         if problem:
                             problems.append(Problem(shard, folder, problem))
-                        elif isinstance(value, np.ndarray) and (folder.startswith("tok_") or folder == "crop_settings"):
+                        elif isinstance(value, np.ndarray) and (registry.is_token_folder(folder) or folder == CROPS):
                             if crops_per_key.setdefault(key, len(value)) != len(value):
                                 problems.append(Problem(shard, folder, f"{member.name}: {len(value)} crops, other "
                                                                        f"folders have {crops_per_key[key]}"))

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 
 
 def test_profiles_load_with_their_settings():

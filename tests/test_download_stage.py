@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.config import load_config
+from core.config import load_config
 from stages.download import STAGE, run_download
 from stages.shards import DatasetLayout
 from tests.helpers import encode, exif_rotated_jpeg, large_jpeg, photo, png_bomb_header

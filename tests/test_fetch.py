@@ -4,7 +4,7 @@ from urllib.parse import quote
 
 import pytest
 
-from pipeline.config import DownloadConfig
+from core.config import DownloadConfig
 from stages.fetch import Fetcher, opted_out
 from tests.helpers import large_jpeg
 

@@ -70,7 +70,7 @@ def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_add
 
 
 def test_download_flow_rejects_bad_configuration_before_work(prefect_api, tmp_path):
-    from pipeline.config import ConfigError
+    from core.config import ConfigError
     from pipeline.flows import download_flow
 
     with pytest.raises(ConfigError, match="unknown key 'download.shard_sise'"):
@@ -147,7 +147,7 @@ def test_show_draws_a_labelled_sample(ray_address, tmp_path):
 
     from models.random_weights import save_random_models
     from pipeline.cli import main
-    from pipeline.config import load_config
+    from core.config import load_config
     from stages.label import run_label
     from tests.helpers import make_labelled_input
 
@@ -165,7 +165,7 @@ def test_tokenizer_flows_publish_results_pictures_and_token_rates(prefect_api, r
     from prefect.artifacts import Artifact
 
     from models.random_weights import save_random_models
-    from pipeline.config import load_config
+    from core.config import load_config
     from pipeline.flows import tokenize_flow, train_tokenizers_flow
     from stages.label import run_label
     from tests.helpers import make_labelled_input
@@ -195,7 +195,7 @@ def test_stage_tasks_retry_infrastructure_failures_but_not_bad_configuration(pre
     import ray.exceptions
     from prefect import flow, task
 
-    from pipeline.config import ConfigError, load_config
+    from core.config import ConfigError, load_config
     from pipeline.flows import ShardsFailed, retry_on_infrastructure
 
     calls = {"lost": 0, "config": 0}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.text_tokenizer import train_text_tokenizer
-from pipeline.config import load_config
+from core.config import load_config
 from stages.fourm_data import LoaderInputError, MaskedSamples, make_loader, shard_samples, split_shards
 from stages.masking import Component, MaskingSampler
 from stages.shards import DatasetLayout, ShardWriter

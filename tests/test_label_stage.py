@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
+from core.config import load_config
 from stages.label import LabelInputError, _one_by_one, label_shard, run_label, stage_name
 from tests.helpers import make_labelled_input as make_dataset
 from tests.helpers import photo

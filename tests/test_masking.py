@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.text_tokenizer import boxes_to_text, train_text_tokenizer
-from stages.masking import PAPER_MIXTURE, Component, MaskingSampler, span_mask
+from stages.masking import Component, MaskingSampler, paper_mixture, span_mask
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures/reference/masking_stats.json").read_text())
 MODALITIES = list(FIXTURE["mixture"])
@@ -34,7 +34,7 @@ def sample(i: int) -> dict:
 
 
 def test_mean_token_counts_equal_the_reference_samplers(tokenizer):
-    sampler = MaskingSampler(MODALITIES, PAPER_MIXTURE, 128, 128, tokenizer)
+    sampler = MaskingSampler(MODALITIES, paper_mixture(), 128, 128, tokenizer)
     rng = np.random.default_rng(0)
     n = FIXTURE["samples"]
     counts = {m: {"input": [], "target": []} for m in MODALITIES}
@@ -53,7 +53,7 @@ def test_mean_token_counts_equal_the_reference_samplers(tokenizer):
 
 
 def test_inputs_and_targets_are_disjoint_and_within_budget(tokenizer):
-    sampler = MaskingSampler(MODALITIES, PAPER_MIXTURE, 128, 128, tokenizer)
+    sampler = MaskingSampler(MODALITIES, paper_mixture(), 128, 128, tokenizer)
     rng = np.random.default_rng(1)
     for i in range(200):
         out = sampler(sample(i), rng)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from models.fourm import FourM
 from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
 from models.text_tokenizer import train_text_tokenizer
-from pipeline.config import load_config
+from core.config import load_config
 from stages.pretrain import PretrainInputError, PretrainTask, model_config, run_dir, run_pretrain, train_worker
 from tests.test_fourm_data import write_dataset
 

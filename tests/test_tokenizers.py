@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from models.vqvae import (MODALITIES, VQVAE, EMAQuantizer, baseline_metric, load_tokenizer, reconstruction_metric,
                           tokenizer_config)
 from pipeline.cli import main as cli
-from pipeline.config import load_config
+from core.config import load_config
 from stages.label import run_label
 from stages.shards import DatasetLayout
 from stages.tokenize import run_tokenize
@@ -175,7 +175,7 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_on_rerun(trained_rgb, t
 
 
 def test_epochs_can_be_set_per_tokenizer(dataset):
-    from pipeline.config import ConfigError
+    from core.config import ConfigError
     from stages.train_tokenizer import make_plan
 
     cfg = config("tokenizer.epochs_by_modality={clip: 3}").tokenizer

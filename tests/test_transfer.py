@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from models.fourm import FourM, FourMConfig
 from models.transfer import BackboneError, FourMViT, TransferModel, make_backbone, make_head
-from pipeline.config import load_config
+from core.config import load_config
 from stages.training import LoopSettings, train_loop
 from stages.transfer import (TransferTask, confusion, depth_scores, depth_sums, evaluate, make_transfer_plan,
                              run_transfer, segmentation_scores, topk_correct)

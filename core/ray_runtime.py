@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline.config import RayConfig
+from core.config import RayConfig
 
 
 _dashboard: dict[str, str | None] = {"url": None}

@@ -1,17 +1,20 @@
 """One typed configuration for every stage, loaded from a YAML profile plus command-line overrides.
 
-Precedence, lowest first: the defaults below, the profile (`pipeline/profiles/<name>.yaml` or a path),
+Precedence, lowest first: the defaults below, the profile (`core/profiles/<name>.yaml` or a path),
 `--set section.key=value` overrides, then a stage's own flags (`--shard-size` ...). Every layer is
 validated before any work starts; an unknown key or a bad value is a `ConfigError` that names the key,
 the value and the layer it came from.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core import registry
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -51,20 +54,23 @@ class DownloadConfig(Section):
     caption_column: str = "caption"
 
 
-LABELER_NAMES = ("depth", "normal", "semseg", "det", "clip")
+def _labelled() -> list[str]:
+    return [m.name for m in registry.labelled()]
+
+
+def _known(value, known: list[str], what: str, prefix: str = ""):
+    unknown = [name for name in value if name not in known]
+    if unknown:
+        raise ValueError(f"{prefix}unknown {what} {unknown} (known: {', '.join(known)})")
+    return value
 
 
 class LabelConfig(Section):
-    labelers: list[str] = Field(default_factory=lambda: list(LABELER_NAMES), description="which labels to make")
+    labelers: list[str] = Field(default_factory=_labelled, description="which labels to make (default: every "
+                                                                         "registered modality with a labeler)")
     models: dict[str, str] = Field(
-        default_factory=lambda: {
-            "depth": "models/omnidata/depth",    # Omnidata DPT-Hybrid v2, converted (convert-omnidata)
-            "normal": "models/omnidata/normal",
-            "semseg": "facebook/mask2former-swin-base-coco-panoptic",
-            "det": "ustc-community/dfine-xlarge-obj2coco",
-            "clip": "openai/clip-vit-base-patch16",
-        },
-        description="hub id or local folder per labeler")
+        default_factory=lambda: {m.name: m.labeler.weights for m in registry.labelled() if m.labeler.weights},
+        description="hub id or local folder per labeler (default: each modality's own, models/modalities.py)")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
     batch_size: int = Field(16, ge=1, description="images per forward pass")
     batch_sizes: dict[str, int] = Field(
@@ -91,17 +97,14 @@ class LabelConfig(Section):
     @field_validator("labelers")
     @classmethod
     def _known_labelers(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in LABELER_NAMES]
-        if unknown or not value:
-            raise ValueError(f"unknown labelers {unknown} (known: {', '.join(LABELER_NAMES)})")
-        return value
+        if not value:
+            raise ValueError(f"no labelers (known: {', '.join(_labelled())})")
+        return _known(value, _labelled(), "labelers")
 
     @field_validator("batch_sizes")
     @classmethod
     def _known_batch_sizes(cls, value: dict[str, int]) -> dict[str, int]:
-        unknown = [name for name in value if name not in LABELER_NAMES]
-        if unknown:
-            raise ValueError(f"batch sizes for unknown labelers {unknown} (known: {', '.join(LABELER_NAMES)})")
+        _known(value, _labelled(), "labelers", prefix="batch sizes for ")
         small = {name: size for name, size in value.items() if size < 1}
         if small:
             raise ValueError(f"batch sizes must be at least 1, got {small}")
@@ -122,19 +125,14 @@ class LabelConfig(Section):
                               f"(now {self.det_detectron2_weights!r})")
         if self.det_backend != "auto":
             return self.det_backend
-        from models.detectron2_det import detectron2_available
-
-        ready = self.det_detectron2_config and self.det_detectron2_weights and detectron2_available()
+        ready = self.det_detectron2_config and self.det_detectron2_weights and importlib.util.find_spec("detectron2")
         return "detectron2" if ready else "transformers"
-
-
-TOKENIZER_MODALITIES = ("rgb", "depth", "normal", "semseg", "clip")
 
 
 class TokenizerStageConfig(Section):
     size: Literal["tiny", "paper"] = Field("paper", description="model sizes: the paper's (ViT-B) or tiny")
-    modalities: list[str] = Field(default_factory=lambda: ["text", *TOKENIZER_MODALITIES],
-                                  description="tokenizers to train and use: text and the dense modalities")
+    modalities: list[str] = Field(default_factory=registry.tokenizer_names,
+                                  description="tokenizers to train and use: text and every tokenized modality")
     codebook_sizes: dict[str, int] = Field(default_factory=dict, description="override Table 3's codebook sizes")
     vocab_size: int = Field(30000, ge=4400, description="text vocabulary (captions and boxes)")
     batch_size: int = Field(640, ge=1, description="global batch size (Table 3: 640, CLIP 1024)")
@@ -165,10 +163,7 @@ class TokenizerStageConfig(Section):
     @field_validator("modalities", "epochs_by_modality")
     @classmethod
     def _known_modalities(cls, value):
-        known = ("text", *TOKENIZER_MODALITIES)
-        unknown = [m for m in value if m not in known]
-        if unknown:
-            raise ValueError(f"unknown modalities {unknown} (known: {', '.join(known)})")
+        _known(value, registry.tokenizer_names(), "modalities")
         if isinstance(value, dict) and any(epochs <= 0 for epochs in value.values()):
             raise ValueError(f"epochs must be positive: {value}")
         return value
@@ -176,10 +171,9 @@ class TokenizerStageConfig(Section):
 
 class PretrainConfig(Section):
     size: Literal["Ti", "S", "B", "L", "XL"] = Field("B", description="4M size (Table 4)")
-    modalities: list[str] = Field(default_factory=lambda: ["rgb@224", "tok_rgb@224", "tok_depth@224",
-                                                           "tok_normal@224", "tok_semseg@224", "tok_clip@224",
-                                                           "caption", "det"],
-                                  description="modalities loaded and masked (rgb@224: pixels, an input only)")
+    modalities: list[str] = Field(default_factory=registry.domain_names,
+                                  description="modalities loaded and masked, as 4M names them (default: every "
+                                              "registered one; rgb@224 is pixels, an input only)")
     input_tokens: int = Field(128, ge=1, description="encoder tokens per sample (Table 5)")
     target_tokens: int = Field(128, ge=1, description="decoder tokens per sample (Table 5)")
     mixture: str | list[dict] = Field("paper", description="'paper' (RGB->All & All->All, alpha 0.5), or a list of "
@@ -217,12 +211,7 @@ class PretrainConfig(Section):
     @field_validator("modalities")
     @classmethod
     def _known_4m_modalities(cls, value: list[str]) -> list[str]:
-        from models.fourm import MODALITIES
-
-        unknown = [m for m in value if m not in MODALITIES]
-        if unknown:
-            raise ValueError(f"unknown modalities {unknown} (known: {', '.join(MODALITIES)})")
-        return value
+        return _known(value, registry.domain_names(), "modalities")
 
 
 class TransferTaskConfig(Section):
@@ -294,6 +283,9 @@ class RayConfig(Section):
 
 class Config(Section):
     profile: str = "default"
+    modalities: list[str] = Field(default_factory=list, description="modules defining more modalities (dotted "
+                                                                    "names or .py paths), imported before the rest "
+                                                                    "is read; see docs/architecture.md")
     data_root: str = "data/cc12m"
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
@@ -357,6 +349,20 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
+def _use_modalities(data: dict, base: Path, source: str) -> None:
+    """Import the modules a layer names under `modalities:` (a .py path relative to its profile's folder), so
+    the sections' defaults and checks see their modalities; the paths are kept absolute for the workers."""
+    specs = data.get("modalities") or []
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+        raise ConfigError(f"{source}: modalities = {specs!r}: expected a list of module names or .py paths")
+    resolved = [str((base / s).resolve()) if s.endswith(".py") and not Path(s).is_absolute() else s for s in specs]
+    try:
+        registry.use(resolved)
+    except registry.RegistryError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    data["modalities"] = resolved
+
+
 DEFAULT_PROFILE = "paper"  # the real settings; the demo's apply only where the demo is named
 
 
@@ -380,11 +386,13 @@ def load_config(
     if not isinstance(data, dict):
         raise ConfigError(f"profile {path}: expected a mapping at the top level, got {type(data).__name__}")
     data.setdefault("profile", path.stem)
+    _use_modalities(data, path.parent, f"profile {path}")
     _validate(data, f"profile {path}")
 
     for text in overrides or []:
         key_path, value = parse_override(text)
         data = _deep_merge(data, _nest(key_path, value))
+        _use_modalities(data, Path.cwd(), f"--set {text}")
         _validate(data, f"--set {text}")
 
     for key, value in (flags or {}).items():

@@ -1,0 +1,261 @@
+"""The modality registry: every modality defined once, as data, and read by every stage.
+
+A modality is one object (a `Modality` subclass instance) that says
+  - its names: `name` is its folder under the data root and its tokenizer's folder; each of its `domains` is one
+    way 4M sees it (`tok_depth@224` image tokens, `rgb@224` pixels, `caption` a sequence), written by users
+    with or without the `@224` (`tok_depth`);
+  - how it is stored in a shard (`extension`, `encode`, `decode`) and which stage writes it (`stage`);
+  - its labeler (`labeler`: how to load it, its default weights, its tiny random model, its options);
+  - its tokenizer (`tokenizer`: the VQ-VAE's settings at the paper's size; sequences use the text tokenizer);
+  - how a crop of it becomes a tokenizer input (`to_tensor`), how it is drawn (`picture`, `tensor_picture`),
+    its reconstruction metric and trivial baseline, and its evaluation against pseudo labels.
+Outside the definitions, no module branches on a modality's name: stages ask the registry.
+
+The built-in modalities (4M's seven) are defined in `models/modalities.py`. More can be added without editing
+the project: a module that calls `register(...)`, named in a profile's `modalities:` list as a dotted module
+name (importable on every machine of the cluster) or as a path to a `.py` file; `use()` imports it, in the
+driver and in every worker process a stage starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+BUILTIN = ("models.modalities",)   # imported on first use: the 4M-7 definitions
+TEXT = "text"                      # the text tokenizer's folder under <root>/tokenizers: captions and boxes
+RESOLUTION = 224                   # the `@224` of 4M's domain names
+
+
+class RegistryError(ValueError):
+    """An unknown modality or domain name, a clash between definitions, or a plugin that cannot be imported."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One way 4M sees a modality: image tokens, pixels, or a sequence of text tokens."""
+
+    name: str                 # the reference's domain name: tok_depth@224, rgb@224, caption
+    modality: "Modality"
+    kind: str                 # "tokens", "pixels" or "sequence"
+    folder: str               # where the 4M loader reads it under the data root
+    vocab_size: int | None = None
+    channels: int | None = None
+
+    @property
+    def short_name(self) -> str:
+        """As users may write it: tok_depth, rgb."""
+        return self.name.split("@")[0]
+
+    @property
+    def input_only(self) -> bool:
+        return self.kind == "pixels"
+
+
+@dataclass(frozen=True)
+class Labeling:
+    """How a modality's labeler is made: `load(path, device, batch_size, **options)` returns a `Labeler`.
+
+    `weights` is the default model (a hub id or folder; None for a labeler without weights), `random_model(size)`
+    builds its model with random weights for tests and the demo, `options(label_config)` picks its settings."""
+
+    load: Callable[..., Any]
+    weights: str | None = None
+    random_model: Callable[[str], Any] | None = None
+    options: Callable[[Any], dict] = field(default=lambda cfg: {})
+    weights_hint: str = "save a model there with save_pretrained"
+    check: Callable[[Any], None] | None = None                   # refuses settings that cannot run, before work
+    weights_used: Callable[[Any], bool] = field(default=lambda cfg: True)  # False: label.models' entry unused
+
+
+class Modality:
+    """The base of every modality: names, storage, labeler. Subclasses add what their family needs."""
+
+    kind = "image"                 # "image" (a map aligned with the photo) or "sequence"
+    name: str
+    extension: str
+    downloaded = False             # stored by the download stage (the photo, its caption); else labelled
+    labeler: Labeling | None = None
+    tokenizer: dict | None = None  # VQ-VAE settings at the paper's size (Table 3); None: no tokenizer of its own
+    label_order = 100              # where it comes in pictures and tables (lower first)
+
+    # -- names ------------------------------------------------------------------------------------------------
+    @property
+    def folder(self) -> str:
+        return self.name
+
+    @property
+    def stage(self) -> str:
+        """The stage whose status files record each sample's fate in this modality's folder."""
+        return "download" if self.downloaded else f"label_{self.name}"
+
+    @property
+    def token_folder(self) -> str:
+        return f"tok_{self.name}@{RESOLUTION}"
+
+    @property
+    def tokenize_stage(self) -> str:
+        return f"tokenize_{self.name}"
+
+    def domains(self) -> list[Domain]:
+        if self.tokenizer is None:
+            return []
+        return [Domain(self.token_folder, self, "tokens", self.token_folder,
+                       vocab_size=self.tokenizer["codebook_size"])]
+
+    # -- storage ----------------------------------------------------------------------------------------------
+    def encode(self, label) -> bytes:
+        raise NotImplementedError(f"{self.name}: not written by a labeler")
+
+    def decode(self, data: bytes):
+        raise NotImplementedError
+
+    def picture(self, stored, photo):
+        """The stored label (decoded) as an RGB picture in [0, 1] for `show`; `photo` is the RGB image."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<modality {self.name}>"
+
+
+# -- the registry -------------------------------------------------------------------------------------------------
+_modalities: dict[str, Modality] = {}
+_loaded: set[str] = set()
+_lock = threading.RLock()
+
+
+def register(modality: Modality) -> Modality:
+    """Add a modality; a second definition of the same name is an error unless it is the same object."""
+    with _lock:
+        known = _modalities.get(modality.name)
+        if known is not None and known is not modality and type(known) is not type(modality):
+            raise RegistryError(f"modality {modality.name!r} is defined twice ({type(known).__module__} and "
+                                f"{type(modality).__module__})")
+        names = {d.name for m in _modalities.values() if m.name != modality.name for d in m.domains()}
+        clash = [d.name for d in modality.domains() if d.name in names]
+        if clash:
+            raise RegistryError(f"modality {modality.name!r}: domains {clash} belong to another modality")
+        _modalities[modality.name] = modality
+    return modality
+
+
+def _import(spec: str):
+    """A dotted module name, or a path to a .py file (imported under a name derived from its path)."""
+    if spec.endswith(".py"):
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise RegistryError(f"modalities: no file {spec!r}")
+        name = f"fourm_modality_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        if name in sys.modules:
+            return sys.modules[name]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[name]
+            raise
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as err:
+        raise RegistryError(f"modalities: cannot import {spec!r} ({err}); a module must be importable on every "
+                            f"machine (installed, or on PYTHONPATH), or be named by its .py path") from None
+
+
+def use(specs: Iterable[str] = ()) -> None:
+    """Import the built-in definitions and the named modules (each once per process)."""
+    with _lock:
+        for spec in (*BUILTIN, *specs):
+            if spec not in _loaded:
+                _import(spec)
+                _loaded.add(spec)
+
+
+def loaded_plugins() -> list[str]:
+    """The modules beyond the built-ins this process has imported: what a worker must import too."""
+    return sorted(s for s in _loaded if s not in BUILTIN)
+
+
+def modalities() -> list[Modality]:
+    use()
+    return sorted(_modalities.values(), key=lambda m: (m.label_order, m.name))
+
+
+def names() -> list[str]:
+    return [m.name for m in modalities()]
+
+
+def get(name: str) -> Modality:
+    use()
+    if name not in _modalities:
+        raise RegistryError(f"unknown modality {name!r} (known: {', '.join(names())})")
+    return _modalities[name]
+
+
+def labelled() -> list[Modality]:
+    """Modalities a labeler writes."""
+    return [m for m in modalities() if m.labeler is not None]
+
+
+def tokenized() -> list[Modality]:
+    """Modalities with a tokenizer of their own (a VQ-VAE)."""
+    return [m for m in modalities() if m.tokenizer is not None]
+
+
+def sequences() -> list[Modality]:
+    return [m for m in modalities() if m.kind == "sequence"]
+
+
+def photo() -> Modality:
+    """The downloaded image every label is made from and aligned with."""
+    found = [m for m in modalities() if m.downloaded and m.kind == "image"]
+    if len(found) != 1:
+        raise RegistryError(f"expected one downloaded image modality, found {[m.name for m in found]}")
+    return found[0]
+
+
+def tokenizer_names() -> list[str]:
+    """The tokenizers a dataset has: the text tokenizer, then one per tokenized modality."""
+    return [TEXT, *(m.name for m in tokenized())]
+
+
+def domains() -> list[Domain]:
+    return [d for m in modalities() for d in m.domains()]
+
+
+def domain(name: str) -> Domain:
+    """A domain by its name as the reference writes it (tok_depth@224) or as users may (tok_depth)."""
+    for d in domains():
+        if name in (d.name, d.short_name):
+            return d
+    raise RegistryError(f"unknown modality {name!r} (known: {', '.join(d.name for d in domains())})")
+
+
+def domain_names() -> list[str]:
+    return [d.name for d in domains()]
+
+
+def of_folder(folder: str) -> tuple[Modality, Domain | None]:
+    """The modality (and domain, for token folders) a folder under the data root holds."""
+    for m in modalities():
+        if folder == m.folder:
+            return m, None
+        for d in m.domains():
+            if folder == d.folder:
+                return m, d
+    raise RegistryError(f"folder {folder!r} holds no registered modality")
+
+
+def is_token_folder(folder: str) -> bool:
+    """Whether a folder under the data root holds a tokenizer's ids (tok_<name>@224)."""
+    try:
+        return of_folder(folder)[1] is not None
+    except RegistryError:
+        return False

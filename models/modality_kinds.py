@@ -1,0 +1,323 @@
+"""The families of modalities: what a dense map or a sequence does, given a few settings.
+
+A modality definition (`models/modalities.py`, or a module of a user's own) is an instance of one of these,
+with its name, storage and settings; the stages call the methods below and never ask a modality's name.
+
+    DenseModality     a map aligned with the photo (the photo itself, depth, normals, ...): stored as an image
+                      file or a .npy, cropped like the photo, tokenized into 14x14 tokens by a VQ-VAE
+    ClassMapModality  class ids per pixel (semantic segmentation): nearest-neighbour crops, a palette, mIoU
+    FeatureMapModality  one vector per patch (CLIP): .npy, crops cut with roi_align, drawn by PCA
+    SequenceModality  text per sample (a caption, boxes as text): tokenized by the text tokenizer when loaded
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core import pictures
+from core.registry import RESOLUTION, Domain, Modality
+from models import metrics
+
+TEXT_VOCABULARY = 30000  # the sequences' vocabulary in 4M's layout (the text tokenizer's size)
+
+
+class DenseModality(Modality):
+    """A map at the photo's resolution, values in [0, 1] stored as integers (`scale` per unit).
+
+    Tokenizer input: float (C, 224, 224) in [-1, 1], the crop resized bilinearly (antialiased)."""
+
+    extension = "png"
+    channels = 1
+    scale = 255.0                 # stored integer per unit: 255 (8-bit) or 65535 (16-bit)
+    flip_negates_x = False        # a mirrored crop mirrors the x component too (surface normals)
+    colour_map = "turbo"          # one-channel maps are drawn through it; three-channel ones as RGB
+    metric_name = "l1"            # the tokenizer's reconstruction figure (see `metric`)
+    baseline_name = "mean map"    # what a tokenizer that learned nothing would score: each sample's mean
+    channels_from_data = False    # the tokenizer's in_channels read off the stored maps (feature maps)
+    condition_from_image = True   # generation may take it as an image file
+
+    # -- storage --------------------------------------------------------------------------------------------------
+    def encode(self, label: np.ndarray) -> bytes:
+        import cv2
+
+        dtype = np.uint16 if self.scale > 255 else np.uint8
+        array = np.round(np.asarray(label, np.float32) * self.scale).astype(dtype)
+        if array.ndim == 3:
+            array = np.ascontiguousarray(array[..., ::-1])  # RGB -> OpenCV's BGR
+        # zlib level 1: several times faster than OpenCV's default on 768-pixel labels, for slightly larger files
+        ok, data = cv2.imencode(f".{self.extension}", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise ValueError(f"{self.name}: {self.extension} encoding failed")
+        return data.tobytes()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Stored bytes -> the map at its stored size (H, W) or (H, W, 3) RGB, its stored integer type."""
+        import cv2
+
+        flags = cv2.IMREAD_COLOR if self.channels == 3 else cv2.IMREAD_UNCHANGED
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if array is None:
+            raise ValueError(f"{self.name}: not a decodable {self.extension}")
+        return np.ascontiguousarray(array[..., ::-1]) if array.ndim == 3 else array
+
+    def from_image_file(self, image: np.ndarray) -> np.ndarray:
+        """An image file as OpenCV reads it unchanged -> the stored form (for conditions given as files)."""
+        if self.channels == 3:
+            return np.ascontiguousarray(image[..., ::-1] if image.ndim == 3 else np.repeat(image[..., None], 3, -1))
+        return image
+
+    # -- crops --------------------------------------------------------------------------------------------------
+    def _region(self, array: np.ndarray, crop, image_size) -> torch.Tensor:
+        top, left, h, w, _ = (int(v) for v in crop)
+        if array.shape[:2] != tuple(image_size):
+            raise ValueError(f"{self.name}: stored at {array.shape[:2]}, the image is {tuple(image_size)}")
+        return torch.from_numpy(np.ascontiguousarray(array[top:top + h, left:left + w]))
+
+    def to_tensor(self, array: np.ndarray, crop, image_size) -> torch.Tensor:
+        """One sample's stored map and a crop [top, left, h, w, flip] in photo pixels -> the tokenizer's input."""
+        x = self._region(array, crop, image_size).float().div_(self.scale)
+        x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="bilinear", align_corners=False, antialias=True)[0]
+        if int(crop[4]):
+            x = x.flip(-1)
+            if self.flip_negates_x:
+                x[0] = 1 - x[0]  # mirrored surfaces face the other way along x
+        return x.clamp_(0, 1).mul_(2).sub_(1)
+
+    # -- pictures -----------------------------------------------------------------------------------------------
+    def tensor_picture(self, x: torch.Tensor) -> np.ndarray:
+        """A tokenizer input or reconstruction (C, H, W) -> an RGB picture in [0, 1]."""
+        values = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+        if values.shape[0] == 3:
+            return values.permute(1, 2, 0).numpy()
+        return pictures.colormap_picture(values[0].numpy(), self.colour_map)
+
+    def picture(self, stored: np.ndarray, photo: np.ndarray) -> np.ndarray:
+        values = np.asarray(stored, np.float32) / self.scale
+        if values.ndim == 3:
+            return values
+        return pictures.colormap_picture(values, self.colour_map, stretch=True)  # each map's own range
+
+    def legend(self, stored) -> list[tuple[tuple, str]]:
+        return []
+
+    # -- quality ------------------------------------------------------------------------------------------------
+    def metric(self, reconstruction: torch.Tensor, target: torch.Tensor) -> tuple[str, float]:
+        return self.metric_name, float(((reconstruction - target).abs() / 2).mean())
+
+    def baseline(self, target: torch.Tensor, classes: int | None = None) -> torch.Tensor:
+        """The trivial reconstruction of each sample of a batch, in the form the decoder outputs."""
+        return target.float().mean((2, 3), keepdim=True).expand_as(target)
+
+    def baseline_metric(self, target: torch.Tensor, classes: int | None = None) -> float:
+        return self.metric(self.baseline(target, classes), target)[1]
+
+    # -- evaluation of 4M's predictions against the pseudo labels (None: not evaluated) ---------------------------
+    evaluation: type | None = None
+
+
+class PhotoModality(DenseModality):
+    """The downloaded photo: a JPEG; 4M sees it as pixels (an input only) and as tokens."""
+
+    extension = "jpg"
+    channels = 3
+    downloaded = True
+    metric_name = "psnr_db"
+    baseline_name = "mean-colour image"
+
+    def domains(self) -> list[Domain]:
+        return [Domain(f"{self.name}@{RESOLUTION}", self, "pixels", self.folder, channels=3), *super().domains()]
+
+    def metric(self, reconstruction, target):  # PSNR over [0, 1] pixels
+        mse = F.mse_loss((reconstruction.clamp(-1, 1) + 1) / 2, (target + 1) / 2)
+        return self.metric_name, float(10 * torch.log10(1 / mse.clamp(min=1e-10)))
+
+
+class NormalMapModality(DenseModality):
+    """Surface normals: three components in [0, 1] stored as RGB; the mean angle between vectors."""
+
+    channels = 3
+    flip_negates_x = True
+    metric_name = "mean_angle_deg"
+    baseline_name = "mean-normal map"
+
+    def metric(self, reconstruction, target):
+        cos = F.cosine_similarity(reconstruction, target, dim=1).clamp(-1, 1)
+        return self.metric_name, float(torch.rad2deg(torch.acos(cos)).mean())
+
+    def baseline(self, target, classes=None):
+        return F.normalize(target.float().mean((2, 3), keepdim=True), dim=1).expand_as(target)
+
+
+class ClassMapModality(DenseModality):
+    """Class ids per pixel (uint8 PNG); the tokenizer sees long ids (224, 224) and decodes class logits."""
+
+    class_names: list[str] = []
+    metric_name = "miou"
+    baseline_name = "majority class"
+
+    def from_image_file(self, image):
+        return image if image.ndim == 2 else image[..., 0]
+
+    def to_tensor(self, array, crop, image_size):
+        region = self._region(array, crop, image_size)
+        out = F.interpolate(region[None, None].float(), size=(RESOLUTION, RESOLUTION), mode="nearest")[0, 0].long()
+        return out.flip(-1) if int(crop[4]) else out
+
+    def tensor_picture(self, x):
+        ids = x.argmax(0) if x.ndim == 3 else x
+        return pictures.palette_picture(ids.cpu().numpy())
+
+    def picture(self, stored, photo):
+        return pictures.palette_picture(stored)
+
+    def legend(self, stored):
+        import matplotlib
+
+        present = [int(c) for c in np.unique(stored)][:12]
+        return [(matplotlib.colormaps["tab20"]((c % 20) / 19), self.class_names[c] if c < len(self.class_names)
+                 else str(c)) for c in present]
+
+    def metric(self, reconstruction, target):  # mean IoU over the classes present in either map
+        predicted = reconstruction.argmax(1)
+        ious = []
+        for c in torch.unique(torch.cat([predicted.unique(), target.unique()])):
+            inter = ((predicted == c) & (target == c)).sum()
+            union = ((predicted == c) | (target == c)).sum()
+            ious.append(float(inter) / float(union))
+        return self.metric_name, sum(ious) / len(ious)
+
+    def baseline(self, target, classes=None):
+        majority = torch.stack([t.flatten().bincount().argmax() for t in target])
+        logits = F.one_hot(majority, classes or int(target.max()) + 1).float()
+        return logits[:, :, None, None].expand(-1, -1, *target.shape[-2:])
+
+
+class FeatureMapModality(DenseModality):
+    """One feature vector per 16x16 patch of the photo (float16 .npy, (h, w, D)); crops cut with roi_align, so
+    a crop means the same region as in the photo; no patch projection in the tokenizer (a token per vector)."""
+
+    extension = "npy"
+    channels_from_data = True
+    condition_from_image = False  # a feature map is given to generation as token ids
+    metric_name = "cosine"
+    baseline_name = "mean feature"
+
+    def encode(self, label):
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(label).astype(np.float16))
+        return buffer.getvalue()
+
+    def decode(self, data):
+        return np.load(io.BytesIO(data))
+
+    def to_tensor(self, array, crop, image_size):
+        from torchvision.ops import roi_align
+
+        top, left, h, w, flip = (int(v) for v in crop)
+        scale_y, scale_x = array.shape[0] / image_size[0], array.shape[1] / image_size[1]
+        features = torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1)[None]
+        box = torch.tensor([[0, left * scale_x, top * scale_y, (left + w) * scale_x, (top + h) * scale_y]])
+        out = roi_align(features, box, output_size=RESOLUTION // 16, spatial_scale=1.0, sampling_ratio=2,
+                        aligned=True)[0]
+        return out.flip(-1) if flip else out
+
+    def tensor_picture(self, x):
+        return pictures.pca_picture(x.float().cpu().permute(1, 2, 0).numpy())
+
+    def picture(self, stored, photo):
+        return pictures.pca_picture(stored)
+
+    def metric(self, reconstruction, target):
+        return self.metric_name, float(F.cosine_similarity(reconstruction, target, dim=1).mean())
+
+
+class SequenceModality(Modality):
+    """Text per sample, tokenized with the text tokenizer when the 4M loader reads it."""
+
+    kind = "sequence"
+    extension = "txt"
+    needs_photo = False           # `to_text` reads the photo's size (boxes are moved into the crop)
+
+    def domains(self) -> list[Domain]:
+        return [Domain(self.name, self, "sequence", self.folder, vocab_size=TEXT_VOCABULARY)]
+
+    def encode(self, label) -> bytes:
+        return str(label).encode()
+
+    def decode(self, data: bytes):
+        return data.decode("utf-8", errors="replace")
+
+    def corpus_text(self, data: bytes) -> str:
+        """A stored member as text for the text tokenizer's training corpus."""
+        return self.decode(data)
+
+    def to_text(self, data: bytes, crop, image_size, min_score: float) -> str:
+        """A stored member at a crop -> the text 4M reads; scored items below `min_score` left out."""
+        return self.decode(data)
+
+    def condition_text(self, value: str) -> str:
+        """A generation condition as given (text, or a file a modality reads) -> its text."""
+        return str(value)
+
+    def generated(self, text: str) -> dict:
+        """What a generated text means beyond itself (boxes: the boxes), written beside it."""
+        return {}
+
+    def picture(self, stored, photo):
+        return None
+
+    def generated_picture(self, extras: dict, photo: np.ndarray | None) -> np.ndarray | None:
+        return None
+
+
+class BoxesModality(SequenceModality):
+    """Boxes: {"instances": [{boxes: [xmin, ymin, xmax, ymax] in 0..1, class_name, score}]} as JSON; 4M reads them
+    as text (class name and four coordinate tokens per box), moved into the crop."""
+
+    extension = "json"
+    needs_photo = True
+
+    def encode(self, label) -> bytes:
+        return json.dumps({"instances": label}).encode()
+
+    def decode(self, data: bytes):
+        return json.loads(data)["instances"]
+
+    def corpus_text(self, data):
+        from models.text_tokenizer import boxes_to_text
+
+        return boxes_to_text(self.decode(data))
+
+    def to_text(self, data, crop, image_size, min_score):
+        from models.text_tokenizer import boxes_to_text
+
+        return boxes_to_text(metrics.crop_boxes(self.decode(data), crop, image_size, min_score))
+
+    def condition_text(self, value):
+        from models.text_tokenizer import boxes_to_text
+
+        text = str(value)
+        if not text.endswith(".json"):
+            return text
+        from pathlib import Path
+
+        return boxes_to_text(json.loads(Path(text).read_text()))
+
+    def generated(self, text):
+        from models.text_tokenizer import BoxTextError, text_to_boxes
+
+        try:
+            return {"boxes": text_to_boxes(text)}
+        except BoxTextError:
+            return {"boxes": []}
+
+    def picture(self, stored, photo):
+        return pictures.boxes_picture(np.asarray(photo, np.float32) / 255.0, stored[:15])
+
+    def generated_picture(self, extras, photo):
+        return pictures.boxes_picture(photo, extras.get("boxes", []), size=RESOLUTION)
