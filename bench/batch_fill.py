@@ -23,7 +23,10 @@ sys.path.insert(0, str(HERE))
 from bench_label import mixed_sizes  # noqa: E402
 from models.labelers import SizeBuckets, load_labeler  # noqa: E402
 from models.random_weights import save_random_models  # noqa: E402
-from pipeline.config import LABELER_NAMES, LabelConfig  # noqa: E402
+from core import registry  # noqa: E402
+from core.config import LabelConfig  # noqa: E402
+
+LABELER_NAMES = [m.name for m in registry.labelled()]
 
 
 def images_per_batch(input_size, shapes, batch_size: int, window: int, chunk: int | None = None) -> float:

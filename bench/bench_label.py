@@ -38,7 +38,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from pipeline.config import LABELER_NAMES, LabelConfig  # noqa: E402
+from core import registry  # noqa: E402
+from core.config import LabelConfig  # noqa: E402
+
+LABELER_NAMES = [m.name for m in registry.labelled()]
 from stages.label import decode_rgb, label_shard, read_rgb  # noqa: E402
 from stages.shards import DatasetLayout, ShardWriter  # noqa: E402
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_label import GpuSampler, make_rgb_shards  # noqa: E402
 
-from pipeline.config import TokenizerStageConfig  # noqa: E402
+from core.config import TokenizerStageConfig  # noqa: E402
 from stages.shards import DatasetLayout, ShardWriter  # noqa: E402
 from stages.tokenizer_data import rgb_index  # noqa: E402
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from models.fourm import FourMConfig  # noqa: E402
 from models.transfer import FourMViT, TransferModel, make_head  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 from stages.training import device_for  # noqa: E402
 from stages.transfer_data import TransferDataset, classification_samples, segmentation_samples  # noqa: E402
 

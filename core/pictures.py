@@ -76,11 +76,12 @@ def png_bytes(picture: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure(fig, out: str | Path, dpi: int, metadata: dict | None = None) -> Path:
+def save_figure(fig, out: str | Path, dpi: int, metadata: dict | None = None, tight: bool = True) -> Path:
     """Laid out, written aside and renamed into place (a reader never sees half a PNG), then closed."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     with atomic_path(out, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, metadata=metadata)
     plt.close(fig)

@@ -259,3 +259,11 @@ def is_token_folder(folder: str) -> bool:
         return of_folder(folder)[1] is not None
     except RegistryError:
         return False
+
+
+def domain_or_modality(name: str) -> Modality:
+    """The modality a name means: its own name (depth) or one of its 4M domains (tok_depth@224, tok_depth)."""
+    use()
+    if name in _modalities:
+        return _modalities[name]
+    return domain(name).modality

@@ -49,7 +49,7 @@ class FourMViT(nn.Module):
 
     def __init__(self, cfg: FourMConfig, drop_path: float = 0.0):
         super().__init__()
-        if "rgb@224" not in cfg.domains_in:
+        if cfg.pixels_input is None:
             raise BackboneError(f"the model has no RGB pixel embedding (its inputs: {cfg.domains_in}); transfer "
                                 f"feeds it pixels")
         self.cfg, self.patch, self.embed_dim = cfg, cfg.patch_size, cfg.dim
@@ -62,7 +62,7 @@ class FourMViT(nn.Module):
     @classmethod
     def from_fourm(cls, model: FourM, drop_path: float = 0.0) -> "FourMViT":
         backbone = cls(model.cfg, drop_path)
-        embedding = model.encoder_embeddings["rgb@224"]
+        embedding = model.encoder_embeddings[model.cfg.pixels_input]
         backbone.patch_embed.weight.data.copy_(embedding.proj.weight.data)
         backbone.mod_emb.data.copy_(embedding.mod_emb.data)
         for mine, theirs in zip(backbone.blocks, model.encoder):

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from core import registry
 from core.config import DEFAULT_PROFILE, Config, ConfigError, load_config
 
 
@@ -121,7 +122,7 @@ def cmd_train_tokenizer(args) -> int:
     def report(modality, result):
         if result.get("skipped"):
             print(f"{modality:7} already trained ({tokenizer_path(modality)})")
-        elif modality == "text":
+        elif modality == registry.TEXT:
             print(f"{modality:7} vocabulary of {result['vocab_size']} from {result['texts']} texts")
         else:
             print(f"{modality:7} {result['steps']} steps on {result['samples']} samples: "
@@ -338,7 +339,7 @@ def cmd_generate(args) -> int:
 
 def cmd_inspect_masking(args) -> int:
     from pipeline.show import draw_masked_sample
-    from stages.fourm_data import inspect_masking, text_tokenizer_of
+    from stages.fourm_data import inspect_masking, is_sequence, text_tokenizer_of
 
     config = _config_from(args, {"data_root": args.data})
     means, first = inspect_masking(config.data_root, config, args.samples)
@@ -351,7 +352,7 @@ def cmd_inspect_masking(args) -> int:
         for m, parts in means.items():
             print(f"{m:16} {parts['input']:7.1f} {parts['target']:7.1f}")
     if args.out:
-        has_text = any(m in ("caption", "det") for m in first)
+        has_text = any(is_sequence(m) for m in first)
         picture = draw_masked_sample(first, text_tokenizer_of(config.data_root) if has_text else None, args.out)
         print(f"one masked sample: {picture}", file=sys.stderr if args.json else sys.stdout)
     return 0

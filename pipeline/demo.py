@@ -18,6 +18,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
+from core import registry
 from core.config import Config
 
 DEMO_PHOTOS = {
@@ -135,7 +136,7 @@ def run_demo(config: Config) -> int:
         for r in pq.read_table(layout.status_table(STAGE, shard)).to_pylist():
             size = f"{r['width']}x{r['height']}" if r["width"] else "-"
             print(f"{r['key']:<10} {r['status']:<14} {size:<10} {r['error'] or ''}")
-    print(f"\nimages:   {root / 'rgb'}/shard-*.tar\ncaptions: {root / 'caption'}/shard-*.tar\n"
+    print(f"\nimages:   {root / registry.photo().folder}/shard-*.tar\ncaptions: {root / _caption_domain()}/shard-*.tar\n"
           f"status:   {layout.status_dir(STAGE)}/shard-*.parquet (+ .json commit markers)")
     if summary.failed_shards:
         return 1
@@ -264,20 +265,28 @@ def transfer_demo(root: Path, config: Config) -> int:
     return generate_demo(root)
 
 
+def _caption_domain() -> str:
+    """The downloaded text's name (the caption)."""
+    return next(m.name for m in registry.sequences() if m.downloaded)
+
+
 def demo_requests(root: Path, outputs: list[str]) -> Path:
     """The generate/demo deployment's requests: every modality the model predicts from one caption (chained,
     guided) and from one photo; written to <root>/generate/requests.jsonl."""
     import json
 
     name, (_, _, caption) = next(iter(DEMO_PHOTOS.items()))
-    images = [m for m in ("tok_clip@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224", "tok_semseg@224")
-              if m in outputs]
-    texts = [m for m in ("caption", "det") if m in outputs]
+    described_by = _caption_domain()
+    images = [d.name for d in registry.domains() if d.kind == "tokens" and d.name in outputs]
+    images.sort(key=lambda m: not registry.domain(m).modality.channels_from_data)  # feature maps first: they
+    # carry the semantics the others are drawn from (caption -> CLIP -> RGB, the released text-to-image order)
+    texts = [d.name for d in registry.domains() if d.kind == "sequence" and d.name in outputs]
     requests = [
-        {"name": "from-caption", "conditions": {"caption": caption}, "targets": images + texts[1:], "scheme": "maskgit",
+        {"name": "from-caption", "conditions": {described_by: caption},
+         "targets": images + [t for t in texts if t != described_by], "scheme": "maskgit",
          "steps": 8, "cfg": 3.0, "grow_conditioning": True, "samples": 2, "seed": 0},
-        {"name": "from-photo", "conditions": {"rgb": str(demo_photo_paths()[name])}, "targets": texts + images,
-         "steps": 8, "temperature": 0.7, "samples": 2, "seed": 0}]
+        {"name": "from-photo", "conditions": {registry.photo().name: str(demo_photo_paths()[name])},
+         "targets": texts + images, "steps": 8, "temperature": 0.7, "samples": 2, "seed": 0}]
     path = root / "generate" / "requests.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in requests))
@@ -304,7 +313,7 @@ def generate_demo(root: Path) -> int:
         given = ", ".join(f"{k}={v!r}" for k, v in request["conditions"].items())
         print(f"  {request['name']} ({given}):")
         for sample in request["samples"]:
-            caption = sample.get("caption", {}).get("text")
+            caption = sample.get(_caption_domain(), {}).get("text")
             print(f"    {sample['grid']}" + (f"  caption: {caption!r}" if caption is not None else ""))
     print(f"(a tiny model after a minute of training: expect texture, not objects) -> {out}/; "
           f"`prefect deployment run generate/demo` reruns the requests in {requests}")

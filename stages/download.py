@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
+from core import registry
 from core.config import Config, DownloadConfig
 from stages.fetch import Fetcher
 from stages.images import ImageError, process_image
@@ -29,7 +30,16 @@ from stages.inputs import InputRow, count_rows, read_rows
 from stages.shards import OK, DatasetLayout, ShardObserver, ShardWriter, shard_name
 
 STAGE = "download"
-MODALITIES = ["rgb", "caption"]
+
+
+
+def _caption():
+    """The downloaded text: the one downloaded sequence modality (a sample's caption)."""
+    found = [m for m in registry.sequences() if m.downloaded]
+    if len(found) != 1:
+        raise registry.RegistryError(f"expected one downloaded sequence modality, found {[m.name for m in found]}")
+    return found[0]
+
 
 STATUS_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -112,12 +122,14 @@ def download_shard(root: str, task: ShardTask, cfg: DownloadConfig) -> dict:
             return {"key": row.key, "row": row.index, "url": row.url, "status": "internal_error",
                     "error": f"{type(err).__name__}: {err}"}, None
 
-    with ShardWriter(layout, STAGE, task.name, MODALITIES) as writer:
+    photo, caption_spec = registry.photo(), _caption()
+    with ShardWriter(layout, STAGE, task.name, [photo.folder, caption_spec.folder]) as writer:
         for row, (record, jpeg) in zip(task.rows, _ordered_map(one, task.rows, cfg.threads)):
             records.append(record)
             if jpeg is not None:
                 caption = (row.caption or "").encode("utf-8")
-                writer.write(row.key, {"rgb": ("jpg", jpeg), "caption": ("txt", caption)})
+                writer.write(row.key, {photo.folder: (photo.extension, jpeg),
+                                       caption_spec.folder: (caption_spec.extension, caption)})
         table = pa.Table.from_pylist(records, schema=STATUS_SCHEMA)
         counts = Counter(r["status"] for r in records)
         seconds = time.time() - started

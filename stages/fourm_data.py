@@ -25,6 +25,7 @@ import torch
 
 from core import registry
 from stages.masking import Component, MaskingSampler, is_sequence, paper_mixture
+from stages import dataset_tokenizers as tokenizers
 from stages.shards import CROPS
 from stages.shards import DatasetLayout
 
@@ -221,12 +222,11 @@ def make_loader(root, config, tokenizer, *, split: str, batch_size: int, rank: i
 
 # -- inspection ---------------------------------------------------------------------------------------------------
 def text_tokenizer_of(root: str | Path):
-    from models.text_tokenizer import load_text_tokenizer
-
-    path = Path(root) / "tokenizers" / "text" / "tokenizer.json"
+    path = tokenizers.text_path(root)
     if not path.is_file():
-        raise LoaderInputError(f"no text tokenizer at {path}: run `python -m pipeline train-tokenizer --modality text`")
-    return load_text_tokenizer(path)
+        raise LoaderInputError(f"no text tokenizer at {path}: run `python -m pipeline train-tokenizer --modality "
+                               f"{registry.TEXT}`")
+    return tokenizers.load_text(root)
 
 
 def inspect_masking(root, config, samples: int) -> tuple[dict, dict]:

@@ -33,11 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.fourm import MODALITIES
-from models.generate import (Sampler, Schedule, Step, image_entry, pixels_entry, sequence_entry, sequence_rows)
-from stages.masking import SEQUENCE_TOKENS
+from core import registry
 from core.files import npy_bytes, write_bytes, write_json
-from stages.tokenizer_data import center_crop, tokenizer_name
+from core.pictures import figure_backend, png_bytes, save_figure
+from models.fourm import FourM
+from models.generate import Sampler, Schedule, Step, image_entry, pixels_entry, sequence_entry, sequence_rows
+from models.text_tokenizer import EOS_ID, decode_text, load_text_tokenizer
+from models.vqvae import load_tokenizer
+from stages import dataset_tokenizers as tokenizers
+from stages.fourm_data import crop_pixels, pixels_picture
+from stages.masking import SEQUENCE_TOKENS
+from stages.tokenizer_data import center_crop, crop_to_tensor, tokenizer_name
 
 IMAGE_SIZE = 224
 
@@ -49,12 +55,14 @@ class GenerateInputError(ValueError):
 # -- reading requests -----------------------------------------------------------------------------------------------
 def resolve(name: str, known: list[str], where: str) -> str:
     """A modality as users write it (`rgb`, `tok_clip`, `caption`) -> the registry's name (`rgb@224`, ...)."""
-    for candidate in (name, f"{name}@224"):
-        if candidate in MODALITIES:
-            if candidate not in known:
-                raise GenerateInputError(f"{where}: the model has no {candidate!r} (it knows {', '.join(known)})")
-            return candidate
-    raise GenerateInputError(f"{where}: unknown modality {name!r} (known: {', '.join(MODALITIES)})")
+    try:
+        candidate = registry.domain(name).name
+    except registry.RegistryError:
+        raise GenerateInputError(f"{where}: unknown modality {name!r} (known: {', '.join(registry.domain_names())})"
+                                 ) from None
+    if candidate not in known:
+        raise GenerateInputError(f"{where}: the model has no {candidate!r} (it knows {', '.join(known)})")
+    return candidate
 
 
 def read_requests(path: str | Path) -> list[dict]:
@@ -99,7 +107,10 @@ def schedule_of(raw: dict, where: str) -> Schedule:
         raise GenerateInputError(f"{where}: no targets (give `targets` or a `schedule`)")
     steps = []
     for target in targets:
-        sequence = MODALITIES.get(target, MODALITIES.get(f"{target}@224", {})).get("kind") == "sequence"
+        try:
+            sequence = registry.domain(target).kind == "sequence"
+        except registry.RegistryError:
+            sequence = False  # named by the request check, against the model
         settings = {k: raw[k] for k in ("steps", "temperature", "temperature_schedule", "token_schedule", "cfg",
                                         "guidance", "top_k", "top_p") if raw.get(k) is not None}
         try:
@@ -128,8 +139,6 @@ class Resources:
     """The model and the tokenizers a batch needs, loaded once."""
 
     def __init__(self, model_dir, tokenizers_dir, device: str | torch.device = "cpu"):
-        from models.fourm import FourM
-
         self.device = torch.device(device)
         self.model_dir, self.tokenizers_dir = Path(model_dir), Path(tokenizers_dir)
         try:
@@ -146,22 +155,22 @@ class Resources:
     def outputs(self) -> list[str]:
         return list(self.model.cfg.domains_out)
 
+    @property
+    def text_path(self) -> Path:
+        return self.tokenizers_dir / registry.TEXT / "tokenizer.json"
+
     def folder(self, modality: str) -> Path:
         return self.tokenizers_dir / tokenizer_name(modality)
 
     def tokenizer(self, modality: str):
         if modality not in self._tokenizers:
-            from models.vqvae import load_tokenizer
-
             self._tokenizers[modality] = load_tokenizer(self.folder(modality), self.device).eval()
         return self._tokenizers[modality]
 
     @property
     def text(self):
         if self._text is None:
-            from models.text_tokenizer import load_text_tokenizer
-
-            self._text = load_text_tokenizer(self.tokenizers_dir / "text" / "tokenizer.json")
+            self._text = load_text_tokenizer(self.text_path)
         return self._text
 
     def sampler(self, cache: bool = True) -> Sampler:
@@ -170,7 +179,7 @@ class Resources:
 
     @property
     def needs_text(self) -> bool:
-        return any(MODALITIES[m]["kind"] == "sequence" for m in [*self.inputs, *self.outputs])
+        return any(registry.domain(m).kind == "sequence" for m in [*self.inputs, *self.outputs])
 
 
 REQUEST_KEYS = {"name", "conditions", "targets", "schedule", "scheme", "steps", "temperature", "temperature_schedule",
@@ -202,7 +211,7 @@ def parse_request(raw: dict, resources: Resources) -> Request:
     inpaint = {}
     for m, region in (raw.get("inpaint") or {}).items():
         modality = resolve(m, resources.inputs, f"{where}, inpaint {m!r}")
-        if modality not in conditions or MODALITIES[modality]["kind"] != "tokens":
+        if modality not in conditions or registry.domain(modality).kind != "tokens":
             raise GenerateInputError(f"{where}: inpaint {m!r} needs the same image modality as a condition")
         grid = resources.model.cfg.grid
         if (not isinstance(region, (list, tuple)) or len(region) != 4
@@ -214,11 +223,11 @@ def parse_request(raw: dict, resources: Resources) -> Request:
             schedule.steps.append(Step(modality, "maskgit", schedule.steps[0].steps if schedule.steps else 8))
     for step in schedule.steps:
         given = conditions.get(step.target)
-        if given is not None and step.target not in inpaint and MODALITIES[step.target]["kind"] == "tokens" \
+        if given is not None and step.target not in inpaint and registry.domain(step.target).kind == "tokens" \
                 and not str(given).endswith(".npy"):
             raise GenerateInputError(f"{where}: {step.target} is both a full condition and a target (give an "
                                      f"inpaint region, or ids with -1 where to generate)")
-        if MODALITIES[step.target]["kind"] == "sequence" and given is not None and "[S_" not in str(given):
+        if registry.domain(step.target).kind == "sequence" and given is not None and "[S_" not in str(given):
             raise GenerateInputError(f"{where}: {step.target} is both a full condition and a target (mark the gaps "
                                      f"to fill with [S_1], [S_2], ...)")
         available = set(conditions) | {s.target for s in schedule.steps[:schedule.steps.index(step)]}
@@ -226,7 +235,7 @@ def parse_request(raw: dict, resources: Resources) -> Request:
         if strange:
             raise GenerateInputError(f"{where}: guidance for {step.target} names {strange}, which are not "
                                      f"conditions at that step (the conditions and earlier targets are)")
-        if MODALITIES[step.target]["kind"] == "tokens":
+        if registry.domain(step.target).kind == "tokens":
             _require(resources.folder(step.target) / "model.safetensors", f"drawing {step.target}", where)
     try:
         seed, samples = int(raw.get("seed", 0)), int(raw.get("samples", 1))
@@ -236,7 +245,7 @@ def parse_request(raw: dict, resources: Resources) -> Request:
         raise GenerateInputError(f"{where}: samples must be at least 1, not {samples}")
     request = Request(name, conditions, schedule, seed, samples, inpaint)
     if resources.needs_text:
-        _require(resources.tokenizers_dir / "text" / "tokenizer.json", "captions and boxes", where)
+        _require(resources.text_path, "captions and boxes", where)
     for modality, value in conditions.items():
         condition_entry(modality, value, resources, where, inpaint.get(modality))
     return request
@@ -258,22 +267,16 @@ def photo_pixels(path: str, where: str) -> torch.Tensor:
     """An image file -> its centre square at 224, ImageNet-normalised (3, 224, 224), as the loader feeds rgb@224."""
     import cv2
 
-    from stages.fourm_data import crop_pixels
-
     image = read_image(path, where, cv2.IMREAD_COLOR)
     return crop_pixels(cv2.imencode(".png", image)[1].tobytes(), center_crop(*image.shape[:2]))
 
 
 def text_ids(modality: str, value: str, resources: Resources, where: str) -> list[int]:
     """A caption (sentinels such as [S_1] mark gaps to fill) or boxes (text or a JSON file) -> ids + [EOS]."""
-    from models.text_tokenizer import EOS_ID, boxes_to_text
-
-    text = str(value)
-    if modality == "det" and text.endswith(".json"):
-        try:
-            text = boxes_to_text(json.loads(Path(text).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise GenerateInputError(f"{where}: boxes file {value!r}: {err}") from None
+    try:
+        text = registry.domain(modality).modality.condition_text(str(value))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise GenerateInputError(f"{where}: {modality} file {value!r}: {err}") from None
     ids = resources.text.encode(text).ids + [EOS_ID]
     if len(ids) > SEQUENCE_TOKENS:
         raise GenerateInputError(f"{where}: {modality} {text[:40]!r}... is {len(ids)} tokens with [EOS]; the model "
@@ -283,8 +286,6 @@ def text_ids(modality: str, value: str, resources: Resources, where: str) -> lis
 
 def token_ids(modality: str, value: str, resources: Resources, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (196,), known (196,)) of an image modality from a .npy of ids (-1 = unknown) or an image file."""
-    from stages.tokenizer_data import crop_to_tensor
-
     n = resources.model.cfg.grid ** 2
     vocab = resources.model.cfg.vocab(modality)
     if str(value).endswith(".npy"):
@@ -296,16 +297,12 @@ def token_ids(modality: str, value: str, resources: Resources, where: str) -> tu
             raise GenerateInputError(f"{where}: {value!r} must hold {n} ids in [0, {vocab}) or -1 (to generate)")
         ids = torch.from_numpy(ids)
         return ids.clamp(min=0), ids >= 0
-    name = tokenizer_name(modality)
-    if name == "clip":
-        raise GenerateInputError(f"{where}: a CLIP condition is given as a .npy of token ids, not {value!r}")
+    spec = registry.domain(modality).modality
+    if not spec.condition_from_image:
+        raise GenerateInputError(f"{where}: a {spec.name} condition is given as a .npy of token ids, not {value!r}")
     _require(resources.folder(modality) / "model.safetensors", f"the {modality} condition", where)
-    image = read_image(value, where)
-    if name == "rgb":
-        image = image[..., ::-1] if image.ndim == 3 else np.repeat(image[..., None], 3, -1)
-    elif name == "normal" and image.ndim == 3:
-        image = image[..., ::-1]
-    x = crop_to_tensor(name, np.ascontiguousarray(image), center_crop(*image.shape[:2]), image.shape[:2])
+    image = np.ascontiguousarray(spec.from_image_file(read_image(value, where)))
+    x = crop_to_tensor(spec.name, image, center_crop(*image.shape[:2]), image.shape[:2])
     with torch.no_grad():
         ids = resources.tokenizer(modality).tokenize(x[None].to(resources.device))[0].cpu()
     return ids, torch.ones(n, dtype=torch.bool)
@@ -313,7 +310,7 @@ def token_ids(modality: str, value: str, resources: Resources, where: str) -> tu
 
 def condition_entry(modality: str, value, resources: Resources, where: str, region=None):
     """One sample's condition: pixels, (ids, known) or a list of ids."""
-    kind = MODALITIES[modality]["kind"]
+    kind = registry.domain(modality).kind
     if kind == "pixels":
         return photo_pixels(value, where)
     if kind == "sequence":
@@ -338,7 +335,7 @@ def initial_state(items: list[tuple[Request, int]], resources: Resources) -> dic
                 read[r.name] = condition_entry(modality, r.conditions[modality], resources, f"request {r.name!r}",
                                                r.inpaint.get(modality))
         entries = [read[r.name] for r, _ in items]
-        kind = MODALITIES[modality]["kind"]
+        kind = registry.domain(modality).kind
         if kind == "pixels":
             state[modality] = pixels_entry(torch.stack(entries).to(device), resources.model.cfg.grid)
         elif kind == "sequence":
@@ -401,7 +398,7 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
         schedule = items[0][0].schedule
         sampler.generate(state, schedule, list(items[0][0].conditions), seeds)
         pictures = {step.target: pictures_of(step.target, state[step.target]["tensor"], seeds, resources)
-                    for step in schedule.steps if MODALITIES[step.target]["kind"] == "tokens"}
+                    for step in schedule.steps if registry.domain(step.target).kind == "tokens"}
         for row, (request, i) in enumerate(items):
             files = write_sample(out / request.name / f"sample-{i}", request, state, row, seeds[row], resources,
                                  {m: p[row] for m, p in pictures.items()})
@@ -421,84 +418,57 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
     return results
 
 
-def _png(picture: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray((np.clip(picture, 0, 1) * 255).astype(np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def pictures_of(modality: str, ids: torch.Tensor, seeds: list[int], resources: Resources) -> list[np.ndarray]:
     """A batch's generated image tokens (B, 196) -> pictures (H, W, 3) in [0, 1], through the dataset's tokenizer
     in one pass (a diffusion decoder starts each sample from noise seeded by the sample's seed)."""
-    from stages.evaluate import decode
-    from stages.train_tokenizer import to_picture
-
-    name = tokenizer_name(modality)
-    decoded = decode(resources.tokenizer(modality), ids.to(resources.device), seeds=seeds).cpu()
-    return [to_picture(name, x) for x in decoded]
-
-
-def draw_boxes(picture: np.ndarray | None, boxes: list[dict]) -> np.ndarray:
-    import cv2
-
-    canvas = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 0.85, np.float32) if picture is None else picture.copy()
-    canvas = cv2.resize(canvas.astype(np.float32), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_NEAREST)
-    for box in boxes:
-        x0, y0, x1, y1 = (int(round(c * (IMAGE_SIZE - 1))) for c in box["boxes"])
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), (1.0, 0.1, 0.1), 2)
-        cv2.putText(canvas, box["class_name"], (x0 + 2, max(10, y0 + 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
-                    (1.0, 0.1, 0.1), 1)
-    return canvas
+    return tokenizers.pictures(resources.tokenizer(modality), modality, ids.to(resources.device), seeds)
 
 
 def write_sample(folder: Path, request: Request, state: dict, row: int, seed: int, resources: Resources,
                  pictures: dict) -> dict:
     """One sample's generated tokens, pictures and texts, and its grid; returns what was written."""
-    from models.text_tokenizer import BoxTextError, decode_text, text_to_boxes
-    from stages.fourm_data import pixels_picture
-
     folder.mkdir(parents=True, exist_ok=True)
     written, panels, texts = {}, [], {}
     for modality, value in request.conditions.items():
-        if MODALITIES[modality]["kind"] == "pixels":
+        if registry.domain(modality).kind == "pixels":
             panels.append((f"{modality} (given)", pixels_picture(state[modality]["tensor"][row])))
-        elif MODALITIES[modality]["kind"] == "sequence" and modality not in [s.target for s in request.schedule.steps]:
+        elif registry.domain(modality).kind == "sequence" and modality not in [s.target for s in request.schedule.steps]:
             texts[f"{modality} (given)"] = str(value)
-    boxes = None
+    extras = {}  # what a generated sequence means beyond its text (boxes), drawn after the pictures
     for step in request.schedule.steps:
         m = step.target
         name = tokenizer_name(m)
         entry = state[m]
-        if MODALITIES[m]["kind"] == "sequence":
+        if registry.domain(m).kind == "sequence":
             ids = sequence_rows({k: v[row:row + 1] for k, v in entry.items()})[0]
             text = decode_text(resources.text, ids)
             write_bytes(folder / f"{name}.txt", (text + "\n").encode())
             write_bytes(folder / f"{name}.npy", npy_bytes(np.array(ids, np.int64)))
             written[name] = {"tokens": str(folder / f"{name}.npy"), "text": text}
             texts[name] = text
-            if m == "det":
-                try:
-                    boxes = text_to_boxes(text)
-                except BoxTextError:
-                    boxes = []
-                written[name]["boxes"] = boxes
+            meaning = registry.domain(m).modality.generated(text)
+            if meaning:
+                written[name].update(meaning)
+                extras[m] = meaning
             continue
         ids = entry["tensor"][row].cpu()
         write_bytes(folder / f"{name}.npy", npy_bytes(ids.numpy().reshape(resources.model.cfg.grid, -1)))
         picture = pictures[m]
-        write_bytes(folder / f"{name}.png", _png(picture))
+        write_bytes(folder / f"{name}.png", png_bytes(picture))
         written[name] = {"tokens": str(folder / f"{name}.npy"), "picture": str(folder / f"{name}.png")}
         panels.append((name, picture))
-    if boxes is not None:
-        base = next((p for n, p in panels if n == "rgb"), None)
-        if base is None:
-            base = next((p for n, p in panels if n.startswith("rgb@")), None)
-        boxes_picture = draw_boxes(base, boxes)
-        write_bytes(folder / "det.png", _png(boxes_picture))
-        written["det"]["picture"] = str(folder / "det.png")
-        panels.append(("det" if boxes else "det (no boxes)", boxes_picture))
+    photo = registry.photo()
+    base = next((p for n, p in panels if n == photo.name), None)  # the generated photo, else the given one
+    if base is None:
+        base = next((p for n, p in panels if n.startswith(f"{photo.name}@")), None)
+    for m, meaning in extras.items():
+        name = tokenizer_name(m)
+        picture = registry.domain(m).modality.generated_picture(meaning, base)
+        if picture is not None:
+            write_bytes(folder / f"{name}.png", png_bytes(picture))
+            written[name]["picture"] = str(folder / f"{name}.png")
+            found = any(len(v) for v in meaning.values())
+            panels.append((name if found else f"{name} (no {', '.join(meaning)})", picture))
     title = f"{request.name} sample {seed - request.seed} (seed {seed})"
     written["grid"] = str(draw_grid(folder / "grid.png", panels, texts, title))
     return written
@@ -508,13 +478,7 @@ def draw_grid(path: Path, panels: list[tuple[str, np.ndarray]], texts: dict[str,
     """One row: the given pictures, then each generated one, then the texts (given and generated)."""
     import textwrap
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.show import save_figure
-
+    plt = figure_backend()
     columns = len(panels) + (1 if texts else 0)
     fig, axes = plt.subplots(1, max(1, columns), figsize=(2.3 * max(1, columns) + (1.2 if texts else 0), 2.8),
                              squeeze=False)

@@ -23,9 +23,13 @@ from pathlib import Path
 
 import torch
 
+from core import registry
 from core.config import Config
 from core.files import write_json
-from stages.tokenizer_data import tokenizer_name
+from models.fourm import FourM, FourMConfig
+from stages import dataset_tokenizers as tokenizers
+from stages.fourm_data import make_loader, split_shards
+from stages.fourm_pictures import draw_predictions
 from stages.training import LoopSettings, TrainTask, fit, parameter_groups, train_loop, world_for
 
 
@@ -39,25 +43,21 @@ def run_dir(root: str | Path) -> Path:
 
 def model_config(root: str | Path, config: Config):
     """FourM's settings: the configured size, the dataset's vocabularies (each tokenizer's codebook)."""
-    from models.fourm import MODALITIES, FourMConfig
-
     cfg, root = config.pretrain, Path(root)
     vocab = {}
     for m in cfg.modalities:
-        kind = MODALITIES[m]["kind"]
+        kind = registry.domain(m).kind
         if kind == "tokens":
-            folder = root / "tokenizers" / tokenizer_name(m) / "config.json"
+            folder = tokenizers.folder(root, m) / "config.json"
             if not folder.is_file():
                 raise PretrainInputError(f"{m}: no tokenizer at {folder.parent} (train it: make train-tokenizers)")
             vocab[m] = int(json.loads(folder.read_text())["codebook_size"])
         elif kind == "sequence":
-            path = root / "tokenizers" / "text" / "tokenizer.json"
+            path = tokenizers.text_path(root)
             if not path.is_file():
                 raise PretrainInputError(f"{m}: no text tokenizer at {path} (train it: make train-tokenizers)")
-            from models.text_tokenizer import load_text_tokenizer
-
-            vocab[m] = load_text_tokenizer(path).get_vocab_size()
-    outputs = [m for m in cfg.modalities if MODALITIES[m]["kind"] != "pixels"]
+            vocab[m] = tokenizers.load_text(root).get_vocab_size()
+    outputs = [m for m in cfg.modalities if not registry.domain(m).input_only]
     try:
         return FourMConfig.sized(cfg.size, domains_in=list(cfg.modalities), domains_out=outputs, vocab_sizes=vocab,
                                  **cfg.model)
@@ -88,14 +88,9 @@ def _check_token_ids(batch: dict, vocab: dict) -> None:
 
 def preflight(root, config: Config):
     """The model's settings, once the shards, tokenizers and a first batch's token ids have been checked."""
-    from models.text_tokenizer import load_text_tokenizer
-    from stages.fourm_data import make_loader, split_shards
-
     split_shards(root, config.pretrain.modalities, config.pretrain.val_shards)
     model_cfg = model_config(root, config)
-    text = Path(root) / "tokenizers" / "text" / "tokenizer.json"
-    loader = make_loader(root, config, load_text_tokenizer(text) if text.is_file() else None, split="val",
-                         batch_size=2, workers=0)
+    loader = make_loader(root, config, tokenizers.load_text(root), split="val", batch_size=2, workers=0)
     _check_token_ids(next(iter(loader)), model_cfg.vocab_sizes)
     return model_cfg
 
@@ -121,17 +116,12 @@ class PretrainTask(TrainTask):
     find_unused_parameters = True  # a batch whose masks give a modality no target leaves its head without a gradient
 
     def __init__(self, config: Config, root: str, model_config: dict, folder: Path):
-        from models.text_tokenizer import load_text_tokenizer
-
         self.config, self.cfg, self.root, self.model_config = config, config.pretrain, root, model_config
         self.folder = folder
-        text = Path(root) / "tokenizers" / "text" / "tokenizer.json"
-        self.tokenizer = load_text_tokenizer(text) if text.is_file() else None
+        self.tokenizer = tokenizers.load_text(root)
         self.val_loader = None
 
     def build(self):
-        from models.fourm import FourM, FourMConfig
-
         model = FourM(FourMConfig(**self.model_config))
         model.activation_checkpointing = self.cfg.activation_checkpointing
         return model
@@ -188,8 +178,6 @@ def train_worker(args: dict, task_class=None) -> None:
     """Runs on every Ray Train worker; rank 0 writes checkpoints and metrics."""
     import ray.train
 
-    from models.fourm import FourM, FourMConfig
-
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config = Config(**args["config"])
@@ -202,18 +190,11 @@ def train_worker(args: dict, task_class=None) -> None:
 def prediction_picture(root, config: Config, samples: int = 4) -> Path | None:
     """<root>/pretrain/predictions.png: validation samples' RGB, their tokens decoded, and the trained model's
     prediction of every image modality from RGB alone."""
-    from models.fourm import FourM
-    from models.text_tokenizer import load_text_tokenizer
-    from pipeline.show import draw_predictions
-    from stages.fourm_data import make_loader
-
-    text = Path(root) / "tokenizers" / "text" / "tokenizer.json"
-    loader = make_loader(root, config, load_text_tokenizer(text) if text.is_file() else None, split="val",
-                         batch_size=samples, workers=0)
+    loader = make_loader(root, config, tokenizers.load_text(root), split="val", batch_size=samples, workers=0)
     batch = next(iter(loader))
     model = FourM.from_pretrained(run_dir(root))
-    if "rgb@224" not in batch or not any((Path(root) / "tokenizers" / tokenizer_name(m) /
-                                          "model.safetensors").is_file() for m in batch if m.startswith("tok_")):
+    if model.cfg.pixels_input not in batch or not any(
+            tokenizers.has_model(root, m) for m in batch if registry.domain(m).kind == "tokens"):
         return None  # nothing to predict from, or no tokenizer to decode with
     return draw_predictions(root, model, batch, run_dir(root) / "predictions.png",
                             f"4M-{config.pretrain.size} after {config.pretrain.steps} steps: validation samples")

@@ -12,15 +12,13 @@ from collections import Counter
 from pathlib import Path
 
 from stages.provenance import RANDOM_MARK, describe_model
-from stages.shards import DatasetLayout
-
-TOKENIZER_MODALITIES = ("text", "rgb", "depth", "normal", "semseg", "clip")
-
+from core import registry
+from stages.shards import CROPS, DatasetLayout
 
 def _stage_order(layout: DatasetLayout) -> list[str]:
     present = {p.name for p in (layout.root / "_status").iterdir() if p.is_dir()} if (layout.root / "_status").is_dir() \
         else set()
-    rank = {"download": 0, "crop_settings": 2}
+    rank = {registry.photo().stage: 0, CROPS: 2}
     return sorted(present, key=lambda s: (rank.get(s, 1 if s.startswith("label_") else 3), s))
 
 
@@ -73,7 +71,7 @@ def stage_rows(root: str | Path) -> list[dict]:
 
 def tokenizer_rows(root: str | Path) -> list[dict]:
     rows = []
-    for modality in TOKENIZER_MODALITIES:
+    for modality in registry.tokenizer_names():
         folder = Path(root) / "tokenizers" / modality
         if (folder / "train.json").is_file():
             summary = json.loads((folder / "train.json").read_text())

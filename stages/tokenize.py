@@ -27,28 +27,30 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from core import registry
 from core.config import Config, TokenizerStageConfig
 from core.files import npy_bytes
+from core.ray_runtime import init_ray
+from models.vqvae import load_tokenizer
+from models.weights import file_sha256
 from stages.actor_pool import run_on_actors
 from stages.align import STAGE as ALIGN_STAGE
 from stages.align import AlignError, align_dataset, align_shard
-from models.weights import file_sha256
 from stages.provenance import provenance
-from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
-from stages.tokenizer_data import (EXTENSIONS, RgbIndex, center_crop, crop_to_tensor, decode, random_crop,
+from stages.shards import CROPS, OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
+from stages.tokenizer_data import (RgbIndex, center_crop, crop_to_tensor, decode, random_crop,
                                    read_members, rgb_index)
-from stages.train_tokenizer import DENSE, TokenizerInputError, is_trained, tokenizer_dir
+from stages.train_tokenizer import TokenizerInputError, is_trained, tokenizer_dir
 
-CROPS = "crop_settings"
 ALIGN = "align"  # the key of a shard's alignment in the worker's result
 
 
 def token_folder(modality: str) -> str:
-    return f"tok_{modality}@224"
+    return registry.get(modality).token_folder
 
 
 def stage_name(modality: str) -> str:
-    return CROPS if modality == CROPS else f"tokenize_{modality}"
+    return CROPS if modality == CROPS else registry.get(modality).tokenize_stage
 
 
 def sample_crops(key: str, size: tuple[int, int], cfg: TokenizerStageConfig) -> np.ndarray:
@@ -86,8 +88,9 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
     started = time.time()
     index = index or rgb_index(layout, shard)
     keys, sizes = index.keys, index.sizes
-    source = "rgb" if modality == "rgb" else modality
-    labels = dict(read_members(layout.tar(source, shard), EXTENSIONS[modality]))
+    spec = registry.get(modality)
+    source = spec.folder
+    labels = dict(read_members(layout.tar(source, shard), spec.extension))
     status: dict[str, tuple[str, str | None]] = {}
     pending: list[tuple[str, torch.Tensor]] = []  # (key, its crops as one batch)
     tokens: dict[str, np.ndarray] = {}
@@ -150,9 +153,8 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
 class TokenizeWorker:
     """A Ray actor: every trained tokenizer, loaded once, encoding shard after shard."""
 
-    def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str]):
-        from models.vqvae import load_tokenizer
-
+    def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str], plugins: list[str]):
+        registry.use(plugins)  # a worker process imports the modules that define its modalities
         self.layout, self.cfg = DatasetLayout(root), cfg
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.models = {m: load_tokenizer(tokenizer_dir(root, m), self.device) for m in modalities}
@@ -182,31 +184,31 @@ class TokenizeSummary(ShardsSummary):
 
 
 def tokenized_modalities(root: str | Path, cfg: TokenizerStageConfig) -> list[str]:
-    """The dense modalities asked for whose tokenizer is trained."""
-    return [m for m in cfg.modalities if m in DENSE and is_trained(root, m)]
+    """The tokenized modalities asked for whose tokenizer is trained."""
+    dense = {m.name for m in registry.tokenized()}
+    return [m for m in cfg.modalities if m in dense and is_trained(root, m)]
 
 
 def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None = None,
                  observer: ShardObserver | None = None) -> TokenizeSummary:
     """Tokenize every rgb shard with every trained tokenizer not yet committed for it."""
-    from core.ray_runtime import init_ray
-
     cfg, layout = config.tokenizer, DatasetLayout(root)
     names = modalities or tokenized_modalities(root, cfg)
     untrained = [m for m in names if not is_trained(root, m)]
     if not names or untrained:
         raise TokenizerInputError(f"no trained tokenizer for {untrained or 'any dense modality'} under "
                                   f"{tokenizer_dir(root, '*')} (run train-tokenizer first)")
-    shards = layout.committed_shards("download")
+    shards = layout.committed_shards(registry.photo().stage)
     if not shards:
-        raise TokenizerInputError(f"no committed rgb shards under {layout.root} (run the download stage first)")
+        raise TokenizerInputError(f"no committed {registry.photo().folder} shards under {layout.root} (run the download stage first)")
     summary = TokenizeSummary(shards_total=len(shards), status_counts={m: Counter() for m in names})
     if observer:
         observer.start(len(shards))
     todo = []
     for shard in shards:
         pending = [m for m in names if not layout.is_committed(stage_name(m), shard)]
-        missing = [m for m in pending if m != "rgb" and not layout.is_committed(f"label_{m}", shard)]
+        missing = [m for m in pending if not registry.get(m).downloaded
+                   and not layout.is_committed(registry.get(m).stage, shard)]
         if missing:
             summary.failed_shards[shard] = f"labels not committed for {missing} (run the label stage first)"
             continue
@@ -221,7 +223,7 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
     started = time.time()
     if todo:
         init_ray(config.ray)
-        worker_args = (str(Path(root).resolve()), cfg, names)
+        worker_args = (str(Path(root).resolve()), cfg, names, registry.loaded_plugins())
         for shard, stats, error in run_on_actors(TokenizeWorker, worker_args, todo, "tokenize", device=cfg.device,
                                                  workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker):
             if error:

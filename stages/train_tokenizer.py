@@ -18,7 +18,6 @@ resumed from its checkpoint takes the same steps as one never stopped.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import registry
 from core.config import Config, TokenizerStageConfig
 from core.files import write_json
+from core.pictures import figure_backend, save_figure
+from models.text_tokenizer import train_text_tokenizer
+from models.vqvae import VQVAE, baseline_metric, codebook_usage, reconstruction_metric, save_tokenizer, tokenizer_config
 from stages.shards import DatasetLayout
-from stages.tokenizer_data import crop_to_tensor, random_crop, center_crop, shard_samples
+from stages.tokenizer_data import center_crop, crop_to_tensor, random_crop, read_members, shard_samples
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
-
-DENSE = ("rgb", "depth", "normal", "semseg", "clip")
-
 
 class TokenizerInputError(ValueError):
     """Missing or unusable input for a tokenizer: names the modality and what is missing."""
@@ -48,7 +48,7 @@ def is_trained(root: str | Path, modality: str) -> bool:
 
 
 def producing_stage(modality: str) -> str:
-    return "download" if modality in ("rgb", "caption") else f"label_{modality}"
+    return registry.get(modality).stage
 
 
 def modality_shards(layout: DatasetLayout, modality: str) -> list[str]:
@@ -60,11 +60,9 @@ def modality_shards(layout: DatasetLayout, modality: str) -> list[str]:
 
 
 def model_config(cfg: TokenizerStageConfig, modality: str, layout: DatasetLayout | None = None):
-    """The tokenizer's settings: Table 3 at the configured size; CLIP's width read off the stored maps."""
-    from models.vqvae import tokenizer_config
-
+    """The tokenizer's settings: Table 3 at the configured size; a feature map's width read off the stored maps."""
     overrides = {"codebook_size": cfg.codebook_sizes[modality]} if modality in cfg.codebook_sizes else {}
-    if modality == "clip" and layout is not None:
+    if registry.get(modality).channels_from_data and layout is not None:
         first = next((features for shard in modality_shards(layout, modality)
                       for _, features, _ in shard_samples(layout, modality, shard)), None)
         if first is not None:
@@ -74,22 +72,18 @@ def model_config(cfg: TokenizerStageConfig, modality: str, layout: DatasetLayout
 
 # -- the text tokenizer ------------------------------------------------------------------------------
 def text_corpus(layout: DatasetLayout) -> Iterator[str]:
-    """Every caption, then every box sequence, streamed shard by shard."""
-    from models.text_tokenizer import boxes_to_text
-    from stages.tokenizer_data import read_members
-
-    for shard in modality_shards(layout, "caption"):
-        for _, data in read_members(layout.tar("caption", shard), "txt"):
-            yield data.decode("utf-8", errors="replace")
-    for shard in layout.committed_shards("label_det"):
-        for _, data in read_members(layout.tar("det", shard), "json"):
-            yield boxes_to_text(json.loads(data)["instances"])
+    """Every sequence modality's texts (captions, then boxes as text), streamed shard by shard; the downloaded
+    ones must be there, a labelled one is read where its labeler ran."""
+    for modality in registry.sequences():
+        shards = modality_shards(layout, modality.name) if modality.downloaded else \
+            layout.committed_shards(modality.stage)
+        for shard in shards:
+            for _, data in read_members(layout.tar(modality.folder, shard), modality.extension):
+                yield modality.corpus_text(data)
 
 
 def train_text(root: str | Path, cfg: TokenizerStageConfig) -> dict:
-    from models.text_tokenizer import train_text_tokenizer
-
-    layout, folder = DatasetLayout(root), tokenizer_dir(root, "text")
+    layout, folder = DatasetLayout(root), tokenizer_dir(root, registry.TEXT)
     folder.mkdir(parents=True, exist_ok=True)
     counted = {"texts": 0}
 
@@ -99,7 +93,7 @@ def train_text(root: str | Path, cfg: TokenizerStageConfig) -> dict:
             yield text
 
     tokenizer = train_text_tokenizer(corpus(), cfg.vocab_size, folder / "tokenizer.json")
-    summary = {"modality": "text", "texts": counted["texts"], "vocab_size": tokenizer.get_vocab_size()}
+    summary = {"modality": registry.TEXT, "texts": counted["texts"], "vocab_size": tokenizer.get_vocab_size()}
     write_json(folder / "train.json", summary)
     return summary
 
@@ -195,27 +189,12 @@ def eval_batch(root: str, modality: str, shards: list[str], count: int) -> torch
 
 # -- pictures -----------------------------------------------------------------------------------------
 def to_picture(modality: str, x: torch.Tensor) -> np.ndarray:
-    """One input or reconstruction (C, H, W) -> an RGB picture in [0, 1]."""
-    import matplotlib
-
-    if modality in ("rgb", "normal"):
-        return ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-    if modality == "depth":
-        return matplotlib.colormaps["turbo"](((x[0].float().clamp(-1, 1) + 1) / 2).numpy())[..., :3]
-    if modality == "semseg":
-        ids = x.argmax(0) if x.ndim == 3 else x
-        return matplotlib.colormaps["tab20"]((ids % 20).numpy() / 19)[..., :3]
-    from pipeline.show import clip_pca
-
-    return clip_pca(x.float().permute(1, 2, 0).numpy())
+    """One input or reconstruction (C, H, W) -> an RGB picture in [0, 1] (the modality's `tensor_picture`)."""
+    return registry.get(modality).tensor_picture(x)
 
 
 def save_reconstructions(path: Path, modality: str, inputs, reconstructions, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figure_backend()
     n = len(inputs)
     fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
     fig.suptitle(title, fontsize=10)
@@ -225,19 +204,13 @@ def save_reconstructions(path: Path, modality: str, inputs, reconstructions, tit
             axes[row][i].set_axis_off()
     axes[0][0].set_title("input", fontsize=9, loc="left")
     axes[1][0].set_title("reconstruction", fontsize=9, loc="left")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=70)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=70)
 
 
 # -- one worker's training loop ---------------------------------------------------------------------------
 def evaluate(model, modality: str, batch: torch.Tensor, seed: int) -> dict:
     """Reconstructions of the evaluation batch (diffusion decoders: sampled from noise, as users decode) and
     their metric, beside the trivial baseline's (each sample's mean, or its majority class)."""
-    from models.vqvae import baseline_metric, reconstruction_metric
-
     model.eval()
     ids = model.tokenize(batch)
     reconstruction = model.detokenize(ids, generator=torch.Generator(batch.device).manual_seed(seed)).float()
@@ -253,13 +226,11 @@ QUALITY_METRICS = ("psnr_db", "mean_angle_deg", "l1", "miou", "cosine")
 def quality(modality: str, final: dict) -> dict:
     """A tokenizer's reconstruction metric beside what learning nothing scores (each sample's mean colour,
     depth, normal or feature, or its majority class), from its last logged metrics; {} before any evaluation."""
-    from models.vqvae import BASELINES
-
     name = next((k for k in QUALITY_METRICS if k in final), None)
     if name is None:
         return {}
     return {"metric": name, "value": final[name], "baseline": final.get(f"{name}_baseline"),
-            "baseline_of": BASELINES[modality]}
+            "baseline_of": registry.get(modality).baseline_name}
 
 
 def quality_line(modality: str, final: dict) -> str:
@@ -288,8 +259,6 @@ class TokenizerTask(TrainTask):
         self.rank, self.window, self.evaluation = rank, [], None
 
     def build(self):
-        from models.vqvae import VQVAE
-
         return VQVAE(self.mcfg)
 
     def parameter_groups(self, model):
@@ -324,8 +293,6 @@ class TokenizerTask(TrainTask):
         return figures
 
     def log_extras(self, model, done):
-        from models.vqvae import codebook_usage
-
         if self.rank != 0:
             return {}
         figures = {"epoch": round(done / self.plan.steps_per_epoch, 3),
@@ -340,8 +307,6 @@ class TokenizerTask(TrainTask):
         return {"plan": asdict(self.plan)}
 
     def finish(self, model, resumed_at_end):
-        from models.vqvae import save_tokenizer
-
         if resumed_at_end:  # resumed from the final checkpoint of a run stopped before it finished: record its metric
             with open(self.folder / "metrics.jsonl", "a") as log:
                 log.write(json.dumps({"step": self.plan.steps, **self._evaluate(model, self.plan.steps)}) + "\n")
@@ -392,9 +357,9 @@ def run_train_tokenizers(root: str | Path, config: Config, modalities: list[str]
         if is_trained(root, modality):
             results[modality] = {**json.loads((tokenizer_dir(root, modality) / "train.json").read_text()),
                                  "skipped": True}
-        elif modality == "text":
+        elif modality == registry.TEXT:
             results[modality] = train_text(root, config.tokenizer)
-        elif modality in DENSE:
+        elif modality in {m.name for m in registry.tokenized()}:
             results[modality] = train_dense(root, config, modality)
         else:
             raise TokenizerInputError(f"no tokenizer for modality {modality!r}")

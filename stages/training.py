@@ -28,6 +28,10 @@ from pathlib import Path
 
 import torch
 
+from core import registry
+from core.files import publish
+from core.ray_runtime import init_ray, train_logging
+
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
 
 
@@ -129,7 +133,7 @@ def write_checkpoint(folder: Path, weights: dict, optimizer_state: dict, step: i
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)
-    os.replace(tmp, folder)
+    publish(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -339,11 +343,15 @@ def world_for(ray_config, device: str, workers: int | None) -> tuple[int, bool]:
     """(data-parallel workers, on GPUs?): the configured number, else one per GPU of the cluster, else one."""
     import ray
 
-    from core.ray_runtime import init_ray
-
     init_ray(ray_config)
     use_gpu = device != "cpu" and bool(ray.cluster_resources().get("GPU"))
     return workers or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1), use_gpu
+
+
+def _with_modalities(config: dict) -> None:
+    """A worker imports the modules that define the run's modalities, then trains."""
+    registry.use(config["modalities"])
+    config["train_fn"](config["args"])
 
 
 def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: bool, cpus_per_worker: float,
@@ -353,10 +361,9 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from core.ray_runtime import train_logging
-
     TorchTrainer(
-        train_fn, train_loop_config=args,
+        _with_modalities, train_loop_config={"train_fn": train_fn, "modalities": registry.loaded_plugins(),
+                                             "args": args},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
                                      resources_per_worker={} if use_gpu else {"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str((folder / "ray").resolve()),

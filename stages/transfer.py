@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.files import save_model_safetensors, write_json
+from models.metrics import IGNORE, confusion, segmentation_scores  # noqa: F401 - IGNORE: the datasets' too
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
-from stages.transfer_data import (IGNORE, RunOrder, TransferDataset, TransferInputError, class_folders,
+from stages.transfer_data import (RunOrder, TransferDataset, TransferInputError, class_folders,
                                   classification_samples, depth_samples, segmentation_samples)
 
 TASKS = ("classification", "segmentation", "depth")
@@ -41,23 +43,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
     return {k: int(hits[:, :k].any(1).sum()) for k in ks}
-
-
-def confusion(prediction: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
-    """(classes, classes) counts of (true, predicted), ignoring IGNORE pixels."""
-    keep = target != IGNORE
-    return torch.bincount(target[keep] * classes + prediction[keep], minlength=classes * classes) \
-        .reshape(classes, classes).cpu()
-
-
-def segmentation_scores(matrix: torch.Tensor) -> dict:
-    """mIoU over the classes that occur (in the truth or the prediction) and pixel accuracy, in percent."""
-    matrix = matrix.double()
-    hit, truth, predicted = matrix.diag(), matrix.sum(1), matrix.sum(0)
-    union = truth + predicted - hit
-    present = union > 0
-    return {"miou": float((hit[present] / union[present]).mean() * 100) if present.any() else 0.0,
-            "pixel_accuracy": float(hit.sum() / matrix.sum().clamp(min=1) * 100)}
 
 
 def depth_sums(prediction: torch.Tensor, target: torch.Tensor) -> np.ndarray:
@@ -230,11 +215,7 @@ class TransferTask(TrainTask):
         return {"plan": asdict(self.plan)}
 
     def finish(self, model, resumed_at_end):
-        from safetensors.torch import save_model
-
-        tmp = self.folder / ".model.safetensors.tmp"
-        save_model(model, str(tmp))
-        tmp.replace(self.folder / "model.safetensors")
+        save_model_safetensors(model, self.folder / "model.safetensors")
         (self.folder / "transfer.json").write_text(json.dumps(
             {"plan": asdict(self.plan), "settings": self.s.model_dump()}, indent=1))
 
@@ -287,7 +268,5 @@ def run_transfer(task: str, train, val, config, model: str | None = None, backbo
     results = {"task": task, "backbone": plan.backbone, "model": plan.model, "steps": plan.steps,
                "samples": plan.samples, "metrics": {k[4:]: v for k, v in final.items() if k.startswith("val_")},
                "paper": paper, "folder": str(folder)}
-    tmp = folder / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(folder / "results.json")
+    write_json(folder / "results.json", results)
     return results

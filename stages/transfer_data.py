@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.metrics import IGNORE
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-IGNORE = 255  # segmentation pixels that count in no metric and no loss
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as 4M's RGB input is normalised
 
 

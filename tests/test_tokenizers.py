@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.vqvae import (MODALITIES, VQVAE, EMAQuantizer, baseline_metric, load_tokenizer, reconstruction_metric,
+from models.vqvae import (VQVAE, EMAQuantizer, baseline_metric, load_tokenizer, reconstruction_metric,
                           tokenizer_config)
 from pipeline.cli import main as cli
 from core.config import load_config
@@ -22,6 +22,10 @@ from stages.train_tokenizer import (eval_batch, modality_shards, model_config, r
                                     tokenizer_dir)
 from stages.verify import verify_dataset
 from tests.helpers import make_labelled_input
+
+from core import registry
+
+TOKENIZED = [m.name for m in registry.tokenized()]
 
 SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=8", "tokenizer.warmup_epochs=1",
             "tokenizer.checkpoint_every=3", "tokenizer.log_every=2", "tokenizer.eval_every=100",
@@ -64,7 +68,7 @@ def test_ema_moves_used_codes_towards_their_vectors():
     assert torch.allclose(quantizer.codebook[1], torch.tensor([0.0, 1.0]))  # unused codes stay put
 
 
-@pytest.mark.parametrize("modality", list(MODALITIES))
+@pytest.mark.parametrize("modality", TOKENIZED)
 def test_every_tokenizer_encodes_decodes_and_trains(modality, tmp_path):
     cfg = tokenizer_config(modality, "tiny", codebook_size=32, **({"in_channels": 16} if modality == "clip" else {}))
     model = VQVAE(cfg)
@@ -87,7 +91,7 @@ def test_every_tokenizer_encodes_decodes_and_trains(modality, tmp_path):
 
 
 def test_paper_settings_follow_table_3():
-    sizes = {m: tokenizer_config(m).codebook_size for m in MODALITIES}
+    sizes = {m: tokenizer_config(m).codebook_size for m in TOKENIZED}
     assert sizes == {"rgb": 16384, "normal": 8192, "depth": 8192, "semseg": 4096, "clip": 8192}
     rgb, clip = tokenizer_config("rgb"), tokenizer_config("clip")
     assert (rgb.latent_dim, rgb.patch_size, rgb.ema_decay, rgb.c_replace, rgb.width, rgb.depth) == (32, 16, 0.99,

@@ -15,7 +15,8 @@ from core.config import load_config
 from stages.training import LoopSettings, train_loop
 from stages.transfer import (TransferTask, confusion, depth_scores, depth_sums, evaluate, make_transfer_plan,
                              run_transfer, segmentation_scores, topk_correct)
-from stages.transfer_data import IGNORE, TransferInputError
+from models.metrics import IGNORE
+from stages.transfer_data import TransferInputError
 from tests.helpers import photo_tensor
 
 SIZE = 64
