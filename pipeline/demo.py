@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from core import registry
 from core.config import Config
+from pipeline.console import ShardProgress, print_alignment, print_summary
 
 DEMO_PHOTOS = {
     # file served -> (package, path inside the package, caption)
@@ -115,7 +116,6 @@ def save_demo_models(config: Config) -> None:
 
 
 def run_demo(config: Config) -> int:
-    from pipeline.cli import ShardProgress, print_summary
     from pipeline.show import draw_sample
     from stages.download import STAGE
     from stages.label import run_label
@@ -166,7 +166,6 @@ def run_demo(config: Config) -> int:
 
 def tokenize_demo(root: Path, config: Config) -> int:
     """Tiny tokenizers trained on the demo labels, every sample tokenized, the dataset verified."""
-    from pipeline.cli import ShardProgress, print_alignment
     from stages.shards import DatasetLayout
     from stages.tokenize import run_tokenize, stage_name
     from stages.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line

@@ -1,12 +1,10 @@
 """`python -m pipeline show`: one sample's image, caption and every label it has, in one picture."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
 
-import numpy as np
 
 from core import registry
 from core.pictures import figure_backend, save_figure

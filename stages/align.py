@@ -22,7 +22,6 @@ _dropped before the filtered tar replaces the original.
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import time
 from collections import Counter

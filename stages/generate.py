@@ -25,7 +25,6 @@ result does not depend on the batch it ran in.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import re
 from pathlib import Path

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from core import registry
-from core.files import atomic_path, npy_bytes, publish, temporary_name, write_json  # noqa: F401 - npy_bytes: shared
+from core.files import atomic_path, publish, temporary_name, write_json
 
 STATUS_DIR = "_status"
 OK = "ok"

@@ -1,0 +1,48 @@
+"""What the command line prints while stages run: a progress bar per stage, and the summaries after."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+class ShardProgress:
+    """A progress bar over shards that also shows images kept and failures."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+        self.ok = self.failed = 0
+
+    def start(self, total_shards: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_shards, desc=self.desc, unit="shard", dynamic_ncols=True)
+
+    def __call__(self, name: str, stats: dict, skipped: bool) -> None:
+        self.ok += stats["ok"]
+        self.failed += stats["rows"] - stats["ok"]
+        postfix = {"images": self.ok, "failed": self.failed}
+        if not skipped and stats.get("device_wait_share") is not None:  # the label stage: which side bounds it
+            postfix |= {"gpu_wait": f"{stats['device_wait_share']:.0%}", "decode_wait": f"{stats['decode_wait_share']:.0%}"}
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def print_summary(summary, root: str | Path) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in summary.status_counts.most_common())
+    print(f"{summary.shards_done} shards downloaded, {summary.shards_skipped} already committed; "
+          f"{summary.images} images in {Path(root)} ({counts}) in {summary.seconds:.1f} s")
+    for name, err in summary.failed_shards.items():
+        print(f"shard {name} failed and will be redone on the next run: {err}", file=sys.stderr)
+
+
+def print_alignment(dropped: int, unaligned: dict[str, str], root) -> None:
+    print(f"aligned: every loader folder holds the same keys in every shard; {dropped} samples that failed somewhere "
+          f"are dropped from all of them (reasons in {Path(root) / '_status' / 'align'}/, members kept in "
+          f"{Path(root) / '_dropped'}/)" if not unaligned else
+          f"{len(unaligned)} shards not aligned yet; {dropped} samples dropped so far")
+    for reason in unaligned.values():
+        print(f"  {reason}", file=sys.stderr)

@@ -1,0 +1,265 @@
+"""The modality registry: names, floors, and modalities added from outside the project going through every stage."""
+import ast
+import json
+import os
+import stat
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from core import registry
+from core.config import ConfigError, load_config
+from tests.helpers import make_labelled_input
+
+PROJECT = Path(__file__).resolve().parents[1]
+FLOORS = ("pipeline", "stages", "models", "core")  # top to bottom: a floor imports only the floors below it
+
+# String constants equal to a modality's name that are not modalities: the transfer task and NYUv2's folder named
+# depth (and its rgb folder), Omnidata's conversion tasks, and the input table's caption column.
+NOT_MODALITIES = {
+    ("core/config.py", "depth"), ("core/config.py", "caption"), ("stages/inputs.py", "caption"),
+    ("stages/transfer.py", "depth"), ("stages/transfer_data.py", "depth"), ("stages/transfer_data.py", "rgb"),
+    ("models/transfer.py", "depth"), ("pipeline/deployments.py", "depth"), ("pipeline/cli.py", "depth"),
+    ("pipeline/cli.py", "normal"), ("models/omnidata.py", "depth"), ("models/omnidata.py", "normal"),
+}
+DEFINITIONS = {"models/modalities.py"}  # the built-in modalities' own definitions
+
+
+def project_files():
+    for floor in FLOORS:
+        yield from sorted((PROJECT / floor).rglob("*.py"))
+
+
+def test_no_module_holds_a_modality_name_outside_the_definitions():
+    names = set(registry.names()) | set(registry.domain_names()) | {d.short_name for d in registry.domains()}
+    found = []
+    for path in project_files():
+        relative = path.relative_to(PROJECT).as_posix()
+        if relative in DEFINITIONS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names and (relative, node.value) not in NOT_MODALITIES:
+                found.append(f"{relative}:{node.lineno}: {node.value!r}")
+    assert not found, "modality names outside the registry's definitions:\n" + "\n".join(found)
+
+
+def imports_of(path: Path) -> list[tuple[str, bool]]:
+    """(project module imported, at module level?) for each import of a file."""
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        else:
+            continue
+        for module in modules:
+            if module.split(".")[0] in FLOORS:
+                found.append((module, id(node) in top))
+    return found
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PROJECT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def test_floors_import_only_downwards_and_without_cycles():
+    known = {module_name(p) for p in project_files()}
+    upward, graph = [], {}
+    for path in project_files():
+        name = module_name(path)
+        floor = FLOORS.index(name.split(".")[0])
+        graph[name] = set()
+        for module, _ in imports_of(path):
+            if FLOORS.index(module.split(".")[0]) < floor:
+                upward.append(f"{name} imports {module}")
+            target = module if module in known else module.rsplit(".", 1)[0]
+            if target in known and target != name:
+                graph[name].add(target)
+    assert not upward, "imports from a higher floor:\n" + "\n".join(upward)
+
+    cycles, state = [], {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(trail[trail.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_registry_converts_the_spellings_and_refuses_unknown_names():
+    depth = registry.get("depth")
+    assert registry.domain("tok_depth").name == registry.domain("tok_depth@224").name == depth.token_folder
+    assert registry.domain_or_modality("tok_depth@224") is depth and registry.of_folder(depth.token_folder)[0] is depth
+    assert registry.domain(registry.photo().name).kind == "pixels"  # rgb means the pixels; tok_rgb the tokens
+    with pytest.raises(registry.RegistryError, match="unknown modality 'dpeth'"):
+        registry.get("dpeth")
+    with pytest.raises(ConfigError, match="modalities: cannot import 'no_such_package.luma'"):
+        load_config("demo", ["modalities=[no_such_package.luma]"])
+
+
+# -- two modalities from outside the project, through every stage --------------------------------------------------
+LUMA = '''
+"""The image's brightness: a dense map labelled by a few lines of numpy, tokenized like depth."""
+import numpy as np
+
+from core.registry import Labeling, register
+from models.labelers import ComputedLabeler
+from models.modality_kinds import DenseModality
+
+
+class LumaLabeler(ComputedLabeler):
+    def compute(self, image):
+        return image.astype(np.float32).mean(-1) / 255.0
+
+
+class Luma(DenseModality):
+    name, label_order, scale = "luma", 50, 65535.0
+    labeler = Labeling(load=LumaLabeler)
+    tokenizer = dict(in_channels=1, codebook_size=64, decoder="vit", loss="smooth_l1")
+
+
+register(Luma())
+'''
+TONE = '''
+"""A word for the image's tone: a sequence modality, read by 4M as text."""
+from core.registry import Labeling, register
+from models.labelers import ComputedLabeler
+from models.modality_kinds import SequenceModality
+
+
+class ToneLabeler(ComputedLabeler):
+    def compute(self, image):
+        return ("a bright" if image.mean() > 110 else "a dark") + " picture"
+
+
+class Tone(SequenceModality):
+    name, label_order = "tone", 60
+    labeler = Labeling(load=ToneLabeler)
+
+
+register(Tone())
+'''
+SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=4", "tokenizer.warmup_epochs=1", "tokenizer.checkpoint_every=4",
+            "tokenizer.log_every=2", "tokenizer.eval_every=100", "tokenizer.eval_samples=2", "tokenizer.n_crops=2",
+            "tokenizer.loader_workers=0", "label.chunk_size=2", "label.batch_size=2",
+            "pretrain.modalities=[rgb@224, tok_luma@224, caption, tone]", "pretrain.size=Ti",
+            "pretrain.model={dim: 32, encoder_depth: 1, decoder_depth: 1, num_heads: 2}", "pretrain.batch_size=2",
+            "pretrain.steps=4", "pretrain.warmup_steps=1", "pretrain.log_every=2", "pretrain.val_every=4",
+            "pretrain.checkpoint_every=4", "pretrain.loader_workers=0", "pretrain.input_tokens=32",
+            "pretrain.target_tokens=32", "pretrain.shuffle_buffer=4"]
+
+
+@pytest.fixture(scope="module")
+def plugin_profile(tmp_path_factory):
+    """A profile outside the project naming two modality modules beside it (the demo's settings otherwise)."""
+    folder = tmp_path_factory.mktemp("my_modalities")
+    (folder / "luma.py").write_text(textwrap.dedent(LUMA))
+    (folder / "tone.py").write_text(textwrap.dedent(TONE))
+    profile = yaml.safe_load((PROJECT / "core" / "profiles" / "demo.yaml").read_text())
+    profile["modalities"] = ["luma.py", "tone.py"]
+    (folder / "mine.yaml").write_text(yaml.safe_dump(profile))
+    return folder / "mine.yaml"
+
+
+def test_modalities_defined_outside_the_project_go_through_every_stage(ray_address, plugin_profile, tmp_path):
+    from stages.generate import run_generation
+    from stages.label import run_label
+    from stages.pretrain import run_dir, run_pretrain
+    from stages.tokenize import run_tokenize
+    from stages.train_tokenizer import run_train_tokenizers
+    from stages.verify import verify_dataset
+
+    config = load_config(str(plugin_profile), SETTINGS)
+    assert {"luma", "tone"} <= set(config.label.labelers) and "luma" in config.tokenizer.modalities
+    root = tmp_path / "data"
+    make_labelled_input(root)  # two shards of photos with captions; one image does not decode
+
+    run_label(root, config, ["luma", "tone"])
+    assert sorted(p.name for p in (root / "luma").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    stats = json.loads((root / "_status" / "label_tone" / "shard-000001.json").read_text())
+    assert stats["status_counts"] == {"decode_error": 1, "ok": 1}  # key 3 does not decode
+
+    trained = run_train_tokenizers(root, config, ["text", "luma"])
+    assert trained["luma"]["steps"] > 0 and (root / "tokenizers" / "luma" / "reconstructions.png").is_file()
+    vocabulary = json.loads((root / "tokenizers" / "text" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert "bright" in vocabulary and "dark" in vocabulary  # the tone texts went into the text tokenizer
+
+    summary = run_tokenize(root, config, ["luma"])
+    assert summary.shards_done == 2 and summary.status_counts["luma"]["ok"] == 4
+    assert (root / "tok_luma@224" / "shard-000001.tar").is_file()
+    problems, checked = verify_dataset(root)
+    assert not problems and checked["folders"] >= 5  # rgb, caption, luma, tone, crops, tokens: all aligned
+
+    result = run_pretrain(root, config)
+    assert {"loss.tok_luma@224", "loss.tone"} <= set(result["final"])
+    assert Path(result["predictions"]).is_file()  # luma predicted from RGB, decoded by its tokenizer
+
+    out = tmp_path / "generated"
+    request = {"name": "toy", "conditions": {"caption": "a photo of a rocket"}, "targets": ["tok_luma", "tone"],
+               "steps": 2}
+    run_generation([request], run_dir(root), root / "tokenizers", out, device="cpu")
+    sample = out / "toy" / "sample-0"
+    assert np.load(sample / "luma.npy").shape == (14, 14) and (sample / "luma.png").is_file()
+    assert (sample / "tone.txt").read_text().strip() != "" or (sample / "tone.npy").is_file()
+
+
+# -- the files the stages write keep the umask's permissions -------------------------------------------------------
+def test_atomic_writes_give_files_the_umasks_permissions(tmp_path):
+    import torch
+
+    from core.files import save_safetensors, write_json
+    from core.pictures import figure_backend, save_figure
+    from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
+    from stages.shards import DatasetLayout, ShardWriter
+    from stages.training import write_checkpoint
+
+    previous = os.umask(0o022)
+    try:
+        save_tokenizer(VQVAE(tokenizer_config("depth", "tiny")), tmp_path / "tokenizer")
+        save_safetensors({"x": torch.zeros(2)}, tmp_path / "weights.safetensors")
+        write_checkpoint(tmp_path / "checkpoint", {"w": torch.zeros(2)}, {}, 1, {})
+        write_json(tmp_path / "results.json", {"ok": True})
+        plt = figure_backend()
+        save_figure(plt.figure(), tmp_path / "picture.png", dpi=20)
+        import pyarrow as pa
+
+        with ShardWriter(DatasetLayout(tmp_path / "data"), "download", "shard-000000", ["rgb"]) as writer:
+            writer.write("000000000", {"rgb": ("jpg", b"bytes")})
+            writer.commit(pa.table({"key": ["000000000"], "status": ["ok"]}), {"rows": 1})
+    finally:
+        os.umask(previous)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) >= 10
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert set(modes.values()) == {"0o644"}, modes
+    folders = {oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.rglob("*") if p.is_dir()}
+    assert folders == {"0o755"}
+
+
+def test_readme_names_only_commands_and_targets_that_exist():
+    import re
+
+    from pipeline.cli import build_parser
+
+    readme = (PROJECT / "README.md").read_text()
+    makefile = (PROJECT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", makefile, re.M))
+    named = set(re.findall(r"\bmake ([a-z][a-z0-9-]*)", readme))
+    assert named and not named - targets, f"README names make targets that do not exist: {named - targets}"
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    used = set(re.findall(r"python -m pipeline ([a-z][a-z0-9-]*)", readme))
+    assert used and not used - commands, f"README names commands that do not exist: {used - commands}"
