@@ -2,7 +2,7 @@
 
 It writes rgb shards of real photos at CC12M-like sizes (longest side 768, mixed aspect ratios), saves
 random-weight models (`--size paper`: the paper's model sizes; `tiny` for a quick run), then times what one
-label worker does per shard (`stages.label.label_shard`: read, decode, every labeler, encode, write):
+label worker does per shard (`stages.label.label.label_shard`: read, decode, every labeler, encode, write):
 each labeler alone, then all of them sharing one decode. A decode-only pass shows whether decoding could
 bound the stage. On a GPU, nvidia-smi is sampled every 100 ms for the busy fraction.
 
@@ -42,8 +42,8 @@ from core import registry  # noqa: E402
 from core.config import LabelConfig  # noqa: E402
 
 LABELER_NAMES = [m.name for m in registry.labelled()]
-from stages.label import decode_rgb, label_shard, read_rgb  # noqa: E402
-from stages.shards import DatasetLayout, ShardWriter  # noqa: E402
+from stages.label.label import decode_rgb, label_shard, read_rgb  # noqa: E402
+from stages.dataset.shards import DatasetLayout, ShardWriter  # noqa: E402
 
 SIX_SIZES = [(768, 512), (512, 768), (768, 576), (768, 768), (768, 432), (600, 768)]  # (width, height)
 COMMON_RATIOS = [4 / 3, 3 / 2, 16 / 9, 1.0, 5 / 4]  # width / height; each also drawn as a portrait

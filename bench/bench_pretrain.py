@@ -2,9 +2,9 @@
 
 Model: masked batches made by the project's sampler (the paper's mixture, 128 + 128 tokens) from random token
 grids, captions and box sequences, then timed steps of forward, backward and AdamW (bf16 autocast on a GPU, fp32
-on a CPU): samples/s, tokens/s, model FLOPs per sample (stages.pretrain.flops_per_sample), MFU against the GPU's
+on a CPU): samples/s, tokens/s, model FLOPs per sample (stages.fourm.pretrain.flops_per_sample), MFU against the GPU's
 dense bf16 peak, peak accelerator memory. Loader: token shards of real photos written to --work, read, decoded,
-cropped and masked by one process (stages.fourm_data.MaskedSamples): masked samples/s per CPU core, to set
+cropped and masked by one process (stages.fourm.fourm_data.MaskedSamples): masked samples/s per CPU core, to set
 against the model's samples/s per GPU (the loader runs in `pretrain.loader_workers` processes per GPU).
 
 Run: python bench/bench_pretrain.py [--size B] [--batch 64] [--steps 20] [--device auto]
@@ -26,11 +26,11 @@ sys.path.insert(0, str(HERE.parent))
 
 from models.fourm import FourM, FourMConfig  # noqa: E402
 from models.text_tokenizer import boxes_to_text, train_text_tokenizer  # noqa: E402
-from stages.fourm_data import MaskedSamples, collate, mixture_from  # noqa: E402
-from stages.masking import MaskingSampler  # noqa: E402
-from stages.pretrain import flops_per_sample  # noqa: E402
+from stages.fourm.fourm_data import MaskedSamples, collate, mixture_from  # noqa: E402
+from stages.fourm.masking import MaskingSampler  # noqa: E402
+from stages.fourm.pretrain import flops_per_sample  # noqa: E402
 from stages.training import peak_flops  # noqa: E402
-from stages.shards import DatasetLayout, ShardWriter  # noqa: E402
+from stages.dataset.shards import DatasetLayout, ShardWriter  # noqa: E402
 
 MODALITIES = ["rgb@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224", "tok_semseg@224", "tok_clip@224",
               "caption", "det"]

@@ -3,7 +3,7 @@
 It writes rgb shards of real photos at CC12M-like sizes and label shards of the same sizes (depth, normals,
 segmentation, CLIP maps of 512 features), saves random-weight tokenizers (`--size paper`: ViT-B encoders as
 in the paper; `tiny` for a quick run), then times what one tokenize worker does per shard
-(`stages.tokenize.tokenize_shard`: read, decode, crop, encode, write) for each modality, and the encoder alone
+(`stages.tokenizers.tokenize.tokenize_shard`: read, decode, crop, encode, write) for each modality, and the encoder alone
 on the same number of crops. stage/encoder near 1 means the encoder bounds the stage. On a GPU, nvidia-smi
 is sampled for the busy fraction.
 
@@ -27,8 +27,8 @@ sys.path.insert(0, str(HERE))
 from bench_label import GpuSampler, make_rgb_shards  # noqa: E402
 
 from core.config import TokenizerStageConfig  # noqa: E402
-from stages.shards import DatasetLayout, ShardWriter  # noqa: E402
-from stages.tokenizer_data import rgb_index  # noqa: E402
+from stages.dataset.shards import DatasetLayout, ShardWriter  # noqa: E402
+from stages.tokenizers.tokenizer_data import rgb_index  # noqa: E402
 
 MODALITIES = ("rgb", "depth", "normal", "semseg", "clip")
 
@@ -68,8 +68,8 @@ def main() -> int:
     import torch
 
     from models.vqvae import VQVAE, save_tokenizer
-    from stages.tokenize import tokenize_shard
-    from stages.train_tokenizer import model_config, tokenizer_dir
+    from stages.tokenizers.tokenize import tokenize_shard
+    from stages.tokenizers.train_tokenizer import model_config, tokenizer_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="paper", choices=["paper", "tiny"])

@@ -4,7 +4,7 @@ Model: 4M-B's encoder (random weights) with the classification head at 224x224 a
 512x512: timed steps of forward, backward and AdamW (bf16 autocast on a GPU, fp32 on a CPU) in images/s, and
 forward passes alone (evaluation) in images/s. Data: JPEGs of real photos written to --work as ImageNet class
 folders and an ADE20K-layout folder, read, decoded and augmented with the paper's transforms by one process
-(stages.transfer_data.TransferDataset): images/s per CPU core, and the share of each step the accelerator would
+(stages.transfer.transfer_data.TransferDataset): images/s per CPU core, and the share of each step the accelerator would
 wait with `transfer.<task>.loader_workers` processes feeding it.
 
 Run: python bench/bench_transfer.py [--batch 16] [--steps 5] [--device auto] [--workers 8]
@@ -27,7 +27,7 @@ from models.fourm import FourMConfig  # noqa: E402
 from models.transfer import FourMViT, TransferModel, make_head  # noqa: E402
 from core.config import load_config  # noqa: E402
 from stages.training import device_for  # noqa: E402
-from stages.transfer_data import TransferDataset, classification_samples, segmentation_samples  # noqa: E402
+from stages.transfer.transfer_data import TransferDataset, classification_samples, segmentation_samples  # noqa: E402
 
 
 def sync(device):

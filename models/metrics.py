@@ -2,7 +2,7 @@
 
 An evaluation (one per evaluated modality, named by its registry entry) adds up a batch's figures for the
 prediction and for the trivial baseline (each sample's mean map or majority class) and turns the sums into
-scores; `stages/evaluate.py` runs them.
+scores; `stages/transfer/evaluate.py` runs them.
 """
 from __future__ import annotations
 

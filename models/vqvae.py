@@ -3,7 +3,7 @@
 One file, top to bottom: the settings (each modality's own, from the registry: what its tokenizer sees and how it is
 trained, the paper's Table 3), the quantizer, the encoder, the two decoders, the VQ-VAE, saving and loading.
 
-Inputs, as `stages/tokenizer_data.py` prepares them from the labelled shards (B = batch, 224x224 crops):
+Inputs, as `stages/tokenizers/tokenizer_data.py` prepares them from the labelled shards (B = batch, 224x224 crops):
     rgb, normal  float (B, 3, 224, 224) in [-1, 1]
     depth        float (B, 1, 224, 224) in [-1, 1]  (relative depth 0..1 mapped linearly)
     semseg       long  (B, 224, 224) class ids

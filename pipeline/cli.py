@@ -36,7 +36,7 @@ def _config_from(args, flags: dict) -> Config:
 
 
 def cmd_download(args) -> int:
-    from stages.download import run_download
+    from stages.download.download import run_download
 
     config = _config_from(args, {
         "data_root": args.output, "download.shard_size": args.shard_size, "download.max_side": args.max_side,
@@ -55,7 +55,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from stages.label import run_label
+    from stages.label.label import run_label
 
     names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
     config = _config_from(args, {"data_root": args.data, "label.labelers": names})
@@ -81,7 +81,7 @@ def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
 
 
 def cmd_train_tokenizer(args) -> int:
-    from stages.train_tokenizer import run_train_tokenizers, training_line
+    from stages.tokenizers.train_tokenizer import run_train_tokenizers, training_line
 
     modalities = None if args.modality in (None, "all") else [m.strip() for m in args.modality.split(",")]
     config = _config_from(args, {"data_root": args.data, "tokenizer.modalities": modalities})
@@ -96,7 +96,7 @@ def cmd_train_tokenizer(args) -> int:
                   f"{training_line(modality, result['final'])}")
 
     def tokenizer_path(modality):
-        from stages.train_tokenizer import tokenizer_dir
+        from stages.tokenizers.train_tokenizer import tokenizer_dir
 
         return tokenizer_dir(config.data_root, modality)
 
@@ -105,7 +105,7 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from stages.tokenize import run_tokenize
+    from stages.tokenizers.tokenize import run_tokenize
 
     modalities = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
     config = _config_from(args, {"data_root": args.data})
@@ -121,8 +121,8 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_align(args) -> int:
-    from stages.align import STAGE, align_dataset
-    from stages.shards import DatasetLayout
+    from stages.dataset.align import STAGE, align_dataset
+    from stages.dataset.shards import DatasetLayout
 
     if not Path(args.data).is_dir():
         raise ConfigError(f"--data {args.data!r}: no such folder")
@@ -136,7 +136,7 @@ def cmd_align(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from stages.verify import verify_dataset
+    from stages.dataset.verify import verify_dataset
 
     problems, checked = verify_dataset(args.data)
     by_shard: dict[str, list] = {}
@@ -149,7 +149,7 @@ def cmd_verify(args) -> int:
     if checked:
         print(f"checked {checked['shards']} shards x {checked['folders']} folders, {checked['members']} members: "
               f"{'OK' if not problems else f'{len(problems)} problems'}")
-    from stages.status import RANDOM_WARNING, random_weight_stages, stage_rows
+    from stages.dataset.status import RANDOM_WARNING, random_weight_stages, stage_rows
 
     random_stages = random_weight_stages(stage_rows(args.data))
     if random_stages:
@@ -158,7 +158,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from stages.status import (RANDOM_WARNING, evaluation_rows, format_table, pretrain_row, random_weight_stages,
+    from stages.dataset.status import (RANDOM_WARNING, evaluation_rows, format_table, pretrain_row, random_weight_stages,
                                stage_rows, tokenizer_rows)
 
     if not Path(args.data).is_dir():
@@ -194,14 +194,14 @@ def cmd_services(args) -> int:
 
 def cmd_show(args) -> int:
     from pipeline.show import draw_sample
-    from stages.shards import DatasetLayout
+    from stages.dataset.shards import DatasetLayout
 
     print(draw_sample(DatasetLayout(args.data), args.key, args.out))
     return 0
 
 
 def cmd_pretrain(args) -> int:
-    from stages.pretrain import run_pretrain, run_dir
+    from stages.fourm.pretrain import run_pretrain, run_dir
 
     config = _config_from(args, {"data_root": args.data, "pretrain.size": args.size, "pretrain.steps": args.steps})
     summary = run_pretrain(config.data_root, config)
@@ -213,7 +213,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from stages.transfer import run_transfer
+    from stages.transfer.transfer import run_transfer
 
     config = _config_from(args, {f"transfer.{args.task}.linear_probe": True if args.linear_probe else None})
     results = run_transfer(args.task, args.train, args.val, config, model=args.model, backbone=args.backbone,
@@ -228,8 +228,8 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from stages.evaluate import run_evaluate
-    from stages.pretrain import run_dir
+    from stages.transfer.evaluate import run_evaluate
+    from stages.fourm.pretrain import run_dir
 
     config = _config_from(args, {"data_root": args.data})
     model = args.model or run_dir(config.data_root)
@@ -277,8 +277,8 @@ def generation_request(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from stages.generate import read_requests, run_generation
-    from stages.pretrain import run_dir
+    from stages.generate.generate import read_requests, run_generation
+    from stages.fourm.pretrain import run_dir
 
     config = _config_from(args, {"data_root": args.data})
     model = Path(args.model or run_dir(config.data_root))
@@ -297,7 +297,7 @@ def cmd_generate(args) -> int:
 
 def cmd_inspect_masking(args) -> int:
     from pipeline.show import draw_masked_sample
-    from stages.fourm_data import inspect_masking, is_sequence, text_tokenizer_of
+    from stages.fourm.fourm_data import inspect_masking, is_sequence, text_tokenizer_of
 
     config = _config_from(args, {"data_root": args.data})
     means, first = inspect_masking(config.data_root, config, args.samples)

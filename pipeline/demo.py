@@ -89,7 +89,7 @@ def download_demo_photos(root: Path, config: Config, observer=None):
 
     Keys are row numbers, so a rerun (on a new port) skips the shards already committed.
     """
-    from stages.download import run_download
+    from stages.download.download import run_download
 
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="4m-demo-site-") as site:
@@ -117,9 +117,9 @@ def save_demo_models(config: Config) -> None:
 
 def run_demo(config: Config) -> int:
     from pipeline.show import draw_sample
-    from stages.download import STAGE
-    from stages.label import run_label
-    from stages.shards import DatasetLayout
+    from stages.download.download import STAGE
+    from stages.label.label import run_label
+    from stages.dataset.shards import DatasetLayout
 
     root = Path(config.data_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -166,10 +166,10 @@ def run_demo(config: Config) -> int:
 
 def tokenize_demo(root: Path, config: Config) -> int:
     """Tiny tokenizers trained on the demo labels, every sample tokenized, the dataset verified."""
-    from stages.shards import DatasetLayout
-    from stages.tokenize import run_tokenize, stage_name
-    from stages.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
-    from stages.verify import verify_dataset
+    from stages.dataset.shards import DatasetLayout
+    from stages.tokenizers.tokenize import run_tokenize, stage_name
+    from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
+    from stages.dataset.verify import verify_dataset
 
     print("\ntraining tiny tokenizers on the demo labels (Ray Train)")
     shutil.rmtree(root / "tokenizers", ignore_errors=True)  # new images each run: new tokenizers too
@@ -201,7 +201,7 @@ def tokenize_demo(root: Path, config: Config) -> int:
 
 def pretrain_demo(root: Path, config: Config) -> int:
     """A tiny 4M pretrained on the demo tokens, and its predictions from RGB drawn."""
-    from stages.pretrain import run_dir, run_pretrain
+    from stages.fourm.pretrain import run_dir, run_pretrain
 
     print(f"\npretraining a tiny 4M on the demo tokens (Ray Train, {config.pretrain.steps} steps)")
     shutil.rmtree(run_dir(root), ignore_errors=True)  # new tokens each run: a new model too
@@ -217,8 +217,8 @@ def pretrain_demo(root: Path, config: Config) -> int:
 
 def evaluate_demo(root: Path, config: Config) -> int:
     """The demo model scored out of the box against the pseudo labels of the held-out shard."""
-    from stages.evaluate import run_evaluate
-    from stages.pretrain import run_dir
+    from stages.transfer.evaluate import run_evaluate
+    from stages.fourm.pretrain import run_dir
 
     results = run_evaluate(root, config, run_dir(root), samples=8, batch_size=8)
     print(f"\nout of the box, from RGB alone, on {results['samples']} held-out samples "
@@ -251,8 +251,8 @@ def colour_classes(folder: Path, size: int = 64) -> tuple[Path, Path]:
 
 def transfer_demo(root: Path, config: Config) -> int:
     """The demo model's encoder fine-tuned on a tiny classification task (the transfer command's path)."""
-    from stages.pretrain import run_dir
-    from stages.transfer import run_transfer
+    from stages.fourm.pretrain import run_dir
+    from stages.transfer.transfer import run_transfer
 
     train, val = colour_classes(root / "transfer" / "colours")
     out = run_dir(root) / "transfer-classification"
@@ -297,8 +297,8 @@ def generate_demo(root: Path) -> int:
     import json
 
     from models.fourm import FourMConfig
-    from stages.generate import read_requests, run_generation
-    from stages.pretrain import run_dir
+    from stages.generate.generate import read_requests, run_generation
+    from stages.fourm.pretrain import run_dir
 
     model = run_dir(root)
     outputs = FourMConfig(**json.loads((model / "config.json").read_text())).domains_out

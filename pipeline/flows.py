@@ -33,7 +33,7 @@ def _counts(summary) -> dict:
 def download_with_artifacts(config: Config, input: str):
     """`input="demo"` serves the bundled photos over loopback while they are downloaded."""
     from pipeline.demo import download_demo_photos
-    from stages.download import run_download
+    from stages.download.download import run_download
 
     reporter = StageReporter("download")
     if input == "demo":
@@ -49,7 +49,7 @@ def download_with_artifacts(config: Config, input: str):
 def label_with_artifacts(config: Config, pictures: int = 3):
     from pipeline.demo import save_demo_models
     from pipeline.reporting import LabelReporter, sample_pictures_markdown
-    from stages.label import run_label
+    from stages.label.label import run_label
 
     if config.profile == "demo":  # the demo's tiny random-weight models, where the profile names them
         save_demo_models(config)
@@ -65,7 +65,7 @@ def label_with_artifacts(config: Config, pictures: int = 3):
 
 def train_with_artifacts(config: Config) -> dict:
     from pipeline.reporting import TokenizerReporter
-    from stages.train_tokenizer import run_train_tokenizers
+    from stages.tokenizers.train_tokenizer import run_train_tokenizers
 
     reporter = TokenizerReporter(config.data_root, config.tokenizer.modalities)
     results = run_train_tokenizers(config.data_root, config, observer=reporter)
@@ -75,7 +75,7 @@ def train_with_artifacts(config: Config) -> dict:
 
 
 def tokenize_with_artifacts(config: Config, modalities: list[str] | None = None):
-    from stages.tokenize import run_tokenize
+    from stages.tokenizers.tokenize import run_tokenize
 
     reporter = StageReporter("tokenize")
     summary = run_tokenize(config.data_root, config, modalities, observer=reporter)
@@ -87,7 +87,7 @@ def tokenize_with_artifacts(config: Config, modalities: list[str] | None = None)
 
 def pretrain_with_artifacts(config: Config) -> dict:
     from pipeline.reporting import PretrainReporter
-    from stages.pretrain import run_pretrain
+    from stages.fourm.pretrain import run_pretrain
 
     reporter = PretrainReporter(config.data_root, config.pretrain.steps)
     try:
@@ -145,7 +145,7 @@ def transfer_flow(task: str = "classification", train: str = "data/imagenet/trai
     """Fine-tune 4M's encoder (or a timm baseline) on classification, segmentation or depth and score it, with a
     results table beside the paper's and the training curves."""
     from pipeline.reporting import publish_transfer
-    from stages.transfer import run_transfer
+    from stages.transfer.transfer import run_transfer
 
     config = load_config(profile, overrides)
     results = run_transfer(task, train, val, config, model=model, backbone=backbone, out=out)
@@ -160,8 +160,8 @@ def evaluate_flow(data: str | None = None, model: str | None = None, samples: in
                   overrides: list[str] | None = None) -> dict:
     """Score a 4M model's depth, normals and segmentation from RGB alone against the held-out pseudo labels."""
     from pipeline.reporting import publish_evaluation
-    from stages.evaluate import run_evaluate
-    from stages.pretrain import run_dir
+    from stages.transfer.evaluate import run_evaluate
+    from stages.fourm.pretrain import run_dir
 
     config = load_config(profile, overrides, {"data_root": data})
     results = run_evaluate(config.data_root, config, model or run_dir(config.data_root), samples=samples)
@@ -175,7 +175,7 @@ def generate_flow(requests: str = "data/cc12m/generate/requests.jsonl", model: s
                   device: str | None = None) -> dict:
     """Generate from a JSONL file of requests (see the README) in batches; every sample's grid as a picture."""
     from pipeline.reporting import publish_generation
-    from stages.generate import read_requests, run_generation
+    from stages.generate.generate import read_requests, run_generation
 
     out = out or str(Path(model) / "generations")
     results = run_generation(read_requests(requests), model, tokenizers, out, batch_size=batch_size, device=device)

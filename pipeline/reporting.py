@@ -105,7 +105,7 @@ def publish_stage_table(root, key: str) -> list[dict]:
     from prefect.artifacts import create_link_artifact
 
     from core.ray_runtime import dashboard_url
-    from stages.status import RANDOM_WARNING, random_weight_stages, stage_rows
+    from stages.dataset.status import RANDOM_WARNING, random_weight_stages, stage_rows
 
     rows = stage_rows(root)
     if rows:
@@ -143,7 +143,7 @@ class TokenizerReporter:
 
     @staticmethod
     def quality_columns(modality: str, final: dict) -> dict:
-        from stages.train_tokenizer import quality
+        from stages.tokenizers.train_tokenizer import quality
 
         q = quality(modality, final)
         if not q:
@@ -154,7 +154,7 @@ class TokenizerReporter:
     def finish(self) -> str:
         import base64
 
-        from stages.train_tokenizer import tokenizer_dir
+        from stages.tokenizers.train_tokenizer import tokenizer_dir
 
         parts = [f"# Tokenizer reconstructions under {self.root}"]
         for modality in self.modalities:
@@ -176,8 +176,8 @@ def sample_pictures_markdown(root, count: int, key: str) -> str | None:
     import pyarrow.parquet as pq
 
     from pipeline.show import draw_sample
-    from stages.download import STAGE as DOWNLOAD_STAGE
-    from stages.shards import DatasetLayout
+    from stages.download.download import STAGE as DOWNLOAD_STAGE
+    from stages.dataset.shards import DatasetLayout
 
     layout = DatasetLayout(root)
     keys = []
@@ -205,7 +205,7 @@ class PretrainReporter:
     def __init__(self, root, steps: int, every: float = 5.0):
         import threading
 
-        from stages.pretrain import run_dir
+        from stages.fourm.pretrain import run_dir
 
         self.metrics, self.steps, self.every = run_dir(root) / "metrics.jsonl", steps, every
         self.progress_id = create_progress_artifact(0.0, key="pretrain-progress", description=f"0 of {steps} steps")

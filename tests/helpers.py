@@ -249,7 +249,7 @@ def make_labelled_input(root, corrupt_key="000000003"):
     """Two committed rgb (and caption) shards as the download stage writes them; one image is corrupt."""
     import pyarrow as pa
 
-    from stages.shards import DatasetLayout, ShardWriter
+    from stages.dataset.shards import DatasetLayout, ShardWriter
 
     layout = DatasetLayout(root)
     keys = [f"{i:09d}" for i in range(5)]

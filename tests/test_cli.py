@@ -7,8 +7,8 @@ import sys
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from stages.download import STAGE
-from stages.shards import DatasetLayout
+from stages.download.download import STAGE
+from stages.dataset.shards import DatasetLayout
 from tests.helpers import large_jpeg
 
 

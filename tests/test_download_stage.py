@@ -8,8 +8,8 @@ import webdataset as wds
 from PIL import Image
 
 from core.config import load_config
-from stages.download import STAGE, run_download
-from stages.shards import DatasetLayout
+from stages.download.download import STAGE, run_download
+from stages.dataset.shards import DatasetLayout
 from tests.helpers import encode, exif_rotated_jpeg, large_jpeg, photo, png_bomb_header
 
 

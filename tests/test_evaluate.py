@@ -11,8 +11,8 @@ import torch
 from models.fourm import FourM, FourMConfig
 from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
 from core.config import load_config
-from stages.evaluate import EvaluateInputError, depth_figures, normal_angles, run_evaluate
-from stages.shards import DatasetLayout, ShardWriter
+from stages.transfer.evaluate import EvaluateInputError, depth_figures, normal_angles, run_evaluate
+from stages.dataset.shards import DatasetLayout, ShardWriter
 from tests.test_pretrain import dataset as token_dataset
 
 

@@ -5,7 +5,7 @@ from urllib.parse import quote
 import pytest
 
 from core.config import DownloadConfig
-from stages.fetch import Fetcher, opted_out
+from stages.download.fetch import Fetcher, opted_out
 from tests.helpers import large_jpeg
 
 JPEG = large_jpeg((320, 240))

@@ -148,7 +148,7 @@ def test_show_draws_a_labelled_sample(ray_address, tmp_path):
     from models.random_weights import save_random_models
     from pipeline.cli import main
     from core.config import load_config
-    from stages.label import run_label
+    from stages.label.label import run_label
     from tests.helpers import make_labelled_input
 
     make_labelled_input(tmp_path / "data")
@@ -167,7 +167,7 @@ def test_tokenizer_flows_publish_results_pictures_and_token_rates(prefect_api, r
     from models.random_weights import save_random_models
     from core.config import load_config
     from pipeline.flows import tokenize_flow, train_tokenizers_flow
-    from stages.label import run_label
+    from stages.label.label import run_label
     from tests.helpers import make_labelled_input
 
     data = tmp_path / "data"

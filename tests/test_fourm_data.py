@@ -11,9 +11,9 @@ import torch
 
 from models.text_tokenizer import train_text_tokenizer
 from core.config import load_config
-from stages.fourm_data import LoaderInputError, MaskedSamples, make_loader, shard_samples, split_shards
-from stages.masking import Component, MaskingSampler
-from stages.shards import DatasetLayout, ShardWriter
+from stages.fourm.fourm_data import LoaderInputError, MaskedSamples, make_loader, shard_samples, split_shards
+from stages.fourm.masking import Component, MaskingSampler
+from stages.dataset.shards import DatasetLayout, ShardWriter
 
 MODALITIES = ["rgb@224", "tok_rgb@224", "caption", "det"]
 CROPS = np.array([[0, 0, 64, 48, 0],     # crop 0: the left (red) half

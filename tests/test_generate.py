@@ -14,7 +14,7 @@ from models.generate import (Sampler, Schedule, Step, cosine_tokens, filter_logi
                              merge_spans, pixels_entry, sequence_entry, sequence_rows, temperatures)
 from models.text_tokenizer import EOS_ID, train_text_tokenizer
 from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
-from stages.masking import Component, MaskingSampler
+from stages.fourm.masking import Component, MaskingSampler
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 SENTINELS = list(range(4, 204))  # [S_0].. in this project's (and the reference's) vocabulary layout
@@ -309,7 +309,7 @@ def test_the_command_writes_each_samples_tokens_pictures_texts_and_grid(assets, 
 
 
 def test_a_rerun_keeps_finished_samples_and_redoes_changed_ones(assets, tmp_path):
-    from stages.generate import run_generation
+    from stages.generate.generate import run_generation
 
     request = {"name": "cat", "conditions": {"caption": "a photo of a cat"}, "targets": ["tok_rgb", "det"],
                "steps": 3, "samples": 2}
@@ -330,7 +330,7 @@ def test_a_rerun_keeps_finished_samples_and_redoes_changed_ones(assets, tmp_path
 def test_a_schedule_file_chains_targets_and_inpainting_keeps_the_given_region(assets, tmp_path):
     import yaml
 
-    from stages.generate import Resources, token_ids
+    from stages.generate.generate import Resources, token_ids
 
     schedule = tmp_path / "schedule.yaml"
     schedule.write_text(yaml.safe_dump({"grow_conditioning": True, "steps": [
@@ -350,7 +350,7 @@ def test_a_schedule_file_chains_targets_and_inpainting_keeps_the_given_region(as
 
 
 def test_the_shipped_text_to_image_schedule_reads(assets):
-    from stages.generate import Resources, parse_request
+    from stages.generate.generate import Resources, parse_request
 
     shipped = Path(__file__).parents[1] / "pipeline" / "schedules" / "caption-to-clip-to-rgb.yaml"
     request = parse_request({"conditions": {"caption": "a bus"}, "schedule": str(shipped)},

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.images import ImageError, process_image, target_size
+from stages.download.images import ImageError, process_image, target_size
 from tests.helpers import encode, exif_rotated_jpeg, large_jpeg, photo, png_bomb_header, psnr
 
 

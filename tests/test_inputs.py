@@ -2,7 +2,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.inputs import InputError, count_rows, read_rows, row_key
+from stages.download.inputs import InputError, count_rows, read_rows, row_key
 
 
 def test_tsv_rows_keep_their_number_and_malformed_rows_are_values(tmp_path):

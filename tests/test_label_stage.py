@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import load_config
-from stages.label import LabelInputError, _one_by_one, label_shard, run_label, stage_name
+from stages.label.label import LabelInputError, _one_by_one, label_shard, run_label, stage_name
 from tests.helpers import make_labelled_input as make_dataset
 from tests.helpers import photo
 
@@ -102,7 +102,7 @@ def write_rgb_shard(root, sizes: list[tuple[int, int]]):
     """One committed rgb shard of real photo crops with these (height, width)s, keys 0.. in order."""
     import pyarrow as pa
 
-    from stages.shards import DatasetLayout, ShardWriter
+    from stages.dataset.shards import DatasetLayout, ShardWriter
 
     layout, keys = DatasetLayout(root), [f"{i:09d}" for i in range(len(sizes))]
     pixels = np.asarray(photo("astronaut"))
@@ -138,7 +138,7 @@ def test_batches_fill_with_one_input_size_across_chunks(tiny_models, tmp_path):
 
 
 def test_each_labeler_batches_at_its_own_size(tiny_models, tmp_path):
-    from stages.label import LabelWorker
+    from stages.label.label import LabelWorker
 
     write_rgb_shard(tmp_path, [(96, 128)] * 4)
     cfg = config(tiny_models, "label.batch_size=1", "label.batch_sizes={clip: 4}").label
@@ -326,9 +326,9 @@ def test_shards_record_what_made_them_and_verify_reports_mixed_weights(tiny_mode
     from models.labelers import load_labeler
     from models.random_weights import save_random_model
     from pipeline.cli import main
-    from stages.provenance import project_version
-    from stages.status import stage_rows
-    from stages.verify import verify_dataset
+    from stages.dataset.provenance import project_version
+    from stages.dataset.status import stage_rows
+    from stages.dataset.verify import verify_dataset
 
     layout = make_dataset(tmp_path)
     cfg = config(tiny_models).label

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.text_tokenizer import boxes_to_text, train_text_tokenizer
-from stages.masking import Component, MaskingSampler, paper_mixture, span_mask
+from stages.fourm.masking import Component, MaskingSampler, paper_mixture, span_mask
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures/reference/masking_stats.json").read_text())
 MODALITIES = list(FIXTURE["mixture"])

@@ -20,8 +20,8 @@ FLOORS = ("pipeline", "stages", "models", "core")  # top to bottom: a floor impo
 # String constants equal to a modality's name that are not modalities: the transfer task and NYUv2's folder named
 # depth (and its rgb folder), Omnidata's conversion tasks, and the input table's caption column.
 NOT_MODALITIES = {
-    ("core/config.py", "depth"), ("core/config.py", "caption"), ("stages/inputs.py", "caption"),
-    ("stages/transfer.py", "depth"), ("stages/transfer_data.py", "depth"), ("stages/transfer_data.py", "rgb"),
+    ("core/config.py", "depth"), ("core/config.py", "caption"), ("stages/download/inputs.py", "caption"),
+    ("stages/transfer/transfer.py", "depth"), ("stages/transfer/transfer_data.py", "depth"), ("stages/transfer/transfer_data.py", "rgb"),
     ("models/transfer.py", "depth"), ("pipeline/deployments.py", "depth"), ("pipeline/cli.py", "depth"),
     ("pipeline/cli.py", "normal"), ("models/omnidata.py", "depth"), ("models/omnidata.py", "normal"),
 }
@@ -176,12 +176,12 @@ def plugin_profile(tmp_path_factory):
 
 
 def test_modalities_defined_outside_the_project_go_through_every_stage(ray_address, plugin_profile, tmp_path):
-    from stages.generate import run_generation
-    from stages.label import run_label
-    from stages.pretrain import run_dir, run_pretrain
-    from stages.tokenize import run_tokenize
-    from stages.train_tokenizer import run_train_tokenizers
-    from stages.verify import verify_dataset
+    from stages.generate.generate import run_generation
+    from stages.label.label import run_label
+    from stages.fourm.pretrain import run_dir, run_pretrain
+    from stages.tokenizers.tokenize import run_tokenize
+    from stages.tokenizers.train_tokenizer import run_train_tokenizers
+    from stages.dataset.verify import verify_dataset
 
     config = load_config(str(plugin_profile), SETTINGS)
     assert {"luma", "tone"} <= set(config.label.labelers) and "luma" in config.tokenizer.modalities
@@ -224,7 +224,7 @@ def test_atomic_writes_give_files_the_umasks_permissions(tmp_path):
     from core.files import save_safetensors, write_json
     from core.pictures import figure_backend, save_figure
     from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
-    from stages.shards import DatasetLayout, ShardWriter
+    from stages.dataset.shards import DatasetLayout, ShardWriter
     from stages.training import write_checkpoint
 
     previous = os.umask(0o022)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.shards import DatasetLayout
+from stages.dataset.shards import DatasetLayout
 
 SMALL = ["tokenizer.modalities=[text, clip]", "tokenizer.epochs=2", "tokenizer.batch_size=2",
          "pretrain.modalities=[rgb@224, tok_clip@224, caption, det]", "pretrain.steps=4", "pretrain.log_every=2",

@@ -15,7 +15,7 @@ from models.fourm import FourM
 from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
 from models.text_tokenizer import train_text_tokenizer
 from core.config import load_config
-from stages.pretrain import PretrainInputError, PretrainTask, model_config, run_dir, run_pretrain, train_worker
+from stages.fourm.pretrain import PretrainInputError, PretrainTask, model_config, run_dir, run_pretrain, train_worker
 from tests.test_fourm_data import write_dataset
 
 SETTINGS = ["pretrain.modalities=[rgb@224, tok_rgb@224, caption, det]", "pretrain.size=Ti",
@@ -56,7 +56,7 @@ def test_pretraining_logs_losses_rates_and_validation_and_saves_the_model(pretra
     model = FourM.from_pretrained(run_dir(root))
     assert model.cfg.vocab_sizes["tok_rgb@224"] == 64 and model.cfg.dim == 32
     assert (run_dir(root) / "train.json").is_file()
-    from stages.status import pretrain_row
+    from stages.dataset.status import pretrain_row
 
     assert pretrain_row(root)["state"] == "trained" and pretrain_row(root)["step"] == "6/6"
     from PIL import Image

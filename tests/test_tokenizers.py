@@ -15,12 +15,12 @@ from models.vqvae import (VQVAE, EMAQuantizer, baseline_metric, load_tokenizer, 
                           tokenizer_config)
 from pipeline.cli import main as cli
 from core.config import load_config
-from stages.label import run_label
-from stages.shards import DatasetLayout
-from stages.tokenize import run_tokenize
-from stages.train_tokenizer import (eval_batch, modality_shards, model_config, run_train_tokenizers, train_dense,
+from stages.label.label import run_label
+from stages.dataset.shards import DatasetLayout
+from stages.tokenizers.tokenize import run_tokenize
+from stages.tokenizers.train_tokenizer import (eval_batch, modality_shards, model_config, run_train_tokenizers, train_dense,
                                     tokenizer_dir)
-from stages.verify import verify_dataset
+from stages.dataset.verify import verify_dataset
 from tests.helpers import make_labelled_input
 
 from core import registry
@@ -180,7 +180,7 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_on_rerun(trained_rgb, t
 
 def test_epochs_can_be_set_per_tokenizer(dataset):
     from core.config import ConfigError
-    from stages.train_tokenizer import make_plan
+    from stages.tokenizers.train_tokenizer import make_plan
 
     cfg = config("tokenizer.epochs_by_modality={clip: 3}").tokenizer
     layout = DatasetLayout(dataset)
@@ -266,7 +266,7 @@ def test_tokenize_writes_aligned_shards_and_verify_catches_a_broken_one(trained_
 
 
 def test_status_reads_each_stage_from_the_status_files(trained_rgb, capsys):
-    from stages.status import stage_rows
+    from stages.dataset.status import stage_rows
 
     rows = {r["stage"]: r for r in stage_rows(trained_rgb)}
     assert rows["download"]["shards"] == "2/2" and rows["label_clip"]["shards"] == "2/2"
@@ -284,7 +284,7 @@ def test_a_sample_failed_anywhere_is_dropped_everywhere_so_a_positional_zip_neve
     from models.labelers import ClipLabeler, load_labeler
     from models.random_weights import save_random_models
     from models.vqvae import save_tokenizer
-    from stages.label import label_shard
+    from stages.label.label import label_shard
 
     def injected(image) -> bool:  # coffee (400x600) is key 1, mid shard 0; the grey camera is key 4, shard 1's last
         return image.shape[:2] == (400, 600) or bool((image[..., 0] == image[..., 1]).all())
@@ -336,7 +336,7 @@ def test_a_sample_failed_anywhere_is_dropped_everywhere_so_a_positional_zip_neve
 
 
 def test_loader_workers_serve_each_step_the_same_batch_wherever_the_run_resumes(dataset):
-    from stages.train_tokenizer import Plan, TokenizerBatches
+    from stages.tokenizers.train_tokenizer import Plan, TokenizerBatches
 
     shards = modality_shards(DatasetLayout(dataset), "rgb")
     assert len(shards) == 2

@@ -13,10 +13,10 @@ from models.fourm import FourM, FourMConfig
 from models.transfer import BackboneError, FourMViT, TransferModel, make_backbone, make_head
 from core.config import load_config
 from stages.training import LoopSettings, train_loop
-from stages.transfer import (TransferTask, confusion, depth_scores, depth_sums, evaluate, make_transfer_plan,
+from stages.transfer.transfer import (TransferTask, confusion, depth_scores, depth_sums, evaluate, make_transfer_plan,
                              run_transfer, segmentation_scores, topk_correct)
 from models.metrics import IGNORE
-from stages.transfer_data import TransferInputError
+from stages.transfer.transfer_data import TransferInputError
 from tests.helpers import photo_tensor
 
 SIZE = 64

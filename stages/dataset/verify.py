@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.align import recorded_failures
+from stages.dataset.align import recorded_failures
 from core import registry
-from stages.shards import CROPS, DatasetLayout, producing_stage
+from stages.dataset.shards import CROPS, DatasetLayout, producing_stage
 
 
 @dataclass(frozen=True)

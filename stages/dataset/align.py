@@ -30,10 +30,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.provenance import provenance
+from stages.dataset.provenance import provenance
 from core import registry
 from core.files import publish, temporary_name, write_json
-from stages.shards import OK, DatasetLayout, producing_stage
+from stages.dataset.shards import OK, DatasetLayout, producing_stage
 
 STAGE = "align"
 DROPPED = "dropped"

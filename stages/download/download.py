@@ -23,11 +23,11 @@ import pyarrow as pa
 
 from core import registry
 from core.config import Config, DownloadConfig
-from stages.fetch import Fetcher
-from stages.images import ImageError, process_image
-from stages.provenance import provenance
-from stages.inputs import InputRow, count_rows, read_rows
-from stages.shards import OK, DatasetLayout, ShardObserver, ShardWriter, shard_name
+from stages.download.fetch import Fetcher
+from stages.download.images import ImageError, process_image
+from stages.dataset.provenance import provenance
+from stages.download.inputs import InputRow, count_rows, read_rows
+from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardWriter, shard_name
 
 STAGE = "download"
 

@@ -31,8 +31,8 @@ from core.files import write_json
 from core.pictures import figure_backend, save_figure
 from models.text_tokenizer import train_text_tokenizer
 from models.vqvae import VQVAE, baseline_metric, codebook_usage, reconstruction_metric, save_tokenizer, tokenizer_config
-from stages.shards import DatasetLayout
-from stages.tokenizer_data import center_crop, crop_to_tensor, random_crop, read_members, shard_samples
+from stages.dataset.shards import DatasetLayout
+from stages.tokenizers.tokenizer_data import center_crop, crop_to_tensor, random_crop, read_members, shard_samples
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
 
 class TokenizerInputError(ValueError):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from core import registry
-from stages.shards import DatasetLayout
+from stages.dataset.shards import DatasetLayout
 
 SIZE = 224
 

@@ -10,7 +10,7 @@ Produces  <root>/depth/shard-NNNNNN.tar    <key>.png   16-bit grayscale, depth i
           <root>/_status/label_<labeler>/shard-NNNNNN.{parquet,json}   one row per rgb sample; commit marker
 Every label has the stored image's resolution (CLIP: one feature per 16x16 patch at shortest side 224), and
 each modality's shard holds the rgb shard's keys in the rgb shard's order (a sample a labeler failed on is
-absent from that modality and recorded; the tokenize stage then drops it from every folder, `stages/align.py`).
+absent from that modality and recorded; the tokenize stage then drops it from every folder, `stages/dataset/align.py`).
 Each shard's stats record the model that made it (source, sha256 of its weights, random or not).
 
 One Ray actor per GPU (or per CPU slot) holds every requested labeler; it reads and decodes each image once
@@ -37,9 +37,9 @@ from core.config import Config, LabelConfig
 from core.ray_runtime import init_ray
 from models.labelers import SizeBuckets, WeightsUnavailable, check_weights, run_overlapped
 from stages.actor_pool import run_on_actors
-from stages.download import STAGE as DOWNLOAD_STAGE
-from stages.provenance import provenance
-from stages.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
+from stages.download.download import STAGE as DOWNLOAD_STAGE
+from stages.dataset.provenance import provenance
+from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
 
 STATUS_SCHEMA = pa.schema([
     ("key", pa.string()),

@@ -11,7 +11,7 @@ Captions and boxes stay text in caption/ and det/ (tokenized when loaded, with t
 
 A sample's crops depend only on (seed, key) and its image size, so a redone shard gets the same crops. A
 sample whose image or label cannot be read is recorded (`decode_error`, `missing_label`). Once a shard's tokens
-are written, the worker aligns it (`stages/align.py`): a sample missing from any loader folder is dropped from
+are written, the worker aligns it (`stages/dataset/align.py`): a sample missing from any loader folder is dropped from
 all of them, with its reason in _status/align/, so a position-by-position loader never diverges. One Ray actor
 per GPU (or CPU slot) holds every tokenizer; shards are the unit of resume.
 """
@@ -34,13 +34,13 @@ from core.ray_runtime import init_ray
 from models.vqvae import load_tokenizer
 from models.weights import file_sha256
 from stages.actor_pool import run_on_actors
-from stages.align import STAGE as ALIGN_STAGE
-from stages.align import AlignError, align_dataset, align_shard
-from stages.provenance import provenance
-from stages.shards import CROPS, OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
-from stages.tokenizer_data import (RgbIndex, center_crop, crop_to_tensor, decode, random_crop,
+from stages.dataset.align import STAGE as ALIGN_STAGE
+from stages.dataset.align import AlignError, align_dataset, align_shard
+from stages.dataset.provenance import provenance
+from stages.dataset.shards import CROPS, OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
+from stages.tokenizers.tokenizer_data import (RgbIndex, center_crop, crop_to_tensor, decode, random_crop,
                                    read_members, rgb_index)
-from stages.train_tokenizer import TokenizerInputError, is_trained, tokenizer_dir
+from stages.tokenizers.train_tokenizer import TokenizerInputError, is_trained, tokenizer_dir
 
 ALIGN = "align"  # the key of a shard's alignment in the worker's result
 

@@ -1,7 +1,7 @@
 """Transfer evaluation: fine-tune a backbone (4M's encoder, or a timm model as the baseline) with a task head on
 classification, semantic segmentation or depth, on the project's training loop and Ray Train.
 
-Consumes  --train DIR, --val DIR   local copies of ImageNet-1K, ADE20K or NYUv2 (stages/transfer_data.py)
+Consumes  --train DIR, --val DIR   local copies of ImageNet-1K, ADE20K or NYUv2 (stages/transfer/transfer_data.py)
           --model DIR              a pretraining run or a converted reference checkpoint (or a timm checkpoint)
 Produces  <out>/
               transfer.json, model.safetensors   the fine-tuned model and what it is (task, backbone, classes)
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from core.files import save_model_safetensors, write_json
 from models.metrics import IGNORE, confusion, segmentation_scores  # noqa: F401 - IGNORE: the datasets' too
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
-from stages.transfer_data import (RunOrder, TransferDataset, TransferInputError, class_folders,
+from stages.transfer.transfer_data import (RunOrder, TransferDataset, TransferInputError, class_folders,
                                   classification_samples, depth_samples, segmentation_samples)
 
 TASKS = ("classification", "segmentation", "depth")
@@ -118,7 +118,7 @@ def check_labels(task: str, samples: list, settings) -> None:
     """Read every label once before training: a wrong size or an id beyond the head fails here, naming the file."""
     from PIL import Image
 
-    from stages.transfer_data import read_annotation, read_depth
+    from stages.transfer.transfer_data import read_annotation, read_depth
 
     for image, label in samples if task != "classification" else []:
         with Image.open(image) as opened:

@@ -11,9 +11,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from stages.provenance import RANDOM_MARK, describe_model
+from stages.dataset.provenance import RANDOM_MARK, describe_model
 from core import registry
-from stages.shards import CROPS, DatasetLayout
+from stages.dataset.shards import CROPS, DatasetLayout
 
 def _stage_order(layout: DatasetLayout) -> list[str]:
     present = {p.name for p in (layout.root / "_status").iterdir() if p.is_dir()} if (layout.root / "_status").is_dir() \

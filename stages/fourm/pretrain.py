@@ -1,6 +1,6 @@
 """4M pretraining on Ray Train: the dataset's token shards in, a trained FourM out.
 
-Consumes  <root>/tok_*@224/, rgb/, caption/, det/, crop_settings/   aligned shards (stages/fourm_data.py)
+Consumes  <root>/tok_*@224/, rgb/, caption/, det/, crop_settings/   aligned shards (stages/fourm/fourm_data.py)
           <root>/tokenizers/<modality>/config.json, tokenizers/text/tokenizer.json   the vocabularies' sizes
 Produces  <root>/pretrain/
               config.json, model.safetensors   the trained model (FourM.from_pretrained), written at the end
@@ -27,9 +27,9 @@ from core import registry
 from core.config import Config
 from core.files import write_json
 from models.fourm import FourM, FourMConfig
-from stages import dataset_tokenizers as tokenizers
-from stages.fourm_data import make_loader, split_shards
-from stages.fourm_pictures import draw_predictions
+from stages.tokenizers import dataset_tokenizers as tokenizers
+from stages.fourm.fourm_data import make_loader, split_shards
+from stages.fourm.fourm_pictures import draw_predictions
 from stages.training import LoopSettings, TrainTask, fit, parameter_groups, train_loop, world_for
 
 
@@ -133,7 +133,7 @@ class PretrainTask(TrainTask):
         return [*model.encoder, *model.decoder]
 
     def batches(self, start, rank, world):
-        from stages.fourm_data import make_loader
+        from stages.fourm.fourm_data import make_loader
 
         local_batch = max(1, self.cfg.batch_size // world)
         loader = iter(make_loader(self.root, self.config, self.tokenizer, split="train", batch_size=local_batch,

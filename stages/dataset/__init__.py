@@ -1,0 +1,1 @@
+"""The dataset on disk, shared by every stage: its layout and atomic shard commits (`shards.py`), the same keys in every folder (`align.py`), what made each shard (`provenance.py`), each stage's state (`status.py`) and the whole dataset's check (`verify.py`)."""

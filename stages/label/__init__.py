@@ -1,0 +1,1 @@
+"""Stage 2, pseudo labels: rgb/ in, one folder per labelled modality out (`label.py`)."""

@@ -1,0 +1,1 @@
+"""Stages 3 and 4: train one tokenizer per modality (`train_tokenizer.py`, its samples from `tokenizer_data.py`) and pre-tokenize every shard (`tokenize.py`); `dataset_tokenizers.py` is the one way to a dataset's trained tokenizers."""
