@@ -12,7 +12,6 @@ import os
 
 from core.config import RayConfig
 
-
 _dashboard: dict[str, str | None] = {"url": None}
 
 

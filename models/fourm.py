@@ -28,6 +28,7 @@ from torch import nn
 from core import registry
 from core.files import save_model_safetensors, write_json
 
+
 # --- the modalities: each domain's kind ("pixels": RGB patches, an input only; "tokens": a tokenizer's 14x14 ids;
 # "sequence": text token ids), vocabulary and channels come from the registry (core/registry.py)
 def _domain(name: str) -> registry.Domain:

@@ -12,8 +12,15 @@ from functools import partial
 from core.registry import Labeling, register
 from models import detectron2_det, labelers, metrics, random_weights
 from models.coco import COCO_PANOPTIC
-from models.modality_kinds import (BoxesModality, ClassMapModality, DenseModality, FeatureMapModality,
-                                   NormalMapModality, PhotoModality, SequenceModality)
+from models.modality_kinds import (
+    BoxesModality,
+    ClassMapModality,
+    DenseModality,
+    FeatureMapModality,
+    NormalMapModality,
+    PhotoModality,
+    SequenceModality,
+)
 
 OMNIDATA_HINT = ("convert Omnidata's omnidata_dpt_{task}_v2.ckpt with `python -m pipeline convert-omnidata --task "
                  "{task} --checkpoint omnidata_dpt_{task}_v2.ckpt --out {{path}}`")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from core import pictures
 from core.registry import RESOLUTION, Domain, Modality
 from models import metrics
+from models.text_tokenizer import BoxTextError, boxes_to_text, text_to_boxes
 
 TEXT_VOCABULARY = 30000  # the sequences' vocabulary in 4M's layout (the text tokenizer's size)
 
@@ -289,18 +290,12 @@ class BoxesModality(SequenceModality):
         return json.loads(data)["instances"]
 
     def corpus_text(self, data):
-        from models.text_tokenizer import boxes_to_text
-
         return boxes_to_text(self.decode(data))
 
     def to_text(self, data, crop, image_size, min_score):
-        from models.text_tokenizer import boxes_to_text
-
         return boxes_to_text(metrics.crop_boxes(self.decode(data), crop, image_size, min_score))
 
     def condition_text(self, value):
-        from models.text_tokenizer import boxes_to_text
-
         text = str(value)
         if not text.endswith(".json"):
             return text
@@ -309,8 +304,6 @@ class BoxesModality(SequenceModality):
         return boxes_to_text(json.loads(Path(text).read_text()))
 
     def generated(self, text):
-        from models.text_tokenizer import BoxTextError, text_to_boxes
-
         try:
             return {"boxes": text_to_boxes(text)}
         except BoxTextError:

@@ -14,8 +14,8 @@ from transformers.utils import logging as hf_logging
 
 from core import registry
 from models.coco import COCO_PANOPTIC, COCO_THINGS
+from models.omnidata import dpt_hybrid_config, dpt_model_class
 from models.weights import mark_random_weights
-
 
 hf_logging.disable_progress_bar()  # a bar per saved model would drown the demo's own output
 
@@ -25,8 +25,6 @@ def _labels(names: list[str]) -> dict:
 
 
 def dpt(size: str, channels: int):
-    from models.omnidata import dpt_hybrid_config, dpt_model_class
-
     return dpt_model_class(channels)(dpt_hybrid_config(size, channels))
 
 

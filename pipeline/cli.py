@@ -7,8 +7,38 @@ import sys
 from pathlib import Path
 
 from core import registry
-from pipeline.console import ShardProgress, print_alignment, print_summary
 from core.config import DEFAULT_PROFILE, Config, ConfigError, load_config
+from models.fourm import convert_checkpoint as convert_4m_checkpoint
+from models.omnidata import convert_checkpoint as convert_omnidata_checkpoint
+from models.random_weights import save_random_models
+from pipeline import services
+from pipeline.console import ShardProgress, print_alignment, print_summary
+from pipeline.demo import run_demo
+from pipeline.deployments import serve
+from pipeline.show import draw_masked_sample, draw_sample
+from pipeline.stage_list import stage
+from pipeline.status import (
+    RANDOM_WARNING,
+    evaluation_rows,
+    format_table,
+    pretrain_row,
+    random_weight_stages,
+    stage_rows,
+    tokenizer_rows,
+)
+from stages.dataset.align import STAGE as ALIGN_STAGE
+from stages.dataset.align import align_dataset
+from stages.dataset.shards import DatasetLayout
+from stages.dataset.verify import verify_dataset
+from stages.download.download import run_download
+from stages.fourm.fourm_data import inspect_masking, is_sequence, text_tokenizer_of
+from stages.fourm.pretrain import run_dir, run_pretrain
+from stages.generate.generate import read_requests, run_generation
+from stages.label.label import run_label
+from stages.tokenizers.tokenize import run_tokenize
+from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
+from stages.transfer.evaluate import run_evaluate
+from stages.transfer.transfer import run_transfer
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str = DEFAULT_PROFILE) -> None:
@@ -36,8 +66,6 @@ def _config_from(args, flags: dict) -> Config:
 
 
 def cmd_download(args) -> int:
-    from stages.download.download import run_download
-
     config = _config_from(args, {
         "data_root": args.output, "download.shard_size": args.shard_size, "download.max_side": args.max_side,
         "download.processes": args.processes, "download.threads": args.threads,
@@ -55,8 +83,6 @@ def cmd_download(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from stages.label.label import run_label
-
     names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
     config = _config_from(args, {"data_root": args.data, "label.labelers": names})
     progress = ShardProgress("label")
@@ -81,8 +107,6 @@ def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
 
 
 def cmd_train_tokenizer(args) -> int:
-    from stages.tokenizers.train_tokenizer import run_train_tokenizers, training_line
-
     modalities = None if args.modality in (None, "all") else [m.strip() for m in args.modality.split(",")]
     config = _config_from(args, {"data_root": args.data, "tokenizer.modalities": modalities})
 
@@ -96,8 +120,6 @@ def cmd_train_tokenizer(args) -> int:
                   f"{training_line(modality, result['final'])}")
 
     def tokenizer_path(modality):
-        from stages.tokenizers.train_tokenizer import tokenizer_dir
-
         return tokenizer_dir(config.data_root, modality)
 
     run_train_tokenizers(config.data_root, config, modalities, observer=report)
@@ -105,8 +127,6 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from stages.tokenizers.tokenize import run_tokenize
-
     modalities = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
     config = _config_from(args, {"data_root": args.data})
     progress = ShardProgress("tokenize")
@@ -121,14 +141,12 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_align(args) -> int:
-    from stages.dataset.align import STAGE, align_dataset
-    from stages.dataset.shards import DatasetLayout
-
     if not Path(args.data).is_dir():
         raise ConfigError(f"--data {args.data!r}: no such folder")
     results = align_dataset(args.data)
     layout = DatasetLayout(args.data)
-    dropped = sum(layout.read_stats(STAGE, s)["status_counts"].get("dropped", 0) for s in layout.committed_shards(STAGE))
+    dropped = sum(layout.read_stats(ALIGN_STAGE, s)["status_counts"].get("dropped", 0)
+                  for s in layout.committed_shards(ALIGN_STAGE))
     unaligned = {shard: result for shard, result in results.items() if isinstance(result, str)}
     print(f"{len(results) - len(unaligned)} shards aligned now, the others already were")
     print_alignment(dropped, unaligned, args.data)
@@ -136,8 +154,6 @@ def cmd_align(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from stages.dataset.verify import verify_dataset
-
     problems, checked = verify_dataset(args.data)
     by_shard: dict[str, list] = {}
     for problem in problems:
@@ -149,7 +165,6 @@ def cmd_verify(args) -> int:
     if checked:
         print(f"checked {checked['shards']} shards x {checked['folders']} folders, {checked['members']} members: "
               f"{'OK' if not problems else f'{len(problems)} problems'}")
-    from stages.dataset.status import RANDOM_WARNING, random_weight_stages, stage_rows
 
     random_stages = random_weight_stages(stage_rows(args.data))
     if random_stages:
@@ -158,9 +173,6 @@ def cmd_verify(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from stages.dataset.status import (RANDOM_WARNING, evaluation_rows, format_table, pretrain_row, random_weight_stages,
-                               stage_rows, tokenizer_rows)
-
     if not Path(args.data).is_dir():
         raise ConfigError(f"--data {args.data!r}: no such folder")
     rows = stage_rows(args.data)
@@ -181,8 +193,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_services(args) -> int:
-    from pipeline import services
-
     if args.command == "up":
         services.up()
     elif args.command == "down":
@@ -193,16 +203,11 @@ def cmd_services(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from pipeline.show import draw_sample
-    from stages.dataset.shards import DatasetLayout
-
     print(draw_sample(DatasetLayout(args.data), args.key, args.out))
     return 0
 
 
 def cmd_pretrain(args) -> int:
-    from stages.fourm.pretrain import run_pretrain, run_dir
-
     config = _config_from(args, {"data_root": args.data, "pretrain.size": args.size, "pretrain.steps": args.steps})
     summary = run_pretrain(config.data_root, config)
     final = summary["final"]
@@ -213,8 +218,6 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from stages.transfer.transfer import run_transfer
-
     config = _config_from(args, {f"transfer.{args.task}.linear_probe": True if args.linear_probe else None})
     results = run_transfer(args.task, args.train, args.val, config, model=args.model, backbone=args.backbone,
                            out=args.out)
@@ -228,9 +231,6 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from stages.transfer.evaluate import run_evaluate
-    from stages.fourm.pretrain import run_dir
-
     config = _config_from(args, {"data_root": args.data})
     model = args.model or run_dir(config.data_root)
     results = run_evaluate(config.data_root, config, model, samples=args.samples)
@@ -277,9 +277,6 @@ def generation_request(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from stages.generate.generate import read_requests, run_generation
-    from stages.fourm.pretrain import run_dir
-
     config = _config_from(args, {"data_root": args.data})
     model = Path(args.model or run_dir(config.data_root))
     tokenizers = args.tokenizers or str(Path(config.data_root) / "tokenizers")
@@ -296,9 +293,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect_masking(args) -> int:
-    from pipeline.show import draw_masked_sample
-    from stages.fourm.fourm_data import inspect_masking, is_sequence, text_tokenizer_of
-
     config = _config_from(args, {"data_root": args.data})
     means, first = inspect_masking(config.data_root, config, args.samples)
     if args.json:
@@ -317,17 +311,13 @@ def cmd_inspect_masking(args) -> int:
 
 
 def cmd_random_models(args) -> int:
-    from models.random_weights import save_random_models
-
     for name, path in save_random_models(args.out, args.size).items():
         print(f"{name:7} {path}")
     return 0
 
 
 def cmd_convert_omnidata(args) -> int:
-    from models.omnidata import convert_checkpoint
-
-    report = convert_checkpoint(args.checkpoint, args.out, args.task, trust_pickle=args.trust_pickle,
+    report = convert_omnidata_checkpoint(args.checkpoint, args.out, args.task, trust_pickle=args.trust_pickle,
                                 verify=not args.no_verify)
     checked = ("not checked" if report["max_abs_diff"] is None
                else f"outputs match the checkpoint's own layout within {report['max_abs_diff']:.2g}")
@@ -336,9 +326,7 @@ def cmd_convert_omnidata(args) -> int:
 
 
 def cmd_convert_4m(args) -> int:
-    from models.fourm import convert_checkpoint
-
-    model = convert_checkpoint(args.checkpoint, args.out)
+    model = convert_4m_checkpoint(args.checkpoint, args.out)
     cfg = model.cfg
     print(f"4M ({cfg.encoder_depth}+{cfg.decoder_depth} blocks, width {cfg.dim}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters without embeddings) -> {args.out}\n"
@@ -347,16 +335,16 @@ def cmd_convert_4m(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipeline.demo import run_demo
-
     return run_demo(_config_from(args, {"data_root": args.output}))
 
 
 def cmd_serve(args) -> int:
-    from pipeline.deployments import serve
-
     serve()
     return 0
+
+
+def _stage_help(name: str, text: str) -> str:
+    return f"{text}: {stage(name).summary}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,15 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="serve the bundled photos over loopback and build the demo dataset")
     demo.add_argument("--output", help="dataset root (default: the profile's data_root)")
     _add_config_args(demo, default="demo")
-    label = sub.add_parser("label", help="pseudo-label the rgb shards: depth, normals, segmentation, boxes, CLIP")
+    label = sub.add_parser("label", help=_stage_help("pseudo-label", "pseudo-label the photos with every labeler"))
     label.add_argument("--data", help="dataset root (default: the profile's data_root)")
-    label.add_argument("--labelers", help="comma-separated subset of depth,normal,semseg,det,clip (default: all)")
+    label.add_argument("--labelers", help=f"comma-separated subset of {','.join(m.name for m in registry.labelled())} "
+                                          f"(default: label.labelers)")
     _add_config_args(label)
     show = sub.add_parser("show", help="draw one sample's image, caption and labels into a PNG")
     show.add_argument("--data", required=True, help="dataset root")
     show.add_argument("--key", required=True, help="sample key, e.g. 000000004")
     show.add_argument("--out", required=True, help="PNG file to write")
-    pretrain = sub.add_parser("pretrain", help="pretrain 4M on the dataset's token shards (Ray Train)")
+    pretrain = sub.add_parser("pretrain", help=_stage_help("pretrain", "pretrain 4M on Ray Train"))
     _add_config_args(pretrain)
     pretrain.add_argument("--data", help="dataset root with token shards (default: the profile's data_root)")
     pretrain.add_argument("--size", choices=["Ti", "S", "B", "L", "XL"], help="4M size (default: the profile's)")
@@ -388,12 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("random-models", help="save random-weight labeler models of the real classes")
     models.add_argument("--out", required=True, help="folder; one subfolder per labeler")
     models.add_argument("--size", default="tiny", choices=["tiny", "paper"])
-    train = sub.add_parser("train-tokenizer", help="train the tokenizers: text (WordPiece) and dense VQ-VAEs")
+    train = sub.add_parser("train-tokenizer", help=_stage_help("train-tokenizers", "train the tokenizers: text "
+                                                                                    "(WordPiece) and the VQ-VAEs"))
     train.add_argument("--data", help="dataset root (default: the profile's data_root)")
-    train.add_argument("--modality", help="text, rgb, depth, normal, semseg, clip, comma-separated, or all "
-                                          "(default: tokenizer.modalities)")
+    train.add_argument("--modality", help=f"{', '.join(registry.tokenizer_names())}, comma-separated, or all "
+                                          f"(default: tokenizer.modalities)")
     _add_config_args(train)
-    tokenize = sub.add_parser("tokenize", help="encode every sample's crops with the trained tokenizers")
+    tokenize = sub.add_parser("tokenize", help=_stage_help("tokenize", "encode every sample's crops with the trained "
+                                                                        "tokenizers"))
     tokenize.add_argument("--data", help="dataset root (default: the profile's data_root)")
     tokenize.add_argument("--modalities", help="comma-separated dense modalities (default: every trained one)")
     _add_config_args(tokenize)

@@ -8,6 +8,7 @@ a duplicate, a malformed row) so the demo shows how every row's fate is recorded
 from __future__ import annotations
 
 import http.server
+import json
 import shutil
 import tempfile
 import threading
@@ -20,7 +21,22 @@ import pyarrow.parquet as pq
 
 from core import registry
 from core.config import Config
+from models.fourm import FourMConfig
+from models.random_weights import save_random_model
 from pipeline.console import ShardProgress, print_alignment, print_summary
+from pipeline.show import draw_sample
+from pipeline.stage_list import STAGES
+from stages.dataset.shards import CROPS, DatasetLayout
+from stages.dataset.verify import verify_dataset
+from stages.download.download import STAGE, run_download
+from stages.fourm.pretrain import run_dir, run_pretrain
+from stages.generate.generate import read_requests, run_generation
+from stages.label.label import run_label
+from stages.tokenizers.tokenize import run_tokenize
+from stages.tokenizers.tokenize import stage_name as tokenize_stage_name
+from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
+from stages.transfer.evaluate import run_evaluate
+from stages.transfer.transfer import run_transfer
 
 DEMO_PHOTOS = {
     # file served -> (package, path inside the package, caption)
@@ -89,7 +105,6 @@ def download_demo_photos(root: Path, config: Config, observer=None):
 
     Keys are row numbers, so a rerun (on a new port) skips the shards already committed.
     """
-    from stages.download.download import run_download
 
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="4m-demo-site-") as site:
@@ -109,20 +124,27 @@ def allow_demo_server(config: Config, base_url: str) -> Config:
 
 def save_demo_models(config: Config) -> None:
     """Tiny random-weight models at the profile's label.models paths (kept if already there)."""
-    from models.random_weights import save_random_model
-
     for name in config.label.labelers:
         save_random_model(name, config.label.models[name], "tiny")
 
 
 def run_demo(config: Config) -> int:
-    from pipeline.show import draw_sample
-    from stages.download.download import STAGE
-    from stages.label.label import run_label
-    from stages.dataset.shards import DatasetLayout
-
+    """Every stage of the stage list, in its order, on the demo photos; stops at the first that fails."""
     root = Path(config.data_root)
     root.mkdir(parents=True, exist_ok=True)
+    steps = {"download": download_demo, "pseudo-label": label_demo, "train-tokenizers": train_tokenizers_demo,
+             "tokenize": tokenize_demo, "pretrain": pretrain_demo, "evaluate": evaluate_demo,
+             "transfer": transfer_demo, "generate": generate_demo}
+    for stage in STAGES:
+        print(f"\n== {stage.name}: {stage.summary}")
+        code = steps[stage.name](root, config)
+        if code:
+            return code
+    return 0
+
+
+def download_demo(root: Path, config: Config) -> int:
+    """The bundled photos served over loopback and downloaded, each row's fate printed."""
     shutil.rmtree(root / "_status" / STAGE, ignore_errors=True)  # a fresh download each run: the demo shows it
     progress = ShardProgress("download")
     try:
@@ -138,11 +160,14 @@ def run_demo(config: Config) -> int:
             print(f"{r['key']:<10} {r['status']:<14} {size:<10} {r['error'] or ''}")
     print(f"\nimages:   {root / registry.photo().folder}/shard-*.tar\ncaptions: {root / _caption_domain()}/shard-*.tar\n"
           f"status:   {layout.status_dir(STAGE)}/shard-*.parquet (+ .json commit markers)")
-    if summary.failed_shards:
-        return 1
+    return 1 if summary.failed_shards else 0
 
-    # Pseudo labels, from tiny random-weight models of the real classes (the paper profile names the real ones).
-    print("\nlabelling with random-weight models saved at the profile's label.models paths")
+
+def label_demo(root: Path, config: Config) -> int:
+    """Pseudo labels from tiny random-weight models of the real classes (the paper profile names the real ones),
+    and a picture of every labelled sample."""
+    layout = DatasetLayout(root)
+    print("labelling with random-weight models saved at the profile's label.models paths")
     save_demo_models(config)
     for stage in (f"label_{n}" for n in config.label.labelers):  # new images each run: label them anew
         shutil.rmtree(layout.status_dir(stage), ignore_errors=True)
@@ -159,29 +184,30 @@ def run_demo(config: Config) -> int:
             if r["status"] == "ok":
                 pictures.append(draw_sample(layout, r["key"], root / "show" / f"{r['key']}.png"))
     print(f"\npictures of every labelled sample: {root / 'show'}/ ({len(pictures)} PNG files)")
-    if labelled.failed_shards:
-        return 1
-    return tokenize_demo(root, config)
+    return 1 if labelled.failed_shards else 0
 
 
-def tokenize_demo(root: Path, config: Config) -> int:
-    """Tiny tokenizers trained on the demo labels, every sample tokenized, the dataset verified."""
-    from stages.dataset.shards import DatasetLayout
-    from stages.tokenizers.tokenize import run_tokenize, stage_name
-    from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
-    from stages.dataset.verify import verify_dataset
-
-    print("\ntraining tiny tokenizers on the demo labels (Ray Train)")
-    shutil.rmtree(root / "tokenizers", ignore_errors=True)  # new images each run: new tokenizers too
+def train_tokenizers_demo(root: Path, config: Config) -> int:
+    """Tiny tokenizers trained on the demo labels (new images each run: new tokenizers and tokens too)."""
+    print("training tiny tokenizers on the demo labels (Ray Train)")
+    shutil.rmtree(root / "tokenizers", ignore_errors=True)
     for modality in config.tokenizer.modalities:
-        shutil.rmtree(DatasetLayout(root).status_dir(stage_name(modality)), ignore_errors=True)
-    shutil.rmtree(DatasetLayout(root).status_dir(stage_name("crop_settings")), ignore_errors=True)
+        if modality != registry.TEXT:
+            shutil.rmtree(DatasetLayout(root).status_dir(tokenize_stage_name(modality)), ignore_errors=True)
+    shutil.rmtree(DatasetLayout(root).status_dir(CROPS), ignore_errors=True)
 
     def report(modality, result):
         figures = training_line(modality, result.get("final", {}))
         print(f"{modality:7} -> {tokenizer_dir(root, modality)}/ {figures}")
 
     run_train_tokenizers(root, config, observer=report)
+    pictures = sorted(str(p) for p in (root / "tokenizers").glob("*/reconstructions.png"))
+    print("reconstructions (inputs above, reconstructions below):\n  " + "\n  ".join(pictures))
+    return 0
+
+
+def tokenize_demo(root: Path, config: Config) -> int:
+    """Every sample tokenized, the dataset verified."""
     progress = ShardProgress("tokenize")
     try:
         tokenized = run_tokenize(root, config, observer=progress)
@@ -192,18 +218,12 @@ def tokenize_demo(root: Path, config: Config) -> int:
     problems, checked = verify_dataset(root)
     print(f"verify: {checked.get('folders', 0)} folders x {checked.get('shards', 0)} shards, "
           f"{len(problems)} problems" + "".join(f"\n  {p}" for p in problems))
-    pictures = sorted(str(p) for p in (root / "tokenizers").glob("*/reconstructions.png"))
-    print("reconstructions (inputs above, reconstructions below):\n  " + "\n  ".join(pictures))
-    if tokenized.failed_shards or problems:
-        return 1
-    return pretrain_demo(root, config)
+    return 1 if tokenized.failed_shards or problems else 0
 
 
 def pretrain_demo(root: Path, config: Config) -> int:
     """A tiny 4M pretrained on the demo tokens, and its predictions from RGB drawn."""
-    from stages.fourm.pretrain import run_dir, run_pretrain
-
-    print(f"\npretraining a tiny 4M on the demo tokens (Ray Train, {config.pretrain.steps} steps)")
+    print(f"pretraining a tiny 4M on the demo tokens (Ray Train, {config.pretrain.steps} steps)")
     shutil.rmtree(run_dir(root), ignore_errors=True)  # new tokens each run: a new model too
     summary = run_pretrain(root, config)
     first, final = summary["first"], summary["final"]
@@ -212,22 +232,19 @@ def pretrain_demo(root: Path, config: Config) -> int:
     print(f"4M loss {first.get('loss', float('nan')):.3g} at step {first.get('step')} -> "
           f"{final.get('loss', float('nan')):.3g} at step {final.get('step')}; validation: {validation}")
     print(f"model: {run_dir(root)}/ (FourM.from_pretrained)\npredictions from RGB alone: {summary['predictions']}")
-    return evaluate_demo(root, config)
+    return 0
 
 
 def evaluate_demo(root: Path, config: Config) -> int:
     """The demo model scored out of the box against the pseudo labels of the held-out shard."""
-    from stages.transfer.evaluate import run_evaluate
-    from stages.fourm.pretrain import run_dir
-
     results = run_evaluate(root, config, run_dir(root), samples=8, batch_size=8)
-    print(f"\nout of the box, from RGB alone, on {results['samples']} held-out samples "
+    print(f"out of the box, from RGB alone, on {results['samples']} held-out samples "
           f"(a tiny model after a minute: expect the baselines' level):")
     for name, scores in results["scores"].items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.3g} (baseline {scores[k + '_baseline']:.3g})"
                                        for k, v in scores.items() if not k.endswith("_baseline")))
     print(f"picture: {results['picture']}")
-    return transfer_demo(root, config)
+    return 0
 
 
 DEMO_COLOURS = {"blue": (30, 60, 200), "green": (40, 180, 60), "grey": (128, 128, 128), "red": (210, 40, 40)}
@@ -251,17 +268,14 @@ def colour_classes(folder: Path, size: int = 64) -> tuple[Path, Path]:
 
 def transfer_demo(root: Path, config: Config) -> int:
     """The demo model's encoder fine-tuned on a tiny classification task (the transfer command's path)."""
-    from stages.fourm.pretrain import run_dir
-    from stages.transfer.transfer import run_transfer
-
     train, val = colour_classes(root / "transfer" / "colours")
     out = run_dir(root) / "transfer-classification"
     shutil.rmtree(out, ignore_errors=True)  # a new model each demo run: a new fine-tune too
-    print(f"\nfine-tuning the demo model's encoder on {len(DEMO_COLOURS)} colour classes (Ray Train)")
+    print(f"fine-tuning the demo model's encoder on {len(DEMO_COLOURS)} colour classes (Ray Train)")
     results = run_transfer("classification", train, val, config, model=str(run_dir(root)), out=out)
     print(f"classification transfer: top1 {results['metrics']['top1']:.3g}% on {len(DEMO_COLOURS) * 2} validation "
           f"images (chance: {100 / len(DEMO_COLOURS):.0f}%) -> {out}/")
-    return generate_demo(root)
+    return 0
 
 
 def _caption_domain() -> str:
@@ -272,8 +286,6 @@ def _caption_domain() -> str:
 def demo_requests(root: Path, outputs: list[str]) -> Path:
     """The generate/demo deployment's requests: every modality the model predicts from one caption (chained,
     guided) and from one photo; written to <root>/generate/requests.jsonl."""
-    import json
-
     name, (_, _, caption) = next(iter(DEMO_PHOTOS.items()))
     described_by = _caption_domain()
     images = [d.name for d in registry.domains() if d.kind == "tokens" and d.name in outputs]
@@ -292,20 +304,14 @@ def demo_requests(root: Path, outputs: list[str]) -> Path:
     return path
 
 
-def generate_demo(root: Path) -> int:
+def generate_demo(root: Path, config: Config | None = None) -> int:
     """The demo model generating every modality from a caption and from a photo (the generate command's path)."""
-    import json
-
-    from models.fourm import FourMConfig
-    from stages.generate.generate import read_requests, run_generation
-    from stages.fourm.pretrain import run_dir
-
     model = run_dir(root)
     outputs = FourMConfig(**json.loads((model / "config.json").read_text())).domains_out
     requests = demo_requests(root, outputs)
     out = model / "generations"
     shutil.rmtree(out, ignore_errors=True)  # a new model each demo run: new samples too
-    print(f"\ngenerating every modality from a caption and from a photo ({requests})")
+    print(f"generating every modality from a caption and from a photo ({requests})")
     results = run_generation(read_requests(requests), model, root / "tokenizers", out, batch_size=4, device="cpu",
                              progress=True)
     for request in results["requests"]:

@@ -7,8 +7,17 @@ and tiny random-weight models. `prefect deployment run pseudo-label/cc12m` then 
 """
 from __future__ import annotations
 
-from pipeline.flows import (cc12m_pipeline_flow, download_flow, evaluate_flow, generate_flow, pretrain_flow,
-                            pseudo_label_flow, tokenize_flow, train_tokenizers_flow, transfer_flow)
+from pipeline.flows import (
+    cc12m_pipeline_flow,
+    download_flow,
+    evaluate_flow,
+    generate_flow,
+    pretrain_flow,
+    pseudo_label_flow,
+    tokenize_flow,
+    train_tokenizers_flow,
+    transfer_flow,
+)
 
 STAGE_FLOWS = {
     # flow -> (what it does, its parameters on CC12M, its parameters on the demo)

@@ -8,11 +8,32 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from prefect import flow, task
 
 from core.config import Config, load_config
-from pipeline.reporting import StageReporter, publish_stage_table
+from pipeline.demo import download_demo_photos, save_demo_models
+from pipeline.reporting import (
+    LabelReporter,
+    PretrainReporter,
+    StageReporter,
+    TokenizerReporter,
+    publish_evaluation,
+    publish_generation,
+    publish_stage_table,
+    publish_transfer,
+    sample_pictures_markdown,
+)
+from pipeline.stage_list import pipeline_stages, stage
+from stages.download.download import run_download
+from stages.fourm.pretrain import run_dir, run_pretrain
+from stages.generate.generate import read_requests, run_generation
+from stages.label.label import run_label
+from stages.tokenizers.tokenize import run_tokenize
+from stages.tokenizers.train_tokenizer import run_train_tokenizers
+from stages.transfer.evaluate import run_evaluate
+from stages.transfer.transfer import run_transfer
 
 
 class ShardsFailed(RuntimeError):
@@ -32,9 +53,6 @@ def _counts(summary) -> dict:
 # -- each stage, with its artifacts ---------------------------------------------------------------------------
 def download_with_artifacts(config: Config, input: str):
     """`input="demo"` serves the bundled photos over loopback while they are downloaded."""
-    from pipeline.demo import download_demo_photos
-    from stages.download.download import run_download
-
     reporter = StageReporter("download")
     if input == "demo":
         summary = download_demo_photos(Path(config.data_root), config, observer=reporter)
@@ -47,10 +65,6 @@ def download_with_artifacts(config: Config, input: str):
 
 
 def label_with_artifacts(config: Config, pictures: int = 3):
-    from pipeline.demo import save_demo_models
-    from pipeline.reporting import LabelReporter, sample_pictures_markdown
-    from stages.label.label import run_label
-
     if config.profile == "demo":  # the demo's tiny random-weight models, where the profile names them
         save_demo_models(config)
     reporter = LabelReporter("pseudo-label", config.label.labelers)
@@ -64,9 +78,6 @@ def label_with_artifacts(config: Config, pictures: int = 3):
 
 
 def train_with_artifacts(config: Config) -> dict:
-    from pipeline.reporting import TokenizerReporter
-    from stages.tokenizers.train_tokenizer import run_train_tokenizers
-
     reporter = TokenizerReporter(config.data_root, config.tokenizer.modalities)
     results = run_train_tokenizers(config.data_root, config, observer=reporter)
     print(reporter.finish())
@@ -75,8 +86,6 @@ def train_with_artifacts(config: Config) -> dict:
 
 
 def tokenize_with_artifacts(config: Config, modalities: list[str] | None = None):
-    from stages.tokenizers.tokenize import run_tokenize
-
     reporter = StageReporter("tokenize")
     summary = run_tokenize(config.data_root, config, modalities, observer=reporter)
     print(reporter.finish())
@@ -86,9 +95,6 @@ def tokenize_with_artifacts(config: Config, modalities: list[str] | None = None)
 
 
 def pretrain_with_artifacts(config: Config) -> dict:
-    from pipeline.reporting import PretrainReporter
-    from stages.fourm.pretrain import run_pretrain
-
     reporter = PretrainReporter(config.data_root, config.pretrain.steps)
     try:
         summary = run_pretrain(config.data_root, config)
@@ -112,8 +118,7 @@ def download_flow(input: str = "data/cc12m.tsv", output: str | None = None, prof
 def pseudo_label_flow(data: str | None = None, profile: str = "paper", labelers: list[str] | None = None,
                       overrides: list[str] | None = None, pictures: int = 3) -> dict:
     """Pseudo-label the rgb shards under `data` (default: the profile's data_root)."""
-    extra = [f"label.labelers={labelers}"] if labelers else []
-    config = load_config(profile, (overrides or []) + extra, {"data_root": data})
+    config = load_config(profile, overrides, {"data_root": data, "label.labelers": labelers})
     summary = label_with_artifacts(config, pictures)
     return {**_counts(summary), "status_counts": {n: dict(c) for n, c in summary.status_counts.items()},
             "data_root": config.data_root}
@@ -123,8 +128,7 @@ def pseudo_label_flow(data: str | None = None, profile: str = "paper", labelers:
 def train_tokenizers_flow(data: str | None = None, profile: str = "paper", modalities: list[str] | None = None,
                           overrides: list[str] | None = None) -> dict:
     """Train every tokenizer not yet trained (text, then the dense VQ-VAEs) on the dataset under `data`."""
-    extra = [f"tokenizer.modalities={modalities}"] if modalities else []
-    config = load_config(profile, (overrides or []) + extra, {"data_root": data})
+    config = load_config(profile, overrides, {"data_root": data, "tokenizer.modalities": modalities})
     return {"data_root": config.data_root, "tokenizers": train_with_artifacts(config)}
 
 
@@ -144,9 +148,6 @@ def transfer_flow(task: str = "classification", train: str = "data/imagenet/trai
                   profile: str = "paper", overrides: list[str] | None = None) -> dict:
     """Fine-tune 4M's encoder (or a timm baseline) on classification, segmentation or depth and score it, with a
     results table beside the paper's and the training curves."""
-    from pipeline.reporting import publish_transfer
-    from stages.transfer.transfer import run_transfer
-
     config = load_config(profile, overrides)
     results = run_transfer(task, train, val, config, model=model, backbone=backbone, out=out)
     publish_transfer(results)
@@ -159,10 +160,6 @@ def transfer_flow(task: str = "classification", train: str = "data/imagenet/trai
 def evaluate_flow(data: str | None = None, model: str | None = None, samples: int = 200, profile: str = "paper",
                   overrides: list[str] | None = None) -> dict:
     """Score a 4M model's depth, normals and segmentation from RGB alone against the held-out pseudo labels."""
-    from pipeline.reporting import publish_evaluation
-    from stages.transfer.evaluate import run_evaluate
-    from stages.fourm.pretrain import run_dir
-
     config = load_config(profile, overrides, {"data_root": data})
     results = run_evaluate(config.data_root, config, model or run_dir(config.data_root), samples=samples)
     publish_evaluation(results)
@@ -174,9 +171,6 @@ def generate_flow(requests: str = "data/cc12m/generate/requests.jsonl", model: s
                   tokenizers: str = "data/cc12m/tokenizers", out: str | None = None, batch_size: int = 16,
                   device: str | None = None) -> dict:
     """Generate from a JSONL file of requests (see the README) in batches; every sample's grid as a picture."""
-    from pipeline.reporting import publish_generation
-    from stages.generate.generate import read_requests, run_generation
-
     out = out or str(Path(model) / "generations")
     results = run_generation(read_requests(requests), model, tokenizers, out, batch_size=batch_size, device=device)
     publish_generation(results)
@@ -219,32 +213,51 @@ def retry_on_infrastructure(task, task_run, state) -> bool:
 stage_task = partial(task, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_infrastructure)
 
 
-@stage_task(name="download")
-def download_stage(input: str, profile: str, overrides: list[str], data: str | None) -> dict:
-    return _counts(download_with_artifacts(load_config(profile, overrides, {"data_root": data}), input))
+# Each pipeline stage's runner (with its artifacts), registered against its name in the stage list; the list's
+# order is the pipeline's.
+RUNNERS: dict[str, Callable[[Config, dict], dict]] = {}
 
 
-@stage_task(name="pseudo-label")
-def label_stage(profile: str, overrides: list[str], data: str | None) -> dict:
-    return _counts(label_with_artifacts(load_config(profile, overrides, {"data_root": data}), pictures=0))
+def runs(name: str):
+    stage(name)  # a runner only for a stage the list defines
+
+    def register(fn):
+        RUNNERS[name] = fn
+        return fn
+    return register
 
 
-@stage_task(name="train-tokenizers")
-def train_stage(profile: str, overrides: list[str], data: str | None) -> dict:
-    results = train_with_artifacts(load_config(profile, overrides, {"data_root": data}))
-    return {m: ("already trained" if r.get("skipped") else "trained") for m, r in results.items()}
+@runs("download")
+def _download_step(config: Config, settings: dict) -> dict:
+    return _counts(download_with_artifacts(config, settings["input"]))
 
 
-@stage_task(name="tokenize")
-def tokenize_stage(profile: str, overrides: list[str], data: str | None) -> dict:
-    summary = tokenize_with_artifacts(load_config(profile, overrides, {"data_root": data}))
+@runs("pseudo-label")
+def _label_step(config: Config, settings: dict) -> dict:
+    return _counts(label_with_artifacts(config, pictures=0))
+
+
+@runs("train-tokenizers")
+def _train_step(config: Config, settings: dict) -> dict:
+    return {m: ("already trained" if r.get("skipped") else "trained") for m, r in train_with_artifacts(config).items()}
+
+
+@runs("tokenize")
+def _tokenize_step(config: Config, settings: dict) -> dict:
+    summary = tokenize_with_artifacts(config)
     return {**_counts(summary), "tokens": summary.tokens}
 
 
-@stage_task(name="pretrain")
-def pretrain_stage(profile: str, overrides: list[str], data: str | None) -> dict:
-    summary = pretrain_with_artifacts(load_config(profile, overrides, {"data_root": data}))
+@runs("pretrain")
+def _pretrain_step(config: Config, settings: dict) -> dict:
+    summary = pretrain_with_artifacts(config)
     return {"steps": summary["steps"], "loss": summary["final"].get("loss")}
+
+
+@stage_task
+def run_stage(name: str, profile: str, overrides: list[str], flags: dict, settings: dict) -> dict:
+    """One stage of the pipeline as a Prefect task: its configuration loaded where it runs, then its runner."""
+    return RUNNERS[name](load_config(profile, overrides, flags), settings)
 
 
 @flow(name="cc12m-pipeline", log_prints=True)
@@ -255,17 +268,12 @@ def cc12m_pipeline_flow(input: str = "data/cc12m.tsv", data: str | None = None, 
     what is committed (pretraining resumes from its checkpoint), so a rerun resumes where the last one stopped.
     `input="demo"` serves the bundled photos."""
     overrides = list(overrides or [])
-    overrides += [f"label.labelers={labelers}"] if labelers else []
-    overrides += [f"ray.address={ray_address}"] if ray_address else []
-    config = load_config(profile, overrides, {"data_root": data})  # bad configuration fails here, once
-    data = config.data_root
+    flags = {"data_root": data, "label.labelers": labelers, "ray.address": ray_address}
+    config = load_config(profile, overrides, flags)  # bad configuration fails here, once
+    flags["data_root"] = data = config.data_root
     results = {}
-    for name, run in (("download", lambda: download_stage(input, profile, overrides, data)),
-                      ("pseudo-label", lambda: label_stage(profile, overrides, data)),
-                      ("train-tokenizers", lambda: train_stage(profile, overrides, data)),
-                      ("tokenize", lambda: tokenize_stage(profile, overrides, data)),
-                      ("pretrain", lambda: pretrain_stage(profile, overrides, data))):
-        results[name] = run()
-        print(f"{name}: {results[name]}")
+    for s in pipeline_stages():
+        results[s.name] = run_stage.with_options(name=s.name)(s.name, profile, overrides, flags, {"input": input})
+        print(f"{s.name}: {results[s.name]}")
         publish_stage_table(data, key="cc12m-pipeline-stages")
     return {"data_root": data, "stages": results}

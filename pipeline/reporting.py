@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from core.ray_runtime import dashboard_url
+from pipeline.show import draw_loss_curves, draw_sample, draw_transfer_curves
+from pipeline.status import RANDOM_WARNING, random_weight_stages, stage_rows
+from stages.dataset.shards import DatasetLayout
+from stages.download.download import STAGE as DOWNLOAD_STAGE
+from stages.fourm.pretrain import run_dir
+from stages.tokenizers.train_tokenizer import quality, tokenizer_dir
 
 
 class StageReporter:
@@ -104,9 +116,6 @@ def publish_stage_table(root, key: str) -> list[dict]:
     `python -m pipeline status` prints it, and a link to the Ray dashboard when there is one."""
     from prefect.artifacts import create_link_artifact
 
-    from core.ray_runtime import dashboard_url
-    from stages.dataset.status import RANDOM_WARNING, random_weight_stages, stage_rows
-
     rows = stage_rows(root)
     if rows:
         random_stages = random_weight_stages(rows)
@@ -143,8 +152,6 @@ class TokenizerReporter:
 
     @staticmethod
     def quality_columns(modality: str, final: dict) -> dict:
-        from stages.tokenizers.train_tokenizer import quality
-
         q = quality(modality, final)
         if not q:
             return {}
@@ -153,8 +160,6 @@ class TokenizerReporter:
 
     def finish(self) -> str:
         import base64
-
-        from stages.tokenizers.train_tokenizer import tokenizer_dir
 
         parts = [f"# Tokenizer reconstructions under {self.root}"]
         for modality in self.modalities:
@@ -174,10 +179,6 @@ def sample_pictures_markdown(root, count: int, key: str) -> str | None:
     import tempfile
 
     import pyarrow.parquet as pq
-
-    from pipeline.show import draw_sample
-    from stages.download.download import STAGE as DOWNLOAD_STAGE
-    from stages.dataset.shards import DatasetLayout
 
     layout = DatasetLayout(root)
     keys = []
@@ -205,8 +206,6 @@ class PretrainReporter:
     def __init__(self, root, steps: int, every: float = 5.0):
         import threading
 
-        from stages.fourm.pretrain import run_dir
-
         self.metrics, self.steps, self.every = run_dir(root) / "metrics.jsonl", steps, every
         self.progress_id = create_progress_artifact(0.0, key="pretrain-progress", description=f"0 of {steps} steps")
         self.stop = threading.Event()
@@ -230,8 +229,6 @@ class PretrainReporter:
 
     def finish(self, summary: dict) -> str:
         import base64
-
-        from pipeline.show import draw_loss_curves
 
         self.stop.set()
         self.thread.join()
@@ -277,8 +274,6 @@ def publish_evaluation(results: dict) -> None:
 
 def publish_transfer(results: dict) -> None:
     """transfer: our validation scores beside the paper's Table 1 for the same task, and the training curves."""
-    from pipeline.show import draw_transfer_curves
-
     paper = results["paper"]
     columns = [k for k in paper if k != "metric"]
     rows = [{"metric": metric, "ours": round(value, 3),

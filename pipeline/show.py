@@ -5,11 +5,11 @@ import json
 import tarfile
 from pathlib import Path
 
-
 from core import registry
 from core.pictures import figure_backend, save_figure
-from stages.download.download import STAGE as DOWNLOAD_STAGE
 from stages.dataset.shards import DatasetLayout, producing_stage
+from stages.download.download import STAGE as DOWNLOAD_STAGE
+
 
 def find_shard(layout: DatasetLayout, key: str) -> str:
     """Shard i holds input rows [i * S, (i + 1) * S), S being the first shard's row count."""

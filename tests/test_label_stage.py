@@ -327,7 +327,7 @@ def test_shards_record_what_made_them_and_verify_reports_mixed_weights(tiny_mode
     from models.random_weights import save_random_model
     from pipeline.cli import main
     from stages.dataset.provenance import project_version
-    from stages.dataset.status import stage_rows
+    from pipeline.status import stage_rows
     from stages.dataset.verify import verify_dataset
 
     layout = make_dataset(tmp_path)

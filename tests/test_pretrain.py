@@ -56,7 +56,7 @@ def test_pretraining_logs_losses_rates_and_validation_and_saves_the_model(pretra
     model = FourM.from_pretrained(run_dir(root))
     assert model.cfg.vocab_sizes["tok_rgb@224"] == 64 and model.cfg.dim == 32
     assert (run_dir(root) / "train.json").is_file()
-    from stages.dataset.status import pretrain_row
+    from pipeline.status import pretrain_row
 
     assert pretrain_row(root)["state"] == "trained" and pretrain_row(root)["step"] == "6/6"
     from PIL import Image

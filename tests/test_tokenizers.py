@@ -266,7 +266,7 @@ def test_tokenize_writes_aligned_shards_and_verify_catches_a_broken_one(trained_
 
 
 def test_status_reads_each_stage_from_the_status_files(trained_rgb, capsys):
-    from stages.dataset.status import stage_rows
+    from pipeline.status import stage_rows
 
     rows = {r["stage"]: r for r in stage_rows(trained_rgb)}
     assert rows["download"]["shards"] == "2/2" and rows["label_clip"]["shards"] == "2/2"

@@ -30,9 +30,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.dataset.provenance import provenance
 from core import registry
 from core.files import publish, temporary_name, write_json
+from stages.dataset.provenance import provenance
 from stages.dataset.shards import OK, DatasetLayout, producing_stage
 
 STAGE = "align"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.dataset.align import recorded_failures
 from core import registry
+from stages.dataset.align import recorded_failures
 from stages.dataset.shards import CROPS, DatasetLayout, producing_stage
 
 

@@ -23,11 +23,12 @@ import pyarrow as pa
 
 from core import registry
 from core.config import Config, DownloadConfig
+from core.ray_runtime import init_ray
+from stages.dataset.provenance import provenance
+from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardWriter, shard_name
 from stages.download.fetch import Fetcher
 from stages.download.images import ImageError, process_image
-from stages.dataset.provenance import provenance
 from stages.download.inputs import InputRow, count_rows, read_rows
-from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardWriter, shard_name
 
 STAGE = "download"
 
@@ -192,8 +193,6 @@ def run_download(input_path: str | Path, root: str | Path, config: Config,
     The observer hears the number of shards, then each shard as it finishes or is found committed.
     """
     import ray
-
-    from core.ray_runtime import init_ray
 
     cfg = config.download
     layout = DatasetLayout(root)

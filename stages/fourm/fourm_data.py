@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from core import registry
+from stages.dataset.shards import CROPS, DatasetLayout
 from stages.fourm.masking import Component, MaskingSampler, is_sequence, paper_mixture
 from stages.tokenizers import dataset_tokenizers as tokenizers
-from stages.dataset.shards import CROPS
-from stages.dataset.shards import DatasetLayout
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)

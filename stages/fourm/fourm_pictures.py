@@ -7,8 +7,8 @@ import torch
 
 from core import registry
 from core.pictures import figure_backend, save_figure
-from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.fourm.fourm_data import pixels_picture
+from stages.tokenizers import dataset_tokenizers as tokenizers
 
 
 @torch.no_grad()

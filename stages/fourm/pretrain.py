@@ -27,9 +27,9 @@ from core import registry
 from core.config import Config
 from core.files import write_json
 from models.fourm import FourM, FourMConfig
-from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.fourm.fourm_data import make_loader, split_shards
 from stages.fourm.fourm_pictures import draw_predictions
+from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.training import LoopSettings, TrainTask, fit, parameter_groups, train_loop, world_for
 
 
@@ -133,8 +133,6 @@ class PretrainTask(TrainTask):
         return [*model.encoder, *model.decoder]
 
     def batches(self, start, rank, world):
-        from stages.fourm.fourm_data import make_loader
-
         local_batch = max(1, self.cfg.batch_size // world)
         loader = iter(make_loader(self.root, self.config, self.tokenizer, split="train", batch_size=local_batch,
                                   rank=rank))

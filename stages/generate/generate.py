@@ -39,9 +39,9 @@ from models.fourm import FourM
 from models.generate import Sampler, Schedule, Step, image_entry, pixels_entry, sequence_entry, sequence_rows
 from models.text_tokenizer import EOS_ID, decode_text, load_text_tokenizer
 from models.vqvae import load_tokenizer
-from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.fourm.fourm_data import crop_pixels, pixels_picture
 from stages.fourm.masking import SEQUENCE_TOKENS
+from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import center_crop, crop_to_tensor, tokenizer_name
 
 IMAGE_SIZE = 224

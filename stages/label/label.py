@@ -37,9 +37,9 @@ from core.config import Config, LabelConfig
 from core.ray_runtime import init_ray
 from models.labelers import SizeBuckets, WeightsUnavailable, check_weights, run_overlapped
 from stages.actor_pool import run_on_actors
-from stages.download.download import STAGE as DOWNLOAD_STAGE
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
+from stages.download.download import STAGE as DOWNLOAD_STAGE
 
 STATUS_SCHEMA = pa.schema([
     ("key", pa.string()),

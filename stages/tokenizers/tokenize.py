@@ -38,8 +38,15 @@ from stages.dataset.align import STAGE as ALIGN_STAGE
 from stages.dataset.align import AlignError, align_dataset, align_shard
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import CROPS, OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
-from stages.tokenizers.tokenizer_data import (RgbIndex, center_crop, crop_to_tensor, decode, random_crop,
-                                   read_members, rgb_index)
+from stages.tokenizers.tokenizer_data import (
+    RgbIndex,
+    center_crop,
+    crop_to_tensor,
+    decode,
+    random_crop,
+    read_members,
+    rgb_index,
+)
 from stages.tokenizers.train_tokenizer import TokenizerInputError, is_trained, tokenizer_dir
 
 ALIGN = "align"  # the key of a shard's alignment in the worker's result

@@ -35,6 +35,7 @@ from stages.dataset.shards import DatasetLayout
 from stages.tokenizers.tokenizer_data import center_crop, crop_to_tensor, random_crop, read_members, shard_samples
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
 
+
 class TokenizerInputError(ValueError):
     """Missing or unusable input for a tokenizer: names the modality and what is missing."""
 

@@ -28,11 +28,18 @@ from core.files import write_json
 from core.pictures import figure_backend, save_figure
 from models.fourm import FourM
 from models.metrics import depth_figures, normal_angles  # noqa: F401 - the metrics evaluate reports, tested here
-from stages.tokenizers import dataset_tokenizers as tokenizers
-from stages.fourm.fourm_data import crop_pixels, is_sequence, make_loader, pixels_picture, split_shards, text_tokenizer_of
+from stages.dataset.shards import CROPS, DatasetLayout
+from stages.fourm.fourm_data import (
+    crop_pixels,
+    is_sequence,
+    make_loader,
+    pixels_picture,
+    split_shards,
+    text_tokenizer_of,
+)
 from stages.fourm.fourm_data import shard_samples as loader_samples
 from stages.fourm.pretrain import validate
-from stages.dataset.shards import CROPS, DatasetLayout
+from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import crop_to_tensor, shard_samples
 
 

@@ -24,11 +24,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.config import Config
 from core.files import save_model_safetensors, write_json
 from models.metrics import IGNORE, confusion, segmentation_scores  # noqa: F401 - IGNORE: the datasets' too
+from models.transfer import BackboneError, TransferModel, make_backbone, make_head
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
-from stages.transfer.transfer_data import (RunOrder, TransferDataset, TransferInputError, class_folders,
-                                  classification_samples, depth_samples, segmentation_samples)
+from stages.transfer.transfer_data import (
+    RunOrder,
+    TransferDataset,
+    TransferInputError,
+    class_folders,
+    classification_samples,
+    depth_samples,
+    read_annotation,
+    read_depth,
+    segmentation_samples,
+)
 
 TASKS = ("classification", "segmentation", "depth")
 PAPER = {  # Table 1 of the paper: the same model size fine-tuned by the paper's recipes
@@ -118,8 +129,6 @@ def check_labels(task: str, samples: list, settings) -> None:
     """Read every label once before training: a wrong size or an id beyond the head fails here, naming the file."""
     from PIL import Image
 
-    from stages.transfer.transfer_data import read_annotation, read_depth
-
     for image, label in samples if task != "classification" else []:
         with Image.open(image) as opened:
             size = (opened.height, opened.width)
@@ -129,8 +138,6 @@ def check_labels(task: str, samples: list, settings) -> None:
 
 def make_transfer_plan(task: str, train, val, model, backbone, config, world: int) -> TransferPlan:
     """Every dataset and label checked, the backbone loadable, the schedule in steps."""
-    from models.transfer import make_backbone
-
     s = task_settings(config, task)
     make_backbone(model, backbone, 0.0, s.image_size)  # a missing or unusable backbone fails here, first
     names = class_folders(Path(train)) if task == "classification" else []
@@ -158,8 +165,6 @@ class TransferTask(TrainTask):
                                label_smoothing=settings.label_smoothing, num_classes=plan.classes)
 
     def build(self):
-        from models.transfer import TransferModel, make_backbone, make_head
-
         backbone = make_backbone(self.plan.model, self.plan.backbone, self.s.drop_path, self.s.image_size)
         if self.s.linear_probe:
             backbone.requires_grad_(False)
@@ -223,8 +228,6 @@ class TransferTask(TrainTask):
 def train_worker(args: dict) -> None:
     import ray.train
 
-    from core.config import Config
-
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config, plan = Config(**args["config"]), TransferPlan(**args["plan"])
@@ -241,7 +244,6 @@ def train_worker(args: dict) -> None:
 def default_out(task: str, model: str | None, backbone: str | None) -> Path:
     if backbone in (None, "fourm"):
         if model is None:
-            from models.transfer import BackboneError
 
             raise BackboneError("a 4M backbone needs --model DIR (a finished pretraining run or a convert-4m folder)")
         return Path(model) / f"transfer-{task}"

@@ -11,15 +11,17 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from stages.dataset.provenance import RANDOM_MARK, describe_model
 from core import registry
-from stages.dataset.shards import CROPS, DatasetLayout
+from pipeline.stage_list import status_rank
+from stages.dataset.provenance import RANDOM_MARK, describe_model
+from stages.dataset.shards import DatasetLayout
+
 
 def _stage_order(layout: DatasetLayout) -> list[str]:
+    """The status folders present, in the order of the stages that record into them (pipeline/stage_list.py)."""
     present = {p.name for p in (layout.root / "_status").iterdir() if p.is_dir()} if (layout.root / "_status").is_dir() \
         else set()
-    rank = {registry.photo().stage: 0, CROPS: 2}
-    return sorted(present, key=lambda s: (rank.get(s, 1 if s.startswith("label_") else 3), s))
+    return sorted(present, key=lambda s: (status_rank(s), s))
 
 
 def models_of(stats: list[dict]) -> dict[str, dict]:
@@ -42,11 +44,12 @@ RANDOM_WARNING = ("WARNING: labelled by random-weight models (the demo's): {stag
 
 def stage_rows(root: str | Path) -> list[dict]:
     layout = DatasetLayout(root)
-    downloaded = len(layout.committed_shards("download"))
+    first = registry.photo().stage
+    downloaded = len(layout.committed_shards(first))
     rows = []
     for stage in _stage_order(layout):
         stats = [json.loads(p.read_text()) for p in sorted(layout.status_dir(stage).glob("shard-*.json"))]
-        total = downloaded if stage != "download" else len(stats)
+        total = downloaded if stage != first else len(stats)
         counts = sum((Counter(s.get("status_counts", {})) for s in stats), Counter())
         ok = counts.get("ok", 0)
         starts = [s["started_at"] for s in stats if "started_at" in s]
