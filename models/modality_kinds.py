@@ -161,6 +161,14 @@ class ClassMapModality(DenseModality):
     metric_name = "miou"
     baseline_name = "majority class"
 
+    def encode(self, label: np.ndarray) -> bytes:
+        import cv2
+
+        ok, data = cv2.imencode(f".{self.extension}", np.asarray(label).astype(np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise ValueError(f"{self.name}: {self.extension} encoding failed")
+        return data.tobytes()
+
     def from_image_file(self, image):
         return image if image.ndim == 2 else image[..., 0]
 

@@ -99,21 +99,61 @@ def _one_by_one(labeler, images: list[np.ndarray]) -> list[tuple[object, str | N
     return results
 
 
-def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict[str, dict]:
-    """Label one rgb shard with every labeler given (name -> Labeler); commits one shard per labeler.
+class ShardLabelling:
+    """One rgb shard through every labeler, in named steps; commits one shard per labeler.
 
-    The images are read and decoded once, a chunk ahead; each labeler's batches are filled with images of one
-    model input size across chunks (`SizeBuckets`, at most `chunk_size` images waiting) and run with one
-    batch queued ahead on the device (`run_overlapped`); labels are encoded on CPU threads and written by one
-    thread per labeler in the rgb shard's key order.
+    read      the rgb members in the shard's key order, a chunk (`chunk_size`) at a time
+    decode    each chunk on the decode threads, the next one while the models work on this one
+    batch     each labeler's images grouped by its model input size (`SizeBuckets`, `batch_window` waiting)
+    run       the batches on the device, one queued ahead while the last one's labels come back
+              (`run_overlapped`); a batch that fails is redone image by image, so one bad sample costs itself
+    encode    labels into their stored bytes (the modality's `encode`) on the decode threads
+    write     one writer thread per labeler keeps its tar in the rgb key order; every sample's fate recorded
+    commit    each labeler's status table and stats, the stats (the commit marker) last
     """
-    layout = DatasetLayout(root)
-    started = time.time()
-    records: dict[str, list[dict]] = {name: [] for name in labelers}
-    clock = {name: Counter() for name in labelers}  # seconds, waited, batches, images
-    decode_wait = 0.0
-    slots: dict[str, dict[str, Future]] = {name: {} for name in labelers}  # (encoded bytes, error) per key
 
+    def __init__(self, root: str, shard: str, labelers: dict, cfg: LabelConfig):
+        self.layout, self.shard, self.labelers, self.cfg = DatasetLayout(root), shard, labelers, cfg
+        self.started = time.time()
+        self.records: dict[str, list[dict]] = {name: [] for name in labelers}
+        self.clock = {name: Counter() for name in labelers}  # seconds, waited, batches, images
+        self.decode_wait = 0.0
+        # a sample's (encoded bytes, error) per labeler, filled when its label is encoded; its writer waits on it
+        self.slots: dict[str, dict[str, Future]] = {name: {} for name in labelers}
+        self.writes: list[Future] = []
+
+    def run(self) -> dict[str, dict]:
+        with ExitStack() as stack:
+            self.writers = {name: stack.enter_context(ShardWriter(self.layout, stage_name(name), self.shard, [name]))
+                            for name in self.labelers}
+            self.pool = stack.enter_context(ThreadPoolExecutor(self.cfg.decode_threads))
+            self.write_queues = {name: stack.enter_context(ThreadPoolExecutor(1)) for name in self.labelers}
+            try:
+                for done in run_overlapped(self.batches()):
+                    self.hand_over(done)
+            finally:  # on an error, release the writer threads waiting for labels that will never come
+                self.release_waiting()
+            for job in self.writes:
+                job.result()  # surfaces a write error here, before anything is committed
+            return self.commit()
+
+    # read and decode ------------------------------------------------------------------------------------------
+    def decoded_chunks(self) -> Iterator[list[tuple[str, np.ndarray | None, str | None]]]:
+        """(key, image, decode error) per sample, a chunk at a time; the next chunk decodes while this one runs."""
+        chunks = _chunks(read_rgb(self.layout.tar(registry.photo().folder, self.shard)), self.cfg.chunk_size)
+
+        def start(chunk):
+            return None if chunk is None else [self.pool.submit(self.decode, item) for item in chunk]
+
+        pending = start(next(chunks, None))
+        while pending is not None:
+            t = time.perf_counter()
+            decoded = [f.result() for f in pending]
+            self.decode_wait += time.perf_counter() - t
+            pending = start(next(chunks, None))
+            yield decoded
+
+    @staticmethod
     def decode(item):
         key, data = item
         try:
@@ -121,7 +161,40 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict
         except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
             return key, None, f"cannot decode {key}.jpg: {err}"
 
-    def encode_into(slot: Future, name, label, err):
+    # batch ----------------------------------------------------------------------------------------------------
+    def batches(self):
+        """(labeler, (name, keys), images) for every batch of every labeler, in the order they fill up."""
+        buckets = {name: SizeBuckets(labeler.input_size, labeler.batch_size, self.cfg.batch_window)
+                   for name, labeler in self.labelers.items()}
+        for decoded in self.decoded_chunks():
+            for key, image, err in decoded:
+                self.expect(key, None if err else image.shape[:2], err)
+                if err is None:
+                    for name, labeler in self.labelers.items():
+                        for batch in buckets[name].add(key, image):
+                            yield labeler, (name, [k for k, _ in batch]), [im for _, im in batch]
+        for name, labeler in self.labelers.items():
+            for batch in buckets[name].flush():
+                yield labeler, (name, [k for k, _ in batch]), [im for _, im in batch]
+
+    def expect(self, key: str, shape, decode_err: str | None) -> None:
+        """Queue the sample's write in every labeler's writer, in key order; it waits for the sample's label."""
+        for name in self.labelers:
+            slot = None if decode_err else self.slots[name].setdefault(key, Future())
+            self.writes.append(self.write_queues[name].submit(self.write, name, key, shape, decode_err, slot))
+
+    # run and encode -------------------------------------------------------------------------------------------
+    def hand_over(self, done) -> None:
+        """A finished batch's labels (or, for a failed batch, each image's own attempt) to the encoders."""
+        name, keys = done.tag
+        results = ([(label, None) for label in done.labels] if done.error is None
+                   else _one_by_one(done.labeler, done.images))
+        self.clock[name].update(seconds=done.seconds, waited=done.waited, batches=1, images=len(keys))
+        for key, (label, err) in zip(keys, results):
+            self.pool.submit(self.encode, self.slots[name].pop(key), name, label, err)
+
+    @staticmethod
+    def encode(slot: Future, name: str, label, err: str | None) -> None:
         data = None
         if err is None:
             try:
@@ -130,80 +203,46 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict
                 err = f"cannot encode the {name} label: {enc_err}"
         slot.set_result((data, err))
 
-    def write(name, key, shape, decode_err, slot):
+    def release_waiting(self) -> None:
+        for per_key in self.slots.values():
+            for slot in per_key.values():
+                if not slot.done():
+                    slot.set_exception(RuntimeError(f"{self.shard}: labelling stopped before this sample"))
+
+    # write and commit -----------------------------------------------------------------------------------------
+    def write(self, name: str, key: str, shape, decode_err: str | None, slot: Future | None) -> None:
         if decode_err:
-            records[name].append({"key": key, "status": "decode_error", "error": decode_err})
+            self.records[name].append({"key": key, "status": "decode_error", "error": decode_err})
             return
         data, err = slot.result()
         if err:
-            records[name].append({"key": key, "status": "model_error", "error": err})
+            self.records[name].append({"key": key, "status": "model_error", "error": err})
         else:
-            writers[name].write(key, {name: (registry.get(name).extension, data)})
-            records[name].append({"key": key, "status": OK, "height": shape[0], "width": shape[1]})
+            self.writers[name].write(key, {name: (registry.get(name).extension, data)})
+            self.records[name].append({"key": key, "status": OK, "height": shape[0], "width": shape[1]})
 
-    with ExitStack() as stack:
-        writers = {name: stack.enter_context(ShardWriter(layout, stage_name(name), shard, [name])) for name in labelers}
-        pool = stack.enter_context(ThreadPoolExecutor(cfg.decode_threads))
-        # One writer thread per labeler keeps each tar in key order while labels arrive in batch order.
-        write_queues = {name: stack.enter_context(ThreadPoolExecutor(1)) for name in labelers}
-        buckets = {name: SizeBuckets(labeler.input_size, labeler.batch_size, cfg.batch_window)
-                   for name, labeler in labelers.items()}
-        chunks = _chunks(read_rgb(layout.tar(registry.photo().folder, shard)), cfg.chunk_size)
-        writes = []
-
-        def start(chunk):  # decode the next chunk while the models work on this one
-            return None if chunk is None else [pool.submit(decode, item) for item in chunk]
-
-        def batches():
-            nonlocal decode_wait
-            pending = start(next(chunks, None))
-            while pending is not None:
-                t = time.perf_counter()
-                decoded = [f.result() for f in pending]
-                decode_wait += time.perf_counter() - t
-                pending = start(next(chunks, None))
-                for key, image, err in decoded:
-                    for name in labelers:
-                        slot = None if err else slots[name].setdefault(key, Future())
-                        shape = None if err else image.shape[:2]
-                        writes.append(write_queues[name].submit(write, name, key, shape, err, slot))
-                    if err is None:
-                        for name, labeler in labelers.items():
-                            for batch in buckets[name].add(key, image):
-                                yield labeler, (name, [k for k, _ in batch]), [im for _, im in batch]
-            for name, labeler in labelers.items():
-                for batch in buckets[name].flush():
-                    yield labeler, (name, [k for k, _ in batch]), [im for _, im in batch]
-
-        try:
-            for done in run_overlapped(batches()):
-                name, keys = done.tag
-                results = ([(label, None) for label in done.labels] if done.error is None
-                           else _one_by_one(done.labeler, done.images))
-                clock[name].update(seconds=done.seconds, waited=done.waited, batches=1, images=len(keys))
-                for key, (label, err) in zip(keys, results):
-                    pool.submit(encode_into, slots[name].pop(key), name, label, err)
-        finally:  # on an error, release the writer threads waiting for labels that will never come
-            for per_key in slots.values():
-                for slot in per_key.values():
-                    if not slot.done():
-                        slot.set_exception(RuntimeError(f"{shard}: labelling stopped before this sample"))
-        for job in writes:
-            job.result()  # surfaces a write error here, before anything is committed
+    def commit(self) -> dict[str, dict]:
         all_stats = {}
-        for name, writer in writers.items():
-            counts, c = Counter(r["status"] for r in records[name]), clock[name]
-            model = getattr(labelers[name], "provenance", None)
-            stats = {"rows": len(records[name]), "ok": counts.get(OK, 0), "status_counts": dict(sorted(counts.items())),
-                     "seconds": round(time.time() - started, 3), "model_seconds": round(c["seconds"], 3),
-                     "images_per_s": round(len(records[name]) / c["seconds"], 2) if c["seconds"] else None,
-                     "batches": c["batches"], "images_per_batch": round(c["images"] / c["batches"], 2) if c["batches"] else None,
-                     "device_wait_seconds": round(c["waited"], 3), "decode_wait_seconds": round(decode_wait, 3),
-                     "started_at": started, "finished_at": time.time(),
-                     "provenance": provenance(cfg, {name: model} if model else None)}
-            writer.commit(pa.Table.from_pylist(records[name], schema=STATUS_SCHEMA), stats)
+        for name, writer in self.writers.items():
+            records, c = self.records[name], self.clock[name]
+            counts = Counter(r["status"] for r in records)
+            model = getattr(self.labelers[name], "provenance", None)
+            stats = {"rows": len(records), "ok": counts.get(OK, 0), "status_counts": dict(sorted(counts.items())),
+                     "seconds": round(time.time() - self.started, 3), "model_seconds": round(c["seconds"], 3),
+                     "images_per_s": round(len(records) / c["seconds"], 2) if c["seconds"] else None,
+                     "batches": c["batches"],
+                     "images_per_batch": round(c["images"] / c["batches"], 2) if c["batches"] else None,
+                     "device_wait_seconds": round(c["waited"], 3), "decode_wait_seconds": round(self.decode_wait, 3),
+                     "started_at": self.started, "finished_at": time.time(),
+                     "provenance": provenance(self.cfg, {name: model} if model else None)}
+            writer.commit(pa.Table.from_pylist(records, schema=STATUS_SCHEMA), stats)
             all_stats[name] = stats
-    return all_stats
+        return all_stats
+
+
+def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict[str, dict]:
+    """Label one rgb shard with every labeler given (name -> Labeler); returns each labeler's committed stats."""
+    return ShardLabelling(root, shard, labelers, cfg).run()
 
 
 def merge_stats(per_labeler: dict[str, dict]) -> dict:
@@ -237,7 +276,7 @@ def merge_stats(per_labeler: dict[str, dict]) -> dict:
 class LabelWorker:
     """A Ray actor: one replica of every requested labeler, loaded once, labelling shard after shard."""
 
-    def __init__(self, root: str, cfg: LabelConfig, names: list[str], plugins: list[str]):
+    def __init__(self, root: str, cfg: LabelConfig, names: list[str], plugins: tuple[str, ...] = ()):
         registry.use(plugins)  # a worker process imports the modules that define its modalities
         self.root, self.cfg = root, cfg
         self.labelers = {}

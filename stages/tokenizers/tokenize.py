@@ -160,7 +160,7 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
 class TokenizeWorker:
     """A Ray actor: every trained tokenizer, loaded once, encoding shard after shard."""
 
-    def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str], plugins: list[str]):
+    def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str], plugins: tuple[str, ...] = ()):
         registry.use(plugins)  # a worker process imports the modules that define its modalities
         self.layout, self.cfg = DatasetLayout(root), cfg
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
