@@ -39,14 +39,41 @@ class ShardObserver(Protocol):
 
 @dataclass
 class ShardsSummary:
-    """What one run of a per-model stage did: shards, and sample fates per model (labeler, tokenizer)."""
+    """What one run of a stage did: shards, and sample fates (one Counter; per model for the stages that run
+    several, labelers or tokenizers)."""
 
     shards_total: int = 0
     shards_done: int = 0
     shards_skipped: int = 0
     failed_shards: dict[str, str] = field(default_factory=dict)
-    status_counts: dict[str, Counter] = field(default_factory=dict)
+    status_counts: Counter | dict[str, Counter] = field(default_factory=Counter)
     seconds: float = 0.0
+
+    @property
+    def images(self) -> int:
+        """Samples kept (by every model, where there are several)."""
+        if isinstance(self.status_counts, Counter):
+            return self.status_counts.get(OK, 0)
+        return min((c.get(OK, 0) for c in self.status_counts.values()), default=0)
+
+
+def skip_or_queue(layout: "DatasetLayout", shards: list[str], names: list[str], stage_of, summary: ShardsSummary,
+                  observer: "ShardObserver | None", merged) -> list[tuple[str, list[str]]]:
+    """The shards with work left, as (shard, the names still to do); a shard every name has committed is skipped:
+    its recorded fates are counted into the summary and shown to the observer (`merged(shard, stats)`)."""
+    todo = []
+    for shard in shards:
+        pending = [n for n in names if not layout.is_committed(stage_of(n), shard)]
+        if pending:
+            todo.append((shard, pending))
+            continue
+        summary.shards_skipped += 1
+        stats = {n: layout.read_stats(stage_of(n), shard) for n in names}
+        for n in names:
+            summary.status_counts[n].update(stats[n]["status_counts"])
+        if observer:
+            observer(shard, merged(shard, stats), True)
+    return todo
 
 
 def shard_name(index: int) -> str:

@@ -25,7 +25,7 @@ from core import registry
 from core.config import Config, DownloadConfig
 from core.ray_runtime import init_ray
 from stages.dataset.provenance import provenance
-from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardWriter, shard_name
+from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, shard_name
 from stages.download.fetch import Fetcher
 from stages.download.images import ImageError, process_image
 from stages.download.inputs import InputRow, count_rows, read_rows
@@ -172,22 +172,8 @@ def plan_shards(rows: Iterable[InputRow], shard_size: int) -> Iterator[ShardTask
         yield task
 
 
-@dataclass
-class RunSummary:
-    shards_total: int = 0
-    shards_done: int = 0
-    shards_skipped: int = 0
-    failed_shards: dict[str, str] = field(default_factory=dict)
-    status_counts: Counter = field(default_factory=Counter)
-    seconds: float = 0.0
-
-    @property
-    def images(self) -> int:
-        return self.status_counts.get(OK, 0)
-
-
 def run_download(input_path: str | Path, root: str | Path, config: Config,
-                 observer: ShardObserver | None = None) -> RunSummary:
+                 observer: ShardObserver | None = None) -> ShardsSummary:
     """Download every shard not yet committed, `processes` Ray tasks at a time.
 
     The observer hears the number of shards, then each shard as it finishes or is found committed.
@@ -197,7 +183,7 @@ def run_download(input_path: str | Path, root: str | Path, config: Config,
     cfg = config.download
     layout = DatasetLayout(root)
     rows = read_rows(input_path, cfg.url_column, cfg.caption_column, cfg.max_url_chars, cfg.max_caption_chars)
-    summary = RunSummary(shards_total=-(-count_rows(input_path) // cfg.shard_size))
+    summary = ShardsSummary(shards_total=-(-count_rows(input_path) // cfg.shard_size))
     if observer:
         observer.start(summary.shards_total)
     init_ray(config.ray)

@@ -38,7 +38,7 @@ from core.ray_runtime import init_ray
 from models.labelers import SizeBuckets, WeightsUnavailable, check_weights, run_overlapped
 from stages.actor_pool import run_on_actors
 from stages.dataset.provenance import provenance
-from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
+from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, skip_or_queue
 from stages.download.download import STAGE as DOWNLOAD_STAGE
 
 STATUS_SCHEMA = pa.schema([
@@ -289,9 +289,6 @@ class LabelWorker:
         return label_shard(self.root, shard, {n: self.labelers[n] for n in names}, self.cfg)
 
 
-LabelSummary = ShardsSummary
-
-
 def input_shards(layout: DatasetLayout) -> list[str]:
     photo = registry.photo().folder
     shards = layout.committed_shards(DOWNLOAD_STAGE)
@@ -316,7 +313,7 @@ def check_all_weights(models: dict[str, str]) -> None:
 
 
 def run_label(root: str | Path, config: Config, labelers: list[str] | None = None,
-              observer: ShardObserver | None = None) -> LabelSummary:
+              observer: ShardObserver | None = None) -> ShardsSummary:
     """Label every rgb shard with every requested labeler not yet committed for it."""
     cfg = config.label
     names = labelers or cfg.labelers
@@ -343,22 +340,11 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     needed = [n for n in names if any(not layout.is_committed(stage_name(n), shard) for shard in shards)]
     check_all_weights({n: cfg.models[n] for n in needed
                        if labelings[n].weights_used(cfg) and labelings[n].weights and n in cfg.models})
-    summary = LabelSummary(shards_total=len(shards), status_counts={n: Counter() for n in names})
+    summary = ShardsSummary(shards_total=len(shards), status_counts={n: Counter() for n in names})
     if observer:
         observer.start(len(shards))
 
-    todo = []
-    for shard in shards:
-        pending = [n for n in names if not layout.is_committed(stage_name(n), shard)]
-        if pending:
-            todo.append((shard, pending))
-            continue
-        summary.shards_skipped += 1
-        stats = {n: layout.read_stats(stage_name(n), shard) for n in names}
-        for n in names:
-            summary.status_counts[n].update(stats[n]["status_counts"])
-        if observer:
-            observer(shard, merge_stats(stats), True)
+    todo = skip_or_queue(layout, shards, names, stage_name, summary, observer, lambda _, stats: merge_stats(stats))
 
     started = time.time()
     if todo:

@@ -37,7 +37,7 @@ from stages.actor_pool import run_on_actors
 from stages.dataset.align import STAGE as ALIGN_STAGE
 from stages.dataset.align import AlignError, align_dataset, align_shard
 from stages.dataset.provenance import provenance
-from stages.dataset.shards import CROPS, OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter
+from stages.dataset.shards import CROPS, OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, skip_or_queue
 from stages.tokenizers.tokenizer_data import (
     RgbIndex,
     center_crop,
@@ -211,22 +211,15 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
     summary = TokenizeSummary(shards_total=len(shards), status_counts={m: Counter() for m in names})
     if observer:
         observer.start(len(shards))
-    todo = []
     for shard in shards:
         pending = [m for m in names if not layout.is_committed(stage_name(m), shard)]
         missing = [m for m in pending if not registry.get(m).downloaded
                    and not layout.is_committed(registry.get(m).stage, shard)]
         if missing:
             summary.failed_shards[shard] = f"labels not committed for {missing} (run the label stage first)"
-            continue
-        if pending:
-            todo.append((shard, pending))
-            continue
-        summary.shards_skipped += 1
-        for m in names:
-            summary.status_counts[m].update(layout.read_stats(stage_name(m), shard)["status_counts"])
-        if observer:
-            observer(shard, _merged(layout, shard, names), True)
+    ready = [s for s in shards if s not in summary.failed_shards]
+    todo = skip_or_queue(layout, ready, names, stage_name, summary, observer,
+                         lambda shard, _: _merged(layout, shard, names))
     started = time.time()
     if todo:
         init_ray(config.ray)
