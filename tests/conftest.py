@@ -52,3 +52,21 @@ def tls_server(tmp_path):
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API server for the session's flow tests (it takes seconds to start)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Every labeler's tiny random-weight model of the real class, saved once for the session (read only)."""
+    from models.random_weights import save_random_models
+
+    return save_random_models(tmp_path_factory.mktemp("models"), "tiny")

@@ -10,15 +10,6 @@ import pytest
 from tests.helpers import large_jpeg
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 def url_list(server, tmp_path, n=5):
     jpeg = large_jpeg((900, 700))
     lines = [f"{server.add(f'{i}.jpg', jpeg)}\tphoto {i}" for i in range(n)] + [f"{server.base}/status/404\tgone"]
@@ -115,16 +106,15 @@ def test_demo_deployment_runs_when_served(prefect_api, ray_address, server, tmp_
     assert len(list((tmp_path / "data/rgb").glob("shard-*.tar"))) == 1
 
 
-def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tmp_path):
+def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tiny_models, tmp_path):
     """`prefect deployment run pseudo-label/demo`: labels, per-labeler progress and sample pictures."""
     from prefect.artifacts import Artifact
     from prefect.deployments import run_deployment
 
-    from models.random_weights import save_random_models
     from tests.helpers import make_labelled_input
 
     make_labelled_input(tmp_path / "data")
-    models = save_random_models(tmp_path / "models", "tiny")
+    models = tiny_models
     with serving(prefect_api, ray_address, HF_HUB_OFFLINE="1"):
         run = run_deployment("pseudo-label/demo", timeout=400, poll_interval=1, parameters={
             "data": str(tmp_path / "data"), "overrides": [f"label.models={models}"], "pictures": 2})
@@ -142,17 +132,16 @@ def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tmp_
     assert all(r["images/batch"].startswith("depth ") for r in shards)
 
 
-def test_show_draws_a_labelled_sample(ray_address, tmp_path):
+def test_show_draws_a_labelled_sample(ray_address, tiny_models, tmp_path):
     from PIL import Image
 
-    from models.random_weights import save_random_models
     from pipeline.cli import main
     from core.config import load_config
     from stages.label.label import run_label
     from tests.helpers import make_labelled_input
 
     make_labelled_input(tmp_path / "data")
-    models = save_random_models(tmp_path / "models", "tiny")
+    models = tiny_models
     run_label(tmp_path / "data", load_config("demo", [f"label.models={models}"]))
     out = tmp_path / "sample.png"
     assert main(["show", "--data", str(tmp_path / "data"), "--key", "000000002", "--out", str(out)]) == 0
@@ -161,10 +150,9 @@ def test_show_draws_a_labelled_sample(ray_address, tmp_path):
     assert main(["show", "--data", str(tmp_path / "data"), "--key", "000000003", "--out", str(out)]) == 2
 
 
-def test_tokenizer_flows_publish_results_pictures_and_token_rates(prefect_api, ray_address, tmp_path):
+def test_tokenizer_flows_publish_results_pictures_and_token_rates(prefect_api, ray_address, tiny_models, tmp_path):
     from prefect.artifacts import Artifact
 
-    from models.random_weights import save_random_models
     from core.config import load_config
     from pipeline.flows import tokenize_flow, train_tokenizers_flow
     from stages.label.label import run_label
@@ -172,7 +160,7 @@ def test_tokenizer_flows_publish_results_pictures_and_token_rates(prefect_api, r
 
     data = tmp_path / "data"
     make_labelled_input(data)
-    models = save_random_models(tmp_path / "models", "tiny")
+    models = tiny_models
     run_label(data, load_config("demo", [f"label.models={models}"]), ["clip"])
     overrides = ["tokenizer.epochs=2", "tokenizer.batch_size=2"]
     result = train_tokenizers_flow(data=str(data), profile="demo", modalities=["text", "clip"], overrides=overrides)

@@ -24,13 +24,6 @@ def members(path) -> list[tuple[str, bytes]]:
         return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    from models.random_weights import save_random_models
-
-    return save_random_models(tmp_path_factory.mktemp("models"), "tiny")
-
-
 def config(tiny_models, *extra):
     return load_config("demo", [f"label.models={tiny_models}", "label.chunk_size=2", "label.batch_size=2", *extra])
 

@@ -10,11 +10,6 @@ from tests.helpers import photo
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return save_random_models(tmp_path_factory.mktemp("models"), "tiny")
-
-
-@pytest.fixture(scope="module")
 def images():
     # Real photos of two sizes and aspect ratios, as they come out of the download stage.
     # The last one shares the first one's model input size but not its own size: a batch of mixed sizes.

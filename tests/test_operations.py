@@ -118,10 +118,3 @@ def test_stopped_pipeline_resumes_without_redoing_committed_shards(prefect_api, 
     assert shard_files(data, folders) == before, "committed shards were not redone"
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()

@@ -102,13 +102,10 @@ def test_paper_settings_follow_table_3():
 
 # -- the stages, on a real Ray with a labelled dataset of real photos --------------------------------------
 @pytest.fixture(scope="module")
-def dataset(ray_address, tmp_path_factory):
-    from models.random_weights import save_random_models
-
+def dataset(ray_address, tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("dataset")
     make_labelled_input(root)
-    models = save_random_models(tmp_path_factory.mktemp("models"), "tiny")
-    run_label(root, load_config("demo", [f"label.models={models}", *SETTINGS]), ["clip", "semseg"])
+    run_label(root, load_config("demo", [f"label.models={tiny_models}", *SETTINGS]), ["clip", "semseg"])
     return root
 
 
@@ -277,12 +274,12 @@ def test_status_reads_each_stage_from_the_status_files(trained_rgb, capsys):
     assert "label_semseg" in out and "rgb        trained (16 steps)" in out
 
 
-def test_a_sample_failed_anywhere_is_dropped_everywhere_so_a_positional_zip_never_diverges(ray_address, tmp_path):
+def test_a_sample_failed_anywhere_is_dropped_everywhere_so_a_positional_zip_never_diverges(ray_address, tiny_models,
+                                                                                           tmp_path):
     """One labeler fails on a sample in the middle of a shard and on the last sample of another; after tokenize
     every folder holds the same keys, and zipping the tars position by position (as the reference loader does)
     yields every surviving sample whole."""
     from models.labelers import ClipLabeler, load_labeler
-    from models.random_weights import save_random_models
     from models.vqvae import save_tokenizer
     from stages.label.label import label_shard
 
@@ -297,7 +294,7 @@ def test_a_sample_failed_anywhere_is_dropped_everywhere_so_a_positional_zip_neve
 
     root = tmp_path / "data"
     make_labelled_input(root, corrupt_key=None)
-    models = save_random_models(tmp_path / "models", "tiny", ["clip", "semseg"])
+    models = tiny_models
     cfg = config(f"label.models={models}").label
     labelers = {"clip": FailingClip(models["clip"], "cpu", 2), "semseg": load_labeler("semseg", models["semseg"], "cpu", 2)}
     for shard in ("shard-000000", "shard-000001"):
