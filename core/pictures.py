@@ -43,14 +43,13 @@ def pca_picture(features: np.ndarray) -> np.ndarray:
 
 
 def boxes_picture(picture: np.ndarray | None, boxes: list[dict], size: int | None = None) -> np.ndarray:
-    """Boxes (normalised xmin, ymin, xmax, ymax; class_name; score if known) drawn on a picture, or on grey.
-
-    `size` resizes the picture to size x size first (generation draws on 224-pixel crops)."""
+    """Boxes (normalised xmin, ymin, xmax, ymax; class_name; score if known) drawn on a picture in [0, 1], or on
+    grey. `size` resizes the picture to size x size first (generation draws on 224-pixel crops)."""
     import cv2
 
     if picture is None:
         picture = np.full((size or 224, size or 224, 3), 0.85, np.float32)
-    canvas = np.ascontiguousarray(picture, np.float32).copy()
+    canvas = np.ascontiguousarray(np.clip(picture, 0, 1) * 255).astype(np.uint8)  # OpenCV draws text on 8 bits
     if size:
         canvas = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_NEAREST)
     height, width = canvas.shape[:2]
@@ -59,11 +58,11 @@ def boxes_picture(picture: np.ndarray | None, boxes: list[dict], size: int | Non
         x0, y0, x1, y1 = box["boxes"]
         x0, x1 = (int(round(c * (width - 1))) for c in (x0, x1))
         y0, y1 = (int(round(c * (height - 1))) for c in (y0, y1))
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), (1.0, 0.1, 0.1), thickness)
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), (255, 25, 25), thickness)
         label = box["class_name"] + (f" {box['score']:.2f}" if "score" in box else "")
-        cv2.putText(canvas, label, (x0 + 2, max(10, y0 + 10)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.35 * thickness, (1.0, 0.1, 0.1), 1)
-    return canvas
+        cv2.putText(canvas, label, (x0 + 2, max(10, y0 + 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * thickness,
+                    (255, 25, 25), 1)
+    return canvas.astype(np.float32) / 255.0
 
 
 def png_bytes(picture: np.ndarray) -> bytes:

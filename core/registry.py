@@ -124,9 +124,16 @@ class Modality:
 
 
 # -- the registry -------------------------------------------------------------------------------------------------
+# Every modality ever registered in this process stays resolvable by name; the ones a process works with are the
+# built-ins and those of the modules its configuration names (`use`), so one configuration's modalities never
+# become another's defaults.
 _modalities: dict[str, Modality] = {}
+_origin: dict[str, str] = {}        # modality name -> the module spec whose import registered it
 _loaded: set[str] = set()
+_active: set[str] = set(BUILTIN)
+_importing: list[str] = []
 _lock = threading.RLock()
+DIRECT = "(registered directly)"     # a modality registered outside `use`: always among the active ones
 
 
 def register(modality: Modality) -> Modality:
@@ -141,6 +148,7 @@ def register(modality: Modality) -> Modality:
         if clash:
             raise RegistryError(f"modality {modality.name!r}: domains {clash} belong to another modality")
         _modalities[modality.name] = modality
+        _origin[modality.name] = _importing[-1] if _importing else DIRECT
     return modality
 
 
@@ -169,23 +177,37 @@ def _import(spec: str):
                             f"machine (installed, or on PYTHONPATH), or be named by its .py path") from None
 
 
-def use(specs: Iterable[str] = ()) -> None:
-    """Import the built-in definitions and the named modules (each once per process)."""
+def _ensure(specs: Iterable[str]) -> None:
     with _lock:
         for spec in (*BUILTIN, *specs):
             if spec not in _loaded:
-                _import(spec)
+                _importing.append(spec)
+                try:
+                    _import(spec)
+                finally:
+                    _importing.pop()
                 _loaded.add(spec)
 
 
+def use(specs: Iterable[str] = ()) -> None:
+    """Work with the built-in modalities and those the named modules define (each imported once per process);
+    modalities of modules named before, but not now, are left out of every listing (still found by name)."""
+    global _active
+    specs = list(specs)
+    _ensure(specs)
+    with _lock:
+        _active = {*BUILTIN, *specs}
+
+
 def loaded_plugins() -> list[str]:
-    """The modules beyond the built-ins this process has imported: what a worker must import too."""
-    return sorted(s for s in _loaded if s not in BUILTIN)
+    """The modules beyond the built-ins this process works with: what a worker it starts must import too."""
+    return sorted(s for s in _active if s not in BUILTIN)
 
 
 def modalities() -> list[Modality]:
-    use()
-    return sorted(_modalities.values(), key=lambda m: (m.label_order, m.name))
+    _ensure(())
+    active = [m for m in _modalities.values() if _origin[m.name] in _active or _origin[m.name] == DIRECT]
+    return sorted(active, key=lambda m: (m.label_order, m.name))
 
 
 def names() -> list[str]:
@@ -193,7 +215,7 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Modality:
-    use()
+    _ensure(())
     if name not in _modalities:
         raise RegistryError(f"unknown modality {name!r} (known: {', '.join(names())})")
     return _modalities[name]
@@ -263,7 +285,7 @@ def is_token_folder(folder: str) -> bool:
 
 def domain_or_modality(name: str) -> Modality:
     """The modality a name means: its own name (depth) or one of its 4M domains (tok_depth@224, tok_depth)."""
-    use()
+    _ensure(())
     if name in _modalities:
         return _modalities[name]
     return domain(name).modality

@@ -49,7 +49,7 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str = DEFAULT_PRO
 
 
 def _download_parser(sub) -> None:
-    p = sub.add_parser("download", help="download a URL list into webdataset shards")
+    p = sub.add_parser("download", help=_stage_help("download", "download the images and captions"))
     p.add_argument("--input", required=True, help="CC12M TSV (url<TAB>caption), or parquet/CSV with url, caption")
     p.add_argument("--output", help="dataset root (default: the profile's data_root)")
     p.add_argument("--shard-size", type=int, help="input rows per shard (default 1000)")

@@ -270,13 +270,30 @@ def test_detectron2_backend_without_detectron2_is_a_clear_error(tiny_models, tmp
     assert cfg.label.model_copy(update={"det_backend": "auto"}).resolved_det_backend() == "transformers"
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _ours(pid: int) -> bool:
+    """Started under this test process (its Ray's workers are): another test process's workers are not ours."""
+    try:
+        while pid > 1:
+            pid = _parent(pid)
+            if pid == os.getpid():
+                return True
+    except OSError:
+        return False
+    return False
+
+
 def _processes_named(prefix: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(prefix.encode()):
+                    if f.read().startswith(prefix.encode()) and _ours(int(entry)):
                         pids.append(int(entry))
             except OSError:
                 continue

@@ -172,7 +172,17 @@ def plugin_profile(tmp_path_factory):
     profile = yaml.safe_load((PROJECT / "core" / "profiles" / "demo.yaml").read_text())
     profile["modalities"] = ["luma.py", "tone.py"]
     (folder / "mine.yaml").write_text(yaml.safe_dump(profile))
-    return folder / "mine.yaml"
+    yield folder / "mine.yaml"
+    registry.use()  # this process goes back to the built-in modalities for the tests after these
+
+
+def test_a_configuration_works_with_its_own_modalities_only(plugin_profile):
+    """Modalities a profile named earlier in the process are left out of another configuration's defaults."""
+    mine = load_config(str(plugin_profile))
+    assert "luma" in mine.label.labelers and "tok_luma@224" in mine.pretrain.modalities
+    demo = load_config("demo")
+    assert "luma" not in demo.label.labelers and "tok_luma@224" not in demo.pretrain.modalities
+    assert "luma" not in registry.names() and registry.get("luma").name == "luma"  # still found by name
 
 
 def test_modalities_defined_outside_the_project_go_through_every_stage(ray_address, plugin_profile, tmp_path):

@@ -126,7 +126,10 @@ def producing_stage(folder: str) -> str:
     """The stage whose status files record the fate of each sample of a folder under the data root."""
     if folder == CROPS:
         return CROPS
-    modality, domain = registry.of_folder(folder)
+    try:
+        modality, domain = registry.of_folder(folder)
+    except registry.RegistryError:  # a modality this configuration does not name: a labelled one, by the convention
+        return f"label_{folder}"
     return modality.stage if domain is None else modality.tokenize_stage
 
 
