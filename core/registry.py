@@ -134,6 +134,7 @@ _active: set[str] = set(BUILTIN)
 _importing: list[str] = []
 _lock = threading.RLock()
 DIRECT = "(registered directly)"     # a modality registered outside `use`: always among the active ones
+_domains_cache: list | None = None    # the active modalities' domains, built once per change (the loader asks per sample)
 
 
 def register(modality: Modality) -> Modality:
@@ -149,6 +150,7 @@ def register(modality: Modality) -> Modality:
             raise RegistryError(f"modality {modality.name!r}: domains {clash} belong to another modality")
         _modalities[modality.name] = modality
         _origin[modality.name] = _importing[-1] if _importing else DIRECT
+        _forget_domains()
     return modality
 
 
@@ -197,6 +199,7 @@ def use(specs: Iterable[str] = ()) -> None:
     _ensure(specs)
     with _lock:
         _active = {*BUILTIN, *specs}
+        _forget_domains()
 
 
 def loaded_plugins() -> list[str]:
@@ -248,8 +251,18 @@ def tokenizer_names() -> list[str]:
     return [TEXT, *(m.name for m in tokenized())]
 
 
+def _forget_domains() -> None:
+    global _domains_cache
+    _domains_cache = None
+
+
 def domains() -> list[Domain]:
-    return [d for m in modalities() for d in m.domains()]
+    global _domains_cache
+    if _domains_cache is None:
+        found = [d for m in modalities() for d in m.domains()]
+        with _lock:
+            _domains_cache = found
+    return list(_domains_cache)
 
 
 def domain(name: str) -> Domain:
