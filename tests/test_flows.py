@@ -2,8 +2,10 @@
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,22 +108,30 @@ def test_demo_deployment_runs_when_served(prefect_api, ray_address, server, tmp_
     assert len(list((tmp_path / "data/rgb").glob("shard-*.tar"))) == 1
 
 
-def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tiny_models, tmp_path):
-    """`prefect deployment run pseudo-label/demo`: labels, per-labeler progress and sample pictures."""
-    from prefect.artifacts import Artifact
+@pytest.fixture(scope="module")
+def labelled(prefect_api, ray_address, tiny_models, tmp_path_factory):
+    """`prefect deployment run pseudo-label/demo` served, on two shards with one corrupt image: the run and its
+    labelled dataset, which the next tests read (show) or copy (the tokenizer flows)."""
     from prefect.deployments import run_deployment
 
     from tests.helpers import make_labelled_input
 
-    make_labelled_input(tmp_path / "data")
-    models = tiny_models
+    data = tmp_path_factory.mktemp("labelled") / "data"
+    make_labelled_input(data)
     with serving(prefect_api, ray_address, HF_HUB_OFFLINE="1"):
         run = run_deployment("pseudo-label/demo", timeout=400, poll_interval=1, parameters={
-            "data": str(tmp_path / "data"), "overrides": [f"label.models={models}"], "pictures": 2})
-        assert run.state.is_completed(), run.state
+            "data": str(data), "overrides": [f"label.models={tiny_models}"], "pictures": 2})
+    return run, data
+
+
+def test_pseudo_label_deployment_runs_when_served(labelled):
+    """`prefect deployment run pseudo-label/demo`: labels, per-labeler progress and sample pictures."""
+    from prefect.artifacts import Artifact
+
+    run, data = labelled
+    assert run.state.is_completed(), run.state
     for name in ("depth", "normal", "semseg", "det", "clip"):
-        assert sorted(p.name for p in (tmp_path / "data" / name).glob("shard-*.tar")) == [
-            "shard-000000.tar", "shard-000001.tar"]
+        assert sorted(p.name for p in (data / name).glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
         assert float(Artifact.get(f"pseudo-label-{name}-progress").data) == 100.0
     pictures = Artifact.get("pseudo-label-samples").data
     assert pictures.count("data:image/png;base64,") == 2
@@ -132,36 +142,33 @@ def test_pseudo_label_deployment_runs_when_served(prefect_api, ray_address, tiny
     assert all(r["images/batch"].startswith("depth ") for r in shards)
 
 
-def test_show_draws_a_labelled_sample(ray_address, tiny_models, tmp_path):
+def test_show_draws_a_labelled_sample(labelled, tmp_path):
     from PIL import Image
 
     from pipeline.cli import main
-    from core.config import load_config
-    from stages.label.label import run_label
-    from tests.helpers import make_labelled_input
 
-    make_labelled_input(tmp_path / "data")
-    models = tiny_models
-    run_label(tmp_path / "data", load_config("demo", [f"label.models={models}"]))
+    data = labelled[1]
     out = tmp_path / "sample.png"
-    assert main(["show", "--data", str(tmp_path / "data"), "--key", "000000002", "--out", str(out)]) == 0
+    assert main(["show", "--data", str(data), "--key", "000000002", "--out", str(out)]) == 0
     picture = Image.open(out)
     assert picture.format == "PNG" and picture.width > 5 * picture.height  # six panels side by side
-    assert main(["show", "--data", str(tmp_path / "data"), "--key", "000000003", "--out", str(out)]) == 2
+    assert main(["show", "--data", str(data), "--key", "000000003", "--out", str(out)]) == 2
 
 
-def test_tokenizer_flows_publish_results_pictures_and_token_rates(prefect_api, ray_address, tiny_models, tmp_path):
+def clip_labels_only(labelled: Path, data: Path) -> Path:
+    """A copy of the labelled dataset with only its clip labels (the other labelers never ran there)."""
+    shutil.copytree(labelled, data, ignore=lambda folder, names: [
+        n for n in names if Path(folder) in (labelled, labelled / "_status")
+        and n in {"depth", "normal", "semseg", "det", "label_depth", "label_normal", "label_semseg", "label_det"}])
+    return data
+
+
+def test_tokenizer_flows_publish_results_pictures_and_token_rates(labelled, tmp_path):
     from prefect.artifacts import Artifact
 
-    from core.config import load_config
     from pipeline.flows import tokenize_flow, train_tokenizers_flow
-    from stages.label.label import run_label
-    from tests.helpers import make_labelled_input
 
-    data = tmp_path / "data"
-    make_labelled_input(data)
-    models = tiny_models
-    run_label(data, load_config("demo", [f"label.models={models}"]), ["clip"])
+    data = clip_labels_only(labelled[1], tmp_path / "data")
     overrides = ["tokenizer.epochs=2", "tokenizer.batch_size=2"]
     result = train_tokenizers_flow(data=str(data), profile="demo", modalities=["text", "clip"], overrides=overrides)
     assert set(result["tokenizers"]) == {"text", "clip"}
