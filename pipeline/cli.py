@@ -8,37 +8,12 @@ from pathlib import Path
 
 from core import registry
 from core.config import DEFAULT_PROFILE, Config, ConfigError, load_config
-from models.fourm import convert_checkpoint as convert_4m_checkpoint
-from models.omnidata import convert_checkpoint as convert_omnidata_checkpoint
-from models.random_weights import save_random_models
 from pipeline import services
 from pipeline.console import ShardProgress, print_alignment, print_summary
-from pipeline.demo import run_demo
-from pipeline.deployments import serve
-from pipeline.show import draw_masked_sample, draw_sample
 from pipeline.stage_list import stage
-from pipeline.status import (
-    RANDOM_WARNING,
-    evaluation_rows,
-    format_table,
-    pretrain_row,
-    random_weight_stages,
-    stage_rows,
-    tokenizer_rows,
-)
-from stages.dataset.align import STAGE as ALIGN_STAGE
-from stages.dataset.align import align_dataset
-from stages.dataset.shards import DatasetLayout
-from stages.dataset.verify import verify_dataset
-from stages.download.download import run_download
-from stages.fourm.fourm_data import inspect_masking, is_sequence, text_tokenizer_of
-from stages.fourm.pretrain import run_dir, run_pretrain
-from stages.generate.generate import read_requests, run_generation
-from stages.label.label import run_label
-from stages.tokenizers.tokenize import run_tokenize
-from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
-from stages.transfer.evaluate import run_evaluate
-from stages.transfer.transfer import run_transfer
+
+# Each command imports its stage when it runs, so the command line answers in seconds rather than after
+# importing every stage (Prefect, transformers, timm) for any one of them.
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str = DEFAULT_PROFILE) -> None:
@@ -66,6 +41,8 @@ def _config_from(args, flags: dict) -> Config:
 
 
 def cmd_download(args) -> int:
+    from stages.download.download import run_download
+
     config = _config_from(args, {
         "data_root": args.output, "download.shard_size": args.shard_size, "download.max_side": args.max_side,
         "download.processes": args.processes, "download.threads": args.threads,
@@ -83,6 +60,8 @@ def cmd_download(args) -> int:
 
 
 def cmd_label(args) -> int:
+    from stages.label.label import run_label
+
     names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
     config = _config_from(args, {"data_root": args.data, "label.labelers": names})
     progress = ShardProgress("label")
@@ -107,6 +86,8 @@ def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
 
 
 def cmd_train_tokenizer(args) -> int:
+    from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
+
     modalities = None if args.modality in (None, "all") else [m.strip() for m in args.modality.split(",")]
     config = _config_from(args, {"data_root": args.data, "tokenizer.modalities": modalities})
 
@@ -127,6 +108,8 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
+    from stages.tokenizers.tokenize import run_tokenize
+
     modalities = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
     config = _config_from(args, {"data_root": args.data})
     progress = ShardProgress("tokenize")
@@ -141,6 +124,10 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_align(args) -> int:
+    from stages.dataset.align import STAGE as ALIGN_STAGE
+    from stages.dataset.align import align_dataset
+    from stages.dataset.shards import DatasetLayout
+
     if not Path(args.data).is_dir():
         raise ConfigError(f"--data {args.data!r}: no such folder")
     results = align_dataset(args.data)
@@ -154,6 +141,9 @@ def cmd_align(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from pipeline.status import RANDOM_WARNING, random_weight_stages, stage_rows
+    from stages.dataset.verify import verify_dataset
+
     problems, checked = verify_dataset(args.data)
     by_shard: dict[str, list] = {}
     for problem in problems:
@@ -173,6 +163,16 @@ def cmd_verify(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from pipeline.status import (
+        RANDOM_WARNING,
+        evaluation_rows,
+        format_table,
+        pretrain_row,
+        random_weight_stages,
+        stage_rows,
+        tokenizer_rows,
+    )
+
     if not Path(args.data).is_dir():
         raise ConfigError(f"--data {args.data!r}: no such folder")
     rows = stage_rows(args.data)
@@ -203,11 +203,16 @@ def cmd_services(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from pipeline.show import draw_sample
+    from stages.dataset.shards import DatasetLayout
+
     print(draw_sample(DatasetLayout(args.data), args.key, args.out))
     return 0
 
 
 def cmd_pretrain(args) -> int:
+    from stages.fourm.pretrain import run_dir, run_pretrain
+
     config = _config_from(args, {"data_root": args.data, "pretrain.size": args.size, "pretrain.steps": args.steps})
     summary = run_pretrain(config.data_root, config)
     final = summary["final"]
@@ -218,6 +223,8 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_transfer(args) -> int:
+    from stages.transfer.transfer import run_transfer
+
     config = _config_from(args, {f"transfer.{args.task}.linear_probe": True if args.linear_probe else None})
     results = run_transfer(args.task, args.train, args.val, config, model=args.model, backbone=args.backbone,
                            out=args.out)
@@ -231,6 +238,9 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from stages.fourm.pretrain import run_dir
+    from stages.transfer.evaluate import run_evaluate
+
     config = _config_from(args, {"data_root": args.data})
     model = args.model or run_dir(config.data_root)
     results = run_evaluate(config.data_root, config, model, samples=args.samples)
@@ -277,6 +287,9 @@ def generation_request(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from stages.fourm.pretrain import run_dir
+    from stages.generate.generate import read_requests, run_generation
+
     config = _config_from(args, {"data_root": args.data})
     model = Path(args.model or run_dir(config.data_root))
     tokenizers = args.tokenizers or str(Path(config.data_root) / "tokenizers")
@@ -293,6 +306,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect_masking(args) -> int:
+    from pipeline.show import draw_masked_sample
+    from stages.fourm.fourm_data import inspect_masking, is_sequence, text_tokenizer_of
+
     config = _config_from(args, {"data_root": args.data})
     means, first = inspect_masking(config.data_root, config, args.samples)
     if args.json:
@@ -311,12 +327,16 @@ def cmd_inspect_masking(args) -> int:
 
 
 def cmd_random_models(args) -> int:
+    from models.random_weights import save_random_models
+
     for name, path in save_random_models(args.out, args.size).items():
         print(f"{name:7} {path}")
     return 0
 
 
 def cmd_convert_omnidata(args) -> int:
+    from models.omnidata import convert_checkpoint as convert_omnidata_checkpoint
+
     report = convert_omnidata_checkpoint(args.checkpoint, args.out, args.task, trust_pickle=args.trust_pickle,
                                 verify=not args.no_verify)
     checked = ("not checked" if report["max_abs_diff"] is None
@@ -326,6 +346,8 @@ def cmd_convert_omnidata(args) -> int:
 
 
 def cmd_convert_4m(args) -> int:
+    from models.fourm import convert_checkpoint as convert_4m_checkpoint
+
     model = convert_4m_checkpoint(args.checkpoint, args.out)
     cfg = model.cfg
     print(f"4M ({cfg.encoder_depth}+{cfg.decoder_depth} blocks, width {cfg.dim}, "
@@ -335,10 +357,14 @@ def cmd_convert_4m(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
     return run_demo(_config_from(args, {"data_root": args.output}))
 
 
 def cmd_serve(args) -> int:
+    from pipeline.deployments import serve
+
     serve()
     return 0
 

@@ -7,8 +7,8 @@ import sys
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from stages.download.download import STAGE
 from stages.dataset.shards import DatasetLayout
+from stages.download.download import STAGE
 from tests.helpers import large_jpeg
 
 
@@ -110,3 +110,13 @@ def test_label_with_no_profile_uses_the_real_models_and_fails_at_once_without_th
     assert "label.models.depth = 'models/omnidata/depth': no such folder" in result.stderr
     assert "python -m pipeline convert-omnidata" in result.stderr
     assert not (tmp_path / "data" / "depth").exists() and not (tmp_path / "data/_status/label_depth").exists()
+
+
+def test_the_command_line_imports_only_the_stage_it_runs():
+    """Parsing the command line imports no stage, Prefect or hub library: each command imports its own stage."""
+    code = ("import sys; from pipeline.cli import build_parser; build_parser().parse_args(['status', '--data', '.']); "
+            "print(sorted(m for m in ('prefect', 'timm', 'open_clip', 'stages.fourm.pretrain', 'stages.label.label', "
+            "'stages.transfer.transfer', 'pipeline.demo', 'pipeline.flows') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
