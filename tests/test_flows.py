@@ -1,5 +1,4 @@
 """The Prefect side against a real (temporary) Prefect API server."""
-import contextlib
 import json
 import os
 import shutil
@@ -26,22 +25,21 @@ def allow(server) -> str:
 
 
 
-@contextlib.contextmanager
-def serving(prefect_api: str, ray_address: str, **env):
-    """`python -m pipeline serve` against the test's Prefect API, the deployments registered up front."""
+@pytest.fixture(scope="module")
+def served(prefect_api, ray_address):
+    """`python -m pipeline serve` against the test's Prefect API, the deployments registered up front; one server
+    for the module's deployment runs (it takes seconds to start)."""
     from pipeline.deployments import deployments
 
     for deployment in deployments():  # registered up front; `serve` upserts the same ones and polls for runs
         deployment.apply()
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address,
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": ray_address, "HF_HUB_OFFLINE": "1",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
+    yield
+    serve.terminate()
+    serve.wait(timeout=60)
 
 
 def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_address, server, tmp_path):
@@ -94,22 +92,21 @@ def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
     assert made["cc12m-pipeline/cc12m"]["input"] == "data/cc12m.tsv" and made["cc12m-pipeline/demo"]["input"] == "demo"
 
 
-def test_demo_deployment_runs_when_served(prefect_api, ray_address, server, tmp_path):
+def test_demo_deployment_runs_when_served(served, server, tmp_path):
     """`python -m pipeline serve` picks up `prefect deployment run download/demo`, as the README says."""
     from prefect.deployments import run_deployment
 
-    with serving(prefect_api, ray_address):
-        run = run_deployment("download/demo", timeout=300, poll_interval=1, parameters={
-            "input": str(url_list(server, tmp_path, n=3)), "output": str(tmp_path / "data"),
-            "overrides": [allow(server)]})
-        assert run.state.is_completed(), run.state
+    run = run_deployment("download/demo", timeout=300, poll_interval=1, parameters={
+        "input": str(url_list(server, tmp_path, n=3)), "output": str(tmp_path / "data"),
+        "overrides": [allow(server)]})
+    assert run.state.is_completed(), run.state
     committed = sorted(p.name for p in (tmp_path / "data/_status/download").glob("*.json"))
     assert committed == ["shard-000000.json"]
     assert len(list((tmp_path / "data/rgb").glob("shard-*.tar"))) == 1
 
 
 @pytest.fixture(scope="module")
-def labelled(prefect_api, ray_address, tiny_models, tmp_path_factory):
+def labelled(served, tiny_models, tmp_path_factory):
     """`prefect deployment run pseudo-label/demo` served, on two shards with one corrupt image: the run and its
     labelled dataset, which the next tests read (show) or copy (the tokenizer flows)."""
     from prefect.deployments import run_deployment
@@ -118,9 +115,8 @@ def labelled(prefect_api, ray_address, tiny_models, tmp_path_factory):
 
     data = tmp_path_factory.mktemp("labelled") / "data"
     make_labelled_input(data)
-    with serving(prefect_api, ray_address, HF_HUB_OFFLINE="1"):
-        run = run_deployment("pseudo-label/demo", timeout=400, poll_interval=1, parameters={
-            "data": str(data), "overrides": [f"label.models={tiny_models}"], "pictures": 2})
+    run = run_deployment("pseudo-label/demo", timeout=400, poll_interval=1, parameters={
+        "data": str(data), "overrides": [f"label.models={tiny_models}"], "pictures": 2})
     return run, data
 
 
@@ -284,7 +280,7 @@ def test_transfer_and_evaluate_flows_publish_scores_beside_their_references(pref
     assert Artifact.get("evaluate-pictures").data.count("data:image/png;base64,") == 1
 
 
-def test_generate_deployment_runs_when_served(prefect_api, ray_address, tmp_path):
+def test_generate_deployment_runs_when_served(served, tmp_path):
     """`prefect deployment run generate/demo`: a JSONL file of requests, every sample's files and a pictures
     artifact."""
     from prefect.artifacts import Artifact
@@ -299,11 +295,10 @@ def test_generate_deployment_runs_when_served(prefect_api, ray_address, tmp_path
          "targets": ["tok_clip", "tok_rgb"], "steps": 3, "cfg": 2.0, "samples": 2},
         {"name": "from-photo", "conditions": {"rgb": str(assets / "photo.jpg")}, "targets": ["caption", "tok_depth"],
          "steps": 3}]) + "\n")
-    with serving(prefect_api, ray_address):
-        run = run_deployment("generate/demo", timeout=300, poll_interval=1, parameters={
-            "requests": str(requests), "model": str(assets / "model"), "tokenizers": str(assets / "tokenizers"),
-            "out": str(tmp_path / "out")})
-        assert run.state.is_completed(), run.state
+    run = run_deployment("generate/demo", timeout=300, poll_interval=1, parameters={
+        "requests": str(requests), "model": str(assets / "model"), "tokenizers": str(assets / "tokenizers"),
+        "out": str(tmp_path / "out")})
+    assert run.state.is_completed(), run.state
     grids = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").glob("*/*/grid.png"))
     assert grids == ["from-caption/sample-0/grid.png", "from-caption/sample-1/grid.png",
                      "from-photo/sample-0/grid.png"]
