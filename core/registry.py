@@ -258,11 +258,10 @@ def _forget_domains() -> None:
 
 def domains() -> list[Domain]:
     global _domains_cache
-    if _domains_cache is None:
-        found = [d for m in modalities() for d in m.domains()]
-        with _lock:
-            _domains_cache = found
-    return list(_domains_cache)
+    with _lock:  # built and stored under the lock, so a concurrent `use` or `register` never leaves a stale list
+        if _domains_cache is None:
+            _domains_cache = [d for m in modalities() for d in m.domains()]
+        return list(_domains_cache)
 
 
 def domain(name: str) -> Domain:

@@ -33,6 +33,10 @@ def shard_files(root: Path, folders, pattern: str = "shard-*") -> dict[str, tupl
     return files
 
 
+FOLDERS_BEFORE_THE_STOP = ["rgb", "caption", "depth", "normal", "semseg", "det", "clip", "_status/download",
+                           "_status/label_clip"]
+
+
 @pytest.mark.timeout(1200)
 def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
     """The README's loop on real services: make up; the end-to-end flow killed while it trains a tokenizer;
@@ -91,10 +95,6 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
     after = subprocess.run([sys.executable, "-m", "pipeline", "services"], env=env, capture_output=True, text=True,
                            timeout=60)
     assert after.stdout.count("stopped") == 3
-
-
-FOLDERS_BEFORE_THE_STOP = ["rgb", "caption", "depth", "normal", "semseg", "det", "clip", "_status/download",
-                           "_status/label_clip"]
 
 
 def stop_the_pipeline_while_it_trains_a_tokenizer(data: Path, client: dict) -> dict:
