@@ -27,6 +27,7 @@ from torch import nn
 
 from core import registry
 from core.files import save_model_safetensors, write_json
+from models.published import read_checkpoint
 
 
 # --- the modalities: each domain's kind ("pixels": RGB patches, an input only; "tokens": a tokenizer's 14x14 ids;
@@ -453,34 +454,8 @@ UNSUPPORTED = {"qk_norm": False, "num_register_tokens": 0, "decoder_causal_mask"
 
 
 def read_reference_checkpoint(source: str | Path) -> tuple[dict, dict, str]:
-    """(settings, tensors, layout) from a folder with config.json + model.safetensors (the reference's Hugging
-    Face class), one .safetensors with the settings in its metadata, or a hub id (downloaded where a network is)."""
-    import yaml
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(source)
-    if not path.exists():
-        if str(source).count("/") != 1 or str(source).startswith((".", "/")):
-            raise CheckpointError(f"checkpoint {str(source)!r}: no such file or folder")
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(str(source), allow_patterns=["config.json", "*.safetensors"]))
-        except Exception as err:  # offline, unknown repository: say which and why
-            raise CheckpointError(f"checkpoint {str(source)!r}: not a local path, and the hub could not provide it "
-                                  f"({type(err).__name__}: {err})") from None
-    if path.is_dir():
-        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-            raise CheckpointError(f"{path}: expected config.json and model.safetensors (the reference's layout)")
-        settings = json.loads((path / "config.json").read_text())
-        return settings, load_file(path / "model.safetensors"), "folder"
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    if "domains_in" not in metadata:
-        raise CheckpointError(f"{path}: no 4M settings in the safetensors metadata (domains_in missing)")
-    settings = {k: yaml.safe_load(v.replace("None", "null")) for k, v in metadata.items()}
-    return settings, load_file(path), "file"
+    """(settings, tensors, where the settings came from): see models/published.py for the layouts read."""
+    return read_checkpoint(source, "domains_in", CheckpointError)
 
 
 def convert_reference(source: str | Path) -> tuple[FourMConfig, dict]:

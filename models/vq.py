@@ -1,0 +1,553 @@
+"""Tokenizers of the architecture apple/ml-4m published its 4M tokenizers in, with their state-dict layout.
+
+A tokenizer is a ViT encoder, a 1x1 projection to a small latent, a cosine-similarity EMA codebook, and a decoder:
+a ViT (VQ-VAE: semseg, CLIP features) or a patched UNet trained as a diffusion model (DiVAE: rgb, depth, normals).
+The settings are the reference constructor's own argument names (its `config.json` holds them), so a published
+folder loads here one tensor to one tensor, and a tokenizer saved here loads there.
+
+Shapes (B batch, tokens per side n = size / patch):
+    encoder input   float (B, C, H, W); semseg: long (B, H, W) class ids, embedded first; CLIP: (B, 512, n, n)
+    token ids       long (B, n, n)
+    decoder output  float (B, C, H, W); semseg: logits (B, labels, H, W)
+The position tables are built at the largest size the tokenizer was trained at (448 for the "224-448" ones) and
+resized bicubically to the input's grid, so 224 and 448 crops both work.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models.published import read_checkpoint
+
+# --- settings ----------------------------------------------------------------------------------------------
+
+# Named architectures, as the settings name them: the reference's presets, plus tiny ones for tests and the demo.
+VIT_PRESETS = {  # width, depth, heads (MLP ratio 4, qkv bias, LayerNorm eps 1e-6)
+    "vit_tiny": (32, 2, 2),
+    "vit_s": (512, 8, 8),
+    "vit_b": (768, 12, 12),
+    "vit_l": (1024, 24, 16),
+}
+UNET_PRESETS = {  # the OpenAI UNet over 4x4-pixel patches with the codes concatenated (UNet widths: GroupNorm32)
+    "unet_patched": dict(patch_size=4, channels=256, res_blocks=3, attention_at=(4, 8), mults=(1, 2, 2, 2)),
+    "unet_patched_tiny": dict(patch_size=4, channels=32, res_blocks=1, attention_at=(2,), mults=(1, 1)),
+}
+
+
+@dataclass
+class VQConfig:
+    """The reference's constructor arguments (`VQ`, `VQVAE`, `DiVAE`), with its defaults."""
+    dec_type: str                       # "vit_*_dec" (VQ-VAE) or "unet_patched*" (DiVAE)
+    image_size: int = 224               # the largest size trained at: position tables are built for it
+    image_size_enc: int | None = None
+    image_size_dec: int | None = None
+    n_channels: int = 3                 # input channels; semseg: the width of the class embedding
+    n_labels: int | None = None         # semseg's classes (134: COCO's 133 and unlabelled)
+    enc_type: str = "vit_b_enc"
+    patch_proj: bool = True             # False for feature maps: one token per input vector (1x1 projection)
+    post_mlp: bool = False              # a tanh MLP after the encoder's (and before the decoder's output) blocks
+    patch_size: int = 16
+    patch_size_dec: int | None = None
+    out_conv: bool = False
+    quant_type: str = "lucid"
+    codebook_size: int = 16384
+    num_codebooks: int = 1
+    latent_dim: int = 32
+    norm_codes: bool = True             # cosine similarity to the codes
+    norm_latents: bool = False
+    sync_codebook: bool = True
+    ema_decay: float = 0.99
+    threshold_ema_dead_code: float = 0.25
+    code_replacement_policy: str = "batch_random"
+    commitment_weight: float = 1.0
+    kmeans_init: bool = False
+    undo_std: bool = False
+    freeze_enc: bool = False
+    # DiVAE's diffusion settings (its defaults; the published tokenizers' configs set sample / linear)
+    num_train_timesteps: int = 1000
+    scheduler: str = "ddpm"
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "v_prediction"
+    clip_sample: bool = False
+    thresholding: bool = True
+    conditioning: str = "concat"
+    zero_terminal_snr: bool = True
+    cls_free_guidance_dropout: float = 0.0
+    masked_cfg: bool = False
+    masked_cfg_low: int = 0
+    masked_cfg_high: int | None = None
+    dec_transformer_dropout: float = 0.2
+    # Where the reference's training started from: recorded, not used to load
+    ckpt_path: str | None = None
+    ignore_keys: list = field(default_factory=list)
+
+    @property
+    def diffusion(self) -> bool:
+        return self.dec_type.startswith("unet")
+
+    @classmethod
+    def from_dict(cls, settings: dict, source: str) -> VQConfig:
+        """Settings as a published `config.json` holds them; unknown or unsupported ones refused by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown tokenizer settings {unknown} (known: {', '.join(sorted(known))})")
+        if "dec_type" not in settings:
+            raise ValueError(f"{source}: no 'dec_type' (a 'vit_*_dec' or 'unet_patched' decoder)")
+        config = cls(**settings)
+        config.check(source)
+        return config
+
+    def check(self, source: str) -> None:
+        def refuse(name, supported):
+            raise ValueError(f"{source}: {name}={getattr(self, name)!r} is not supported (supported: {supported})")
+
+        if _preset(self.enc_type, "_enc") not in VIT_PRESETS:
+            refuse("enc_type", ", ".join(f"{p}_enc" for p in VIT_PRESETS))
+        if not self.diffusion and _preset(self.dec_type, "_dec") not in VIT_PRESETS:
+            refuse("dec_type", ", ".join([*(f"{p}_dec" for p in VIT_PRESETS), *UNET_PRESETS]))
+        if self.diffusion and self.dec_type not in UNET_PRESETS:
+            refuse("dec_type", ", ".join([*(f"{p}_dec" for p in VIT_PRESETS), *UNET_PRESETS]))
+        for name, supported in (("quant_type", "lucid"), ("num_codebooks", 1), ("norm_codes", True),
+                                ("undo_std", False), ("out_conv", False), ("conditioning", "concat"),
+                                ("code_replacement_policy", "batch_random")):
+            if getattr(self, name) != supported:
+                refuse(name, repr(supported))
+        if self.diffusion and self.beta_schedule != "linear":
+            refuse("beta_schedule", "'linear'")
+        if self.diffusion and self.scheduler not in ("ddpm", "ddim"):
+            refuse("scheduler", "'ddpm', 'ddim'")
+
+
+def _preset(name: str, suffix: str) -> str:
+    return name.removesuffix(suffix)
+
+
+# --- ViT encoder and decoder --------------------------------------------------------------------------------
+
+
+def sincos_table(side: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """The fixed 2-D sine-cosine position table (MoCo v3), (1, dim, side, side): the first half of the channels
+    encodes the row, the second the column (the reference's layout, so stored tables compare equal)."""
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    rows = torch.arange(side, dtype=torch.float32)[:, None].expand(side, side).reshape(-1)
+    cols = torch.arange(side, dtype=torch.float32)[None, :].expand(side, side).reshape(-1)
+    r, c = rows[:, None] * omega, cols[:, None] * omega
+    table = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)  # (side*side, dim)
+    return table.t().reshape(1, dim, side, side)
+
+
+def _blocks(width: int, depth: int, heads: int) -> nn.Sequential:
+    from timm.models.vision_transformer import Block  # the reference's block, same parameter names, fused attention
+
+    norm = partial(nn.LayerNorm, eps=1e-6)
+    return nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+
+
+class _PostMLP:
+    """x + MLP(LayerNorm(x)), a tanh MLP (ViT-VQGAN), in float32 (the reference keeps it out of autocast); its
+    layers sit on the encoder or decoder itself as `norm_mlp` and `post_mlp`, the published names."""
+
+    def add_post_mlp(self, width: int) -> None:
+        from timm.layers import Mlp
+
+        self.norm_mlp = nn.LayerNorm(width, eps=1e-6)
+        self.post_mlp = Mlp(width, 4 * width, act_layer=nn.Tanh)
+
+    def apply_post_mlp(self, x):
+        if not hasattr(self, "post_mlp"):
+            return x
+        with torch.autocast(x.device.type, enabled=False):
+            return x.float() + self.post_mlp(self.norm_mlp(x.float()))
+
+
+class ViTEncoder(nn.Module, _PostMLP):
+    """(B, C, H, W) -> (B, width, n, n)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        width, depth, heads = VIT_PRESETS[_preset(cfg.enc_type, "_enc")]
+        kernel = cfg.patch_size if cfg.patch_proj else 1
+        self.patch_size, self.patch_proj, self.width = cfg.patch_size, cfg.patch_proj, width
+        self.proj = nn.Conv2d(cfg.n_channels, width, kernel, kernel)
+        side = (cfg.image_size_enc or cfg.image_size) // cfg.patch_size
+        self.pos_emb = nn.Parameter(sincos_table(side, width), requires_grad=False)
+        self.blocks = _blocks(width, depth, heads)
+        if cfg.post_mlp:
+            self.add_post_mlp(width)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        grid = (h // self.patch_size, w // self.patch_size) if self.patch_proj else (h, w)
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        tokens = tokens + _resized(self.pos_emb, grid)
+        tokens = self.blocks(tokens)
+        tokens = self.apply_post_mlp(tokens)
+        return tokens.transpose(1, 2).reshape(len(x), self.width, *grid)
+
+
+class ViTDecoder(nn.Module, _PostMLP):
+    """(B, width, n, n) -> (B, C, n*patch, n*patch), or (B, C, n, n) for feature maps (no patch projection)."""
+
+    def __init__(self, cfg: VQConfig, out_channels: int):
+        super().__init__()
+        width, depth, heads = VIT_PRESETS[_preset(cfg.dec_type, "_dec")]
+        self.patch = (cfg.patch_size_dec or cfg.patch_size) if cfg.patch_proj else 1
+        self.out_channels, self.width = out_channels, width
+        side = (cfg.image_size_dec or cfg.image_size) // (cfg.patch_size_dec or cfg.patch_size)
+        self.pos_emb = nn.Parameter(sincos_table(side, width), requires_grad=False)
+        self.blocks = _blocks(width, depth, heads)
+        if cfg.post_mlp:
+            self.add_post_mlp(width)
+        self.out_proj = nn.Linear(width, out_channels * self.patch ** 2)
+
+    def forward(self, x):
+        b, _, nh, nw = x.shape
+        tokens = x.flatten(2).transpose(1, 2) + _resized(self.pos_emb, (nh, nw))
+        tokens = self.blocks(tokens)
+        tokens = self.apply_post_mlp(tokens)
+        p = self.patch
+        out = self.out_proj(tokens).reshape(b, nh, nw, self.out_channels, p, p)
+        return out.permute(0, 3, 1, 4, 2, 5).reshape(b, self.out_channels, nh * p, nw * p)
+
+
+def _resized(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The position table resized to the grid (bicubic, as the reference), as (1, n*n, width)."""
+    table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)
+    return table.flatten(2).transpose(1, 2)
+
+
+# --- the codebook -------------------------------------------------------------------------------------------
+
+
+class CosineCodebook(nn.Module):
+    """Codes compared by cosine similarity, moved by an EMA of the unit latents assigned to them; codes whose EMA
+    count falls below `threshold` are replaced by latents of the batch. The code looked up is the stored row."""
+
+    def __init__(self, size: int, dim: int, decay: float, threshold: float):
+        super().__init__()
+        self.size, self.decay, self.threshold = size, decay, threshold
+        codes = torch.empty(size, dim)
+        nn.init.kaiming_uniform_(codes)
+        self.register_buffer("initted", torch.ones(1))
+        self.register_buffer("cluster_size", torch.zeros(size))
+        self.register_buffer("embed", F.normalize(codes, dim=-1))
+
+    def nearest(self, latents: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(latents.float(), dim=-1) @ F.normalize(self.embed, dim=-1).t()).argmax(-1)
+
+    @torch.no_grad()
+    def update(self, latents: torch.Tensor, ids: torch.Tensor) -> None:
+        """One EMA step from a batch's latents (N, dim) and their codes, summed over data-parallel workers."""
+        unit = F.normalize(latents.float(), dim=-1)
+        counts = torch.bincount(ids, minlength=self.size).float()
+        sums = torch.zeros_like(self.embed).index_add_(0, ids, unit)
+        if _distributed():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        used = counts > 0
+        means = F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
+        self.embed[used] = self.embed[used] * self.decay + means[used] * (1 - self.decay)
+        dead = self.cluster_size < self.threshold
+        if dead.any():
+            n, k = len(unit), int(dead.sum())
+            picks = torch.randperm(n, device=unit.device)[:k] if n >= k else torch.randint(n, (k,), device=unit.device)
+            fresh = unit[picks]
+            if _distributed():
+                dist.broadcast(fresh, src=0)  # every replica restarts the same codes
+            self.embed[dead] = fresh
+
+
+class Quantizer(nn.Module):
+    """(B, dim, n, n) latents -> (straight-through codes (B, dim, n, n), commitment loss, ids (B, n, n))."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.commitment_weight = cfg.commitment_weight
+        # "_codebook": the name the published state dicts use (quantize._codebook.embed)
+        self._codebook = CosineCodebook(cfg.codebook_size, cfg.latent_dim, cfg.ema_decay,
+                                        cfg.threshold_ema_dead_code)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self._codebook.embed
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.codebook).permute(0, 3, 1, 2)
+
+    def forward(self, latents: torch.Tensor):
+        b, d, nh, nw = latents.shape
+        flat = latents.permute(0, 2, 3, 1).reshape(b, nh * nw, d)
+        ids = self._codebook.nearest(flat)
+        codes = F.embedding(ids, self.codebook)
+        loss = torch.zeros((), device=latents.device)
+        if self.training:
+            self._codebook.update(flat.detach().reshape(-1, d), ids.reshape(-1))
+            loss = self.commitment_weight * F.mse_loss(codes.detach(), flat.float())
+            codes = flat + (codes - flat).detach()
+        codes = codes.reshape(b, nh, nw, d).permute(0, 3, 1, 2)
+        return codes, loss, ids.reshape(b, nh, nw)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# --- the diffusion decoder: a patched UNet ----------------------------------------------------------------
+
+
+class GroupNorm32(nn.GroupNorm):
+    """32 groups, computed in float32 (the UNet's normalisation)."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, out: int, emb: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, out))
+        self.out_layers = nn.Sequential(GroupNorm32(out), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out, out, 3, padding=1))
+        self.skip_connection = nn.Identity() if out == channels else nn.Conv2d(channels, out, 1)
+        nn.init.zeros_(self.out_layers[-1].weight)  # each block starts as the identity
+        nn.init.zeros_(self.out_layers[-1].bias)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb).type(x.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over positions, one head, q/k/v split per head first (the OpenAI UNet's "legacy" order)."""
+
+    def __init__(self, channels: int, heads: int = 1):
+        super().__init__()
+        self.heads = heads
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        flat = x.reshape(b, c, h * w)
+        q, k, v = self.qkv(self.norm(flat)).reshape(b * self.heads, 3 * c // self.heads, h * w).chunk(3, dim=1)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return (flat + self.proj_out(a.transpose(1, 2).reshape(b, c, h * w))).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class EmbedSequential(nn.Sequential):
+    """Layers in order; the residual blocks also get the timestep embedding."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class PatchedUNet(nn.Module):
+    """The diffusion decoder: x_t patched to (C*p*p, H/p, W/p), the codes resized (nearest) to that grid and
+    concatenated, a UNet with skip connections, unpatched back. Predicts what `prediction_type` says (x0)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        preset = UNET_PRESETS[cfg.dec_type]
+        p, base, mults = preset["patch_size"], preset["channels"], preset["mults"]
+        self.patch, self.base = p, base
+        emb, first = 4 * base, mults[0] * base
+        self.time_embed = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.n_channels * p * p + cfg.latent_dim,
+                                                                     first, 3, padding=1))])
+        skips, ch, scale = [first], first, 1
+        for level, mult in enumerate(mults):
+            for _ in range(preset["res_blocks"]):
+                layers = [ResBlock(ch, mult * base, emb)]
+                ch = mult * base
+                if scale in preset["attention_at"]:
+                    layers.append(AttentionBlock(ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skips.append(ch)
+            if level < len(mults) - 1:
+                self.input_blocks.append(EmbedSequential(Downsample(ch)))
+                skips.append(ch)
+                scale *= 2
+        self.middle_block = EmbedSequential(ResBlock(ch, ch, emb), AttentionBlock(ch), ResBlock(ch, ch, emb))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(mults))):
+            for i in range(preset["res_blocks"] + 1):
+                layers = [ResBlock(ch + skips.pop(), mult * base, emb)]
+                ch = mult * base
+                if scale in preset["attention_at"]:
+                    layers.append(AttentionBlock(ch))
+                if level and i == preset["res_blocks"]:
+                    layers.append(Upsample(ch))
+                    scale //= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(first, cfg.n_channels * p * p, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x_t, t, codes):
+        x = F.pixel_unshuffle(x_t, self.patch)  # channels in (c, row, col) order, as the reference's patches
+        x = torch.cat([x, F.interpolate(codes.type(x.dtype), size=x.shape[-2:], mode="nearest")], dim=1)
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        emb = self.time_embed(timestep_embedding(t, self.base)).type(x.dtype)
+        skips = []
+        for block in self.input_blocks:
+            x = block(x, emb)
+            skips.append(x)
+        x = self.middle_block(x, emb)
+        for block in self.output_blocks:
+            x = block(torch.cat([x, skips.pop()], dim=1), emb)
+        return F.pixel_shuffle(self.out(x), self.patch)
+
+
+def diffusion_scheduler(cfg: VQConfig, kind: str | None = None):
+    """diffusers' scheduler with the tokenizer's settings: DDIM with trailing timesteps (its first step starts
+    from pure noise; deterministic), or DDPM with the reference's leading spacing (its default decoder)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kind = kind or cfg.scheduler
+    common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                  prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample, thresholding=cfg.thresholding,
+                  sample_max_value=1.0, rescale_betas_zero_snr=cfg.zero_terminal_snr)
+    if kind == "ddim":
+        return DDIMScheduler(**common, timestep_spacing="trailing")
+    if kind == "ddpm":
+        return DDPMScheduler(**common, timestep_spacing="leading")
+    raise ValueError(f"scheduler {kind!r}: expected 'ddim' or 'ddpm'")
+
+
+# --- the tokenizer -------------------------------------------------------------------------------------------
+
+
+class VQTokenizer(nn.Module):
+    """Encoder, quantizer and decoder under the published names: `cls_emb`, `encoder`, `quant_proj`, `quantize`,
+    and `post_quant_proj` + a ViT `decoder`, or a UNet `decoder` conditioned on the codes themselves."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        cfg.check("tokenizer settings")
+        self.cfg = cfg
+        self.cls_emb = nn.Embedding(cfg.n_labels, cfg.n_channels) if cfg.n_labels else None
+        self.encoder = ViTEncoder(cfg)
+        self.quant_proj = nn.Conv2d(self.encoder.width, cfg.latent_dim, 1)
+        self.quantize = Quantizer(cfg)
+        if cfg.diffusion:
+            self.decoder = PatchedUNet(cfg)
+        else:
+            self.decoder = ViTDecoder(cfg, cfg.n_labels or cfg.n_channels)
+            self.post_quant_proj = nn.Conv2d(cfg.latent_dim, self.decoder.width, 1)
+
+    def encode(self, x: torch.Tensor):
+        """Inputs -> (codes (B, latent, n, n), commitment loss, ids (B, n, n))."""
+        if self.cls_emb is not None:
+            x = self.cls_emb(x).permute(0, 3, 1, 2)
+        return self.quantize(self.quant_proj(self.encoder(x)))
+
+    @torch.no_grad()
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)[2]
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The ViT decoder's output from codes (B, latent, n, n)."""
+        return self.decoder(self.post_quant_proj(codes))
+
+    @torch.no_grad()
+    def decode_tokens(self, ids: torch.Tensor, steps: int | None = None, scheduler: str = "ddim",
+                      generator: torch.Generator | None = None, image_size: int | None = None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, n, n) -> the decoded input. Diffusion decoders sample `steps` steps (DDIM by default,
+        deterministic given the starting noise; "ddpm" is the reference's own default) from `noise`, or from
+        Gaussian noise drawn on the CPU from `generator` as the reference's pipeline draws it."""
+        codes = self.quantize.lookup(ids)
+        if not self.cfg.diffusion:
+            return self.decode_codes(codes)
+        sampler = diffusion_scheduler(self.cfg, scheduler)
+        sampler.set_timesteps(steps or self.cfg.num_train_timesteps)
+        size = image_size or ids.shape[-1] * self.cfg.patch_size
+        if noise is None:
+            noise = torch.randn(len(ids), self.cfg.n_channels, size, size, generator=generator)
+        x = noise.to(codes.device)
+        for t in sampler.timesteps:
+            prediction = self.decoder(x, t, codes).float()
+            x = sampler.step(prediction, t, x, generator=generator).prev_sample
+        return x
+
+
+# --- loading and saving ------------------------------------------------------------------------------------
+
+
+def state_dict_problems(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `tensors` from loading into `model` one to one: missing, unknown and mis-shaped names."""
+    expected = model.state_dict()
+    problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in expected.items() if k not in tensors]
+    problems += [f"unknown tensor {k} {tuple(v.shape)}" for k, v in tensors.items() if k not in expected]
+    problems += [f"tensor {k} has shape {tuple(v.shape)}, the settings make {tuple(expected[k].shape)}"
+                 + (" (codebook_size?)" if k.endswith(("_codebook.embed", "cluster_size")) else "")
+                 for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    return problems
+
+
+def read_published(source: str | Path) -> tuple[VQConfig, dict[str, torch.Tensor]]:
+    """A published tokenizer's settings and tensors (float ones as float32); see models/published.py."""
+    settings, tensors, where = read_checkpoint(source, "dec_type", ValueError)
+    config = VQConfig.from_dict(settings, where)
+    return config, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def load_published(source: str | Path, device: str | torch.device = "cpu") -> VQTokenizer:
+    config, tensors = read_published(source)
+    model = VQTokenizer(config)
+    problems = state_dict_problems(model, tensors)
+    if problems:
+        raise ValueError(f"{source}: its tensors do not fit its settings:\n  " + "\n  ".join(problems))
+    model.load_state_dict(tensors)
+    return model.to(device).eval()
+
+
+def save_vq(model: VQTokenizer, folder: str | Path) -> None:
+    """The published layout: `config.json` (the constructor's arguments) and `model.safetensors`."""
+    from core.files import save_safetensors, write_json
+
+    folder = Path(folder)
+    write_json(folder / "config.json", asdict(model.cfg))
+    save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")

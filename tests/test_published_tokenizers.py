@@ -1,0 +1,154 @@
+"""The tokenizer architecture against apple/ml-4m's own classes: tiny tokenizers built and run by the reference
+(tests/fixtures/reference/make_tokenizer_outputs.py), saved in its published layout, must load here tensor for
+tensor and tokenize and decode as the reference did."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.vq import VQConfig, VQTokenizer, load_published, save_vq, sincos_table
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reference"
+sys.path.insert(0, str(FIXTURES))
+from tokenizer_inputs import SIZES, tokenizer_input, unet_input
+
+NAMES = ("rgb", "depth", "semseg", "clip")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Each fixture tokenizer loaded from its published folder, with the reference's outputs."""
+    return {name: (load_published(FIXTURES / "tokenizers" / name),
+                   load_file(FIXTURES / "tokenizers" / name / "outputs.safetensors")) for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("size", SIZES)
+def test_the_same_token_ids_as_the_reference_at_224_and_448(reference, name, size):
+    model, outputs = reference[name]
+    ids = model.tokenize(tokenizer_input(name, size))
+    assert ids.shape == outputs[f"ids_{size}"].shape
+    assert torch.equal(ids, outputs[f"ids_{size}"])
+
+
+def test_normal_maps_tokenize_through_the_three_channel_architecture_as_rgb_does(reference):
+    """Normals' published tokenizer is rgb's architecture (3 channels); only their preprocessing differs."""
+    model, outputs = reference["rgb"]
+    assert model.cfg.n_channels == 3 and model.cfg.diffusion
+    assert torch.equal(model.tokenize(tokenizer_input("rgb", 224)), outputs["ids_224"])
+
+
+def test_the_position_tables_are_the_fixed_sin_cos_ones_at_the_largest_size(reference):
+    model, _ = reference["rgb"]
+    assert model.encoder.pos_emb.shape == (1, 32, 28, 28)  # built at 448 for patch 16
+    assert torch.equal(model.encoder.pos_emb, sincos_table(28, 32))
+    assert not model.encoder.pos_emb.requires_grad
+
+
+@pytest.mark.parametrize("name", ["semseg", "clip"])
+def test_the_vit_decoders_decode_as_the_reference(reference, name):
+    model, outputs = reference[name]
+    decoded = model.decode_tokens(outputs["ids_64"])
+    if name == "semseg":
+        assert decoded.shape == (2, 134, 64, 64)  # logits of the 134 labels (0 = unlabelled)
+        decoded = decoded[:, :, ::8, ::8]
+    torch.testing.assert_close(decoded, outputs["decoded"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["rgb", "depth"])
+def test_the_unet_forward_and_whole_decodes_equal_the_reference(reference, name):
+    model, outputs = reference[name]
+    ids = outputs["ids_64"]
+    x_t, t = unet_input(model.cfg.n_channels)
+    with torch.no_grad():
+        prediction = model.decoder(x_t, t, model.quantize.lookup(ids))
+    torch.testing.assert_close(prediction, outputs["unet_out"], atol=1e-4, rtol=0)
+    ddim = model.decode_tokens(ids, steps=5, scheduler="ddim", generator=torch.Generator().manual_seed(6),
+                               image_size=64)
+    torch.testing.assert_close(ddim, outputs["ddim5"], atol=1e-4, rtol=0)
+    ddpm = model.decode_tokens(ids, steps=10, scheduler="ddpm", generator=torch.Generator().manual_seed(7),
+                               image_size=64)
+    torch.testing.assert_close(ddpm, outputs["ddpm10"], atol=1e-4, rtol=0)
+    # deterministic from the same noise; a different start gives a different image
+    again = model.decode_tokens(ids, steps=5, generator=torch.Generator().manual_seed(6), image_size=64)
+    other = model.decode_tokens(ids, steps=5, generator=torch.Generator().manual_seed(8), image_size=64)
+    assert torch.equal(ddim, again) and not torch.allclose(ddim, other)
+
+
+def _copy(name: str, tmp_path: Path) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / "tokenizers" / name, folder)
+    return folder
+
+
+def test_a_single_safetensors_file_with_its_settings_in_metadata_loads(tmp_path, reference):
+    folder = FIXTURES / "tokenizers" / "clip"
+    settings = json.loads((folder / "config.json").read_text())
+    single = tmp_path / "clip.safetensors"
+    save_file(load_file(folder / "model.safetensors"), single, metadata={k: json.dumps(v) for k, v in settings.items()})
+    _, outputs = reference["clip"]
+    assert torch.equal(load_published(single).tokenize(tokenizer_input("clip", 224)), outputs["ids_224"])
+
+
+def test_a_missing_tensor_is_refused_by_name(tmp_path):
+    folder = _copy("semseg", tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["encoder.blocks.1.attn.qkv.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor encoder\.blocks\.1\.attn\.qkv\.weight"):
+        load_published(folder)
+
+
+def test_a_wrong_codebook_size_is_refused_by_name(tmp_path):
+    folder = _copy("clip", tmp_path)
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "codebook_size": 128}))
+    with pytest.raises(ValueError, match=r"quantize\._codebook\.embed has shape \(64, 32\), the settings make "
+                                         r"\(128, 32\) \(codebook_size\?\)"):
+        load_published(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"learning_rate": 0.1}, r"unknown tokenizer settings \['learning_rate'\]"),
+    ({"quant_type": "memcodes"}, r"quant_type='memcodes' is not supported"),
+    ({"dec_type": "uvit_b"}, r"dec_type='uvit_b' is not supported"),
+    ({"beta_schedule": "squaredcos_cap_v2"}, r"beta_schedule='squaredcos_cap_v2' is not supported"),
+])
+def test_unknown_and_unsupported_settings_are_refused_by_name(tmp_path, change, message):
+    folder = _copy("rgb", tmp_path)
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, **change}))
+    with pytest.raises(ValueError, match=message) as refused:
+        load_published(folder)
+    assert str(folder / "config.json") in str(refused.value)  # where the bad value came from
+
+
+def test_a_saved_tokenizer_is_in_the_published_layout_and_loads_back(tmp_path, reference):
+    model, outputs = reference["depth"]
+    save_vq(model, tmp_path / "depth")
+    assert sorted(p.name for p in (tmp_path / "depth").iterdir()) == ["config.json", "model.safetensors"]
+    assert set(load_file(tmp_path / "depth" / "model.safetensors")) == set(model.state_dict())
+    again = load_published(tmp_path / "depth")
+    assert torch.equal(again.tokenize(tokenizer_input("depth", 224)), outputs["ids_224"])
+
+
+def test_the_codebook_moves_toward_its_latents_and_restarts_dead_codes():
+    cfg = VQConfig(dec_type="vit_tiny_dec", enc_type="vit_tiny_enc", image_size=32, n_channels=3, codebook_size=8,
+                   threshold_ema_dead_code=0.5, ema_decay=0.5)
+    model = VQTokenizer(cfg).train()
+    before = model.quantize.codebook.clone()
+    latents = torch.randn(2, 32, 2, 2)
+    codes, loss, ids = model.quantize(latents)
+    assert codes.shape == latents.shape and ids.shape == (2, 2, 2) and float(loss) > 0
+    moved = model.quantize.codebook
+    used = torch.zeros(8, dtype=torch.bool)
+    used[ids.flatten()] = True
+    unit = torch.nn.functional.normalize(latents.permute(0, 2, 3, 1).reshape(-1, 32), dim=-1)
+    # unused codes' counts decay below the threshold: each is restarted on one of the batch's unit latents
+    for code in torch.nonzero(~used).flatten():
+        assert torch.isclose(unit @ moved[code], torch.tensor(1.0), atol=1e-5).any()
+    assert not torch.equal(before[used], moved[used])
