@@ -7,7 +7,12 @@ in the paper; `tiny` for a quick run), then times what one tokenize worker does 
 on the same number of crops. stage/encoder near 1 means the encoder bounds the stage. On a GPU, nvidia-smi
 is sampled for the busy fraction.
 
-Run: python bench/bench_tokenize.py [--size paper] [--images 64] [--crops 4] [--device auto]
+`--architecture reference` does the same for tokenizers of the reference's architecture at the published
+tokenizers' settings (models/vq.py, as `convert-tokenizer` installs them; random weights, `--size` ignored), and
+also times decoding `--decode-samples` samples (diffusion decoders: 25 DDIM steps).
+
+Run: python bench/bench_tokenize.py [--size paper] [--architecture ours|reference] [--images 64] [--crops 4]
+                                    [--device auto]
 """
 from __future__ import annotations
 
@@ -67,12 +72,17 @@ def make_label_shards(root: Path, shards: list[str]) -> None:
 def main() -> int:
     import torch
 
+    from core import registry
+    from models.vq import VQConfig, VQTokenizer, save_vq
     from models.vqvae import VQVAE, save_tokenizer
+    from stages.tokenizers import dataset_tokenizers as tokenizers
     from stages.tokenizers.tokenize import tokenize_shard
     from stages.tokenizers.train_tokenizer import model_config, tokenizer_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="paper", choices=["paper", "tiny"])
+    parser.add_argument("--architecture", default="ours", choices=["ours", "reference"])
+    parser.add_argument("--decode-samples", type=int, default=2)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--crops", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -90,10 +100,12 @@ def main() -> int:
                                device=str(device))
     layout, results = DatasetLayout(root), {}
     for modality in MODALITIES:
-        mcfg = model_config(cfg, modality, layout)
-        model = VQVAE(mcfg).to(device).eval()
-        save_tokenizer(model.cpu(), tokenizer_dir(root, modality))
-        model.to(device)
+        folder = tokenizer_dir(root, modality)
+        if args.architecture == "reference":
+            save_vq(VQTokenizer(VQConfig(**registry.get(modality).reference_tokenizer)), folder)
+        else:
+            save_tokenizer(VQVAE(model_config(cfg, modality, layout)), folder)
+        model = tokenizers.load_folder(folder, modality, device)
         tokenize_shard(layout, shards[0], modality, model, cfg, device)  # warm-up: allocator, kernels
         with GpuSampler() as gpu:
             started = time.perf_counter()
@@ -101,25 +113,33 @@ def main() -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             stage_seconds = time.perf_counter() - started
-        shape = (args.batch_size, 512, 14, 14) if modality == "clip" else (args.batch_size, mcfg.in_channels, 224, 224)
+        channels = registry.get(modality).channels
+        shape = (args.batch_size, 512, 14, 14) if modality == "clip" else (args.batch_size, channels, 224, 224)
         batch = (torch.randint(0, 133, (args.batch_size, 224, 224)) if modality == "semseg"
                  else torch.rand(shape) * 2 - 1).to(device)
         crops, started = samples * args.crops, time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             for _ in range(0, crops, args.batch_size):
-                model.tokenize(batch)
+                ids = model.encode(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         encoder_seconds = (time.perf_counter() - started) * crops / (-(-crops // args.batch_size) * args.batch_size)
+        started = time.perf_counter()
+        model.decode(ids[:args.decode_samples], seeds=list(range(args.decode_samples)))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         results[modality] = {"samples_per_s": round(samples / stage_seconds, 2),
                              "encoder_samples_per_s": round(samples / encoder_seconds, 2),
                              "stage_over_encoder": round(encoder_seconds / stage_seconds, 2),
+                             "decode_samples_per_s": round(args.decode_samples / (time.perf_counter() - started), 3),
                              "gpu_busy": gpu.busy}
         print(f"{modality:7} stage {results[modality]['samples_per_s']:8.2f} samples/s "
               f"({args.crops} crops each), encoder alone {results[modality]['encoder_samples_per_s']:8.2f}; "
-              f"stage/encoder {results[modality]['stage_over_encoder']:.2f}"
+              f"stage/encoder {results[modality]['stage_over_encoder']:.2f}; decode "
+              f"{results[modality]['decode_samples_per_s']:.3f} samples/s"
               + (f", GPU busy {gpu.busy:.0%}" if gpu.busy is not None else ""), flush=True)
-    print(json.dumps({"device": str(device), "size": args.size, "images": args.images, "crops": args.crops,
+    print(json.dumps({"device": str(device), "size": args.size, "architecture": args.architecture,
+                      "images": args.images, "crops": args.crops,
                       "results": results}, indent=1))
     return 0
 

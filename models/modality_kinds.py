@@ -40,6 +40,9 @@ class DenseModality(Modality):
     baseline_name = "mean map"    # what a tokenizer that learned nothing would score: each sample's mean
     channels_from_data = False    # the tokenizer's in_channels read off the stored maps (feature maps)
     condition_from_image = True   # generation may take it as an image file
+    standardised = False          # tokenizers in the reference's architecture read it standardised per crop (depth)
+    published_tokenizer = ""      # the hub id of apple/ml-4m's published tokenizer for it, if there is one
+    reference_tokenizer: dict | None = None  # that tokenizer's settings (models/vq.py's VQConfig), if known
 
     # -- storage --------------------------------------------------------------------------------------------------
     def encode(self, label: np.ndarray) -> bytes:
@@ -88,6 +91,33 @@ class DenseModality(Modality):
             if self.flip_negates_x:
                 x[0] = 1 - x[0]  # mirrored surfaces face the other way along x
         return x.clamp_(0, 1).mul_(2).sub_(1)
+
+    # -- tokenizers of the reference's architecture (models/vq.py) ------------------------------------------------
+    def reference_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Our tokenizer input (B, C, H, W) in [-1, 1] -> what the reference's tokenizer reads: the same, or (depth)
+        the relative depth in [0, 1] standardised per crop without its top and bottom 10% (`DepthTransform`)."""
+        if not self.standardised:
+            return x
+        flat = ((x.float() + 1) / 2).flatten(1)
+        kept = flat.sort(dim=1).values[:, int(0.1 * flat.shape[1]):int(0.9 * flat.shape[1])]
+        mean, var = kept.mean(1, keepdim=True), kept.var(1, keepdim=True)
+        return ((flat - mean) / torch.sqrt(var + 1e-6)).reshape(x.shape)
+
+    def reference_tokenizer_problems(self, cfg) -> list[str]:
+        """Why a tokenizer in the reference's architecture (its settings `cfg`) cannot be this modality's."""
+        if cfg.n_labels or cfg.n_channels != self.channels or not cfg.patch_proj:
+            return [f"{self.name} is {self.channels}-channel images: the tokenizer reads n_channels={cfg.n_channels}"
+                    f", n_labels={cfg.n_labels}, patch_proj={cfg.patch_proj}"]
+        return []
+
+    def from_reference_output(self, y: torch.Tensor) -> torch.Tensor:
+        """The reference tokenizer's decoded output -> our form (standardised depth: each map stretched to [-1, 1],
+        as relative depth has no scale of its own)."""
+        if not self.standardised:
+            return y
+        flat = y.float().flatten(1)
+        low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+        return ((flat - low) / (high - low).clamp(min=1e-6) * 2 - 1).reshape(y.shape)
 
     # -- pictures -----------------------------------------------------------------------------------------------
     def tensor_picture(self, x: torch.Tensor) -> np.ndarray:
@@ -177,6 +207,21 @@ class ClassMapModality(DenseModality):
         out = F.interpolate(region[None, None].float(), size=(RESOLUTION, RESOLUTION), mode="nearest")[0, 0].long()
         return out.flip(-1) if int(crop[4]) else out
 
+    def reference_input(self, x):
+        """Ids shifted by one, as the reference's `SemsegTransform(shift_idx_by_one=True)` (uint8: 255 -> 0)."""
+        return (x + 1) % 256
+
+    def reference_tokenizer_problems(self, cfg):
+        labels = len(self.class_names) + 1  # the reference's unlabelled class 0 first
+        if cfg.n_labels != labels:
+            return [f"{self.name} has {len(self.class_names)} classes: the tokenizer reads n_labels={cfg.n_labels} "
+                    f"(expected {labels}, unlabelled included)"]
+        return []
+
+    def from_reference_output(self, y):
+        """Logits of the reference's labels (0 = unlabelled, then ours shifted by one) -> logits of ours."""
+        return y[:, 1:]
+
     def tensor_picture(self, x):
         ids = x.argmax(0) if x.ndim == 3 else x
         return pictures.palette_picture(ids.cpu().numpy())
@@ -234,6 +279,12 @@ class FeatureMapModality(DenseModality):
         out = roi_align(features, box, output_size=RESOLUTION // 16, spatial_scale=1.0, sampling_ratio=2,
                         aligned=True)[0]
         return out.flip(-1) if flip else out
+
+    def reference_tokenizer_problems(self, cfg):
+        if cfg.patch_proj or cfg.n_labels:
+            return [f"{self.name} is a feature map (a token per vector): the tokenizer has patch_proj="
+                    f"{cfg.patch_proj}, n_labels={cfg.n_labels}"]
+        return []
 
     def tensor_picture(self, x):
         return pictures.pca_picture(x.float().cpu().permute(1, 2, 0).numpy())

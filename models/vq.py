@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from core.files import save_safetensors, write_json
 from models.published import read_checkpoint
 
 # --- settings ----------------------------------------------------------------------------------------------
@@ -473,6 +474,7 @@ class VQTokenizer(nn.Module):
         self.quantize = Quantizer(cfg)
         if cfg.diffusion:
             self.decoder = PatchedUNet(cfg)
+            self.noise_scheduler = diffusion_scheduler(cfg, "ddpm")  # training's noising (not a module)
         else:
             self.decoder = ViTDecoder(cfg, cfg.n_labels or cfg.n_channels)
             self.post_quant_proj = nn.Conv2d(cfg.latent_dim, self.decoder.width, 1)
@@ -490,6 +492,27 @@ class VQTokenizer(nn.Module):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The ViT decoder's output from codes (B, latent, n, n)."""
         return self.decoder(self.post_quant_proj(codes))
+
+    def forward(self, x: torch.Tensor, loss: str = "mse", generator: torch.Generator | None = None) -> dict:
+        """One training step's losses on a batch of (preprocessed) inputs. A ViT decoder reconstructs from the
+        codes (`loss`: "mse", "smooth_l1", or "ce" over the labels); a diffusion decoder is asked, at a timestep
+        drawn uniformly, for what `prediction_type` names (x0, the noise or v) from the noised input (MSE)."""
+        codes, commitment, ids = self.encode(x)
+        if self.cfg.diffusion:
+            scheduler = self.noise_scheduler
+            t = torch.randint(self.cfg.num_train_timesteps, (len(x),), generator=generator).to(x.device)
+            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            prediction = self.decoder(scheduler.add_noise(x, noise, t), t, codes)
+            target = {"sample": x, "epsilon": noise}.get(self.cfg.prediction_type)
+            if target is None:
+                target = scheduler.get_velocity(x, noise, t)
+            reconstruction = F.mse_loss(prediction.float(), target.float())
+        else:
+            prediction = self.decode_codes(codes).float()
+            reconstruction = {"ce": F.cross_entropy, "smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}[loss](
+                prediction, x if loss == "ce" else x.float())
+        return {"loss": reconstruction + commitment, "reconstruction_loss": reconstruction,
+                "commitment_loss": commitment, "ids": ids}
 
     @torch.no_grad()
     def decode_tokens(self, ids: torch.Tensor, steps: int | None = None, scheduler: str = "ddim",
@@ -546,8 +569,6 @@ def load_published(source: str | Path, device: str | torch.device = "cpu") -> VQ
 
 def save_vq(model: VQTokenizer, folder: str | Path) -> None:
     """The published layout: `config.json` (the constructor's arguments) and `model.safetensors`."""
-    from core.files import save_safetensors, write_json
-
     folder = Path(folder)
     write_json(folder / "config.json", asdict(model.cfg))
     save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")

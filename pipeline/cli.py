@@ -356,6 +356,15 @@ def cmd_convert_4m(args) -> int:
     return 0
 
 
+def cmd_convert_tokenizer(args) -> int:
+    from stages.tokenizers.dataset_tokenizers import convert_published, folder
+
+    out = args.out or folder(_config_from(args, {}).data_root, args.modality)
+    summary = convert_published(args.checkpoint, args.modality, out)
+    print(f"{args.modality}: {summary['decoder']} tokenizer, {summary['codebook_size']} codes -> {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -485,6 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a folder with config.json + model.safetensors, one .safetensors with the settings "
                                 "in its metadata, or a hub id such as EPFL-VILAB/4M-7_B_CC12M (needs a network)")
     convert4m.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    convert_tok = sub.add_parser("convert-tokenizer", help="install one of apple/ml-4m's published tokenizers as "
+                                 "a modality's tokenizer (tokenize, generate and evaluate then use it)")
+    convert_tok.add_argument("--checkpoint", required=True,
+                             help="a folder with config.json + model.safetensors, one .safetensors with the settings "
+                                  "in its metadata, or a hub id such as EPFL-VILAB/4M_tokenizers_rgb_16k_224-448 "
+                                  "(needs a network)")
+    convert_tok.add_argument("--modality", required=True, help="the modality it tokenizes (rgb, depth, ...)")
+    convert_tok.add_argument("--out", help="folder to write (default: <data_root>/tokenizers/<modality>)")
+    _add_config_args(convert_tok)
     sub.add_parser("serve", help="serve the Prefect deployments (download/cc12m, ...) to a Prefect API")
     return parser
 
@@ -492,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
             "inspect-masking": cmd_inspect_masking, "pretrain": cmd_pretrain, "transfer": cmd_transfer,
             "evaluate": cmd_evaluate, "generate": cmd_generate,
-            "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "demo": cmd_demo,
+            "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "convert-tokenizer": cmd_convert_tokenizer, "demo": cmd_demo,
             "serve": cmd_serve,
             "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,
             "status": cmd_status, "align": cmd_align, "up": cmd_services, "down": cmd_services, "services": cmd_services}

@@ -152,3 +152,42 @@ def test_the_codebook_moves_toward_its_latents_and_restarts_dead_codes():
     for code in torch.nonzero(~used).flatten():
         assert torch.isclose(unit @ moved[code], torch.tensor(1.0), atol=1e-5).any()
     assert not torch.equal(before[used], moved[used])
+
+
+def test_our_crops_reach_the_reference_tokenizers_preprocessed_as_its_own_transforms_do():
+    """Depth standardised per crop without its top and bottom 10%, normals' x mirrored on a flip, semseg ids
+    shifted by one (unlabelled 255 -> 0): against the reference's DepthTransform, NormalTransform, SemsegTransform."""
+    from core import registry
+    from tokenizer_inputs import preprocessing_labels
+
+    expected = load_file(FIXTURES / "preprocessing.safetensors")
+    depth, normal, semseg = preprocessing_labels()
+    whole, flipped = [0, 0, 224, 224, 0], [0, 0, 224, 224, 1]
+
+    def ours(name, labels, crop):
+        modality = registry.get(name)
+        return modality.reference_input(torch.stack([modality.to_tensor(x, crop, (224, 224)) for x in labels]))
+
+    torch.testing.assert_close(ours("depth", depth, whole)[:, :, :64, :64], expected["depth"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours("normal", normal, flipped)[:, :, :64, :64], expected["normal_flipped"],
+                               atol=1e-5, rtol=0)
+    assert torch.equal(ours("semseg", semseg, whole), expected["semseg"].long())
+    # and back: the decoder's 134 logits are ours shifted by one; standardised depth is stretched to [-1, 1]
+    logits = torch.randn(2, 134, 4, 4)
+    assert torch.equal(registry.get("semseg").from_reference_output(logits).argmax(1), logits[:, 1:].argmax(1))
+    back = registry.get("depth").from_reference_output(expected["depth"])
+    assert float(back.amin()) == -1 and float(back.amax()) == 1
+
+
+def test_each_modality_names_its_published_tokenizer_and_settings_that_fit_it():
+    from core import registry
+
+    for modality in registry.tokenized():
+        assert modality.published_tokenizer.startswith("EPFL-VILAB/4M_tokenizers_")
+        cfg = VQConfig(**modality.reference_tokenizer)
+        cfg.check(modality.name)
+        assert modality.reference_tokenizer_problems(cfg) == []
+        assert cfg.codebook_size == modality.tokenizer["codebook_size"]  # the vocabulary 4M's embeddings expect
+    rgb = VQConfig(**registry.get("rgb").reference_tokenizer)
+    assert registry.get("depth").reference_tokenizer_problems(rgb) == [
+        "depth is 1-channel images: the tokenizer reads n_channels=3, n_labels=None, patch_proj=True"]

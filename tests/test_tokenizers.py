@@ -353,3 +353,49 @@ def test_loader_workers_serve_each_step_the_same_batch_wherever_the_run_resumes(
         resumed = steps_from(start)
         assert len(resumed) == 9 - start
         assert all(torch.equal(a, b) for a, b in zip(resumed, straight[start:]))
+
+
+def test_published_tokenizers_converted_for_a_dataset_tokenize_and_decode_it(dataset, tmp_path, capsys):
+    """`convert-tokenizer` installs tokenizers in the reference's layout (here the tiny ones its own classes made,
+    tests/fixtures/reference) as a dataset's rgb and semseg tokenizers; tokenize then encodes every crop through them
+    with the reference's preprocessing, and the stages' one way in decodes their tokens back into our maps."""
+    import shutil
+    from pathlib import Path
+
+    from stages.tokenizers import dataset_tokenizers as tokenizers
+    from stages.tokenizers.tokenizer_data import crop_to_tensor, shard_samples
+
+    published = Path(__file__).parent / "fixtures" / "reference" / "tokenizers"
+    root = tmp_path / "dataset"
+    # the labelled dataset without what earlier tests tokenized into it
+    shutil.copytree(dataset, root, ignore=shutil.ignore_patterns("tokenizers", "tok_*", "crop_settings", "tokenize_*"))
+    for name in ("rgb", "semseg"):
+        out = tokenizer_dir(root, name)
+        assert cli(["convert-tokenizer", "--checkpoint", str(published / name), "--modality", name,
+                    "--out", str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train.json"]
+    # the wrong modality, or one already installed, is refused by name before anything is written
+    with pytest.raises(ValueError, match=r"rgb is 3-channel images: the tokenizer reads n_channels=1"):
+        tokenizers.convert_published(published / "depth", "rgb", tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError, match="already holds a tokenizer"):
+        tokenizers.convert_published(published / "rgb", "rgb", tokenizer_dir(root, "rgb"))
+    assert not (tmp_path / "elsewhere").exists()
+
+    summary = run_tokenize(root, config(), ["rgb", "semseg"])
+    assert summary.status_counts["rgb"]["ok"] == 4 and not summary.failed_shards
+    layout = DatasetLayout(root)
+    crops = members(layout.tar("crop_settings", "shard-000000"))
+    for modality, folder, side in (("rgb", "tok_rgb@224", 14), ("semseg", "tok_semseg@224", 28)):  # semseg: patch 8
+        tokenizer = tokenizers.load(root, modality)
+        assert tokenizer.reference
+        tokens = members(layout.tar(folder, "shard-000000"))
+        key, label, size = next(shard_samples(layout, modality, "shard-000000"))
+        ids = np.load(io.BytesIO(tokens[f"{key}.npy"]))
+        settings = np.load(io.BytesIO(crops[f"{key}.npy"]))
+        inputs = torch.stack([crop_to_tensor(modality, label, c, size) for c in settings])
+        expected = tokenizer.model.tokenize(tokenizer.modality.reference_input(inputs)).flatten(1)
+        assert ids.shape == (2, side * side) and np.array_equal(ids, expected.numpy())
+        decoded = tokenizer.decode(torch.from_numpy(ids).long(), seeds=[0, 1])
+        assert decoded.shape == ((2, 3, 224, 224) if modality == "rgb" else (2, 133, 224, 224))
+        assert torch.equal(decoded, tokenizer.decode(torch.from_numpy(ids).long(), seeds=[0, 1]))  # seeded
+    assert tokenizers.load(root, "semseg").classes == 133

@@ -28,9 +28,8 @@ def draw_predictions(root: str | Path, model, batch: dict, out: str | Path, titl
     decoded = {}
     for m in targets:
         tokenizer = tokenizers.load(root, m)
-        generator = torch.Generator().manual_seed(0)
-        decoded[(m, "tokens")] = tokenizer.detokenize(batch[m]["tensor"].long(), generator=generator)
-        decoded[(m, "predicted from rgb")] = tokenizer.detokenize(predicted[m], generator=generator)
+        decoded[(m, "tokens")] = tokenizer.decode(batch[m]["tensor"].long())
+        decoded[(m, "predicted from rgb")] = tokenizer.decode(predicted[m])
     rows = len(pixels)
     fig, axes = plt.subplots(rows, len(columns), figsize=(1.9 * len(columns), 2.0 * rows + 0.6), squeeze=False)
     for r in range(rows):

@@ -38,7 +38,6 @@ from core.pictures import figure_backend, png_bytes, save_figure
 from models.fourm import FourM
 from models.generate import Sampler, Schedule, Step, image_entry, pixels_entry, sequence_entry, sequence_rows
 from models.text_tokenizer import EOS_ID, decode_text, load_text_tokenizer
-from models.vqvae import load_tokenizer
 from stages.fourm.fourm_data import crop_pixels, pixels_picture
 from stages.fourm.masking import SEQUENCE_TOKENS
 from stages.tokenizers import dataset_tokenizers as tokenizers
@@ -163,7 +162,7 @@ class Resources:
 
     def tokenizer(self, modality: str):
         if modality not in self._tokenizers:
-            self._tokenizers[modality] = load_tokenizer(self.folder(modality), self.device).eval()
+            self._tokenizers[modality] = tokenizers.load_folder(self.folder(modality), modality, self.device)
         return self._tokenizers[modality]
 
     @property
@@ -303,7 +302,7 @@ def token_ids(modality: str, value: str, resources: Resources, where: str) -> tu
     image = np.ascontiguousarray(spec.from_image_file(read_image(value, where)))
     x = crop_to_tensor(spec.name, image, center_crop(*image.shape[:2]), image.shape[:2])
     with torch.no_grad():
-        ids = resources.tokenizer(modality).tokenize(x[None].to(resources.device))[0].cpu()
+        ids = resources.tokenizer(modality).encode(x[None].to(resources.device))[0].cpu()
     return ids, torch.ones(n, dtype=torch.bool)
 
 
@@ -420,7 +419,7 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
 def pictures_of(modality: str, ids: torch.Tensor, seeds: list[int], resources: Resources) -> list[np.ndarray]:
     """A batch's generated image tokens (B, 196) -> pictures (H, W, 3) in [0, 1], through the dataset's tokenizer
     in one pass (a diffusion decoder starts each sample from noise seeded by the sample's seed)."""
-    return tokenizers.pictures(resources.tokenizer(modality), modality, ids.to(resources.device), seeds)
+    return resources.tokenizer(modality).pictures(ids, seeds)
 
 
 def write_sample(folder: Path, request: Request, state: dict, row: int, seed: int, resources: Resources,

@@ -1,21 +1,31 @@
 """A dataset's tokenizers, one way in: where they are, load, encode, decode, picture.
 
     <root>/tokenizers/text/tokenizer.json        the WordPiece vocabulary of every sequence modality
-    <root>/tokenizers/<modality>/                a VQ-VAE per tokenized modality (config.json, model.safetensors)
+    <root>/tokenizers/<modality>/                a VQ-VAE per tokenized modality (config.json, model.safetensors):
+                                                 trained here, or converted from apple/ml-4m's published ones
 
 Tokenize, pretraining's pictures, evaluation and generation all read them through here. A 4M domain name
 (tok_depth@224, tok_depth) or a modality's name (depth) both find a modality's tokenizer.
 """
 from __future__ import annotations
 
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core import registry
+from core.files import write_json
+from core.registry import Modality
 from models.text_tokenizer import load_text_tokenizer
+from models.vq import VQTokenizer, load_published, read_published, save_vq, state_dict_problems
 from models.vqvae import load_tokenizer
+from models.weights import weights_sha256
 
 
 def folder(root: str | Path, modality: str) -> Path:
@@ -42,20 +52,88 @@ def has_model(root: str | Path, modality: str) -> bool:
     return (folder(root, modality) / "model.safetensors").is_file()
 
 
-def load(root: str | Path, modality: str, device: str | torch.device = "cpu"):
-    """A modality's trained VQ-VAE, in evaluation mode."""
-    return load_tokenizer(folder(root, modality), device).eval()
+def is_reference_layout(path: str | Path) -> bool:
+    """A tokenizer folder in apple/ml-4m's layout (its config.json holds the reference's constructor arguments,
+    `dec_type` among them): one converted by `convert-tokenizer`, or published."""
+    config = Path(path) / "config.json"
+    return config.is_file() and "dec_type" in json.loads(config.read_text())
 
 
-def decode(tokenizer, ids: torch.Tensor, first: int = 0, seeds: list[int] | None = None) -> torch.Tensor:
-    """Token ids -> maps. A diffusion decoder starts each sample from its own seeded noise (seed: `seeds`, or the
-    sample's index in the run from `first` on), so a result does not depend on how samples were batched."""
-    if tokenizer.cfg.decoder != "diffusion":
-        return tokenizer.detokenize(ids).float()
-    shape = (tokenizer.cfg.in_channels, tokenizer.cfg.image_size, tokenizer.cfg.image_size)
-    seeds = list(range(first, first + len(ids))) if seeds is None else seeds
-    start = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    return tokenizer.detokenize(ids, start=start.to(ids.device)).float()
+@dataclass
+class DatasetTokenizer:
+    """A modality's tokenizer as every stage uses it: crops in (our tokenizer input, `to_tensor`), flat ids
+    (B, 196) out, and back to maps in our form. Tokenizers in the reference's architecture get the reference's
+    preprocessing on the way in and out (the modality's `reference_input` / `from_reference_output`)."""
+
+    modality: Modality
+    model: torch.nn.Module
+    reference: bool  # the reference's architecture (models/vq.py), not this project's older VQ-VAE
+
+    @property
+    def classes(self) -> int | None:
+        """Class count of a class-map tokenizer's decoded logits (ours; the reference's unlabelled one dropped)."""
+        if self.reference:
+            return self.model.cfg.n_labels - 1 if self.model.cfg.n_labels else None
+        return self.model.cfg.in_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Our tokenizer inputs (B, ...) -> token ids (B, n*n)."""
+        if self.reference:
+            return self.model.tokenize(self.modality.reference_input(x)).flatten(1)
+        return self.model.tokenize(x)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, first: int = 0, seeds: list[int] | None = None) -> torch.Tensor:
+        """Token ids (B, n*n) -> maps in our form. A diffusion decoder starts each sample from its own seeded noise
+        (seed: `seeds`, or the sample's index in the run from `first` on), so a result does not depend on how
+        samples were batched."""
+        seeds = list(range(first, first + len(ids))) if seeds is None else seeds
+        ids = ids.to(self.device).long()
+        if self.reference:
+            return self.modality.from_reference_output(self._decode_reference(ids, seeds)).float()
+        if self.model.cfg.decoder != "diffusion":
+            return self.model.detokenize(ids).float()
+        shape = (self.model.cfg.in_channels, self.model.cfg.image_size, self.model.cfg.image_size)
+        start = torch.stack([_noise(shape, s) for s in seeds])
+        return self.model.detokenize(ids, start=start.to(ids.device)).float()
+
+    def _decode_reference(self, ids, seeds):
+        side = math.isqrt(ids.shape[1])
+        grid = ids.reshape(len(ids), side, side)
+        if not self.model.cfg.diffusion:
+            return self.model.decode_tokens(grid)
+        size = side * self.model.cfg.patch_size
+        noise = torch.stack([_noise((self.model.cfg.n_channels, size, size), s) for s in seeds])
+        return self.model.decode_tokens(grid, steps=DECODE_STEPS, scheduler="ddim", noise=noise)
+
+    def pictures(self, ids: torch.Tensor, seeds: list[int]) -> list[np.ndarray]:
+        """A batch of token ids (B, n*n) -> pictures, decoded in one pass with per-sample seeded noise."""
+        return [self.modality.tensor_picture(x) for x in self.decode(ids, seeds=seeds).cpu()]
+
+
+DECODE_STEPS = 25  # DDIM steps of a diffusion decoder (trailing spacing: deterministic given the noise)
+
+
+def _noise(shape: tuple, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def load_folder(path: str | Path, modality: str, device: str | torch.device = "cpu") -> DatasetTokenizer:
+    """A tokenizer folder, of either architecture, for a modality (or a 4M domain of it)."""
+    spec = registry.domain_or_modality(modality)
+    if is_reference_layout(path):
+        return DatasetTokenizer(spec, load_published(path, device), reference=True)
+    return DatasetTokenizer(spec, load_tokenizer(path, device).eval(), reference=False)
+
+
+def load(root: str | Path, modality: str, device: str | torch.device = "cpu") -> DatasetTokenizer:
+    """A dataset's tokenizer of a modality, in evaluation mode."""
+    return load_folder(folder(root, modality), modality, device)
 
 
 def picture(modality: str, x: torch.Tensor) -> np.ndarray:
@@ -63,6 +141,30 @@ def picture(modality: str, x: torch.Tensor) -> np.ndarray:
     return registry.domain_or_modality(modality).tensor_picture(x)
 
 
-def pictures(tokenizer, modality: str, ids: torch.Tensor, seeds: list[int]) -> list[np.ndarray]:
-    """A batch of token ids (B, 196) -> pictures, decoded in one pass with per-sample seeded noise."""
-    return [picture(modality, x) for x in decode(tokenizer, ids, seeds=seeds).cpu()]
+def convert_published(source: str | Path, modality: str, out: str | Path) -> dict:
+    """`convert-tokenizer`: a published tokenizer (folder, .safetensors with its settings, or hub id), checked
+    against the modality it will serve, written as that modality's tokenizer folder: config.json and
+    model.safetensors in the reference's layout, then train.json (the commit marker: training skips it)."""
+    spec = registry.get(modality)
+    if spec.tokenizer is None:
+        raise ValueError(f"modality {modality!r} has no image tokenizer (tokenized: "
+                         f"{', '.join(m.name for m in registry.tokenized())})")
+    config, tensors = read_published(source)
+    model = VQTokenizer(config)
+    problems = state_dict_problems(model, tensors) + spec.reference_tokenizer_problems(config)
+    if problems:
+        raise ValueError(f"{source}: cannot serve as the {modality} tokenizer:\n  " + "\n  ".join(problems))
+    model.load_state_dict(tensors)
+    out = Path(out)
+    if (out / "train.json").is_file() or (out / "model.safetensors").is_file():
+        raise FileExistsError(f"{out} already holds a tokenizer: remove it to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    save_vq(model, staging)
+    summary = {"modality": modality, "converted_from": str(source), "weights_sha256": weights_sha256(model),
+               "codebook_size": config.codebook_size, "decoder": config.dec_type, "final": {}}
+    write_json(staging / "train.json", summary)
+    if out.exists():
+        out.rmdir()  # an empty folder left by an earlier attempt
+    shutil.move(staging, out)
+    return summary

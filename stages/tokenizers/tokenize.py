@@ -31,13 +31,13 @@ from core import registry
 from core.config import Config, TokenizerStageConfig
 from core.files import npy_bytes
 from core.ray_runtime import init_ray
-from models.vqvae import load_tokenizer
 from models.weights import file_sha256
 from stages.actor_pool import run_on_actors
 from stages.dataset.align import STAGE as ALIGN_STAGE
 from stages.dataset.align import AlignError, align_dataset, align_shard
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import CROPS, OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, skip_or_queue
+from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import (
     RgbIndex,
     center_crop,
@@ -107,7 +107,7 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
             return
         batch = torch.cat([x for _, x in pending]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ids = model.tokenize(batch).cpu().numpy().astype(np.int16)
+            ids = model.encode(batch).cpu().numpy().astype(np.int16)
         start = 0
         for key, x in pending:
             tokens[key] = ids[start:start + len(x)]
@@ -164,7 +164,7 @@ class TokenizeWorker:
         registry.use(plugins)  # a worker process imports the modules that define its modalities
         self.layout, self.cfg = DatasetLayout(root), cfg
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-        self.models = {m: load_tokenizer(tokenizer_dir(root, m), self.device) for m in modalities}
+        self.models = {m: tokenizers.load_folder(tokenizer_dir(root, m), m, self.device) for m in modalities}
         self.records = {m: {"source": str(tokenizer_dir(root, m)),
                             "weights_sha256": file_sha256(tokenizer_dir(root, m) / "model.safetensors")}
                         for m in modalities}

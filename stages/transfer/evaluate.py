@@ -101,7 +101,7 @@ def run_evaluate(root, config, model_dir, samples: int = 200, batch_size: int = 
     if not val_shards:
         raise EvaluateInputError(f"{root}: no held-out validation shards (pretrain.val_shards is 0)")
     loaded = {m: tokenizers.load(root, name) for m, name in targets.items()}
-    scorers = {name: registry.get(name).evaluation(loaded[m].cfg.in_channels) for m, name in targets.items()}
+    scorers = {name: registry.get(name).evaluation(loaded[m].classes) for m, name in targets.items()}
     count = 0
     stream = validation_samples(root, list(targets.values()), val_shards, samples)
     while chunk := [sample for _, sample in zip(range(batch_size), stream)]:
@@ -109,7 +109,7 @@ def run_evaluate(root, config, model_dir, samples: int = 200, batch_size: int = 
         predicted = model.predict_from_rgb(pixels, list(targets))
         for m, name in targets.items():
             label = torch.stack([labels[name] for _, _, labels in chunk])
-            scorers[name].add(tokenizers.decode(loaded[m], predicted[m], count), label)
+            scorers[name].add(loaded[m].decode(predicted[m], count), label)
         count += len(chunk)
     if count == 0:
         raise EvaluateInputError(f"{root}: the validation shards {val_shards} hold no samples")
@@ -139,7 +139,7 @@ def draw(path: Path, root, model, loaded: dict, targets: dict, val_shards: list[
     chunk = list(validation_samples(root, list(targets.values()), val_shards, rows))
     pixels = torch.stack([p for _, p, _ in chunk])
     predicted = model.predict_from_rgb(pixels, list(targets))
-    decoded = {name: tokenizers.decode(loaded[m], predicted[m], 0) for m, name in targets.items()}
+    decoded = {name: loaded[m].decode(predicted[m]) for m, name in targets.items()}
     names = list(targets.values())
     columns = 1 + 2 * len(names)
     fig, axes = plt.subplots(len(chunk), columns, figsize=(1.9 * columns, 2.0 * len(chunk) + 0.8), squeeze=False)
