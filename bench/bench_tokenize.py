@@ -7,12 +7,11 @@ in the paper; `tiny` for a quick run), then times what one tokenize worker does 
 on the same number of crops. stage/encoder near 1 means the encoder bounds the stage. On a GPU, nvidia-smi
 is sampled for the busy fraction.
 
-`--architecture reference` does the same for tokenizers of the reference's architecture at the published
-tokenizers' settings (models/vq.py, as `convert-tokenizer` installs them; random weights, `--size` ignored), and
-also times decoding `--decode-samples` samples (diffusion decoders: 25 DDIM steps).
+The tokenizers have the published ones' architecture (`--size paper`: ViT-B encoders, the patched UNet, as
+`convert-tokenizer` installs them). It also times decoding `--decode-samples` samples (diffusion decoders: 25
+DDIM steps from noise).
 
-Run: python bench/bench_tokenize.py [--size paper] [--architecture ours|reference] [--images 64] [--crops 4]
-                                    [--device auto]
+Run: python bench/bench_tokenize.py [--size paper] [--images 64] [--crops 4] [--decode-samples 2] [--device auto]
 """
 from __future__ import annotations
 
@@ -73,7 +72,6 @@ def main() -> int:
     import torch
 
     from core import registry
-    from models.vq import VQConfig, VQTokenizer, save_vq
     from models.vqvae import VQVAE, save_tokenizer
     from stages.tokenizers import dataset_tokenizers as tokenizers
     from stages.tokenizers.tokenize import tokenize_shard
@@ -81,7 +79,6 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="paper", choices=["paper", "tiny"])
-    parser.add_argument("--architecture", default="ours", choices=["ours", "reference"])
     parser.add_argument("--decode-samples", type=int, default=2)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--crops", type=int, default=4)
@@ -101,10 +98,7 @@ def main() -> int:
     layout, results = DatasetLayout(root), {}
     for modality in MODALITIES:
         folder = tokenizer_dir(root, modality)
-        if args.architecture == "reference":
-            save_vq(VQTokenizer(VQConfig(**registry.get(modality).reference_tokenizer)), folder)
-        else:
-            save_tokenizer(VQVAE(model_config(cfg, modality, layout)), folder)
+        save_tokenizer(VQVAE(model_config(cfg, modality, layout)), folder)
         model = tokenizers.load_folder(folder, modality, device)
         tokenize_shard(layout, shards[0], modality, model, cfg, device)  # warm-up: allocator, kernels
         with GpuSampler() as gpu:
@@ -138,8 +132,7 @@ def main() -> int:
               f"stage/encoder {results[modality]['stage_over_encoder']:.2f}; decode "
               f"{results[modality]['decode_samples_per_s']:.3f} samples/s"
               + (f", GPU busy {gpu.busy:.0%}" if gpu.busy is not None else ""), flush=True)
-    print(json.dumps({"device": str(device), "size": args.size, "architecture": args.architecture,
-                      "images": args.images, "crops": args.crops,
+    print(json.dumps({"device": str(device), "size": args.size, "images": args.images, "crops": args.crops,
                       "results": results}, indent=1))
     return 0
 

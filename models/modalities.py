@@ -26,15 +26,6 @@ OMNIDATA_HINT = ("convert Omnidata's omnidata_dpt_{task}_v2.ckpt with `python -m
                  "{task} --checkpoint omnidata_dpt_{task}_v2.ckpt --out {{path}}`")
 
 
-# The published tokenizers' architecture settings (apple/ml-4m cfgs/default/tokenization, "224-448"): the
-# reference constructor's arguments, for models/vq.py.
-REFERENCE_VIT = dict(image_size=448, enc_type="vit_b_enc", patch_size=16, post_mlp=True, latent_dim=32,
-                     norm_codes=True)
-REFERENCE_DIFFUSION = dict(REFERENCE_VIT, dec_type="unet_patched", num_train_timesteps=1000, scheduler="ddpm",
-                           beta_schedule="linear", prediction_type="sample", clip_sample=True, thresholding=True,
-                           zero_terminal_snr=True)
-
-
 def _labeling(load, weights: str, random_model, options=lambda cfg: {}, hint: str | None = None,
               **more) -> Labeling:
     return Labeling(load=load, weights=weights, random_model=random_model, options=options,
@@ -44,7 +35,6 @@ def _labeling(load, weights: str, random_model, options=lambda cfg: {}, hint: st
 class Rgb(PhotoModality):
     name, label_order = "rgb", 0
     published_tokenizer = "EPFL-VILAB/4M_tokenizers_rgb_16k_224-448"
-    reference_tokenizer = dict(REFERENCE_DIFFUSION, n_channels=3, codebook_size=16384)
     tokenizer = dict(in_channels=3, codebook_size=16384, decoder="diffusion", loss="mse")
 
 
@@ -57,7 +47,6 @@ class Depth(DenseModality):
 
     name, label_order, scale = "depth", 1, 65535.0
     standardised, published_tokenizer = True, "EPFL-VILAB/4M_tokenizers_depth_8k_224-448"
-    reference_tokenizer = dict(REFERENCE_DIFFUSION, n_channels=1, codebook_size=8192)
     baseline_name = "mean-depth map"
     labeler = _labeling(labelers.DepthLabeler, "models/omnidata/depth", partial(random_weights.dpt, channels=1),
                         hint=OMNIDATA_HINT.format(task="depth"))
@@ -70,7 +59,6 @@ class Normal(NormalMapModality):
 
     name, label_order = "normal", 2
     published_tokenizer = "EPFL-VILAB/4M_tokenizers_normal_8k_224-448"
-    reference_tokenizer = dict(REFERENCE_DIFFUSION, n_channels=3, codebook_size=8192)
     labeler = _labeling(labelers.NormalLabeler, "models/omnidata/normal", partial(random_weights.dpt, channels=3),
                         hint=OMNIDATA_HINT.format(task="normal"))
     tokenizer = dict(in_channels=3, codebook_size=8192, decoder="diffusion", loss="mse")
@@ -82,7 +70,6 @@ class Semseg(ClassMapModality):
 
     name, label_order = "semseg", 3
     published_tokenizer = "EPFL-VILAB/4M_tokenizers_semseg_4k_224-448"
-    reference_tokenizer = dict(REFERENCE_VIT, dec_type="vit_b_dec", n_channels=64, n_labels=134, codebook_size=4096)
     class_names = COCO_PANOPTIC
     labeler = _labeling(labelers.SemsegLabeler, "facebook/mask2former-swin-base-coco-panoptic",
                         random_weights.mask2former, lambda cfg: {"short_side": cfg.semseg_short_side})
@@ -104,8 +91,6 @@ class Clip(FeatureMapModality):
 
     name, label_order = "clip", 4
     published_tokenizer = "EPFL-VILAB/4M_tokenizers_CLIP-B16_8k_224-448"
-    reference_tokenizer = dict(REFERENCE_VIT, dec_type="vit_b_dec", n_channels=512, patch_proj=False,
-                               codebook_size=8192)
     labeler = _labeling(labelers.ClipLabeler, "openai/clip-vit-base-patch16", random_weights.clip,
                         lambda cfg: {"short_side": cfg.clip_short_side})
     tokenizer = dict(in_channels=512, codebook_size=8192, decoder="vit", loss="smooth_l1", patch_size=1,

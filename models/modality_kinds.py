@@ -42,7 +42,6 @@ class DenseModality(Modality):
     condition_from_image = True   # generation may take it as an image file
     standardised = False          # tokenizers in the reference's architecture read it standardised per crop (depth)
     published_tokenizer = ""      # the hub id of apple/ml-4m's published tokenizer for it, if there is one
-    reference_tokenizer: dict | None = None  # that tokenizer's settings (models/vq.py's VQConfig), if known
 
     # -- storage --------------------------------------------------------------------------------------------------
     def encode(self, label: np.ndarray) -> bytes:
@@ -92,7 +91,7 @@ class DenseModality(Modality):
                 x[0] = 1 - x[0]  # mirrored surfaces face the other way along x
         return x.clamp_(0, 1).mul_(2).sub_(1)
 
-    # -- tokenizers of the reference's architecture (models/vq.py) ------------------------------------------------
+    # -- the tokenizers (models/vqvae.py: the reference's architecture and preprocessing) ------------------------------------------------
     def reference_input(self, x: torch.Tensor) -> torch.Tensor:
         """Our tokenizer input (B, C, H, W) in [-1, 1] -> what the reference's tokenizer reads: the same, or (depth)
         the relative depth in [0, 1] standardised per crop without its top and bottom 10% (`DepthTransform`)."""

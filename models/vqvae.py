@@ -1,20 +1,24 @@
-"""The dense modality tokenizers: ViT VQ-VAEs with an EMA codebook, and ViT or diffusion decoders.
+"""The dense modality tokenizers, in the architecture apple/ml-4m published its 4M tokenizers in, with their layout.
 
-One file, top to bottom: the settings (each modality's own, from the registry: what its tokenizer sees and how it is
-trained, the paper's Table 3), the quantizer, the encoder, the two decoders, the VQ-VAE, saving and loading.
+A tokenizer is a ViT encoder, a 1x1 projection to a small latent, a cosine-similarity EMA codebook, and a decoder:
+a ViT (VQ-VAE: semseg, CLIP features) or a patched UNet trained as a diffusion model (DiVAE: rgb, depth, normals).
+The settings are the reference constructor's own argument names (its `config.json` holds them), so a published
+folder loads here one tensor to one tensor (`convert-tokenizer`), and a tokenizer trained here is a drop-in for a
+published one. `tokenizer_config` builds a modality's settings from its registry entry at the paper's size (the
+published tokenizers' architecture: ViT-B, the patched UNet) or tiny (the demo and tests).
 
-Inputs, as `stages/tokenizers/tokenizer_data.py` prepares them from the labelled shards (B = batch, 224x224 crops):
-    rgb, normal  float (B, 3, 224, 224) in [-1, 1]
-    depth        float (B, 1, 224, 224) in [-1, 1]  (relative depth 0..1 mapped linearly)
-    semseg       long  (B, 224, 224) class ids
-    clip         float (B, 512, 14, 14)              (feature maps: no patch projection, a token per feature)
-Tokens: (B, 196) ids into the modality's codebook; 14x14 per 224x224 crop.
+Shapes (B batch, tokens per side n = size / patch):
+    encoder input   float (B, C, H, W); semseg: long (B, H, W) class ids, embedded first; CLIP: (B, 512, n, n)
+    token ids       long (B, n, n)
+    decoder output  float (B, C, H, W); semseg: logits (B, labels, H, W)
+The position tables are built at the largest size the tokenizer was trained at (448 for the "224-448" ones) and
+resized bicubically to the input's grid, so 224 and 448 crops both work.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,375 +28,567 @@ from torch import nn
 
 from core import registry
 from core.files import save_safetensors, write_json
+from models.published import read_checkpoint
 
-# --- the registry ----------------------------------------------------------------------------------------
+# --- settings ----------------------------------------------------------------------------------------------
+
+# Named architectures, as the settings name them: the reference's presets, plus tiny ones for tests and the demo.
+VIT_PRESETS = {  # width, depth, heads (MLP ratio 4, qkv bias, LayerNorm eps 1e-6)
+    "vit_tiny": (32, 2, 2),
+    "vit_s": (512, 8, 8),
+    "vit_b": (768, 12, 12),
+    "vit_l": (1024, 24, 16),
+}
+UNET_PRESETS = {  # the OpenAI UNet over 4x4-pixel patches with the codes concatenated (UNet widths: GroupNorm32)
+    "unet_patched": dict(patch_size=4, channels=256, res_blocks=3, attention_at=(4, 8), mults=(1, 2, 2, 2)),
+    "unet_patched_tiny": dict(patch_size=4, channels=32, res_blocks=1, attention_at=(2,), mults=(1, 1)),
+}
 
 
 @dataclass
-class TokenizerConfig:
-    modality: str
-    in_channels: int              # image channels, classes for semseg, feature size for clip
-    codebook_size: int
-    decoder: str                  # "vit" or "diffusion"
-    loss: str                     # "mse", "smooth_l1" or "ce"
-    image_size: int = 224
-    patch_size: int = 16          # 1 for clip: its maps are already one vector per 16x16 patch
+class VQConfig:
+    """The reference's constructor arguments (`VQ`, `VQVAE`, `DiVAE`), with its defaults."""
+    dec_type: str                       # "vit_*_dec" (VQ-VAE) or "unet_patched*" (DiVAE)
+    image_size: int = 224               # the largest size trained at: position tables are built for it
+    image_size_enc: int | None = None
+    image_size_dec: int | None = None
+    n_channels: int = 3                 # input channels; semseg: the width of the class embedding
+    n_labels: int | None = None         # semseg's classes (134: COCO's 133 and unlabelled)
+    enc_type: str = "vit_b_enc"
+    patch_proj: bool = True             # False for feature maps: one token per input vector (1x1 projection)
+    post_mlp: bool = False              # a tanh MLP after the encoder's (and before the decoder's output) blocks
+    patch_size: int = 16
+    patch_size_dec: int | None = None
+    out_conv: bool = False
+    quant_type: str = "lucid"
+    codebook_size: int = 16384
+    num_codebooks: int = 1
     latent_dim: int = 32
-    width: int = 768              # encoder (and ViT decoder) width, depth and heads: ViT-B
-    depth: int = 12
-    heads: int = 12
-    unet_channels: int = 128      # diffusion decoder: base width, one multiplier per level
-    unet_mults: tuple = (1, 2, 3, 4)
-    unet_blocks: int = 3          # residual blocks per level
-    unet_attention_levels: int = 2  # self-attention at this many of the smallest levels
+    norm_codes: bool = True             # cosine similarity to the codes
+    norm_latents: bool = False
+    sync_codebook: bool = True
     ema_decay: float = 0.99
-    c_replace: float = 32.0       # restart codes whose EMA count < batch_tokens / (c_replace * codebook_size)
+    threshold_ema_dead_code: float = 0.25
+    code_replacement_policy: str = "batch_random"
     commitment_weight: float = 1.0
-    diffusion_steps: int = 1000   # DDPM, linear schedule
-    sample_steps: int = 25        # DDIM at inference
-    crop_scale: tuple = (0.8, 1.0)
-    crop_ratio: tuple = (0.75, 4 / 3)
-    dtype: str = "float16"        # autocast type on GPUs (Table 3)
-    extra: dict = field(default_factory=dict)
+    kmeans_init: bool = False
+    undo_std: bool = False
+    freeze_enc: bool = False
+    # DiVAE's diffusion settings (its defaults; the published tokenizers' configs set sample / linear)
+    num_train_timesteps: int = 1000
+    scheduler: str = "ddpm"
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "v_prediction"
+    clip_sample: bool = False
+    thresholding: bool = True
+    conditioning: str = "concat"
+    zero_terminal_snr: bool = True
+    cls_free_guidance_dropout: float = 0.0
+    masked_cfg: bool = False
+    masked_cfg_low: int = 0
+    masked_cfg_high: int | None = None
+    dec_transformer_dropout: float = 0.2
+    # Where the reference's training started from: recorded, not used to load
+    ckpt_path: str | None = None
+    ignore_keys: list = field(default_factory=list)
 
     @property
-    def grid(self) -> int:
-        return self.image_size // 16  # tokens per side: 14 at 224, for images and CLIP maps alike
+    def diffusion(self) -> bool:
+        return self.dec_type.startswith("unet")
+
+    @classmethod
+    def from_dict(cls, settings: dict, source: str) -> VQConfig:
+        """Settings as a published `config.json` holds them; unknown or unsupported ones refused by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown tokenizer settings {unknown} (known: {', '.join(sorted(known))})")
+        if "dec_type" not in settings:
+            raise ValueError(f"{source}: no 'dec_type' (a 'vit_*_dec' or 'unet_patched' decoder)")
+        config = cls(**settings)
+        config.check(source)
+        return config
+
+    def check(self, source: str) -> None:
+        def refuse(name, supported):
+            raise ValueError(f"{source}: {name}={getattr(self, name)!r} is not supported (supported: {supported})")
+
+        if _preset(self.enc_type, "_enc") not in VIT_PRESETS:
+            refuse("enc_type", ", ".join(f"{p}_enc" for p in VIT_PRESETS))
+        if not self.diffusion and _preset(self.dec_type, "_dec") not in VIT_PRESETS:
+            refuse("dec_type", ", ".join([*(f"{p}_dec" for p in VIT_PRESETS), *UNET_PRESETS]))
+        if self.diffusion and self.dec_type not in UNET_PRESETS:
+            refuse("dec_type", ", ".join([*(f"{p}_dec" for p in VIT_PRESETS), *UNET_PRESETS]))
+        for name, supported in (("quant_type", "lucid"), ("num_codebooks", 1), ("norm_codes", True),
+                                ("undo_std", False), ("out_conv", False), ("conditioning", "concat"),
+                                ("code_replacement_policy", "batch_random")):
+            if getattr(self, name) != supported:
+                refuse(name, repr(supported))
+        if self.diffusion and self.beta_schedule != "linear":
+            refuse("beta_schedule", "'linear'")
+        if self.diffusion and self.scheduler not in ("ddpm", "ddim"):
+            refuse("scheduler", "'ddpm', 'ddim'")
 
 
-TINY = dict(width=32, depth=1, heads=2, unet_channels=16, unet_mults=(1, 2), unet_blocks=1,
-            unet_attention_levels=1, diffusion_steps=100, sample_steps=5)
+def _preset(name: str, suffix: str) -> str:
+    return name.removesuffix(suffix)
 
 
-def tokenizer_config(modality: str, size: str = "paper", **overrides) -> TokenizerConfig:
-    """A modality's tokenizer at a size: its registry entry's settings (Table 3 at `paper`), `overrides` on top."""
-    known = [m.name for m in registry.tokenized()]
-    if modality not in known:
-        raise ValueError(f"no tokenizer for modality {modality!r} (known: {', '.join(known)})")
-    if size not in ("paper", "tiny"):
-        raise ValueError(f"size {size!r}: expected 'paper' or 'tiny'")
-    settings = {**registry.get(modality).tokenizer, **(TINY if size == "tiny" else {}), **overrides}
-    return TokenizerConfig(modality=modality, **settings)
+# --- ViT encoder and decoder --------------------------------------------------------------------------------
 
 
-# --- quantizer -------------------------------------------------------------------------------------------
+def sincos_table(side: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """The fixed 2-D sine-cosine position table (MoCo v3), (1, dim, side, side): the first half of the channels
+    encodes the row, the second the column (the reference's layout, so stored tables compare equal)."""
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    rows = torch.arange(side, dtype=torch.float32)[:, None].expand(side, side).reshape(-1)
+    cols = torch.arange(side, dtype=torch.float32)[None, :].expand(side, side).reshape(-1)
+    r, c = rows[:, None] * omega, cols[:, None] * omega
+    table = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)  # (side*side, dim)
+    return table.t().reshape(1, dim, side, side)
+
+
+def _blocks(width: int, depth: int, heads: int) -> nn.Sequential:
+    from timm.models.vision_transformer import Block  # the reference's block, same parameter names, fused attention
+
+    norm = partial(nn.LayerNorm, eps=1e-6)
+    return nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+
+
+class _PostMLP:
+    """x + MLP(LayerNorm(x)), a tanh MLP (ViT-VQGAN), in float32 (the reference keeps it out of autocast); its
+    layers sit on the encoder or decoder itself as `norm_mlp` and `post_mlp`, the published names."""
+
+    def add_post_mlp(self, width: int) -> None:
+        from timm.layers import Mlp
+
+        self.norm_mlp = nn.LayerNorm(width, eps=1e-6)
+        self.post_mlp = Mlp(width, 4 * width, act_layer=nn.Tanh)
+
+    def apply_post_mlp(self, x):
+        if not hasattr(self, "post_mlp"):
+            return x
+        with torch.autocast(x.device.type, enabled=False):
+            return x.float() + self.post_mlp(self.norm_mlp(x.float()))
+
+
+class ViTEncoder(nn.Module, _PostMLP):
+    """(B, C, H, W) -> (B, width, n, n)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        width, depth, heads = VIT_PRESETS[_preset(cfg.enc_type, "_enc")]
+        kernel = cfg.patch_size if cfg.patch_proj else 1
+        self.patch_size, self.patch_proj, self.width = cfg.patch_size, cfg.patch_proj, width
+        self.proj = nn.Conv2d(cfg.n_channels, width, kernel, kernel)
+        side = (cfg.image_size_enc or cfg.image_size) // cfg.patch_size
+        self.pos_emb = nn.Parameter(sincos_table(side, width), requires_grad=False)
+        self.blocks = _blocks(width, depth, heads)
+        if cfg.post_mlp:
+            self.add_post_mlp(width)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        grid = (h // self.patch_size, w // self.patch_size) if self.patch_proj else (h, w)
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        tokens = tokens + _resized(self.pos_emb, grid)
+        tokens = self.blocks(tokens)
+        tokens = self.apply_post_mlp(tokens)
+        return tokens.transpose(1, 2).reshape(len(x), self.width, *grid)
+
+
+class ViTDecoder(nn.Module, _PostMLP):
+    """(B, width, n, n) -> (B, C, n*patch, n*patch), or (B, C, n, n) for feature maps (no patch projection)."""
+
+    def __init__(self, cfg: VQConfig, out_channels: int):
+        super().__init__()
+        width, depth, heads = VIT_PRESETS[_preset(cfg.dec_type, "_dec")]
+        self.patch = (cfg.patch_size_dec or cfg.patch_size) if cfg.patch_proj else 1
+        self.out_channels, self.width = out_channels, width
+        side = (cfg.image_size_dec or cfg.image_size) // (cfg.patch_size_dec or cfg.patch_size)
+        self.pos_emb = nn.Parameter(sincos_table(side, width), requires_grad=False)
+        self.blocks = _blocks(width, depth, heads)
+        if cfg.post_mlp:
+            self.add_post_mlp(width)
+        self.out_proj = nn.Linear(width, out_channels * self.patch ** 2)
+
+    def forward(self, x):
+        b, _, nh, nw = x.shape
+        tokens = x.flatten(2).transpose(1, 2) + _resized(self.pos_emb, (nh, nw))
+        tokens = self.blocks(tokens)
+        tokens = self.apply_post_mlp(tokens)
+        p = self.patch
+        out = self.out_proj(tokens).reshape(b, nh, nw, self.out_channels, p, p)
+        return out.permute(0, 3, 1, 4, 2, 5).reshape(b, self.out_channels, nh * p, nw * p)
+
+
+def _resized(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The position table resized to the grid (bicubic, as the reference), as (1, n*n, width)."""
+    table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)
+    return table.flatten(2).transpose(1, 2)
+
+
+# --- the codebook -------------------------------------------------------------------------------------------
+
+
+class CosineCodebook(nn.Module):
+    """Codes compared by cosine similarity, moved by an EMA of the unit latents assigned to them; codes whose EMA
+    count falls below `threshold` are replaced by latents of the batch. The code looked up is the stored row."""
+
+    def __init__(self, size: int, dim: int, decay: float, threshold: float):
+        super().__init__()
+        self.size, self.decay, self.threshold = size, decay, threshold
+        codes = torch.empty(size, dim)
+        nn.init.kaiming_uniform_(codes)
+        self.register_buffer("initted", torch.ones(1))
+        self.register_buffer("cluster_size", torch.zeros(size))
+        self.register_buffer("embed", F.normalize(codes, dim=-1))
+        # codes restarted since the count was last read (the training log); not part of the published layout
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def nearest(self, latents: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(latents.float(), dim=-1) @ F.normalize(self.embed, dim=-1).t()).argmax(-1)
+
+    @torch.no_grad()
+    def update(self, latents: torch.Tensor, ids: torch.Tensor) -> None:
+        """One EMA step from a batch's latents (N, dim) and their codes, summed over data-parallel workers."""
+        unit = F.normalize(latents.float(), dim=-1)
+        counts = torch.bincount(ids, minlength=self.size).float()
+        sums = torch.zeros_like(self.embed).index_add_(0, ids, unit)
+        if _distributed():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        used = counts > 0
+        means = F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
+        self.embed[used] = self.embed[used] * self.decay + means[used] * (1 - self.decay)
+        dead = self.cluster_size < self.threshold
+        if dead.any():
+            n, k = len(unit), int(dead.sum())
+            picks = torch.randperm(n, device=unit.device)[:k] if n >= k else torch.randint(n, (k,), device=unit.device)
+            fresh = unit[picks]
+            if _distributed():
+                dist.broadcast(fresh, src=0)  # every replica restarts the same codes
+            self.embed[dead] = fresh
+            self.restarts += k
+
+
+class Quantizer(nn.Module):
+    """(B, dim, n, n) latents -> (straight-through codes (B, dim, n, n), commitment loss, ids (B, n, n))."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.commitment_weight = cfg.commitment_weight
+        # "_codebook": the name the published state dicts use (quantize._codebook.embed)
+        self._codebook = CosineCodebook(cfg.codebook_size, cfg.latent_dim, cfg.ema_decay,
+                                        cfg.threshold_ema_dead_code)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self._codebook.embed
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.codebook).permute(0, 3, 1, 2)
+
+    def nearest(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, dim, n, n) latents -> their codes' ids (B, n, n), the codebook untouched."""
+        return self._codebook.nearest(latents.permute(0, 2, 3, 1))
+
+    def forward(self, latents: torch.Tensor):
+        b, d, nh, nw = latents.shape
+        flat = latents.permute(0, 2, 3, 1).reshape(b, nh * nw, d)
+        ids = self._codebook.nearest(flat)
+        codes = F.embedding(ids, self.codebook)
+        loss = torch.zeros((), device=latents.device)
+        if self.training:
+            self._codebook.update(flat.detach().reshape(-1, d), ids.reshape(-1))
+            loss = self.commitment_weight * F.mse_loss(codes.detach(), flat.float())
+            codes = flat + (codes - flat).detach()
+        codes = codes.reshape(b, nh, nw, d).permute(0, 3, 1, 2)
+        return codes, loss, ids.reshape(b, nh, nw)
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class EMAQuantizer(nn.Module):
-    """l2-normalized codebook updated by EMA, with dead-code restart (paper B.3).
-
-    Codes and encoder outputs are unit vectors, so the nearest code is the one with the largest dot
-    product. After each training step, codes whose EMA count fell below batch_tokens / (c * N) are replaced
-    by random encoder outputs of the batch. Statistics are summed over data-parallel workers and restarts
-    are drawn on rank 0, so every replica keeps the same codebook.
-    """
-
-    def __init__(self, size: int, dim: int, decay: float = 0.99, c_replace: float = 32.0):
-        super().__init__()
-        self.size, self.decay, self.c_replace = size, decay, c_replace
-        codes = F.normalize(torch.randn(size, dim), dim=-1)
-        self.register_buffer("codebook", codes)
-        self.register_buffer("ema_count", torch.ones(size))
-        self.register_buffer("ema_sum", codes.clone())
-        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
-
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.codebook)
-
-    def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        return (z.float() @ self.codebook.t()).argmax(-1)
-
-    def forward(self, z: torch.Tensor):
-        """z (B, n, d), unit vectors -> (straight-through codes, ids (B, n), commitment loss)."""
-        ids = self.nearest(z)
-        codes = self.lookup(ids).to(z.dtype)
-        if self.training:
-            self.update(z.detach().reshape(-1, z.shape[-1]).float(), ids.reshape(-1))
-        commitment = F.mse_loss(z, codes.detach())
-        return z + (codes - z).detach(), ids, commitment
-
-    @torch.no_grad()
-    def update(self, vectors: torch.Tensor, ids: torch.Tensor) -> None:
-        counts = torch.bincount(ids, minlength=self.size).float()
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, ids, vectors)
-        tokens = torch.tensor(float(len(ids)), device=vectors.device)
-        if _distributed():
-            for t in (counts, sums, tokens):
-                dist.all_reduce(t)
-        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        self.codebook.copy_(F.normalize(self.ema_sum, dim=-1))
-        threshold = float(tokens) / (self.c_replace * self.size)
-        dead = self.ema_count < threshold
-        if dead.any():
-            self.restart(dead, vectors, threshold)
-
-    @torch.no_grad()
-    def restart(self, dead: torch.Tensor, vectors: torch.Tensor, threshold: float) -> None:
-        picks = torch.randint(len(vectors), (int(dead.sum()),), device=vectors.device)
-        fresh = F.normalize(vectors[picks], dim=-1)
-        if _distributed():
-            dist.broadcast(fresh, src=0)
-        self.codebook[dead] = fresh
-        self.ema_sum[dead] = fresh * threshold
-        self.ema_count[dead] = threshold
-        self.restarts += int(dead.sum())
+# --- the diffusion decoder: a patched UNet ----------------------------------------------------------------
 
 
-# --- encoder and decoders ----------------------------------------------------------------------------------
+class GroupNorm32(nn.GroupNorm):
+    """32 groups, computed in float32 (the UNet's normalisation)."""
 
-
-def _blocks(width: int, depth: int, heads: int) -> nn.Sequential:
-    from timm.models.vision_transformer import Block
-
-    return nn.Sequential(*[Block(width, heads, qkv_bias=True) for _ in range(depth)])
-
-
-class ViTEncoder(nn.Module):
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        channels = cfg.in_channels
-        if cfg.loss == "ce":  # class ids -> a small learned embedding per class, then the patch projection
-            self.classes = nn.Embedding(cfg.in_channels, cfg.latent_dim)
-            channels = cfg.latent_dim
-        self.patch = nn.Conv2d(channels, cfg.width, cfg.patch_size, cfg.patch_size)
-        self.pos = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.width) * 0.02)
-        self.blocks = _blocks(cfg.width, cfg.depth, cfg.heads)
-        self.norm = nn.LayerNorm(cfg.width)
-        self.to_latent = nn.Linear(cfg.width, cfg.latent_dim)
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
 
     def forward(self, x):
-        if hasattr(self, "classes"):
-            x = self.classes(x).permute(0, 3, 1, 2)
-        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        return F.normalize(self.to_latent(self.norm(self.blocks(tokens))), dim=-1)
+        return super().forward(x.float()).type(x.dtype)
 
 
-class ViTDecoder(nn.Module):
-    """Codes -> per-token outputs: class logits per pixel (semseg) or the feature vector (clip)."""
-
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.from_latent = nn.Linear(cfg.latent_dim, cfg.width)
-        self.pos = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.width) * 0.02)
-        self.blocks = _blocks(cfg.width, cfg.depth, cfg.heads)
-        self.norm = nn.LayerNorm(cfg.width)
-        self.out = nn.Linear(cfg.width, cfg.in_channels * cfg.patch_size ** 2)
-
-    def forward(self, codes):
-        cfg, grid, p = self.cfg, self.cfg.grid, self.cfg.patch_size
-        out = self.out(self.norm(self.blocks(self.from_latent(codes) + self.pos)))  # (B, n, C*p*p)
-        out = out.reshape(len(codes), grid, grid, cfg.in_channels, p, p).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(len(codes), cfg.in_channels, grid * p, grid * p)
-
-
-def _timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
     angles = t.float()[:, None] * freqs[None]
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, tdim: int):
+    def __init__(self, channels: int, out: int, emb: int):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(min(8, cin), cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.time = nn.Linear(tdim, cout)
-        self.norm2, self.conv2 = nn.GroupNorm(min(8, cout), cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, out))
+        self.out_layers = nn.Sequential(GroupNorm32(out), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out, out, 3, padding=1))
+        self.skip_connection = nn.Identity() if out == channels else nn.Conv2d(channels, out, 1)
+        nn.init.zeros_(self.out_layers[-1].weight)  # each block starts as the identity
+        nn.init.zeros_(self.out_layers[-1].bias)
 
-    def forward(self, x, t):
-        h = self.conv1(F.silu(self.norm1(x))) + self.time(t)[:, :, None, None]
-        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb).type(x.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, channels: int, heads: int = 4):
+class AttentionBlock(nn.Module):
+    """Self-attention over positions, one head, q/k/v split per head first (the OpenAI UNet's "legacy" order)."""
+
+    def __init__(self, channels: int, heads: int = 1):
         super().__init__()
-        self.norm = nn.GroupNorm(min(8, channels), channels)
-        self.attn = nn.MultiheadAttention(channels, heads if channels % heads == 0 else 1, batch_first=True)
+        self.heads = heads
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x):
         b, c, h, w = x.shape
-        seq = self.norm(x).flatten(2).transpose(1, 2)
-        return x + self.attn(seq, seq, seq, need_weights=False)[0].transpose(1, 2).reshape(b, c, h, w)
+        flat = x.reshape(b, c, h * w)
+        q, k, v = self.qkv(self.norm(flat)).reshape(b * self.heads, 3 * c // self.heads, h * w).chunk(3, dim=1)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return (flat + self.proj_out(a.transpose(1, 2).reshape(b, c, h * w))).reshape(b, c, h, w)
 
 
-class PatchUNet(nn.Module):
-    """The diffusion decoder: a UNet over 4x4 pixel patches, conditioned on the upsampled codes.
-
-    Input: the noised image patched to (16C, 56, 56) concatenated with the 32-d codes upsampled from 14x14
-    to 56x56; output: the clean image (x0 prediction), unpatched to (C, 224, 224).
-    """
-
-    patch = 4
-
-    def __init__(self, cfg: TokenizerConfig):
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
         super().__init__()
-        c, base, tdim = cfg.in_channels * self.patch ** 2, cfg.unet_channels, cfg.unet_channels * 4
-        self.time = nn.Sequential(nn.Linear(base, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
-        self.inp = nn.Conv2d(c + cfg.latent_dim, base, 3, padding=1)
-        widths = [base * m for m in cfg.unet_mults]
-        attention_from = len(widths) - cfg.unet_attention_levels
-        self.down, self.up, skips, cin = nn.ModuleList(), nn.ModuleList(), [base], base
-        for level, width in enumerate(widths):
-            for _ in range(cfg.unet_blocks):
-                self.down.append(nn.ModuleList([ResBlock(cin, width, tdim),
-                                                SelfAttention(width) if level >= attention_from else nn.Identity()]))
-                cin = width
-                skips.append(cin)
-            if level < len(widths) - 1:
-                self.down.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))
-                skips.append(cin)
-        self.mid = nn.ModuleList([ResBlock(cin, cin, tdim), SelfAttention(cin), ResBlock(cin, cin, tdim)])
-        for level, width in reversed(list(enumerate(widths))):
-            for _ in range(cfg.unet_blocks + 1):
-                self.up.append(nn.ModuleList([ResBlock(cin + skips.pop(), width, tdim),
-                                              SelfAttention(width) if level >= attention_from else nn.Identity()]))
-                cin = width
-            if level > 0:
-                self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
-        self.out = nn.Sequential(nn.GroupNorm(min(8, cin), cin), nn.SiLU(), nn.Conv2d(cin, c, 3, padding=1))
-        self.base = base
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
-    def forward(self, noisy, t, codes_map):
-        x = F.pixel_unshuffle(noisy, self.patch)
-        cond = F.interpolate(codes_map, size=x.shape[-2:], mode="nearest")
-        temb = self.time(_timestep_embedding(t, self.base))
-        h = self.inp(torch.cat([x, cond], dim=1))
-        skips = [h]
-        for layer in self.down:
-            if isinstance(layer, nn.ModuleList):
-                h = layer[1](layer[0](h, temb))
-            else:
-                h = layer(h)
-            skips.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
-        for layer in self.up:
-            if isinstance(layer, nn.ModuleList):
-                h = layer[1](layer[0](torch.cat([h, skips.pop()], dim=1), temb))
-            else:
-                h = layer(h)
-        return F.pixel_shuffle(self.out(h), self.patch)
+    def forward(self, x):
+        return self.op(x)
 
 
-TERMINAL_SIGNAL = 1e-3  # alpha_bar at the last training timestep: sampling starts from pure noise, so must training
-
-
-def noise_schedule(steps: int) -> torch.Tensor:
-    """DDPM's linear betas (1e-4 .. 0.02 over 1000 steps), scaled by 1000/steps for shorter schedules.
-
-    Unscaled, 100 steps would end at alpha_bar 0.36: the decoder would never see an input without most of the
-    image in it, learn to denoise rather than to decode its tokens, and fail from the pure noise sampling
-    starts with. Scaled, every schedule of 2 steps or more ends near zero signal (1000 steps: 4e-5).
-    """
-    scale = 1000 / steps
-    betas = torch.linspace(1e-4 * scale, 0.02 * scale, steps, dtype=torch.float64).clamp(max=0.999)
-    terminal = float(torch.prod(1 - betas))
-    if terminal > TERMINAL_SIGNAL:
-        raise ValueError(f"diffusion_steps={steps}: the schedule ends at alpha_bar {terminal:.3g}, above "
-                         f"{TERMINAL_SIGNAL} (signal left where sampling starts from noise); use 2 steps or more")
-    return betas
-
-
-class Diffusion(nn.Module):
-    """The diffusion decoder: diffusers' DDPM noising for training (x0 prediction), DDIM for sampling.
-
-    Sampling uses the "trailing" timesteps (Lin et al. 2023, the reference's default): the first step is the
-    last training timestep, the one whose input is (near) pure noise, as the sampler's start is.
-    """
-
-    def __init__(self, cfg: TokenizerConfig):
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
         super().__init__()
-        from diffusers import DDIMScheduler, DDPMScheduler
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-        self.cfg, self.unet = cfg, PatchUNet(cfg)
-        betas = noise_schedule(cfg.diffusion_steps).numpy()
-        common = dict(num_train_timesteps=cfg.diffusion_steps, trained_betas=betas, prediction_type="sample",
-                      clip_sample=True, clip_sample_range=1.0)
-        self.train_scheduler = DDPMScheduler(**common)
-        self.sampler = DDIMScheduler(**common, set_alpha_to_one=True, timestep_spacing="trailing")
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
-    @property
-    def alpha_bar(self) -> torch.Tensor:
-        return self.train_scheduler.alphas_cumprod
 
-    def noised(self, x0, t, noise):
-        return self.train_scheduler.add_noise(x0, noise, t)
+class EmbedSequential(nn.Sequential):
+    """Layers in order; the residual blocks also get the timestep embedding."""
 
-    def training_prediction(self, x0, codes_map, generator=None):
-        t = torch.randint(self.cfg.diffusion_steps, (len(x0),), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
-        return self.unet(self.noised(x0, t, noise), t, codes_map)
-
-    @torch.no_grad()
-    def sample(self, codes_map, shape, steps: int | None = None, generator=None, start=None):
-        """DDIM from pure noise, or from `start` (a tensor already noised to the first timestep)."""
-        self.sampler.set_timesteps(steps or self.cfg.sample_steps)
-        x = start if start is not None else torch.randn(shape, generator=generator, device=codes_map.device)
-        for t in self.sampler.timesteps:
-            prediction = self.unet(x, t.to(x.device).expand(len(x)), codes_map).float()
-            x = self.sampler.step(prediction, int(t), x).prev_sample
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
         return x
 
-    def first_timestep(self, steps: int | None = None) -> int:
-        self.sampler.set_timesteps(steps or self.cfg.sample_steps)
-        return int(self.sampler.timesteps[0])
+
+class PatchedUNet(nn.Module):
+    """The diffusion decoder: x_t patched to (C*p*p, H/p, W/p), the codes resized (nearest) to that grid and
+    concatenated, a UNet with skip connections, unpatched back. Predicts what `prediction_type` says (x0)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        preset = UNET_PRESETS[cfg.dec_type]
+        p, base, mults = preset["patch_size"], preset["channels"], preset["mults"]
+        self.patch, self.base = p, base
+        emb, first = 4 * base, mults[0] * base
+        self.time_embed = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.n_channels * p * p + cfg.latent_dim,
+                                                                     first, 3, padding=1))])
+        skips, ch, scale = [first], first, 1
+        for level, mult in enumerate(mults):
+            for _ in range(preset["res_blocks"]):
+                layers = [ResBlock(ch, mult * base, emb)]
+                ch = mult * base
+                if scale in preset["attention_at"]:
+                    layers.append(AttentionBlock(ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skips.append(ch)
+            if level < len(mults) - 1:
+                self.input_blocks.append(EmbedSequential(Downsample(ch)))
+                skips.append(ch)
+                scale *= 2
+        self.middle_block = EmbedSequential(ResBlock(ch, ch, emb), AttentionBlock(ch), ResBlock(ch, ch, emb))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(mults))):
+            for i in range(preset["res_blocks"] + 1):
+                layers = [ResBlock(ch + skips.pop(), mult * base, emb)]
+                ch = mult * base
+                if scale in preset["attention_at"]:
+                    layers.append(AttentionBlock(ch))
+                if level and i == preset["res_blocks"]:
+                    layers.append(Upsample(ch))
+                    scale //= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(first, cfg.n_channels * p * p, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x_t, t, codes):
+        x = F.pixel_unshuffle(x_t, self.patch)  # channels in (c, row, col) order, as the reference's patches
+        x = torch.cat([x, F.interpolate(codes.type(x.dtype), size=x.shape[-2:], mode="nearest")], dim=1)
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        emb = self.time_embed(timestep_embedding(t, self.base)).type(x.dtype)
+        skips = []
+        for block in self.input_blocks:
+            x = block(x, emb)
+            skips.append(x)
+        x = self.middle_block(x, emb)
+        for block in self.output_blocks:
+            x = block(torch.cat([x, skips.pop()], dim=1), emb)
+        return F.pixel_shuffle(self.out(x), self.patch)
 
 
-# --- the VQ-VAE --------------------------------------------------------------------------------------------
+def diffusion_scheduler(cfg: VQConfig, kind: str | None = None):
+    """diffusers' scheduler with the tokenizer's settings: DDIM with trailing timesteps (its first step starts
+    from pure noise; deterministic), or DDPM with the reference's leading spacing (its default decoder)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kind = kind or cfg.scheduler
+    common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                  prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample, thresholding=cfg.thresholding,
+                  sample_max_value=1.0, rescale_betas_zero_snr=cfg.zero_terminal_snr)
+    if kind == "ddim":
+        return DDIMScheduler(**common, timestep_spacing="trailing")
+    if kind == "ddpm":
+        return DDPMScheduler(**common, timestep_spacing="leading")
+    raise ValueError(f"scheduler {kind!r}: expected 'ddim' or 'ddpm'")
+
+
+# --- the tokenizer -------------------------------------------------------------------------------------------
 
 
 class VQVAE(nn.Module):
-    def __init__(self, cfg: TokenizerConfig):
+    """Encoder, quantizer and decoder under the published names: `cls_emb`, `encoder`, `quant_proj`, `quantize`,
+    and `post_quant_proj` + a ViT `decoder`, or a UNet `decoder` conditioned on the codes themselves."""
+
+    def __init__(self, cfg: VQConfig):
         super().__init__()
+        cfg.check("tokenizer settings")
         self.cfg = cfg
+        self.cls_emb = nn.Embedding(cfg.n_labels, cfg.n_channels) if cfg.n_labels else None
         self.encoder = ViTEncoder(cfg)
-        self.quantizer = EMAQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.ema_decay, cfg.c_replace)
-        self.decoder = Diffusion(cfg) if cfg.decoder == "diffusion" else ViTDecoder(cfg)
-
-    def _codes_map(self, codes):
-        g = self.cfg.grid
-        return codes.transpose(1, 2).reshape(len(codes), -1, g, g)
-
-    @torch.no_grad()
-    def tokenize(self, x) -> torch.Tensor:
-        """Inputs -> token ids (B, 196)."""
-        return self.quantizer.nearest(self.encoder(x))
-
-    @torch.no_grad()
-    def detokenize(self, ids, steps: int | None = None, generator=None, start=None) -> torch.Tensor:
-        """Token ids -> reconstruction (semseg: class logits; diffusion decoders: DDIM sampling from noise,
-        or from `start`, an input already noised to the sampler's first timestep)."""
-        codes = self.quantizer.lookup(ids)
-        if self.cfg.decoder == "diffusion":
-            size = self.cfg.image_size
-            return self.decoder.sample(self._codes_map(codes), (len(ids), self.cfg.in_channels, size, size),
-                                       steps, generator, start)
-        return self.decoder(codes)
-
-    def forward(self, x, generator=None) -> dict:
-        codes, ids, commitment = self.quantizer(self.encoder(x))
-        if self.cfg.decoder == "diffusion":
-            prediction = self.decoder.training_prediction(x, self._codes_map(codes), generator)
+        self.quant_proj = nn.Conv2d(self.encoder.width, cfg.latent_dim, 1)
+        self.quantize = Quantizer(cfg)
+        if cfg.diffusion:
+            self.decoder = PatchedUNet(cfg)
+            self.noise_scheduler = diffusion_scheduler(cfg, "ddpm")  # training's noising (not a module)
         else:
-            prediction = self.decoder(codes)
-        reconstruction = reconstruction_loss(self.cfg.loss, prediction.float(), x)
-        loss = reconstruction + self.cfg.commitment_weight * commitment
-        return {"loss": loss, "reconstruction_loss": reconstruction, "commitment_loss": commitment, "ids": ids}
+            self.decoder = ViTDecoder(cfg, cfg.n_labels or cfg.n_channels)
+            self.post_quant_proj = nn.Conv2d(cfg.latent_dim, self.decoder.width, 1)
+
+    def encode(self, x: torch.Tensor):
+        """Inputs -> (codes (B, latent, n, n), commitment loss, ids (B, n, n)); training moves the codebook."""
+        return self.quantize(self._latents(x))
+
+    def _latents(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cls_emb is not None:
+            x = self.cls_emb(x).permute(0, 3, 1, 2)
+        return self.quant_proj(self.encoder(x))
+
+    @torch.no_grad()
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs -> token ids (B, n, n); in training mode too, without moving the codebook."""
+        return self.quantize.nearest(self._latents(x))
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The ViT decoder's output from codes (B, latent, n, n)."""
+        return self.decoder(self.post_quant_proj(codes))
+
+    def forward(self, x: torch.Tensor, loss: str = "mse", generator: torch.Generator | None = None) -> dict:
+        """One training step's losses on a batch of (preprocessed) inputs. A ViT decoder reconstructs from the
+        codes; a diffusion decoder is asked, at a timestep drawn uniformly, for what `prediction_type` names (x0,
+        the noise or v) from the noised input. `loss`: "mse", "smooth_l1", or "ce" over the labels."""
+        measure = {"ce": F.cross_entropy, "smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}[loss]
+        codes, commitment, ids = self.encode(x)
+        if self.cfg.diffusion:
+            scheduler = self.noise_scheduler
+            t = torch.randint(self.cfg.num_train_timesteps, (len(x),), generator=generator).to(x.device)
+            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            prediction = self.decoder(scheduler.add_noise(x, noise, t), t, codes)
+            target = {"sample": x, "epsilon": noise}.get(self.cfg.prediction_type)
+            if target is None:
+                target = scheduler.get_velocity(x, noise, t)
+            reconstruction = measure(prediction.float(), target.float())
+        else:
+            prediction = self.decode_codes(codes).float()
+            reconstruction = measure(prediction, x if loss == "ce" else x.float())
+        return {"loss": reconstruction + commitment, "reconstruction_loss": reconstruction,
+                "commitment_loss": commitment, "ids": ids}
+
+    @torch.no_grad()
+    def decode_tokens(self, ids: torch.Tensor, steps: int | None = None, scheduler: str = "ddim",
+                      generator: torch.Generator | None = None, image_size: int | None = None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, n, n) -> the decoded input. Diffusion decoders sample `steps` steps (DDIM by default,
+        deterministic given the starting noise; "ddpm" is the reference's own default) from `noise`, or from
+        Gaussian noise drawn on the CPU from `generator` as the reference's pipeline draws it."""
+        codes = self.quantize.lookup(ids)
+        if not self.cfg.diffusion:
+            return self.decode_codes(codes)
+        sampler = diffusion_scheduler(self.cfg, scheduler)
+        sampler.set_timesteps(steps or self.cfg.num_train_timesteps)
+        size = image_size or ids.shape[-1] * self.cfg.patch_size
+        if noise is None:
+            noise = torch.randn(len(ids), self.cfg.n_channels, size, size, generator=generator)
+        x = noise.to(codes.device)
+        for t in sampler.timesteps:
+            prediction = self.decoder(x, t, codes).float()
+            x = sampler.step(prediction, t, x, generator=generator).prev_sample
+        return x
 
 
-def reconstruction_loss(kind: str, prediction, target):
-    if kind == "ce":
-        return F.cross_entropy(prediction, target)
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(prediction, target.float())
-    return F.mse_loss(prediction, target.float())
+# --- a modality's settings -------------------------------------------------------------------------------------
+
+SIZES = {  # the encoder, the two decoders, and a class map's embedding width, per size
+    "paper": dict(enc_type="vit_b_enc", vit_dec="vit_b_dec", unet_dec="unet_patched", label_width=64),
+    "tiny": dict(enc_type="vit_tiny_enc", vit_dec="vit_tiny_dec", unet_dec="unet_patched_tiny", label_width=16),
+}
+DIFFUSION = dict(num_train_timesteps=1000, scheduler="ddpm", beta_schedule="linear", prediction_type="sample",
+                 clip_sample=True, thresholding=True, zero_terminal_snr=True)  # the published tokenizers' own
+
+
+def tokenizer_config(modality: str, size: str = "paper", **overrides) -> VQConfig:
+    """A modality's tokenizer settings from its registry entry (`tokenizer`: in_channels, codebook_size, decoder
+    "vit" or "diffusion", loss; patch_size 1 for feature maps), at a size; `overrides` are VQConfig fields.
+    Class maps are embedded, with one label more than their classes (the reference's unlabelled 0)."""
+    known = [m.name for m in registry.tokenized()]
+    if modality not in known:
+        raise ValueError(f"no tokenizer for modality {modality!r} (known: {', '.join(known)})")
+    if size not in SIZES:
+        raise ValueError(f"size {size!r}: expected {' or '.join(map(repr, SIZES))}")
+    entry, preset = registry.get(modality).tokenizer, SIZES[size]
+    classes = entry["loss"] == "ce"
+    settings = dict(image_size=224, enc_type=preset["enc_type"], patch_size=16, post_mlp=True, latent_dim=32,
+                    patch_proj=entry.get("patch_size", 16) != 1, codebook_size=entry["codebook_size"],
+                    n_channels=preset["label_width"] if classes else entry["in_channels"],
+                    n_labels=entry["in_channels"] + 1 if classes else None)
+    if entry["decoder"] == "diffusion":
+        settings |= dict(DIFFUSION, dec_type=preset["unet_dec"])
+    else:
+        settings["dec_type"] = preset["vit_dec"]
+    return VQConfig(**{**settings, **overrides})
+
+
+def dead_code_threshold(batch_size: int, tokens_per_sample: int, codebook_size: int, coefficient: float = 32.0):
+    """The EMA count under which a code is restarted: 1/32 of its share of a batch's tokens (the reference's
+    `coef_ema_dead_code` 32)."""
+    return batch_size * tokens_per_sample / codebook_size / coefficient
+
+
+# --- quality figures ----------------------------------------------------------------------------------------
 
 
 def reconstruction_metric(modality: str, reconstruction, target) -> tuple[str, float]:
@@ -413,21 +609,39 @@ def codebook_usage(ids: torch.Tensor, size: int) -> dict:
     return {"codes_used": float((counts > 0).float().mean()), "perplexity": float(entropy.exp())}
 
 
+# --- loading and saving ------------------------------------------------------------------------------------
+
+
+def state_dict_problems(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `tensors` from loading into `model` one to one: missing, unknown and mis-shaped names."""
+    expected = model.state_dict()
+    problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in expected.items() if k not in tensors]
+    problems += [f"unknown tensor {k} {tuple(v.shape)}" for k, v in tensors.items() if k not in expected]
+    problems += [f"tensor {k} has shape {tuple(v.shape)}, the settings make {tuple(expected[k].shape)}"
+                 + (" (codebook_size?)" if k.endswith(("_codebook.embed", "cluster_size")) else "")
+                 for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    return problems
+
+
+def read_published(source: str | Path) -> tuple[VQConfig, dict[str, torch.Tensor]]:
+    """A published tokenizer's settings and tensors (float ones as float32); see models/published.py."""
+    settings, tensors, where = read_checkpoint(source, "dec_type", ValueError)
+    config = VQConfig.from_dict(settings, where)
+    return config, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def load_tokenizer(source: str | Path, device: str | torch.device = "cpu") -> VQVAE:
+    config, tensors = read_published(source)
+    model = VQVAE(config)
+    problems = state_dict_problems(model, tensors)
+    if problems:
+        raise ValueError(f"{source}: its tensors do not fit its settings:\n  " + "\n  ".join(problems))
+    model.load_state_dict(tensors)
+    return model.to(device).eval()
+
+
 def save_tokenizer(model: VQVAE, folder: str | Path) -> None:
+    """The published layout: `config.json` (the constructor's arguments) and `model.safetensors`."""
     folder = Path(folder)
     write_json(folder / "config.json", asdict(model.cfg))
     save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-
-
-def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu") -> VQVAE:
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no tokenizer in {str(folder)!r} (config.json missing): train it first")
-    settings = json.loads((folder / "config.json").read_text())
-    for key in ("unet_mults", "crop_scale", "crop_ratio"):
-        settings[key] = tuple(settings[key])
-    model = VQVAE(TokenizerConfig(**settings))
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    return model.to(device).eval()

@@ -315,24 +315,26 @@ def quality_targets(modality: str, rgb):
     return features.transpose(1, 2).reshape(len(rgb), 512, side, side)
 
 
-def fit_tokenizer(model, data, steps: int, lr: float, batch: int = 4, seed: int = 0):
+def fit_tokenizer(model, data, steps: int, lr: float, batch: int = 4, seed: int = 0, loss: str = "mse",
+                  flip: bool = True):
     """A short AdamW run on random batches with flips (warmup, cosine decay), as the training stage steps."""
     import math
 
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=0.0)
     model.train()
     for step in range(steps):
         picks = torch.randint(len(data), (batch,), generator=generator)
         x = data[picks]
-        if torch.rand((), generator=generator) < 0.5 and model.cfg.modality != "normal":
+        if torch.rand((), generator=generator) < 0.5 and flip:
             x = x.flip(-1)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = model(x, generator=generator)["loss"]
+        out = model(x, loss=loss, generator=generator)["loss"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out.backward()
         optimizer.step()
     return model.eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.vq import VQConfig, VQTokenizer, load_published, save_vq, sincos_table
+from models.vqvae import VQVAE, VQConfig, load_tokenizer, save_tokenizer, sincos_table, tokenizer_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 sys.path.insert(0, str(FIXTURES))
@@ -22,7 +22,7 @@ NAMES = ("rgb", "depth", "semseg", "clip")
 @pytest.fixture(scope="module")
 def reference():
     """Each fixture tokenizer loaded from its published folder, with the reference's outputs."""
-    return {name: (load_published(FIXTURES / "tokenizers" / name),
+    return {name: (load_tokenizer(FIXTURES / "tokenizers" / name),
                    load_file(FIXTURES / "tokenizers" / name / "outputs.safetensors")) for name in NAMES}
 
 
@@ -91,7 +91,7 @@ def test_a_single_safetensors_file_with_its_settings_in_metadata_loads(tmp_path,
     single = tmp_path / "clip.safetensors"
     save_file(load_file(folder / "model.safetensors"), single, metadata={k: json.dumps(v) for k, v in settings.items()})
     _, outputs = reference["clip"]
-    assert torch.equal(load_published(single).tokenize(tokenizer_input("clip", 224)), outputs["ids_224"])
+    assert torch.equal(load_tokenizer(single).tokenize(tokenizer_input("clip", 224)), outputs["ids_224"])
 
 
 def test_a_missing_tensor_is_refused_by_name(tmp_path):
@@ -100,7 +100,7 @@ def test_a_missing_tensor_is_refused_by_name(tmp_path):
     del tensors["encoder.blocks.1.attn.qkv.weight"]
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing tensor encoder\.blocks\.1\.attn\.qkv\.weight"):
-        load_published(folder)
+        load_tokenizer(folder)
 
 
 def test_a_wrong_codebook_size_is_refused_by_name(tmp_path):
@@ -109,7 +109,7 @@ def test_a_wrong_codebook_size_is_refused_by_name(tmp_path):
     (folder / "config.json").write_text(json.dumps({**settings, "codebook_size": 128}))
     with pytest.raises(ValueError, match=r"quantize\._codebook\.embed has shape \(64, 32\), the settings make "
                                          r"\(128, 32\) \(codebook_size\?\)"):
-        load_published(folder)
+        load_tokenizer(folder)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -123,23 +123,23 @@ def test_unknown_and_unsupported_settings_are_refused_by_name(tmp_path, change, 
     settings = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**settings, **change}))
     with pytest.raises(ValueError, match=message) as refused:
-        load_published(folder)
+        load_tokenizer(folder)
     assert str(folder / "config.json") in str(refused.value)  # where the bad value came from
 
 
 def test_a_saved_tokenizer_is_in_the_published_layout_and_loads_back(tmp_path, reference):
     model, outputs = reference["depth"]
-    save_vq(model, tmp_path / "depth")
+    save_tokenizer(model, tmp_path / "depth")
     assert sorted(p.name for p in (tmp_path / "depth").iterdir()) == ["config.json", "model.safetensors"]
     assert set(load_file(tmp_path / "depth" / "model.safetensors")) == set(model.state_dict())
-    again = load_published(tmp_path / "depth")
+    again = load_tokenizer(tmp_path / "depth")
     assert torch.equal(again.tokenize(tokenizer_input("depth", 224)), outputs["ids_224"])
 
 
 def test_the_codebook_moves_toward_its_latents_and_restarts_dead_codes():
     cfg = VQConfig(dec_type="vit_tiny_dec", enc_type="vit_tiny_enc", image_size=32, n_channels=3, codebook_size=8,
                    threshold_ema_dead_code=0.5, ema_decay=0.5)
-    model = VQTokenizer(cfg).train()
+    model = VQVAE(cfg).train()
     before = model.quantize.codebook.clone()
     latents = torch.randn(2, 32, 2, 2)
     codes, loss, ids = model.quantize(latents)
@@ -179,15 +179,19 @@ def test_our_crops_reach_the_reference_tokenizers_preprocessed_as_its_own_transf
     assert float(back.amin()) == -1 and float(back.amax()) == 1
 
 
-def test_each_modality_names_its_published_tokenizer_and_settings_that_fit_it():
+def test_each_modality_names_its_published_tokenizer_and_our_paper_settings_are_its_architecture():
     from core import registry
 
     for modality in registry.tokenized():
         assert modality.published_tokenizer.startswith("EPFL-VILAB/4M_tokenizers_")
-        cfg = VQConfig(**modality.reference_tokenizer)
+        cfg = tokenizer_config(modality.name, "paper", image_size=448)
         cfg.check(modality.name)
         assert modality.reference_tokenizer_problems(cfg) == []
-        assert cfg.codebook_size == modality.tokenizer["codebook_size"]  # the vocabulary 4M's embeddings expect
-    rgb = VQConfig(**registry.get("rgb").reference_tokenizer)
+        assert cfg.enc_type == "vit_b_enc" and cfg.dec_type in ("vit_b_dec", "unet_patched") and cfg.post_mlp
+    rgb, semseg, clip = (tokenizer_config(m, "paper") for m in ("rgb", "semseg", "clip"))
+    assert (rgb.codebook_size, rgb.dec_type, rgb.prediction_type, rgb.beta_schedule) == (16384, "unet_patched",
+                                                                                         "sample", "linear")
+    assert (semseg.n_labels, semseg.n_channels, semseg.dec_type) == (134, 64, "vit_b_dec")
+    assert (clip.n_channels, clip.patch_proj, clip.codebook_size) == (512, False, 8192)
     assert registry.get("depth").reference_tokenizer_problems(rgb) == [
         "depth is 1-channel images: the tokenizer reads n_channels=3, n_labels=None, patch_proj=True"]

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.vqvae import (VQVAE, EMAQuantizer, baseline_metric, load_tokenizer, reconstruction_metric,
-                          tokenizer_config)
+from models.vqvae import (VQVAE, CosineCodebook, baseline_metric, load_tokenizer, reconstruction_metric,
+                          save_tokenizer, tokenizer_config)
 from pipeline.cli import main as cli
 from core.config import load_config
 from stages.label.label import run_label
 from stages.dataset.shards import DatasetLayout
+from stages.tokenizers.dataset_tokenizers import decode_tokens
 from stages.tokenizers.tokenize import run_tokenize
 from stages.tokenizers.train_tokenizer import (eval_batch, modality_shards, model_config, run_train_tokenizers, train_dense,
                                     tokenizer_dir)
@@ -39,65 +40,67 @@ def members(path) -> dict[str, bytes]:
 
 def test_restart_revives_dead_codes():
     torch.manual_seed(0)
-    quantizer = EMAQuantizer(size=16, dim=4, decay=0.5, c_replace=1.0)
+    codebook = CosineCodebook(size=16, dim=4, decay=0.5, threshold=1.0)
     direction = F.normalize(torch.tensor([1.0, 0.2, 0.0, 0.0]), dim=0)
-    quantizer.codebook[0] = direction  # one code sits where every vector falls; the rest never win
-    quantizer.ema_sum[0] = direction
-    before = quantizer.codebook.clone()
-    batch = F.normalize(direction + 0.3 * torch.randn(64, 4), dim=-1)
-    quantizer.train()
-    quantizer(batch[None])
-    # code 0 took all 64 vectors (EMA count 32.5); the 15 others fell below 64 / (1 * 16) and restarted
-    assert int(quantizer.restarts) == 15 and (quantizer.codebook[1:] != before[1:]).any(-1).all()
-    assert torch.equal(quantizer.ema_count[1:], torch.full((15,), 4.0))
-    # every revived code is one of the batch's vectors, so it now wins some of them
-    for code in quantizer.codebook[1:]:
-        assert torch.isclose(batch @ code, torch.ones(1), atol=1e-5).any()
-    assert len(quantizer.nearest(batch).unique()) > 1
+    codebook.embed[0] = direction  # one code sits where every vector falls; the rest, opposite, never win
+    codebook.embed[1:] = F.normalize(-direction + 0.1 * torch.randn(15, 4), dim=-1)
+    before = codebook.embed.clone()
+    batch = direction + 0.3 * torch.randn(64, 4)
+    ids = codebook.nearest(batch)
+    assert torch.equal(ids, torch.zeros(64, dtype=torch.long))
+    codebook.update(batch, ids)
+    # code 0 took all 64 vectors (EMA count 32); the 15 others stayed at 0, below 1, and restarted
+    assert int(codebook.restarts) == 15 and (codebook.embed[1:] != before[1:]).any(-1).all()
+    # every revived code is one of the batch's (unit) vectors, so it now wins some of them
+    unit = F.normalize(batch, dim=-1)
+    for code in codebook.embed[1:]:
+        assert torch.isclose(unit @ code, torch.ones(1), atol=1e-5).any()
+    assert len(codebook.nearest(batch).unique()) > 1
 
 
 def test_ema_moves_used_codes_towards_their_vectors():
-    quantizer = EMAQuantizer(size=4, dim=2, decay=0.9, c_replace=1e9)  # no code is ever dead here
-    quantizer.codebook.copy_(torch.eye(2).repeat(2, 1))
-    quantizer.ema_sum.copy_(quantizer.codebook)
+    codebook = CosineCodebook(size=4, dim=2, decay=0.9, threshold=0.0)  # no code is ever dead here
+    codebook.embed.copy_(torch.eye(2).repeat(2, 1))
     target = F.normalize(torch.tensor([[1.0, 0.5]]), dim=-1)
-    quantizer.restart = lambda *a: None
-    for _ in range(50):
-        quantizer.update(target.repeat(8, 1), torch.zeros(8, dtype=torch.long))
-    assert torch.allclose(quantizer.codebook[0], target[0], atol=1e-3)
-    assert torch.allclose(quantizer.codebook[1], torch.tensor([0.0, 1.0]))  # unused codes stay put
+    for _ in range(80):
+        codebook.update(target.repeat(8, 1) * 3, torch.zeros(8, dtype=torch.long))  # any length: cosine codes
+    assert torch.allclose(codebook.embed[0], target[0], atol=1e-3)
+    assert torch.equal(codebook.embed[1], torch.tensor([0.0, 1.0]))  # unused codes stay put
 
 
 @pytest.mark.parametrize("modality", TOKENIZED)
 def test_every_tokenizer_encodes_decodes_and_trains(modality, tmp_path):
-    cfg = tokenizer_config(modality, "tiny", codebook_size=32, **({"in_channels": 16} if modality == "clip" else {}))
+    spec = registry.get(modality)
+    cfg = tokenizer_config(modality, "tiny", codebook_size=32, **({"n_channels": 16} if modality == "clip" else {}))
     model = VQVAE(cfg)
     if modality == "semseg":
         x = torch.randint(0, 133, (2, 224, 224))
     elif modality == "clip":
         x = torch.randn(2, 16, 14, 14)
     else:
-        x = torch.rand(2, cfg.in_channels, 224, 224) * 2 - 1
-    out = model(x)
+        x = torch.rand(2, cfg.n_channels, 224, 224) * 2 - 1
+    x = spec.reference_input(x)
+    out = model(x, loss=spec.tokenizer["loss"])
     out["loss"].backward()
-    assert all(p.grad is not None for p in model.encoder.parameters())  # straight-through reaches the encoder
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)  # straight-through
     ids = model.tokenize(x)
-    assert ids.shape == (2, 196) and 0 <= int(ids.min()) and int(ids.max()) < 32
-    assert model.detokenize(ids).shape[-2:] == ((224, 224) if modality != "clip" else (14, 14))
-    from models.vqvae import save_tokenizer
-
+    assert ids.shape == (2, 14, 14) and 0 <= int(ids.min()) and int(ids.max()) < 32
+    decoded = model.decode_tokens(ids, steps=2)
+    assert decoded.shape[-2:] == ((224, 224) if modality != "clip" else (14, 14))
+    assert decoded.shape[1] == (134 if modality == "semseg" else cfg.n_channels)
     save_tokenizer(model, tmp_path / modality)
     assert torch.equal(load_tokenizer(tmp_path / modality).tokenize(x), ids)
 
 
-def test_paper_settings_follow_table_3():
+def test_paper_settings_follow_table_3_and_the_published_architecture():
     sizes = {m: tokenizer_config(m).codebook_size for m in TOKENIZED}
     assert sizes == {"rgb": 16384, "normal": 8192, "depth": 8192, "semseg": 4096, "clip": 8192}
-    rgb, clip = tokenizer_config("rgb"), tokenizer_config("clip")
-    assert (rgb.latent_dim, rgb.patch_size, rgb.ema_decay, rgb.c_replace, rgb.width, rgb.depth) == (32, 16, 0.99,
-                                                                                                     32, 768, 12)
-    assert rgb.decoder == "diffusion" and clip.decoder == "vit" and clip.crop_scale == (0.2, 1.0)
-    assert (rgb.diffusion_steps, rgb.sample_steps) == (1000, 25)
+    rgb, clip = VQVAE(tokenizer_config("rgb")), tokenizer_config("clip")
+    assert (rgb.cfg.latent_dim, rgb.cfg.patch_size, rgb.cfg.ema_decay, rgb.encoder.width,
+            len(rgb.encoder.blocks)) == (32, 16, 0.99, 768, 12)
+    assert rgb.cfg.diffusion and not clip.diffusion and registry.get("clip").tokenizer["crop_scale"] == (0.2, 1.0)
+    assert rgb.cfg.num_train_timesteps == 1000 and rgb.decoder.base == 256  # the published UNet
+    assert float(rgb.noise_scheduler.alphas_cumprod[-1]) < 1e-6  # zero terminal SNR: sampling starts from noise
 
 
 # -- the stages, on a real Ray with a labelled dataset of real photos --------------------------------------
@@ -127,9 +130,8 @@ def test_training_lowers_the_reconstruction_error_on_photos(trained_rgb):
     photos = eval_batch(str(trained_rgb), "rgb", modality_shards(DatasetLayout(trained_rgb), "rgb"), 4)
 
     def psnr(model):
-        ids = model.tokenize(photos)
-        return reconstruction_metric("rgb", model.detokenize(ids, generator=torch.Generator().manual_seed(0)),
-                                     photos)[1]
+        ids = model.tokenize(photos).flatten(1)
+        return reconstruction_metric("rgb", decode_tokens(model, ids, list(range(len(ids)))), photos)[1]
 
     assert psnr(trained) > psnr(initial) + 1  # dB; 9.6 -> 11.5 in 16 steps of a tiny model (seeded)
     log = [json.loads(line) for line in (tokenizer_dir(trained_rgb, "rgb") / "metrics.jsonl").read_text().splitlines()]
@@ -387,7 +389,6 @@ def test_published_tokenizers_converted_for_a_dataset_tokenize_and_decode_it(dat
     crops = members(layout.tar("crop_settings", "shard-000000"))
     for modality, folder, side in (("rgb", "tok_rgb@224", 14), ("semseg", "tok_semseg@224", 28)):  # semseg: patch 8
         tokenizer = tokenizers.load(root, modality)
-        assert tokenizer.reference
         tokens = members(layout.tar(folder, "shard-000000"))
         key, label, size = next(shard_samples(layout, modality, "shard-000000"))
         ids = np.load(io.BytesIO(tokens[f"{key}.npy"]))

@@ -3,6 +3,7 @@
     <root>/tokenizers/text/tokenizer.json        the WordPiece vocabulary of every sequence modality
     <root>/tokenizers/<modality>/                a VQ-VAE per tokenized modality (config.json, model.safetensors):
                                                  trained here, or converted from apple/ml-4m's published ones
+                                                 (the same architecture and layout, models/vqvae.py)
 
 Tokenize, pretraining's pictures, evaluation and generation all read them through here. A 4M domain name
 (tok_depth@224, tok_depth) or a modality's name (depth) both find a modality's tokenizer.
@@ -23,8 +24,7 @@ from core import registry
 from core.files import write_json
 from core.registry import Modality
 from models.text_tokenizer import load_text_tokenizer
-from models.vq import VQTokenizer, load_published, read_published, save_vq, state_dict_problems
-from models.vqvae import load_tokenizer
+from models.vqvae import VQVAE, load_tokenizer, read_published, save_tokenizer, state_dict_problems
 from models.weights import weights_sha256
 
 
@@ -52,29 +52,19 @@ def has_model(root: str | Path, modality: str) -> bool:
     return (folder(root, modality) / "model.safetensors").is_file()
 
 
-def is_reference_layout(path: str | Path) -> bool:
-    """A tokenizer folder in apple/ml-4m's layout (its config.json holds the reference's constructor arguments,
-    `dec_type` among them): one converted by `convert-tokenizer`, or published."""
-    config = Path(path) / "config.json"
-    return config.is_file() and "dec_type" in json.loads(config.read_text())
-
-
 @dataclass
 class DatasetTokenizer:
     """A modality's tokenizer as every stage uses it: crops in (our tokenizer input, `to_tensor`), flat ids
-    (B, 196) out, and back to maps in our form. Tokenizers in the reference's architecture get the reference's
-    preprocessing on the way in and out (the modality's `reference_input` / `from_reference_output`)."""
+    (B, 196) out, and back to maps in our form, with the reference's preprocessing on the way in and out (the
+    modality's `reference_input` / `from_reference_output`: depth standardised, class ids shifted by one)."""
 
     modality: Modality
     model: torch.nn.Module
-    reference: bool  # the reference's architecture (models/vq.py), not this project's older VQ-VAE
 
     @property
     def classes(self) -> int | None:
-        """Class count of a class-map tokenizer's decoded logits (ours; the reference's unlabelled one dropped)."""
-        if self.reference:
-            return self.model.cfg.n_labels - 1 if self.model.cfg.n_labels else None
-        return self.model.cfg.in_channels
+        """Class count of a class-map tokenizer's decoded logits (ours: the reference's unlabelled one dropped)."""
+        return self.model.cfg.n_labels - 1 if self.model.cfg.n_labels else None
 
     @property
     def device(self) -> torch.device:
@@ -83,9 +73,7 @@ class DatasetTokenizer:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Our tokenizer inputs (B, ...) -> token ids (B, n*n)."""
-        if self.reference:
-            return self.model.tokenize(self.modality.reference_input(x)).flatten(1)
-        return self.model.tokenize(x)
+        return self.model.tokenize(self.modality.reference_input(x)).flatten(1)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, first: int = 0, seeds: list[int] | None = None) -> torch.Tensor:
@@ -94,22 +82,7 @@ class DatasetTokenizer:
         samples were batched."""
         seeds = list(range(first, first + len(ids))) if seeds is None else seeds
         ids = ids.to(self.device).long()
-        if self.reference:
-            return self.modality.from_reference_output(self._decode_reference(ids, seeds)).float()
-        if self.model.cfg.decoder != "diffusion":
-            return self.model.detokenize(ids).float()
-        shape = (self.model.cfg.in_channels, self.model.cfg.image_size, self.model.cfg.image_size)
-        start = torch.stack([_noise(shape, s) for s in seeds])
-        return self.model.detokenize(ids, start=start.to(ids.device)).float()
-
-    def _decode_reference(self, ids, seeds):
-        side = math.isqrt(ids.shape[1])
-        grid = ids.reshape(len(ids), side, side)
-        if not self.model.cfg.diffusion:
-            return self.model.decode_tokens(grid)
-        size = side * self.model.cfg.patch_size
-        noise = torch.stack([_noise((self.model.cfg.n_channels, size, size), s) for s in seeds])
-        return self.model.decode_tokens(grid, steps=DECODE_STEPS, scheduler="ddim", noise=noise)
+        return self.modality.from_reference_output(decode_tokens(self.model, ids, seeds)).float()
 
     def pictures(self, ids: torch.Tensor, seeds: list[int]) -> list[np.ndarray]:
         """A batch of token ids (B, n*n) -> pictures, decoded in one pass with per-sample seeded noise."""
@@ -119,16 +92,21 @@ class DatasetTokenizer:
 DECODE_STEPS = 25  # DDIM steps of a diffusion decoder (trailing spacing: deterministic given the noise)
 
 
-def _noise(shape: tuple, seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+def decode_tokens(model, ids: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """Flat token ids (B, n*n) -> the tokenizer's own output (diffusion: DDIM from each sample's seeded noise)."""
+    side = math.isqrt(ids.shape[1])
+    grid = ids.reshape(len(ids), side, side)
+    if not model.cfg.diffusion:
+        return model.decode_tokens(grid)
+    size = side * model.cfg.patch_size
+    noise = torch.stack([torch.randn((model.cfg.n_channels, size, size), generator=torch.Generator().manual_seed(
+        int(seed))) for seed in seeds])
+    return model.decode_tokens(grid, steps=DECODE_STEPS, scheduler="ddim", noise=noise)
 
 
 def load_folder(path: str | Path, modality: str, device: str | torch.device = "cpu") -> DatasetTokenizer:
-    """A tokenizer folder, of either architecture, for a modality (or a 4M domain of it)."""
-    spec = registry.domain_or_modality(modality)
-    if is_reference_layout(path):
-        return DatasetTokenizer(spec, load_published(path, device), reference=True)
-    return DatasetTokenizer(spec, load_tokenizer(path, device).eval(), reference=False)
+    """A tokenizer folder (trained here, or converted) for a modality (or a 4M domain of it)."""
+    return DatasetTokenizer(registry.domain_or_modality(modality), load_tokenizer(path, device))
 
 
 def load(root: str | Path, modality: str, device: str | torch.device = "cpu") -> DatasetTokenizer:
@@ -150,7 +128,7 @@ def convert_published(source: str | Path, modality: str, out: str | Path) -> dic
         raise ValueError(f"modality {modality!r} has no image tokenizer (tokenized: "
                          f"{', '.join(m.name for m in registry.tokenized())})")
     config, tensors = read_published(source)
-    model = VQTokenizer(config)
+    model = VQVAE(config)
     problems = state_dict_problems(model, tensors) + spec.reference_tokenizer_problems(config)
     if problems:
         raise ValueError(f"{source}: cannot serve as the {modality} tokenizer:\n  " + "\n  ".join(problems))
@@ -160,7 +138,7 @@ def convert_published(source: str | Path, modality: str, out: str | Path) -> dic
         raise FileExistsError(f"{out} already holds a tokenizer: remove it to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    save_vq(model, staging)
+    save_tokenizer(model, staging)
     summary = {"modality": modality, "converted_from": str(source), "weights_sha256": weights_sha256(model),
                "codebook_size": config.codebook_size, "decoder": config.dec_type, "final": {}}
     write_json(staging / "train.json", summary)

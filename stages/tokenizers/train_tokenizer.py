@@ -30,8 +30,10 @@ from core.config import Config, TokenizerStageConfig
 from core.files import write_json
 from core.pictures import figure_backend, save_figure
 from models.text_tokenizer import train_text_tokenizer
-from models.vqvae import VQVAE, baseline_metric, codebook_usage, reconstruction_metric, save_tokenizer, tokenizer_config
+from models.vqvae import (VQVAE, VQConfig, baseline_metric, codebook_usage, dead_code_threshold, reconstruction_metric,
+                          save_tokenizer, tokenizer_config)
 from stages.dataset.shards import DatasetLayout
+from stages.tokenizers.dataset_tokenizers import decode_tokens
 from stages.tokenizers.tokenizer_data import center_crop, crop_to_tensor, random_crop, read_members, shard_samples
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
 
@@ -60,15 +62,19 @@ def modality_shards(layout: DatasetLayout, modality: str) -> list[str]:
     return shards
 
 
-def model_config(cfg: TokenizerStageConfig, modality: str, layout: DatasetLayout | None = None):
-    """The tokenizer's settings: Table 3 at the configured size; a feature map's width read off the stored maps."""
+def model_config(cfg: TokenizerStageConfig, modality: str, layout: DatasetLayout | None = None) -> VQConfig:
+    """The tokenizer's settings: the published architecture at the configured size, the configured codebook, a
+    feature map's width read off the stored maps, and the dead-code threshold of the configured batch."""
     overrides = {"codebook_size": cfg.codebook_sizes[modality]} if modality in cfg.codebook_sizes else {}
     if registry.get(modality).channels_from_data and layout is not None:
         first = next((features for shard in modality_shards(layout, modality)
                       for _, features, _ in shard_samples(layout, modality, shard)), None)
         if first is not None:
-            overrides["in_channels"] = int(first.shape[-1])
-    return tokenizer_config(modality, cfg.size, **overrides)
+            overrides["n_channels"] = int(first.shape[-1])
+    settings = tokenizer_config(modality, cfg.size, **overrides)
+    tokens = (settings.image_size // settings.patch_size) ** 2
+    settings.threshold_ema_dead_code = dead_code_threshold(cfg.batch_size, tokens, settings.codebook_size)
+    return settings
 
 
 # -- the text tokenizer ------------------------------------------------------------------------------
@@ -210,15 +216,18 @@ def save_reconstructions(path: Path, modality: str, inputs, reconstructions, tit
 
 # -- one worker's training loop ---------------------------------------------------------------------------
 def evaluate(model, modality: str, batch: torch.Tensor, seed: int) -> dict:
-    """Reconstructions of the evaluation batch (diffusion decoders: sampled from noise, as users decode) and
-    their metric, beside the trivial baseline's (each sample's mean, or its majority class)."""
+    """Reconstructions of the evaluation batch (diffusion decoders: sampled from seeded noise, as users decode)
+    and their metric, beside the trivial baseline's (each sample's mean, or its majority class), both in the
+    tokenizer's own space (standardised depth, shifted class ids); the reconstructions in our form for pictures."""
+    spec = registry.get(modality)
     model.eval()
-    ids = model.tokenize(batch)
-    reconstruction = model.detokenize(ids, generator=torch.Generator(batch.device).manual_seed(seed)).float()
-    name, value = reconstruction_metric(modality, reconstruction, batch)
+    target = spec.reference_input(batch)
+    ids = model.tokenize(target).flatten(1)
+    decoded = decode_tokens(model, ids, [seed + i for i in range(len(ids))]).float()
+    name, value = reconstruction_metric(modality, decoded, target)
     model.train()
-    return {"metric": name, "value": value, "baseline": baseline_metric(modality, batch, model.cfg.in_channels),
-            "reconstruction": reconstruction}
+    return {"metric": name, "value": value, "baseline": baseline_metric(modality, target, model.cfg.n_labels),
+            "reconstruction": spec.from_reference_output(decoded)}
 
 
 QUALITY_METRICS = ("psnr_db", "mean_angle_deg", "l1", "miou", "cosine")
@@ -254,7 +263,9 @@ class TokenizerTask(TrainTask):
     window, reconstructions of a fixed evaluation batch with their metric and picture."""
 
     def __init__(self, args: dict, rank: int):
-        self.cfg, self.plan, self.mcfg = TokenizerStageConfig(**args["cfg"]), Plan(**args["plan"]), args["model_config"]
+        self.cfg, self.plan = TokenizerStageConfig(**args["cfg"]), Plan(**args["plan"])
+        self.mcfg = VQConfig(**args["model_config"])
+        self.spec = registry.get(args["modality"])
         self.root, self.modality, self.folder, self.shards = args["root"], args["modality"], Path(args["folder"]), \
             args["shards"]
         self.rank, self.window, self.evaluation = rank, [], None
@@ -263,22 +274,22 @@ class TokenizerTask(TrainTask):
         return VQVAE(self.mcfg)
 
     def parameter_groups(self, model):
-        return [{"params": [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n],
-                 "weight_decay": self.cfg.weight_decay},
-                {"params": [p for n, p in model.named_parameters() if p.ndim < 2 or "pos" in n], "weight_decay": 0.0}]
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not the fixed position tables
+        return [{"params": [p for n, p in trained if p.ndim >= 2], "weight_decay": self.cfg.weight_decay},
+                {"params": [p for n, p in trained if p.ndim < 2], "weight_decay": 0.0}]
 
     def batches(self, start, rank, world):
         if rank == 0:
             self.evaluation = eval_batch(self.root, self.modality, self.shards, self.cfg.eval_samples)
-        data = TokenizerBatches(self.root, self.modality, self.shards, self.mcfg.crop_scale, self.cfg.seed, rank,
-                                self.plan, start)
+        data = TokenizerBatches(self.root, self.modality, self.shards, self.spec.tokenizer.get("crop_scale", (0.8, 1.0)),
+                                self.cfg.seed, rank, self.plan, start)
         workers = self.plan.loader_workers
         return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                                 pin_memory=torch.cuda.is_available(),
                                                 prefetch_factor=4 if workers else None))
 
     def forward(self, model, batch):
-        return model(batch)
+        return model(self.spec.reference_input(batch), loss=self.spec.tokenizer["loss"])
 
     def observe(self, out):
         if self.rank == 0:
@@ -298,7 +309,8 @@ class TokenizerTask(TrainTask):
             return {}
         figures = {"epoch": round(done / self.plan.steps_per_epoch, 3),
                    **codebook_usage(torch.cat(self.window), self.mcfg.codebook_size),
-                   "restarts": int(model.quantizer.restarts)}
+                   "restarts": int(model.quantize._codebook.restarts)}  # in this log window
+        model.quantize._codebook.restarts.zero_()
         self.window = []
         if done % self.cfg.eval_every == 0 or done == self.plan.steps:
             figures.update(self._evaluate(model, done))
@@ -325,7 +337,7 @@ def train_worker(args: dict) -> None:
     settings = LoopSettings(name=task.modality, steps=plan.steps, warmup_steps=plan.warmup_steps, peak_lr=plan.lr,
                             samples_per_step=plan.local_batch * world, betas=(0.9, 0.95), log_every=cfg.log_every,
                             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, device=cfg.device,
-                            precision=task.mcfg.dtype, stop_after=args.get("stop_after"))
+                            precision=task.spec.tokenizer.get("dtype", "float16"), stop_after=args.get("stop_after"))
     train_loop(task, settings, task.folder, rank, world)
 
 
@@ -336,7 +348,7 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
     plan = make_plan(layout, modality, cfg, world)
     folder.mkdir(parents=True, exist_ok=True)
     args = {"root": str(Path(root).resolve()), "modality": modality, "folder": str(folder.resolve()),
-            "cfg": cfg.model_dump(), "plan": asdict(plan), "model_config": model_config(cfg, modality, layout),
+            "cfg": cfg.model_dump(), "plan": asdict(plan), "model_config": asdict(model_config(cfg, modality, layout)),
             "shards": modality_shards(layout, modality), "stop_after": stop_after}
     fit(train_worker, args, name=f"tokenizer-{modality}", folder=folder, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
