@@ -134,6 +134,9 @@ class TokenizerStageConfig(Section):
     modalities: list[str] = Field(default_factory=registry.tokenizer_names,
                                   description="tokenizers to train and use: text and every tokenized modality")
     codebook_sizes: dict[str, int] = Field(default_factory=dict, description="override Table 3's codebook sizes")
+    published: dict[str, str] = Field(default_factory=dict,
+                                      description="modality -> a published tokenizer (hub id, folder or .safetensors) "
+                                                  "installed by train-tokenizer instead of training one")
     vocab_size: int = Field(30000, ge=4400, description="text vocabulary (captions and boxes)")
     batch_size: int = Field(640, ge=1, description="global batch size (Table 3: 640, CLIP 1024)")
     epochs: float = Field(15, gt=0)
@@ -159,6 +162,11 @@ class TokenizerStageConfig(Section):
     tokenize_batch_size: int = Field(64, ge=1, description="crops per encoder batch")
     decode_threads: int = Field(4, ge=1, description="threads decoding and cropping samples for the encoder")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
+
+    @field_validator("published")
+    @classmethod
+    def _known_published(cls, value):
+        return _known(value, [m.name for m in registry.tokenized()], "published tokenizer modalities")
 
     @field_validator("modalities", "epochs_by_modality")
     @classmethod

@@ -359,7 +359,7 @@ def cmd_convert_4m(args) -> int:
 def cmd_convert_tokenizer(args) -> int:
     from stages.tokenizers.dataset_tokenizers import convert_published, folder
 
-    out = args.out or folder(_config_from(args, {}).data_root, args.modality)
+    out = args.out or folder(_config_from(args, {"data_root": args.data}).data_root, args.modality)
     summary = convert_published(args.checkpoint, args.modality, out)
     print(f"{args.modality}: {summary['decoder']} tokenizer, {summary['codebook_size']} codes -> {out}")
     return 0
@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "in its metadata, or a hub id such as EPFL-VILAB/4M_tokenizers_rgb_16k_224-448 "
                                   "(needs a network)")
     convert_tok.add_argument("--modality", required=True, help="the modality it tokenizes (rgb, depth, ...)")
-    convert_tok.add_argument("--out", help="folder to write (default: <data_root>/tokenizers/<modality>)")
+    convert_tok.add_argument("--data", help="dataset root (default: the profile's data_root)")
+    convert_tok.add_argument("--out", help="folder to write (default: <data>/tokenizers/<modality>)")
     _add_config_args(convert_tok)
     sub.add_parser("serve", help="serve the Prefect deployments (download/cc12m, ...) to a Prefect API")
     return parser

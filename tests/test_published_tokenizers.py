@@ -157,8 +157,9 @@ def test_the_codebook_moves_toward_its_latents_and_restarts_dead_codes():
 def test_our_crops_reach_the_reference_tokenizers_preprocessed_as_its_own_transforms_do():
     """Depth standardised per crop without its top and bottom 10%, normals' x mirrored on a flip, semseg ids
     shifted by one (unlabelled 255 -> 0): against the reference's DepthTransform, NormalTransform, SemsegTransform."""
-    from core import registry
     from tokenizer_inputs import preprocessing_labels
+
+    from core import registry
 
     expected = load_file(FIXTURES / "preprocessing.safetensors")
     depth, normal, semseg = preprocessing_labels()

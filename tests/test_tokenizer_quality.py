@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from core import registry
-from models.vqvae import (VQVAE, baseline_metric, dead_code_threshold, diffusion_scheduler, reconstruction_metric,
-                          tokenizer_config)
+from models.vqvae import (
+    VQVAE,
+    baseline_metric,
+    dead_code_threshold,
+    diffusion_scheduler,
+    reconstruction_metric,
+    tokenizer_config,
+)
 from stages.tokenizers.dataset_tokenizers import decode_tokens
 from tests.helpers import fit_tokenizer, photo_tensor, quality_targets
 

@@ -371,10 +371,14 @@ def test_published_tokenizers_converted_for_a_dataset_tokenize_and_decode_it(dat
     root = tmp_path / "dataset"
     # the labelled dataset without what earlier tests tokenized into it
     shutil.copytree(dataset, root, ignore=shutil.ignore_patterns("tokenizers", "tok_*", "crop_settings", "tokenize_*"))
+    # one through the command, one through the profile's `tokenizer.published` (train-tokenizer installs it)
+    assert cli(["convert-tokenizer", "--checkpoint", str(published / "rgb"), "--modality", "rgb", "--data",
+                str(root)]) == 0
+    installed = run_train_tokenizers(root, config(f"tokenizer.published={{semseg: {published / 'semseg'}}}"),
+                                     ["semseg"])
+    assert installed["semseg"]["converted_from"] == str(published / "semseg")
     for name in ("rgb", "semseg"):
         out = tokenizer_dir(root, name)
-        assert cli(["convert-tokenizer", "--checkpoint", str(published / name), "--modality", name,
-                    "--out", str(out)]) == 0
         assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train.json"]
     # the wrong modality, or one already installed, is refused by name before anything is written
     with pytest.raises(ValueError, match=r"rgb is 3-channel images: the tokenizer reads n_channels=1"):

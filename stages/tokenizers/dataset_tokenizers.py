@@ -10,7 +10,6 @@ Tokenize, pretraining's pictures, evaluation and generation all read them throug
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile

@@ -30,10 +30,18 @@ from core.config import Config, TokenizerStageConfig
 from core.files import write_json
 from core.pictures import figure_backend, save_figure
 from models.text_tokenizer import train_text_tokenizer
-from models.vqvae import (VQVAE, VQConfig, baseline_metric, codebook_usage, dead_code_threshold, reconstruction_metric,
-                          save_tokenizer, tokenizer_config)
+from models.vqvae import (
+    VQVAE,
+    VQConfig,
+    baseline_metric,
+    codebook_usage,
+    dead_code_threshold,
+    reconstruction_metric,
+    save_tokenizer,
+    tokenizer_config,
+)
 from stages.dataset.shards import DatasetLayout
-from stages.tokenizers.dataset_tokenizers import decode_tokens
+from stages.tokenizers.dataset_tokenizers import convert_published, decode_tokens
 from stages.tokenizers.tokenizer_data import center_crop, crop_to_tensor, random_crop, read_members, shard_samples
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
 
@@ -364,7 +372,8 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
 
 def run_train_tokenizers(root: str | Path, config: Config, modalities: list[str] | None = None,
                          observer=None) -> dict[str, dict]:
-    """Every requested tokenizer not yet trained; a trained one (train.json present) is kept."""
+    """Every requested tokenizer not yet trained (or installed from `tokenizer.published`); a trained one
+    (train.json present) is kept."""
     results = {}
     for modality in modalities or config.tokenizer.modalities:
         if is_trained(root, modality):
@@ -372,6 +381,9 @@ def run_train_tokenizers(root: str | Path, config: Config, modalities: list[str]
                                  "skipped": True}
         elif modality == registry.TEXT:
             results[modality] = train_text(root, config.tokenizer)
+        elif modality in config.tokenizer.published:  # installed, not trained
+            results[modality] = convert_published(config.tokenizer.published[modality], modality,
+                                                  tokenizer_dir(root, modality))
         elif modality in {m.name for m in registry.tokenized()}:
             results[modality] = train_dense(root, config, modality)
         else:
