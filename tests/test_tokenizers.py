@@ -28,7 +28,7 @@ from core import registry
 
 TOKENIZED = [m.name for m in registry.tokenized()]
 
-SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=8", "tokenizer.warmup_epochs=1",
+SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=8", "tokenizer.epochs_by_modality={rgb: 8}", "tokenizer.warmup_epochs=1",
             "tokenizer.checkpoint_every=3", "tokenizer.log_every=2", "tokenizer.eval_every=100",
             "tokenizer.eval_samples=4", "label.chunk_size=2", "label.batch_size=2"]
 
