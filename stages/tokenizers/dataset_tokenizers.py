@@ -133,8 +133,8 @@ def convert_published(source: str | Path, modality: str, out: str | Path) -> dic
         raise ValueError(f"{source}: cannot serve as the {modality} tokenizer:\n  " + "\n  ".join(problems))
     model.load_state_dict(tensors)
     out = Path(out)
-    if (out / "train.json").is_file() or (out / "model.safetensors").is_file():
-        raise FileExistsError(f"{out} already holds a tokenizer: remove it to replace it")
+    if out.is_dir() and any(out.iterdir()):  # a tokenizer, or a training run's checkpoint: never overwritten
+        raise FileExistsError(f"{out} already holds a tokenizer (or a training run): remove it to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     save_tokenizer(model, staging)
@@ -142,6 +142,6 @@ def convert_published(source: str | Path, modality: str, out: str | Path) -> dic
                "codebook_size": config.codebook_size, "decoder": config.dec_type, "final": {}}
     write_json(staging / "train.json", summary)
     if out.exists():
-        out.rmdir()  # an empty folder left by an earlier attempt
+        out.rmdir()  # empty (checked above)
     shutil.move(staging, out)
     return summary

@@ -289,8 +289,8 @@ class TokenizerTask(TrainTask):
     def batches(self, start, rank, world):
         if rank == 0:
             self.evaluation = eval_batch(self.root, self.modality, self.shards, self.cfg.eval_samples)
-        data = TokenizerBatches(self.root, self.modality, self.shards, self.spec.tokenizer.get("crop_scale", (0.8, 1.0)),
-                                self.cfg.seed, rank, self.plan, start)
+        crop_scale = self.spec.tokenizer.get("crop_scale", (0.8, 1.0))
+        data = TokenizerBatches(self.root, self.modality, self.shards, crop_scale, self.cfg.seed, rank, self.plan, start)
         workers = self.plan.loader_workers
         return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                                 pin_memory=torch.cuda.is_available(),
