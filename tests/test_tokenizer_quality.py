@@ -52,23 +52,23 @@ def test_the_paper_schedule_is_table_3s_rescaled_to_zero_terminal_snr():
 
 
 def test_the_rgb_decoder_decodes_photos_from_noise():
-    _, photos, decoded = trained("rgb", 1000)
+    _, photos, decoded = trained("rgb", 500)
     psnr, mean_colour = reconstruction_metric("rgb", decoded, photos)[1], baseline_metric("rgb", photos)
-    assert psnr >= mean_colour + 5  # seeded: 23.2 dB against 13.7 for the mean-colour image
+    assert psnr >= mean_colour + 5  # seeded: 20.4 dB against 13.7 for the mean-colour image (1000 steps: 24.3)
 
 
 def test_the_depth_decoder_decodes_maps_with_structure():
-    _, depth, decoded = trained("depth", 1000)
+    _, depth, decoded = trained("depth", 750)
     l1, constant = reconstruction_metric("depth", decoded, depth)[1], baseline_metric("depth", depth)
     assert constant > 0.3  # standardised maps, far from constant
-    assert l1 <= constant / 2  # seeded: 0.25 against 0.58 (800 steps: 0.27)
+    assert l1 <= constant / 2  # seeded: 0.26 against 0.58 (500 steps: 0.29, 1000: 0.24)
 
 
 def test_the_normal_decoder_decodes_maps_with_structure():
-    _, normals, decoded = trained("normal", 1000)
+    _, normals, decoded = trained("normal", 300)
     angle, constant = reconstruction_metric("normal", decoded, normals)[1], baseline_metric("normal", normals)
     assert constant > 20  # degrees from each map's mean normal
-    assert angle <= constant / 2  # seeded: 2.0 against 27
+    assert angle <= constant / 2  # seeded: 9.6 against 27 (1000 steps: 1.7)
 
 
 def test_the_segmentation_decoder_recovers_the_classes():

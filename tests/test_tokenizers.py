@@ -129,11 +129,12 @@ def test_training_lowers_the_reconstruction_error_on_photos(trained_rgb):
     trained = load_tokenizer(tokenizer_dir(trained_rgb, "rgb"))
     photos = eval_batch(str(trained_rgb), "rgb", modality_shards(DatasetLayout(trained_rgb), "rgb"), 4)
 
-    def psnr(model):
-        ids = model.tokenize(photos).flatten(1)
-        return reconstruction_metric("rgb", decode_tokens(model, ids, list(range(len(ids)))), photos)[1]
+    def error(model):  # the training objective on the same photos, noise and timesteps for both models
+        with torch.no_grad():
+            return float(model(photos, generator=torch.Generator().manual_seed(0))["reconstruction_loss"])
 
-    assert psnr(trained) > psnr(initial) + 1  # dB; 9.6 -> 11.5 in 16 steps of a tiny model (seeded)
+    # seeded: 0.32 -> 0.17 in 16 steps of a tiny model (decoding from noise needs hundreds: test_tokenizer_quality)
+    assert error(trained) < 0.7 * error(initial)
     log = [json.loads(line) for line in (tokenizer_dir(trained_rgb, "rgb") / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 16 and {"loss", "codes_used", "perplexity", "psnr_db", "lr"} <= set(log[-1])
     assert log[-1]["psnr_db_baseline"] == pytest.approx(baseline_metric("rgb", photos))  # the mean-colour image
