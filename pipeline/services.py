@@ -57,9 +57,16 @@ def client_environment() -> dict[str, str]:
             "RAY_AUTH_TOKEN_PATH": str(ray_token())}
 
 
+DRAIN_SECONDS = 5
+
+
 def _environment() -> dict[str, str]:
     return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
             "PREFECT_HOME": str(state_dir() / "prefect"), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            # `down` means now: the head drains its node for this long, not Ray's 30 s (a detached actor, such as
+            # Ray Train's state actor, keeps a node from ever draining)
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": os.environ.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S",
+                                                                    str(DRAIN_SECONDS)),
             **client_environment()}
 
 
@@ -142,6 +149,44 @@ def _forget_ray_cluster() -> None:
         note.unlink(missing_ok=True)
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _group_running(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _signal_and_wait(send, pid: int, sig: int, running, seconds: float) -> bool:
+    """Send `sig`; True once `running(pid)` is false, False after `seconds`."""
+    try:
+        send(pid, sig)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + seconds
+    while running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)  # waiting for processes we signalled to exit
+    return True
+
+
+def _stop(pid: int) -> None:
+    """SIGTERM to the service's own process first, then to what is left of its process group, then SIGKILL. The
+    order matters for Ray's head: signalled alone it drains its node and stops its children in about 2 s;
+    signalled together with them, its drain waits 30 s for a GCS that is already gone."""
+    _signal_and_wait(os.kill, pid, signal.SIGTERM, _running, 30)
+    if not _signal_and_wait(os.killpg, pid, signal.SIGTERM, _group_running, 10):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def down() -> list[str]:
     records, stopped = _records(), []
     for name in reversed(list(records)):
@@ -149,15 +194,7 @@ def down() -> list[str]:
         if not _alive(record):
             print(f"{name:15} was not running")
             continue
-        try:
-            os.killpg(record["pid"], signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        deadline = time.monotonic() + 30
-        while _alive(record) and time.monotonic() < deadline:
-            time.sleep(0.2)  # waiting for a process we signalled to exit
-        if _alive(record):
-            os.killpg(record["pid"], signal.SIGKILL)
+        _stop(record["pid"])
         stopped.append(name)
         if name == "ray-head":
             _forget_ray_cluster()

@@ -86,6 +86,10 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
         down = subprocess.run([sys.executable, "-m", "pipeline", "down"], env=env, capture_output=True, text=True,
                               timeout=120)
     assert down.returncode == 0 and down.stdout.count("stopped (pid") == 3, down.stdout + down.stderr
+    # Ray's head signalled first and alone, so its drain could reach the GCS (signalled together with its children,
+    # it waited 30 s for a GCS already gone), and drained for `down`'s few seconds, not Ray's 30
+    head_log = Path(records["ray-head"]["log"]).read_text()
+    assert "Draining for up to 5.0 seconds" in head_log and "Failed to mark the local node as draining" not in head_log
     for record in records.values():
         assert not Path(f"/proc/{record['pid']}").exists() or \
             b"pipeline" not in Path(f"/proc/{record['pid']}/cmdline").read_bytes()
