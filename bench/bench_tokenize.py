@@ -89,7 +89,7 @@ def main() -> int:
 
     root = Path(args.work)
     if not (root / "_status/download").is_dir():
-        shards = make_rgb_shards(root, args.images, shard_size=max(1, args.images // 2))
+        shards = make_rgb_shards(root, args.images, shard_size=max(1, args.images // 2), sizes="mixed")
         make_label_shards(root, shards)
     shards = DatasetLayout(root).committed_shards("download")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
