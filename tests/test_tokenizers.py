@@ -405,3 +405,18 @@ def test_published_tokenizers_converted_for_a_dataset_tokenize_and_decode_it(dat
         assert decoded.shape == ((2, 3, 224, 224) if modality == "rgb" else (2, 133, 224, 224))
         assert torch.equal(decoded, tokenizer.decode(torch.from_numpy(ids).long(), seeds=[0, 1]))  # seeded
     assert tokenizers.load(root, "semseg").classes == 133
+
+
+def test_the_tokenize_benchmark_runs_and_reports_every_tokenizer(tmp_path):
+    """`make bench-tokenize` at the tiny size on two photos: every tokenizer's stage, encoder and decode rates."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "bench/bench_tokenize.py", "--size", "tiny", "--images", "2", "--crops", "1",
+                          "--decode-samples", "1", "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout[run.stdout.index("\n{") + 1:])
+    assert report["size"] == "tiny" and set(report["results"]) == set(TOKENIZED)
+    for rates in report["results"].values():
+        assert rates["samples_per_s"] > 0 and rates["encoder_samples_per_s"] > 0 and rates["decode_samples_per_s"] > 0
