@@ -184,7 +184,7 @@ def _stop(pid: int) -> None:
     signalled together with them, its drain waits 30 s for a GCS that is already gone."""
     _signal_and_wait(os.kill, pid, signal.SIGTERM, _running, 30)
     if not _signal_and_wait(os.killpg, pid, signal.SIGTERM, _group_running, 10):
-        os.killpg(pid, signal.SIGKILL)
+        _signal_and_wait(os.killpg, pid, signal.SIGKILL, _group_running, 10)
 
 
 def down() -> list[str]:
