@@ -149,13 +149,6 @@ def _forget_ray_cluster() -> None:
         note.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 def _group_running(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -165,26 +158,27 @@ def _group_running(pgid: int) -> bool:
 
 
 def _signal_and_wait(send, pid: int, sig: int, running, seconds: float) -> bool:
-    """Send `sig`; True once `running(pid)` is false, False after `seconds`."""
+    """Send `sig`; True once `running()` is false, False after `seconds`."""
     try:
         send(pid, sig)
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + seconds
-    while running(pid):
+    while running():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)  # waiting for processes we signalled to exit
     return True
 
 
-def _stop(pid: int) -> None:
+def _stop(record: dict) -> None:
     """SIGTERM to the service's own process first, then to what is left of its process group, then SIGKILL. The
     order matters for Ray's head: signalled alone it drains its node and stops its children in about 2 s;
     signalled together with them, its drain waits 30 s for a GCS that is already gone."""
-    _signal_and_wait(os.kill, pid, signal.SIGTERM, _running, 30)
-    if not _signal_and_wait(os.killpg, pid, signal.SIGTERM, _group_running, 10):
-        _signal_and_wait(os.killpg, pid, signal.SIGKILL, _group_running, 10)
+    pid = record["pid"]
+    _signal_and_wait(os.kill, pid, signal.SIGTERM, lambda: _alive(record), 30)  # an exited one has no command line
+    if not _signal_and_wait(os.killpg, pid, signal.SIGTERM, lambda: _group_running(pid), 10):
+        _signal_and_wait(os.killpg, pid, signal.SIGKILL, lambda: _group_running(pid), 10)
 
 
 def down() -> list[str]:
@@ -194,7 +188,7 @@ def down() -> list[str]:
         if not _alive(record):
             print(f"{name:15} was not running")
             continue
-        _stop(record["pid"])
+        _stop(record)
         stopped.append(name)
         if name == "ray-head":
             _forget_ray_cluster()

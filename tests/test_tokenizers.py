@@ -2,6 +2,8 @@
 pre-tokenization into aligned token shards, and the verifier."""
 import io
 import json
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -11,13 +13,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.vqvae import (VQVAE, CosineCodebook, baseline_metric, load_tokenizer, reconstruction_metric,
-                          save_tokenizer, tokenizer_config)
+from models.vqvae import VQVAE, CosineCodebook, baseline_metric, load_tokenizer, save_tokenizer, tokenizer_config
 from pipeline.cli import main as cli
 from core.config import load_config
 from stages.label.label import run_label
 from stages.dataset.shards import DatasetLayout
-from stages.tokenizers.dataset_tokenizers import decode_tokens
 from stages.tokenizers.tokenize import run_tokenize
 from stages.tokenizers.train_tokenizer import (eval_batch, modality_shards, model_config, run_train_tokenizers, train_dense,
                                     tokenizer_dir)
@@ -28,7 +28,8 @@ from core import registry
 
 TOKENIZED = [m.name for m in registry.tokenized()]
 
-SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=8", "tokenizer.epochs_by_modality={rgb: 8}", "tokenizer.warmup_epochs=1",
+SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=8", "tokenizer.epochs_by_modality={rgb: 8}",
+            "tokenizer.warmup_epochs=1",
             "tokenizer.checkpoint_every=3", "tokenizer.log_every=2", "tokenizer.eval_every=100",
             "tokenizer.eval_samples=4", "label.chunk_size=2", "label.batch_size=2"]
 
@@ -409,9 +410,6 @@ def test_published_tokenizers_converted_for_a_dataset_tokenize_and_decode_it(dat
 
 def test_the_tokenize_benchmark_runs_and_reports_every_tokenizer(tmp_path):
     """`make bench-tokenize` at the tiny size on two photos: every tokenizer's stage, encoder and decode rates."""
-    import subprocess
-    import sys
-
     run = subprocess.run([sys.executable, "bench/bench_tokenize.py", "--size", "tiny", "--images", "2", "--crops", "1",
                           "--decode-samples", "1", "--work", str(tmp_path / "work")],
                          capture_output=True, text=True, timeout=300)
