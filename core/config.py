@@ -129,6 +129,10 @@ class LabelConfig(Section):
         return "detectron2" if ready else "transformers"
 
 
+IN_PROCESS_WORKERS = ("data-parallel Ray Train workers; None: one per GPU, else one; 0: one trainer in the calling "
+                      "process (Ray Train's local mode: no worker group to start, no restarts)")
+
+
 class TokenizerStageConfig(Section):
     size: Literal["tiny", "paper"] = Field("paper", description="model sizes: the paper's (ViT-B) or tiny")
     modalities: list[str] = Field(default_factory=registry.tokenizer_names,
@@ -145,7 +149,7 @@ class TokenizerStageConfig(Section):
     warmup_epochs: float = Field(1, ge=0)
     base_lr: float = Field(5e-5, gt=0, description="learning rate per 256 samples")
     weight_decay: float = Field(0.05, ge=0)
-    workers: int | None = Field(None, ge=1, description="data-parallel workers; None: one per GPU, else one")
+    workers: int | None = Field(None, ge=0, description=IN_PROCESS_WORKERS)
     cpus_per_worker: float = Field(1.0, gt=0)
     loader_workers: int = Field(6, ge=0, description="DataLoader processes decoding and cropping samples per training "
                                                      "worker (at most one per shard it reads; 0: in the trainer)")
@@ -206,7 +210,7 @@ class PretrainConfig(Section):
                                                              "parameters, gradients and optimizer state sharded "
                                                              "across workers (4M-XL)")
     compile: bool = Field(False, description="torch.compile the model (GPUs; the first steps pay the compilation)")
-    workers: int | None = Field(None, ge=1, description="data-parallel workers; None: one per GPU, else one")
+    workers: int | None = Field(None, ge=0, description=IN_PROCESS_WORKERS)
     cpus_per_worker: float = Field(1.0, gt=0)
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
     log_every: int = Field(50, ge=1)
@@ -263,7 +267,7 @@ class TransferConfig(Section):
     segmentation: TransferTaskConfig = Field(
         default_factory=lambda: TransferTaskConfig(**TRANSFER_DEFAULTS["segmentation"]))
     depth: TransferTaskConfig = Field(default_factory=lambda: TransferTaskConfig(**TRANSFER_DEFAULTS["depth"]))
-    workers: int | None = Field(None, ge=1, description="data-parallel workers; None: one per GPU, else one")
+    workers: int | None = Field(None, ge=0, description=IN_PROCESS_WORKERS)
     cpus_per_worker: float = Field(1.0, gt=0)
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
     log_every: int = Field(50, ge=1)

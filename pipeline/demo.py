@@ -128,6 +128,10 @@ def save_demo_models(config: Config) -> None:
         save_random_model(name, config.label.models[name], "tiny")
 
 
+def trainer(workers: int | None) -> str:
+    return "Ray Train, in this process" if workers == 0 else "Ray Train"
+
+
 def run_demo(config: Config) -> int:
     """Every stage of the stage list, in its order, on the demo photos; stops at the first that fails."""
     root = Path(config.data_root)
@@ -189,7 +193,7 @@ def label_demo(root: Path, config: Config) -> int:
 
 def train_tokenizers_demo(root: Path, config: Config) -> int:
     """Tiny tokenizers trained on the demo labels (new images each run: new tokenizers and tokens too)."""
-    print("training tiny tokenizers on the demo labels (Ray Train)")
+    print(f"training tiny tokenizers on the demo labels ({trainer(config.tokenizer.workers)})")
     shutil.rmtree(root / "tokenizers", ignore_errors=True)
     for modality in config.tokenizer.modalities:
         if modality != registry.TEXT:
@@ -223,7 +227,8 @@ def tokenize_demo(root: Path, config: Config) -> int:
 
 def pretrain_demo(root: Path, config: Config) -> int:
     """A tiny 4M pretrained on the demo tokens, and its predictions from RGB drawn."""
-    print(f"pretraining a tiny 4M on the demo tokens (Ray Train, {config.pretrain.steps} steps)")
+    print(f"pretraining a tiny 4M on the demo tokens ({trainer(config.pretrain.workers)}, "
+          f"{config.pretrain.steps} steps)")
     shutil.rmtree(run_dir(root), ignore_errors=True)  # new tokens each run: a new model too
     summary = run_pretrain(root, config)
     first, final = summary["first"], summary["final"]
@@ -271,7 +276,8 @@ def transfer_demo(root: Path, config: Config) -> int:
     train, val = colour_classes(root / "transfer" / "colours")
     out = run_dir(root) / "transfer-classification"
     shutil.rmtree(out, ignore_errors=True)  # a new model each demo run: a new fine-tune too
-    print(f"fine-tuning the demo model's encoder on {len(DEMO_COLOURS)} colour classes (Ray Train)")
+    print(f"fine-tuning the demo model's encoder on {len(DEMO_COLOURS)} colour classes "
+          f"({trainer(config.transfer.workers)})")
     results = run_transfer("classification", train, val, config, model=str(run_dir(root)), out=out)
     print(f"classification transfer: top1 {results['metrics']['top1']:.3g}% on {len(DEMO_COLOURS) * 2} validation "
           f"images (chance: {100 / len(DEMO_COLOURS):.0f}%) -> {out}/")

@@ -340,11 +340,14 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
 
 # -- on Ray Train -----------------------------------------------------------------------------------------------
 def world_for(ray_config, device: str, workers: int | None) -> tuple[int, bool]:
-    """(data-parallel workers, on GPUs?): the configured number, else one per GPU of the cluster, else one."""
+    """(data-parallel workers, on GPUs?): the configured number, else one per GPU of the cluster, else one; 0
+    workers: one trainer, in the calling process (see `fit`)."""
     import ray
 
     init_ray(ray_config)
     use_gpu = device != "cpu" and bool(ray.cluster_resources().get("GPU"))
+    if workers == 0:
+        return 1, use_gpu
     return workers or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1), use_gpu
 
 
@@ -355,17 +358,32 @@ def _with_modalities(config: dict) -> None:
 
 
 def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: bool, cpus_per_worker: float,
-        max_failures: int) -> None:
+        max_failures: int, in_process: bool = False) -> None:
     """Run `train_fn(args)` on `world` Ray Train workers (one GPU each, or `cpus_per_worker` CPUs). A lost worker
-    makes Ray Train restart the group, up to `max_failures` times; the loop resumes from the last checkpoint."""
+    makes Ray Train restart the group, up to `max_failures` times; the loop resumes from the last checkpoint.
+
+    `in_process`: Ray Train's local mode instead, one trainer in this process (no worker actors, so no restarts):
+    starting a worker group costs about 11 s on a 2-core machine, more than a short CPU run itself."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    TorchTrainer(
+    scaling = ScalingConfig(num_workers=0) if in_process else ScalingConfig(
+        num_workers=world, use_gpu=use_gpu, resources_per_worker={} if use_gpu else {"CPU": cpus_per_worker})
+    trainer = TorchTrainer(
         _with_modalities, train_loop_config={"train_fn": train_fn, "modalities": registry.loaded_plugins(),
                                              "args": args},
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
-                                     resources_per_worker={} if use_gpu else {"CPU": cpus_per_worker}),
+        scaling_config=scaling,
         run_config=RunConfig(name=name, storage_path=str((folder / "ray").resolve()),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             logging_config=train_logging())).fit()
+                             logging_config=train_logging()))
+    if not in_process:
+        trainer.fit()
+        return
+    # The threads Ray gives a worker of `cpus_per_worker` CPUs (OMP_NUM_THREADS): the same sums in the same order,
+    # so a run resumed in process takes the very steps a worker would have
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cpus_per_worker)))
+    try:
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)

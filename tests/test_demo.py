@@ -69,7 +69,7 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     for noise in ("core_worker.cc", "PreemptionWatcher", "TrainController", "authentication_token_setup",
                   "Setting up process group", "Started training worker group", "Traceback"):
         assert noise not in output, noise
-    assert "[rgb] step" in output and "[4M] step" in output  # the workers' own progress lines still come through
+    assert "[rgb] step" in output and "[4M] step" in output  # the trainers' own progress lines come through
     # the private-address guard held: the demo server's own host:port was the one let through
     download = json.loads((tmp_path / "demo/_status/download/shard-000000.json").read_text())
     settings = download["provenance"]["config"]

@@ -156,6 +156,7 @@ register(Tone())
 SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=4", "tokenizer.warmup_epochs=1", "tokenizer.checkpoint_every=4",
             "tokenizer.log_every=2", "tokenizer.eval_every=100", "tokenizer.eval_samples=2", "tokenizer.n_crops=2",
             "tokenizer.loader_workers=0", "label.chunk_size=2", "label.batch_size=2",
+            "tokenizer.workers=1",  # on a Ray Train worker (the demo's own are in process): it imports the modules
             "pretrain.modalities=[rgb@224, tok_luma@224, caption, tone]", "pretrain.size=Ti",
             "pretrain.model={dim: 32, encoder_depth: 1, decoder_depth: 1, num_heads: 2}", "pretrain.batch_size=2",
             "pretrain.steps=4", "pretrain.warmup_steps=1", "pretrain.log_every=2", "pretrain.val_every=4",

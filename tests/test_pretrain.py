@@ -73,14 +73,15 @@ def test_a_stopped_run_resumes_to_the_same_weights(pretrained, tmp_path, capsys)
     root, _ = pretrained
     again = tmp_path / "again"  # the same shards and tokenizers (a WordPiece retrained may number its pieces otherwise)
     shutil.copytree(root, again, ignore=lambda folder, names: ["pretrain"] if folder == str(root) else [])
-    stopped = run_pretrain(again, config(), stop_after=3)
+    # stopped and resumed in this process (Ray Train's local mode) against the run on a Ray Train worker
+    stopped = run_pretrain(again, config("pretrain.workers=0"), stop_after=3)
     assert stopped["stopped_at"] == 3 and not (run_dir(again) / "model.safetensors").exists()
     capsys.readouterr()
     assert cli(["status", "--data", str(again)]) == 0
     shown = capsys.readouterr().out
     assert "3/6" in shown and "resumes from its checkpoint" in shown
     assert f"{3 * 4 * 64:.3g}" in shown  # tokens seen: 3 steps x 4 samples x (32 + 32) tokens
-    run_pretrain(again, config())
+    run_pretrain(again, config("pretrain.workers=0"))
     straight, resumed = load_file(run_dir(root) / "model.safetensors"), load_file(run_dir(again) / "model.safetensors")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

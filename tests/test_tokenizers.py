@@ -151,16 +151,22 @@ def test_resumed_training_matches_an_uninterrupted_run(trained_rgb, tmp_path):
     # the same dataset in a second root, so the run has its own tokenizer folder
     for name in ("rgb", "caption", "_status"):
         shutil.copytree(trained_rgb / name, tmp_path / name)
-    stopped = train_dense(tmp_path, config(), "rgb", stop_after=5)  # mid-epoch: 2 steps per epoch
+    # stopped and resumed in this process (Ray Train's local mode), against the uninterrupted run on a Ray Train
+    # worker: the same weights either way, and the same weights wherever a run resumes
+    in_process = config("tokenizer.workers=0")
+    stopped = train_dense(tmp_path, in_process, "rgb", stop_after=5)  # mid-epoch: 2 steps per epoch
     assert stopped["stopped_at"] == 5 and not (tokenizer_dir(tmp_path, "rgb") / "train.json").exists()
     state = json.loads((tokenizer_dir(tmp_path, "rgb") / "checkpoint" / "state.json").read_text())
     assert state["step"] == 5
     assert set(load_file(tokenizer_dir(tmp_path, "rgb") / "checkpoint" / "optimizer.safetensors"))
-    train_dense(tmp_path, config(), "rgb")
+    train_dense(tmp_path, in_process, "rgb")
     resumed = load_file(tokenizer_dir(tmp_path, "rgb") / "model.safetensors")
     straight = load_file(tokenizer_dir(trained_rgb, "rgb") / "model.safetensors")
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    # no worker group was started for them (its run state lives under ray/), one was for the uninterrupted run
+    assert (tokenizer_dir(trained_rgb, "rgb") / "ray").is_dir()
+    assert not (tokenizer_dir(tmp_path, "rgb") / "ray").exists()
 
 
 def test_a_run_killed_after_its_last_checkpoint_finishes_on_rerun(trained_rgb, tmp_path):
@@ -170,7 +176,7 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_on_rerun(trained_rgb, t
     for name in ("rgb", "caption", "_status"):
         shutil.copytree(trained_rgb / name, tmp_path / name)
     shutil.copytree(tokenizer_dir(trained_rgb, "rgb") / "checkpoint", tokenizer_dir(tmp_path, "rgb") / "checkpoint")
-    summary = train_dense(tmp_path, config(), "rgb")
+    summary = train_dense(tmp_path, config("tokenizer.workers=0"), "rgb")
     assert summary["steps"] == 16 and summary["final"]["step"] == 16
     assert summary["final"]["psnr_db"] > 0 and "psnr_db_baseline" in summary["final"]
     assert (tokenizer_dir(tmp_path, "rgb") / "train.json").is_file()
@@ -207,7 +213,7 @@ def test_text_tokenizer_is_trained_from_captions_and_boxes(dataset, tmp_path):
 
 def test_tokenize_writes_aligned_shards_and_verify_catches_a_broken_one(trained_rgb, capsys):
     root = trained_rgb
-    train_dense(root, config("tokenizer.epochs=2"), "clip")
+    train_dense(root, config("tokenizer.epochs=2", "tokenizer.workers=0"), "clip")
     summary = run_tokenize(root, config())
     assert summary.shards_done == 2 and not summary.failed_shards
     assert summary.status_counts["rgb"] == {"ok": 4, "decode_error": 1}

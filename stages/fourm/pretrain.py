@@ -207,7 +207,7 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
     args = {"root": str(Path(root).resolve()), "folder": str(folder.resolve()), "config": config.model_dump(),
             "model_config": asdict(model_cfg), "stop_after": stop_after}
     fit(train_worker, args, name="pretrain-4m", folder=folder, world=world, use_gpu=use_gpu,
-        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
     state = json.loads((folder / "checkpoint" / "state.json").read_text())
     if stop_after is not None and stop_after < cfg.steps:
         return {"stopped_at": state["step"], "steps": cfg.steps}

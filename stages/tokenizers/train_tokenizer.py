@@ -359,7 +359,7 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
             "cfg": cfg.model_dump(), "plan": asdict(plan), "model_config": asdict(model_config(cfg, modality, layout)),
             "shards": modality_shards(layout, modality), "stop_after": stop_after}
     fit(train_worker, args, name=f"tokenizer-{modality}", folder=folder, world=world, use_gpu=use_gpu,
-        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"modality": modality, "stopped_at": stop_after, "steps": plan.steps}
     log = folder / "metrics.jsonl"

@@ -261,7 +261,7 @@ def run_transfer(task: str, train, val, config, model: str | None = None, backbo
     args = {"config": config.model_dump(), "plan": asdict(plan), "folder": str(folder.resolve()),
             "stop_after": stop_after}
     fit(train_worker, args, name=f"transfer-{task}", folder=folder, world=world, use_gpu=use_gpu,
-        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"stopped_at": stop_after, "steps": plan.steps}
     log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
