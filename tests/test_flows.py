@@ -165,7 +165,7 @@ def test_tokenizer_flows_publish_results_pictures_and_token_rates(labelled, tmp_
     from pipeline.flows import tokenize_flow, train_tokenizers_flow
 
     data = clip_labels_only(labelled[1], tmp_path / "data")
-    overrides = ["tokenizer.epochs=2", "tokenizer.batch_size=2", "tokenizer.workers=0"]  # training: in process
+    overrides = ["tokenizer.epochs=2", "tokenizer.batch_size=2"]
     result = train_tokenizers_flow(data=str(data), profile="demo", modalities=["text", "clip"], overrides=overrides)
     assert set(result["tokenizers"]) == {"text", "clip"}
     rows = json.loads(Artifact.get("train-tokenizers-results").data)
@@ -242,7 +242,7 @@ def test_pretrain_flow_publishes_progress_losses_and_pictures(prefect_api, ray_a
     from tests.test_pretrain import SETTINGS, dataset
 
     data = dataset(tmp_path / "data")
-    result = pretrain_flow(data=str(data), profile="paper", overrides=[*SETTINGS, "pretrain.workers=0"])
+    result = pretrain_flow(data=str(data), profile="paper", overrides=[*SETTINGS, "pretrain.workers=0"])  # in process
     assert result["steps"] == 6 and result["final"]["step"] == 6
     assert float(Artifact.get("pretrain-progress").data) == 100.0
     rows = json.loads(Artifact.get("pretrain-losses").data)
@@ -261,7 +261,7 @@ def test_transfer_and_evaluate_flows_publish_scores_beside_their_references(pref
     settings = json.dumps({**TASK, "epochs": 2, "randaugment": None, "mixup": 0.0, "cutmix": 0.0})
     results = transfer_flow(task="classification", train=str(train), val=str(val),
                             model=str(tiny_fourm(tmp_path / "fourm")), profile="demo",
-                            overrides=[*SETTINGS, f"transfer.classification={settings}", "transfer.workers=0"])
+                            overrides=[*SETTINGS, f"transfer.classification={settings}"])
     rows = json.loads(Artifact.get("transfer-results").data)
     top1 = next(r for r in rows if r["metric"] == "top1")
     assert top1["ours"] == round(results["metrics"]["top1"], 3) and top1["paper 4M-B"] == 84.5

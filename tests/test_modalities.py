@@ -206,6 +206,7 @@ def test_modalities_defined_outside_the_project_go_through_every_stage(ray_addre
 
     trained = run_train_tokenizers(root, config, ["text", "luma"])
     assert trained["luma"]["steps"] > 0 and (root / "tokenizers" / "luma" / "reconstructions.png").is_file()
+    assert (root / "tokenizers" / "luma" / "ray").is_dir()  # trained by a Ray Train worker: its run state
     vocabulary = json.loads((root / "tokenizers" / "text" / "tokenizer.json").read_text())["model"]["vocab"]
     assert "bright" in vocabulary and "dark" in vocabulary  # the tone texts went into the text tokenizer
 

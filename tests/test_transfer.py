@@ -154,7 +154,8 @@ def classification(ray_address, tmp_path_factory):
     train, val = classification_folders(root / "colours")
     model = tiny_fourm(root / "fourm")
     cfg = config("classification", epochs=8, base_lr=0.5, randaugment=None, mixup=0.0, cutmix=0.0)
-    return root, train, val, model, cfg, run_transfer("classification", train, val, cfg, model=str(model))
+    on_a_worker = cfg.model_copy(update={"transfer": cfg.transfer.model_copy(update={"workers": 1})})  # not in process
+    return root, train, val, model, cfg, run_transfer("classification", train, val, on_a_worker, model=str(model))
 
 
 def test_a_short_classification_fine_tune_beats_an_untrained_head(classification):
@@ -164,14 +165,15 @@ def test_a_short_classification_fine_tune_beats_an_untrained_head(classification
     before = untrained_score(plan, cfg, "classification", "top1")
     assert results["metrics"]["top1"] >= 75 > before + 25  # 4 classes: an untrained head is near chance
     assert results["paper"]["4M-B"] == 84.5 and (model / "transfer-classification" / "model.safetensors").is_file()
+    assert (model / "transfer-classification" / "ray").is_dir()  # trained by a Ray Train worker: its run state
     log = [json.loads(line) for line in (model / "transfer-classification" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"] and "val_top5" in log[-1]
 
 
 def test_a_stopped_fine_tune_resumes_to_the_same_weights(classification, tmp_path):
     root, train, val, model, cfg, _ = classification
-    # stopped and resumed in this process (Ray Train's local mode) against the run on a Ray Train worker
-    cfg = cfg.model_copy(update={"transfer": cfg.transfer.model_copy(update={"workers": 0})})
+    # stopped and resumed in this process (Ray Train's local mode, the demo profile's) against the run on a worker
+    assert cfg.transfer.workers == 0
     stopped = run_transfer("classification", train, val, cfg, model=str(model), out=tmp_path / "again", stop_after=5)
     assert stopped == {"stopped_at": 5, "steps": 48}
     run_transfer("classification", train, val, cfg, model=str(model), out=tmp_path / "again")
@@ -256,8 +258,7 @@ def test_the_command_runs_a_linear_probe_that_leaves_the_backbone_as_it_was(clas
     settings = json.dumps({**TASK, "epochs": 2, "base_lr": 0.5, "randaugment": None, "mixup": 0.0, "cutmix": 0.0})
     code = cli(["transfer", "--task", "classification", "--train", str(train), "--val", str(val), "--model", str(model),
                 "--out", str(tmp_path / "probe"), "--linear-probe", "--profile", "demo",
-                *[arg for s in [*SETTINGS, f"transfer.classification={settings}", "transfer.workers=0"]
-                  for arg in ("--set", s)]])
+                *[arg for s in [*SETTINGS, f"transfer.classification={settings}"] for arg in ("--set", s)]])
     assert code == 0
     out = capsys.readouterr().out
     assert "classification transfer of fourm: top1" in out and "4M-B 84.5" in out and str(tmp_path / "probe") in out
