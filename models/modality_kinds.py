@@ -315,8 +315,9 @@ class SequenceModality(Modality):
         """A stored member as text for the text tokenizer's training corpus."""
         return self.decode(data)
 
-    def to_text(self, data: bytes, crop, image_size, min_score: float) -> str:
-        """A stored member at a crop -> the text 4M reads; scored items below `min_score` left out."""
+    def to_text(self, data: bytes, crop, image_size, min_score: float, rng=None) -> str:
+        """A stored member at a crop -> the text 4M reads; scored items below `min_score` left out. `rng` (a numpy
+        Generator, training only) for a text that varies per load."""
         return self.decode(data)
 
     def condition_text(self, value: str) -> str:
@@ -350,7 +351,7 @@ class BoxesModality(SequenceModality):
     def corpus_text(self, data):
         return boxes_to_text(self.decode(data))
 
-    def to_text(self, data, crop, image_size, min_score):
+    def to_text(self, data, crop, image_size, min_score, rng=None):
         return boxes_to_text(metrics.crop_boxes(self.decode(data), crop, image_size, min_score))
 
     def condition_text(self, value):

@@ -123,9 +123,11 @@ def allow_demo_server(config: Config, base_url: str) -> Config:
 
 
 def save_demo_models(config: Config) -> None:
-    """Tiny random-weight models at the profile's label.models paths (kept if already there)."""
+    """Tiny random-weight models at the profile's label.models paths (kept if already there); a labeler without
+    weights (a palette, edges) has none to save."""
     for name in config.label.labelers:
-        save_random_model(name, config.label.models[name], "tiny")
+        if registry.get(name).labeler.random_model:
+            save_random_model(name, config.label.models[name], "tiny")
 
 
 def trainer(workers: int | None) -> str:

@@ -133,9 +133,11 @@ def image_size_of(jpeg: bytes) -> tuple[int, int]:
         return im.height, im.width
 
 
-def decode_sample(raw: dict, modalities: list[str], crop_index: int, min_score: float) -> dict:
+def decode_sample(raw: dict, modalities: list[str], crop_index: int, min_score: float,
+                  rng: np.random.Generator | None = None) -> dict:
     """Raw members -> {modality: token grid (196,) long, pixels (3, 224, 224), or text}; scored items of a
-    sequence (boxes) below `min_score` are left out."""
+    sequence (boxes) below `min_score` are left out; a sequence that varies per load (a palette's size) draws
+    from `rng` (training), or reads whole without it."""
     crops = np.load(io.BytesIO(raw[CROPS]))
     crop = crops[crop_index % len(crops)]
     out = {}
@@ -146,7 +148,7 @@ def decode_sample(raw: dict, modalities: list[str], crop_index: int, min_score: 
             out[m] = crop_pixels(data, crop)
         elif domain.kind == "sequence":
             size = image_size_of(raw[registry.photo().folder]) if domain.modality.needs_photo else None
-            out[m] = domain.modality.to_text(data, crop, size, min_score)
+            out[m] = domain.modality.to_text(data, crop, size, min_score, rng=rng)
         else:
             tokens = np.load(io.BytesIO(data))
             if tokens.shape[0] != len(crops):
@@ -190,7 +192,8 @@ class MaskedSamples(torch.utils.data.IterableDataset):
         for shard in self._shard_order(rng, worker, workers):
             for raw in shard_samples(self.root, shard, folders):
                 crop_index = int(rng.integers(1 << 30)) if self.train else 0
-                sample = decode_sample(raw, self.modalities, crop_index, self.min_score)
+                sample = decode_sample(raw, self.modalities, crop_index, self.min_score,
+                                       rng if self.train else None)
                 for _ in range(self.repeats if self.train else 1):
                     masked = self.sampler(sample, rng)  # fresh masks; the decoded sample is shared, never changed
                     if not self.train:
