@@ -78,3 +78,21 @@ def test_a_profile_names_the_4m21_modalities_the_paper_profile_keeps_the_seven(m
 @pytest.mark.parametrize("text, colours", [("v1=2 v0=1 v0=2 v0=3 v0=4 v0=5", [[1, 2, 3]]), ("a cat", [])])
 def test_a_generated_palette_keeps_whole_colours(m21, text, colours):
     assert m21.ColorPalette().generated(text) == {"colours": colours}
+
+
+def test_the_loader_draws_a_palette_size_per_training_load_and_reads_all_seven_in_validation(m21):
+    import io
+
+    from stages.dataset.shards import CROPS
+    from stages.fourm.fourm_data import decode_sample
+
+    registry.use([MODULE])
+    crops = io.BytesIO()
+    np.save(crops, np.array([[0, 0, 64, 64, 0]]))
+    stored = FIXTURE["photos"]["coffee"]
+    raw = {CROPS: crops.getvalue(), "color_palette": json.dumps(stored).encode()}
+    texts = FIXTURE["texts"]["coffee"]
+    assert decode_sample(raw, ["color_palette"], 0, 0.0)["color_palette"] == texts["7"]  # validation: no generator
+    rng = np.random.default_rng(0)
+    drawn = {decode_sample(raw, ["color_palette"], 0, 0.0, rng)["color_palette"] for _ in range(100)}
+    assert drawn == set(texts.values())
