@@ -306,6 +306,12 @@ class Config(Section):
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    def use_modalities(self) -> None:
+        """Work with this configuration's modalities in this process: a stage run in a process that loaded other
+        profiles since (a served flow, a notebook) sees what its own configuration names, and starts its
+        workers with it."""
+        registry.use(self.modalities)
+
 
 def _profile_path(profile: str) -> Path:
     path = Path(profile)

@@ -6,6 +6,7 @@ each shard finishes; the shard table is re-published at most every `table_every`
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,6 +27,11 @@ from stages.fourm.pretrain import run_dir
 from stages.tokenizers.train_tokenizer import quality, tokenizer_dir
 
 
+def artifact_key(*parts: str) -> str:
+    """Prefect's artifact keys allow lowercase letters, digits and dashes only: color_palette -> color-palette."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower())
+
+
 class StageReporter:
     def __init__(self, stage: str, table_every: float = 30.0):
         self.stage, self.total = stage, 1
@@ -38,7 +44,7 @@ class StageReporter:
     def start(self, total_shards: int) -> None:
         self.total = max(total_shards, 1)
         self.progress_id = create_progress_artifact(
-            0.0, key=f"{self.stage}-progress", description=f"{self.stage}: 0 of {total_shards} shards")
+            0.0, key=artifact_key(self.stage, "progress"), description=f"{self.stage}: 0 of {total_shards} shards")
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
         self.counts.update(stats["status_counts"])
@@ -63,7 +69,7 @@ class StageReporter:
     def _publish_table(self) -> None:
         self._last_table = time.time()
         self.rows.sort(key=lambda row: row["shard"])
-        create_table_artifact(self.rows, key=f"{self.stage}-shards",
+        create_table_artifact(self.rows, key=artifact_key(self.stage, "shards"),
                               description=f"{self.stage}: shards done, {len(self.rows)} of {self.total}")
 
     def finish(self) -> str:
@@ -86,7 +92,7 @@ class StageReporter:
         if tokens:
             lines += ["", f"**{tokens / elapsed if elapsed else 0:.0f} tokens/s** written in this run ({tokens} tokens)"]
         markdown = "\n".join(lines)
-        create_markdown_artifact(markdown, key=f"{self.stage}-summary", description=f"{self.stage} summary")
+        create_markdown_artifact(markdown, key=artifact_key(self.stage, "summary"), description=f"{self.stage} summary")
         return markdown
 
 
@@ -101,7 +107,7 @@ class LabelReporter(StageReporter):
         super().start(total_shards)
         for name in self.labelers:
             self.per_labeler[name] = create_progress_artifact(
-                0.0, key=f"{self.stage}-{name}-progress", description=f"{name}: 0 of {total_shards} shards")
+                0.0, key=artifact_key(self.stage, name, "progress"), description=f"{name}: 0 of {total_shards} shards")
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
         super().__call__(name, stats, skipped)

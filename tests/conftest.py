@@ -10,6 +10,16 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # models load from local folders only; nothing is fetched from a hub
 
 
+@pytest.fixture(autouse=True)
+def builtin_modalities():
+    """Each test ends with the built-in modalities only: a profile that names more (the demo's 4M-21 ones)
+    activates them for the process that loads it, and one test's profile must not become the next one's."""
+    from core import registry
+
+    yield
+    registry.use()
+
+
 @pytest.fixture
 def server():
     srv = MisbehavingServer()

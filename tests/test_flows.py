@@ -126,9 +126,9 @@ def test_pseudo_label_deployment_runs_when_served(labelled):
 
     run, data = labelled
     assert run.state.is_completed(), run.state
-    for name in ("depth", "normal", "semseg", "det", "clip"):
+    for name in ("depth", "normal", "semseg", "det", "clip", "color_palette"):  # the demo's 4M-21 palette too
         assert sorted(p.name for p in (data / name).glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
-        assert float(Artifact.get(f"pseudo-label-{name}-progress").data) == 100.0
+        assert float(Artifact.get(f"pseudo-label-{name.replace('_', '-')}-progress").data) == 100.0
     pictures = Artifact.get("pseudo-label-samples").data
     assert pictures.count("data:image/png;base64,") == 2
     assert "| depth:decode_error | 1 |" in Artifact.get("pseudo-label-summary").data
@@ -153,9 +153,9 @@ def test_show_draws_a_labelled_sample(labelled, tmp_path):
 
 def clip_labels_only(labelled: Path, data: Path) -> Path:
     """A copy of the labelled dataset with only its clip labels (the other labelers never ran there)."""
+    kept = {"rgb", "caption", "clip", "_status", "download", "label_clip"}
     shutil.copytree(labelled, data, ignore=lambda folder, names: [
-        n for n in names if Path(folder) in (labelled, labelled / "_status")
-        and n in {"depth", "normal", "semseg", "det", "label_depth", "label_normal", "label_semseg", "label_det"}])
+        n for n in names if Path(folder) in (labelled, labelled / "_status") and n not in kept])
     return data
 
 

@@ -30,9 +30,11 @@ def config(tiny_models, *extra):
 
 def test_labels_are_aligned_with_rgb_in_the_reference_formats(ray_address, tiny_models, tmp_path):
     layout = make_dataset(tmp_path)
-    summary = run_label(tmp_path, config(tiny_models))
+    demo = config(tiny_models)  # the demo profile names 4M-21's weight-free modalities too
+    load_config("paper")  # another profile loaded in this process since: the stage still runs the demo's own
+    summary = run_label(tmp_path, demo)
     assert summary.shards_done == 2 and not summary.failed_shards
-    for name in ("depth", "normal", "semseg", "det", "clip"):
+    for name in ("depth", "normal", "semseg", "det", "clip", "color_palette"):
         assert summary.status_counts[name] == {"ok": 4, "decode_error": 1}
         for shard in ("shard-000000", "shard-000001"):
             rgb_keys = [n.split(".")[0] for n, _ in members(layout.tar("rgb", shard))]
@@ -58,6 +60,9 @@ def test_labels_are_aligned_with_rgb_in_the_reference_formats(ray_address, tiny_
         assert member.endswith(".json") and instances  # the demo profile keeps every box
         assert all(0 <= v <= 1 for inst in instances for v in inst["boxes"])
         assert all(set(inst) == {"boxes", "class_name", "score"} for inst in instances)
+    for member, data in members(layout.tar("color_palette", "shard-000000")):
+        palettes = json.loads(data)[0]  # the reference's layout: a list holding one palette of each size
+        assert member.endswith(".json") and [len(palettes[str(n)]) for n in range(1, 8)] == list(range(1, 8))
     name, data = members(layout.tar("clip", "shard-000000"))[2]  # astronaut, 512x512
     clip = np.load(io.BytesIO(data))
     assert name == "000000002.npy" and clip.dtype == np.float16 and clip.shape == (14, 14, 16)

@@ -14,7 +14,7 @@ FIXTURE = json.loads((Path(__file__).parent / "fixtures/reference/palette_texts.
 MODULE = "models.modalities_4m21"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def m21():
     """The module, imported the way a profile imports it (imported directly, it would join every listing)."""
     import importlib

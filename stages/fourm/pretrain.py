@@ -200,6 +200,7 @@ def prediction_picture(root, config: Config, samples: int = 4) -> Path | None:
 
 def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None) -> dict:
     """Pretrain (or resume) 4M on the dataset at `root`; returns the summary."""
+    config.use_modalities()
     cfg, folder = config.pretrain, run_dir(root)
     model_cfg = preflight(root, config)  # bad input fails here, before any worker starts
     world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)

@@ -315,6 +315,7 @@ def check_all_weights(models: dict[str, str]) -> None:
 def run_label(root: str | Path, config: Config, labelers: list[str] | None = None,
               observer: ShardObserver | None = None) -> ShardsSummary:
     """Label every rgb shard with every requested labeler not yet committed for it."""
+    config.use_modalities()
     cfg = config.label
     names = labelers or cfg.labelers
     layout = DatasetLayout(root)

@@ -199,6 +199,7 @@ def tokenized_modalities(root: str | Path, cfg: TokenizerStageConfig) -> list[st
 def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None = None,
                  observer: ShardObserver | None = None) -> TokenizeSummary:
     """Tokenize every rgb shard with every trained tokenizer not yet committed for it."""
+    config.use_modalities()
     cfg, layout = config.tokenizer, DatasetLayout(root)
     names = modalities or tokenized_modalities(root, cfg)
     untrained = [m for m in names if not is_trained(root, m)]

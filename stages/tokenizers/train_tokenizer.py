@@ -374,6 +374,7 @@ def run_train_tokenizers(root: str | Path, config: Config, modalities: list[str]
                          observer=None) -> dict[str, dict]:
     """Every requested tokenizer not yet trained (or installed from `tokenizer.published`); a trained one
     (train.json present) is kept."""
+    config.use_modalities()
     results = {}
     for modality in modalities or config.tokenizer.modalities:
         if is_trained(root, modality):

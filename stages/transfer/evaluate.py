@@ -86,6 +86,7 @@ def evaluation_dir(model_dir) -> Path:
 @torch.no_grad()
 def run_evaluate(root, config, model_dir, samples: int = 200, batch_size: int = 16, pictures: int = 4) -> dict:
     """Score the model's predictions from RGB alone against the pseudo labels; returns the results."""
+    config.use_modalities()
     root = Path(root)
     model = FourM.from_pretrained(model_dir).eval()
     if model.cfg.pixels_input is None:

@@ -253,6 +253,7 @@ def default_out(task: str, model: str | None, backbone: str | None) -> Path:
 def run_transfer(task: str, train, val, config, model: str | None = None, backbone: str | None = None,
                  out: str | Path | None = None, stop_after: int | None = None) -> dict:
     """Fine-tune (or resume) and score on the validation set; returns the results."""
+    config.use_modalities()
     cfg = config.transfer
     folder = Path(out) if out else default_out(task, model, backbone)
     world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
