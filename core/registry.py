@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 BUILTIN = ("models.modalities",)   # imported on first use: the 4M-7 definitions
 TEXT = "text"                      # the text tokenizer's folder under <root>/tokenizers: captions and boxes
 RESOLUTION = 224                   # the `@224` of 4M's domain names
+GRID_TOKENS = (RESOLUTION // 16) ** 2  # an image domain's tokens: 14x14 patches of 16 pixels
 
 
 class RegistryError(ValueError):
@@ -46,6 +47,7 @@ class Domain:
     folder: str               # where the 4M loader reads it under the data root
     vocab_size: int | None = None
     channels: int | None = None
+    max_tokens: int = GRID_TOKENS  # a sequence's most tokens, [EOS] included (the reference's `max_tokens`)
 
     @property
     def short_name(self) -> str:

@@ -73,6 +73,16 @@ def temperatures(name: str, start: float, counts: list[int]) -> list[float]:
     raise ValueError(f"unknown temperature schedule {name!r} (constant, linear or onex:<min>:<power>)")
 
 
+def sequence_limit(target: str) -> int:
+    """The most tokens a sequence target generates after [S_1]: its domain's budget less [EOS] (the model's whole
+    sequence for a name the registry does not know)."""
+    try:
+        most = registry.domain(target).max_tokens
+    except registry.RegistryError:
+        most = MAX_SEQUENCE
+    return min(most, MAX_SEQUENCE) - 1
+
+
 @dataclass
 class Step:
     """One target of a chained schedule."""
@@ -86,7 +96,7 @@ class Step:
     guidance: dict = field(default_factory=dict)  # multimodal guidance: {condition: weight}, replaces cfg
     top_k: float = 0                        # keep the k most likely tokens (a fraction < 1: of the vocabulary)
     top_p: float = 0.0                      # keep the most likely tokens up to this probability mass
-    max_tokens: int = MAX_SEQUENCE - 1      # sequences: at most this many tokens after [S_1]
+    max_tokens: int | None = None           # sequences: at most this many tokens after [S_1] (None: the domain's)
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -96,8 +106,11 @@ class Step:
         if self.token_schedule not in ("cosine", "linear"):
             raise ValueError(f"{self.target}: unknown token schedule {self.token_schedule!r} (cosine or linear)")
         temperatures(self.temperature_schedule, self.temperature, [1])  # a bad name fails here, not mid-run
-        if not 1 <= int(self.max_tokens) <= MAX_SEQUENCE - 1:
-            raise ValueError(f"{self.target}: max_tokens must lie in [1, {MAX_SEQUENCE - 1}], not {self.max_tokens}")
+        most = sequence_limit(self.target)
+        if self.max_tokens is None:
+            self.max_tokens = most
+        if not 1 <= int(self.max_tokens) <= most:
+            raise ValueError(f"{self.target}: max_tokens must lie in [1, {most}], not {self.max_tokens}")
         if not 0 <= float(self.top_p) <= 1 or float(self.top_k) < 0:
             raise ValueError(f"{self.target}: top_p must lie in [0, 1] and top_k be >= 0 (got {self.top_p}, "
                              f"{self.top_k})")

@@ -1,7 +1,8 @@
 """4M-21's modalities beyond the paper's seven (apple/ml-4m's "4M-21 modalities"), each one registry entry.
 
 Not built in: a profile names this module to work with them (`modalities: [models.modalities_4m21]`), so the paper
-profile keeps 4M's seven. So far: the colour palette (no weights: Pillow's median cut refined by k-means).
+profile keeps 4M's seven. So far the weight-free ones: Canny edges (OpenCV) and the colour palette (Pillow's median
+cut refined by k-means).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 
 from core.registry import RESOLUTION, Labeling, register
 from models.labelers import ComputedLabeler
-from models.modality_kinds import SequenceModality
+from models.modality_kinds import DenseModality, SequenceModality
 
+CANNY_THRESHOLDS = (100, 200)  # OpenCV's hysteresis thresholds on 8-bit grey, as ControlNet's Canny condition
 MOST_COLOURS = 7      # the reference stores a palette of every size from 1 to 7 and reads one at random
 PALETTE_SIDE = 128    # the image is reduced to at most this side first: a palette needs no detail
 
@@ -53,6 +55,26 @@ def palette_picture(colours: list[list[int]], size: int = RESOLUTION) -> np.ndar
     return picture
 
 
+class CannyLabeler(ComputedLabeler):
+    """Edges of the image at its own size: 1 on an edge pixel, 0 elsewhere."""
+
+    def compute(self, image):
+        import cv2
+
+        grey = cv2.cvtColor(np.ascontiguousarray(image[..., :3]).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+        return cv2.Canny(grey, *CANNY_THRESHOLDS) / np.float32(255)
+
+
+class CannyEdge(DenseModality):
+    """Canny edges of the photo, a one-channel 8-bit PNG (255 on an edge); 4M reads them as `tok_canny_edge@224`
+    from a tokenizer like RGB's (the reference's `DiVAE` edge tokenizer: 8k codes, diffusion decoder, smooth L1)."""
+
+    name, label_order, colour_map = "canny_edge", 8, "gray"
+    published_tokenizer = "EPFL-VILAB/4M_tokenizers_edge_8k_224-512"
+    labeler = Labeling(load=CannyLabeler)
+    tokenizer = dict(in_channels=1, codebook_size=8192, decoder="diffusion", loss="smooth_l1")
+
+
 class PaletteLabeler(ComputedLabeler):
     def compute(self, image):
         return image_palettes(image)
@@ -63,6 +85,7 @@ class ColorPalette(SequenceModality):
     by 4M as `v1=<n>` then three `v0=` values per colour, in the caption vocabulary."""
 
     name, label_order, extension = "color_palette", 7, "json"
+    max_tokens = 23  # v1= and 21 values of seven colours, [EOS]: the reference's budget
     labeler = Labeling(load=PaletteLabeler)
 
     def encode(self, label) -> bytes:
@@ -90,4 +113,5 @@ class ColorPalette(SequenceModality):
         return palette_picture(extras.get("colours", []))
 
 
+register(CannyEdge())
 register(ColorPalette())

@@ -301,9 +301,11 @@ class SequenceModality(Modality):
     kind = "sequence"
     extension = "txt"
     needs_photo = False           # `to_text` reads the photo's size (boxes are moved into the crop)
+    max_tokens = 256              # most tokens 4M reads, [EOS] included: longer texts are cut (the reference's)
 
     def domains(self) -> list[Domain]:
-        return [Domain(self.name, self, "sequence", self.folder, vocab_size=TEXT_VOCABULARY)]
+        return [Domain(self.name, self, "sequence", self.folder, vocab_size=TEXT_VOCABULARY,
+                       max_tokens=self.max_tokens)]
 
     def encode(self, label) -> bytes:
         return str(label).encode()

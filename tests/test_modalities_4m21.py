@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from core import registry
 from core.config import load_config
@@ -96,3 +97,58 @@ def test_the_loader_draws_a_palette_size_per_training_load_and_reads_all_seven_i
     rng = np.random.default_rng(0)
     drawn = {decode_sample(raw, ["color_palette"], 0, 0.0, rng)["color_palette"] for _ in range(100)}
     assert drawn == set(texts.values())
+
+
+def test_the_registry_agrees_with_the_references_modality_table(m21):
+    """Every domain of the 4M-7 and 4M-21 entries: the reference's type, vocabulary and most tokens (fixture made
+    from its `modality_info.py` by tests/fixtures/reference/make_modality_info.py)."""
+    table = json.loads((Path(__file__).parent / "fixtures/reference/modality_info.json").read_text())
+    kinds = {"tokens": "img", "pixels": "img", "sequence": "seq"}
+    domains = registry.domains()
+    assert {"tok_canny_edge@224", "color_palette"} <= {d.name for d in domains}
+    for d in domains:
+        reference = table[d.name]
+        assert kinds[d.kind] == reference["type"], d.name
+        assert d.vocab_size == reference.get("vocab_size"), d.name  # pixels have none
+        grid = reference["max_tokens"] or (reference["input_size"] // reference["patch_size"]) ** 2
+        assert d.max_tokens == grid, d.name
+
+
+def test_the_masking_budget_and_layout_of_a_sequence_are_its_own(m21, tmp_path):
+    """The palette's 23 tokens cap its budget and size its layout, as the reference's max_tokens does; captions
+    keep 256."""
+    from models.text_tokenizer import load_text_tokenizer, train_text_tokenizer
+    from stages.fourm.masking import Component, MaskingSampler
+
+    train_text_tokenizer(["a photo of a cat"], 4500, tmp_path / "tokenizer.json")
+    loaded = ["caption", "color_palette", "tok_rgb@224"]
+    all_to_all = Component(input_alphas=dict.fromkeys(loaded, 0.5), target_alphas=dict.fromkeys(loaded, 0.5))
+    sampler = MaskingSampler(loaded, [all_to_all], 128, 128, load_text_tokenizer(tmp_path / "tokenizer.json"))
+    assert sampler.caps.tolist() == [256, 23, 196]
+    rng = np.random.default_rng(0)
+    sample = {"caption": "a photo of a cat", "color_palette": FIXTURE["texts"]["coffee"]["7"],
+              "tok_rgb@224": torch.zeros(196, dtype=torch.int32)}
+    for _ in range(20):
+        out = sampler(sample, rng)
+        assert out["color_palette"]["tensor"].shape == (48,) and out["caption"]["tensor"].shape == (514,)
+        palette = out["color_palette"]
+        seen = [int(t) for t in palette["tensor"][~palette["input_mask"] | ~palette["target_mask"]]]
+        assert len([t for t in seen if t not in sampler.sentinel_ids]) <= 23  # each token in the input or target
+
+
+def test_canny_edges_are_opencv_s_on_grey_stored_as_one_channel_png(m21):
+    import cv2
+
+    modality, labeler = registry.get("canny_edge"), m21.CannyLabeler()
+    image = np.asarray(photo("coffee"))
+    edges = labeler.compute(image)
+    expected = cv2.Canny(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), 100, 200)
+    assert edges.shape == image.shape[:2] and set(np.unique(edges)) == {0.0, 1.0}
+    assert np.array_equal(edges * 255, expected) and 0.01 < edges.mean() < 0.5  # a photo has edges, not only edges
+    stored = modality.decode(modality.encode(edges))
+    assert stored.dtype == np.uint8 and np.array_equal(stored, expected)  # 255 on an edge, one channel
+    x = modality.to_tensor(stored, [0, 0, *image.shape[:2], 0], image.shape[:2])
+    assert x.shape == (1, 224, 224) and x.min() >= -1 and x.max() <= 1  # in [-1, 1], as the reference's RGBTransform
+    assert modality.tokenizer == {"in_channels": 1, "codebook_size": 8192, "decoder": "diffusion",
+                                  "loss": "smooth_l1"}  # the reference's DiVAE edge tokenizer (its divae config)
+    assert modality.picture(stored, image).shape == (*image.shape[:2], 3)

@@ -25,8 +25,8 @@ import torch
 
 from core import registry
 
-IMAGE_TOKENS = 196          # 14x14 per 224x224 crop, for token grids and RGB patches alike
-SEQUENCE_TOKENS = 256       # a caption's or a box sequence's tokens, [EOS] included
+IMAGE_TOKENS = registry.GRID_TOKENS  # 14x14 per 224x224 crop, for token grids and RGB patches alike
+SEQUENCE_TOKENS = 256       # the most tokens of any sequence domain's layout ([EOS] included); each has its own
 KEEP_DECAY = 0.9
 EPS = 1e-9                  # an alpha of 0 never samples the modality
 
@@ -81,7 +81,7 @@ class MaskingSampler:
         if any(is_sequence(m) for m in modalities) and text_tokenizer is None:
             raise ValueError("captions and boxes need the text tokenizer")
         self.modalities, self.input_tokens, self.target_tokens = list(modalities), input_tokens, target_tokens
-        self.caps = np.array([SEQUENCE_TOKENS if is_sequence(m) else IMAGE_TOKENS for m in modalities])
+        self.caps = np.array([registry.domain(m).max_tokens for m in modalities])
         self.images = np.array([not is_sequence(m) for m in modalities])
         self.input_alphas = [np.array([max(c.input_alphas.get(m, 0.0), EPS) for m in modalities]) for c in mixture]
         self.target_alphas = [np.array([max(c.target_alphas.get(m, 0.0), EPS) for m in modalities]) for c in mixture]
@@ -121,8 +121,9 @@ class MaskingSampler:
         return {"tensor": tensor, "input_mask": torch.from_numpy(input_mask),
                 "target_mask": torch.from_numpy(target_mask), "decoder_attention_mask": torch.from_numpy(attention)}
 
-    def sequence(self, text: str, n_in: int, n_tgt: int, keep_scheme: str, rng: np.random.Generator) -> dict:
-        ids = (self.tokenizer.encode(text).ids + [self.eos_id])[:SEQUENCE_TOKENS]
+    def sequence(self, text: str, n_in: int, n_tgt: int, keep_scheme: str, rng: np.random.Generator,
+                 max_tokens: int = SEQUENCE_TOKENS) -> dict:
+        ids = (self.tokenizer.encode(text).ids + [self.eos_id])[:max_tokens]
         if n_in == 0:
             inputs, targets = span_mask(ids, 0.0, self.sentinels, rng)
             inputs = []
@@ -135,7 +136,7 @@ class MaskingSampler:
                 inputs, targets = span_mask(ids, keep, self.sentinels, rng)
         if len(targets) > n_tgt:
             targets = self.cut_at_sentinel(targets, n_tgt, rng)
-        length = (SEQUENCE_TOKENS + 1) * 2
+        length = (max_tokens + 1) * 2
         tensor = torch.full((length,), self.pad_id, dtype=torch.int32)
         input_mask, target_mask = torch.ones(length, dtype=torch.bool), torch.ones(length, dtype=torch.bool)
         attention = torch.zeros(length, dtype=torch.int32)
@@ -166,9 +167,9 @@ class MaskingSampler:
         component = int(rng.choice(len(self.weights), p=self.weights))
         inputs, targets = self.budgets(component, rng)
         out = {}
-        for m, n_in, n_tgt in zip(self.modalities, inputs.tolist(), targets.tolist()):
+        for m, n_in, n_tgt, cap in zip(self.modalities, inputs.tolist(), targets.tolist(), self.caps.tolist()):
             if is_sequence(m):
-                out[m] = self.sequence(sample[m], n_in, n_tgt, self.keep[component].get(m, "random"), rng)
+                out[m] = self.sequence(sample[m], n_in, n_tgt, self.keep[component].get(m, "random"), rng, cap)
             else:
                 out[m] = self.image(sample[m], n_in, n_tgt, rng)
         return out

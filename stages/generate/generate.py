@@ -39,7 +39,6 @@ from models.fourm import FourM
 from models.generate import Sampler, Schedule, Step, image_entry, pixels_entry, sequence_entry, sequence_rows
 from models.text_tokenizer import EOS_ID, decode_text, load_text_tokenizer
 from stages.fourm.fourm_data import crop_pixels, pixels_picture
-from stages.fourm.masking import SEQUENCE_TOKENS
 from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import center_crop, crop_to_tensor, tokenizer_name
 
@@ -276,9 +275,10 @@ def text_ids(modality: str, value: str, resources: Resources, where: str) -> lis
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise GenerateInputError(f"{where}: {modality} file {value!r}: {err}") from None
     ids = resources.text.encode(text).ids + [EOS_ID]
-    if len(ids) > SEQUENCE_TOKENS:
+    most = registry.domain(modality).max_tokens
+    if len(ids) > most:
         raise GenerateInputError(f"{where}: {modality} {text[:40]!r}... is {len(ids)} tokens with [EOS]; the model "
-                                 f"reads at most {SEQUENCE_TOKENS}")
+                                 f"reads at most {most}")
     return ids
 
 
