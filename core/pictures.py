@@ -1,7 +1,8 @@
 """Pictures: arrays in [0, 1] for people to look at, and figures saved whole.
 
 Every modality draws itself through these (its registry entry says which): a colour map for one-channel maps,
-a palette for class ids, the first three principal components for feature maps, boxes drawn on an image.
+a palette for class ids, the first three principal components for feature maps, boxes drawn on an image,
+statistics as lines of text.
 """
 from __future__ import annotations
 
@@ -62,6 +63,17 @@ def boxes_picture(picture: np.ndarray | None, boxes: list[dict], size: int | Non
         label = box["class_name"] + (f" {box['score']:.2f}" if "score" in box else "")
         cv2.putText(canvas, label, (x0 + 2, max(10, y0 + 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * thickness,
                     (255, 25, 25), 1)
+    return canvas.astype(np.float32) / 255.0
+
+
+def text_picture(lines: list[str], size: int = 224) -> np.ndarray:
+    """Lines of text (statistics, a sequence) in black on a light square, one line per 20th of its side."""
+    import cv2
+
+    canvas = np.full((size, size, 3), 235, np.uint8)
+    step = max(10, size // 20)
+    for i, line in enumerate(lines[:size // step - 1]):
+        cv2.putText(canvas, line, (6, step * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, size / 600, (20, 20, 20), 1)
     return canvas.astype(np.float32) / 255.0
 
 

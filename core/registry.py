@@ -73,6 +73,7 @@ class Labeling:
     weights_hint: str = "save a model there with save_pretrained"
     check: Callable[[Any], None] | None = None                   # refuses settings that cannot run, before work
     weights_used: Callable[[Any], bool] = field(default=lambda cfg: True)  # False: label.models' entry unused
+    reads: tuple[str, ...] = ()   # modalities whose stored labels the labeler reads beside the image, per sample
 
 
 class Modality:

@@ -1,8 +1,8 @@
 """4M-21's modalities beyond the paper's seven (apple/ml-4m's "4M-21 modalities"), each one registry entry.
 
 Not built in: a profile names this module to work with them (`modalities: [models.modalities_4m21]`), so the paper
-profile keeps 4M's seven. So far the weight-free ones: Canny edges (OpenCV) and the colour palette (Pillow's median
-cut refined by k-means).
+profile keeps 4M's seven. So far the weight-free ones: Canny edges (OpenCV), the colour palette (Pillow's median
+cut refined by k-means) and the metadata (the reference's image statistics, from the image and its other labels).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 
+from core.pictures import text_picture
 from core.registry import RESOLUTION, Labeling, register
 from models.labelers import ComputedLabeler
 from models.modality_kinds import DenseModality, SequenceModality
@@ -113,5 +114,171 @@ class ColorPalette(SequenceModality):
         return palette_picture(extras.get("colours", []))
 
 
+
+
+# -- metadata: the reference's image statistics (`MetadataTransform`), from the image and the labels beside it --
+WALKABLE = ("floor-wood", "floor-other-merged", "road", "pavement-merged", "grass-merged", "sand", "dirt-merged",
+            "gravel", "playingfield", "railroad", "rug-merged", "snow", "platform", "stairs")  # COCO panoptic stuff
+DEPTH_JUMP = 0.05      # a neighbour this much nearer or farther (of the map's depth range): an occlusion edge
+# The reference's metadata ids (v1=) and how each value becomes a v0= bin: image sides in 32-pixel bins, counts as
+# they are (at most 999), the rest in 50 bins over (low, high); a statistic this project cannot make (SAM
+# instances, watermark and aesthetic scores need models) is left out of the text, as the reference leaves out a
+# missing key.
+METADATA_IDS = {
+    "original_width": 0, "original_height": 1, "caption_n_chars": 2, "caption_n_words": 3, "caption_n_sentences": 4,
+    "n_humans": 5, "n_sam_instances": 6, "n_coco_instances": 7, "coco_instance_diversity": 8, "colorfulness": 9,
+    "brightness": 10, "contrast": 11, "saturation": 12, "entropy": 13, "walkability": 14, "objectness": 15,
+    "semantic_diversity": 16, "geometric_complexity": 17, "occlusion_score": 18, "watermark_score": 19,
+    "aesthetic_score": 20,
+}
+SIDE_BIN = 32
+MOST_COUNT = 999
+FIFTY_BINS = {"colorfulness": (0, 150), "brightness": (0, 255), "contrast": (0, 127), "saturation": (0, 255),
+              "entropy": (0, 10), "walkability": (0, 1), "objectness": (0, 1), "geometric_complexity": (0, 0.75),
+              "occlusion_score": (0, 0.25)}
+THRESHOLD_BINS = {"watermark_score": (0.5,), "aesthetic_score": (4.5, 5.5)}
+
+
+def metadata_bin(key: str, value: float) -> int:
+    if key in ("original_width", "original_height"):
+        return max(0, min(int(value) // SIDE_BIN, MOST_COUNT))
+    if key in THRESHOLD_BINS:
+        return sum(value >= edge for edge in THRESHOLD_BINS[key])
+    if key in FIFTY_BINS:
+        low, high = FIFTY_BINS[key]
+        return int((max(low, min(value, high)) - low) / (high - low) * 49)
+    return max(0, min(int(value), MOST_COUNT))
+
+
+def metadata_chunks(stored: dict, order: list[str] | None = None) -> list[str]:
+    """`v1=<id> v0=<bin>` per statistic, in the stored order or `order`: the reference masks them as whole chunks."""
+    return [f"v1={METADATA_IDS[key]} v0={metadata_bin(key, stored[key])}" for key in (order or list(stored))]
+
+
+def image_statistics(image: np.ndarray) -> dict[str, float]:
+    """Size, colourfulness (Hasler and Suesstrunk), brightness and RMS contrast of the grey image, mean HSV
+    saturation, and the grey histogram's entropy in bits."""
+    import cv2
+
+    rgb = np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    rg, yb = r - g, 0.5 * (r + g) - b
+    counts = np.bincount(grey.ravel(), minlength=256) / grey.size
+    counts = counts[counts > 0]
+    return {"original_width": int(rgb.shape[1]), "original_height": int(rgb.shape[0]),
+            "colorfulness": float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())),
+            "brightness": float(grey.mean()), "contrast": float(grey.std()),
+            "saturation": float(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1].mean()),
+            "entropy": float(-(counts * np.log2(counts)).sum())}
+
+
+def caption_statistics(caption: str) -> dict[str, int]:
+    import re
+
+    return {"caption_n_chars": len(caption), "caption_n_words": len(caption.split()),
+            "caption_n_sentences": len([s for s in re.split(r"[.!?]+", caption) if s.strip()])}
+
+
+def instance_statistics(instances: list[dict], min_score: float) -> dict[str, int]:
+    kept = [i for i in instances if i.get("score", 1.0) >= min_score]
+    return {"n_humans": sum(i["class_name"] == "person" for i in kept), "n_coco_instances": len(kept),
+            "coco_instance_diversity": len({i["class_name"] for i in kept})}
+
+
+def segmentation_statistics(classes: np.ndarray, names: list[str], things: int) -> dict[str, float]:
+    """Distinct classes, the share of pixels one could walk on, and the share covered by objects (things)."""
+    walkable = [names.index(n) for n in WALKABLE]
+    return {"semantic_diversity": int(len(np.unique(classes))), "walkability": float(np.isin(classes, walkable).mean()),
+            "objectness": float((classes < things).mean())}
+
+
+def geometry_statistics(depth: np.ndarray | None, normal: np.ndarray | None) -> dict[str, float]:
+    """Geometric complexity: the normals' circular variance (1 - length of the mean unit normal); occlusion: the
+    share of pixels with a depth jump to a neighbour above DEPTH_JUMP of the map's range."""
+    out = {}
+    if normal is not None:
+        vectors = np.asarray(normal, np.float32).reshape(-1, 3) / 255.0 * 2 - 1
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-6)
+        out["geometric_complexity"] = max(0.0, float(1 - np.linalg.norm(vectors.mean(0))))
+    if depth is not None:
+        d = np.asarray(depth, np.float32)
+        d = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)
+        jumps = np.zeros(d.shape, bool)
+        jumps[:, 1:] |= np.abs(np.diff(d, axis=1)) > DEPTH_JUMP
+        jumps[1:] |= np.abs(np.diff(d, axis=0)) > DEPTH_JUMP
+        out["occlusion_score"] = float(jumps.mean())
+    return out
+
+
+class MetadataLabeler(ComputedLabeler):
+    """The statistics of one sample: its image's, and those of its caption, boxes, classes, depth and normals."""
+
+    def __init__(self, path=None, device="cpu", batch_size=8, min_score: float = 0.0, **options):
+        super().__init__(path, device, batch_size, **options)
+        self.min_score = min_score  # boxes scored below it are not counted (label.det_min_score)
+
+    def compute(self, sample: dict) -> dict:
+        from models.coco import COCO_PANOPTIC, COCO_THINGS
+
+        found = image_statistics(sample["image"])
+        if sample.get("caption") is not None:
+            found.update(caption_statistics(sample["caption"]))
+        if sample.get("det") is not None:
+            found.update(instance_statistics(sample["det"], self.min_score))
+        if sample.get("semseg") is not None:
+            found.update(segmentation_statistics(sample["semseg"], COCO_PANOPTIC, len(COCO_THINGS)))
+        found.update(geometry_statistics(sample.get("depth"), sample.get("normal")))
+        return {key: found[key] for key in sorted(found, key=METADATA_IDS.__getitem__)}
+
+
+def metadata_values(text: str) -> dict[str, int]:
+    """The bins a (generated) metadata text names, by statistic."""
+    names, values, words = {i: k for k, i in METADATA_IDS.items()}, {}, text.split()
+    for first, second in zip(words, words[1:]):
+        if first.startswith("v1=") and second.startswith("v0=") and first[3:].isdigit() and second[3:].isdigit():
+            if int(first[3:]) in names:
+                values[names[int(first[3:])]] = int(second[3:])
+    return values
+
+
+class Metadata(SequenceModality):
+    """The reference's image statistics, stored as its JSON (`{"brightness": 112.3, ...}`, raw values) and read by
+    4M as `v1=<statistic> v0=<bin>` chunks in the caption vocabulary, masked whole; training shuffles their order
+    at each load, as the reference does."""
+
+    name, label_order, extension = "metadata", 9, "json"
+    max_tokens = 40  # the reference's budget: about 19 statistics of two tokens, [EOS]
+    labeler = Labeling(load=MetadataLabeler, reads=("caption", "det", "semseg", "depth", "normal"),
+                       options=lambda cfg: {"min_score": cfg.det_min_score})
+
+    def encode(self, label) -> bytes:
+        return json.dumps(label).encode()
+
+    def decode(self, data: bytes):
+        return json.loads(data)
+
+    def corpus_text(self, data):
+        return " ".join(metadata_chunks(self.decode(data)))
+
+    def to_text(self, data, crop, image_size, min_score, rng: np.random.Generator | None = None):
+        """The chunks in a random order drawn from `rng` (training), in the stored order without one."""
+        stored = self.decode(data)
+        order = list(stored)
+        if rng is not None:
+            order = [order[i] for i in rng.permutation(len(order))]
+        return metadata_chunks(stored, order)
+
+    def generated(self, text):
+        return {"metadata": metadata_values(text)}
+
+    def picture(self, stored, photo):
+        return text_picture([f"{key} {value:.3g}" for key, value in stored.items()])
+
+    def generated_picture(self, extras, photo):
+        return text_picture([f"{key} bin {value}" for key, value in extras.get("metadata", {}).items()])
+
+
 register(CannyEdge())
 register(ColorPalette())
+register(Metadata())

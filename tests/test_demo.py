@@ -28,7 +28,7 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
         assert f"{name:7} ok 7" in result.stdout
     assert len(list((tmp_path / "demo/show").glob("*.png"))) == 7
     # and 4M-21's weight-free modalities, which the demo profile names
-    for name in ("canny_edge", "color_palette"):
+    for name in ("canny_edge", "color_palette", "metadata"):
         assert len(list((tmp_path / "demo" / name).glob("shard-*.tar"))) == 3 and f"{name} ok 7" in result.stdout
 
     # tiny tokenizers trained, every sample tokenized, the dataset verified, reconstructions drawn
@@ -47,7 +47,7 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     pretrained = json.loads((tmp_path / "demo/pretrain/train.json").read_text())
     assert pretrained["final"]["step"] == 60 and pretrained["final"]["loss"] < pretrained["first"]["loss"]
     assert {f"val_loss.tok_{m}@224" for m in ("rgb", "depth", "normal", "semseg", "clip")} <= set(pretrained["final"])
-    assert {"val_loss.color_palette", "val_loss.tok_canny_edge@224"} <= set(pretrained["final"])
+    assert {"val_loss.color_palette", "val_loss.tok_canny_edge@224", "val_loss.metadata"} <= set(pretrained["final"])
     assert (tmp_path / "demo/pretrain/predictions.png").is_file() and "predictions from RGB alone" in result.stdout
     # and scored out of the box against the held-out shard's pseudo labels
     evaluation = json.loads((tmp_path / "demo/pretrain/evaluation/results.json").read_text())
@@ -60,9 +60,9 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     generated = json.loads((tmp_path / "demo/pretrain/generations/results.json").read_text())["requests"]
     assert [r["name"] for r in generated] == ["from-caption", "from-photo"]
     from_caption, from_photo = (r["samples"][0] for r in generated)
-    assert {"clip", "rgb", "depth", "normal", "semseg", "det", "canny_edge", "color_palette"} <= set(from_caption)
-    assert {"caption", "det", "clip", "rgb", "depth", "normal", "semseg", "canny_edge", "color_palette"} <= set(
-        from_photo)
+    made_21 = {"canny_edge", "color_palette", "metadata"}  # the demo's 4M-21 modalities too
+    assert {"clip", "rgb", "depth", "normal", "semseg", "det", *made_21} <= set(from_caption)
+    assert {"caption", "det", "clip", "rgb", "depth", "normal", "semseg", *made_21} <= set(from_photo)
     for sample in (from_caption, from_photo):
         assert Path(sample["grid"]).is_file() and sample["grid"] in result.stdout
     assert (tmp_path / "demo/generate/requests.jsonl").is_file()

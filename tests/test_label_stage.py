@@ -34,7 +34,7 @@ def test_labels_are_aligned_with_rgb_in_the_reference_formats(ray_address, tiny_
     load_config("paper")  # another profile loaded in this process since: the stage still runs the demo's own
     summary = run_label(tmp_path, demo)
     assert summary.shards_done == 2 and not summary.failed_shards
-    for name in ("depth", "normal", "semseg", "det", "clip", "color_palette"):
+    for name in ("depth", "normal", "semseg", "det", "clip", "canny_edge", "color_palette", "metadata"):
         assert summary.status_counts[name] == {"ok": 4, "decode_error": 1}
         for shard in ("shard-000000", "shard-000001"):
             rgb_keys = [n.split(".")[0] for n, _ in members(layout.tar("rgb", shard))]
@@ -63,9 +63,23 @@ def test_labels_are_aligned_with_rgb_in_the_reference_formats(ray_address, tiny_
     for member, data in members(layout.tar("color_palette", "shard-000000")):
         palettes = json.loads(data)[0]  # the reference's layout: a list holding one palette of each size
         assert member.endswith(".json") and [len(palettes[str(n)]) for n in range(1, 8)] == list(range(1, 8))
+    for member, data in members(layout.tar("metadata", "shard-000000")):
+        # the second pass read the caption and the labels the first one committed
+        stats = json.loads(data)
+        name = PHOTOS[int(member[:9])]
+        assert stats["caption_n_words"] == len(f"a photo of a {name}".split()) and stats["semantic_diversity"] >= 1
+        assert {"n_coco_instances", "walkability", "occlusion_score", "geometric_complexity"} <= set(stats)
     name, data = members(layout.tar("clip", "shard-000000"))[2]  # astronaut, 512x512
     clip = np.load(io.BytesIO(data))
     assert name == "000000002.npy" and clip.dtype == np.float16 and clip.shape == (14, 14, 16)
+
+
+def test_a_labeler_reading_labels_not_committed_fails_its_shards_by_name(ray_address, tiny_models, tmp_path):
+    make_dataset(tmp_path)
+    summary = run_label(tmp_path, config(tiny_models), ["metadata"])
+    assert summary.shards_done == 0 and set(summary.failed_shards) == {"shard-000000", "shard-000001"}
+    assert "metadata reads det labels, not committed for shard-000000 (label det first" in (
+        summary.failed_shards["shard-000000"])
 
 
 def test_rerun_skips_committed_labelers_and_redoes_the_rest(ray_address, tiny_models, tmp_path):

@@ -74,7 +74,7 @@ def test_span_masking_round_trips_through_the_sentinels(tokenizer):
     ids = tokenizer.encode(FIXTURE["captions"][1]).ids + [3]
     rng = np.random.default_rng(2)
     for keep in (0.0, 0.3, 0.7, 1.0):
-        inputs, targets = span_mask(ids, keep, sentinels, rng)
+        inputs, targets = span_mask([[t] for t in ids], keep, sentinels, rng)
         spans, current = {}, None
         for t in targets:
             if t in sentinels:

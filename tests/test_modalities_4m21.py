@@ -152,3 +152,69 @@ def test_canny_edges_are_opencv_s_on_grey_stored_as_one_channel_png(m21):
     assert modality.tokenizer == {"in_channels": 1, "codebook_size": 8192, "decoder": "diffusion",
                                   "loss": "smooth_l1"}  # the reference's DiVAE edge tokenizer (its divae config)
     assert modality.picture(stored, image).shape == (*image.shape[:2], 3)
+
+
+METADATA = json.loads((Path(__file__).parent / "fixtures/reference/metadata_texts.json").read_text())
+
+
+def test_metadata_chunks_equal_the_references_and_training_shuffles_them(m21):
+    modality = registry.get("metadata")
+    for name, stored in METADATA["stored"].items():
+        assert m21.metadata_chunks(stored) == METADATA["chunks"][name]  # every bin's edge, every one of the 21 keys
+        data = modality.encode(stored)
+        assert modality.to_text(data, None, None, 0.0) == METADATA["chunks"][name]  # validation: the stored order
+        shuffled = modality.to_text(data, None, None, 0.0, rng=np.random.default_rng(1))
+        assert sorted(shuffled) == sorted(METADATA["chunks"][name]) and shuffled != METADATA["chunks"][name]
+        assert m21.metadata_values(" ".join(shuffled)) == {k: m21.metadata_bin(k, v) for k, v in stored.items()}
+    assert modality.picture(METADATA["stored"]["coffee"], None).shape == (224, 224, 3)
+
+
+def test_the_metadata_labeler_measures_the_image_and_the_labels_beside_it(m21):
+    from models.coco import COCO_PANOPTIC
+
+    labeler = m21.MetadataLabeler(min_score=0.5)
+    image_keys = ["original_width", "original_height", "colorfulness", "brightness", "contrast", "saturation",
+                  "entropy"]
+    for name in ("astronaut", "coffee", "chelsea"):  # the image's own statistics, as the fixture stored them
+        alone = labeler.compute({"image": np.asarray(photo(name))})
+        assert sorted(alone) == sorted(image_keys)
+        assert alone == pytest.approx({k: METADATA["stored"][name][k] for k in image_keys})
+    grey = np.full((32, 64, 3), 128, np.uint8)
+    road, person = COCO_PANOPTIC.index("road"), COCO_PANOPTIC.index("person")
+    classes = np.full((32, 64), COCO_PANOPTIC.index("sky-other-merged"), np.uint8)
+    classes[16:, :] = road
+    classes[:8, :16] = person
+    depth = np.zeros((32, 64), np.uint16)
+    depth[:, 32:] = 65535  # one step: the column at the step is an occlusion edge
+    flat = np.full((32, 64, 3), (128, 128, 255), np.uint8)
+    stats = labeler.compute({"image": grey, "caption": "Two dogs. One runs!", "semseg": classes, "depth": depth,
+                             "normal": flat, "det": [{"boxes": [0, 0, 1, 1], "class_name": "person", "score": 0.9},
+                                                     {"boxes": [0, 0, 1, 1], "class_name": "dog", "score": 0.2}]})
+    assert stats["colorfulness"] == 0 and stats["contrast"] == 0 and stats["entropy"] == 0
+    assert (stats["caption_n_chars"], stats["caption_n_words"], stats["caption_n_sentences"]) == (19, 4, 2)
+    assert (stats["n_humans"], stats["n_coco_instances"], stats["coco_instance_diversity"]) == (1, 1, 1)
+    assert stats["walkability"] == 0.5 and stats["objectness"] == 0.0625 and stats["semantic_diversity"] == 3
+    assert stats["occlusion_score"] == pytest.approx(1 / 64)  # the one column at the step
+    assert stats["geometric_complexity"] == pytest.approx(0, abs=1e-4)  # every normal the same
+    assert list(stats) == sorted(stats, key=m21.METADATA_IDS.get)  # the reference's id order
+
+
+def test_metadata_chunks_are_masked_whole(m21, tmp_path):
+    from models.text_tokenizer import load_text_tokenizer, train_text_tokenizer
+    from stages.fourm.masking import Component, MaskingSampler
+
+    train_text_tokenizer(["a photo of a cat"], 4500, tmp_path / "tokenizer.json")
+    tokenizer = load_text_tokenizer(tmp_path / "tokenizer.json")
+    both = Component(input_alphas={"metadata": 1.0}, target_alphas={"metadata": 1.0})
+    sampler = MaskingSampler(["metadata"], [both], 20, 40, tokenizer)
+    assert sampler.caps.tolist() == [40]
+    chunks = METADATA["chunks"]["extremes"]  # 21 chunks of 2 tokens: 42 with [EOS], more than the 40 allowed
+    units = sampler.units(chunks, 40)
+    assert len(units) == 20 and [sampler.eos_id] not in units  # whole chunks that fit, as the reference cuts them
+    pairs = {tuple(tokenizer.encode(c).ids) for c in chunks}
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        out = sampler({"metadata": chunks}, rng)["metadata"]
+        assert out["tensor"].shape == (82,)
+        inputs = [int(t) for t in out["tensor"][~out["input_mask"]] if int(t) not in sampler.sentinel_ids]
+        assert len(inputs) % 2 == 0 and all(tuple(inputs[i:i + 2]) in pairs for i in range(0, len(inputs), 2))

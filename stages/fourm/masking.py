@@ -53,20 +53,20 @@ def is_sequence(modality: str) -> bool:
     return registry.domain(modality).kind == "sequence"
 
 
-def span_mask(ids: list[int], keep: float, sentinels: list[int], rng: np.random.Generator):
-    """(input, target): kept tokens stay in the input; each masked run becomes one sentinel there and
-    `sentinel + run` in the target, which ends with the next sentinel."""
-    masked = rng.random(len(ids)) > keep
+def span_mask(units: list[list[int]], keep: float, sentinels: list[int], rng: np.random.Generator):
+    """(input, target): kept units (tokens, or chunks of tokens masked whole) stay in the input; each masked run
+    becomes one sentinel there and `sentinel + run` in the target, which ends with the next sentinel."""
+    masked = rng.random(len(units)) > keep
     inputs, targets, count, previous = [], [], 0, False
-    for token, is_masked in zip(ids, masked):
+    for unit, is_masked in zip(units, masked):
         if is_masked:
             if not previous:
                 count += 1
                 inputs.append(sentinels[count])
                 targets.append(sentinels[count])
-            targets.append(token)
+            targets.extend(unit)
         else:
-            inputs.append(token)
+            inputs.extend(unit)
         previous = bool(is_masked)
     targets.append(sentinels[count + 1])
     return inputs, targets
@@ -121,9 +121,18 @@ class MaskingSampler:
         return {"tensor": tensor, "input_mask": torch.from_numpy(input_mask),
                 "target_mask": torch.from_numpy(target_mask), "decoder_attention_mask": torch.from_numpy(attention)}
 
-    def sequence(self, text: str, n_in: int, n_tgt: int, keep_scheme: str, rng: np.random.Generator,
+    def units(self, text: str | list[str], max_tokens: int) -> list[list[int]]:
+        """A text's ids + [EOS] as single-token units, cut at `max_tokens`; chunks (a list of texts, 4M-21's
+        metadata) as one unit each, [EOS] the last, the chunks that would pass `max_tokens` left out."""
+        if isinstance(text, str):
+            return [[t] for t in (self.tokenizer.encode(text).ids + [self.eos_id])[:max_tokens]]
+        chunks = [e.ids for e in self.tokenizer.encode_batch(list(text))] + [[self.eos_id]]
+        ends = np.cumsum([len(c) for c in chunks])
+        return [c for c, end in zip(chunks, ends) if end <= max_tokens]
+
+    def sequence(self, text: str | list[str], n_in: int, n_tgt: int, keep_scheme: str, rng: np.random.Generator,
                  max_tokens: int = SEQUENCE_TOKENS) -> dict:
-        ids = (self.tokenizer.encode(text).ids + [self.eos_id])[:max_tokens]
+        ids = self.units(text, max_tokens)
         if n_in == 0:
             inputs, targets = span_mask(ids, 0.0, self.sentinels, rng)
             inputs = []

@@ -114,6 +114,9 @@ class ShardLabelling:
 
     def __init__(self, root: str, shard: str, labelers: dict, cfg: LabelConfig):
         self.layout, self.shard, self.labelers, self.cfg = DatasetLayout(root), shard, labelers, cfg
+        # the stored labels of other modalities a labeler reads beside the image (name -> modality -> key -> bytes)
+        self.read = {name: {m: self.stored_labels(name, m) for m in registry.get(name).labeler.reads}
+                     for name in labelers}
         self.started = time.time()
         self.records: dict[str, list[dict]] = {name: [] for name in labelers}
         self.clock = {name: Counter() for name in labelers}  # seconds, waited, batches, images
@@ -161,6 +164,23 @@ class ShardLabelling:
         except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
             return key, None, f"cannot decode {key}.jpg: {err}"
 
+    def stored_labels(self, name: str, modality: str) -> dict[str, bytes]:
+        """One committed shard of a modality the labeler `name` reads, as stored bytes by key."""
+        source = registry.get(modality)
+        if not self.layout.is_committed(source.stage, self.shard):
+            raise LabelInputError(f"{name} reads {modality} labels, not committed for {self.shard} (label "
+                                  f"{modality} first, or in the same run)")
+        with tarfile.open(self.layout.tar(source.folder, self.shard)) as tar:
+            return {m.name.rsplit(".", 1)[0]: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+    def with_labels(self, name: str, key: str, image: np.ndarray):
+        """What a labeler gets for one sample: the image, or (a labeler that reads other labels) the image and
+        each of those labels decoded (None where that labeler failed on the sample)."""
+        if not self.read[name]:
+            return image
+        return {"image": image, **{m: None if key not in stored else registry.get(m).decode(stored[key])
+                                   for m, stored in self.read[name].items()}}
+
     # batch ----------------------------------------------------------------------------------------------------
     def batches(self):
         """(labeler, (name, keys), images) for every batch of every labeler, in the order they fill up."""
@@ -172,10 +192,10 @@ class ShardLabelling:
                 if err is None:
                     for name, labeler in self.labelers.items():
                         for batch in buckets[name].add(key, image):
-                            yield labeler, (name, [k for k, _ in batch]), [im for _, im in batch]
+                            yield labeler, (name, [k for k, _ in batch]), [self.with_labels(name, *b) for b in batch]
         for name, labeler in self.labelers.items():
             for batch in buckets[name].flush():
-                yield labeler, (name, [k for k, _ in batch]), [im for _, im in batch]
+                yield labeler, (name, [k for k, _ in batch]), [self.with_labels(name, *b) for b in batch]
 
     def expect(self, key: str, shape, decode_err: str | None) -> None:
         """Queue the sample's write in every labeler's writer, in key order; it waits for the sample's label."""
@@ -240,9 +260,26 @@ class ShardLabelling:
         return all_stats
 
 
+def waves(names: list[str]) -> list[list[str]]:
+    """The labelers in passes: one that reads another's labels runs in a pass after that one's."""
+    left, done, out = list(names), set(), []
+    while left:
+        ready = [n for n in left if not set(registry.get(n).labeler.reads) & (set(left) - {n})]
+        if not ready:
+            raise LabelInputError(f"labelers {left} read each other's labels in a circle")
+        out.append(ready)
+        done |= set(ready)
+        left = [n for n in left if n not in done]
+    return out
+
+
 def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict[str, dict]:
-    """Label one rgb shard with every labeler given (name -> Labeler); returns each labeler's committed stats."""
-    return ShardLabelling(root, shard, labelers, cfg).run()
+    """Label one rgb shard with every labeler given (name -> Labeler); returns each labeler's committed stats. A
+    labeler that reads other labels (4M-21's metadata) runs in a second pass, once those are committed."""
+    stats = {}
+    for wave in waves(list(labelers)):
+        stats.update(ShardLabelling(root, shard, {n: labelers[n] for n in wave}, cfg).run())
+    return stats
 
 
 def merge_stats(per_labeler: dict[str, dict]) -> dict:
