@@ -384,15 +384,9 @@ def _use_modalities(data: dict, base: Path, source: str) -> None:
 DEFAULT_PROFILE = "paper"  # the real settings; the demo's apply only where the demo is named
 
 
-def load_config(
-    profile: str = DEFAULT_PROFILE,
-    overrides: list[str] | None = None,
-    flags: dict[str, Any] | None = None,
-) -> Config:
-    """Build the configuration: profile, then `--set` overrides, then stage flags ({"download.threads": 8}).
-
-    Each layer is validated on its own so an error names the layer that brought the bad value.
-    """
+def _read_profile(profile: str, within: tuple[Path, ...] = ()) -> tuple[dict, Path]:
+    """A profile's settings, over those of the profile it `extends:` (a profile name, or a .yaml path relative
+    to its own folder), if any."""
     path = _profile_path(profile)
     if not path.is_file():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
@@ -403,6 +397,29 @@ def load_config(
         raise ConfigError(f"profile {path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"profile {path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data, path
+    if not isinstance(base, str):
+        raise ConfigError(f"profile {path}: extends = {base!r}: expected a profile name or a .yaml path")
+    if path.resolve() in within:
+        raise ConfigError(f"profile {path}: extends itself through {' -> '.join(str(p) for p in within)}")
+    base_data, _ = _read_profile(str(path.parent / base) if base.endswith((".yaml", ".yml")) else base,
+                                 (*within, path.resolve()))
+    base_data.pop("profile", None)
+    return _deep_merge(base_data, data), path
+
+
+def load_config(
+    profile: str = DEFAULT_PROFILE,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Build the configuration: profile, then `--set` overrides, then stage flags ({"download.threads": 8}).
+
+    Each layer is validated on its own so an error names the layer that brought the bad value.
+    """
+    data, path = _read_profile(profile)
     data.setdefault("profile", path.stem)
     _use_modalities(data, path.parent, f"profile {path}")
     _validate(data, f"profile {path}")

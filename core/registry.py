@@ -205,6 +205,18 @@ def use(specs: Iterable[str] = ()) -> None:
         _forget_domains()
 
 
+def include(specs: Iterable[str]) -> None:
+    """Add the modalities the named modules define to those this process works with, keeping the others (a
+    saved 4M model names the modules its modalities come from)."""
+    global _active
+    specs = list(specs)
+    _ensure(specs)
+    with _lock:
+        if not set(specs) <= _active:
+            _active = {*_active, *specs}
+            _forget_domains()
+
+
 def loaded_plugins() -> list[str]:
     """The modules beyond the built-ins this process works with: what a worker it starts must import too."""
     return sorted(s for s in _active if s not in BUILTIN)

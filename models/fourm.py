@@ -71,6 +71,8 @@ class FourMConfig:
     tie_output: bool = True         # each decoder head shares its token embedding (training); the reference's
                                     # Hugging Face checkpoints keep them apart
     decoder_sep_mask: bool = True   # decoder tokens attend within their own modality only
+    modality_modules: list = field(default_factory=list)  # modules defining its modalities beyond the built-ins
+                                                          # (a profile's `modalities`), imported when it is built
 
     @classmethod
     def sized(cls, size: str, **overrides) -> "FourMConfig":
@@ -79,6 +81,7 @@ class FourMConfig:
         return cls(**{**SIZES[size], **overrides})
 
     def __post_init__(self):
+        registry.include(self.modality_modules)
         known = registry.domain_names()
         unknown = [m for m in [*self.domains_in, *self.domains_out] if m not in known]
         if unknown:
@@ -458,9 +461,12 @@ def read_reference_checkpoint(source: str | Path) -> tuple[dict, dict, str]:
     return read_checkpoint(source, "domains_in", CheckpointError)
 
 
-def convert_reference(source: str | Path) -> tuple[FourMConfig, dict]:
+def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[FourMConfig, dict]:
     """The reference's checkpoint as this model's configuration and state dict; refuses unknown, missing or
-    mis-shaped tensors and settings this model does not implement, by name."""
+    mis-shaped tensors and settings this model does not implement, by name. `modalities`: modules defining
+    modalities beyond the built-ins (4M-21's: models.modalities_4m21), recorded in the configuration."""
+    modalities = [str(Path(m).resolve()) if m.endswith(".py") else m for m in modalities]  # read anywhere
+    registry.include(modalities)
     settings, tensors, _ = read_reference_checkpoint(source)
     for key, supported in UNSUPPORTED.items():
         if settings.get(key, supported) != supported:
@@ -476,7 +482,8 @@ def convert_reference(source: str | Path) -> tuple[FourMConfig, dict]:
     unknown = [m for m in [*settings["domains_in"], *settings["domains_out"]] if m not in known]
     if unknown:
         raise CheckpointError(f"{source}: modalities {unknown} are not in this project's registry "
-                              f"({', '.join(known)})")
+                              f"({', '.join(known)}); name the module that defines them (convert-4m --modalities; "
+                              f"4M-21's: models.modalities_4m21)")
     vocab = {}
     for m in settings["domains_in"] + settings["domains_out"]:
         for side in ("encoder", "decoder"):
@@ -484,6 +491,7 @@ def convert_reference(source: str | Path) -> tuple[FourMConfig, dict]:
             if weight is not None:
                 vocab[m] = int(weight.shape[0])
     kept["vocab_sizes"] = vocab
+    kept["modality_modules"] = list(modalities)
     kept["tie_output"] = all(torch.equal(tensors.get(f"decoder_embeddings.{m}.to_logits.weight", torch.empty(0)),
                                          tensors.get(f"decoder_embeddings.{m}.token_emb.weight", torch.empty(1)))
                              for m in settings["domains_out"])
@@ -521,9 +529,9 @@ def convert_reference(source: str | Path) -> tuple[FourMConfig, dict]:
     return cfg, state
 
 
-def convert_checkpoint(source: str | Path, out: str | Path) -> FourM:
+def convert_checkpoint(source: str | Path, out: str | Path, modalities: list[str] = ()) -> FourM:
     """`convert-4m`: the reference's checkpoint saved as a folder `FourM.from_pretrained` reads."""
-    cfg, state = convert_reference(source)
+    cfg, state = convert_reference(source, modalities)
     model = FourM(cfg)
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out)

@@ -348,7 +348,7 @@ def cmd_convert_omnidata(args) -> int:
 def cmd_convert_4m(args) -> int:
     from models.fourm import convert_checkpoint as convert_4m_checkpoint
 
-    model = convert_4m_checkpoint(args.checkpoint, args.out)
+    model = convert_4m_checkpoint(args.checkpoint, args.out, args.modalities or [])
     cfg = model.cfg
     print(f"4M ({cfg.encoder_depth}+{cfg.decoder_depth} blocks, width {cfg.dim}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters without embeddings) -> {args.out}\n"
@@ -494,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a folder with config.json + model.safetensors, one .safetensors with the settings "
                                 "in its metadata, or a hub id such as EPFL-VILAB/4M-7_B_CC12M (needs a network)")
     convert4m.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    convert4m.add_argument("--modalities", nargs="+", metavar="MODULE",
+                           help="modules defining modalities beyond 4M's seven (4M-21's: models.modalities_4m21); "
+                                "recorded in the model's config.json, imported wherever it is loaded")
     convert_tok = sub.add_parser("convert-tokenizer", help="install one of apple/ml-4m's published tokenizers as "
                                  "a modality's tokenizer (tokenize, generate and evaluate then use it)")
     convert_tok.add_argument("--checkpoint", required=True,

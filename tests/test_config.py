@@ -79,3 +79,22 @@ def test_no_profile_means_the_paper_settings_and_the_demo_only_where_named():
     # the demo profile keeps the private-address guard: only its own server is let through, at run time
     demo = load_config("demo")
     assert not demo.download.allow_private_hosts and demo.download.allowed_hosts == []
+
+
+def test_the_paper21_profile_is_the_paper_profile_with_4m21_s_modalities(tmp_path):
+    from core import registry
+
+    paper, paper21 = load_config("paper"), load_config("paper21")
+    assert paper21.profile == "paper21" and paper21.modalities == ["models.modalities_4m21"]
+    assert {"canny_edge", "color_palette", "metadata"} <= set(paper21.label.labelers)
+    assert {"tok_canny_edge@224", "color_palette", "metadata"} <= set(paper21.pretrain.modalities)
+    assert paper21.download == paper.download and paper21.pretrain.steps == paper.pretrain.steps
+    assert paper21.label.models == paper.label.models  # the new labelers need no weights
+    registry.use()
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\ndata_root: x\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("extends: demo\ndownload: {threads: 3}\n")
+    mine = load_config(str(tmp_path / "c.yaml"))
+    assert mine.profile == "c" and mine.download.threads == 3 and mine.download.shard_size == 4  # the rest: demo's

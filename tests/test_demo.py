@@ -48,6 +48,8 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     assert pretrained["final"]["step"] == 60 and pretrained["final"]["loss"] < pretrained["first"]["loss"]
     assert {f"val_loss.tok_{m}@224" for m in ("rgb", "depth", "normal", "semseg", "clip")} <= set(pretrained["final"])
     assert {"val_loss.color_palette", "val_loss.tok_canny_edge@224", "val_loss.metadata"} <= set(pretrained["final"])
+    saved = json.loads((tmp_path / "demo/pretrain/config.json").read_text())
+    assert saved["modality_modules"] == ["models.modalities_4m21"]  # loading the model imports the module
     assert (tmp_path / "demo/pretrain/predictions.png").is_file() and "predictions from RGB alone" in result.stdout
     # and scored out of the box against the held-out shard's pseudo labels
     evaluation = json.loads((tmp_path / "demo/pretrain/evaluation/results.json").read_text())

@@ -14,12 +14,13 @@ from pipeline.cli import main as cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 CHECKPOINT, IO = FIXTURES / "fourm_tiny.safetensors", FIXTURES / "fourm_tiny_io.safetensors"
+CHECKPOINT_21, IO_21 = FIXTURES / "fourm21_tiny.safetensors", FIXTURES / "fourm21_tiny_io.safetensors"
 
 
-def reference_io():
-    with safe_open(str(IO), "pt") as f:
+def reference_io(path=IO):
+    with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    tensors = load_file(IO)
+    tensors = load_file(path)
     batch = {m: {} for m in json.loads(meta["modalities"])}  # the reference's order: it decides truncation
     for key, value in tensors.items():
         if key.startswith("batch."):
@@ -51,6 +52,28 @@ def test_reference_weights_give_the_reference_loss_and_logits(tmp_path):
         assert float(losses[modality]) == pytest.approx(float(expected[f"loss.{modality}"]), abs=1e-4)
         assert logits[modality].shape == expected[f"logits.{modality}"].shape
         assert torch.allclose(logits[modality], expected[f"logits.{modality}"], atol=1e-4)
+
+
+def test_a_4m21_checkpoint_converts_with_its_modules_modalities_and_gives_the_reference_loss(tmp_path, capsys):
+    """Canny-edge tokens, the palette and the metadata beside RGB and captions, made by the reference's FourM with
+    4M-21's embedding settings: refused by name without the module that defines them, then equal to it."""
+    from core import registry
+
+    out = tmp_path / "model"
+    assert cli(["convert-4m", "--checkpoint", str(CHECKPOINT_21), "--out", str(out)]) == 2
+    assert "['tok_canny_edge@224', 'color_palette', 'metadata'" in capsys.readouterr().err and not out.exists()
+    assert cli(["convert-4m", "--checkpoint", str(CHECKPOINT_21), "--out", str(out),
+                "--modalities", "models.modalities_4m21"]) == 0
+    registry.use()  # as a new process: the saved model names the module, and loading it imports it
+    model = FourM.from_pretrained(out).eval()
+    assert model.cfg.modality_modules == ["models.modalities_4m21"] and "metadata" in registry.names()
+    batch, expected, n_in, n_out, _ = reference_io(IO_21)
+    with torch.no_grad():
+        loss, losses = model(batch, n_in, n_out)
+    assert float(loss) == pytest.approx(float(expected["loss"]), abs=1e-4)
+    assert set(losses) == {"tok_rgb@224", "tok_canny_edge@224", "caption", "color_palette", "metadata"}
+    for modality in losses:
+        assert float(losses[modality]) == pytest.approx(float(expected[f"loss.{modality}"]), abs=1e-4)
 
 
 def test_the_hugging_face_folder_layout_converts_to_the_same_model(tmp_path):

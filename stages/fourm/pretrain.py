@@ -60,7 +60,7 @@ def model_config(root: str | Path, config: Config):
     outputs = [m for m in cfg.modalities if not registry.domain(m).input_only]
     try:
         return FourMConfig.sized(cfg.size, domains_in=list(cfg.modalities), domains_out=outputs, vocab_sizes=vocab,
-                                 **cfg.model)
+                                 modality_modules=list(config.modalities), **cfg.model)
     except TypeError as err:
         raise PretrainInputError(f"pretrain.model: {err}") from None
 
