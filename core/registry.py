@@ -85,6 +85,8 @@ class Modality:
     downloaded = False             # stored by the download stage (the photo, its caption); else labelled
     labeler: Labeling | None = None
     tokenizer: dict | None = None  # VQ-VAE settings at the paper's size (Table 3); None: no tokenizer of its own
+    labelled_per_crop = False      # a published tokenizer read it made by its labeler on each crop (CLIP features)
+    per_crop_options: dict = {}    # the labeler's options for those crops (as the published tokenizer's training)
     label_order = 100              # where it comes in pictures and tables (lower first)
 
     # -- names ------------------------------------------------------------------------------------------------

@@ -378,6 +378,11 @@ class ClipLabeler(Labeler):
 
     mean, std = CLIP_MEAN, CLIP_STD
 
+    def __init__(self, path: str, device: str = "auto", batch_size: int = 8, **options):
+        super().__init__(path, device, batch_size, **options)
+        if options.get("normalisation") == "imagenet":  # what the reference's CLIP tokenizer training fed CLIP
+            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+
     def model_class(self):
         from transformers import CLIPVisionModelWithProjection
 

@@ -95,6 +95,9 @@ class Clip(FeatureMapModality):
                         lambda cfg: {"short_side": cfg.clip_short_side})
     tokenizer = dict(in_channels=512, codebook_size=8192, decoder="vit", loss="smooth_l1", patch_size=1,
                      crop_scale=(0.2, 1.0), dtype="bfloat16")
+    # The published tokenizer's training normalised each crop with ImageNet's mean and std before CLIP
+    # (`imagenet_default_mean_and_std: True` in its config), not CLIP's own: tokenize does the same for it
+    per_crop_options = {"short_side": 224, "normalisation": "imagenet"}
 
 
 for _modality in (Rgb(), Caption(), Depth(), Normal(), Semseg(), Det(), Clip()):

@@ -257,6 +257,7 @@ class FeatureMapModality(DenseModality):
     extension = "npy"
     channels_from_data = True
     condition_from_image = False  # a feature map is given to generation as token ids
+    labelled_per_crop = True      # the reference's tokenizers saw features of each crop, not cut out of the image's
     metric_name = "cosine"
     baseline_name = "mean feature"
 

@@ -363,15 +363,16 @@ def test_loader_workers_serve_each_step_the_same_batch_wherever_the_run_resumes(
         assert all(torch.equal(a, b) for a, b in zip(resumed, straight[start:]))
 
 
-def test_published_tokenizers_converted_for_a_dataset_tokenize_and_decode_it(dataset, tmp_path, capsys):
+def test_published_tokenizers_converted_for_a_dataset_tokenize_and_decode_it(dataset, tiny_models, tmp_path, capsys):
     """`convert-tokenizer` installs tokenizers in the reference's layout (here the tiny ones its own classes made,
     tests/fixtures/reference) as a dataset's rgb and semseg tokenizers; tokenize then encodes every crop through them
     with the reference's preprocessing, and the stages' one way in decodes their tokens back into our maps."""
     import shutil
     from pathlib import Path
 
+    from models.labelers import ClipLabeler
     from stages.tokenizers import dataset_tokenizers as tokenizers
-    from stages.tokenizers.tokenizer_data import crop_to_tensor, shard_samples
+    from stages.tokenizers.tokenizer_data import crop_to_tensor, photo_crop, read_members, shard_samples
 
     published = Path(__file__).parent / "fixtures" / "reference" / "tokenizers"
     root = tmp_path / "dataset"
@@ -393,9 +394,16 @@ def test_published_tokenizers_converted_for_a_dataset_tokenize_and_decode_it(dat
         tokenizers.convert_published(published / "rgb", "rgb", tokenizer_dir(root, "rgb"))
     assert not (tmp_path / "elsewhere").exists()
 
-    summary = run_tokenize(root, config(), ["rgb", "semseg"])
-    assert summary.status_counts["rgb"]["ok"] == 4 and not summary.failed_shards
+    # and a feature tokenizer in the published layout (for the tiny CLIP's features): it saw CLIP run on each crop
     layout = DatasetLayout(root)
+    stored = np.load(io.BytesIO(dict(read_members(layout.tar("clip", "shard-000000"), "npy"))["000000000"]))
+    torch.manual_seed(0)
+    save_tokenizer(VQVAE(tokenizer_config("clip", "tiny", n_channels=stored.shape[-1], codebook_size=64)),
+                   tmp_path / "published-clip")
+    tokenizers.convert_published(tmp_path / "published-clip", "clip", tokenizer_dir(root, "clip"))
+
+    summary = run_tokenize(root, config(f"label.models={tiny_models}"), ["rgb", "semseg", "clip"])
+    assert summary.status_counts["rgb"]["ok"] == 4 and not summary.failed_shards
     crops = members(layout.tar("crop_settings", "shard-000000"))
     for modality, folder, side in (("rgb", "tok_rgb@224", 14), ("semseg", "tok_semseg@224", 28)):  # semseg: patch 8
         tokenizer = tokenizers.load(root, modality)
@@ -411,6 +419,22 @@ def test_published_tokenizers_converted_for_a_dataset_tokenize_and_decode_it(dat
         assert torch.equal(decoded, tokenizer.decode(torch.from_numpy(ids).long(), seeds=[0, 1]))  # seeded
     assert tokenizers.load(root, "semseg").classes == 133
 
+    # tokenize ran the CLIP labeler on every crop of the photo, not cut the stored whole-image map (a tokenizer
+    # trained here keeps reading crops of the stored map, as it was trained)
+    tokenizer = tokenizers.load(root, "clip")
+    labeler = ClipLabeler(tiny_models["clip"], "cpu", 8, short_side=224, normalisation="imagenet")  # as its training
+    photo = np.asarray(registry.photo().decode(dict(read_members(layout.tar("rgb", "shard-000000"), "jpg"))[
+        "000000000"]))
+    settings = np.load(io.BytesIO(crops["000000000.npy"]))
+    per_crop = torch.stack([torch.as_tensor(f).float().permute(2, 0, 1)
+                            for f in labeler([photo_crop(photo, c) for c in settings])])
+    ids = np.load(io.BytesIO(members(layout.tar("tok_clip@224", "shard-000000"))["000000000.npy"]))
+    assert np.array_equal(ids, tokenizer.encode(per_crop).numpy())
+    cut = torch.stack([crop_to_tensor("clip", stored, c, photo.shape[:2]) for c in settings])
+    assert cut.shape == per_crop.shape and not np.array_equal(ids, tokenizer.encode(cut).numpy())  # not the map's
+    made = json.loads(layout.stats("tokenize_clip", "shard-000000").read_text())["provenance"]["models"]["clip"]
+    assert made["features_per_crop"]["random_weights"] is True  # the labeler that made them, recorded
+
 
 def test_the_tokenize_benchmark_runs_and_reports_every_tokenizer(tmp_path):
     """`make bench-tokenize` at the tiny size on two photos: every tokenizer's stage, encoder and decode rates."""
@@ -422,3 +446,4 @@ def test_the_tokenize_benchmark_runs_and_reports_every_tokenizer(tmp_path):
     assert report["size"] == "tiny" and set(report["results"]) == set(TOKENIZED)
     for rates in report["results"].values():
         assert rates["samples_per_s"] > 0 and rates["encoder_samples_per_s"] > 0 and rates["decode_samples_per_s"] > 0
+

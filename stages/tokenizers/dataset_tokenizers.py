@@ -10,6 +10,7 @@ Tokenize, pretraining's pictures, evaluation and generation all read them throug
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -49,6 +50,12 @@ def load_text(root: str | Path, required: bool = False):
 
 def has_model(root: str | Path, modality: str) -> bool:
     return (folder(root, modality) / "model.safetensors").is_file()
+
+
+def is_converted(root: str | Path, modality: str) -> bool:
+    """Whether the modality's tokenizer is a converted published one (`convert-tokenizer`), not trained here."""
+    summary = folder(root, modality) / "train.json"
+    return summary.is_file() and "converted_from" in json.loads(summary.read_text())
 
 
 @dataclass

@@ -8,6 +8,9 @@ Produces  <root>/crop_settings/shard-NNNNNN.tar    <key>.npy  int32 (n_crops, 5)
           <root>/_status/tokenize_<modality>/shard-NNNNNN.{parquet,json}  one row per rgb sample; json last
           (crop_settings: _status/crop_settings/)
 Captions and boxes stay text in caption/ and det/ (tokenized when loaded, with tokenizers/text).
+A feature map (CLIP) whose tokenizer is a converted published one is computed on each crop by its labeler
+(`label.models`), as the reference's tokenizers saw it; a tokenizer trained here reads crops of the stored map,
+as it was trained.
 
 A sample's crops depend only on (seed, key) and its image size, so a redone shard gets the same crops. A
 sample whose image or label cannot be read is recorded (`decode_error`, `missing_label`). Once a shard's tokens
@@ -43,6 +46,7 @@ from stages.tokenizers.tokenizer_data import (
     center_crop,
     crop_to_tensor,
     decode,
+    photo_crop,
     random_crop,
     read_members,
     rgb_index,
@@ -88,14 +92,16 @@ def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, in
 
 
 def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg: TokenizerStageConfig,
-                   device: torch.device, index: RgbIndex | None = None, model_record: dict | None = None) -> dict:
+                   device: torch.device, index: RgbIndex | None = None, model_record: dict | None = None,
+                   crop_labeler=None) -> dict:
     """Encode every crop of every sample of one shard with one tokenizer, and commit the token shard.
 
-    `model_record` (source, weights_sha256) goes into the shard's provenance."""
+    `model_record` (source, weights_sha256) goes into the shard's provenance. `crop_labeler`: the modality's
+    labeler, run on each crop of the photo to make the tokenizer's input (instead of cropping the stored label)."""
     started = time.time()
     index = index or rgb_index(layout, shard)
     keys, sizes = index.keys, index.sizes
-    spec = registry.get(modality)
+    spec = registry.photo() if crop_labeler else registry.get(modality)
     source = spec.folder
     labels = dict(read_members(layout.tar(source, shard), spec.extension))
     status: dict[str, tuple[str, str | None]] = {}
@@ -105,7 +111,11 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
     def flush():
         if not pending:
             return
-        batch = torch.cat([x for _, x in pending]).to(device)
+        if crop_labeler:  # every pending crop through the labeler at once: (D, h, w) feature maps
+            features = crop_labeler([im for _, crops in pending for im in crops])
+            batch = torch.stack([torch.as_tensor(f).float().permute(2, 0, 1) for f in features]).to(device)
+        else:
+            batch = torch.cat([x for _, x in pending]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             ids = model.encode(batch).cpu().numpy().astype(np.int16)
         start = 0
@@ -120,8 +130,12 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
         if key not in labels:
             return key, None, ("missing_label", f"no {modality} label in {layout.tar(source, shard).name}")
         try:
+            settings = sample_crops(key, sizes[key], cfg)
+            if crop_labeler:
+                image = spec.decode(labels.pop(key))
+                return key, [photo_crop(image, c) for c in settings], (OK, None)
             label = decode(modality, labels.pop(key))
-            crops = [crop_to_tensor(modality, label, c, sizes[key]) for c in sample_crops(key, sizes[key], cfg)]
+            crops = [crop_to_tensor(modality, label, c, sizes[key]) for c in settings]
             return key, torch.stack(crops), (OK, None)
         except Exception as err:  # noqa: BLE001 - one unreadable label costs one sample
             return key, None, ("decode_error", f"{type(err).__name__}: {err}")
@@ -160,7 +174,8 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
 class TokenizeWorker:
     """A Ray actor: every trained tokenizer, loaded once, encoding shard after shard."""
 
-    def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str], plugins: tuple[str, ...] = ()):
+    def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str], plugins: tuple[str, ...] = (),
+                 crop_labelers: dict[str, tuple[str, dict]] | None = None):
         registry.use(plugins)  # a worker process imports the modules that define its modalities
         self.layout, self.cfg = DatasetLayout(root), cfg
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -168,6 +183,11 @@ class TokenizeWorker:
         self.records = {m: {"source": str(tokenizer_dir(root, m)),
                             "weights_sha256": file_sha256(tokenizer_dir(root, m) / "model.safetensors")}
                         for m in modalities}
+        self.crop_labelers = {m: registry.get(m).labeler.load(path, self.device.type, cfg.tokenize_batch_size,
+                                                              **options)
+                              for m, (path, options) in (crop_labelers or {}).items()}
+        for m, labeler in self.crop_labelers.items():
+            self.records[m]["features_per_crop"] = getattr(labeler, "provenance", None)
 
     def tokenize(self, shard: str, modalities: list[str]) -> dict:
         index, out = rgb_index(self.layout, shard), {}  # read once for the crops and every tokenizer
@@ -175,7 +195,7 @@ class TokenizeWorker:
             out[CROPS] = write_crops(self.layout, shard, self.cfg, index)
         for m in modalities:
             out[m] = tokenize_shard(self.layout, shard, m, self.models[m], self.cfg, self.device, index,
-                                    self.records[m])
+                                    self.records[m], self.crop_labelers.get(m))
         try:  # the shard's folders now complete: drop what failed anywhere from all of them
             out[ALIGN] = align_shard(self.layout, shard)
         except AlignError as err:
@@ -194,6 +214,28 @@ def tokenized_modalities(root: str | Path, cfg: TokenizerStageConfig) -> list[st
     """The tokenized modalities asked for whose tokenizer is trained."""
     dense = {m.name for m in registry.tokenized()}
     return [m for m in cfg.modalities if m in dense and is_trained(root, m)]
+
+
+def per_crop_labelers(root: str | Path, config: Config, names: list[str]) -> dict[str, tuple[str, dict]]:
+    """modality -> (its labeler's model, options) for each feature map whose tokenizer is a converted published
+    one: the reference's tokenizers read features computed on each crop. Checked before any work."""
+    from models.labelers import check_weights
+
+    out = {}
+    for m in names:
+        spec = registry.get(m)
+        if not (spec.labelled_per_crop and spec.labeler is not None and tokenizers.is_converted(root, m)):
+            continue
+        path = config.label.models.get(m, spec.labeler.weights)
+        if spec.labeler.weights and not path:
+            raise TokenizerInputError(f"{m}: its published tokenizer reads {m} features computed on each crop, "
+                                      f"but label.models names no model for {m}")
+        if path and Path(path).exists():
+            path = str(Path(path).resolve())  # Ray actors do not share the driver's working directory
+        if spec.labeler.weights:
+            check_weights(m, path)
+        out[m] = (path, {**spec.labeler.options(config.label), **spec.per_crop_options})
+    return out
 
 
 def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None = None,
@@ -218,13 +260,14 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
                    and not layout.is_committed(registry.get(m).stage, shard)]
         if missing:
             summary.failed_shards[shard] = f"labels not committed for {missing} (run the label stage first)"
+    crop_labelers = per_crop_labelers(root, config, names)
     ready = [s for s in shards if s not in summary.failed_shards]
     todo = skip_or_queue(layout, ready, names, stage_name, summary, observer,
                          lambda shard, _: _merged(layout, shard, names))
     started = time.time()
     if todo:
         init_ray(config.ray)
-        worker_args = (str(Path(root).resolve()), cfg, names, registry.loaded_plugins())
+        worker_args = (str(Path(root).resolve()), cfg, names, registry.loaded_plugins(), crop_labelers)
         for shard, stats, error in run_on_actors(TokenizeWorker, worker_args, todo, "tokenize", device=cfg.device,
                                                  workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker):
             if error:

@@ -66,6 +66,17 @@ def crop_to_tensor(modality: str, array: np.ndarray, crop, image_size: tuple[int
     return registry.get(modality).to_tensor(array, crop, image_size)
 
 
+def photo_crop(image: np.ndarray, crop, side: int = 224) -> np.ndarray:
+    """The photo's pixels in a crop [top, left, h, w, flip], resized to side x side (area averaging), mirrored
+    when flipped: what a labeler run on each crop sees."""
+    import cv2
+
+    top, left, h, w, flip = (int(v) for v in crop)
+    region = cv2.resize(np.ascontiguousarray(image[top:top + h, left:left + w]), (side, side),
+                        interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(region[:, ::-1]) if flip else region
+
+
 @dataclass
 class RgbIndex:
     """One shard's rgb members: every key in order, and the image size of those whose header reads."""
