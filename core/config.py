@@ -139,8 +139,9 @@ class TokenizerStageConfig(Section):
                                   description="tokenizers to train and use: text and every tokenized modality")
     codebook_sizes: dict[str, int] = Field(default_factory=dict, description="override Table 3's codebook sizes")
     published: dict[str, str] = Field(default_factory=dict,
-                                      description="modality -> a published tokenizer (hub id, folder or .safetensors) "
-                                                  "installed by train-tokenizer instead of training one")
+                                      description="modality -> a published tokenizer (hub id, folder or .safetensors; "
+                                                  "text: the reference's tokenizer JSON) installed by "
+                                                  "train-tokenizer instead of training one")
     vocab_size: int = Field(30000, ge=4400, description="text vocabulary (captions and boxes)")
     batch_size: int = Field(640, ge=1, description="global batch size (Table 3: 640, CLIP 1024)")
     epochs: float = Field(15, gt=0)
@@ -170,7 +171,7 @@ class TokenizerStageConfig(Section):
     @field_validator("published")
     @classmethod
     def _known_published(cls, value):
-        return _known(value, [m.name for m in registry.tokenized()], "published tokenizer modalities")
+        return _known(value, registry.tokenizer_names(), "published tokenizer modalities")
 
     @field_validator("modalities", "epochs_by_modality")
     @classmethod

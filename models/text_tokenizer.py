@@ -63,6 +63,15 @@ def train_text_tokenizer(captions: Iterable[str], vocab_size: int, path: str | P
     return tokenizer
 
 
+def fixed_token_problems(tokenizer) -> list[str]:
+    """How a tokenizer's fixed tokens differ from the layout above (the reference's), by token: a published
+    text tokenizer must give every sentinel, coordinate and class name the id 4M's weights expect."""
+    fixed = CONTROL_TOKENS + SENTINEL_TOKENS + COORD_TOKENS + CLASS_TOKENS
+    problems = [f"{token!r} has id {tokenizer.token_to_id(token)}, not {i}" for i, token in enumerate(fixed)
+                if tokenizer.token_to_id(token) != i]
+    return problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+
+
 def load_text_tokenizer(path: str | Path):
     from tokenizers import Tokenizer
 

@@ -76,3 +76,44 @@ def test_malformed_box_text_is_named():
         text_to_boxes("v0=1 v1=2 v2=3 v3=4")
     with pytest.raises(BoxTextError, match="expected v0= v1= v2= v3= at word 0"):
         text_to_boxes("dog v0=1")
+
+
+def reference_layout_tokenizer(path: Path, swap: tuple[int, int] | None = None) -> Path:
+    """A tokenizer file built as the reference's published one is: its 4284 fixed tokens (the fixture, flags and
+    all) at their ids, then a few WordPiece pieces; `swap` exchanges two fixed tokens."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+    rows = json.loads((FIXTURES / "text_vocab_added_tokens.json").read_text())["tokens"]
+    if swap:
+        rows[swap[0]], rows[swap[1]] = rows[swap[1]], rows[swap[0]]
+    pieces = [r[0] for r in rows] + ["a", "photo", "##s", "on", "the"]
+    tokenizer = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.add_special_tokens([AddedToken(c, single_word=s, normalized=n, lstrip=ls, rstrip=rs)
+                                  for c, _, s, n, ls, rs in rows])
+    tokenizer.save(str(path))
+    return path
+
+
+def test_a_published_text_tokenizer_is_installed_as_the_datasets_when_its_fixed_ids_are_the_references(tmp_path):
+    """`tokenizer.published.text`: the reference's tokenizer file, which its 4M weights read captions with,
+    installed instead of training one; a file whose fixed tokens sit at other ids is refused by token."""
+    from core.config import load_config
+    from stages.tokenizers.train_tokenizer import TokenizerInputError, run_train_tokenizers
+
+    published = reference_layout_tokenizer(tmp_path / "text_tokenizer_4m_wordpiece_30k.json")
+    config = load_config("demo", [f"tokenizer.published={{text: {published}}}"])
+    result = run_train_tokenizers(tmp_path / "data", config, ["text"])["text"]
+    assert result["converted_from"] == str(published) and result["vocab_size"] == 4289
+    installed = tmp_path / "data/tokenizers/text/tokenizer.json"
+    assert installed.read_bytes() == published.read_bytes()
+    tokenizer = load_text_tokenizer(installed)
+    assert encode_text(tokenizer, "v0=12 a cat")[1:4] == [204 + 12, 4289 - 5, 4224]  # coordinate, piece, class
+    swapped = reference_layout_tokenizer(tmp_path / "swapped.json", swap=(5, 6))
+    with pytest.raises(TokenizerInputError, match=r"'\[S_1\]' has id 6, not 5"):
+        run_train_tokenizers(tmp_path / "other", load_config("demo", [f"tokenizer.published={{text: {swapped}}}"]),
+                             ["text"])
+    assert not (tmp_path / "other/tokenizers/text").exists()

@@ -27,7 +27,7 @@ import torch
 
 from core import registry
 from core.config import Config, TokenizerStageConfig
-from core.files import write_json
+from core.files import write_bytes, write_json
 from core.pictures import figure_backend, save_figure
 from models.text_tokenizer import train_text_tokenizer
 from models.vqvae import (
@@ -95,6 +95,28 @@ def text_corpus(layout: DatasetLayout) -> Iterator[str]:
         for shard in shards:
             for _, data in read_members(layout.tar(modality.folder, shard), modality.extension):
                 yield modality.corpus_text(data)
+
+
+def install_text(root: str | Path, source: str | Path) -> dict:
+    """A published text tokenizer (the reference's `text_tokenizer_4m_wordpiece_30k.json`, which its 4M weights
+    read captions and boxes with) as the dataset's text tokenizer, refused by token if its fixed ids differ."""
+    from models.text_tokenizer import fixed_token_problems, load_text_tokenizer
+
+    try:
+        tokenizer = load_text_tokenizer(source)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is named
+        raise TokenizerInputError(f"tokenizer.published.text = {str(source)!r}: not a tokenizers JSON file "
+                                  f"({err})") from None
+    problems = fixed_token_problems(tokenizer)
+    if problems:
+        raise TokenizerInputError(f"tokenizer.published.text = {str(source)!r}: not the reference's layout:\n  "
+                                  + "\n  ".join(problems))
+    folder = tokenizer_dir(root, registry.TEXT)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_bytes(folder / "tokenizer.json", Path(source).read_bytes())
+    summary = {"modality": registry.TEXT, "converted_from": str(source), "vocab_size": tokenizer.get_vocab_size()}
+    write_json(folder / "train.json", summary)  # last: the commit marker
+    return summary
 
 
 def train_text(root: str | Path, cfg: TokenizerStageConfig) -> dict:
@@ -380,6 +402,8 @@ def run_train_tokenizers(root: str | Path, config: Config, modalities: list[str]
         if is_trained(root, modality):
             results[modality] = {**json.loads((tokenizer_dir(root, modality) / "train.json").read_text()),
                                  "skipped": True}
+        elif modality == registry.TEXT and modality in config.tokenizer.published:  # installed, not trained
+            results[modality] = install_text(root, config.tokenizer.published[modality])
         elif modality == registry.TEXT:
             results[modality] = train_text(root, config.tokenizer)
         elif modality in config.tokenizer.published:  # installed, not trained
