@@ -47,7 +47,9 @@ class Domain:
     folder: str               # where the 4M loader reads it under the data root
     vocab_size: int | None = None
     channels: int | None = None
-    max_tokens: int = GRID_TOKENS  # a sequence's most tokens, [EOS] included (the reference's `max_tokens`)
+    max_tokens: int = GRID_TOKENS  # its most tokens: an image's grid, a sequence's ([EOS] included), as the
+                                   # reference's `max_tokens`
+    grid: int = RESOLUTION // 16   # image tokens per side (14: 16-pixel patches of 224; DINOv2's 14-pixel ones: 16)
 
     @property
     def short_name(self) -> str:
@@ -88,6 +90,7 @@ class Modality:
     labelled_per_crop = False      # a published tokenizer read it made by its labeler on each crop (CLIP features)
     per_crop_options: dict = {}    # the labeler's options for those crops (as the published tokenizer's training)
     label_order = 100              # where it comes in pictures and tables (lower first)
+    token_grid = RESOLUTION // 16  # its image tokens per side at 224 (16-pixel patches; 14-pixel ones give 16)
 
     # -- names ------------------------------------------------------------------------------------------------
     @property
@@ -110,8 +113,8 @@ class Modality:
     def domains(self) -> list[Domain]:
         if self.tokenizer is None:
             return []
-        return [Domain(self.token_folder, self, "tokens", self.token_folder,
-                       vocab_size=self.tokenizer["codebook_size"])]
+        return [Domain(self.token_folder, self, "tokens", self.token_folder, vocab_size=self.tokenizer["codebook_size"],
+                       max_tokens=self.token_grid ** 2, grid=self.token_grid)]
 
     # -- storage ----------------------------------------------------------------------------------------------
     def encode(self, label) -> bytes:

@@ -27,6 +27,7 @@ from torch import nn
 
 from core import registry
 from core.files import save_model_safetensors, write_json
+from core.registry import RESOLUTION
 from models.published import read_checkpoint
 
 
@@ -98,6 +99,12 @@ class FourMConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    def grid_of(self, modality: str) -> int:
+        """A modality's tokens per side in this model: the pixel patches' grid, or the domain's own token grid
+        (at 224) scaled to the model's image size (14 at 224 and 4 at 64 for 16-pixel patches; 16 for DINOv2's)."""
+        spec = _domain(modality)
+        return self.grid if spec.kind == "pixels" else spec.grid * self.image_size // RESOLUTION
 
     @property
     def pixels_input(self) -> str | None:
@@ -238,7 +245,10 @@ class Embedding(nn.Module):
         else:
             padding = 0 if self.kind == "sequence" else None
             self.token_emb = nn.Embedding(cfg.vocab(modality), cfg.dim, padding_idx=padding)
-        positions = sincos_1d(SEQUENCE_TABLE, cfg.dim) if self.kind == "sequence" else sincos_2d(cfg.grid, cfg.dim)
+        if self.kind == "sequence":
+            positions = sincos_1d(SEQUENCE_TABLE, cfg.dim)
+        else:
+            positions = sincos_2d(cfg.grid_of(modality), cfg.dim)
         self.register_buffer("pos_emb", positions, persistent=False)
         if decoder:
             self.to_logits = nn.Linear(cfg.dim, cfg.vocab(modality), bias=False)
@@ -407,13 +417,15 @@ class FourM(nn.Module):
         visible = torch.zeros(b, n, dtype=torch.bool, device=pixels.device)
         batch = {self.cfg.pixels_input: {"tensor": pixels, "input_mask": visible, "target_mask": ~visible,
                              "decoder_attention_mask": torch.zeros(b, n, dtype=torch.int32, device=pixels.device)}}
-        for m in targets:
-            attention = torch.zeros(b, n, dtype=torch.int32, device=pixels.device)
-            attention[:, 0] = n  # all positions see each other
-            batch[m] = {"tensor": torch.zeros(b, n, dtype=torch.long, device=pixels.device), "input_mask": ~visible,
-                        "target_mask": visible, "decoder_attention_mask": attention}
-        logits = self(batch, n, n * len(targets), return_logits=True)
-        return {m: logits[m].argmax(-1).reshape(b, n) for m in targets}
+        sizes = {m: self.cfg.grid_of(m) ** 2 for m in targets}  # each target's own grid
+        for m, size in sizes.items():
+            wanted = torch.zeros(b, size, dtype=torch.bool, device=pixels.device)
+            attention = torch.zeros(b, size, dtype=torch.int32, device=pixels.device)
+            attention[:, 0] = size  # all positions see each other
+            batch[m] = {"tensor": torch.zeros(b, size, dtype=torch.long, device=pixels.device), "input_mask": ~wanted,
+                        "target_mask": wanted, "decoder_attention_mask": attention}
+        logits = self(batch, n, sum(sizes.values()), return_logits=True)
+        return {m: logits[m].argmax(-1).reshape(b, size) for m, size in sizes.items()}
 
     # -- sizes, saving, loading -------------------------------------------------------------------------------
     def num_parameters(self, embeddings: bool = False) -> int:

@@ -354,7 +354,7 @@ class Sampler:
     def _image(self, state, step: Step, guided, weights, generators, observer) -> None:
         target = step.target
         if target not in state:
-            size = self.model.cfg.grid ** 2
+            size = self.model.cfg.grid_of(target) ** 2
             zeros = torch.zeros(len(generators), size, dtype=torch.long, device=self.device)
             state[target] = image_entry(zeros, zeros.bool())
         if step.scheme == "autoregressive":

@@ -276,7 +276,7 @@ class FeatureMapModality(DenseModality):
         scale_y, scale_x = array.shape[0] / image_size[0], array.shape[1] / image_size[1]
         features = torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1)[None]
         box = torch.tensor([[0, left * scale_x, top * scale_y, (left + w) * scale_x, (top + h) * scale_y]])
-        out = roi_align(features, box, output_size=RESOLUTION // 16, spatial_scale=1.0, sampling_ratio=2,
+        out = roi_align(features, box, output_size=self.token_grid, spatial_scale=1.0, sampling_ratio=2,
                         aligned=True)[0]
         return out.flip(-1) if flip else out
 

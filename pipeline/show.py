@@ -93,12 +93,12 @@ def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
 
 
 def draw_masked_sample(sample: dict, tokenizer, out: str | Path) -> Path:
-    """One masked sample: per image modality its 14x14 grid (visible inputs, targets, neither), per sequence
+    """One masked sample: per image modality its token grid (visible inputs, targets, neither), per sequence
     the encoder's input and the decoder's target with their sentinels."""
     from matplotlib.colors import ListedColormap
 
     plt = figure_backend()
-    images = [m for m in sample if sample[m]["input_mask"].numel() == 196]
+    images = [m for m in sample if registry.domain(m).kind != "sequence"]
     texts = [m for m in sample if m not in images]
     image_height, text_height = 2.8, 0.8 * len(texts)
     height = image_height + text_height
@@ -109,7 +109,8 @@ def draw_masked_sample(sample: dict, tokenizer, out: str | Path) -> Path:
         grid = (~d["input_mask"]).long() + 2 * (~d["target_mask"]).long()
         ax = fig.add_axes([(i + 0.05) / len(images), (text_height + 0.15) / height, 0.9 / len(images),
                            1.9 / height])
-        ax.imshow(grid.reshape(14, 14).numpy(), cmap=colours, vmin=0, vmax=2, interpolation="nearest")
+        side = int(round(grid.numel() ** 0.5))
+        ax.imshow(grid.reshape(side, side).numpy(), cmap=colours, vmin=0, vmax=2, interpolation="nearest")
         ax.set_title(f"{m}\n{int((~d['input_mask']).sum())} in, {int((~d['target_mask']).sum())} out", fontsize=8)
         ax.set_axis_off()
     for j, m in enumerate(texts):

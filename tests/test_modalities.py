@@ -276,3 +276,64 @@ def test_readme_names_only_commands_and_targets_that_exist():
     commands = set(build_parser()._subparsers._group_actions[0].choices)
     used = set(re.findall(r"python -m pipeline ([a-z][a-z0-9-]*)", readme))
     assert used and not used - commands, f"README names commands that do not exist: {used - commands}"
+
+
+PATCH14 = '''
+from core.registry import register
+from models.modality_kinds import FeatureMapModality
+
+
+class Patch14(FeatureMapModality):
+    """A feature map of 14-pixel patches (DINOv2's): 16x16 tokens at 224."""
+
+    name, label_order, token_grid = "patch14", 50, 16
+    tokenizer = dict(in_channels=8, codebook_size=32, decoder="vit", loss="smooth_l1", patch_size=1)
+
+
+register(Patch14())
+'''
+
+
+def test_an_image_modality_with_its_own_token_grid_is_masked_modelled_generated_and_verified(tmp_path):
+    """4M-21's DINOv2 and ImageBind tokens are 16x16 at 224 (14-pixel patches), their global tokens 4x4: a grid
+    is the modality's, not the model's."""
+    import torch
+
+    from models.fourm import FourM, FourMConfig
+    from models.generate import Sampler, Schedule, Step
+    from stages.dataset.verify import _check_member as check_member
+    from stages.fourm.masking import Component, MaskingSampler
+
+    (tmp_path / "patch14.py").write_text(PATCH14)
+    registry.use([str(tmp_path / "patch14.py")])
+    domain = registry.domain("tok_patch14")
+    assert (domain.name, domain.grid, domain.max_tokens) == ("tok_patch14@224", 16, 256)
+    names = ["rgb@224", "tok_patch14@224"]
+    sampler = MaskingSampler(names, [Component(dict.fromkeys(names, 1.0), {"tok_patch14@224": 1.0})], 64, 64)
+    assert sampler.caps.tolist() == [196, 256]
+    rng = np.random.default_rng(0)
+    samples = [sampler({"rgb@224": torch.zeros(3, 224, 224), "tok_patch14@224": torch.randint(32, (256,))}, rng)
+               for _ in range(2)]
+    batch = {m: {k: torch.stack([s[m][k] for s in samples]) for k in samples[0][m]} for m in names}
+    assert batch["tok_patch14@224"]["input_mask"].shape == (2, 256)
+    torch.manual_seed(0)
+    model = FourM(FourMConfig(domains_in=names, domains_out=["tok_patch14@224"], dim=64, encoder_depth=1,
+                              decoder_depth=1, num_heads=4))
+    assert model.decoder_embeddings["tok_patch14@224"].pos_emb.shape[-2] == 256
+    loss, _ = model(batch, 64, 64)
+    assert torch.isfinite(loss)
+    assert model.predict_from_rgb(torch.zeros(2, 3, 224, 224), ["tok_patch14@224"])["tok_patch14@224"].shape == (2, 256)
+    state = {"rgb@224": batch["rgb@224"]}
+    Sampler(model).generate(state, Schedule([Step("tok_patch14@224", "maskgit", 4)]), ["rgb@224"], [0, 1])
+    assert state["tok_patch14@224"]["tensor"].shape == (2, 256) and not state["tok_patch14@224"]["input_mask"].any()
+    good, bad = np.zeros((2, 256), np.int16), np.zeros((2, 196), np.int16)
+    assert check_member("tok_patch14@224", "k.npy", npy(good), 32)[0] is None
+    assert "expected int16 (n_crops, 256)" in check_member("tok_patch14@224", "k.npy", npy(bad), 32)[0]
+
+
+def npy(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()

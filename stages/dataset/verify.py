@@ -52,8 +52,9 @@ def _check_member(folder: str, name: str, data: bytes, vocabulary: int | None) -
         elif ext == "npy":
             array = np.load(io.BytesIO(data))
             if registry.is_token_folder(folder):
-                if array.dtype != np.int16 or array.ndim != 2 or array.shape[1] != 196:
-                    return f"{name}: {array.dtype} {array.shape}, expected int16 (n_crops, 196)", None
+                tokens = registry.of_folder(folder)[1].max_tokens  # its grid: 196 for 16-pixel patches of 224
+                if array.dtype != np.int16 or array.ndim != 2 or array.shape[1] != tokens:
+                    return f"{name}: {array.dtype} {array.shape}, expected int16 (n_crops, {tokens})", None
                 if array.min() < 0 or (vocabulary is not None and array.max() >= vocabulary):
                     return f"{name}: token ids {array.min()}..{array.max()} outside 0..{vocabulary - 1}", None
             if folder == CROPS and (array.ndim != 2 or array.shape[1] != 5):

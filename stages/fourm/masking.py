@@ -109,13 +109,13 @@ class MaskingSampler:
 
     # -- one modality -------------------------------------------------------------------------------------------
     @staticmethod
-    def image(tensor, n_in: int, n_tgt: int, rng: np.random.Generator) -> dict:
-        order = rng.permutation(IMAGE_TOKENS)
-        input_mask = np.ones(IMAGE_TOKENS, bool)
+    def image(tensor, n_in: int, n_tgt: int, rng: np.random.Generator, tokens: int = IMAGE_TOKENS) -> dict:
+        order = rng.permutation(tokens)
+        input_mask = np.ones(tokens, bool)
         input_mask[order[:n_in]] = False
-        target_mask = np.ones(IMAGE_TOKENS, bool)
+        target_mask = np.ones(tokens, bool)
         target_mask[order[n_in:n_in + n_tgt]] = False
-        attention = np.zeros(IMAGE_TOKENS, np.int32)
+        attention = np.zeros(tokens, np.int32)
         if n_tgt:  # the first target opens all of them to each other: bidirectional within the image
             attention[int(np.argmin(target_mask))] = n_tgt
         return {"tensor": tensor, "input_mask": torch.from_numpy(input_mask),
@@ -180,5 +180,5 @@ class MaskingSampler:
             if is_sequence(m):
                 out[m] = self.sequence(sample[m], n_in, n_tgt, self.keep[component].get(m, "random"), rng, cap)
             else:
-                out[m] = self.image(sample[m], n_in, n_tgt, rng)
+                out[m] = self.image(sample[m], n_in, n_tgt, rng, cap)
         return out

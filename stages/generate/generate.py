@@ -210,7 +210,7 @@ def parse_request(raw: dict, resources: Resources) -> Request:
         modality = resolve(m, resources.inputs, f"{where}, inpaint {m!r}")
         if modality not in conditions or registry.domain(modality).kind != "tokens":
             raise GenerateInputError(f"{where}: inpaint {m!r} needs the same image modality as a condition")
-        grid = resources.model.cfg.grid
+        grid = resources.model.cfg.grid_of(modality)
         if (not isinstance(region, (list, tuple)) or len(region) != 4
                 or not (0 <= region[0] < region[1] <= grid and 0 <= region[2] < region[3] <= grid)):
             raise GenerateInputError(f"{where}: inpaint region {region!r} for {m!r} must be [row0, row1, col0, col1] "
@@ -284,7 +284,7 @@ def text_ids(modality: str, value: str, resources: Resources, where: str) -> lis
 
 def token_ids(modality: str, value: str, resources: Resources, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (196,), known (196,)) of an image modality from a .npy of ids (-1 = unknown) or an image file."""
-    n = resources.model.cfg.grid ** 2
+    n = resources.model.cfg.grid_of(modality) ** 2
     vocab = resources.model.cfg.vocab(modality)
     if str(value).endswith(".npy"):
         try:
@@ -315,7 +315,7 @@ def condition_entry(modality: str, value, resources: Resources, where: str, regi
         return text_ids(modality, value, resources, where)
     ids, known = token_ids(modality, value, resources, where)
     if region is not None:
-        grid = resources.model.cfg.grid
+        grid = resources.model.cfg.grid_of(modality)
         r0, r1, c0, c1 = region
         hole = torch.zeros(grid, grid, dtype=torch.bool)
         hole[r0:r1, c0:c1] = True
@@ -450,7 +450,7 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
                 extras[m] = meaning
             continue
         ids = entry["tensor"][row].cpu()
-        write_bytes(folder / f"{name}.npy", npy_bytes(ids.numpy().reshape(resources.model.cfg.grid, -1)))
+        write_bytes(folder / f"{name}.npy", npy_bytes(ids.numpy().reshape(resources.model.cfg.grid_of(m), -1)))
         picture = pictures[m]
         write_bytes(folder / f"{name}.png", png_bytes(picture))
         written[name] = {"tokens": str(folder / f"{name}.npy"), "picture": str(folder / f"{name}.png")}
