@@ -373,7 +373,17 @@ def detection_records(scores, labels, boxes, names, min_score: float) -> list[di
              "score": round(float(scores[i]), 4)} for i in keep]
 
 
-class ClipLabeler(Labeler):
+class PatchFeatureLabeler(Labeler):
+    """A ViT's patch features: the image resized to `short_side` (224) on its shortest side, each side a
+    multiple of the model's patch."""
+
+    def input_size(self, height, width):
+        patch = self.model.config.patch_size
+        scale = self.options.get("short_side", 224) / min(height, width)
+        return _multiple(height * scale, patch), _multiple(width * scale, patch)
+
+
+class ClipLabeler(PatchFeatureLabeler):
     """CLIP ViT-B/16 dense features: projection(post_layernorm(patch tokens)), at shortest side 224."""
 
     mean, std = CLIP_MEAN, CLIP_STD
@@ -388,17 +398,29 @@ class ClipLabeler(Labeler):
 
         return CLIPVisionModelWithProjection
 
-    def input_size(self, height, width):
-        patch = self.model.config.patch_size
-        scale = self.options.get("short_side", 224) / min(height, width)
-        return _multiple(height * scale, patch), _multiple(width * scale, patch)
-
     def forward(self, x):
         vision, patch = self.model.vision_model, self.model.config.patch_size
         tokens = vision(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
         features = self.model.visual_projection(vision.post_layernorm(tokens)).float()
         grid = features.reshape(len(x), x.shape[-2] // patch, x.shape[-1] // patch, -1)
         return list(grid)
+
+
+class Dinov2Labeler(PatchFeatureLabeler):
+    """DINOv2 ViT-B/14 dense features: the normalised patch tokens of the last layer (`x_norm_patchtokens`), one per
+    14x14 patch at shortest side 224 (16x16 for a square crop)."""
+
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def model_class(self):
+        from transformers import Dinov2Model
+
+        return Dinov2Model
+
+    def forward(self, x):
+        patch = self.model.config.patch_size
+        tokens = self.model(pixel_values=x).last_hidden_state[:, 1:].float()  # after the final LayerNorm
+        return list(tokens.reshape(len(x), x.shape[-2] // patch, x.shape[-1] // patch, -1))
 
 
 HUB_HINT = ("fetch it where a network exists (`hf download {path}`) into the Hugging Face cache, or save it with "

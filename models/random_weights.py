@@ -77,6 +77,18 @@ def clip(size: str):
     return CLIPVisionModelWithProjection(cfg)
 
 
+def dinov2(size: str):
+    from transformers import Dinov2Config, Dinov2Model
+
+    if size == "paper":  # ViT-B/14, 768-d
+        cfg = Dinov2Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=518, patch_size=14)
+    else:
+        cfg = Dinov2Config(hidden_size=16, mlp_ratio=2, num_hidden_layers=1, num_attention_heads=2, image_size=224,
+                           patch_size=14)
+    return Dinov2Model(cfg)
+
+
 def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int = 0) -> str:
     """Build one labeler's model with random weights and save it to `path` (kept if already there)."""
     if size not in ("tiny", "paper"):

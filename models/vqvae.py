@@ -572,7 +572,9 @@ def tokenizer_config(modality: str, size: str = "paper", **overrides) -> VQConfi
         raise ValueError(f"size {size!r}: expected {' or '.join(map(repr, SIZES))}")
     entry, preset = registry.get(modality).tokenizer, SIZES[size]
     classes = entry["loss"] == "ce"
-    settings = dict(image_size=224, enc_type=preset["enc_type"], patch_size=16, post_mlp=True, latent_dim=32,
+    # patch_size sets the token grid (224 // 16 = 14; DINOv2's 14-pixel patches: 16), for feature maps too
+    settings = dict(image_size=224, enc_type=preset["enc_type"], patch_size=224 // registry.get(modality).token_grid,
+                    post_mlp=True, latent_dim=32,
                     patch_proj=entry.get("patch_size", 16) != 1, codebook_size=entry["codebook_size"],
                     n_channels=preset["label_width"] if classes else entry["in_channels"],
                     n_labels=entry["in_channels"] + 1 if classes else None)

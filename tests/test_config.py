@@ -85,11 +85,13 @@ def test_the_paper21_profile_is_the_paper_profile_with_4m21_s_modalities(tmp_pat
     from core import registry
 
     paper, paper21 = load_config("paper"), load_config("paper21")
-    assert paper21.profile == "paper21" and paper21.modalities == ["models.modalities_4m21"]
+    assert paper21.profile == "paper21"
+    assert paper21.modalities == ["models.modalities_4m21", "models.modalities_4m21_networks"]
     assert {"canny_edge", "color_palette", "metadata"} <= set(paper21.label.labelers)
     assert {"tok_canny_edge@224", "color_palette", "metadata"} <= set(paper21.pretrain.modalities)
     assert paper21.download == paper.download and paper21.pretrain.steps == paper.pretrain.steps
-    assert paper21.label.models == paper.label.models  # the new labelers need no weights
+    assert paper21.label.models == {**paper.label.models, "dinov2": "facebook/dinov2-base"}  # the rest: paper's
+    assert "tok_dinov2@224" in paper21.pretrain.modalities
     registry.use()
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\ndata_root: x\n")

@@ -13,6 +13,7 @@ from tests.helpers import photo
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures/reference/palette_texts.json").read_text())
 MODULE = "models.modalities_4m21"
+NETWORKS = "models.modalities_4m21_networks"
 
 
 @pytest.fixture
@@ -102,10 +103,11 @@ def test_the_loader_draws_a_palette_size_per_training_load_and_reads_all_seven_i
 def test_the_registry_agrees_with_the_references_modality_table(m21):
     """Every domain of the 4M-7 and 4M-21 entries: the reference's type, vocabulary and most tokens (fixture made
     from its `modality_info.py` by tests/fixtures/reference/make_modality_info.py)."""
+    registry.use([MODULE, NETWORKS])
     table = json.loads((Path(__file__).parent / "fixtures/reference/modality_info.json").read_text())
     kinds = {"tokens": "img", "pixels": "img", "sequence": "seq"}
     domains = registry.domains()
-    assert {"tok_canny_edge@224", "color_palette"} <= {d.name for d in domains}
+    assert {"tok_canny_edge@224", "color_palette", "metadata", "tok_dinov2@224"} <= {d.name for d in domains}
     for d in domains:
         reference = table[d.name]
         assert kinds[d.kind] == reference["type"], d.name
@@ -218,3 +220,33 @@ def test_metadata_chunks_are_masked_whole(m21, tmp_path):
         assert out["tensor"].shape == (82,)
         inputs = [int(t) for t in out["tensor"][~out["input_mask"]] if int(t) not in sampler.sentinel_ids]
         assert len(inputs) % 2 == 0 and all(tuple(inputs[i:i + 2]) in pairs for i in range(0, len(inputs), 2))
+
+
+def test_dinov2_features_are_the_models_normalised_patch_tokens_16_by_16_at_224(tmp_path):
+    """The labeler on a tiny random-weight Dinov2Model (the real class), its map cropped and tokenized at the
+    reference's 16x16 grid."""
+    from transformers import Dinov2Model
+
+    from models.labelers import IMAGENET_MEAN, IMAGENET_STD
+    from models.random_weights import save_random_model
+    from models.vqvae import VQVAE, tokenizer_config
+
+    registry.use([NETWORKS])
+    path = save_random_model("dinov2", tmp_path / "dinov2")
+    labeler = registry.get("dinov2").labeler.load(path, "cpu", 2, short_side=224)
+    image = np.array(photo("astronaut"))  # 512x512
+    features = labeler([image])[0]
+    assert features.shape == (16, 16, 16)  # 16x16 patches of 14 pixels at 224, 16-d in the tiny model
+    x = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255, size=(224, 224),
+                                        mode="bilinear", align_corners=False, antialias=True)
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = Dinov2Model.from_pretrained(path)(pixel_values=x).last_hidden_state[0, 1:].reshape(16, 16, -1)
+    assert torch.allclose(torch.as_tensor(features), expected, atol=1e-4)
+    spec = registry.get("dinov2")
+    stored = spec.decode(spec.encode(np.asarray(features)))
+    crop = spec.to_tensor(stored, [0, 0, 512, 512, 0], (512, 512))
+    assert crop.shape == (16, 16, 16)
+    torch.manual_seed(0)
+    tokenizer = VQVAE(tokenizer_config("dinov2", "tiny", n_channels=16, codebook_size=32))
+    assert tokenizer.tokenize(crop[None]).numel() == 256 == registry.domain("tok_dinov2").max_tokens
