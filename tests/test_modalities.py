@@ -214,8 +214,11 @@ def test_modalities_defined_outside_the_project_go_through_every_stage(ray_addre
     summary = run_tokenize(root, config, ["luma"])
     assert summary.shards_done == 2 and summary.status_counts["luma"]["ok"] == 4
     assert (root / "tok_luma@224" / "shard-000001.tar").is_file()
+    assert json.loads((root / "_status/modalities.json").read_text()) == {"modules": config.modalities}
+    registry.use()  # as a new process given no profile: the dataset says which modules its modalities need
     problems, checked = verify_dataset(root)
     assert not problems and checked["folders"] >= 5  # rgb, caption, luma, tone, crops, tokens: all aligned
+    assert registry.is_token_folder("tok_luma@224")  # so its ids were checked as tokens, not skipped
 
     result = run_pretrain(root, config)
     assert {"loss.tok_luma@224", "loss.tone"} <= set(result["final"])

@@ -107,6 +107,26 @@ class DatasetLayout:
     def committed_shards(self, stage: str) -> list[str]:
         return sorted(p.stem for p in self.status_dir(stage).glob("shard-*.json"))
 
+    @property
+    def modalities_file(self) -> Path:
+        return self.root / STATUS_DIR / "modalities.json"
+
+    def modality_modules(self) -> list[str]:
+        """The modules defining the dataset's modalities beyond the built-ins, as the stages that wrote it
+        recorded them: what a command reading the dataset (verify, show, status) imports."""
+        return json.loads(self.modalities_file.read_text())["modules"] if self.modalities_file.is_file() else []
+
+    def record_modalities(self, modules: list[str]) -> None:
+        """Add a run's modality modules (its configuration's `modalities`) to the dataset's record."""
+        known = self.modality_modules()
+        if set(modules) - set(known):
+            self.modalities_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.modalities_file, {"modules": [*known, *(m for m in modules if m not in known)]})
+
+    def use_modalities(self) -> None:
+        """Work with the dataset's recorded modalities too (a reader given no profile)."""
+        registry.include(self.modality_modules())
+
     def loader_folders(self) -> list[str]:
         """The modality folders a 4M loader reads: every top-level folder holding shards, but for our own
         (`_status`, `_dropped`, `tokenizers`, `show`)."""

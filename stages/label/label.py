@@ -356,6 +356,7 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     cfg = config.label
     names = labelers or cfg.labelers
     layout = DatasetLayout(root)
+    layout.record_modalities(config.modalities)
     shards = input_shards(layout)
     labelings = {n: registry.get(n).labeler for n in names}
     missing_models = [n for n, lab in labelings.items() if lab.weights_used(cfg) and lab.weights and n not in cfg.models]

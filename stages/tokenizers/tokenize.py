@@ -243,6 +243,7 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
     """Tokenize every rgb shard with every trained tokenizer not yet committed for it."""
     config.use_modalities()
     cfg, layout = config.tokenizer, DatasetLayout(root)
+    layout.record_modalities(config.modalities)
     names = modalities or tokenized_modalities(root, cfg)
     untrained = [m for m in names if not is_trained(root, m)]
     if not names or untrained:
