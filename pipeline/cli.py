@@ -316,9 +316,10 @@ def cmd_inspect_masking(args) -> int:
     else:
         print(f"mean tokens per sample over {args.samples} masked samples "
               f"(budgets: {config.pretrain.input_tokens} in, {config.pretrain.target_tokens} out)")
-        print(f"{'modality':16} {'input':>7} {'target':>7}")
+        width = max(16, *map(len, means))
+        print(f"{'modality':{width}} {'input':>7} {'target':>7}")
         for m, parts in means.items():
-            print(f"{m:16} {parts['input']:7.1f} {parts['target']:7.1f}")
+            print(f"{m:{width}} {parts['input']:7.1f} {parts['target']:7.1f}")
     if args.out:
         has_text = any(is_sequence(m) for m in first)
         picture = draw_masked_sample(first, text_tokenizer_of(config.data_root) if has_text else None, args.out)
