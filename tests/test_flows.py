@@ -92,19 +92,6 @@ def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
     assert made["cc12m-pipeline/cc12m"]["input"] == "data/cc12m.tsv" and made["cc12m-pipeline/demo"]["input"] == "demo"
 
 
-def test_demo_deployment_runs_when_served(served, server, tmp_path):
-    """`python -m pipeline serve` picks up `prefect deployment run download/demo`, as the README says."""
-    from prefect.deployments import run_deployment
-
-    run = run_deployment("download/demo", timeout=300, poll_interval=1, parameters={
-        "input": str(url_list(server, tmp_path, n=3)), "output": str(tmp_path / "data"),
-        "overrides": [allow(server)]})
-    assert run.state.is_completed(), run.state
-    committed = sorted(p.name for p in (tmp_path / "data/_status/download").glob("*.json"))
-    assert committed == ["shard-000000.json"]
-    assert len(list((tmp_path / "data/rgb").glob("shard-*.tar"))) == 1
-
-
 @pytest.fixture(scope="module")
 def labelled(served, tiny_models, tmp_path_factory):
     """`prefect deployment run pseudo-label/demo` served, on two shards with one corrupt image: the run and its

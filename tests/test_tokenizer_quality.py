@@ -79,10 +79,10 @@ def test_the_segmentation_decoder_recovers_the_classes():
 
 
 def test_the_clip_decoder_recovers_the_feature_maps():
-    _, features, decoded = trained("clip", 1500)
+    _, features, decoded = trained("clip", 1000)
     cosine = reconstruction_metric("clip", decoded, features)[1]
     mean_feature = baseline_metric("clip", features)
-    assert cosine >= 0.9 and cosine >= mean_feature + 0.2  # seeded: 0.96 against 0.66
+    assert cosine >= 0.9 and cosine >= mean_feature + 0.2  # seeded: 0.944 against 0.66 (800 steps: 0.929, 1500: 0.96)
 
 
 def test_baselines_score_what_a_constant_prediction_scores():
