@@ -72,10 +72,10 @@ def test_the_normal_decoder_decodes_maps_with_structure():
 
 
 def test_the_segmentation_decoder_recovers_the_classes():
-    model, labels, decoded = trained("semseg", 1200)
+    model, labels, decoded = trained("semseg", 1000)
     miou = reconstruction_metric("semseg", decoded, labels)[1]
     majority = baseline_metric("semseg", labels, model.cfg.n_labels)
-    assert miou >= 0.75 and miou >= majority + 0.4  # seeded: 0.80 against 0.31 (1000 steps: 0.77)
+    assert miou >= 0.75 and miou >= majority + 0.4  # seeded: 0.77 against 0.31 (1200 steps: 0.80)
 
 
 def test_the_clip_decoder_recovers_the_feature_maps():
