@@ -386,3 +386,21 @@ def test_shards_record_what_made_them_and_verify_reports_mixed_weights(tiny_mode
     assert "WARNING: labelled by random-weight models" in capsys.readouterr().out
     assert main(["show", "--data", str(tmp_path), "--key", "000000000", "--out", str(tmp_path / "s.png")]) == 0
     assert "RANDOM WEIGHTS made clip" in Image.open(tmp_path / "s.png").text["Description"]
+
+
+def test_labels_read_beside_the_image_stream_in_key_order_with_gaps(tmp_path):
+    """A labeler that reads other labels gets them streamed from their shard as the rgb keys come, None for a key
+    whose label is absent (its labeler failed on it), without reading the whole shard into memory first."""
+    from stages.label.label import KeyOrderedMembers
+
+    path = tmp_path / "shard-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for key in ("000000000", "000000001", "000000003"):
+            info = tarfile.TarInfo(f"{key}.json")
+            data = key.encode()
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    reader = KeyOrderedMembers(path)
+    got = [reader.get(f"{i:09d}") for i in (0, 2, 3, 4)]  # key 1 skipped (its image did not decode), 2 absent
+    reader.close()
+    assert got == [b"000000000", None, b"000000003", None]

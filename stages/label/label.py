@@ -114,9 +114,11 @@ class ShardLabelling:
 
     def __init__(self, root: str, shard: str, labelers: dict, cfg: LabelConfig):
         self.layout, self.shard, self.labelers, self.cfg = DatasetLayout(root), shard, labelers, cfg
-        # the stored labels of other modalities a labeler reads beside the image (name -> modality -> key -> bytes)
-        self.read = {name: {m: self.stored_labels(name, m) for m in registry.get(name).labeler.reads}
+        # the committed shards of other modalities a labeler reads beside the image, streamed in the rgb key order
+        # (name -> modality -> reader), and each waiting sample's stored labels (name -> key -> modality -> bytes)
+        self.read = {name: {m: self.label_reader(name, m) for m in registry.get(name).labeler.reads}
                      for name in labelers}
+        self.read_ahead: dict[str, dict[str, dict]] = {name: {} for name in labelers}
         self.started = time.time()
         self.records: dict[str, list[dict]] = {name: [] for name in labelers}
         self.clock = {name: Counter() for name in labelers}  # seconds, waited, batches, images
@@ -127,6 +129,9 @@ class ShardLabelling:
 
     def run(self) -> dict[str, dict]:
         with ExitStack() as stack:
+            for readers in self.read.values():
+                for reader in readers.values():
+                    stack.callback(reader.close)
             self.writers = {name: stack.enter_context(ShardWriter(self.layout, stage_name(name), self.shard, [name]))
                             for name in self.labelers}
             self.pool = stack.enter_context(ThreadPoolExecutor(self.cfg.decode_threads))
@@ -164,22 +169,28 @@ class ShardLabelling:
         except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
             return key, None, f"cannot decode {key}.jpg: {err}"
 
-    def stored_labels(self, name: str, modality: str) -> dict[str, bytes]:
-        """One committed shard of a modality the labeler `name` reads, as stored bytes by key."""
+    def label_reader(self, name: str, modality: str) -> "KeyOrderedMembers":
+        """The committed shard of a modality the labeler `name` reads."""
         source = registry.get(modality)
         if not self.layout.is_committed(source.stage, self.shard):
             raise LabelInputError(f"{name} reads {modality} labels, not committed for {self.shard} (label "
                                   f"{modality} first, or in the same run)")
-        with tarfile.open(self.layout.tar(source.folder, self.shard)) as tar:
-            return {m.name.rsplit(".", 1)[0]: tar.extractfile(m).read() for m in tar if m.isfile()}
+        return KeyOrderedMembers(self.layout.tar(source.folder, self.shard))
+
+    def read_labels(self, key: str) -> None:
+        """The stored labels each reading labeler needs for `key`, read as the keys come in rgb order."""
+        for name, readers in self.read.items():
+            if readers:
+                self.read_ahead[name][key] = {m: reader.get(key) for m, reader in readers.items()}
 
     def with_labels(self, name: str, key: str, image: np.ndarray):
         """What a labeler gets for one sample: the image, or (a labeler that reads other labels) the image and
         each of those labels decoded (None where that labeler failed on the sample)."""
         if not self.read[name]:
             return image
-        return {"image": image, **{m: None if key not in stored else registry.get(m).decode(stored[key])
-                                   for m, stored in self.read[name].items()}}
+        stored = self.read_ahead[name].pop(key)
+        return {"image": image, **{m: None if data is None else registry.get(m).decode(data)
+                                   for m, data in stored.items()}}
 
     # batch ----------------------------------------------------------------------------------------------------
     def batches(self):
@@ -190,6 +201,7 @@ class ShardLabelling:
             for key, image, err in decoded:
                 self.expect(key, None if err else image.shape[:2], err)
                 if err is None:
+                    self.read_labels(key)
                     for name, labeler in self.labelers.items():
                         for batch in buckets[name].add(key, image):
                             yield labeler, (name, [k for k, _ in batch]), [self.with_labels(name, *b) for b in batch]
@@ -258,6 +270,28 @@ class ShardLabelling:
             writer.commit(pa.Table.from_pylist(records, schema=STATUS_SCHEMA), stats)
             all_stats[name] = stats
         return all_stats
+
+
+class KeyOrderedMembers:
+    """One label shard's members, streamed: asked for keys in the rgb shard's order (increasing, as the download
+    stage writes them), it returns each key's bytes, or None for a key the labeler failed on (absent)."""
+
+    def __init__(self, path: Path):
+        self.tar = tarfile.open(path)
+        self.members = (m for m in self.tar if m.isfile())
+        self.next = next(self.members, None)
+
+    def get(self, key: str) -> bytes | None:
+        while self.next is not None and self.next.name.rsplit(".", 1)[0] < key:
+            self.next = next(self.members, None)  # a key the rgb shard no longer asks for
+        if self.next is None or self.next.name.rsplit(".", 1)[0] != key:
+            return None
+        data = self.tar.extractfile(self.next).read()
+        self.next = next(self.members, None)
+        return data
+
+    def close(self) -> None:
+        self.tar.close()
 
 
 def waves(names: list[str]) -> list[list[str]]:
