@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable
 BUILTIN = ("models.modalities",)   # imported on first use: the 4M-7 definitions
 TEXT = "text"                      # the text tokenizer's folder under <root>/tokenizers: captions and boxes
 RESOLUTION = 224                   # the `@224` of 4M's domain names
-GRID_TOKENS = (RESOLUTION // 16) ** 2  # an image domain's tokens: 14x14 patches of 16 pixels
+GRID = RESOLUTION // 16            # image tokens per side: 16-pixel patches of 224 (14-pixel ones give 16)
+GRID_TOKENS = GRID ** 2
 
 
 class RegistryError(ValueError):
@@ -49,7 +50,7 @@ class Domain:
     channels: int | None = None
     max_tokens: int = GRID_TOKENS  # its most tokens: an image's grid, a sequence's ([EOS] included), as the
                                    # reference's `max_tokens`
-    grid: int = RESOLUTION // 16   # image tokens per side (14: 16-pixel patches of 224; DINOv2's 14-pixel ones: 16)
+    grid: int = GRID               # image tokens per side (DINOv2's: 16)
 
     @property
     def short_name(self) -> str:
@@ -90,7 +91,7 @@ class Modality:
     labelled_per_crop = False      # a published tokenizer read it made by its labeler on each crop (CLIP features)
     per_crop_options: dict = {}    # the labeler's options for those crops (as the published tokenizer's training)
     label_order = 100              # where it comes in pictures and tables (lower first)
-    token_grid = RESOLUTION // 16  # its image tokens per side at 224 (16-pixel patches; 14-pixel ones give 16)
+    token_grid = GRID              # its image tokens per side at 224 (DINOv2's 14-pixel patches: 16)
 
     # -- names ------------------------------------------------------------------------------------------------
     @property

@@ -6,8 +6,6 @@ same classes.
 """
 from __future__ import annotations
 
-from functools import partial
-
 from core.registry import Labeling, register
 from models import labelers, random_weights
 from models.modality_kinds import FeatureMapModality
@@ -19,11 +17,11 @@ class Dinov2(FeatureMapModality):
     name, label_order, token_grid = "dinov2", 10, 16
     published_tokenizer = "EPFL-VILAB/4M_tokenizers_DINOv2-B14_8k_224-448"
     labeler = Labeling(load=labelers.Dinov2Labeler, weights="facebook/dinov2-base",
-                       random_model=partial(random_weights.dinov2), options=lambda cfg: {"short_side": 224})
+                       random_model=random_weights.dinov2, options=lambda cfg: {"short_side": 224})
     # the reference's DINOv2-B14 tokenizer config: ViT-B, 8k codes, smooth L1, crops from 0.2 of the area
     tokenizer = dict(in_channels=768, codebook_size=8192, decoder="vit", loss="smooth_l1", patch_size=1,
                      crop_scale=(0.2, 1.0), dtype="bfloat16")
-    per_crop_options = {"short_side": 224}  # ImageNet's mean and std: DINOv2's own, and its tokenizer's training
+    # per crop for a published tokenizer: its own options (224, ImageNet's mean and std, as the tokenizer's training)
 
 
 register(Dinov2())

@@ -62,7 +62,7 @@ def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
     import matplotlib.patches as patches
 
     plt = figure_backend()
-    layout.use_modalities()
+    layout.include_modalities()
     sample = read_sample(layout, key)
     random_panels = random_weight_panels(layout, find_shard(layout, key), list(sample))
     photo_spec = registry.photo()

@@ -44,7 +44,7 @@ RANDOM_WARNING = ("WARNING: labelled by random-weight models (the demo's): {stag
 
 def stage_rows(root: str | Path) -> list[dict]:
     layout = DatasetLayout(root)
-    layout.use_modalities()
+    layout.include_modalities()
     first = registry.photo().stage
     downloaded = len(layout.committed_shards(first))
     rows = []

@@ -123,7 +123,7 @@ class DatasetLayout:
             self.modalities_file.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.modalities_file, {"modules": [*known, *(m for m in modules if m not in known)]})
 
-    def use_modalities(self) -> None:
+    def include_modalities(self) -> None:
         """Work with the dataset's recorded modalities too (a reader given no profile)."""
         registry.include(self.modality_modules())
 

@@ -72,7 +72,7 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
     import cv2  # noqa: F401 - fail early if the decoder is missing
 
     layout, root = DatasetLayout(root), Path(root)
-    layout.use_modalities()
+    layout.include_modalities()
     problems: list[Problem] = []
     photo = registry.photo().folder
     rgb_shards = sorted(p.stem for p in (root / photo).glob("shard-*.tar"))
