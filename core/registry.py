@@ -40,11 +40,11 @@ class RegistryError(ValueError):
 
 @dataclass(frozen=True)
 class Domain:
-    """One way 4M sees a modality: image tokens, pixels, or a sequence of text tokens."""
+    """One way 4M sees a modality: image tokens, pixels, a sequence of text tokens, or a sequence of vectors."""
 
     name: str                 # the reference's domain name: tok_depth@224, rgb@224, caption
     modality: "Modality"
-    kind: str                 # "tokens", "pixels" or "sequence"
+    kind: str                 # "tokens", "pixels", "sequence" or "embeddings" (vectors read as they are: T5's)
     folder: str               # where the 4M loader reads it under the data root
     vocab_size: int | None = None
     channels: int | None = None
@@ -59,7 +59,8 @@ class Domain:
 
     @property
     def input_only(self) -> bool:
-        return self.kind == "pixels"
+        """Pixels and vectors are read, never predicted: 4M has no vocabulary to predict them in."""
+        return self.kind in ("pixels", "embeddings")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Labeling:
     """How a modality's labeler is made: `load(path, device, batch_size, **options)` returns a `Labeler`.
 
     `weights` is the default model (a hub id or folder; None for a labeler without weights), `random_model(size)`
-    builds its model with random weights for tests and the demo, `options(label_config)` picks its settings."""
+    builds its model with random weights for tests and the demo (or (model, tokenizer), both saved), `options(label_config)` picks its settings."""
 
     load: Callable[..., Any]
     weights: str | None = None
@@ -82,7 +83,7 @@ class Labeling:
 class Modality:
     """The base of every modality: names, storage, labeler. Subclasses add what their family needs."""
 
-    kind = "image"                 # "image" (a map aligned with the photo) or "sequence"
+    kind = "image"                 # "image" (a map aligned with the photo), "sequence" (text) or "embeddings"
     name: str
     extension: str
     downloaded = False             # stored by the download stage (the photo, its caption); else labelled

@@ -32,7 +32,8 @@ from models.published import read_checkpoint
 
 
 # --- the modalities: each domain's kind ("pixels": RGB patches, an input only; "tokens": a tokenizer's 14x14 ids;
-# "sequence": text token ids), vocabulary and channels come from the registry (core/registry.py)
+# "sequence": text token ids; "embeddings": vectors, an input only), vocabulary and channels come from the registry
+# (core/registry.py)
 def _domain(name: str) -> registry.Domain:
     return registry.domain(name)
 
@@ -89,7 +90,7 @@ class FourMConfig:
             raise ValueError(f"unknown modalities {unknown} (known: {', '.join(known)})")
         inputs_only = [m for m in self.domains_out if _domain(m).input_only]
         if inputs_only:
-            raise ValueError(f"{inputs_only} can only be inputs (RGB pixels are never a target)")
+            raise ValueError(f"{inputs_only} can only be inputs (pixels and embeddings are never a target)")
         if self.dim % self.num_heads or self.dim % 4:
             raise ValueError(f"dim {self.dim} must divide by num_heads {self.num_heads} and by 4")
 
@@ -242,10 +243,12 @@ class Embedding(nn.Module):
         if self.kind == "pixels":
             self.patch = cfg.patch_size
             self.proj = nn.Linear(spec.channels * cfg.patch_size ** 2, cfg.dim, bias=False)
+        elif self.kind == "embeddings":  # vectors from another model (T5's), projected as they are
+            self.emb_proj = nn.Linear(spec.channels, cfg.dim)
         else:
             padding = 0 if self.kind == "sequence" else None
             self.token_emb = nn.Embedding(cfg.vocab(modality), cfg.dim, padding_idx=padding)
-        if self.kind == "sequence":
+        if self.kind in ("sequence", "embeddings"):
             positions = sincos_1d(SEQUENCE_TABLE, cfg.dim)
         else:
             positions = sincos_2d(cfg.grid_of(modality), cfg.dim)
@@ -263,11 +266,13 @@ class Embedding(nn.Module):
             c, h, w = data.shape[1:]
             patches = data.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
             return self.proj(patches), (self.pos_emb + self.mod_emb).expand(b, -1, -1)
-        ids = data.reshape(b, -1)
-        x = self.token_emb(ids)
+        if self.kind == "embeddings":
+            x = self.emb_proj(data.to(self.emb_proj.weight.dtype))
+        else:
+            x = self.token_emb(data.reshape(b, -1))
         if self.kind == "tokens":
             return x, (self.pos_emb + self.mod_emb).expand(b, -1, -1)
-        # sequences: a token's position is its rank among the valid tokens of its part (input or target)
+        # sequences of tokens or vectors: a token's position is its rank among the valid tokens of its part
         invalid = d["target_mask" if self.decoder else "input_mask"]
         rank = (~invalid).long().cumsum(1) - 1
         rank = rank.masked_fill(invalid | ((rank >= MAX_SEQUENCE) if self.decoder else False), 0)

@@ -15,6 +15,7 @@ The state a sampler works on is the model's batch layout (see models/fourm.py), 
     image tokens    tensor (B, 196) ids, input_mask (B, 196), True = not known yet
     RGB pixels      tensor (B, 3, 224, 224), input_mask (B, 196) all False
     sequences       tensor (B, L) ids, right-padded, input_mask (B, L), True = padding
+    embeddings      tensor (B, L, C) vectors (T5's), an input only, zero-padded to the domain's most tokens
 Randomness comes from one generator per sample, so a sample's result depends on its seed alone, not on the other
 samples of its batch or on the number of guidance passes.
 """
@@ -226,6 +227,16 @@ def sequence_entry(rows: list[list[int]], pad_id: int = 0, device=None) -> dict:
     mask = torch.ones(len(rows), length, dtype=torch.bool, device=device)
     for i, row in enumerate(rows):
         tensor[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = False
+    return {"tensor": tensor, "input_mask": mask}
+
+
+def embeddings_entry(rows: list[torch.Tensor], length: int, device=None) -> dict:
+    """Vector sequences (L_i, C), right-padded with zeros to `length`: every pass and sample the same length."""
+    tensor = torch.zeros(len(rows), length, rows[0].shape[-1], device=device)
+    mask = torch.ones(len(rows), length, dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        tensor[i, :len(row)] = row.to(device)
         mask[i, :len(row)] = False
     return {"tensor": tensor, "input_mask": mask}
 

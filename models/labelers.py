@@ -143,7 +143,10 @@ class Labeler:
         """Queue one batch of images that share a model input size; returns without waiting for the device."""
         with self._autocast():
             raws = self.forward(self._batch(images, self.input_size(*images[0].shape[:2])))
-        outputs = _to_host([self.finish(raw, *im.shape[:2]) for raw, im in zip(raws, images)])
+        return self._launched(_to_host([self.finish(raw, *im.shape[:2]) for raw, im in zip(raws, images)]))
+
+    def _launched(self, outputs: list) -> Launched:
+        """Outputs on their way to the host, with the event that says when they are there (on a GPU)."""
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -421,6 +424,39 @@ class Dinov2Labeler(PatchFeatureLabeler):
         patch = self.model.config.patch_size
         tokens = self.model(pixel_values=x).last_hidden_state[:, 1:].float()  # after the final LayerNorm
         return list(tokens.reshape(len(x), x.shape[-2] // patch, x.shape[-1] // patch, -1))
+
+
+class TextEncoderLabeler(Labeler):
+    """A text encoder's last hidden states for the sample's caption (T5's encoder): one vector per token, padding
+    left out, at most `max_length` tokens. It reads the caption stored beside the image (`Labeling.reads`), not
+    the image; a sample without a caption fails alone, by name."""
+
+    def __init__(self, path: str, device: str = "auto", batch_size: int = 8, max_length: int = 77, **options):
+        from transformers import AutoTokenizer
+
+        super().__init__(path, device, batch_size, **options)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.max_length = max_length
+
+    def model_class(self):
+        from transformers import T5EncoderModel
+
+        return T5EncoderModel
+
+    def input_size(self, height, width):
+        return 0, 0  # one bucket: captions batch together whatever their images' sizes
+
+    @torch.inference_mode()
+    def launch(self, samples: list[dict]) -> Launched:
+        captions = [sample.get("caption") for sample in samples]
+        if any(not caption for caption in captions):
+            raise ValueError("the sample has no caption to encode")
+        tokens = self.tokenizer(captions, max_length=self.max_length, truncation=True, padding=True,
+                                return_tensors="pt").to(self.device)
+        with self._autocast():
+            hidden = self.model(**tokens).last_hidden_state.float()
+        lengths = tokens["attention_mask"].sum(1).tolist()
+        return self._launched(_to_host([h[:n] for h, n in zip(hidden, lengths)]))
 
 
 HUB_HINT = ("fetch it where a network exists (`hf download {path}`) into the Hugging Face cache, or save it with "

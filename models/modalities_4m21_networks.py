@@ -1,4 +1,4 @@
-"""4M-21's modalities that networks make (DINOv2 so far), each one registry entry.
+"""4M-21's modalities that networks make (DINOv2, T5 caption embeddings), each one registry entry.
 
 Not built in, and apart from the weight-free ones (`models/modalities_4m21.py`) so that a profile can have those
 without these: the `paper21` profile names both, with real weights; tests use tiny random-weight models of the
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from core.registry import Labeling, register
 from models import labelers, random_weights
-from models.modality_kinds import FeatureMapModality
+from models.modality_kinds import EmbeddingSequenceModality, FeatureMapModality
 
 
 class Dinov2(FeatureMapModality):
@@ -24,4 +24,15 @@ class Dinov2(FeatureMapModality):
     # per crop for a published tokenizer: its own options (224, ImageNet's mean and std, as the tokenizer's training)
 
 
+class T5Caption(EmbeddingSequenceModality):
+    """The caption through T5-XXL's encoder: 4096-d vectors, one per token, at most 77; an input only (the
+    reference's `seq_emb`: 4M reads them through a linear projection and never predicts them)."""
+
+    name, label_order = "t5_caption", 11
+    labeler = Labeling(load=labelers.TextEncoderLabeler, weights="google/t5-v1_1-xxl",
+                       random_model=random_weights.t5_encoder, reads=("caption",),
+                       options=lambda cfg: {"max_length": T5Caption.max_tokens})
+
+
 register(Dinov2())
+register(T5Caption())

@@ -376,3 +376,47 @@ class BoxesModality(SequenceModality):
 
     def generated_picture(self, extras, photo):
         return pictures.boxes_picture(photo, extras.get("boxes", []), size=RESOLUTION)
+
+
+class EmbeddingSequenceModality(Modality):
+    """A sequence of vectors per sample that 4M reads as they are (T5 caption embeddings): an input only, projected
+    into the model by a linear layer, never predicted (4M has no vocabulary for them).
+
+    Stored as the reference's `.npz`: `emb` (1, L, C) float16 and `mask_valid` (1, L), the valid vectors only, so
+    its `CaptionEmbTransform` reads our files as they are."""
+
+    kind = "embeddings"
+    extension = "npz"
+    channels = 4096               # each vector's size (T5-XXL's); the model's projection reads exactly this
+    max_tokens = 77               # most vectors 4M reads: longer sequences are cut
+
+    def domains(self) -> list[Domain]:
+        return [Domain(self.name, self, "embeddings", self.folder, channels=self.channels,
+                       max_tokens=self.max_tokens)]
+
+    def encode(self, label) -> bytes:
+        vectors = np.asarray(label, np.float16)
+        if vectors.ndim != 2 or vectors.shape[1] != self.channels:
+            raise ValueError(f"{self.name}: expected (tokens, {self.channels}) vectors, got {vectors.shape}")
+        buffer = io.BytesIO()
+        np.savez(buffer, emb=vectors[None], mask_valid=np.ones((1, len(vectors)), bool))
+        return buffer.getvalue()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """The valid vectors (L, C) of the first sequence, as the reference's transform reads them."""
+        with np.load(io.BytesIO(data)) as stored:
+            return stored["emb"][0][stored["mask_valid"][0].astype(bool)]
+
+    def to_embeddings(self, data: bytes) -> torch.Tensor:
+        """A stored member -> what the 4M loader masks: float32 (L, C), cut at `max_tokens`."""
+        vectors = self.decode(data)
+        if vectors.shape[-1] != self.channels:
+            raise ValueError(f"{self.name}: stored vectors are {vectors.shape[-1]}-d, 4M reads {self.channels}")
+        return torch.from_numpy(vectors[:self.max_tokens].astype(np.float32))
+
+    def picture(self, stored, photo):
+        """The vectors as bands, one per token (their first 256 values), each stretched to its own range."""
+        rows = np.asarray(stored, np.float32)[:, :256]
+        low, high = rows.min(1, keepdims=True), rows.max(1, keepdims=True)
+        bands = np.repeat((rows - low) / np.maximum(high - low, 1e-6), max(1, 256 // max(len(rows), 1)), axis=0)
+        return pictures.colormap_picture(bands, "viridis")

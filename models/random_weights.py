@@ -89,6 +89,32 @@ def dinov2(size: str):
     return Dinov2Model(cfg)
 
 
+def tiny_text_tokenizer():
+    """T5's tokenizer class over a tiny vocabulary (COCO's class names, common words, letters for the rest):
+    what a tiny random T5 reads, as no T5 vocabulary can be downloaded here."""
+    from transformers import T5Tokenizer
+
+    words = sorted({w for name in [*COCO_PANOPTIC, *COCO_THINGS] for w in name.lower().replace("-", " ").split()} |
+                   set("a an the of on in with and at by is are photo picture image view front back near".split()))
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pieces = [(f"\u2581{w}", -1.0) for w in words] + [(c, -10.0) for c in letters] + [("\u2581", -5.0)]
+    return T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces], extra_ids=0)
+
+
+def t5_encoder(size: str):
+    """T5's encoder with the tokenizer it reads, saved together (a labeler loads both from one folder)."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_text_tokenizer()
+    if size == "paper":  # T5-XXL (v1.1): 4096-d, 24 layers, 64 heads, gated GELU
+        cfg = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                       feed_forward_proj="gated-gelu")
+    else:  # 4096-d as T5-XXL's, so its vectors are what 4M's t5_caption reads; one narrow layer
+        cfg = T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                       feed_forward_proj="gated-gelu")
+    return T5EncoderModel(cfg), tokenizer
+
+
 def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int = 0) -> str:
     """Build one labeler's model with random weights and save it to `path` (kept if already there)."""
     if size not in ("tiny", "paper"):
@@ -97,6 +123,7 @@ def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int
     if not (path / "config.json").is_file():
         torch.manual_seed(seed)
         model = registry.get(name).labeler.random_model(size)
+        model, *processors = model if isinstance(model, tuple) else (model,)  # a tokenizer it reads, saved too
         if size == "tiny":
             # Some heads start at constants (zero weights, a prior bias): jitter every parameter so
             # outputs differ between pixels, queries and classes, as they do with trained weights.
@@ -104,6 +131,8 @@ def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int
                 for p in model.parameters():
                     p.add_(torch.randn_like(p) * 0.05)
         model.save_pretrained(path)
+        for processor in processors:
+            processor.save_pretrained(path)
         mark_random_weights(path, labeler=name, size=size, seed=seed)  # every label it makes says so
     return str(path)
 

@@ -94,8 +94,8 @@ def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
 
 
 def draw_masked_sample(sample: dict, tokenizer, out: str | Path) -> Path:
-    """One masked sample: per image modality its token grid (visible inputs, targets, neither), per sequence
-    the encoder's input and the decoder's target with their sentinels."""
+    """One masked sample: per image modality its token grid (visible inputs, targets, neither; a row for vectors),
+    per sequence the encoder's input and the decoder's target with their sentinels."""
     from matplotlib.colors import ListedColormap
 
     plt = figure_backend()
@@ -111,7 +111,9 @@ def draw_masked_sample(sample: dict, tokenizer, out: str | Path) -> Path:
         ax = fig.add_axes([(i + 0.05) / len(images), (text_height + 0.15) / height, 0.9 / len(images),
                            1.9 / height])
         side = int(round(grid.numel() ** 0.5))
-        ax.imshow(grid.reshape(side, side).numpy(), cmap=colours, vmin=0, vmax=2, interpolation="nearest")
+        shape = (side, side) if side * side == grid.numel() else (1, grid.numel())  # vectors (T5's): one row
+        ax.imshow(grid.reshape(shape).numpy(), cmap=colours, vmin=0, vmax=2, interpolation="nearest",
+                  aspect="auto" if shape[0] == 1 else "equal")
         ax.set_title(f"{m}\n{int((~d['input_mask']).sum())} in, {int((~d['target_mask']).sum())} out", fontsize=8)
         ax.set_axis_off()
     for j, m in enumerate(texts):

@@ -338,3 +338,24 @@ def fit_tokenizer(model, data, steps: int, lr: float, batch: int = 4, seed: int 
         out.backward()
         optimizer.step()
     return model.eval()
+
+
+def write_rgb_shard(root, sizes: list[tuple[int, int]], captions: list[str | None] | None = None):
+    """One committed download shard of real photo crops with these (height, width)s, keys 0.. in order, with
+    these captions beside them if given (None: that sample has none)."""
+    import cv2
+    import pyarrow as pa
+
+    from stages.dataset.shards import DatasetLayout, ShardWriter
+
+    layout, keys = DatasetLayout(root), [f"{i:09d}" for i in range(len(sizes))]
+    pixels = np.asarray(photo("astronaut"))
+    with ShardWriter(layout, "download", "shard-000000", ["rgb", *(["caption"] if captions else [])]) as writer:
+        for i, (key, (h, w)) in enumerate(zip(keys, sizes)):
+            ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(pixels[:h, :w, ::-1]))
+            members = {"rgb": ("jpg", jpeg.tobytes())}
+            if captions and captions[i] is not None:
+                members["caption"] = ("txt", captions[i].encode())
+            writer.write(key, members)
+        writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys)}), {"rows": len(keys)})
+    return layout, keys

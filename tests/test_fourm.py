@@ -62,18 +62,22 @@ def test_a_4m21_checkpoint_converts_with_its_modules_modalities_and_gives_the_re
     out = tmp_path / "model"
     assert cli(["convert-4m", "--checkpoint", str(CHECKPOINT_21), "--out", str(out)]) == 2
     assert "['tok_canny_edge@224', 'color_palette', 'metadata'" in capsys.readouterr().err and not out.exists()
-    assert cli(["convert-4m", "--checkpoint", str(CHECKPOINT_21), "--out", str(out),
-                "--modalities", "models.modalities_4m21"]) == 0
-    registry.use()  # as a new process: the saved model names the module, and loading it imports it
+    modules = ["models.modalities_4m21", "models.modalities_4m21_networks"]
+    assert cli(["convert-4m", "--checkpoint", str(CHECKPOINT_21), "--out", str(out), "--modalities", *modules]) == 0
+    registry.use()  # as a new process: the saved model names the modules, and loading it imports them
     model = FourM.from_pretrained(out).eval()
-    assert model.cfg.modality_modules == ["models.modalities_4m21"] and "metadata" in registry.names()
+    assert model.cfg.modality_modules == modules and {"metadata", "t5_caption"} <= set(registry.names())
+    assert "t5_caption" in model.cfg.domains_in and "t5_caption" not in model.cfg.domains_out  # an input only
     batch, expected, n_in, n_out, _ = reference_io(IO_21)
     with torch.no_grad():
         loss, losses = model(batch, n_in, n_out)
+        batch["t5_caption"]["tensor"] = torch.zeros_like(batch["t5_caption"]["tensor"])
+        without_t5 = model(batch, n_in, n_out)[0]
     assert float(loss) == pytest.approx(float(expected["loss"]), abs=1e-4)
     assert set(losses) == {"tok_rgb@224", "tok_canny_edge@224", "caption", "color_palette", "metadata"}
     for modality in losses:
         assert float(losses[modality]) == pytest.approx(float(expected[f"loss.{modality}"]), abs=1e-4)
+    assert abs(float(without_t5) - float(loss)) > 1e-3  # the T5 vectors are read: the loss depends on them
 
 
 def test_the_hugging_face_folder_layout_converts_to_the_same_model(tmp_path):

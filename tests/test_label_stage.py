@@ -14,7 +14,7 @@ import pytest
 from core.config import load_config
 from stages.label.label import LabelInputError, _one_by_one, label_shard, run_label, stage_name
 from tests.helpers import make_labelled_input as make_dataset
-from tests.helpers import photo
+from tests.helpers import photo, write_rgb_shard
 
 from tests.helpers import DATASET_PHOTOS as PHOTOS
 
@@ -99,31 +99,22 @@ def test_rerun_skips_committed_labelers_and_redoes_the_rest(ray_address, tiny_mo
 
 
 def test_one_failing_sample_costs_only_itself():
-    def labeler(images):
-        if any(im.shape[0] == 13 for im in images):
-            raise RuntimeError(f"cannot label {len(images)} images")
-        return [im.shape for im in images]
+    """Each sample of a failed batch alone, as the labeler gets it: an image, or (a labeler that reads other
+    labels) the image with those labels."""
+    from models.labelers import ComputedLabeler
+
+    class FailsOnThirteen(ComputedLabeler):
+        def compute(self, sample):
+            image = sample["image"] if isinstance(sample, dict) else sample
+            if image.shape[0] == 13:
+                raise RuntimeError("cannot label a 13-pixel image")
+            return image.shape
 
     images = [np.zeros((10, 10, 3)), np.zeros((13, 10, 3)), np.zeros((11, 10, 3))]
-    results = _one_by_one(labeler, images)
-    assert results[0] == ((10, 10, 3), None) and results[2] == ((11, 10, 3), None)
-    assert results[1] == (None, "RuntimeError: cannot label 1 images")
-
-
-def write_rgb_shard(root, sizes: list[tuple[int, int]]):
-    """One committed rgb shard of real photo crops with these (height, width)s, keys 0.. in order."""
-    import pyarrow as pa
-
-    from stages.dataset.shards import DatasetLayout, ShardWriter
-
-    layout, keys = DatasetLayout(root), [f"{i:09d}" for i in range(len(sizes))]
-    pixels = np.asarray(photo("astronaut"))
-    with ShardWriter(layout, "download", "shard-000000", ["rgb"]) as writer:
-        for key, (h, w) in zip(keys, sizes):
-            ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(pixels[:h, :w, ::-1]))
-            writer.write(key, {"rgb": ("jpg", jpeg.tobytes())})
-        writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys)}), {"rows": len(keys)})
-    return layout, keys
+    for given in (images, [{"image": im, "caption": "a cat"} for im in images]):
+        results = _one_by_one(FailsOnThirteen(), given)
+        assert results[0] == ((10, 10, 3), None) and results[2] == ((11, 10, 3), None)
+        assert results[1] == (None, "RuntimeError: cannot label a 13-pixel image")
 
 
 def test_batches_fill_with_one_input_size_across_chunks(tiny_models, tmp_path):

@@ -105,9 +105,10 @@ def test_the_registry_agrees_with_the_references_modality_table(m21):
     from its `modality_info.py` by tests/fixtures/reference/make_modality_info.py)."""
     registry.use([MODULE, NETWORKS])
     table = json.loads((Path(__file__).parent / "fixtures/reference/modality_info.json").read_text())
-    kinds = {"tokens": "img", "pixels": "img", "sequence": "seq"}
+    kinds = {"tokens": "img", "pixels": "img", "sequence": "seq", "embeddings": "seq_emb"}
     domains = registry.domains()
-    assert {"tok_canny_edge@224", "color_palette", "metadata", "tok_dinov2@224"} <= {d.name for d in domains}
+    assert {"tok_canny_edge@224", "color_palette", "metadata", "tok_dinov2@224", "t5_caption"} <= \
+        {d.name for d in domains}
     for d in domains:
         reference = table[d.name]
         assert kinds[d.kind] == reference["type"], d.name
@@ -250,3 +251,94 @@ def test_dinov2_features_are_the_models_normalised_patch_tokens_16_by_16_at_224(
     torch.manual_seed(0)
     tokenizer = VQVAE(tokenizer_config("dinov2", "tiny", n_channels=16, codebook_size=32))
     assert tokenizer.tokenize(crop[None]).numel() == 256 == registry.domain("tok_dinov2").max_tokens
+
+
+@pytest.fixture(scope="module")
+def t5_model(tmp_path_factory):
+    """A tiny random-weight T5 encoder (the real class, 4096-d as T5-XXL's) and its tokenizer, saved once."""
+    from models.random_weights import save_random_model
+
+    registry.use([NETWORKS])
+    path = save_random_model("t5_caption", tmp_path_factory.mktemp("t5") / "t5_caption")
+    registry.use()
+    return path
+
+
+def test_t5_caption_vectors_are_the_encoders_states_per_token_stored_as_the_references_npz(t5_model, tmp_path):
+    """The label stage reads each sample's caption beside its image, runs T5's encoder and stores its valid
+    states in the reference's `.npz` layout (`emb` (1, L, 4096), `mask_valid`); a sample without a caption fails
+    alone, by name, and its batch's other samples are labelled one by one."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from core.config import load_config
+    from stages.label.label import label_shard
+    from tests.helpers import write_rgb_shard
+
+    registry.use([NETWORKS])
+    captions = ["a photo of a cat on a bench", None, "two dogs in the snow near a car"]
+    layout, keys = write_rgb_shard(tmp_path, [(64, 64)] * 3, captions)
+    labeler = registry.get("t5_caption").labeler.load(t5_model, "cpu", 4, max_length=77)
+    cfg = load_config("demo", ["label.chunk_size=4"]).label
+    stats = label_shard(str(tmp_path), "shard-000000", {"t5_caption": labeler}, cfg)["t5_caption"]
+    assert stats["status_counts"] == {"model_error": 1, "ok": 2}
+    status = pq.read_table(layout.status_table("label_t5_caption", "shard-000000")).to_pylist()
+    assert status[1]["status"] == "model_error" and "no caption" in status[1]["error"]
+    tokenizer, model = AutoTokenizer.from_pretrained(t5_model), T5EncoderModel.from_pretrained(t5_model).eval()
+    import tarfile
+
+    with tarfile.open(layout.tar("t5_caption", "shard-000000")) as tar:
+        stored = {m.name: tar.extractfile(m).read() for m in tar}
+    assert sorted(stored) == [f"{keys[0]}.npz", f"{keys[2]}.npz"]
+    for key, caption in ((keys[0], captions[0]), (keys[2], captions[2])):
+        raw = np.load(__import__("io").BytesIO(stored[f"{key}.npz"]))
+        ids = tokenizer(caption, return_tensors="pt")
+        with torch.no_grad():
+            expected = model(**ids).last_hidden_state[0]
+        assert raw["emb"].shape == (1, len(expected), 4096) and raw["emb"].dtype == np.float16
+        assert raw["mask_valid"].all() and raw["mask_valid"].shape == (1, len(expected))
+        # the reference's CaptionEmbTransform reads emb[0][mask_valid[0]]: exactly the encoder's states
+        vectors = registry.get("t5_caption").to_embeddings(stored[f"{key}.npz"])
+        assert torch.allclose(vectors, expected, atol=2e-3 * float(expected.abs().max()))
+
+
+def test_t5_vectors_are_span_masked_as_inputs_and_never_targets(tmp_path):
+    """Kept runs stay in order, each masked run one zero vector (the reference's `sequence_emb_mask_span`), within
+    the input budget; never a target, even where a mixture gives them target alpha (that share is lost, as an
+    image's beyond its tokens is)."""
+    from models.text_tokenizer import load_text_tokenizer, train_text_tokenizer
+    from stages.fourm.masking import Component, MaskingSampler
+
+    registry.use([NETWORKS])
+    train_text_tokenizer(["a photo of a cat"], 4500, tmp_path / "tokenizer.json")
+    loaded = ["caption", "t5_caption", "tok_rgb@224"]
+    mixture = [Component(input_alphas=dict.fromkeys(loaded, 0.5), target_alphas=dict.fromkeys(loaded, 0.5)),
+               Component(input_alphas=dict.fromkeys(loaded, 0.5), target_alphas={"caption": 0.5, "tok_rgb@224": 0.5})]
+    sampler = MaskingSampler(loaded, mixture, 64, 64, load_text_tokenizer(tmp_path / "tokenizer.json"))
+    vectors = torch.arange(1, 31, dtype=torch.float32)[:, None].repeat(1, 4096)  # row i holds i + 1
+    sample = {"caption": "a photo of a cat", "t5_caption": vectors, "tok_rgb@224": torch.zeros(196, dtype=torch.int32)}
+    rng, kept_some, masked_some, targets = np.random.default_rng(0), False, False, []
+    for _ in range(40):
+        out = sampler(sample, rng)
+        t5 = out["t5_caption"]
+        assert t5["tensor"].shape == (77, 4096) and t5["target_mask"].all()
+        rows = t5["tensor"][~t5["input_mask"]][:, 0].tolist()
+        assert all(a < b for a, b in zip([r for r in rows if r], [r for r in rows if r][1:]))  # in order
+        assert all(rows[i] or rows[i + 1] for i in range(len(rows) - 1))  # never two sentinels in a row
+        assert t5["tensor"][t5["input_mask"]].abs().sum() == 0
+        targets.append(sum(int((~d["target_mask"]).sum()) for d in out.values()))
+        kept_some |= any(rows)
+        masked_some |= 0 in rows
+    assert kept_some and masked_some and max(targets) > 0
+
+
+def test_a_t5_condition_is_read_from_the_stored_npz_and_checked(tmp_path):
+    from stages.generate.generate import GenerateInputError, embedding_vectors
+
+    registry.use([NETWORKS])
+    spec = registry.get("t5_caption")
+    (tmp_path / "ok.npz").write_bytes(spec.encode(np.ones((5, 4096), np.float32)))
+    assert embedding_vectors("t5_caption", str(tmp_path / "ok.npz"), "request 'a'").shape == (5, 4096)
+    np.save(tmp_path / "narrow.npy", np.ones((5, 512), np.float32))
+    with pytest.raises(GenerateInputError, match=r"request 'a': t5_caption .*narrow.npy.* \(5, 512\).* 4096"):
+        embedding_vectors("t5_caption", str(tmp_path / "narrow.npy"), "request 'a'")

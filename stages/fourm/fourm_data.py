@@ -135,7 +135,7 @@ def image_size_of(jpeg: bytes) -> tuple[int, int]:
 
 def decode_sample(raw: dict, modalities: list[str], crop_index: int, min_score: float,
                   rng: np.random.Generator | None = None) -> dict:
-    """Raw members -> {modality: token grid (196,) long, pixels (3, 224, 224), or text}; scored items of a
+    """Raw members -> {modality: token grid (196,) long, pixels (3, 224, 224), vectors (L, C), or text}; scored items of a
     sequence (boxes) below `min_score` are left out; a sequence that varies per load (a palette's size) draws
     from `rng` (training), or reads whole without it."""
     crops = np.load(io.BytesIO(raw[CROPS]))
@@ -146,6 +146,8 @@ def decode_sample(raw: dict, modalities: list[str], crop_index: int, min_score: 
         data = raw[domain.folder]
         if domain.kind == "pixels":
             out[m] = crop_pixels(data, crop)
+        elif domain.kind == "embeddings":
+            out[m] = domain.modality.to_embeddings(data)
         elif domain.kind == "sequence":
             size = image_size_of(raw[registry.photo().folder]) if domain.modality.needs_photo else None
             out[m] = domain.modality.to_text(data, crop, size, min_score, rng=rng)

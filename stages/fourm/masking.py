@@ -1,7 +1,7 @@
 """4M's multimodal masking: which tokens of a sample the encoder sees and which the decoder must predict.
 
-Consumes one sample's modalities: image token grids (196 ids), RGB pixels (196 patches), and texts (captions,
-box sequences) as strings. Produces, per modality, the model's batch layout (`models/fourm.py`): `tensor`,
+Consumes one sample's modalities: image token grids (196 ids), RGB pixels (196 patches), texts (captions,
+box sequences) as strings, and vector sequences (T5 caption embeddings, inputs only). Produces, per modality, the model's batch layout (`models/fourm.py`): `tensor`,
 `input_mask` and `target_mask` (True = not an input / not a target) and `decoder_attention_mask`.
 
 Per sample (the paper's section 2.3 and appendix C.1):
@@ -43,7 +43,7 @@ class Component:
 def paper_mixture() -> list[Component]:
     """Table 5 and appendix E.4: "RGB->All & All->All", alpha 0.5, half each, over every registered modality
     (RGB pixels are an input only; RGB->All puts nearly the whole input budget on them)."""
-    pixels = [d.name for d in registry.domains() if d.input_only]
+    pixels = [d.name for d in registry.domains() if d.kind == "pixels"]
     targets = {d.name: 0.5 for d in registry.domains() if not d.input_only}
     return [Component(input_alphas={m: 1000.0 for m in pixels}, target_alphas=dict(targets)),
             Component(input_alphas={d.name: 0.5 for d in registry.domains()}, target_alphas=dict(targets))]
@@ -51,6 +51,10 @@ def paper_mixture() -> list[Component]:
 
 def is_sequence(modality: str) -> bool:
     return registry.domain(modality).kind == "sequence"
+
+
+def is_embeddings(modality: str) -> bool:
+    return registry.domain(modality).kind == "embeddings"
 
 
 def span_mask(units: list[list[int]], keep: float, sentinels: list[int], rng: np.random.Generator):
@@ -83,6 +87,7 @@ class MaskingSampler:
         self.modalities, self.input_tokens, self.target_tokens = list(modalities), input_tokens, target_tokens
         self.caps = np.array([registry.domain(m).max_tokens for m in modalities])
         self.images = np.array([not is_sequence(m) for m in modalities])
+        self.input_only = np.array([registry.domain(m).input_only for m in modalities])
         self.input_alphas = [np.array([max(c.input_alphas.get(m, 0.0), EPS) for m in modalities]) for c in mixture]
         self.target_alphas = [np.array([max(c.target_alphas.get(m, 0.0), EPS) for m in modalities]) for c in mixture]
         self.keep = [c.keep for c in mixture]
@@ -104,7 +109,7 @@ class MaskingSampler:
 
     def budgets(self, component: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         inputs = self.split(self.input_alphas[component], self.input_tokens, self.caps, rng)
-        target_caps = np.where(self.images, self.caps - inputs, self.caps)
+        target_caps = np.where(self.input_only, 0, np.where(self.images, self.caps - inputs, self.caps))
         return inputs, self.split(self.target_alphas[component], self.target_tokens, target_caps, rng)
 
     # -- one modality -------------------------------------------------------------------------------------------
@@ -158,6 +163,31 @@ class MaskingSampler:
         return {"tensor": tensor, "input_mask": input_mask, "target_mask": target_mask,
                 "decoder_attention_mask": attention}
 
+    @staticmethod
+    def embeddings(vectors: torch.Tensor, n_in: int, keep_scheme: str, rng: np.random.Generator,
+                   max_tokens: int) -> dict:
+        """Vectors (an input only) span-masked as a sequence's tokens are: kept runs stay in order, each masked run
+        becomes one zero vector (the reference's sentinel); nothing is a target."""
+        count = min(len(vectors), max_tokens)
+        units = [[i] for i in range(count)]
+        sentinels = [-1 - k for k in range(count + 2)]  # never an index: marks a masked run in the input
+        kept = []
+        if n_in > 0:
+            keep = {"random": lambda: rng.uniform(0, 1), "all": lambda: 1.0,
+                    "binary": lambda: float(rng.integers(2))}[keep_scheme]()
+            kept, _ = span_mask(units, keep, sentinels, rng)
+            while len(kept) > n_in:
+                keep *= KEEP_DECAY
+                kept, _ = span_mask(units, keep, sentinels, rng)
+        tensor = torch.zeros(max_tokens, vectors.shape[-1], dtype=vectors.dtype)
+        for slot, index in enumerate(kept):
+            if index >= 0:
+                tensor[slot] = vectors[index]
+        input_mask = torch.ones(max_tokens, dtype=torch.bool)
+        input_mask[:len(kept)] = False
+        return {"tensor": tensor, "input_mask": input_mask, "target_mask": torch.ones(max_tokens, dtype=torch.bool),
+                "decoder_attention_mask": torch.zeros(max_tokens, dtype=torch.int32)}
+
     def cut_at_sentinel(self, targets: list[int], budget: int, rng: np.random.Generator) -> list[int]:
         """`budget` tokens from a random sentinel on (not the final one), or the shortest tail that fits."""
         starts = [i for i, t in enumerate(targets) if t in self.sentinel_ids]
@@ -177,7 +207,9 @@ class MaskingSampler:
         inputs, targets = self.budgets(component, rng)
         out = {}
         for m, n_in, n_tgt, cap in zip(self.modalities, inputs.tolist(), targets.tolist(), self.caps.tolist()):
-            if is_sequence(m):
+            if is_embeddings(m):
+                out[m] = self.embeddings(sample[m], n_in, self.keep[component].get(m, "random"), rng, cap)
+            elif is_sequence(m):
                 out[m] = self.sequence(sample[m], n_in, n_tgt, self.keep[component].get(m, "random"), rng, cap)
             else:
                 out[m] = self.image(sample[m], n_in, n_tgt, rng, cap)

@@ -36,7 +36,8 @@ from core import registry
 from core.files import npy_bytes, write_bytes, write_json
 from core.pictures import figure_backend, png_bytes, save_figure
 from models.fourm import FourM
-from models.generate import Sampler, Schedule, Step, image_entry, pixels_entry, sequence_entry, sequence_rows
+from models.generate import (Sampler, Schedule, Step, embeddings_entry, image_entry, pixels_entry, sequence_entry,
+                             sequence_rows)
 from models.text_tokenizer import EOS_ID, decode_text, load_text_tokenizer
 from stages.fourm.fourm_data import crop_pixels, pixels_picture
 from stages.tokenizers import dataset_tokenizers as tokenizers
@@ -282,6 +283,25 @@ def text_ids(modality: str, value: str, resources: Resources, where: str) -> lis
     return ids
 
 
+def embedding_vectors(modality: str, value: str, where: str) -> torch.Tensor:
+    """(L, C) vectors from a file in the stored form (.npz, as the labeler writes it) or a .npy of (L, C)."""
+    spec = registry.domain(modality)
+    try:
+        if str(value).endswith(".npz"):
+            vectors = spec.modality.decode(Path(value).read_bytes())
+        elif str(value).endswith(".npy"):
+            vectors = np.load(value)
+        else:
+            raise ValueError("expected a .npz (as the labeler stores it) or a .npy of vectors")
+    except (OSError, ValueError, KeyError) as err:
+        raise GenerateInputError(f"{where}: {modality} vectors {value!r}: {err}") from None
+    vectors = np.asarray(vectors, np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != spec.channels or not 0 < len(vectors) <= spec.max_tokens:
+        raise GenerateInputError(f"{where}: {modality} {value!r} holds an array of shape {vectors.shape}; the model "
+                                 f"reads 1 to {spec.max_tokens} vectors of {spec.channels}")
+    return torch.from_numpy(vectors)
+
+
 def token_ids(modality: str, value: str, resources: Resources, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (196,), known (196,)) of an image modality from a .npy of ids (-1 = unknown) or an image file."""
     n = resources.model.cfg.grid_of(modality) ** 2
@@ -307,12 +327,14 @@ def token_ids(modality: str, value: str, resources: Resources, where: str) -> tu
 
 
 def condition_entry(modality: str, value, resources: Resources, where: str, region=None):
-    """One sample's condition: pixels, (ids, known) or a list of ids."""
+    """One sample's condition: pixels, (ids, known), a list of ids, or vectors."""
     kind = registry.domain(modality).kind
     if kind == "pixels":
         return photo_pixels(value, where)
     if kind == "sequence":
         return text_ids(modality, value, resources, where)
+    if kind == "embeddings":
+        return embedding_vectors(modality, value, where)
     ids, known = token_ids(modality, value, resources, where)
     if region is not None:
         grid = resources.model.cfg.grid_of(modality)
@@ -338,6 +360,8 @@ def initial_state(items: list[tuple[Request, int]], resources: Resources) -> dic
             state[modality] = pixels_entry(torch.stack(entries).to(device), resources.model.cfg.grid)
         elif kind == "sequence":
             state[modality] = sequence_entry(entries, 0, device)
+        elif kind == "embeddings":
+            state[modality] = embeddings_entry(entries, registry.domain(modality).max_tokens, device)
         else:
             state[modality] = image_entry(torch.stack([e[0] for e in entries]).to(device),
                                           torch.stack([e[1] for e in entries]).to(device))
@@ -432,6 +456,9 @@ def write_sample(folder: Path, request: Request, state: dict, row: int, seed: in
             panels.append((f"{modality} (given)", pixels_picture(state[modality]["tensor"][row])))
         elif registry.domain(modality).kind == "sequence" and modality not in [s.target for s in request.schedule.steps]:
             texts[f"{modality} (given)"] = str(value)
+        elif registry.domain(modality).kind == "embeddings":
+            count = int((~state[modality]["input_mask"][row]).sum())
+            texts[f"{modality} (given)"] = f"{count} vectors from {Path(str(value)).name}"
     extras = {}  # what a generated sequence means beyond its text (boxes), drawn after the pictures
     for step in request.schedule.steps:
         m = step.target

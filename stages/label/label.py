@@ -93,7 +93,7 @@ def _one_by_one(labeler, images: list[np.ndarray]) -> list[tuple[object, str | N
     results = []
     for image in images:
         try:
-            results.append((labeler([image])[0], None))
+            results.append((labeler.collect(labeler.launch([image]))[0], None))  # the image, or its labels too
         except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
             results.append((None, f"{type(err).__name__}: {err}"))
     return results
