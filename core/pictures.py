@@ -19,7 +19,7 @@ def colormap_picture(values: np.ndarray, name: str = "turbo", stretch: bool = Fa
 
     values = np.asarray(values, np.float32)
     if stretch:
-        low, high = np.percentile(values, [2, 98])
+        low, high = np.nanpercentile(values, [2, 98])  # NaN: no value (drawn apart)
         values = (values - low) / max(high - low, 1e-6)
     return matplotlib.colormaps[name](np.clip(values, 0, 1))[..., :3]
 

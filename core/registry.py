@@ -51,6 +51,8 @@ class Domain:
     max_tokens: int = GRID_TOKENS  # its most tokens: an image's grid, a sequence's ([EOS] included), as the
                                    # reference's `max_tokens`
     grid: int = GRID               # image tokens per side (DINOv2's: 16)
+    pooled: bool = False           # tokens of one global vector (a codebook each): as many at any image size,
+                                   # positions learned (the reference's `sincos_pos_emb=False`)
 
     @property
     def short_name(self) -> str:
@@ -93,6 +95,7 @@ class Modality:
     per_crop_options: dict = {}    # the labeler's options for those crops (as the published tokenizer's training)
     label_order = 100              # where it comes in pictures and tables (lower first)
     token_grid = GRID              # its image tokens per side at 224 (DINOv2's 14-pixel patches: 16)
+    pooled = False                 # one global vector, its tokens one per codebook (DINOv2's global: 4x4)
 
     # -- names ------------------------------------------------------------------------------------------------
     @property
@@ -106,7 +109,8 @@ class Modality:
 
     @property
     def token_folder(self) -> str:
-        return f"tok_{self.name}@{RESOLUTION}"
+        """tok_depth@224; a global vector's tokens have no resolution: tok_dinov2_global (the reference's names)."""
+        return f"tok_{self.name}" if self.pooled else f"tok_{self.name}@{RESOLUTION}"
 
     @property
     def tokenize_stage(self) -> str:
@@ -116,7 +120,7 @@ class Modality:
         if self.tokenizer is None:
             return []
         return [Domain(self.token_folder, self, "tokens", self.token_folder, vocab_size=self.tokenizer["codebook_size"],
-                       max_tokens=self.token_grid ** 2, grid=self.token_grid)]
+                       max_tokens=self.token_grid ** 2, grid=self.token_grid, pooled=self.pooled)]
 
     # -- storage ----------------------------------------------------------------------------------------------
     def encode(self, label) -> bytes:

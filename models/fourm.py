@@ -103,8 +103,11 @@ class FourMConfig:
 
     def grid_of(self, modality: str) -> int:
         """A modality's tokens per side in this model: the pixel patches' grid, or the domain's own token grid
-        (at 224) scaled to the model's image size (14 at 224 and 4 at 64 for 16-pixel patches; 16 for DINOv2's)."""
+        (at 224) scaled to the model's image size (14 at 224 and 4 at 64 for 16-pixel patches; 16 for DINOv2's);
+        a global vector's 4x4 codebooks at any size."""
         spec = _domain(modality)
+        if spec.pooled:  # one vector's codebooks: as many tokens at any image size
+            return spec.grid
         return self.grid if spec.kind == "pixels" else spec.grid * self.image_size // RESOLUTION
 
     @property
@@ -248,11 +251,14 @@ class Embedding(nn.Module):
         else:
             padding = 0 if self.kind == "sequence" else None
             self.token_emb = nn.Embedding(cfg.vocab(modality), cfg.dim, padding_idx=padding)
-        if self.kind in ("sequence", "embeddings"):
-            positions = sincos_1d(SEQUENCE_TABLE, cfg.dim)
+        if spec.pooled:  # learned: a global vector's codebooks have no geometry (the reference's choice too)
+            self.pos_emb = nn.Parameter(torch.zeros(1, cfg.grid_of(modality) ** 2, cfg.dim))
         else:
-            positions = sincos_2d(cfg.grid_of(modality), cfg.dim)
-        self.register_buffer("pos_emb", positions, persistent=False)
+            if self.kind in ("sequence", "embeddings"):
+                positions = sincos_1d(SEQUENCE_TABLE, cfg.dim)
+            else:
+                positions = sincos_2d(cfg.grid_of(modality), cfg.dim)
+            self.register_buffer("pos_emb", positions, persistent=False)
         if decoder:
             self.to_logits = nn.Linear(cfg.dim, cfg.vocab(modality), bias=False)
             if cfg.tie_output:
@@ -301,7 +307,8 @@ class FourM(nn.Module):
 
     def init_weights(self) -> None:
         """MAE-style: xavier-uniform Linears (fused q/k/v and k/v bounded per part), zero biases, N(0, 0.02)
-        embeddings, modality embeddings and the mask token. Tied heads end xavier-uniform, as the reference's."""
+        embeddings, modality embeddings, learned positions and the mask token. Tied heads end xavier-uniform, as
+        the reference's."""
         for name, module in self.named_modules():
             if isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
@@ -313,7 +320,7 @@ class FourM(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for name, parameter in self.named_parameters():
-            if name.endswith("mod_emb") or name == "mask_token":
+            if name.endswith(("mod_emb", "pos_emb")) or name == "mask_token":  # pos_emb: learned ones only
                 nn.init.normal_(parameter, std=0.02)
 
     # -- selecting the visible tokens and the targets ---------------------------------------------------------
@@ -481,7 +488,8 @@ def read_reference_checkpoint(source: str | Path) -> tuple[dict, dict, str]:
 def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[FourMConfig, dict]:
     """The reference's checkpoint as this model's configuration and state dict; refuses unknown, missing or
     mis-shaped tensors and settings this model does not implement, by name. `modalities`: modules defining
-    modalities beyond the built-ins (4M-21's: models.modalities_4m21), recorded in the configuration."""
+    modalities beyond the built-ins (4M-21's: models.modalities_4m21 and models.modalities_4m21_networks),
+    recorded in the configuration."""
     modalities = [str(Path(m).resolve()) if m.endswith(".py") else m for m in modalities]  # read anywhere
     registry.include(modalities)
     settings, tensors, _ = read_reference_checkpoint(source)
@@ -500,7 +508,7 @@ def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[F
     if unknown:
         raise CheckpointError(f"{source}: modalities {unknown} are not in this project's registry "
                               f"({', '.join(known)}); name the module that defines them (convert-4m --modalities; "
-                              f"4M-21's: models.modalities_4m21)")
+                              f"4M-21's: models.modalities_4m21 models.modalities_4m21_networks)")
     vocab = {}
     for m in settings["domains_in"] + settings["domains_out"]:
         for side in ("encoder", "decoder"):
@@ -520,8 +528,8 @@ def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[F
         expected = FourM(cfg).state_dict()
     state = {}
     for key, value in tensors.items():
-        if key.endswith(".pos_emb"):  # fixed sine-cosine tables: rebuilt, but they must be the same ones
-            continue
+        if key.endswith(".pos_emb") and key not in expected:  # fixed sine-cosine tables: rebuilt, but they must
+            continue                                          # be the same ones (learned ones load as weights)
         if key.endswith(".bias") and key not in expected and not cfg.norm_bias and not value.any():
             continue  # the reference's bias-free LayerNorm keeps a zero bias buffer
         state[key] = value
@@ -537,7 +545,7 @@ def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[F
              if tuple(state[k].shape) != tuple(v.shape)]
     if wrong:
         raise CheckpointError(f"{source}: tensors of the wrong shape: {', '.join(wrong[:8])}")
-    reference = {k: v for k, v in tensors.items() if k.endswith(".pos_emb")}
+    reference = {k: v for k, v in tensors.items() if k.endswith(".pos_emb") and k not in expected}
     model = FourM(cfg)
     ours = dict(model.named_buffers())
     for key, table in reference.items():

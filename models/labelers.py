@@ -426,6 +426,13 @@ class Dinov2Labeler(PatchFeatureLabeler):
         return list(tokens.reshape(len(x), x.shape[-2] // patch, x.shape[-1] // patch, -1))
 
 
+class Dinov2GlobalLabeler(Dinov2Labeler):
+    """DINOv2's global vector: the normalised class token of the last layer (`x_norm_clstoken`), (768,)."""
+
+    def forward(self, x):
+        return list(self.model(pixel_values=x).last_hidden_state[:, 0].float())  # after the final LayerNorm
+
+
 class TextEncoderLabeler(Labeler):
     """A text encoder's last hidden states for the sample's caption (T5's encoder): one vector per token, padding
     left out, at most `max_length` tokens. It reads the caption stored beside the image (`Labeling.reads`), not
@@ -446,11 +453,17 @@ class TextEncoderLabeler(Labeler):
     def input_size(self, height, width):
         return 0, 0  # one bucket: captions batch together whatever their images' sizes
 
+    @staticmethod
+    def _text(sample: dict) -> str:
+        """The one label read beside the image (the entry's `Labeling.reads`: the caption)."""
+        (name, text), = ((k, v) for k, v in sample.items() if k != "image")
+        if not text:
+            raise ValueError(f"the sample has no {name} to encode")
+        return text
+
     @torch.inference_mode()
     def launch(self, samples: list[dict]) -> Launched:
-        captions = [sample.get("caption") for sample in samples]
-        if any(not caption for caption in captions):
-            raise ValueError("the sample has no caption to encode")
+        captions = [self._text(sample) for sample in samples]
         tokens = self.tokenizer(captions, max_length=self.max_length, truncation=True, padding=True,
                                 return_tensors="pt").to(self.device)
         with self._autocast():

@@ -280,6 +280,10 @@ class FeatureMapModality(DenseModality):
                         aligned=True)[0]
         return out.flip(-1) if flip else out
 
+    def features_tensor(self, features) -> torch.Tensor:
+        """What its labeler makes of one crop, (h, w, D), -> the tokenizer's input (D, h, w)."""
+        return torch.as_tensor(features).float().permute(2, 0, 1)
+
     def reference_tokenizer_problems(self, cfg):
         if cfg.patch_proj or cfg.n_labels:
             return [f"{self.name} is a feature map (a token per vector): the tokenizer has patch_proj="
@@ -294,6 +298,45 @@ class FeatureMapModality(DenseModality):
 
     def metric(self, reconstruction, target):
         return self.metric_name, float(F.cosine_similarity(reconstruction, target, dim=1).mean())
+
+
+class GlobalFeatureModality(FeatureMapModality):
+    """One feature vector per image (DINOv2's normalised class token): float16 .npy (D,). Its tokenizer reads it as a
+    1x1 map (bottleneck MLPs around Memcodes, the reference's global tokenizers) and gives one token per codebook:
+    16, which 4M lays out as 4x4 with learned positions, at any image size. A crop of the photo keeps its vector
+    (the published tokenizers read each crop's own, computed by the labeler)."""
+
+    pooled = True
+    token_grid = 4                # 16 codebooks
+    baseline_name = "mean vector of the batch"
+
+    def to_tensor(self, array, crop, image_size):
+        return torch.from_numpy(np.asarray(array, np.float32).reshape(-1, 1, 1))
+
+    def features_tensor(self, features) -> torch.Tensor:
+        return torch.as_tensor(features).float().reshape(-1, 1, 1)
+
+    def reference_tokenizer_problems(self, cfg):
+        if cfg.quant_type != "memcodes" or cfg.n_labels:
+            return [f"{self.name} is one vector per image: the tokenizer has quant_type={cfg.quant_type!r}, "
+                    f"n_labels={cfg.n_labels} (expected memcodes over the vector)"]
+        return []
+
+    def tensor_picture(self, x):
+        return self.picture(x.float().cpu().reshape(-1).numpy(), None)
+
+    def picture(self, stored, photo):
+        """The vector as a square of cells (row by row), each value stretched over the vector's own range."""
+        values = np.asarray(stored, np.float32).reshape(-1)
+        side = int(np.ceil(np.sqrt(len(values))))
+        cells = np.full(side * side, np.nan, np.float32)
+        cells[:len(values)] = values
+        picture = pictures.colormap_picture(cells.reshape(side, side), "viridis", stretch=True)
+        picture[np.isnan(cells.reshape(side, side))] = 1.0  # past the vector's end: white
+        return picture
+
+    def baseline(self, target, classes=None):
+        return target.float().mean(0, keepdim=True).expand_as(target)  # one vector for all: nothing learned
 
 
 class SequenceModality(Modality):

@@ -2,6 +2,8 @@
 
 A tokenizer is a ViT encoder, a 1x1 projection to a small latent, a cosine-similarity EMA codebook, and a decoder:
 a ViT (VQ-VAE: semseg, CLIP features) or a patched UNet trained as a diffusion model (DiVAE: rgb, depth, normals).
+Global feature vectors (4M-21's DINOv2 and ImageBind globals) take the reference's other form: a bottleneck MLP
+encoder and decoder around Memcodes, several codebooks each giving one token of the vector.
 The settings are the reference constructor's own argument names (its `config.json` holds them), so a published
 folder loads here one tensor to one tensor (`convert-tokenizer`), and a tokenizer trained here is a drop-in for a
 published one. `tokenizer_config` builds a modality's settings from its registry entry at the paper's size (the
@@ -9,7 +11,7 @@ published tokenizers' architecture: ViT-B, the patched UNet) or tiny (the demo a
 
 Shapes (B batch, tokens per side n = size / patch):
     encoder input   float (B, C, H, W); semseg: long (B, H, W) class ids, embedded first; CLIP: (B, 512, n, n)
-    token ids       long (B, n, n)
+    token ids       long (B, n, n); memcodes: (B, codebooks, n, n) (a global vector: (B, 16, 1, 1))
     decoder output  float (B, C, H, W); semseg: logits (B, labels, H, W)
 The position tables are built at the largest size the tokenizer was trained at (448 for the "224-448" ones) and
 resized bicubically to the input's grid, so 224 and 448 crops both work.
@@ -114,15 +116,21 @@ class VQConfig:
         def refuse(name, supported):
             raise ValueError(f"{source}: {name}={getattr(self, name)!r} is not supported (supported: {supported})")
 
-        if _preset(self.enc_type, "_enc") not in VIT_PRESETS:
-            refuse("enc_type", ", ".join(f"{p}_enc" for p in VIT_PRESETS))
-        if not self.diffusion and _preset(self.dec_type, "_dec") not in VIT_PRESETS:
-            refuse("dec_type", ", ".join([*(f"{p}_dec" for p in VIT_PRESETS), *UNET_PRESETS]))
+        decoders = ", ".join([*(f"{p}_dec" for p in VIT_PRESETS), *UNET_PRESETS, MLP_FORM])
+        if _preset(self.enc_type, "_enc") not in VIT_PRESETS and mlp_shape(self.enc_type) is None:
+            refuse("enc_type", ", ".join([*(f"{p}_enc" for p in VIT_PRESETS), MLP_FORM]))
+        if not self.diffusion and _preset(self.dec_type, "_dec") not in VIT_PRESETS and \
+                mlp_shape(self.dec_type) is None:
+            refuse("dec_type", decoders)
         if self.diffusion and self.dec_type not in UNET_PRESETS:
-            refuse("dec_type", ", ".join([*(f"{p}_dec" for p in VIT_PRESETS), *UNET_PRESETS]))
-        for name, supported in (("quant_type", "lucid"), ("num_codebooks", 1), ("norm_codes", True),
-                                ("undo_std", False), ("out_conv", False), ("conditioning", "concat"),
-                                ("code_replacement_policy", "batch_random")):
+            refuse("dec_type", decoders)
+        if self.quant_type not in ("lucid", "memcodes"):
+            refuse("quant_type", "'lucid', 'memcodes'")
+        if self.quant_type == "memcodes" and self.latent_dim % self.num_codebooks:
+            refuse("num_codebooks", f"a divisor of latent_dim {self.latent_dim}")
+        for name, supported in ((("num_codebooks", 1),) if self.quant_type == "lucid" else ()) + (
+                ("norm_codes", True), ("undo_std", False), ("out_conv", False), ("conditioning", "concat"),
+                ("code_replacement_policy", "batch_random")):
             if getattr(self, name) != supported:
                 refuse(name, repr(supported))
         if self.diffusion and self.beta_schedule != "linear":
@@ -133,6 +141,19 @@ class VQConfig:
 
 def _preset(name: str, suffix: str) -> str:
     return name.removesuffix(suffix)
+
+
+MLP_FORM = "BottleneckMLP/B_<blocks>-Wi_<width>[-Mi_<expansion>]"
+
+
+def mlp_shape(name: str) -> tuple[int, int, int] | None:
+    """(blocks, width, expansion) of a "BottleneckMLP/B_6-Wi_1024" architecture name (the reference's
+    `build_mlp` ids, "Scaling MLPs"), or None for another name."""
+    kind, _, shape = name.partition("/")
+    parts = dict(part.split("_", 1) for part in shape.split("-") if "_" in part)
+    if kind != "BottleneckMLP" or not {"B", "Wi"} <= set(parts) or not all(v.isdigit() for v in parts.values()):
+        return None
+    return int(parts["B"]), int(parts["Wi"]), int(parts.get("Mi", 4))
 
 
 # --- ViT encoder and decoder --------------------------------------------------------------------------------
@@ -229,6 +250,39 @@ def _resized(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return table.flatten(2).transpose(1, 2)
 
 
+# --- the MLP encoder and decoder (global feature vectors) ----------------------------------------------------
+
+
+class _BottleneckBlock(nn.Module):
+    def __init__(self, width: int, wide: int):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(width, wide), nn.GELU(), nn.Linear(wide, width))
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class BottleneckMLP(nn.Module):
+    """Residual bottleneck blocks, x + block(LayerNorm(x)), between a linear in and a linear out, applied to each
+    position of a (B, C, H, W) map (a global vector is a 1x1 map); the reference's names and layout."""
+
+    def __init__(self, name: str, dim_in: int | None = None, dim_out: int | None = None):
+        super().__init__()
+        blocks, width, expansion = mlp_shape(name)
+        self.width, self.dim_out = width, dim_out or width
+        self.linear_in = nn.Linear(dim_in or width, width)
+        self.blocks = nn.ModuleList([_BottleneckBlock(width, expansion * width) for _ in range(blocks)])
+        self.layernorms = nn.ModuleList([nn.LayerNorm(width) for _ in range(blocks)])
+        self.linear_out = nn.Linear(width, self.dim_out)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        x = self.linear_in(x.flatten(2).transpose(1, 2))
+        for block, norm in zip(self.blocks, self.layernorms):
+            x = x + block(norm(x))
+        return self.linear_out(x).transpose(1, 2).reshape(b, self.dim_out, h, w)
+
+
 # --- the codebook -------------------------------------------------------------------------------------------
 
 
@@ -295,6 +349,12 @@ class Quantizer(nn.Module):
         """(B, dim, n, n) latents -> their codes' ids (B, n, n), the codebook untouched."""
         return self._codebook.nearest(latents.permute(0, 2, 3, 1))
 
+    def take_restarts(self) -> int:
+        """Codes restarted since the last call."""
+        count = int(self._codebook.restarts)
+        self._codebook.restarts.zero_()
+        return count
+
     def forward(self, latents: torch.Tensor):
         b, d, nh, nw = latents.shape
         flat = latents.permute(0, 2, 3, 1).reshape(b, nh * nw, d)
@@ -307,6 +367,68 @@ class Quantizer(nn.Module):
             codes = flat + (codes - flat).detach()
         codes = codes.reshape(b, nh, nw, d).permute(0, 3, 1, 2)
         return codes, loss, ids.reshape(b, nh, nw)
+
+
+class _HeadLinear(nn.Module):
+    """A linear map per codebook: (h, n, d) -> (h, n, c) with weight (h, d, c) (the reference's einops `EinMix`)."""
+
+    def __init__(self, heads: int, dim: int):
+        super().__init__()
+        bound = dim ** -0.5
+        self.weight = nn.Parameter(torch.empty(heads, dim, dim).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.einsum("hnd,hdc->hnc", x, self.weight)
+
+
+class Memcodes(nn.Module):
+    """Memcodes (the reference's `quant_type="memcodes"`): each of `num_codebooks` heads reads its slice of the
+    latent as a query, attends over that codebook's codes (keys and values linear in the codes), and takes one
+    code: hard straight-through Gumbel softmax in training, the argmax otherwise. No codebook loss, no EMA.
+
+    (B, dim, n, n) latents -> codes (B, dim, n, n), ids (B, heads, n, n) ((B, n, n) with one head)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.heads, self.size = cfg.num_codebooks, cfg.codebook_size
+        dim = cfg.latent_dim // cfg.num_codebooks
+        self.scale = dim ** -0.5
+        self.codes = nn.Parameter(torch.randn(self.heads, self.size, dim))
+        self.to_k, self.to_v = _HeadLinear(self.heads, dim), _HeadLinear(self.heads, dim)
+
+    def _logits(self, latents: torch.Tensor) -> torch.Tensor:
+        b, d, nh, nw = latents.shape
+        q = latents.flatten(2).transpose(1, 2).reshape(b, nh * nw, self.heads, d // self.heads).transpose(1, 2)
+        return torch.einsum("bhid,hjd->bhij", q * self.scale, self.to_k(self.codes))
+
+    def _ids_shape(self, ids: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+        ids = ids.reshape(len(ids), self.heads, nh, nw)
+        return ids[:, 0] if self.heads == 1 else ids
+
+    def nearest(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._ids_shape(self._logits(latents).argmax(-1), *latents.shape[-2:])
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, heads, n, n) (or (B, n, n) with one head) -> codes (B, dim, n, n)."""
+        b, nh, nw = len(ids), ids.shape[-2], ids.shape[-1]
+        values = self.to_v(self.codes)                                       # (h, size, d)
+        flat = ids.reshape(b, self.heads, nh * nw)
+        picked = torch.stack([values[h][flat[:, h]] for h in range(self.heads)], 1)   # (b, h, n*n, d)
+        return picked.permute(0, 1, 3, 2).reshape(b, -1, nh, nw)
+
+    def forward(self, latents: torch.Tensor):
+        b, d, nh, nw = latents.shape
+        logits = self._logits(latents)
+        if self.training:
+            choice = F.gumbel_softmax(logits.float(), tau=1.0, dim=-1, hard=True).to(logits.dtype)
+        else:
+            choice = F.one_hot(logits.argmax(-1), self.size).to(logits.dtype)
+        codes = torch.einsum("bhij,hjd->bhid", choice, self.to_v(self.codes))   # (b, h, n*n, d)
+        codes = codes.permute(0, 1, 3, 2).reshape(b, d, nh, nw)
+        return codes, torch.zeros((), device=latents.device), self._ids_shape(choice.argmax(-1), nh, nw)
+
+    def take_restarts(self) -> int:
+        return 0  # no dead codes to restart: every code is reachable through the attention
 
 
 def _distributed() -> bool:
@@ -480,14 +602,16 @@ class VQVAE(nn.Module):
         cfg.check("tokenizer settings")
         self.cfg = cfg
         self.cls_emb = nn.Embedding(cfg.n_labels, cfg.n_channels) if cfg.n_labels else None
-        self.encoder = ViTEncoder(cfg)
+        self.encoder = BottleneckMLP(cfg.enc_type, cfg.n_channels) if mlp_shape(cfg.enc_type) else ViTEncoder(cfg)
         self.quant_proj = nn.Conv2d(self.encoder.width, cfg.latent_dim, 1)
-        self.quantize = Quantizer(cfg)
+        self.quantize = Memcodes(cfg) if cfg.quant_type == "memcodes" else Quantizer(cfg)
         if cfg.diffusion:
             self.decoder = PatchedUNet(cfg)
             self.noise_scheduler = diffusion_scheduler(cfg, "ddpm")  # training's noising (not a module)
         else:
-            self.decoder = ViTDecoder(cfg, cfg.n_labels or cfg.n_channels)
+            out = cfg.n_labels or cfg.n_channels
+            self.decoder = BottleneckMLP(cfg.dec_type, dim_out=out) if mlp_shape(cfg.dec_type) else \
+                ViTDecoder(cfg, out)
             self.post_quant_proj = nn.Conv2d(cfg.latent_dim, self.decoder.width, 1)
 
     def encode(self, x: torch.Tensor):
@@ -511,8 +635,10 @@ class VQVAE(nn.Module):
     def forward(self, x: torch.Tensor, loss: str = "mse", generator: torch.Generator | None = None) -> dict:
         """One training step's losses on a batch of (preprocessed) inputs. A ViT decoder reconstructs from the
         codes; a diffusion decoder is asked, at a timestep drawn uniformly, for what `prediction_type` names (x0,
-        the noise or v) from the noised input. `loss`: "mse", "smooth_l1", or "ce" over the labels."""
-        measure = {"ce": F.cross_entropy, "smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}[loss]
+        the noise or v) from the noised input. `loss`: "mse", "smooth_l1", "ce" over the labels, or "cosine" (1 -
+        the cosine similarity of each position's vector: the reference's `cosine_1d`, for global vectors)."""
+        measure = {"ce": F.cross_entropy, "smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss,
+                   "cosine": lambda p, t: 1 - F.cosine_similarity(p.flatten(2), t.flatten(2), dim=1).mean()}[loss]
         codes, commitment, ids = self.encode(x)
         if self.cfg.diffusion:
             scheduler = self.noise_scheduler
@@ -528,6 +654,12 @@ class VQVAE(nn.Module):
             reconstruction = measure(prediction, x if loss == "ce" else x.float())
         return {"loss": reconstruction + commitment, "reconstruction_loss": reconstruction,
                 "commitment_loss": commitment, "ids": ids}
+
+    def unflatten(self, ids: torch.Tensor) -> torch.Tensor:
+        """Flat ids (B, N) -> the shape `decode_tokens` reads: (B, n, n), or (B, codebooks, n, n) for memcodes."""
+        heads = self.cfg.num_codebooks if self.cfg.quant_type == "memcodes" else 1
+        side = math.isqrt(ids.shape[1] // heads)
+        return ids.reshape(len(ids), side, side) if heads == 1 else ids.reshape(len(ids), heads, side, side)
 
     @torch.no_grad()
     def decode_tokens(self, ids: torch.Tensor, steps: int | None = None, scheduler: str = "ddim",
@@ -553,9 +685,11 @@ class VQVAE(nn.Module):
 
 # --- a modality's settings -------------------------------------------------------------------------------------
 
-SIZES = {  # the encoder, the two decoders, and a class map's embedding width, per size
-    "paper": dict(enc_type="vit_b_enc", vit_dec="vit_b_dec", unet_dec="unet_patched", label_width=64),
-    "tiny": dict(enc_type="vit_tiny_enc", vit_dec="vit_tiny_dec", unet_dec="unet_patched_tiny", label_width=16),
+SIZES = {  # the encoder, the two decoders, a class map's embedding width, and the global vectors' MLP and latent
+    "paper": dict(enc_type="vit_b_enc", vit_dec="vit_b_dec", unet_dec="unet_patched", label_width=64,
+                  mlp="BottleneckMLP/B_6-Wi_1024", mlp_latent=1024),
+    "tiny": dict(enc_type="vit_tiny_enc", vit_dec="vit_tiny_dec", unet_dec="unet_patched_tiny", label_width=16,
+                 mlp="BottleneckMLP/B_2-Wi_32", mlp_latent=64),
 }
 DIFFUSION = dict(num_train_timesteps=1000, scheduler="ddpm", beta_schedule="linear", prediction_type="sample",
                  clip_sample=True, thresholding=True, zero_terminal_snr=True)  # the published tokenizers' own
@@ -563,7 +697,8 @@ DIFFUSION = dict(num_train_timesteps=1000, scheduler="ddpm", beta_schedule="line
 
 def tokenizer_config(modality: str, size: str = "paper", **overrides) -> VQConfig:
     """A modality's tokenizer settings from its registry entry (`tokenizer`: in_channels, codebook_size, decoder
-    "vit" or "diffusion", loss; patch_size 1 for feature maps), at a size; `overrides` are VQConfig fields.
+    "vit", "diffusion" or "mlp" (global vectors, with num_codebooks), loss; patch_size 1 for feature maps), at a
+    size; `overrides` are VQConfig fields.
     Class maps are embedded, with one label more than their classes (the reference's unlabelled 0)."""
     known = [m.name for m in registry.tokenized()]
     if modality not in known:
@@ -580,6 +715,9 @@ def tokenizer_config(modality: str, size: str = "paper", **overrides) -> VQConfi
                     n_labels=entry["in_channels"] + 1 if classes else None)
     if entry["decoder"] == "diffusion":
         settings |= dict(DIFFUSION, dec_type=preset["unet_dec"])
+    elif entry["decoder"] == "mlp":  # a global vector: the reference's BMLP-BMLP with Memcodes
+        settings |= dict(enc_type=preset["mlp"], dec_type=preset["mlp"], quant_type="memcodes", post_mlp=False,
+                         num_codebooks=entry["num_codebooks"], latent_dim=preset["mlp_latent"])
     else:
         settings["dec_type"] = preset["vit_dec"]
     return VQConfig(**{**settings, **overrides})

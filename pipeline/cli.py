@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "in its metadata, or a hub id such as EPFL-VILAB/4M-7_B_CC12M (needs a network)")
     convert4m.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
     convert4m.add_argument("--modalities", nargs="+", metavar="MODULE",
-                           help="modules defining modalities beyond 4M's seven (4M-21's: models.modalities_4m21); "
+                           help="modules defining modalities beyond 4M's seven (4M-21's: models.modalities_4m21 "
+                                "models.modalities_4m21_networks); "
                                 "recorded in the model's config.json, imported wherever it is loaded")
     convert_tok = sub.add_parser("convert-tokenizer", help="install one of apple/ml-4m's published tokenizers as "
                                  "a modality's tokenizer (tokenize, generate and evaluate then use it)")

@@ -252,6 +252,22 @@ def test_dinov2_features_are_the_models_normalised_patch_tokens_16_by_16_at_224(
     tokenizer = VQVAE(tokenizer_config("dinov2", "tiny", n_channels=16, codebook_size=32))
     assert tokenizer.tokenize(crop[None]).numel() == 256 == registry.domain("tok_dinov2").max_tokens
 
+    # the global vector: the normalised class token, one per image, 16 tokens (one per codebook) in the reference's
+    # resolution-free domain tok_dinov2_global
+    pooled = registry.get("dinov2_global").labeler.load(path, "cpu", 2, short_side=224)([image])[0]
+    with torch.no_grad():
+        cls = Dinov2Model.from_pretrained(path)(pixel_values=x).last_hidden_state[0, 0]
+    assert pooled.shape == (16,) and torch.allclose(torch.as_tensor(pooled), cls, atol=1e-4)
+    spec = registry.get("dinov2_global")
+    vector = spec.to_tensor(spec.decode(spec.encode(np.asarray(pooled))), [0, 0, 256, 256, 1], (512, 512))
+    assert vector.shape == (16, 1, 1) and torch.allclose(vector[:, 0, 0], cls, atol=1e-2)  # float16, any crop
+    domain = registry.domain("tok_dinov2_global")
+    assert (domain.name, domain.folder, domain.max_tokens, domain.pooled) == ("tok_dinov2_global",) * 2 + (16, True)
+    torch.manual_seed(0)
+    tokenizer = VQVAE(tokenizer_config("dinov2_global", "tiny", n_channels=16, codebook_size=32)).eval()
+    assert tokenizer.tokenize(vector[None]).flatten(1).shape == (1, 16)
+    assert spec.picture(np.asarray(pooled), None).shape == (4, 4, 3)
+
 
 @pytest.fixture(scope="module")
 def t5_model(tmp_path_factory):

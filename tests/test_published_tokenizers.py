@@ -114,7 +114,8 @@ def test_a_wrong_codebook_size_is_refused_by_name(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"learning_rate": 0.1}, r"unknown tokenizer settings \['learning_rate'\]"),
-    ({"quant_type": "memcodes"}, r"quant_type='memcodes' is not supported"),
+    ({"quant_type": "fsq"}, r"quant_type='fsq' is not supported \(supported: 'lucid', 'memcodes'\)"),
+    ({"num_codebooks": 2}, r"num_codebooks=2 is not supported \(supported: 1\)"),  # lucid: one codebook
     ({"dec_type": "uvit_b"}, r"dec_type='uvit_b' is not supported"),
     ({"beta_schedule": "squaredcos_cap_v2"}, r"beta_schedule='squaredcos_cap_v2' is not supported"),
 ])
@@ -196,3 +197,37 @@ def test_each_modality_names_its_published_tokenizer_and_our_paper_settings_are_
     assert (clip.n_channels, clip.patch_proj, clip.codebook_size) == (512, False, 8192)
     assert registry.get("depth").reference_tokenizer_problems(rgb) == [
         "depth is 1-channel images: the tokenizer reads n_channels=3, n_labels=None, patch_proj=True"]
+
+
+def test_a_global_vector_tokenizer_tokenizes_and_decodes_as_the_references_memcodes():
+    """The reference's other form (its DINOv2 and ImageBind global tokenizers): bottleneck MLPs around Memcodes,
+    16 codebooks each giving one token of a 1x1 map; loaded from its layout, the same ids and decoded vectors."""
+    model = load_tokenizer(FIXTURES / "tokenizers" / "dinov2_global")
+    outputs = load_file(FIXTURES / "tokenizers" / "dinov2_global" / "outputs.safetensors")
+    ids = model.tokenize(tokenizer_input("dinov2_global", 224))
+    assert ids.shape == (8, 16, 1, 1) and torch.equal(ids, outputs["ids"])
+    assert torch.equal(model.unflatten(ids.flatten(1)), ids)  # as the token shards store them: 16 per crop
+    torch.testing.assert_close(model.decode_tokens(ids), outputs["decoded"], atol=1e-5, rtol=0)
+
+
+def test_the_dinov2_global_entry_is_the_references_global_tokenizer_and_trains_through_its_codes():
+    """Our paper settings are the published DINOv2-B14-global architecture (BMLP B_6-Wi_1024 both sides, Memcodes
+    8,192 x 16); in training the straight-through Gumbel choice lets the loss reach the encoder."""
+    from core import registry
+
+    registry.use(["models.modalities_4m21_networks"])
+    cfg = tokenizer_config("dinov2_global", "paper")
+    assert (cfg.enc_type, cfg.dec_type, cfg.quant_type, cfg.codebook_size, cfg.num_codebooks, cfg.latent_dim) == (
+        "BottleneckMLP/B_6-Wi_1024", "BottleneckMLP/B_6-Wi_1024", "memcodes", 8192, 16, 1024)
+    assert registry.get("dinov2_global").reference_tokenizer_problems(cfg) == []
+    assert registry.get("dinov2_global").reference_tokenizer_problems(tokenizer_config("dinov2", "paper"))
+    torch.manual_seed(0)
+    model = VQVAE(tokenizer_config("dinov2_global", "tiny", n_channels=16, codebook_size=32)).train()
+    x = torch.randn(8, 16, 1, 1)
+    out = model(x, loss="cosine")
+    assert out["ids"].shape == (8, 16, 1, 1) and float(out["commitment_loss"]) == 0
+    assert float(out["loss"].detach()) == pytest.approx(
+        1 - float(torch.nn.functional.cosine_similarity(model.decode_tokens(out["ids"]).flatten(1), x.flatten(1)).mean()),
+        abs=1e-5)  # the Gumbel choice is hard: the codes decoded are the ids' codes
+    out["loss"].backward()
+    assert model.encoder.linear_in.weight.grad.abs().sum() > 0 and model.quantize.codes.grad.abs().sum() > 0

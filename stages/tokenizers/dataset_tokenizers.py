@@ -11,7 +11,6 @@ Tokenize, pretraining's pictures, evaluation and generation all read them throug
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -100,11 +99,10 @@ DECODE_STEPS = 25  # DDIM steps of a diffusion decoder (trailing spacing: determ
 
 def decode_tokens(model, ids: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """Flat token ids (B, n*n) -> the tokenizer's own output (diffusion: DDIM from each sample's seeded noise)."""
-    side = math.isqrt(ids.shape[1])
-    grid = ids.reshape(len(ids), side, side)
+    grid = model.unflatten(ids)
     if not model.cfg.diffusion:
         return model.decode_tokens(grid)
-    size = side * model.cfg.patch_size
+    size = grid.shape[-1] * model.cfg.patch_size
     noise = torch.stack([torch.randn((model.cfg.n_channels, size, size), generator=torch.Generator().manual_seed(
         int(seed))) for seed in seeds])
     return model.decode_tokens(grid, steps=DECODE_STEPS, scheduler="ddim", noise=noise)

@@ -111,9 +111,9 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
     def flush():
         if not pending:
             return
-        if crop_labeler:  # every pending crop through the labeler at once: (D, h, w) feature maps
+        if crop_labeler:  # every pending crop through the labeler at once: (D, h, w) feature maps, (D, 1, 1) vectors
             features = crop_labeler([im for _, crops in pending for im in crops])
-            batch = torch.stack([torch.as_tensor(f).float().permute(2, 0, 1) for f in features]).to(device)
+            batch = torch.stack([registry.get(modality).features_tensor(f) for f in features]).to(device)
         else:
             batch = torch.cat([x for _, x in pending]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

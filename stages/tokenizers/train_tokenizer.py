@@ -339,8 +339,7 @@ class TokenizerTask(TrainTask):
             return {}
         figures = {"epoch": round(done / self.plan.steps_per_epoch, 3),
                    **codebook_usage(torch.cat(self.window), self.mcfg.codebook_size),
-                   "restarts": int(model.quantize._codebook.restarts)}  # in this log window
-        model.quantize._codebook.restarts.zero_()
+                   "restarts": model.quantize.take_restarts()}  # in this log window
         self.window = []
         if done % self.cfg.eval_every == 0 or done == self.plan.steps:
             figures.update(self._evaluate(model, done))
