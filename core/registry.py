@@ -129,6 +129,10 @@ class Modality:
     def decode(self, data: bytes):
         raise NotImplementedError
 
+    def check_label(self, label) -> None:
+        """Raise ValueError, saying why, if a decoded label (an imported one: `import-labels`) is not this
+        modality's form; the families check shapes and widths."""
+
     def picture(self, stored, photo):
         """The stored label (decoded) as an RGB picture in [0, 1] for `show`; `photo` is the RGB image."""
         raise NotImplementedError

@@ -280,6 +280,16 @@ class FeatureMapModality(DenseModality):
                         aligned=True)[0]
         return out.flip(-1) if flip else out
 
+    @property
+    def width(self) -> int | None:
+        """Each vector's size, where the entry's tokenizer settings fix it (a labeler's model may set it instead)."""
+        return (self.tokenizer or {}).get("in_channels")
+
+    def check_label(self, label) -> None:
+        shape = np.shape(label)
+        if len(shape) != 3 or (self.width and shape[-1] != self.width):
+            raise ValueError(f"{self.name} is a feature map (height, width, {self.width or 'D'}); got {shape}")
+
     def features_tensor(self, features) -> torch.Tensor:
         """What its labeler makes of one crop, (h, w, D), -> the tokenizer's input (D, h, w)."""
         return torch.as_tensor(features).float().permute(2, 0, 1)
@@ -312,6 +322,11 @@ class GlobalFeatureModality(FeatureMapModality):
 
     def to_tensor(self, array, crop, image_size):
         return torch.from_numpy(np.asarray(array, np.float32).reshape(-1, 1, 1))
+
+    def check_label(self, label) -> None:
+        shape = np.shape(label)
+        if len(shape) != 1 or (self.width and shape[0] != self.width):
+            raise ValueError(f"{self.name} is one vector per image ({self.width or 'D'},); got {shape}")
 
     def features_tensor(self, features) -> torch.Tensor:
         return torch.as_tensor(features).float().reshape(-1, 1, 1)

@@ -72,6 +72,19 @@ def cmd_label(args) -> int:
     return print_per_model(summary, "", "labelled", f"in {summary.seconds:.1f} s; labels under {config.data_root}")
 
 
+def cmd_import_labels(args) -> int:
+    from stages.label.import_labels import run_import
+
+    config = _config_from(args, {"data_root": args.data})
+    progress = ShardProgress(f"import {args.modality}")
+    try:
+        summary = run_import(config.data_root, config, args.modality, args.source, observer=progress)
+    finally:
+        progress.close()
+    return print_per_model(summary, "", "imported", f"in {summary.seconds:.1f} s from {args.source}; labels under "
+                                                    f"{config.data_root}/{args.modality}")
+
+
 def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
     """Sample fates per labeler or tokenizer, the shard counts, and the shards to redo; the exit status."""
     for name, counts in summary.status_counts.items():
@@ -395,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--labelers", help=f"comma-separated subset of {','.join(m.name for m in registry.labelled())} "
                                           f"(default: label.labelers)")
     _add_config_args(label)
+    imported = sub.add_parser("import-labels", help="bring an external tool's labels in as one modality's label "
+                                                    "shards (ImageBind, human poses): <key>.<extension> files -> "
+                                                    "<modality>/ shards aligned with rgb/")
+    imported.add_argument("--data", help="dataset root (default: the profile's data_root)")
+    imported.add_argument("--modality", required=True, help="the modality the files are (its registry entry checks "
+                                                            "each one), e.g. imagebind")
+    imported.add_argument("--source", required=True, help="folder of one file per sample, named <key>.<extension>")
+    _add_config_args(imported)
     show = sub.add_parser("show", help="draw one sample's image, caption and labels into a PNG")
     show.add_argument("--data", required=True, help="dataset root")
     show.add_argument("--key", required=True, help="sample key, e.g. 000000004")
@@ -513,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"download": cmd_download, "label": cmd_label, "show": cmd_show, "random-models": cmd_random_models,
+COMMANDS = {"download": cmd_download, "label": cmd_label, "import-labels": cmd_import_labels, "show": cmd_show, "random-models": cmd_random_models,
             "inspect-masking": cmd_inspect_masking, "pretrain": cmd_pretrain, "transfer": cmd_transfer,
             "evaluate": cmd_evaluate, "generate": cmd_generate,
             "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "convert-tokenizer": cmd_convert_tokenizer, "demo": cmd_demo,

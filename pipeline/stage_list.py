@@ -29,8 +29,8 @@ class Stage:
         return f"{self.consumes} -> {self.produces}"
 
 
-def _labelled(folder: str) -> bool:
-    return folder in {m.stage for m in registry.labelled()}
+def _labelled(folder: str) -> bool:  # by a labeler here, or imported from an external tool's files
+    return folder in {m.stage for m in registry.modalities() if not m.downloaded}
 
 
 def _tokenized(folder: str) -> bool:

@@ -103,12 +103,12 @@ def test_the_loader_draws_a_palette_size_per_training_load_and_reads_all_seven_i
 def test_the_registry_agrees_with_the_references_modality_table(m21):
     """Every domain of the 4M-7 and 4M-21 entries: the reference's type, vocabulary and most tokens (fixture made
     from its `modality_info.py` by tests/fixtures/reference/make_modality_info.py)."""
-    registry.use([MODULE, NETWORKS])
+    registry.use([MODULE, NETWORKS, "models.modalities_4m21_external"])
     table = json.loads((Path(__file__).parent / "fixtures/reference/modality_info.json").read_text())
     kinds = {"tokens": "img", "pixels": "img", "sequence": "seq", "embeddings": "seq_emb"}
     domains = registry.domains()
-    assert {"tok_canny_edge@224", "color_palette", "metadata", "tok_dinov2@224", "t5_caption"} <= \
-        {d.name for d in domains}
+    assert {"tok_canny_edge@224", "color_palette", "metadata", "tok_dinov2@224", "tok_dinov2_global", "t5_caption",
+            "tok_imagebind@224", "tok_imagebind_global", "human_poses"} <= {d.name for d in domains}
     for d in domains:
         reference = table[d.name]
         assert kinds[d.kind] == reference["type"], d.name
@@ -284,6 +284,9 @@ def test_t5_caption_vectors_are_the_encoders_states_per_token_stored_as_the_refe
     """The label stage reads each sample's caption beside its image, runs T5's encoder and stores its valid
     states in the reference's `.npz` layout (`emb` (1, L, 4096), `mask_valid`); a sample without a caption fails
     alone, by name, and its batch's other samples are labelled one by one."""
+    import io
+    import tarfile
+
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -301,13 +304,11 @@ def test_t5_caption_vectors_are_the_encoders_states_per_token_stored_as_the_refe
     status = pq.read_table(layout.status_table("label_t5_caption", "shard-000000")).to_pylist()
     assert status[1]["status"] == "model_error" and "no caption" in status[1]["error"]
     tokenizer, model = AutoTokenizer.from_pretrained(t5_model), T5EncoderModel.from_pretrained(t5_model).eval()
-    import tarfile
-
     with tarfile.open(layout.tar("t5_caption", "shard-000000")) as tar:
         stored = {m.name: tar.extractfile(m).read() for m in tar}
     assert sorted(stored) == [f"{keys[0]}.npz", f"{keys[2]}.npz"]
     for key, caption in ((keys[0], captions[0]), (keys[2], captions[2])):
-        raw = np.load(__import__("io").BytesIO(stored[f"{key}.npz"]))
+        raw = np.load(io.BytesIO(stored[f"{key}.npz"]))
         ids = tokenizer(caption, return_tensors="pt")
         with torch.no_grad():
             expected = model(**ids).last_hidden_state[0]
@@ -358,3 +359,101 @@ def test_a_t5_condition_is_read_from_the_stored_npz_and_checked(tmp_path):
     np.save(tmp_path / "narrow.npy", np.ones((5, 512), np.float32))
     with pytest.raises(GenerateInputError, match=r"request 'a': t5_caption .*narrow.npy.* \(5, 512\).* 4096"):
         embedding_vectors("t5_caption", str(tmp_path / "narrow.npy"), "request 'a'")
+
+
+EXTERNAL = "models.modalities_4m21_external"
+POSES = json.loads((Path(__file__).parent / "fixtures/reference/pose_texts.json").read_text())
+
+
+def _humans(text: str) -> list[tuple[str, frozenset]]:
+    """A pose text as (each human's box words, its four groups as a set): the reference orders groups at random."""
+    if text.strip() == "none":
+        return []
+    out = []
+    for chunk in text.split("human ")[1:]:
+        words = chunk.split()
+        groups, current = [], []
+        for word in words[4:]:
+            if word in ("pose", "global", "camera", "shape"):
+                current = [word]
+                groups.append(current)
+            else:
+                current.append(word)
+        out.append((" ".join(words[:4]), frozenset(" ".join(g) for g in groups)))
+    return out
+
+
+def test_pose_texts_equal_the_references_and_training_shuffles_each_humans_groups():
+    """Each human's box in the crop and its pose, global, camera and shape groups equal the reference's
+    HumanPoseTransform on the same files and crops (fixture: tests/fixtures/reference/make_pose_texts.py); humans
+    outside the crop are left out, none left is `none`."""
+    registry.use([EXTERNAL])
+    spec = registry.get("human_poses")
+    for key, expected in POSES["texts"].items():
+        name, crop_index = key.split("/")
+        crop = [*POSES["crops"][int(crop_index)], 0]
+        stored = spec.encode(POSES["samples"][name])
+        spec.check_label(spec.decode(stored))
+        ours = spec.to_text(stored, crop, tuple(POSES["image"]), 0.0)
+        assert _humans(ours) == _humans(expected), key
+        assert (ours == "none") == (expected == "none")
+    rng, stored = np.random.default_rng(0), spec.encode(POSES["samples"]["one"])
+    orders = {tuple(w for w in spec.to_text(stored, [0, 0, 480, 640, 0], (480, 640), 0.0, rng=rng).split()
+                    if w in ("pose", "global", "camera", "shape")) for _ in range(30)}
+    assert len(orders) > 5  # drawn per load; without a generator (validation) always pose, global, camera, shape
+    assert spec.to_text(stored, [0, 0, 480, 640, 0], (480, 640), 0.0).split()[5] == "pose"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop("pred_cam"), "missing 'pred_cam'"),
+    (lambda s: s.update(pose_tokenized=[[1] * 7]), r"pose_tokenized \(1, 7\), expected \(1, 8\)"),
+    (lambda s: s.update(pose_tokenized=[[2000] * 8]), "outside 0..1023"),
+])
+def test_a_pose_file_not_in_the_references_format_is_refused_by_reason(change, message):
+    import copy
+
+    registry.use([EXTERNAL])
+    stored = copy.deepcopy(POSES["samples"]["one"])
+    change(stored)
+    with pytest.raises(ValueError, match=message):
+        registry.get("human_poses").check_label(stored)
+
+
+def test_an_external_tools_files_are_imported_as_label_shards_with_every_samples_fate(tmp_path):
+    """ImageBind's features, its global vectors and human poses come from tools outside the project: one file per
+    sample, named by its key, checked by the entry; a missing or refused file costs its sample, named in the status
+    files; a rerun skips committed shards."""
+    import pyarrow.parquet as pq
+
+    from core.config import load_config
+    from pipeline.cli import main as cli
+    from stages.dataset.shards import DatasetLayout
+    from tests.helpers import write_rgb_shard
+
+    layout, keys = write_rgb_shard(tmp_path / "data", [(64, 64)] * 4)
+    source = tmp_path / "imagebind"
+    source.mkdir()
+    for i, key in enumerate(keys[:3]):
+        np.save(source / f"{key}.npy", np.full((4, 4, 1280 if i != 1 else 1024), i, np.float32))
+    args = ["import-labels", "--data", str(tmp_path / "data"), "--profile", "demo", "--set",
+            f"modalities=[{MODULE},{EXTERNAL}]", "--modality", "imagebind", "--source", str(source)]
+    assert cli(args) == 0
+    status = {r["key"]: r for r in pq.read_table(layout.status_table("label_imagebind", "shard-000000")).to_pylist()}
+    assert [status[k]["status"] for k in keys] == ["ok", "decode_error", "ok", "missing_label"]
+    assert "(height, width, 1280); got (4, 4, 1024)" in status[keys[1]]["error"]
+    assert "no file" in status[keys[3]]["error"] and status[keys[0]]["height"] == 64
+    import io
+    import tarfile
+
+    with tarfile.open(layout.tar("imagebind", "shard-000000")) as tar:
+        stored = {m.name: np.load(io.BytesIO(tar.extractfile(m).read())) for m in tar}
+    assert sorted(stored) == [f"{keys[0]}.npy", f"{keys[2]}.npy"] and stored[f"{keys[2]}.npy"].dtype == np.float16
+    assert "imported from" in layout.read_stats("label_imagebind", "shard-000000")["provenance"]["models"][
+        "imagebind"]["source"]
+    (source / f"{keys[3]}.npy").unlink(missing_ok=True)
+    np.save(source / f"{keys[3]}.npy", np.zeros((4, 4, 1280), np.float32))
+    assert cli(args) == 0  # committed: skipped, not redone
+    assert pq.read_table(layout.status_table("label_imagebind", "shard-000000")).to_pylist()[3]["status"] == \
+        "missing_label"
+    assert DatasetLayout(tmp_path / "data").modality_modules() == [MODULE, EXTERNAL]
+    load_config("demo")  # the registry back to the demo's own modalities for the tests after

@@ -48,5 +48,6 @@ RANDOM_MARK = "RANDOM WEIGHTS"
 
 def describe_model(record: dict) -> str:
     """One line for tables: source, short hash, and a warning for random weights."""
-    text = f"{record.get('source')} (sha256 {str(record.get('weights_sha256'))[:12]})"
+    digest = record.get("weights_sha256")  # none for labels without weights (computed, or imported)
+    text = f"{record.get('source')}" + (f" (sha256 {str(digest)[:12]})" if digest else "")
     return f"{text} {RANDOM_MARK}" if record.get("random_weights") else text
