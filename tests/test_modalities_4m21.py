@@ -457,3 +457,22 @@ def test_an_external_tools_files_are_imported_as_label_shards_with_every_samples
         "missing_label"
     assert DatasetLayout(tmp_path / "data").modality_modules() == [MODULE, EXTERNAL]
     load_config("demo")  # the registry back to the demo's own modalities for the tests after
+
+
+def test_4m21_texts_are_whole_tokens_of_the_references_vocabulary_and_of_ours(tmp_path):
+    """Palettes and metadata read only the fixed v0=..v3= tokens; pose texts add six words, each one token of the
+    reference's published text tokenizer (fixture: make_text_words.py) and of a tokenizer trained here on the
+    dataset's texts (the text corpus takes every sequence modality's `corpus_text`)."""
+    from models.text_tokenizer import load_text_tokenizer, train_text_tokenizer
+
+    registry.use([EXTERNAL])
+    reference = json.loads((Path(__file__).parent / "fixtures/reference/text_words_4m21.json").read_text())["words"]
+    spec = registry.get("human_poses")
+    texts = [spec.corpus_text(spec.encode(sample)) for sample in POSES["samples"].values()]
+    words = {w for text in texts for w in text.split() if not w[:3] in ("v0=", "v1=", "v2=", "v3=")}
+    assert words == set(reference) and all(pieces == [w] for w, pieces in reference.items())
+    train_text_tokenizer(["a photo of a cat", *texts], 4500, tmp_path / "tokenizer.json")
+    tokenizer = load_text_tokenizer(tmp_path / "tokenizer.json")
+    for text in POSES["texts"].values():
+        encoded = tokenizer.encode(text)
+        assert len(encoded.ids) == len(text.split()) and tokenizer.token_to_id("[UNK]") not in encoded.ids
