@@ -471,7 +471,7 @@ def test_4m21_texts_are_whole_tokens_of_the_references_vocabulary_and_of_ours(tm
     texts = [spec.corpus_text(spec.encode(sample)) for sample in POSES["samples"].values()]
     words = {w for text in texts for w in text.split() if not w[:3] in ("v0=", "v1=", "v2=", "v3=")}
     assert words == set(reference) and all(pieces == [w] for w, pieces in reference.items())
-    train_text_tokenizer(["a photo of a cat", *texts], 4500, tmp_path / "tokenizer.json")
+    train_text_tokenizer(["a photo of a cat", *texts, *POSES["texts"].values()], 4500, tmp_path / "tokenizer.json")
     tokenizer = load_text_tokenizer(tmp_path / "tokenizer.json")
     for text in POSES["texts"].values():
         encoded = tokenizer.encode(text)
