@@ -91,6 +91,9 @@ class LabelConfig(Section):
         None, description="detectron2 LazyConfig file, e.g. <detectron2 source>/projects/ViTDet/configs/COCO/"
                           "cascade_mask_rcnn_vitdet_h_75ep.py")
     det_detectron2_weights: str | None = Field(None, description="its weights: a model_final_*.pkl path or URL")
+    options: dict[str, dict] = Field(
+        default_factory=dict, description="per-labeler settings over its entry's own (its Labeling.options), e.g. "
+                                          "{sam_instance: {points_per_side: 16}}")
     semseg_short_side: int = Field(384, ge=32)
     clip_short_side: int = Field(224, ge=16)
 
@@ -110,8 +113,17 @@ class LabelConfig(Section):
             raise ValueError(f"batch sizes must be at least 1, got {small}")
         return value
 
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, value: dict[str, dict]) -> dict[str, dict]:
+        return _known(value, _labelled(), "labelers", prefix="options for ")
+
     def batch_size_of(self, labeler: str) -> int:
         return self.batch_sizes.get(labeler, self.batch_size)
+
+    def options_of(self, labeler: str) -> dict:
+        """The labeler's settings: its entry's, then this section's `options` for it."""
+        return {**registry.get(labeler).labeler.options(self), **self.options.get(labeler, {})}
 
     def resolved_det_backend(self) -> str:
         """The detector backend this run uses: `auto` picks detectron2 only when it can run.

@@ -433,6 +433,57 @@ class Dinov2GlobalLabeler(Dinov2Labeler):
         return list(self.model(pixel_values=x).last_hidden_state[:, 0].float())  # after the final LayerNorm
 
 
+class SamLabeler(Labeler):
+    """SAM's automatic masks (transformers' mask-generation pipeline over `SamModel`: a grid of point prompts,
+    filtered by predicted IoU and stability, de-duplicated by NMS), each kept as its largest outer contour: a polygon
+    in the image's pixels, with its predicted IoU, best first. One image at a time (the pipeline batches points)."""
+
+    def __init__(self, path: str, device: str = "auto", batch_size: int = 8, points_per_side: int = 32,
+                 points_per_batch: int = 64, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
+                 **options):
+        from transformers import SamImageProcessor, pipeline
+
+        super().__init__(path, device, batch_size, **options)
+        self.pipe = pipeline("mask-generation", model=self.model, image_processor=SamImageProcessor.from_pretrained(
+            path), device=self.device)
+        self.settings = dict(points_per_crop=points_per_side, points_per_batch=points_per_batch,
+                             pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh)
+
+    def model_class(self):
+        from transformers import SamModel
+
+        return SamModel
+
+    def input_size(self, height, width):
+        return height, width
+
+    @staticmethod
+    def polygons(masks, scores) -> list[dict]:
+        import cv2
+
+        found = []
+        for mask, score in zip(masks, scores):
+            contours, _ = cv2.findContours(np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            if contours:
+                outline = max(contours, key=cv2.contourArea)[:, 0]
+                found.append({"polygon": outline.tolist(), "score": round(float(score), 4)})
+        return sorted(found, key=lambda instance: -instance["score"])
+
+    @torch.inference_mode()
+    def launch(self, images):
+        from PIL import Image
+
+        outputs = []
+        for image in images:
+            result = self.pipe(Image.fromarray(np.ascontiguousarray(image[..., :3])), **self.settings)
+            outputs.append({"instances": self.polygons([m.cpu().numpy() for m in result["masks"]],
+                                                       result["scores"].tolist())})
+        return Launched(outputs)
+
+    def collect(self, launched):
+        return launched.outputs
+
+
 class TextEncoderLabeler(Labeler):
     """A text encoder's last hidden states for the sample's caption (T5's encoder): one vector per token, padding
     left out, at most `max_length` tokens. It reads the caption stored beside the image (`Labeling.reads`), not

@@ -89,6 +89,24 @@ def dinov2(size: str):
     return Dinov2Model(cfg)
 
 
+def sam(size: str):
+    """SAM with the image processor it reads (saved together): ViT-B at 1024 pixels, or a tiny one at 256."""
+    from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig,
+                              SamVisionConfig)
+
+    if size == "paper":  # transformers' defaults: SAM ViT-B
+        return SamModel(SamConfig()), SamImageProcessor()
+    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, output_channels=16,
+                             image_size=256, patch_size=16, global_attn_indexes=[1], mlp_dim=64, window_size=4,
+                             num_pos_feats=8)
+    prompt = SamPromptEncoderConfig(hidden_size=16, image_size=256, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32,
+                                   iou_head_hidden_dim=16)
+    cfg = SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                    mask_decoder_config=decoder.to_dict())
+    return SamModel(cfg), SamImageProcessor(size={"longest_edge": 256}, pad_size={"height": 256, "width": 256})
+
+
 def tiny_text_tokenizer():
     """T5's tokenizer class over a tiny vocabulary (COCO's class names, common words, letters for the rest):
     what a tiny random T5 reads, as no T5 vocabulary can be downloaded here."""

@@ -108,7 +108,7 @@ def test_the_registry_agrees_with_the_references_modality_table(m21):
     kinds = {"tokens": "img", "pixels": "img", "sequence": "seq", "embeddings": "seq_emb"}
     domains = registry.domains()
     assert {"tok_canny_edge@224", "color_palette", "metadata", "tok_dinov2@224", "tok_dinov2_global", "t5_caption",
-            "tok_imagebind@224", "tok_imagebind_global", "human_poses"} <= {d.name for d in domains}
+            "tok_imagebind@224", "tok_imagebind_global", "human_poses", "tok_sam_edge@224"} <= {d.name for d in domains}
     for d in domains:
         reference = table[d.name]
         assert kinds[d.kind] == reference["type"], d.name
@@ -476,3 +476,40 @@ def test_4m21_texts_are_whole_tokens_of_the_references_vocabulary_and_of_ours(tm
     for text in POSES["texts"].values():
         encoded = tokenizer.encode(text)
         assert len(encoded.ids) == len(text.split()) and tokenizer.token_to_id("[UNK]") not in encoded.ids
+
+
+def test_sam_instances_are_polygons_of_sams_masks_and_their_edges_are_drawn_from_them(tmp_path):
+    """SAM through transformers' mask-generation pipeline on a tiny random SamModel (the real class), its settings
+    from `label.options`; the label stage stores each mask's outline as a polygon, then (a second pass, reading
+    them) draws `sam_edge` from those polygons."""
+    import tarfile
+
+    import cv2
+
+    from models.random_weights import save_random_model
+    from stages.label.label import LabelWorker
+    from tests.helpers import write_rgb_shard
+
+    registry.use([NETWORKS])
+    path = save_random_model("sam_instance", tmp_path / "sam")
+    options = "{sam_instance: {points_per_side: 4, pred_iou_thresh: 0.0, stability_score_thresh: 0.0}}"
+    cfg = load_config("demo", [f"modalities=[{MODULE},{NETWORKS}]", f"label.models={{sam_instance: {path}}}",
+                               f"label.options={options}", "label.chunk_size=2"]).label
+    assert cfg.options_of("sam_instance")["points_per_side"] == 4  # over the entry's own (SAM's 32)
+    layout, keys = write_rgb_shard(tmp_path, [(96, 128), (80, 80)])
+    stats = LabelWorker(str(tmp_path), cfg, ["sam_instance", "sam_edge"]).label("shard-000000",
+                                                                                ["sam_instance", "sam_edge"])
+    assert stats["sam_instance"]["ok"] == stats["sam_edge"]["ok"] == 2
+    with tarfile.open(layout.tar("sam_instance", "shard-000000")) as tar:
+        instances = [json.loads(tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(layout.tar("sam_edge", "shard-000000")) as tar:
+        edges = [cv2.imdecode(np.frombuffer(tar.extractfile(m).read(), np.uint8), cv2.IMREAD_UNCHANGED) for m in tar]
+    labeler = registry.get("sam_instance").labeler.load(path, "cpu", 1, **cfg.options_of("sam_instance"))
+    with tarfile.open(layout.tar("rgb", "shard-000000")) as tar:  # the stored JPEG, as the stage decoded it
+        image = cv2.imdecode(np.frombuffer(tar.extractfile(tar.getmembers()[0]).read(), np.uint8), cv2.IMREAD_COLOR)
+    assert instances[0] == labeler.collect(labeler.launch([np.ascontiguousarray(image[..., ::-1])]))[0]
+    assert instances[0]["instances"] and all(len(i["polygon"]) >= 3 for i in instances[0]["instances"])
+    drawn = np.zeros((96, 128), np.uint8)
+    cv2.polylines(drawn, [np.asarray(i["polygon"], np.int32) for i in instances[0]["instances"]], True, 255, 1)
+    assert edges[0].shape == (96, 128) and np.array_equal(edges[0], drawn)
+    assert registry.get("sam_instance").picture(instances[0], image[..., ::-1]).shape == (96, 128, 3)

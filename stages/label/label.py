@@ -354,7 +354,7 @@ class LabelWorker:
         for name in names:
             labeling = registry.get(name).labeler
             self.labelers[name] = labeling.load(cfg.models.get(name), cfg.device, cfg.batch_size_of(name),
-                                                **labeling.options(cfg))
+                                                **cfg.options_of(name))
 
     def label(self, shard: str, names: list[str]) -> dict:
         return label_shard(self.root, shard, {n: self.labelers[n] for n in names}, self.cfg)

@@ -234,7 +234,7 @@ def per_crop_labelers(root: str | Path, config: Config, names: list[str]) -> dic
             path = str(Path(path).resolve())  # Ray actors do not share the driver's working directory
         if spec.labeler.weights:
             check_weights(m, path)
-        out[m] = (path, {**spec.labeler.options(config.label), **spec.per_crop_options})
+        out[m] = (path, {**config.label.options_of(m), **spec.per_crop_options})
     return out
 
 
