@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate clean
+.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu clean
 
 install: $(STAMP)
 
@@ -76,3 +76,7 @@ bench-generate: $(STAMP)
 
 bench-tokenize: $(STAMP)
 	$(BIN)/python bench/bench_tokenize.py --size paper --images 16 --crops 2
+
+# Every benchmark at the paper's sizes on one GPU (about 8 minutes); the tiny CPU versions elsewhere.
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/bench_gpu.py $(BENCH_GPU_ARGS)

@@ -7,7 +7,7 @@ dense bf16 peak, peak accelerator memory. Loader: token shards of real photos wr
 cropped and masked by one process (stages.fourm.fourm_data.MaskedSamples): masked samples/s per CPU core, to set
 against the model's samples/s per GPU (the loader runs in `pretrain.loader_workers` processes per GPU).
 
-Run: python bench/bench_pretrain.py [--size B] [--batch 64] [--steps 20] [--device auto]
+Run: python bench/bench_pretrain.py [--size B] [--batch 64] [--steps 20] [--device auto] [--compile]
 """
 from __future__ import annotations
 
@@ -100,9 +100,11 @@ def bench_model(args, tokenizer, vocab: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    forward = torch.compile(model) if args.compile else model  # the first (warm-up) steps compile it
+
     def step(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = model(batch, 128, 128)
+            loss, _ = forward(batch, 128, 128)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -154,7 +156,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--loader-samples", type=int, default=512)
+    parser.add_argument("--loader-samples", type=int, default=512, help="0: the model alone")
+    parser.add_argument("--compile", action="store_true", help="time the model under torch.compile")
     parser.add_argument("--work", default=str(HERE / "_work" / "pretrain"))
     args = parser.parse_args()
     work = Path(args.work)
@@ -162,13 +165,16 @@ def main() -> int:
     tokenizer = train_text_tokenizer([CAPTION, boxes_to_text(BOXES)] * 4, 30000)
     vocab = {"tok_rgb@224": 16384, "tok_depth@224": 8192, "tok_normal@224": 8192, "tok_semseg@224": 4096,
              "tok_clip@224": 8192, "caption": 30000, "det": 30000}  # the paper's vocabularies
-    results = {"model": bench_model(args, tokenizer, vocab), "loader": bench_loader(args, work, tokenizer, vocab)}
-    model, loader = results["model"], results["loader"]
-    print(f"4M-{args.size} on {model['device']}, batch {args.batch}: {model['samples_per_s']} samples/s, "
-          f"{model['tokens_per_s']} tokens/s, {model['flops_per_sample'] / 1e9:.1f} GFLOPs/sample, "
-          f"MFU {model['mfu']}, peak memory {model['peak_memory_gib']} GiB")
-    print(f"loader: {loader['masked_samples_per_s_per_core']} masked samples/s per core "
-          f"(needs {model['samples_per_s'] / loader['masked_samples_per_s_per_core']:.2f} cores per device)")
+    results = {"model": {**bench_model(args, tokenizer, vocab), "compiled": args.compile}}
+    model = results["model"]
+    print(f"4M-{args.size}{' compiled' if args.compile else ''} on {model['device']}, batch {args.batch}: "
+          f"{model['samples_per_s']} samples/s, {model['tokens_per_s']} tokens/s, "
+          f"{model['flops_per_sample'] / 1e9:.1f} GFLOPs/sample, MFU {model['mfu']}, "
+          f"peak memory {model['peak_memory_gib']} GiB")
+    if args.loader_samples:
+        loader = results["loader"] = bench_loader(args, work, tokenizer, vocab)
+        print(f"loader: {loader['masked_samples_per_s_per_core']} masked samples/s per core "
+              f"(needs {model['samples_per_s'] / loader['masked_samples_per_s_per_core']:.2f} cores per device)")
     (work / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

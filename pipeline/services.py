@@ -1,13 +1,15 @@
 """`make up` / `make down` / `make status`: the local services, in the background, by recorded process ids.
 
 up      starts what is not running yet: a Prefect API server (SQLite under the state folder), a Ray head with
-        its dashboard, and `python -m pipeline serve` (which picks up `prefect deployment run ...`); waits until
-        each answers, records its process id, and prints the two dashboard addresses.
+        its dashboard, TensorBoard on the data folder (every training run's live curves and pictures), and
+        `python -m pipeline serve` (which picks up `prefect deployment run ...`); waits until each answers, records
+        its process id, and prints the dashboards' addresses.
 down    stops exactly the process groups `up` recorded, and nothing else.
 status  says which of them run.
 
 State folder: `.services/` in the checkout (`PIPELINE_SERVICES_DIR`); logs are `<service>.log` there. Ports:
-`PREFECT_PORT` (4200), `RAY_PORT` (6379), `RAY_DASHBOARD_PORT` (8265). No telemetry calls out.
+`PREFECT_PORT` (4200), `RAY_PORT` (6379), `RAY_DASHBOARD_PORT` (8265), `TENSORBOARD_PORT` (6006); TensorBoard reads
+`TENSORBOARD_LOGDIR` (`data`, where the datasets and their runs live). No telemetry calls out.
 """
 from __future__ import annotations
 
@@ -29,13 +31,19 @@ def state_dir() -> Path:
 
 def ports() -> dict[str, int]:
     return {"prefect": int(os.environ.get("PREFECT_PORT", 4200)), "ray": int(os.environ.get("RAY_PORT", 6379)),
-            "dashboard": int(os.environ.get("RAY_DASHBOARD_PORT", 8265))}
+            "dashboard": int(os.environ.get("RAY_DASHBOARD_PORT", 8265)),
+            "tensorboard": int(os.environ.get("TENSORBOARD_PORT", 6006))}
+
+
+def tensorboard_logdir() -> Path:
+    return Path(os.environ.get("TENSORBOARD_LOGDIR", "data")).resolve()
 
 
 def urls() -> dict[str, str]:
     p = ports()
     return {"prefect_ui": f"http://127.0.0.1:{p['prefect']}", "prefect_api": f"http://127.0.0.1:{p['prefect']}/api",
-            "ray_address": f"127.0.0.1:{p['ray']}", "ray_dashboard": f"http://127.0.0.1:{p['dashboard']}"}
+            "ray_address": f"127.0.0.1:{p['ray']}", "ray_dashboard": f"http://127.0.0.1:{p['dashboard']}",
+            "tensorboard": f"http://127.0.0.1:{p['tensorboard']}"}
 
 
 def ray_token() -> Path:
@@ -79,6 +87,9 @@ def _services() -> list[tuple[str, list[str], str]]:
         ("ray-head", [str(BIN / "ray"), "start", "--head", "--block", "--port", str(p["ray"]), "--include-dashboard",
                       "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(p["dashboard"]),
                       "--disable-usage-stats"], u["ray_dashboard"]),
+        # every run's tensorboard/ folder under the data folder, re-read every few seconds: curves while they grow
+        ("tensorboard", [str(BIN / "tensorboard"), "--logdir", str(tensorboard_logdir()), "--host", "127.0.0.1",
+                         "--port", str(p["tensorboard"]), "--reload_interval", "5"], u["tensorboard"] + "/data/logdir"),
         # ready once its deployments are registered (the demo's pipeline is the last), so `prefect deployment run`
         # right after `up` finds them
         ("deployments", [sys.executable, "-m", "pipeline", "serve"],
@@ -152,7 +163,8 @@ def up() -> dict:
         starting.append((ready_url, proc, name))
     _wait_for_all(starting)
     u = urls()
-    print(f"\nPrefect UI:     {u['prefect_ui']}\nRay dashboard:  {u['ray_dashboard']}\n\nFor this shell:")
+    print(f"\nPrefect UI:     {u['prefect_ui']}\nRay dashboard:  {u['ray_dashboard']}\n"
+          f"TensorBoard:    {u['tensorboard']} ({tensorboard_logdir()})\n\nFor this shell:")
     print("\n".join(f"export {k}={v}" for k, v in client_environment().items()))
     return records
 
@@ -220,5 +232,5 @@ def status() -> dict[str, bool]:
         states[name] = bool(record and _alive(record))
         print(f"{name:15} {'running (pid ' + str(record['pid']) + ')' if states[name] else 'stopped'}")
     u = urls()
-    print(f"\nPrefect UI: {u['prefect_ui']}   Ray dashboard: {u['ray_dashboard']}")
+    print(f"\nPrefect UI: {u['prefect_ui']}   Ray dashboard: {u['ray_dashboard']}   TensorBoard: {u['tensorboard']}")
     return states

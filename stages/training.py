@@ -6,8 +6,8 @@ worker processes), its forward, and the figures and files it adds. The loop brin
     every Ray Train worker: build the model -> DDP or FSDP (optionally torch.compile) -> AdamW with the task's
     parameter groups -> restore the last checkpoint -> for each step: the step's batch, the step's seed, the
     warmup + cosine learning rate, forward under bf16 autocast on GPUs, backward, clip, step -> rank 0 logs
-    metrics.jsonl and the console line, checkpoints are written aside and swapped in whole -> the task saves the
-    finished model.
+    metrics.jsonl, TensorBoard events and the console line, checkpoints are written aside and swapped in whole ->
+    the task saves the finished model.
 
 A checkpoint folder holds `model.safetensors`, `optimizer.safetensors` (both full, unsharded state, keyed by
 parameter name, so a run may resume with another number of workers or another parallelism) and `state.json`
@@ -31,6 +31,7 @@ import torch
 from core import registry
 from core.files import publish
 from core.ray_runtime import init_ray, train_logging
+from stages.run_log import RunLog
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
 
@@ -228,6 +229,10 @@ class TrainTask:
         rank 0's figures are logged."""
         return {}
 
+    def pictures(self) -> list[Path]:
+        """Picture files the task keeps up to date (reconstructions): each new version is logged as an image."""
+        return []
+
     def checkpoint_extras(self) -> dict:
         return {}
 
@@ -285,6 +290,7 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
     batches = task.batches(start, rank, world)
     stop = min(s.steps, s.stop_after or s.steps)
     peak = peak_flops(device)
+    run_log = RunLog(folder) if rank == 0 else None
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start, stop):
         batch = _to(next(batches), device)
@@ -315,8 +321,8 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
                         **({"mfu": samples_per_s * s.flops_per_sample / (peak * world) if peak else None}
                            if s.flops_per_sample else {}),
                         **({"grad_norm": float(norm)} if norm is not None else {}), **extras}
-                with open(folder / "metrics.jsonl", "a") as log:
-                    log.write(json.dumps(line) + "\n")
+                run_log.write(line)  # metrics.jsonl and TensorBoard
+                run_log.pictures(task.pictures(), done)
                 # Not print(): Ray Train patches it in its workers to log and echo, so each line came out twice.
                 sys.stdout.write(f"[{s.name}] step {done}/{s.steps} " + " ".join(
                     f"{k}={v:.4g}" for k, v in line.items() if isinstance(v, float)) + "\n")
@@ -329,6 +335,8 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
                                  {**task.checkpoint_extras(), "scaler": scaler.state_dict()})
             if world > 1:
                 torch.distributed.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+    if run_log:
+        run_log.close()
     if stop == s.steps:
         weights = gather_state(model, None)[0] if sharded else None
         if rank == 0:

@@ -39,9 +39,10 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     assert len(list((tmp_path / "demo/crop_settings").glob("shard-*.tar"))) == 3
     assert "0 problems" in result.stdout and "reconstructions (inputs above" in result.stdout
     # with the demo's own training budget, the rgb tokenizer reconstructs the photos (sampled from noise) well
-    # above the mean-colour image: seeded, 19.2 dB against 13.4 after 600 steps
+    # above the mean-colour image: seeded, 19.2 dB against 13.4 after 600 steps (the suite's one check that the
+    # diffusion decoder learns photos; the quality checks cover depth, normals, segmentation and CLIP)
     rgb = json.loads((tmp_path / "demo/tokenizers/rgb/train.json").read_text())["final"]
-    assert rgb["psnr_db"] >= rgb["psnr_db_baseline"] + 4
+    assert rgb["psnr_db"] >= rgb["psnr_db_baseline"] + 5
     assert f"psnr_db {rgb['psnr_db']:.4g} (mean-colour image: {rgb['psnr_db_baseline']:.4g})" in result.stdout
     # a tiny 4M pretrained on the demo tokens, its predictions from RGB drawn
     pretrained = json.loads((tmp_path / "demo/pretrain/train.json").read_text())

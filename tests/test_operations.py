@@ -6,6 +6,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -43,7 +45,8 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
     """The README's loop on real services: make up; the end-to-end flow killed while it trains a tokenizer;
     prefect deployment run cc12m-pipeline/demo --watch resumes it without redoing a committed shard; make down."""
     env = {**os.environ, "PIPELINE_SERVICES_DIR": str(tmp_path / "services"), "PREFECT_PORT": str(free_port()),
-           "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port())}
+           "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()), "TENSORBOARD_PORT": str(free_port()),
+           "TENSORBOARD_LOGDIR": str(tmp_path / "data")}
     env.pop("RAY_ADDRESS", None)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1200)"], start_new_session=True)
     try:
@@ -52,11 +55,13 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
         assert up.returncode == 0, up.stderr
         assert f"Ray dashboard:  http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}" in up.stdout
         assert f"Prefect UI:     http://127.0.0.1:{env['PREFECT_PORT']}" in up.stdout
+        tensorboard = f"http://127.0.0.1:{env['TENSORBOARD_PORT']}"
+        assert f"TensorBoard:    {tensorboard} ({tmp_path / 'data'})" in up.stdout
         records = json.loads((tmp_path / "services/services.json").read_text())
-        assert set(records) == {"prefect-server", "ray-head", "deployments"}
+        assert set(records) == {"prefect-server", "ray-head", "tensorboard", "deployments"}
         again = subprocess.run([sys.executable, "-m", "pipeline", "up"], env=env, capture_output=True, text=True,
                                timeout=120)
-        assert again.stdout.count("already running") == 3  # idempotent: nothing started twice
+        assert again.stdout.count("already running") == 4  # idempotent: nothing started twice
         assert json.loads((tmp_path / "services/services.json").read_text()) == records
         client = {**env, **{line.split("=", 1)[0][len("export "):]: line.split("=", 1)[1]
                             for line in up.stdout.splitlines() if line.startswith("export ")}}
@@ -80,13 +85,19 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
         status = subprocess.run([sys.executable, "-m", "pipeline", "status", "--data", str(data)], env=env,
                                 capture_output=True, text=True, timeout=60)
         assert "tokenize_clip" in status.stdout and "3/3" in status.stdout and "trained" in status.stdout
+        # TensorBoard, started by `up` on the data folder, serves every training run's curves and pictures
+        scalars = tensorboard_answer(f"{tensorboard}/data/plugin/scalars/tags", "pretrain/tensorboard")
+        assert {"loss", "loss/caption", "samples_per_s"} <= set(scalars["pretrain/tensorboard"])
+        assert "loss" in scalars["tokenizers/clip/tensorboard"]
+        images = tensorboard_answer(f"{tensorboard}/data/plugin/images/tags", "tokenizers/clip/tensorboard")
+        assert "pictures/reconstructions" in images["tokenizers/clip/tensorboard"]
         services = subprocess.run([sys.executable, "-m", "pipeline", "services"], env=env, capture_output=True,
                                   text=True, timeout=60)
-        assert services.stdout.count("running (pid") == 3
+        assert services.stdout.count("running (pid") == 4
     finally:
         down = subprocess.run([sys.executable, "-m", "pipeline", "down"], env=env, capture_output=True, text=True,
                               timeout=120)
-    assert down.returncode == 0 and down.stdout.count("stopped (pid") == 3, down.stdout + down.stderr
+    assert down.returncode == 0 and down.stdout.count("stopped (pid") == 4, down.stdout + down.stderr
     # Ray's head signalled first and alone, so its drain could reach the GCS (signalled together with its children,
     # it waited 30 s for a GCS already gone), and drained for `down`'s few seconds, not Ray's 30
     head_log = Path(records["ray-head"]["log"]).read_text()
@@ -99,7 +110,20 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
     bystander.wait()
     after = subprocess.run([sys.executable, "-m", "pipeline", "services"], env=env, capture_output=True, text=True,
                            timeout=60)
-    assert after.stdout.count("stopped") == 3
+    assert after.stdout.count("stopped") == 4
+    with pytest.raises(OSError):  # down stopped TensorBoard too
+        urllib.request.urlopen(tensorboard, timeout=5)
+
+
+def tensorboard_answer(url: str, run: str, seconds: float = 60) -> dict:
+    """TensorBoard's JSON at `url` once it lists `run` (it re-reads its log folder every few seconds)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            answer = json.loads(response.read())
+        if run in answer or time.monotonic() > deadline:
+            return answer
+        time.sleep(1)  # TensorBoard's next reload of its folder; not a synchronisation with our own code
 
 
 def stop_the_pipeline_while_it_trains_a_tokenizer(data: Path, client: dict) -> dict:

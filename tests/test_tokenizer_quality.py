@@ -51,12 +51,6 @@ def test_the_paper_schedule_is_table_3s_rescaled_to_zero_terminal_snr():
     assert len(sampler.timesteps) == 25 and int(sampler.timesteps[0]) == 999
 
 
-def test_the_rgb_decoder_decodes_photos_from_noise():
-    _, photos, decoded = trained("rgb", 500)
-    psnr, mean_colour = reconstruction_metric("rgb", decoded, photos)[1], baseline_metric("rgb", photos)
-    assert psnr >= mean_colour + 5  # seeded: 20.4 dB against 13.7 for the mean-colour image (1000 steps: 24.3)
-
-
 def test_the_depth_decoder_decodes_maps_with_structure():
     _, depth, decoded = trained("depth", 750)
     l1, constant = reconstruction_metric("depth", decoded, depth)[1], baseline_metric("depth", depth)

@@ -107,3 +107,36 @@ def test_the_compiled_model_trains_as_the_eager_one(tmp_path):
     assert counters["stats"]["unique_graphs"] >= 1  # it did go through the compiler
     assert losses(compiled.folder) == pytest.approx(losses(eager.folder), rel=1e-4)
     assert all(torch.allclose(eager.finished[k], compiled.finished[k], atol=1e-5) for k in eager.finished)
+
+
+class Drawn(NextToken):
+    """NextToken with a picture it redraws at every log step (as a tokenizer's reconstructions)."""
+
+    def log_extras(self, model, done):
+        from PIL import Image
+
+        Image.new("RGB", (8, 4), (done * 40, 0, 0)).save(self.folder / "reconstructions.png")
+        return {"val_loss.caption": 1.0 / done}
+
+    def pictures(self):
+        return [self.folder / "reconstructions.png"]
+
+
+def test_every_log_step_reaches_tensorboard_beside_metrics_jsonl_with_the_pictures(tmp_path):
+    """Read back with TensorBoard's own reader: each figure of metrics.jsonl is a scalar at its step (`loss.x` as
+    `loss/x`), each new version of a picture an image; the events are on disk at each log step (a live dashboard
+    reads them while the run goes on)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    task = Drawn(tmp_path)
+    train_loop(task, settings(steps=4, log_every=2), tmp_path, rank=0, world=1)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"loss", "lr", "samples_per_s", "val_loss/caption"} <= set(tags["scalars"])
+    for name in ("loss", "lr", "val_loss/caption"):
+        key = name.replace("/", ".")
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(name)] == \
+            [(line["step"], line[key]) for line in lines]
+    images = events.Images("pictures/reconstructions")
+    assert [i.step for i in images] == [2, 4] and (images[0].width, images[0].height) == (8, 4)

@@ -29,6 +29,7 @@ from core.files import write_json
 from models.fourm import FourM, FourMConfig
 from stages.fourm.fourm_data import make_loader, split_shards
 from stages.fourm.fourm_pictures import draw_predictions
+from stages.run_log import RunLog
 from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.training import LoopSettings, TrainTask, fit, parameter_groups, train_loop, world_for
 
@@ -218,5 +219,9 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
                "first": metrics[0] if metrics else {}}
     picture = prediction_picture(root, config)
     summary["predictions"] = str(picture) if picture else None
+    if picture:  # beside the run's curves in TensorBoard
+        run_log = RunLog(folder)
+        run_log.pictures([picture], cfg.steps)
+        run_log.close()
     write_json(folder / "train.json", summary)
     return summary

@@ -345,6 +345,9 @@ class TokenizerTask(TrainTask):
             figures.update(self._evaluate(model, done))
         return figures
 
+    def pictures(self):
+        return [self.folder / "reconstructions.png"]
+
     def checkpoint_extras(self):
         return {"plan": asdict(self.plan)}
 
