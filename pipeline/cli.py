@@ -343,7 +343,13 @@ def cmd_inspect_masking(args) -> int:
 def cmd_random_models(args) -> int:
     from models.random_weights import save_random_models
 
-    for name, path in save_random_models(args.out, args.size).items():
+    _config_from(args, {}).use_modalities()  # a profile's modalities have labelers too (paper21: T5, SAM, DINOv2)
+    names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
+    known = [m.name for m in registry.labelled() if m.labeler.random_model]
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise ValueError(f"--labelers {unknown}: no random model (known: {', '.join(known)})")
+    for name, path in save_random_models(args.out, args.size, names).items():
         print(f"{name:7} {path}")
     return 0
 
@@ -434,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("random-models", help="save random-weight labeler models of the real classes")
     models.add_argument("--out", required=True, help="folder; one subfolder per labeler")
     models.add_argument("--size", default="tiny", choices=["tiny", "paper"])
+    models.add_argument("--labelers", help="comma-separated subset (default: every labeler of the profile's "
+                                           "modalities)")
+    _add_config_args(models)
     train = sub.add_parser("train-tokenizer", help=_stage_help("train-tokenizers", "train the tokenizers: text "
                                                                                     "(WordPiece) and the VQ-VAEs"))
     train.add_argument("--data", help="dataset root (default: the profile's data_root)")

@@ -513,3 +513,14 @@ def test_sam_instances_are_polygons_of_sams_masks_and_their_edges_are_drawn_from
     cv2.polylines(drawn, [np.asarray(i["polygon"], np.int32) for i in instances[0]["instances"]], True, 255, 1)
     assert edges[0].shape == (96, 128) and np.array_equal(edges[0], drawn)
     assert registry.get("sam_instance").picture(instances[0], image[..., ::-1]).shape == (96, 128, 3)
+
+
+def test_random_models_are_saved_for_a_profiles_own_labelers(tmp_path, capsys):
+    """`random-models --profile paper21` knows the profile's labelers (T5, SAM, DINOv2), each saved with what it
+    reads (T5's tokenizer beside its weights); an unknown name is refused before any work."""
+    from pipeline.cli import main as cli
+
+    assert cli(["random-models", "--out", str(tmp_path), "--profile", "paper21", "--labelers", "t5_caption"]) == 0
+    assert (tmp_path / "t5_caption" / "config.json").is_file() and (tmp_path / "t5_caption" / "tokenizer.json").is_file()
+    assert cli(["random-models", "--out", str(tmp_path / "b"), "--labelers", "t5_caption"]) == 2  # paper: no T5
+    assert "no random model" in capsys.readouterr().err and not (tmp_path / "b").exists()
