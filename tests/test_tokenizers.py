@@ -447,3 +447,27 @@ def test_the_tokenize_benchmark_runs_and_reports_every_tokenizer(tmp_path):
     for rates in report["results"].values():
         assert rates["samples_per_s"] > 0 and rates["encoder_samples_per_s"] > 0 and rates["decode_samples_per_s"] > 0
 
+
+
+def test_a_small_datasets_decoded_shards_are_kept_across_epochs_and_a_rewritten_shard_is_read_anew(tmp_path):
+    """Tokenizer training decodes a shard that fits in the kept budget once (the demo's seven photos are cropped
+    anew at every step, an epoch a step), hands out copies, and reads a shard again once it is rewritten."""
+    import os
+
+    from stages.tokenizers.train_tokenizer import decoded_samples
+    from tests.helpers import write_rgb_shard
+
+    layout, keys = write_rgb_shard(tmp_path, [(64, 64), (48, 80)])
+    first = list(decoded_samples(layout, "rgb", "shard-000000"))
+    assert [k for k, _, _ in first] == keys and first[1][1].shape == (48, 80, 3)
+    first[0][1][:] = 0  # a user of the samples changes its copy, not the kept one
+    path = layout.tar("rgb", "shard-000000")
+    stat = path.stat()
+    original = path.read_bytes()
+    path.write_bytes(original[:512] + bytes(len(original) - 512))  # same size, unreadable members ...
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))        # ... and the same time: the kept decode is used
+    again = list(decoded_samples(layout, "rgb", "shard-000000"))
+    assert [k for k, _, _ in again] == keys and again[0][1].any()
+    path.write_bytes(original)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten: read anew
+    assert [k for k, _, _ in decoded_samples(layout, "rgb", "shard-000000")] == keys

@@ -167,6 +167,31 @@ def make_plan(layout: DatasetLayout, modality: str, cfg: TokenizerStageConfig, w
                 min(cfg.loader_workers, len(shards) // world))
 
 
+DECODED_KEPT_BYTES = 256 << 20  # per loader process: decoded shards that fit are kept for the next epochs
+_decoded: dict[tuple[str, str, str], list] = {}
+
+
+def decoded_samples(layout: DatasetLayout, modality: str, shard: str) -> Iterator[tuple[str, np.ndarray, tuple]]:
+    """A shard's decoded samples, as `shard_samples` gives them. While the shards decoded so far fit in
+    DECODED_KEPT_BYTES they are kept, so a small dataset (the demo's seven photos, a few per step, an epoch a
+    step) is decoded once, not at every epoch; a large one streams as before. Each use gets its own copy."""
+    files = [layout.tar(folder, shard) for folder in (registry.get(modality).folder, registry.photo().folder)]
+    where = (modality, *(f"{p}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files))  # a rewritten shard
+    if where in _decoded:                                                                     # is read anew
+        yield from ((key, label.copy(), size) for key, label, size in _decoded[where])
+        return
+    kept, used = [], sum(label.nbytes for samples in _decoded.values() for _, label, _ in samples)
+    for key, label, size in shard_samples(layout, modality, shard):
+        if kept is not None and isinstance(label, np.ndarray) and used + label.nbytes <= DECODED_KEPT_BYTES:
+            used += label.nbytes
+            kept.append((key, label.copy(), size))
+        else:
+            kept = None
+        yield key, label, size
+    if kept is not None:
+        _decoded[where] = kept
+
+
 def sample_stream(root: str, modality: str, shards: list[str], crop_scale, seed: int, epoch: int, rank: int,
                   world: int, slot: int = 0, slots: int = 1, buffer: int = 256) -> Iterator[torch.Tensor]:
     """One endless stream of cropped samples for one epoch: this rank's shards (of an epoch-seeded order), split
@@ -176,7 +201,7 @@ def sample_stream(root: str, modality: str, shards: list[str], crop_scale, seed:
     mine, pool = order[rank::world][slot::slots], []
     while True:
         for shard in mine:
-            for _, label, size in shard_samples(layout, modality, shard):
+            for _, label, size in decoded_samples(layout, modality, shard):
                 crop = random_crop(rng, *size, scale=crop_scale)
                 pool.append(crop_to_tensor(modality, label, crop, size))
                 if len(pool) >= buffer:
