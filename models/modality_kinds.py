@@ -285,10 +285,13 @@ class FeatureMapModality(DenseModality):
         """Each vector's size, where the entry's tokenizer settings fix it (a labeler's model may set it instead)."""
         return (self.tokenizer or {}).get("in_channels")
 
+    label_form = ("a feature map", ("height", "width"))  # what a label is, and its axes before the vector's
+
     def check_label(self, label) -> None:
-        shape = np.shape(label)
-        if len(shape) != 3 or (self.width and shape[-1] != self.width):
-            raise ValueError(f"{self.name} is a feature map (height, width, {self.width or 'D'}); got {shape}")
+        shape, (form, axes) = np.shape(label), self.label_form
+        if len(shape) != len(axes) + 1 or (self.width and shape[-1] != self.width):
+            described = ", ".join([*axes, str(self.width or "D")]) + ("," if not axes else "")
+            raise ValueError(f"{self.name} is {form} ({described}); got {shape}")
 
     def features_tensor(self, features) -> torch.Tensor:
         """What its labeler makes of one crop, (h, w, D), -> the tokenizer's input (D, h, w)."""
@@ -323,10 +326,7 @@ class GlobalFeatureModality(FeatureMapModality):
     def to_tensor(self, array, crop, image_size):
         return torch.from_numpy(np.asarray(array, np.float32).reshape(-1, 1, 1))
 
-    def check_label(self, label) -> None:
-        shape = np.shape(label)
-        if len(shape) != 1 or (self.width and shape[0] != self.width):
-            raise ValueError(f"{self.name} is one vector per image ({self.width or 'D'},); got {shape}")
+    label_form = ("one vector per image", ())
 
     def features_tensor(self, features) -> torch.Tensor:
         return torch.as_tensor(features).float().reshape(-1, 1, 1)

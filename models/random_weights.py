@@ -155,7 +155,12 @@ def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int
     return str(path)
 
 
+def random_model_names() -> list[str]:
+    """The labelers of the modalities in use that have a random model of their class."""
+    return [m.name for m in registry.labelled() if m.labeler.random_model]
+
+
 def save_random_models(folder: str | Path, size: str = "tiny", names: list[str] | None = None,
                        seed: int = 0) -> dict[str, str]:
     """Every labeler's random-weight model, saved to folder/<name>; returns the paths."""
-    return {name: save_random_model(name, Path(folder) / name, size, seed) for name in names or [m.name for m in registry.labelled() if m.labeler.random_model]}
+    return {name: save_random_model(name, Path(folder) / name, size, seed) for name in names or random_model_names()}

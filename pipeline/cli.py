@@ -341,11 +341,11 @@ def cmd_inspect_masking(args) -> int:
 
 
 def cmd_random_models(args) -> int:
-    from models.random_weights import save_random_models
+    from models.random_weights import random_model_names, save_random_models
 
     _config_from(args, {}).use_modalities()  # a profile's modalities have labelers too (paper21: T5, SAM, DINOv2)
     names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
-    known = [m.name for m in registry.labelled() if m.labeler.random_model]
+    known = random_model_names()
     unknown = sorted(set(names or []) - set(known))
     if unknown:
         raise ValueError(f"--labelers {unknown}: no random model (known: {', '.join(known)})")

@@ -76,6 +76,21 @@ def span_mask(units: list[list[int]], keep: float, sentinels: list[int], rng: np
     return inputs, targets
 
 
+KEEP_SCHEMES = {"random": lambda rng: rng.uniform(0, 1), "all": lambda rng: 1.0,
+                "binary": lambda rng: float(rng.integers(2))}
+
+
+def fitted_span_mask(units: list[list[int]], budget: int, keep_scheme: str, sentinels: list[int],
+                     rng: np.random.Generator):
+    """`span_mask` with a keep probability drawn by the scheme, shrunk by KEEP_DECAY until the input fits."""
+    keep = KEEP_SCHEMES[keep_scheme](rng)
+    inputs, targets = span_mask(units, keep, sentinels, rng)
+    while len(inputs) > budget:
+        keep *= KEEP_DECAY
+        inputs, targets = span_mask(units, keep, sentinels, rng)
+    return inputs, targets
+
+
 class MaskingSampler:
     def __init__(self, modalities: list[str], mixture: list[Component], input_tokens: int = 128,
                  target_tokens: int = 128, text_tokenizer=None):
@@ -142,12 +157,7 @@ class MaskingSampler:
             inputs, targets = span_mask(ids, 0.0, self.sentinels, rng)
             inputs = []
         else:
-            keep = {"random": lambda: rng.uniform(0, 1), "all": lambda: 1.0,
-                    "binary": lambda: float(rng.integers(2))}[keep_scheme]()
-            inputs, targets = span_mask(ids, keep, self.sentinels, rng)
-            while len(inputs) > n_in:
-                keep *= KEEP_DECAY
-                inputs, targets = span_mask(ids, keep, self.sentinels, rng)
+            inputs, targets = fitted_span_mask(ids, n_in, keep_scheme, self.sentinels, rng)
         if len(targets) > n_tgt:
             targets = self.cut_at_sentinel(targets, n_tgt, rng)
         length = (max_tokens + 1) * 2
@@ -173,12 +183,7 @@ class MaskingSampler:
         sentinels = [-1 - k for k in range(count + 2)]  # never an index: marks a masked run in the input
         kept = []
         if n_in > 0:
-            keep = {"random": lambda: rng.uniform(0, 1), "all": lambda: 1.0,
-                    "binary": lambda: float(rng.integers(2))}[keep_scheme]()
-            kept, _ = span_mask(units, keep, sentinels, rng)
-            while len(kept) > n_in:
-                keep *= KEEP_DECAY
-                kept, _ = span_mask(units, keep, sentinels, rng)
+            kept, _ = fitted_span_mask(units, n_in, keep_scheme, sentinels, rng)
         tensor = torch.zeros(max_tokens, vectors.shape[-1], dtype=vectors.dtype)
         for slot, index in enumerate(kept):
             if index >= 0:

@@ -176,8 +176,9 @@ def decoded_samples(layout: DatasetLayout, modality: str, shard: str) -> Iterato
     DECODED_KEPT_BYTES they are kept, so a small dataset (the demo's seven photos, a few per step, an epoch a
     step) is decoded once, not at every epoch; a large one streams as before. Each use gets its own copy."""
     files = [layout.tar(folder, shard) for folder in (registry.get(modality).folder, registry.photo().folder)]
-    where = (modality, *(f"{p}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files))  # a rewritten shard
-    if where in _decoded:                                                                     # is read anew
+    # keyed by the files' size and time: a rewritten shard is read anew
+    where = (modality, *((str(p), st.st_mtime_ns, st.st_size) for p in files for st in [p.stat()]))
+    if where in _decoded:
         yield from ((key, label.copy(), size) for key, label, size in _decoded[where])
         return
     kept, used = [], sum(label.nbytes for samples in _decoded.values() for _, label, _ in samples)
