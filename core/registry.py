@@ -129,6 +129,11 @@ class Modality:
     def decode(self, data: bytes):
         raise NotImplementedError
 
+    def crop_part(self, data: bytes, index: int):
+        """What the 4M loader reads of a stored member at crop `index`: the member; one pretokenized per crop
+        (SAM instances) gives that crop's part."""
+        return data
+
     def check_label(self, label) -> None:
         """Raise ValueError, saying why, if a decoded label (an imported one: `import-labels`) is not this
         modality's form; the families check shapes and widths."""

@@ -91,6 +91,18 @@ class DenseModality(Modality):
                 x[0] = 1 - x[0]  # mirrored surfaces face the other way along x
         return x.clamp_(0, 1).mul_(2).sub_(1)
 
+    # -- pre-tokenization: a sample's crops in, its token member out ---------------------------------------------
+    def crops_input(self, label, crops, image_size) -> tuple[torch.Tensor, object]:
+        """One sample's stored label and its crops -> (the tokenizer's inputs, one per crop; what `token_member`
+        needs besides their ids: nothing here)."""
+        return torch.stack([self.to_tensor(label, crop, image_size) for crop in crops]), None
+
+    def token_member(self, ids: np.ndarray, layout) -> tuple[str, bytes]:
+        """The ids of a sample's inputs (n_crops, tokens) -> its member in the token folder: int16 .npy."""
+        from core.files import npy_bytes
+
+        return "npy", npy_bytes(ids.astype(np.int16))
+
     # -- the tokenizers (models/vqvae.py: the reference's architecture and preprocessing) ------------------------------------------------
     def reference_input(self, x: torch.Tensor) -> torch.Tensor:
         """Our tokenizer input (B, C, H, W) in [-1, 1] -> what the reference's tokenizer reads: the same, or (depth)

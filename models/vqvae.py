@@ -129,7 +129,7 @@ class VQConfig:
         if self.quant_type == "memcodes" and self.latent_dim % self.num_codebooks:
             refuse("num_codebooks", f"a divisor of latent_dim {self.latent_dim}")
         for name, supported in ((("num_codebooks", 1),) if self.quant_type == "lucid" else ()) + (
-                ("norm_codes", True), ("undo_std", False), ("out_conv", False), ("conditioning", "concat"),
+                ("norm_codes", True), ("undo_std", False), ("conditioning", "concat"),
                 ("code_replacement_policy", "batch_random")):
             if getattr(self, name) != supported:
                 refuse(name, repr(supported))
@@ -233,6 +233,8 @@ class ViTDecoder(nn.Module, _PostMLP):
         if cfg.post_mlp:
             self.add_post_mlp(width)
         self.out_proj = nn.Linear(width, out_channels * self.patch ** 2)
+        if cfg.out_conv:  # the reference's fix for patch seams (its SAM-instance mask tokenizer): two ConvNeXt blocks
+            self.out_conv = nn.Sequential(ConvNeXtBlock(out_channels), ConvNeXtBlock(out_channels))
 
     def forward(self, x):
         b, _, nh, nw = x.shape
@@ -241,7 +243,26 @@ class ViTDecoder(nn.Module, _PostMLP):
         tokens = self.apply_post_mlp(tokens)
         p = self.patch
         out = self.out_proj(tokens).reshape(b, nh, nw, self.out_channels, p, p)
-        return out.permute(0, 3, 1, 4, 2, 5).reshape(b, self.out_channels, nh * p, nw * p)
+        out = out.permute(0, 3, 1, 4, 2, 5).reshape(b, self.out_channels, nh * p, nw * p)
+        return self.out_conv(out) if hasattr(self, "out_conv") else out
+
+
+class ConvNeXtBlock(nn.Module):
+    """A residual ConvNeXt block over the output's channels: 7x7 depthwise conv, LayerNorm, 4x MLP, layer scale."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.pwconv1 = nn.Linear(channels, 4 * channels)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * channels, channels)
+        self.gamma = nn.Parameter(torch.full((channels,), 1e-6))
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y)))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
 
 
 def _resized(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -635,9 +656,13 @@ class VQVAE(nn.Module):
     def forward(self, x: torch.Tensor, loss: str = "mse", generator: torch.Generator | None = None) -> dict:
         """One training step's losses on a batch of (preprocessed) inputs. A ViT decoder reconstructs from the
         codes; a diffusion decoder is asked, at a timestep drawn uniformly, for what `prediction_type` names (x0,
-        the noise or v) from the noised input. `loss`: "mse", "smooth_l1", "ce" over the labels, or "cosine" (1 -
-        the cosine similarity of each position's vector: the reference's `cosine_1d`, for global vectors)."""
+        the noise or v) from the noised input. `loss`: "mse", "smooth_l1", "ce" over the labels, "cosine" (1 -
+        the cosine similarity of each position's vector: the reference's `cosine_1d`, for global vectors), or
+        "bce" (binary cross-entropy of the decoded logits against masks in {0, 1}: SAM instance masks; the
+        reference's own runs a softmax over (sigmoid, 1 - sigmoid), which has the same optimum and weaker
+        gradients)."""
         measure = {"ce": F.cross_entropy, "smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss,
+                   "bce": F.binary_cross_entropy_with_logits,
                    "cosine": lambda p, t: 1 - F.cosine_similarity(p.flatten(2), t.flatten(2), dim=1).mean()}[loss]
         codes, commitment, ids = self.encode(x)
         if self.cfg.diffusion:
@@ -697,8 +722,9 @@ DIFFUSION = dict(num_train_timesteps=1000, scheduler="ddpm", beta_schedule="line
 
 def tokenizer_config(modality: str, size: str = "paper", **overrides) -> VQConfig:
     """A modality's tokenizer settings from its registry entry (`tokenizer`: in_channels, codebook_size, decoder
-    "vit", "diffusion" or "mlp" (global vectors, with num_codebooks), loss; patch_size 1 for feature maps), at a
-    size; `overrides` are VQConfig fields.
+    "vit", "diffusion" or "mlp" (global vectors, with num_codebooks), loss; patch_size 1 for feature maps;
+    input_size when the input is not 224 pixels, latent_dim at the paper's size, out_conv), at a size;
+    `overrides` are VQConfig fields.
     Class maps are embedded, with one label more than their classes (the reference's unlabelled 0)."""
     known = [m.name for m in registry.tokenized()]
     if modality not in known:
@@ -707,12 +733,14 @@ def tokenizer_config(modality: str, size: str = "paper", **overrides) -> VQConfi
         raise ValueError(f"size {size!r}: expected {' or '.join(map(repr, SIZES))}")
     entry, preset = registry.get(modality).tokenizer, SIZES[size]
     classes = entry["loss"] == "ce"
-    # patch_size sets the token grid (224 // 16 = 14; DINOv2's 14-pixel patches: 16), for feature maps too
-    settings = dict(image_size=224, enc_type=preset["enc_type"], patch_size=224 // registry.get(modality).token_grid,
-                    post_mlp=True, latent_dim=32,
+    # patch_size sets the token grid (224 // 16 = 14; DINOv2's 14-pixel patches: 16; SAM's 64-pixel masks: 4),
+    # for feature maps too; the position tables stay built for 224, as the reference's (input_size_max)
+    side = entry.get("input_size", 224)
+    settings = dict(image_size=224, enc_type=preset["enc_type"], patch_size=side // registry.get(modality).token_grid,
+                    post_mlp=True, latent_dim=entry.get("latent_dim", 32) if size == "paper" else 32,
                     patch_proj=entry.get("patch_size", 16) != 1, codebook_size=entry["codebook_size"],
                     n_channels=preset["label_width"] if classes else entry["in_channels"],
-                    n_labels=entry["in_channels"] + 1 if classes else None)
+                    n_labels=entry["in_channels"] + 1 if classes else None, out_conv=entry.get("out_conv", False))
     if entry["decoder"] == "diffusion":
         settings |= dict(DIFFUSION, dec_type=preset["unet_dec"])
     elif entry["decoder"] == "mlp":  # a global vector: the reference's BMLP-BMLP with Memcodes

@@ -108,7 +108,8 @@ def test_the_registry_agrees_with_the_references_modality_table(m21):
     kinds = {"tokens": "img", "pixels": "img", "sequence": "seq", "embeddings": "seq_emb"}
     domains = registry.domains()
     assert {"tok_canny_edge@224", "color_palette", "metadata", "tok_dinov2@224", "tok_dinov2_global", "t5_caption",
-            "tok_imagebind@224", "tok_imagebind_global", "human_poses", "tok_sam_edge@224"} <= {d.name for d in domains}
+            "tok_imagebind@224", "tok_imagebind_global", "human_poses", "tok_sam_edge@224", "sam_instance"} <= {
+        d.name for d in domains}
     for d in domains:
         reference = table[d.name]
         assert kinds[d.kind] == reference["type"], d.name
@@ -524,3 +525,106 @@ def test_random_models_are_saved_for_a_profiles_own_labelers(tmp_path, capsys):
     assert (tmp_path / "t5_caption" / "config.json").is_file() and (tmp_path / "t5_caption" / "tokenizer.json").is_file()
     assert cli(["random-models", "--out", str(tmp_path / "b"), "--labelers", "t5_caption"]) == 2  # paper: no T5
     assert "no random model" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+SAM = json.loads((Path(__file__).parent / "fixtures/reference/sam_instance_outputs.json").read_text())
+
+
+def _reference_mask(packed: str) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(packed), np.uint8)).reshape(64, 64).astype(bool)
+
+
+def test_sam_instances_are_cut_to_each_crop_and_written_as_the_references_text():
+    """Per crop, the instances the mask tokenizer reads are the reference's `SAMInstanceTransform`'s (the same
+    instances and boxes at 224 within a pixel, masks at IoU >= 0.96: it clips polygons, we fill and outline them);
+    a crop's record becomes `SAMInstanceTokTransform`'s text, word for word, on the grid's query points (fixture:
+    make_sam_instance_outputs.py, its shuffles left out); training draws 7 points and orders afresh."""
+    from models.modalities_4m21_networks import crop_instances, instance_mask
+
+    registry.use([NETWORKS])
+    stored = {"instances": [{"polygon": p, "score": 1.0} for p in SAM["polygons"]]}
+    for reference in SAM["crops"]:
+        ours = crop_instances(stored, reference["crop"], SAM["image"])
+        assert len(ours) == len(reference["bbox"]) == 4  # the tiny one dropped in every crop
+        for (outline, box), ref_box, ref_mask in zip(ours, reference["bbox"], reference["masks"]):
+            assert np.abs(np.subtract(box, ref_box)).max() <= 1
+            mask, ref = instance_mask(outline, box) > 0.5, _reference_mask(ref_mask)
+            assert (mask & ref).sum() / (mask | ref).sum() >= 0.96
+    spec = registry.get("sam_instance")
+    for case in SAM["texts"]:
+        assert spec.to_text(case["record"], None, None, 0.0) == case["text"]
+    record, rng = SAM["texts"][2]["record"], np.random.default_rng(0)
+    drawn = [spec.to_text(record, None, None, 0.0, rng) for _ in range(5)]
+    assert all(text.split().count("point") == 7 for text in drawn) and len(set(drawn)) == 5
+    boxes = {tuple(f"v{i}={v}" for i, v in enumerate((b[1], b[0], b[3], b[2]))) for b in record["bbox"]}
+    for text in drawn:  # every instance named is one of the crop's, whole
+        words = text.split()
+        named = [tuple(words[i + 1:i + 5]) for i, w in enumerate(words) if w == "polygon"]
+        assert set(named) <= boxes and all(len(words) >= i + 21 for i, w in enumerate(words) if w == "polygon")
+    generated = spec.generated(SAM["texts"][2]["text"] + " polygon v0=1 v1=2")["instances"]  # one cut short
+    named = {(tuple(i["box"]), tuple(i["token_ids"])) for i in generated}
+    assert named == {((b[1], b[0], b[3], b[2]), tuple(ids)) for b, ids in zip(record["bbox"], record["token_ids"])}
+    registry.use()
+
+
+def test_sam_instances_train_their_mask_tokenizer_tokenize_per_crop_and_load_as_text(tmp_path):
+    """Imported SAM polygons: the mask tokenizer (the reference's architecture, tiny) trains on one instance per
+    crop; pre-tokenization stores each crop's outlines, boxes and 16 ids per instance (`tok_sam_instance`), which
+    `verify` accepts; the 4M loader reads a crop's record as the text, and the text tokenizer trained on the
+    dataset knows its words."""
+    import io
+    import tarfile
+
+    from models.text_tokenizer import load_text_tokenizer
+    from models.vqvae import load_tokenizer
+    from pipeline.cli import main as cli
+    from stages.dataset.verify import verify_dataset
+    from stages.fourm.fourm_data import decode_sample, loader_folders, shard_samples
+    from stages.tokenizers.tokenize import TokenizeWorker
+    from stages.tokenizers.train_tokenizer import train_dense, train_text
+    from tests.helpers import write_rgb_shard
+
+    root = tmp_path / "data"
+    layout, keys = write_rgb_shard(root, [(240, 320)] * 4, ["a photo of an astronaut"] * 4)
+    source = tmp_path / "sam"
+    source.mkdir()
+    for i, key in enumerate(keys):
+        shifted = [[[x + 7 * i, y] for x, y in p] for p in SAM["polygons"]]
+        (source / f"{key}.json").write_text(json.dumps({"instances": [{"polygon": p, "score": 1.0} for p in shifted]}))
+    settings = [f"modalities=[{NETWORKS}]", "tokenizer.batch_size=4", "tokenizer.epochs=3", "tokenizer.workers=0",
+                "tokenizer.warmup_epochs=1", "tokenizer.eval_every=100", "tokenizer.eval_samples=2",
+                "tokenizer.codebook_sizes={sam_instance: 16}", "tokenizer.n_crops=2"]
+    assert cli(["import-labels", "--data", str(root), "--profile", "demo", "--set", *settings[:1],
+                "--modality", "sam_instance", "--source", str(source)]) == 0
+    config = load_config("demo", settings)
+    summary = train_dense(root, config, "sam_instance")
+    assert summary["steps"] == 3 and "mask_iou" in json.dumps(summary["final"])
+    model = load_tokenizer(root / "tokenizers" / "sam_instance")
+    assert model.cfg.out_conv and model.tokenize(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 4)
+
+    stats = TokenizeWorker(str(root), config.tokenizer, ["sam_instance"], (NETWORKS,)).tokenize(
+        "shard-000000", ["sam_instance"])
+    assert stats["sam_instance"]["ok"] == 4 and stats["sam_instance"]["tokens"] == 4 * 2 * 4 * 16
+    with tarfile.open(layout.tar("tok_sam_instance", "shard-000000")) as tar:
+        records = {m.name: json.loads(tar.extractfile(m).read()) for m in tar}
+    with tarfile.open(layout.tar("crop_settings", "shard-000000")) as tar:
+        crops = {m.name: np.load(io.BytesIO(tar.extractfile(m).read())) for m in tar}
+    from models.modalities_4m21_networks import crop_instances
+
+    first = json.loads((source / f"{keys[0]}.json").read_text())
+    for crop, record in zip(crops[f"{keys[0]}.npy"], records[f"{keys[0]}.json"]):
+        assert record["bbox"] == [box for _, box in crop_instances(first, crop, (240, 320))]
+        assert np.shape(record["token_ids"]) == (4, 16) and 0 <= np.min(record["token_ids"]) <= \
+            np.max(record["token_ids"]) < 16
+    problems, _ = verify_dataset(root)
+    assert [p for p in problems if "sam" in p.folder] == []
+
+    registry.use([NETWORKS])
+    raw = next(shard_samples(root, "shard-000000", loader_folders(["sam_instance"])))
+    text = decode_sample(raw, ["sam_instance"], 1, 0.0)["sam_instance"]
+    assert text == registry.get("sam_instance").to_text(records[f"{keys[0]}.json"][1], None, None, 0.0)
+    assert text.split().count("point") == 49 and "polygon" in text
+    train_text(root, config.tokenizer)
+    tokenizer = load_text_tokenizer(root / "tokenizers" / "text" / "tokenizer.json")
+    assert tokenizer.token_to_id("[UNK]") not in tokenizer.encode(text).ids
+    registry.use()

@@ -231,3 +231,22 @@ def test_the_dinov2_global_entry_is_the_references_global_tokenizer_and_trains_t
         abs=1e-5)  # the Gumbel choice is hard: the codes decoded are the ids' codes
     out["loss"].backward()
     assert model.encoder.linear_in.weight.grad.abs().sum() > 0 and model.quantize.codes.grad.abs().sum() > 0
+
+
+def test_the_sam_instance_mask_tokenizer_is_the_references_with_its_convnext_output_blocks():
+    """4M-21's SAM-instance tokenizer (ViT both sides, two ConvNeXt blocks after the decoder, `out_conv`): a
+    reference-made one loads one tensor to one tensor and gives its ids of 64x64 masks (4x4) and its decoded
+    logits; our paper settings are the published config's (ViT-B, 1,024 codes, latent 1,024, 16-pixel patches)."""
+    from core import registry
+
+    model = load_tokenizer(FIXTURES / "tokenizers" / "sam_instance")
+    outputs = load_file(FIXTURES / "tokenizers" / "sam_instance" / "outputs.safetensors")
+    ids = model.tokenize(tokenizer_input("sam_instance", 64))
+    assert ids.shape == (8, 4, 4) and torch.equal(ids, outputs["ids"])
+    torch.testing.assert_close(model.decode_tokens(ids), outputs["decoded"], atol=1e-5, rtol=0)
+    registry.use(["models.modalities_4m21_networks"])
+    cfg = tokenizer_config("sam_instance", "paper")
+    assert (cfg.enc_type, cfg.dec_type, cfg.codebook_size, cfg.latent_dim, cfg.patch_size, cfg.out_conv) == (
+        "vit_b_enc", "vit_b_dec", 1024, 1024, 16, True)
+    assert registry.get("sam_instance").reference_tokenizer_problems(cfg) == []
+    registry.use()

@@ -150,7 +150,8 @@ def decode_sample(raw: dict, modalities: list[str], crop_index: int, min_score: 
             out[m] = domain.modality.to_embeddings(data)
         elif domain.kind == "sequence":
             size = image_size_of(raw[registry.photo().folder]) if domain.modality.needs_photo else None
-            out[m] = domain.modality.to_text(data, crop, size, min_score, rng=rng)
+            part = domain.modality.crop_part(data, crop_index % len(crops))
+            out[m] = domain.modality.to_text(part, crop, size, min_score, rng=rng)
         else:
             tokens = np.load(io.BytesIO(data))
             if tokens.shape[0] != len(crops):

@@ -44,7 +44,6 @@ from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import (
     RgbIndex,
     center_crop,
-    crop_to_tensor,
     decode,
     photo_crop,
     random_crop,
@@ -101,26 +100,29 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
     started = time.time()
     index = index or rgb_index(layout, shard)
     keys, sizes = index.keys, index.sizes
-    spec = registry.photo() if crop_labeler else registry.get(modality)
+    entry = registry.get(modality)
+    spec = registry.photo() if crop_labeler else entry
     source = spec.folder
     labels = dict(read_members(layout.tar(source, shard), spec.extension))
     status: dict[str, tuple[str, str | None]] = {}
-    pending: list[tuple[str, torch.Tensor]] = []  # (key, its crops as one batch)
-    tokens: dict[str, np.ndarray] = {}
+    pending: list[tuple[str, torch.Tensor, object]] = []  # (key, its crops' inputs as one batch, their layout)
+    tokens: dict[str, tuple[str, bytes]] = {}  # key -> its token member (extension, bytes)
+    counted = {"tokens": 0}
 
     def flush():
         if not pending:
             return
         if crop_labeler:  # every pending crop through the labeler at once: (D, h, w) feature maps, (D, 1, 1) vectors
-            features = crop_labeler([im for _, crops in pending for im in crops])
-            batch = torch.stack([registry.get(modality).features_tensor(f) for f in features]).to(device)
+            features = crop_labeler([im for _, crops, _ in pending for im in crops])
+            batch = torch.stack([entry.features_tensor(f) for f in features]).to(device)
         else:
-            batch = torch.cat([x for _, x in pending]).to(device)
+            batch = torch.cat([x for _, x, _ in pending]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ids = model.encode(batch).cpu().numpy().astype(np.int16)
+            ids = model.encode(batch).cpu().numpy() if len(batch) else np.zeros((0, 0), np.int64)
         start = 0
-        for key, x in pending:
-            tokens[key] = ids[start:start + len(x)]
+        for key, x, layout in pending:
+            tokens[key] = entry.token_member(ids[start:start + len(x)], layout)
+            counted["tokens"] += ids[start:start + len(x)].size
             start += len(x)
         pending.clear()
 
@@ -133,10 +135,9 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
             settings = sample_crops(key, sizes[key], cfg)
             if crop_labeler:
                 image = spec.decode(labels.pop(key))
-                return key, [photo_crop(image, c) for c in settings], (OK, None)
+                return key, ([photo_crop(image, c) for c in settings], None), (OK, None)
             label = decode(modality, labels.pop(key))
-            crops = [crop_to_tensor(modality, label, c, sizes[key]) for c in settings]
-            return key, torch.stack(crops), (OK, None)
+            return key, entry.crops_input(label, settings, sizes[key]), (OK, None)
         except Exception as err:  # noqa: BLE001 - one unreadable label costs one sample
             return key, None, ("decode_error", f"{type(err).__name__}: {err}")
 
@@ -151,19 +152,19 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
                 key, crops, fate = future.result()
                 status[key] = fate
                 if crops is not None:
-                    pending.append((key, crops))
+                    pending.append((key, *crops))
             flush()
     flush()
     folder = token_folder(modality)
     with ShardWriter(layout, stage_name(modality), shard, [folder]) as writer:
         for key in keys:
             if key in tokens:
-                writer.write(key, {folder: ("npy", npy_bytes(tokens[key]))})
+                writer.write(key, {folder: tokens[key]})
         rows = [{"key": k, "status": status[k][0], "error": status[k][1]} for k in keys]
         counts = Counter(r["status"] for r in rows)
         seconds = time.time() - started
         stats = {"rows": len(rows), "ok": counts[OK], "status_counts": dict(counts), "seconds": round(seconds, 3),
-                 "tokens": int(sum(t.size for t in tokens.values())),
+                 "tokens": int(counted["tokens"]),
                  "samples_per_s": round(counts[OK] / seconds, 2) if seconds else None,
                  "provenance": provenance(cfg, {modality: model_record} if model_record else None)}
         writer.commit(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), stats)

@@ -80,7 +80,7 @@ def model_config(cfg: TokenizerStageConfig, modality: str, layout: DatasetLayout
         if first is not None:
             overrides["n_channels"] = int(first.shape[-1])
     settings = tokenizer_config(modality, cfg.size, **overrides)
-    tokens = (settings.image_size // settings.patch_size) ** 2
+    tokens = registry.get(modality).token_grid ** 2
     settings.threshold_ema_dead_code = dead_code_threshold(cfg.batch_size, tokens, settings.codebook_size)
     return settings
 
