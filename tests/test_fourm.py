@@ -55,15 +55,15 @@ def test_reference_weights_give_the_reference_loss_and_logits(tmp_path):
 
 
 def test_a_4m21_checkpoint_converts_with_its_modules_modalities_and_gives_the_reference_loss(tmp_path, capsys):
-    """Canny-edge tokens, DINOv2's global tokens (learned positions), the palette, the metadata and T5 vectors beside
-    RGB and captions, made by the reference's FourM with 4M-21's embedding settings: refused by name without the
+    """Canny-edge tokens, DINOv2's global tokens (learned positions), the palette, the metadata, SAM instances and T5 vectors
+    beside RGB and captions, made by the reference's FourM with 4M-21's embedding settings: refused by name without the
     modules that define them, then equal to it."""
     from core import registry
 
     out = tmp_path / "model"
     assert cli(["convert-4m", "--checkpoint", str(CHECKPOINT_21), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "['tok_canny_edge@224', 'tok_dinov2_global', 'color_palette', 'metadata', 't5_caption'" in err
+    assert "['tok_canny_edge@224', 'tok_dinov2_global', 'color_palette', 'metadata', 'sam_instance', 't5_caption'" in err
     assert "models.modalities_4m21_networks" in err and not out.exists()
     modules = ["models.modalities_4m21", "models.modalities_4m21_networks"]
     assert cli(["convert-4m", "--checkpoint", str(CHECKPOINT_21), "--out", str(out), "--modalities", *modules]) == 0
@@ -78,7 +78,7 @@ def test_a_4m21_checkpoint_converts_with_its_modules_modalities_and_gives_the_re
         without_t5 = model(batch, n_in, n_out)[0]
     assert float(loss) == pytest.approx(float(expected["loss"]), abs=1e-4)
     assert set(losses) == {"tok_rgb@224", "tok_canny_edge@224", "tok_dinov2_global", "caption", "color_palette",
-                           "metadata"}
+                           "metadata", "sam_instance"}
     assert model.cfg.grid_of("tok_dinov2_global") == 4 and model.cfg.image_size == 64  # 16 tokens at any size
     for modality in losses:
         assert float(losses[modality]) == pytest.approx(float(expected[f"loss.{modality}"]), abs=1e-4)
