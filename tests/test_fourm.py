@@ -55,9 +55,9 @@ def test_reference_weights_give_the_reference_loss_and_logits(tmp_path):
 
 
 def test_a_4m21_checkpoint_converts_with_its_modules_modalities_and_gives_the_reference_loss(tmp_path, capsys):
-    """Canny-edge tokens, DINOv2's global tokens (learned positions), the palette, the metadata, SAM instances and T5 vectors
-    beside RGB and captions, made by the reference's FourM with 4M-21's embedding settings: refused by name without the
-    modules that define them, then equal to it."""
+    """Canny-edge tokens, DINOv2's global tokens (learned positions), the palette, the metadata, SAM instances and
+    T5 vectors beside RGB and captions, made by the reference's FourM with 4M-21's embedding settings: refused by
+    name without the modules that define them, then equal to it."""
     from core import registry
 
     out = tmp_path / "model"
