@@ -628,3 +628,57 @@ def test_sam_instances_train_their_mask_tokenizer_tokenize_per_crop_and_load_as_
     tokenizer = load_text_tokenizer(root / "tokenizers" / "text" / "tokenizer.json")
     assert tokenizer.token_to_id("[UNK]") not in tokenizer.encode(text).ids
     registry.use()
+
+
+def test_poses_train_their_tokenizer_and_tokenize_fills_each_humans_ids(tmp_path):
+    """Imported poses without `pose_tokenized` (an external tool's raw fits): the pose tokenizer (the reference's
+    bottleneck MLPs around Memcodes, 8 codebooks over the 207 rotation numbers; tiny) trains on one human per
+    sample, a sample without one left out; `tokenize` writes each sample's JSON with its humans' 8 ids from that
+    tokenizer into `tok_human_poses/`, which `verify` accepts and the 4M loader reads as the pose text."""
+    import copy
+    import tarfile
+
+    from models.vqvae import load_tokenizer, tokenizer_config
+    from pipeline.cli import main as cli
+    from stages.dataset.verify import verify_dataset
+    from stages.fourm.fourm_data import decode_sample, loader_folders, shard_samples
+    from stages.tokenizers.tokenize import TokenizeWorker
+    from stages.tokenizers.train_tokenizer import train_dense
+    from tests.helpers import write_rgb_shard
+
+    registry.use([EXTERNAL])
+    cfg = tokenizer_config("human_poses", "paper")
+    assert (cfg.enc_type, cfg.quant_type, cfg.codebook_size, cfg.num_codebooks, cfg.latent_dim, cfg.n_channels) == (
+        "BottleneckMLP/B_6-Wi_1024", "memcodes", 1024, 8, 1024, 207)
+    root = tmp_path / "data"
+    layout, keys = write_rgb_shard(root, [(240, 320)] * 4)
+    source = tmp_path / "poses"
+    source.mkdir()
+    raw = {}
+    for key, name in zip(keys, ["one", "none", "two", "gone"]):
+        raw[key] = copy.deepcopy(POSES["samples"][name])
+        raw[key].pop("pose_tokenized", None)
+        (source / f"{key}.json").write_text(json.dumps(raw[key]))
+    settings = [f"modalities=[{EXTERNAL}]", "tokenizer.batch_size=2", "tokenizer.epochs=2", "tokenizer.workers=0",
+                "tokenizer.warmup_epochs=1", "tokenizer.eval_every=100", "tokenizer.eval_samples=2",
+                "tokenizer.codebook_sizes={human_poses: 16}", "tokenizer.n_crops=2"]
+    assert cli(["import-labels", "--data", str(root), "--profile", "demo", "--set", settings[0],
+                "--modality", "human_poses", "--source", str(source)]) == 0
+    config = load_config("demo", settings)
+    assert train_dense(root, config, "human_poses")["steps"] == 4
+    model = load_tokenizer(root / "tokenizers" / "human_poses")
+    stats = TokenizeWorker(str(root), config.tokenizer, ["human_poses"], (EXTERNAL,)).tokenize(
+        "shard-000000", ["human_poses"])
+    assert stats["human_poses"]["ok"] == 4 and stats["human_poses"]["tokens"] == (1 + 2 + 3) * 8
+    with tarfile.open(layout.tar("tok_human_poses", "shard-000000")) as tar:
+        filled = {m.name.split(".")[0]: json.loads(tar.extractfile(m).read()) for m in tar}
+    assert filled[keys[1]] == {}
+    poses = torch.tensor(raw[keys[2]]["pred_smpl_params"]["body_pose"], dtype=torch.float32).reshape(2, 207, 1, 1)
+    assert filled[keys[2]]["pose_tokenized"] == model.tokenize(poses).reshape(2, 8).tolist()
+    assert {k: v for k, v in filled[keys[2]].items() if k != "pose_tokenized"} == raw[keys[2]]
+    assert [p for p in verify_dataset(root)[0] if "pose" in p.folder] == []
+    sample = next(shard_samples(root, "shard-000000", loader_folders(["human_poses"])))
+    text = decode_sample(sample, ["human_poses"], 0, 0.0)["human_poses"]
+    ids = filled[keys[0]]["pose_tokenized"][0]
+    assert " ".join(["pose", *(f"v0={i}" if i < 512 else f"v1={i - 512}" for i in ids)]) in text
+    registry.use()

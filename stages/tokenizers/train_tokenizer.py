@@ -204,7 +204,9 @@ def sample_stream(root: str, modality: str, shards: list[str], crop_scale, seed:
         for shard in mine:
             for _, label, size in decoded_samples(layout, modality, shard):
                 crop = random_crop(rng, *size, scale=crop_scale)
-                pool.append(crop_to_tensor(modality, label, crop, size))
+                x = crop_to_tensor(modality, label, crop, size)
+                if x is not None:  # None: nothing to learn from in this sample (poses: no human in it)
+                    pool.append(x)
                 if len(pool) >= buffer:
                     yield pool.pop(int(rng.integers(len(pool))))
         while pool:
@@ -244,7 +246,8 @@ def eval_batch(root: str, modality: str, shards: list[str], count: int) -> torch
     """The first samples of the first shard, center-cropped: the same pictures at every evaluation."""
     samples = []
     for _, label, size in shard_samples(DatasetLayout(root), modality, shards[0]):
-        samples.append(crop_to_tensor(modality, label, center_crop(*size), size))
+        x = crop_to_tensor(modality, label, center_crop(*size), size)
+        samples += [] if x is None else [x]
         if len(samples) == count:
             break
     return torch.stack(samples)
