@@ -8,6 +8,7 @@ cropped and masked by one process (stages.fourm.fourm_data.MaskedSamples): maske
 against the model's samples/s per GPU (the loader runs in `pretrain.loader_workers` processes per GPU).
 
 Run: python bench/bench_pretrain.py [--size B] [--batch 64] [--steps 20] [--device auto] [--compile]
+     [--loader-samples 512] [--whole-photos]
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from stages.fourm.fourm_data import MaskedSamples, collate, mixture_from  # noqa
 from stages.fourm.masking import MaskingSampler  # noqa: E402
 from stages.fourm.pretrain import flops_per_sample  # noqa: E402
 from stages.training import peak_flops  # noqa: E402
-from stages.dataset.shards import DatasetLayout, ShardWriter  # noqa: E402
+from stages.dataset.shards import CROP_PIXELS, DatasetLayout, ShardWriter  # noqa: E402
+from stages.tokenizers.tokenizer_data import crop_jpegs  # noqa: E402
 
 MODALITIES = ["rgb@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224", "tok_semseg@224", "tok_clip@224",
               "caption", "det"]
@@ -45,8 +47,10 @@ def npy(array) -> bytes:
     return buffer.getvalue()
 
 
-def make_token_shards(root: Path, shards: int, per_shard: int, vocab: dict) -> None:
-    """Token shards as the tokenize stage writes them, over real photos (JPEG, 768 on the long side)."""
+def make_token_shards(root: Path, shards: int, per_shard: int, vocab: dict, stored_crops: bool = True) -> None:
+    """Token shards as the tokenize stage writes them, over real photos (JPEG, 768 on the long side), with each
+    crop of the photo stored at 224 beside them (as tokenize writes it) unless `stored_crops` is False (a dataset
+    tokenized before: the loader decodes every photo whole)."""
     import cv2
     import pyarrow as pa
     import skimage.data
@@ -60,7 +64,8 @@ def make_token_shards(root: Path, shards: int, per_shard: int, vocab: dict) -> N
                        image.shape[:2]))
     rng = np.random.default_rng(0)
     layout = DatasetLayout(root)
-    folders = ["rgb", "caption", "det", "crop_settings", *[m for m in MODALITIES if m.startswith("tok_")]]
+    folders = ["rgb", "caption", "det", "crop_settings", *[m for m in MODALITIES if m.startswith("tok_")],
+               *([CROP_PIXELS] if stored_crops else [])]
     for s in range(shards):
         with ShardWriter(layout, "bench", f"shard-{s:06d}", folders) as writer:
             keys = [f"{s:03d}{i:06d}" for i in range(per_shard)]
@@ -71,6 +76,8 @@ def make_token_shards(root: Path, shards: int, per_shard: int, vocab: dict) -> N
                 members = {"rgb": ("jpg", jpeg), "caption": ("txt", CAPTION.encode()),
                            "det": ("json", json.dumps({"instances": BOXES}).encode()),
                            "crop_settings": ("npy", npy(crops))}
+                if stored_crops:
+                    members[CROP_PIXELS] = ("npz", crop_jpegs(jpeg, crops))
                 for m in MODALITIES:
                     if m.startswith("tok_"):
                         members[m] = ("npy", npy(rng.integers(vocab[m], size=(4, 196)).astype(np.int16)))
@@ -131,9 +138,9 @@ def bench_model(args, tokenizer, vocab: dict) -> dict:
 
 
 def bench_loader(args, work: Path, tokenizer, vocab: dict) -> dict:
-    root = work / "tokens"
-    if not (root / "crop_settings").is_dir():
-        make_token_shards(root, 2, args.loader_samples // 2, vocab)
+    root = work / ("tokens" if not args.whole_photos else "tokens_whole_photos")
+    if not (root / "crop_settings").is_dir() or (not args.whole_photos and not (root / CROP_PIXELS).is_dir()):
+        make_token_shards(root, 2, args.loader_samples // 2, vocab, stored_crops=not args.whole_photos)
     shards = sorted(p.stem for p in (root / "crop_settings").glob("shard-*.tar"))
     sampler = MaskingSampler(MODALITIES, mixture_from("paper", MODALITIES), 128, 128, tokenizer)
     torch.set_num_threads(1)  # one core, as one loader worker process
@@ -146,17 +153,20 @@ def bench_loader(args, work: Path, tokenizer, vocab: dict) -> dict:
     for _ in range(args.loader_samples):
         next(iterator)
     per_core = args.loader_samples / (time.perf_counter() - start)
-    return {"masked_samples_per_s_per_core": round(per_core, 1), "repeats": 4}
+    return {"masked_samples_per_s_per_core": round(per_core, 1), "repeats": 4,
+            "photo": "whole, cropped when loaded" if args.whole_photos else "stored 224 crops"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="B", choices=["Ti", "S", "B", "L", "XL"])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="0: the loader alone")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--loader-samples", type=int, default=512, help="0: the model alone")
+    parser.add_argument("--whole-photos", action="store_true",
+                        help="the loader on a dataset without stored 224 crops (each photo decoded whole)")
     parser.add_argument("--compile", action="store_true", help="time the model under torch.compile")
     parser.add_argument("--work", default=str(HERE / "_work" / "pretrain"))
     args = parser.parse_args()
@@ -165,16 +175,19 @@ def main() -> int:
     tokenizer = train_text_tokenizer([CAPTION, boxes_to_text(BOXES)] * 4, 30000)
     vocab = {"tok_rgb@224": 16384, "tok_depth@224": 8192, "tok_normal@224": 8192, "tok_semseg@224": 4096,
              "tok_clip@224": 8192, "caption": 30000, "det": 30000}  # the paper's vocabularies
-    results = {"model": {**bench_model(args, tokenizer, vocab), "compiled": args.compile}}
-    model = results["model"]
-    print(f"4M-{args.size}{' compiled' if args.compile else ''} on {model['device']}, batch {args.batch}: "
-          f"{model['samples_per_s']} samples/s, {model['tokens_per_s']} tokens/s, "
-          f"{model['flops_per_sample'] / 1e9:.1f} GFLOPs/sample, MFU {model['mfu']}, "
-          f"peak memory {model['peak_memory_gib']} GiB")
+    results, model = {}, None
+    if args.steps:
+        model = results["model"] = {**bench_model(args, tokenizer, vocab), "compiled": args.compile}
+        print(f"4M-{args.size}{' compiled' if args.compile else ''} on {model['device']}, batch {args.batch}: "
+              f"{model['samples_per_s']} samples/s, {model['tokens_per_s']} tokens/s, "
+              f"{model['flops_per_sample'] / 1e9:.1f} GFLOPs/sample, MFU {model['mfu']}, "
+              f"peak memory {model['peak_memory_gib']} GiB")
     if args.loader_samples:
         loader = results["loader"] = bench_loader(args, work, tokenizer, vocab)
-        print(f"loader: {loader['masked_samples_per_s_per_core']} masked samples/s per core "
-              f"(needs {model['samples_per_s'] / loader['masked_samples_per_s_per_core']:.2f} cores per device)")
+        needs = f" (needs {model['samples_per_s'] / loader['masked_samples_per_s_per_core']:.2f} cores per " \
+                f"device)" if model else ""
+        print(f"loader ({loader['photo']}): {loader['masked_samples_per_s_per_core']} masked samples/s per core"
+              + needs)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

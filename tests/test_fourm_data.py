@@ -2,6 +2,7 @@
 validation shards, boxes moved into the crop, repeated masks, worker processes, and folders out of step."""
 import io
 import json
+import tarfile
 
 import cv2
 import numpy as np
@@ -9,11 +10,20 @@ import pyarrow as pa
 import pytest
 import torch
 
-from models.text_tokenizer import train_text_tokenizer
 from core.config import load_config
-from stages.fourm.fourm_data import LoaderInputError, MaskedSamples, make_loader, shard_samples, split_shards
-from stages.fourm.masking import Component, MaskingSampler
+from models.text_tokenizer import train_text_tokenizer
 from stages.dataset.shards import DatasetLayout, ShardWriter
+from stages.fourm.fourm_data import (
+    LoaderInputError,
+    MaskedSamples,
+    loader_folders,
+    make_loader,
+    pixels_picture,
+    shard_samples,
+    split_shards,
+    stored_crops,
+)
+from stages.fourm.masking import Component, MaskingSampler
 
 MODALITIES = ["rgb@224", "tok_rgb@224", "caption", "det"]
 CROPS = np.array([[0, 0, 64, 48, 0],     # crop 0: the left (red) half
@@ -169,3 +179,110 @@ def test_inspect_masking_prints_the_mean_tokens_and_draws_a_sample(dataset, toke
     assert Image.open(tmp_path / "masked.png").width > 100
     assert cli(args) == 0
     assert "tok_rgb@224" in capsys.readouterr().out
+
+
+def test_stored_224_crops_are_read_instead_of_the_whole_photo_and_the_batches_stay_the_same(dataset, tokenizer,
+                                                                                          tmp_path):
+    """Where tokenize stored each crop of the photo at 224 (`crops_rgb@224`), the loader decodes those instead of
+    the whole photo: the same samples, crops, masks and texts for the same seed, the pixels within 40 dB; a
+    dataset with some shard lacking them reads every photo whole."""
+    import shutil
+
+    from stages.dataset.shards import CROP_PIXELS
+    from stages.tokenizers.tokenizer_data import crop_jpegs
+
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    layout = DatasetLayout(root)
+    for shard in ("shard-000000", "shard-000001", "shard-000002"):
+        with tarfile.open(layout.tar("rgb", shard)) as tar:
+            photos = {m.name.split(".")[0]: tar.extractfile(m).read() for m in tar}
+        with ShardWriter(layout, "crops", shard, [CROP_PIXELS]) as writer:
+            for key, jpeg in photos.items():
+                writer.write(key, {CROP_PIXELS: ("npz", crop_jpegs(jpeg, CROPS))})
+            writer.commit(pa.table({"key": list(photos), "status": ["ok"] * len(photos)}), {})
+    pixels_only = ["rgb@224", "tok_rgb@224"]
+    assert loader_folders(pixels_only, root) == ["crop_settings", CROP_PIXELS, "tok_rgb@224"]
+    assert "rgb" in loader_folders(MODALITIES, root) and CROP_PIXELS in loader_folders(MODALITIES, root)
+    assert loader_folders(pixels_only, dataset) == loader_folders(pixels_only) == ["crop_settings", "rgb",
+                                                                                   "tok_rgb@224"]
+
+    def first(where, count=12):
+        train, _ = split_shards(where, MODALITIES, 1)
+        stream = MaskedSamples(where, train, MODALITIES, all_visible_sampler(tokenizer), train=True, repeats=2,
+                               min_score=0.6, shuffle_buffer=4, seed=3)
+        return [s for _, s in zip(range(count), stream)]
+
+    for whole, cut in zip(first(dataset), first(root)):
+        for m in MODALITIES:
+            for k in whole[m]:
+                if (m, k) != ("rgb@224", "tensor"):
+                    assert torch.equal(whole[m][k], cut[m][k]), (m, k)
+        a, b = pixels_picture(whole["rgb@224"]["tensor"]), pixels_picture(cut["rgb@224"]["tensor"])
+        assert 10 * np.log10(1 / max(float(np.mean((a - b) ** 2)), 1e-12)) >= 40
+    layout.tar(CROP_PIXELS, "shard-000002").unlink()  # one shard without them: every photo read whole
+    assert not stored_crops(root) and "rgb" in loader_folders(pixels_only, root)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_loaders_tar_reader_reads_what_tarfile_reads_and_refuses_a_corrupt_header(tmp_path, tar_format):
+    """Members by name and bytes as tarfile lists them: long names (pax records, GNU long names, ustar prefixes),
+    float mtimes (a pax record each), empty members, a directory skipped; a damaged header is an error naming the
+    file and the byte."""
+    from stages.fourm.fourm_data import _members
+
+    path = tmp_path / "shard-000000.tar"
+    names = ["000000001.jpg", "000000001.txt", "d" * 60 + "/" + "k" * 90 + ".npy", "000000002.json"]
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        tar.addfile(_directory("a_directory"))
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            data = bytes(range(256)) * i + b"x" * (i * 700)
+            info.size, info.mtime = len(data), 1700000000.5
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        expected = [(m.name.split(".", 1)[0], tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert list(_members(path)) == expected and len(expected) == 4
+    damaged = bytearray(path.read_bytes())
+    damaged[header_offset(path, names[1]) + 10] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(LoaderInputError, match="corrupt tar header at byte"):
+        list(_members(path))
+
+
+def _directory(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def header_offset(path, name) -> int:
+    """The byte where a member's header starts (after its pax or long-name records)."""
+    with tarfile.open(path) as tar:
+        return next(m.offset for m in tar if m.name == name)
+
+
+def test_pixels_are_normalised_as_imagenet_s_mean_and_std_say(tmp_path):
+    from stages.fourm.fourm_data import IMAGENET_MEAN, IMAGENET_STD, normalised
+
+    bgr = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    for flip in (0, 1):
+        rgb = bgr[:, ::-1, ::-1] if flip else bgr[:, :, ::-1]
+        expected = ((rgb.astype(np.float64) / 255 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+        assert np.abs(normalised(bgr, flip).numpy() - expected).max() < 1e-6
+
+
+def test_npy_members_read_as_numpy_reads_them_and_pickles_are_refused():
+    from stages.fourm.fourm_data import npy_array
+
+    arrays = [np.arange(784, dtype=np.int16).reshape(4, 196), np.zeros((2, 5), np.int32), np.array(3.5),
+              np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.zeros((0, 196), np.int16)]
+    for array in arrays:
+        read = npy_array(npy(array))
+        assert read.dtype == array.dtype and read.shape == array.shape and np.array_equal(read, array)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(LoaderInputError, match="pickled"):
+        npy_array(buffer.getvalue())
+    with pytest.raises(LoaderInputError, match="magic"):
+        npy_array(b"not a numpy file")

@@ -22,6 +22,7 @@ from stages.tokenizers.tokenize import run_tokenize
 from stages.tokenizers.train_tokenizer import (eval_batch, modality_shards, model_config, run_train_tokenizers, train_dense,
                                     tokenizer_dir)
 from stages.dataset.verify import verify_dataset
+from stages.fourm.fourm_data import crop_pixels, pixels_picture, stored_crop_pixels
 from tests.helpers import make_labelled_input
 
 from core import registry
@@ -32,6 +33,10 @@ SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=8", "tokenizer.epochs_by
             "tokenizer.warmup_epochs=1",
             "tokenizer.checkpoint_every=3", "tokenizer.log_every=2", "tokenizer.eval_every=100",
             "tokenizer.eval_samples=4", "label.chunk_size=2", "label.batch_size=2"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1 / max(np.mean((a.astype(np.float64) - b) ** 2), 1e-12)))
 
 
 def members(path) -> dict[str, bytes]:
@@ -230,6 +235,16 @@ def test_tokenize_writes_aligned_shards_and_verify_catches_a_broken_one(trained_
                 settings = np.load(io.BytesIO(crops[name]))
                 assert settings.shape == (2, 5) and settings[0, 4] == 0  # crop 0: the center crop, unflipped
                 assert settings[0, 2] == settings[0, 3]  # square
+        # beside them, each crop of the photo at 224 (a JPEG), what the 4M loader reads for rgb@224: within
+        # 40 dB of the crop cut from the whole photo decoded, as the loader otherwise makes it
+        photos, stored = members(layout.tar("rgb", shard)), members(layout.tar("crops_rgb@224", shard))
+        assert [n.split(".")[0] for n in stored] == [n.split(".")[0] for n in crops]
+        for name, member in stored.items():
+            settings = np.load(io.BytesIO(crops[name.replace(".npz", ".npy")]))
+            for index, crop in enumerate(settings):
+                whole = crop_pixels(photos[name.replace(".npz", ".jpg")], crop)
+                cut = stored_crop_pixels(member, index, crop)
+                assert psnr(pixels_picture(cut), pixels_picture(whole)) >= 40
     # a redone shard gets the same crops and tokens
     before = members(layout.tar("tok_rgb@224", "shard-000001"))
     layout.stats("tokenize_rgb", "shard-000001").unlink()
@@ -241,7 +256,8 @@ def test_tokenize_writes_aligned_shards_and_verify_catches_a_broken_one(trained_
     # stage: alignment dropped it from rgb and caption too, kept its members aside and recorded why.
     problems, checked = verify_dataset(root)
     assert problems == []
-    assert checked["shards"] == 2 and checked["folders"] == 7  # rgb caption semseg clip crop_settings tok_x2
+    assert checked["shards"] == 2 and checked["folders"] == 8  # rgb caption semseg clip crop_settings
+    # crops_rgb@224 tok_x2
     assert list(members(root / "_dropped" / "rgb" / "shard-000001.tar")) == ["000000003.jpg"]
     assert list(members(root / "_dropped" / "caption" / "shard-000001.tar")) == ["000000003.txt"]
     align = {r["key"]: r for r in pq.read_table(layout.status_table("align", "shard-000001")).to_pylist()}
@@ -317,7 +333,8 @@ def test_a_sample_failed_anywhere_is_dropped_everywhere_so_a_positional_zip_neve
     summary = run_tokenize(root, config())
     assert not summary.failed_shards and not summary.unaligned and summary.dropped == 2
     folders = layout.loader_folders()
-    assert folders == ["caption", "clip", "crop_settings", "rgb", "semseg", "tok_clip@224", "tok_rgb@224"]
+    assert folders == ["caption", "clip", "crop_settings", "crops_rgb@224", "rgb", "semseg", "tok_clip@224",
+                       "tok_rgb@224"]
     survivors = []
     for shard in ("shard-000000", "shard-000001"):
         tars = [tarfile.open(layout.tar(f, shard)) for f in folders]

@@ -140,11 +140,13 @@ NOT_LOADER_FOLDERS = {"tokenizers", "show"}
 
 
 CROPS = "crop_settings"  # the folder (and stage) of each sample's pre-tokenization crops
+CROP_PIXELS = "crops_rgb@224"  # beside them (same stage): each crop of the photo at 224, a JPEG per crop, so the
+                               # 4M loader decodes 224 pixels instead of the whole photo
 
 
 def producing_stage(folder: str) -> str:
     """The stage whose status files record the fate of each sample of a folder under the data root."""
-    if folder == CROPS:
+    if folder in (CROPS, CROP_PIXELS):
         return CROPS
     try:
         modality, domain = registry.of_folder(folder)

@@ -3,7 +3,8 @@
 Checks every folder a 4M loader reads against rgb/: the same shard names; exactly rgb's keys in rgb's order,
 none missing, unknown or repeated (a loader that zips the folders position by position must never diverge);
 every member decodes; token ids are int16 (n_crops, 196) within their tokenizer's vocabulary; crop settings are
-(n_crops, 5), with as many crops as the token files of the sample. Across shards: every shard of a folder was
+(n_crops, 5), with as many crops as the token files of the sample (and as the stored 224 crops of the photo,
+each a decodable 224x224 JPEG). Across shards: every shard of a folder was
 made by the same weights (the stats' provenance).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from core import registry
 from stages.dataset.align import recorded_failures
-from stages.dataset.shards import CROPS, DatasetLayout, producing_stage
+from stages.dataset.shards import CROP_PIXELS, CROPS, DatasetLayout, producing_stage
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ def _check_member(folder: str, name: str, data: bytes, vocabulary: int | None) -
             if folder == CROPS and (array.ndim != 2 or array.shape[1] != 5):
                 return f"{name}: shape {array.shape}, expected (n_crops, 5)", None
             return None, array
+        elif folder == CROP_PIXELS and ext == "npz":  # the photo's crops at 224, a JPEG each
+            with np.load(io.BytesIO(data)) as crops:
+                shapes = [getattr(cv2.imdecode(crops[name], cv2.IMREAD_COLOR), "shape", None) for name in crops.files]
+            if any(shape != (224, 224, 3) for shape in shapes):
+                return f"{name}: crops decode to {shapes}, expected 224x224 colour images", None
+            return None, np.arange(len(shapes))  # its crop count, checked against the other folders'
         elif _own_extension(folder) == ext:  # another format (T5's .npz): the modality's own reader checks it
             registry.of_folder(folder)[0].decode(data)
         else:
@@ -120,7 +127,8 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
                                                        vocabulary)
                         if problem:
                             problems.append(Problem(shard, folder, problem))
-                        elif isinstance(value, np.ndarray) and (registry.is_token_folder(folder) or folder == CROPS):
+                        elif isinstance(value, np.ndarray) and (registry.is_token_folder(folder)
+                                                                or folder in (CROPS, CROP_PIXELS)):
                             if crops_per_key.setdefault(key, len(value)) != len(value):
                                 problems.append(Problem(shard, folder, f"{member.name}: {len(value)} crops, other "
                                                                        f"folders have {crops_per_key[key]}"))

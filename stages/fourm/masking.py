@@ -29,6 +29,7 @@ IMAGE_TOKENS = registry.GRID_TOKENS  # 14x14 per 224x224 crop, for token grids a
 SEQUENCE_TOKENS = 256       # the most tokens of any sequence domain's layout ([EOS] included); each has its own
 KEEP_DECAY = 0.9
 EPS = 1e-9                  # an alpha of 0 never samples the modality
+UNITS_KEPT = 64             # texts whose units a sampler keeps (its sample's, masked `repeats` times in a row)
 
 
 @dataclass
@@ -109,6 +110,9 @@ class MaskingSampler:
         weights = np.array([c.weight for c in mixture], dtype=float)
         self.weights = weights / weights.sum()
         self.tokenizer = text_tokenizer
+        self._units: dict = {}
+        self.kinds = ["embeddings" if is_embeddings(m) else "sequence" if is_sequence(m) else "image"
+                      for m in modalities]
         if text_tokenizer is not None:
             self.sentinels = [text_tokenizer.token_to_id(f"[S_{i}]") for i in range(200)]
             self.sentinel_ids = set(self.sentinels)
@@ -118,8 +122,9 @@ class MaskingSampler:
     @staticmethod
     def split(alphas: np.ndarray, total: int, caps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         budget = np.floor(rng.dirichlet(alphas) * total).astype(int)
-        for _ in range(total - int(budget.sum())):  # the rounding remainder, one token at a time
-            budget[int(np.argmax(rng.dirichlet(alphas)))] += 1
+        remainder = total - int(budget.sum())
+        if remainder:  # one token at a time to the argmax of a fresh draw (drawn at once: the same numbers)
+            np.add.at(budget, rng.dirichlet(alphas, size=remainder).argmax(1), 1)
         return np.minimum(budget, caps)
 
     def budgets(self, component: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +148,16 @@ class MaskingSampler:
 
     def units(self, text: str | list[str], max_tokens: int) -> list[list[int]]:
         """A text's ids + [EOS] as single-token units, cut at `max_tokens`; chunks (a list of texts, 4M-21's
-        metadata) as one unit each, [EOS] the last, the chunks that would pass `max_tokens` left out."""
+        metadata) as one unit each, [EOS] the last, the chunks that would pass `max_tokens` left out. The last
+        texts' units are kept: a sample is masked several times in a row (`repeats`), its texts encoded once."""
+        key = (text if isinstance(text, str) else tuple(text), max_tokens)
+        if key not in self._units:
+            if len(self._units) >= UNITS_KEPT:
+                self._units.clear()
+            self._units[key] = self._encode_units(text, max_tokens)
+        return [list(u) for u in self._units[key]]
+
+    def _encode_units(self, text: str | list[str], max_tokens: int) -> list[list[int]]:
         if isinstance(text, str):
             return [[t] for t in (self.tokenizer.encode(text).ids + [self.eos_id])[:max_tokens]]
         chunks = [e.ids for e in self.tokenizer.encode_batch(list(text))] + [[self.eos_id]]
@@ -211,10 +225,11 @@ class MaskingSampler:
         component = int(rng.choice(len(self.weights), p=self.weights))
         inputs, targets = self.budgets(component, rng)
         out = {}
-        for m, n_in, n_tgt, cap in zip(self.modalities, inputs.tolist(), targets.tolist(), self.caps.tolist()):
-            if is_embeddings(m):
+        for m, kind, n_in, n_tgt, cap in zip(self.modalities, self.kinds, inputs.tolist(), targets.tolist(),
+                                             self.caps.tolist()):
+            if kind == "embeddings":
                 out[m] = self.embeddings(sample[m], n_in, self.keep[component].get(m, "random"), rng, cap)
-            elif is_sequence(m):
+            elif kind == "sequence":
                 out[m] = self.sequence(sample[m], n_in, n_tgt, self.keep[component].get(m, "random"), rng, cap)
             else:
                 out[m] = self.image(sample[m], n_in, n_tgt, rng, cap)

@@ -4,6 +4,9 @@ Consumes  <root>/rgb/ and the label folders (committed shards), <root>/tokenizer
 Produces  <root>/crop_settings/shard-NNNNNN.tar    <key>.npy  int32 (n_crops, 5) = [top, left, h, w, hflip]
                                                    in rgb pixels; crop 0 the center crop, the others
                                                    random-resized crops shared by every modality
+          <root>/crops_rgb@224/shard-NNNNNN.tar      <key>.npz  entry "i": crop i of the photo at 224x224 as a
+                                                   JPEG (quality 95, unmirrored), so the 4M loader decodes 224
+                                                   pixels, not the whole photo (written with crop_settings)
           <root>/tok_<modality>@224/shard-NNNNNN.tar  <key>.npy  int16 (n_crops, 196) token ids
           <root>/_status/tokenize_<modality>/shard-NNNNNN.{parquet,json}  one row per rgb sample; json last
           (crop_settings: _status/crop_settings/)
@@ -39,11 +42,21 @@ from stages.actor_pool import run_on_actors
 from stages.dataset.align import STAGE as ALIGN_STAGE
 from stages.dataset.align import AlignError, align_dataset, align_shard
 from stages.dataset.provenance import provenance
-from stages.dataset.shards import CROPS, OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, skip_or_queue
+from stages.dataset.shards import (
+    CROP_PIXELS,
+    CROPS,
+    OK,
+    DatasetLayout,
+    ShardObserver,
+    ShardsSummary,
+    ShardWriter,
+    skip_or_queue,
+)
 from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import (
     RgbIndex,
     center_crop,
+    crop_jpegs,
     decode,
     photo_crop,
     random_crop,
@@ -74,14 +87,19 @@ STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("erro
 
 # -- one shard ---------------------------------------------------------------------------------------
 def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, index: RgbIndex) -> dict:
+    """Each sample's crop settings, and the photo cut to each crop at 224 (`CROP_PIXELS`) for the 4M loader."""
     rows, started = [], time.time()
-    keys, sizes = index.keys, index.sizes
-    with ShardWriter(layout, CROPS, shard, [CROPS]) as writer:
-        for key in keys:
-            if key in sizes:
-                writer.write(key, {CROPS: ("npy", npy_bytes(sample_crops(key, sizes[key], cfg)))})
-            rows.append({"key": key, "status": OK if key in sizes else "decode_error",
-                         "error": None if key in sizes else "rgb image header unreadable"})
+    sizes = index.sizes
+    photo = registry.photo()
+    photos = read_members(layout.tar(photo.folder, shard), photo.extension)
+    with ShardWriter(layout, CROPS, shard, [CROPS, CROP_PIXELS]) as writer:
+        for key, data in photos:
+            settings = sample_crops(key, sizes[key], cfg) if key in sizes else None
+            pixels = crop_jpegs(data, settings) if settings is not None else None
+            if pixels is not None:
+                writer.write(key, {CROPS: ("npy", npy_bytes(settings)), CROP_PIXELS: ("npz", pixels)})
+            rows.append({"key": key, "status": OK if pixels is not None else "decode_error",
+                         "error": None if pixels is not None else "rgb image unreadable"})
         table = pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
         counts = Counter(r["status"] for r in rows)
         stats = {"rows": len(rows), "ok": counts[OK], "status_counts": dict(counts),
