@@ -306,6 +306,16 @@ class RayConfig(Section):
     object_store_memory: int | None = Field(None, ge=78_643_200)
 
 
+class WandbConfig(Section):
+    """Weights & Biases logging of every training run, beside metrics.jsonl and TensorBoard (which stay)."""
+
+    mode: Literal["off", "offline", "online"] = Field(
+        "off", description="off; offline: runs written under each run's folder (wandb/), sent later with "
+                           "`wandb sync`; online: sent as they run (needs `wandb login` or WANDB_API_KEY)")
+    project: str = Field("4m-data-engine", description="the W&B project every run goes to")
+    entity: str | None = Field(None, description="the W&B team or user; None: the logged-in user's default")
+
+
 class Config(Section):
     profile: str = "default"
     modalities: list[str] = Field(default_factory=list, description="modules defining more modalities (dotted "
@@ -318,6 +328,7 @@ class Config(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     def use_modalities(self) -> None:
         """Work with this configuration's modalities in this process: a stage run in a process that loaded other

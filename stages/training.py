@@ -196,6 +196,7 @@ class LoopSettings:
     tokens_per_sample: int | None = None  # for tokens/s
     flops_per_sample: float | None = None  # for MFU, against the device's peak
     stop_after: int | None = None         # stop (checkpointed) after this step, as a killed run would
+    wandb: dict | None = None             # WandbConfig's fields: W&B logging beside TensorBoard (mode "off": none)
 
 
 class TrainTask:
@@ -290,7 +291,7 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
     batches = task.batches(start, rank, world)
     stop = min(s.steps, s.stop_after or s.steps)
     peak = peak_flops(device)
-    run_log = RunLog(folder) if rank == 0 else None
+    run_log = RunLog(folder, wandb=s.wandb, name=s.name) if rank == 0 else None
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start, stop):
         batch = _to(next(batches), device)

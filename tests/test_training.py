@@ -140,3 +140,53 @@ def test_every_log_step_reaches_tensorboard_beside_metrics_jsonl_with_the_pictur
             [(line["step"], line[key]) for line in lines]
     images = events.Images("pictures/reconstructions")
     assert [i.step for i in images] == [2, 4] and (images[0].width, images[0].height) == (8, 4)
+
+
+def wandb_history(path) -> list[dict]:
+    """Each history row of an offline W&B run file (its transaction log: leveldb-style 32 KiB blocks of records,
+    each a protobuf Record), as {key: value} with `_step`."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, rows, pending, position = path.read_bytes(), [], b"", 7  # after the ":W&B" header
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a record header: padding
+            position += 32768 - position % 32768
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or a record's last piece
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"_step": record.history.step.num,
+                             **{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item}})
+    return rows
+
+
+def test_with_wandb_offline_every_log_step_and_picture_reaches_a_wandb_run_in_the_runs_folder(tmp_path):
+    """`wandb.mode: offline` (a setting; off by default): the figures of each log step (under TensorBoard's tags)
+    and each new picture go to a W&B run written under the run's folder, read back from its own file; its id is
+    the folder's, so a resumed run continues it."""
+    from core.config import load_config
+    from stages.run_log import wandb_run
+
+    assert load_config("paper").wandb.mode == "off"
+    task = Drawn(tmp_path)
+    train_loop(task, settings(steps=4, log_every=2, wandb={"mode": "offline", "project": "tests"}), tmp_path,
+               rank=0, world=1)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    rows = wandb_history(next(runs[0].glob("run-*.wandb")))
+    assert [row["_step"] for row in rows] == [2, 4]
+    for row, line in zip(rows, lines):
+        assert row["loss"] == pytest.approx(line["loss"]) and row["val_loss/caption"] == pytest.approx(
+            line["val_loss.caption"])
+        assert row["pictures/reconstructions/_type"] == "image-file"
+        assert (row["pictures/reconstructions/width"], row["pictures/reconstructions/height"]) == (8, 4)
+    assert len(list((runs[0] / "files" / "media" / "images" / "pictures").glob("reconstructions_*.png"))) == 2
+    assert wandb_run(tmp_path, {"mode": "off"}, "x") is None

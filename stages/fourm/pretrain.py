@@ -170,7 +170,8 @@ def loop_settings(config: Config, model, world: int, stop_after: int | None) -> 
         samples_per_step=local_batch * world, betas=tuple(cfg.betas), grad_clip=cfg.grad_clip,
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, device=cfg.device,
         parallel=cfg.parallel, compile=cfg.compile, tokens_per_sample=cfg.input_tokens + cfg.target_tokens,
-        flops_per_sample=flops_per_sample(model, cfg.input_tokens, cfg.target_tokens), stop_after=stop_after)
+        flops_per_sample=flops_per_sample(model, cfg.input_tokens, cfg.target_tokens), stop_after=stop_after,
+        wandb=config.wandb.model_dump())
 
 
 def train_worker(args: dict, task_class=None) -> None:
@@ -220,7 +221,7 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
     picture = prediction_picture(root, config)
     summary["predictions"] = str(picture) if picture else None
     if picture:  # beside the run's curves in TensorBoard
-        run_log = RunLog(folder)
+        run_log = RunLog(folder, wandb=config.wandb.model_dump(), name="4M")
         run_log.pictures([picture], cfg.steps)
         run_log.close()
     write_json(folder / "train.json", summary)

@@ -398,7 +398,8 @@ def train_worker(args: dict) -> None:
     settings = LoopSettings(name=task.modality, steps=plan.steps, warmup_steps=plan.warmup_steps, peak_lr=plan.lr,
                             samples_per_step=plan.local_batch * world, betas=(0.9, 0.95), log_every=cfg.log_every,
                             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, device=cfg.device,
-                            precision=task.spec.tokenizer.get("dtype", "float16"), stop_after=args.get("stop_after"))
+                            precision=task.spec.tokenizer.get("dtype", "float16"), stop_after=args.get("stop_after"),
+                            wandb=args.get("wandb"))
     train_loop(task, settings, task.folder, rank, world)
 
 
@@ -410,7 +411,7 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
     folder.mkdir(parents=True, exist_ok=True)
     args = {"root": str(Path(root).resolve()), "modality": modality, "folder": str(folder.resolve()),
             "cfg": cfg.model_dump(), "plan": asdict(plan), "model_config": asdict(model_config(cfg, modality, layout)),
-            "shards": modality_shards(layout, modality), "stop_after": stop_after}
+            "shards": modality_shards(layout, modality), "stop_after": stop_after, "wandb": config.wandb.model_dump()}
     fit(train_worker, args, name=f"tokenizer-{modality}", folder=folder, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:

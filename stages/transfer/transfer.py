@@ -237,7 +237,7 @@ def train_worker(args: dict) -> None:
                             peak_lr=plan.lr, samples_per_step=plan.local_batch * world, betas=tuple(s.betas),
                             log_every=config.transfer.log_every, checkpoint_every=config.transfer.checkpoint_every,
                             seed=config.transfer.seed, device=config.transfer.device,
-                            stop_after=args.get("stop_after"))
+                            stop_after=args.get("stop_after"), wandb=config.wandb.model_dump())
     train_loop(task, settings, task.folder, rank, world)
 
 
