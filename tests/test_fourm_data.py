@@ -286,3 +286,22 @@ def test_npy_members_read_as_numpy_reads_them_and_pickles_are_refused():
         npy_array(buffer.getvalue())
     with pytest.raises(LoaderInputError, match="magic"):
         npy_array(b"not a numpy file")
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_tokenize_stores_the_224_crops_unless_told_not_to(tmp_path, store):
+    """`tokenizer.store_crops` (on by default): each sample's crop settings, and its photo's crops at 224 beside
+    them; off, the settings alone and the loader reads each photo whole."""
+    from stages.dataset.shards import CROP_PIXELS
+    from stages.tokenizers.tokenize import write_crops
+    from stages.tokenizers.tokenizer_data import rgb_index
+    from tests.helpers import write_rgb_shard
+
+    assert load_config("paper").tokenizer.store_crops
+    layout, keys = write_rgb_shard(tmp_path, [(96, 128), (80, 80)])
+    cfg = load_config("demo", [f"tokenizer.store_crops={store}"]).tokenizer
+    stats = write_crops(layout, "shard-000000", cfg, rgb_index(layout, "shard-000000"))
+    assert stats["status_counts"] == {"ok": 2}
+    assert layout.tar(CROP_PIXELS, "shard-000000").is_file() == store and stored_crops(tmp_path) == store
+    with tarfile.open(layout.tar("crop_settings", "shard-000000")) as tar:
+        assert [m.name for m in tar] == [f"{k}.npy" for k in keys]

@@ -92,14 +92,17 @@ def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, in
     sizes = index.sizes
     photo = registry.photo()
     photos = read_members(layout.tar(photo.folder, shard), photo.extension)
-    with ShardWriter(layout, CROPS, shard, [CROPS, CROP_PIXELS]) as writer:
+    with ShardWriter(layout, CROPS, shard, [CROPS, CROP_PIXELS] if cfg.store_crops else [CROPS]) as writer:
         for key, data in photos:
             settings = sample_crops(key, sizes[key], cfg) if key in sizes else None
-            pixels = crop_jpegs(data, settings) if settings is not None else None
-            if pixels is not None:
-                writer.write(key, {CROPS: ("npy", npy_bytes(settings)), CROP_PIXELS: ("npz", pixels)})
-            rows.append({"key": key, "status": OK if pixels is not None else "decode_error",
-                         "error": None if pixels is not None else "rgb image unreadable"})
+            members = {CROPS: ("npy", npy_bytes(settings))} if settings is not None else None
+            if members and cfg.store_crops:
+                pixels = crop_jpegs(data, settings)
+                members = {**members, CROP_PIXELS: ("npz", pixels)} if pixels is not None else None
+            if members:
+                writer.write(key, members)
+            rows.append({"key": key, "status": OK if members else "decode_error",
+                         "error": None if members else "rgb image unreadable"})
         table = pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
         counts = Counter(r["status"] for r in rows)
         stats = {"rows": len(rows), "ok": counts[OK], "status_counts": dict(counts),
