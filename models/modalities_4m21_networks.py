@@ -215,10 +215,10 @@ class SamInstance(DenseModality):
     # -- the mask tokenizer: one instance's mask in its box --------------------------------------------------
     def to_tensor(self, label, crop, image_size):
         """One instance of the crop (drawn by the crop's own numbers; the reference trains on one at random) as
-        its mask (1, 64, 64) in {0, 1}; none in the crop: an empty mask."""
+        its mask (1, 64, 64) in {0, 1}; None without one (left out of the tokenizer's training)."""
         found = crop_instances(label, crop, image_size)
         if not found:
-            return torch.zeros(1, MASK_SIDE, MASK_SIDE)
+            return None
         outline, box = found[int(np.random.default_rng([int(v) for v in crop]).integers(len(found)))]
         return torch.from_numpy(instance_mask(outline, box))[None]
 

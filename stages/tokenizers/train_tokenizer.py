@@ -201,14 +201,18 @@ def sample_stream(root: str, modality: str, shards: list[str], crop_scale, seed:
     order = [shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(shards))]
     mine, pool = order[rank::world][slot::slots], []
     while True:
+        found = 0
         for shard in mine:
             for _, label, size in decoded_samples(layout, modality, shard):
                 crop = random_crop(rng, *size, scale=crop_scale)
                 x = crop_to_tensor(modality, label, crop, size)
                 if x is not None:  # None: nothing to learn from in this sample (poses: no human in it)
                     pool.append(x)
+                    found += 1
                 if len(pool) >= buffer:
                     yield pool.pop(int(rng.integers(len(pool))))
+        if not found:
+            raise TokenizerInputError(f"{modality}: nothing to learn from in shards {mine} (every sample left out)")
         while pool:
             yield pool.pop(int(rng.integers(len(pool))))
 
@@ -243,13 +247,18 @@ class TokenizerBatches(torch.utils.data.IterableDataset):
 
 
 def eval_batch(root: str, modality: str, shards: list[str], count: int) -> torch.Tensor:
-    """The first samples of the first shard, center-cropped: the same pictures at every evaluation."""
+    """The first samples, center-cropped: the same pictures at every evaluation (samples with nothing to learn
+    from, a pose file without a human, left out)."""
     samples = []
-    for _, label, size in shard_samples(DatasetLayout(root), modality, shards[0]):
-        x = crop_to_tensor(modality, label, center_crop(*size), size)
-        samples += [] if x is None else [x]
-        if len(samples) == count:
-            break
+    for shard in shards:
+        for _, label, size in shard_samples(DatasetLayout(root), modality, shard):
+            x = crop_to_tensor(modality, label, center_crop(*size), size)
+            samples += [] if x is None else [x]
+            if len(samples) == count:
+                return torch.stack(samples)
+    if not samples:
+        raise TokenizerInputError(f"{modality}: no sample to evaluate on in {len(shards)} shards (every one left "
+                                  f"out: nothing to learn from)")
     return torch.stack(samples)
 
 
