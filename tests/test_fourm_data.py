@@ -243,10 +243,16 @@ def test_the_loaders_tar_reader_reads_what_tarfile_reads_and_refuses_a_corrupt_h
     with tarfile.open(path) as tar:
         expected = [(m.name.split(".", 1)[0], tar.extractfile(m).read()) for m in tar if m.isfile()]
     assert list(_members(path)) == expected and len(expected) == 4
-    damaged = bytearray(path.read_bytes())
-    damaged[header_offset(path, names[1]) + 10] ^= 0xFF
+    original = path.read_bytes()
+    with tarfile.open(path) as tar:
+        second = next(m for m in tar if m.name == names[1])
+    damaged = bytearray(original)
+    damaged[second.offset + 10] ^= 0xFF
     path.write_bytes(bytes(damaged))
     with pytest.raises(LoaderInputError, match="corrupt tar header at byte"):
+        list(_members(path))
+    path.write_bytes(original[:second.offset_data + 100])  # a shard cut short inside a member
+    with pytest.raises(LoaderInputError, match="cut short inside a member"):
         list(_members(path))
 
 
@@ -254,12 +260,6 @@ def _directory(name):
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE
     return info
-
-
-def header_offset(path, name) -> int:
-    """The byte where a member's header starts (after its pax or long-name records)."""
-    with tarfile.open(path) as tar:
-        return next(m.offset for m in tar if m.name == name)
 
 
 def test_pixels_are_normalised_as_imagenet_s_mean_and_std_say(tmp_path):

@@ -121,6 +121,8 @@ def _members(path: Path) -> Iterator[tuple[str, bytes]]:
                 raise LoaderInputError(f"{path}: a member over 8 GB")
             size, kind = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8), header[156:157]
             data = stream.read(size)
+            if len(data) < size:
+                raise LoaderInputError(f"{path}: cut short inside a member at byte {stream.tell()}")
             stream.seek(-size % BLOCK, 1)
             if kind == b"x":  # pax: a longer name (path=) than the header holds
                 for record in data.decode("utf-8", "replace").split("\n"):
@@ -176,7 +178,6 @@ def npy_array(data: bytes) -> np.ndarray:
         raise LoaderInputError("a .npy member of Python objects (pickled) is not read")
     array = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=start)
     return array.reshape(shape, order="F" if fortran else "C")
-
 
 
 def crop_pixels(jpeg: bytes, crop) -> torch.Tensor:
