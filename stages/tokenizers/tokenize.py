@@ -5,9 +5,12 @@ Produces  <root>/crop_settings/shard-NNNNNN.tar    <key>.npy  int32 (n_crops, 5)
                                                    in rgb pixels; crop 0 the center crop, the others
                                                    random-resized crops shared by every modality
           <root>/crops_rgb@224/shard-NNNNNN.tar      <key>.npz  entry "i": crop i of the photo at 224x224 as a
-                                                   JPEG (quality 95, unmirrored), so the 4M loader decodes 224
-                                                   pixels, not the whole photo (written with crop_settings)
-          <root>/tok_<modality>@224/shard-NNNNNN.tar  <key>.npy  int16 (n_crops, 196) token ids
+                                                   JPEG (quality 95, 4:4:4, unmirrored), so the 4M loader decodes
+                                                   224 pixels, not the whole photo (with crop_settings, unless
+                                                   tokenizer.store_crops is off)
+          <root>/tok_<modality>@224/shard-NNNNNN.tar  <key>.npy  int16 (n_crops, 196) token ids; a modality may
+                                                   store its own member (`token_member`: SAM instances' records
+                                                   per crop, poses' JSON with their ids, in tok_<modality>/)
           <root>/_status/tokenize_<modality>/shard-NNNNNN.{parquet,json}  one row per rgb sample; json last
           (crop_settings: _status/crop_settings/)
 Captions and boxes stay text in caption/ and det/ (tokenized when loaded, with tokenizers/text).
