@@ -96,6 +96,8 @@ class Modality:
     label_order = 100              # where it comes in pictures and tables (lower first)
     token_grid = GRID              # its image tokens per side at 224 (DINOv2's 14-pixel patches: 16)
     pooled = False                 # one global vector, its tokens one per codebook (DINOv2's global: 4x4)
+    pretokenized = False           # its 4M sequence is made by tokenize (SAM instances per crop, poses' ids) and
+                                   # read from tok_<name>/ (the reference's `pretokenized`)
 
     # -- names ------------------------------------------------------------------------------------------------
     @property
@@ -110,7 +112,7 @@ class Modality:
     @property
     def token_folder(self) -> str:
         """tok_depth@224; a global vector's tokens have no resolution: tok_dinov2_global (the reference's names)."""
-        return f"tok_{self.name}" if self.pooled else f"tok_{self.name}@{RESOLUTION}"
+        return f"tok_{self.name}" if self.pooled or self.pretokenized else f"tok_{self.name}@{RESOLUTION}"
 
     @property
     def tokenize_stage(self) -> str:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from core import pictures
-from core.registry import Domain, register
-from models.modality_kinds import TEXT_VOCABULARY, FeatureMapModality, GlobalFeatureModality, SequenceModality
+from core.registry import register
+from models.modality_kinds import FeatureMapModality, GlobalFeatureModality, SequenceModality
 
 BINS = 1000  # the reference's coord_bins
 
@@ -87,14 +87,7 @@ class HumanPoses(SequenceModality):
                      patch_size=1)
     token_grid = 4               # the tokenizer's settings ask a grid; a pose is one vector (8 codebooks, 8 ids)
     metric_name, baseline_name, channels_from_data = "l1", "the batch's mean pose", False
-
-    @property
-    def token_folder(self) -> str:
-        return "tok_human_poses"
-
-    def domains(self):
-        return [Domain(self.name, self, "sequence", self.token_folder, vocab_size=TEXT_VOCABULARY,
-                       max_tokens=self.max_tokens)]
+    pretokenized = True          # tok_human_poses/: the JSON with the ids tokenize filled in
 
     def encode(self, label) -> bytes:
         return json.dumps(label).encode()

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 
 from core import pictures
-from core.registry import RESOLUTION, Domain, Labeling, register
+from core.registry import RESOLUTION, Labeling, register
 from models import labelers, random_weights
 from models.labelers import ComputedLabeler
 from models.modality_kinds import (
-    TEXT_VOCABULARY,
     DenseModality,
     EmbeddingSequenceModality,
     FeatureMapModality,
     GlobalFeatureModality,
+    sequence_domains,
 )
 
 
@@ -182,13 +182,10 @@ class SamInstance(DenseModality):
     tokenizer = dict(in_channels=1, codebook_size=1024, decoder="vit", loss="bce", input_size=MASK_SIDE,
                      latent_dim=1024, out_conv=True, crop_scale=(0.8, 1.0))
 
-    @property
-    def token_folder(self) -> str:
-        return "tok_sam_instance"
+    pretokenized = True            # tok_sam_instance/: each crop's instances, boxes and ids
 
     def domains(self):
-        return [Domain(self.name, self, "sequence", self.token_folder, vocab_size=TEXT_VOCABULARY,
-                       max_tokens=self.max_tokens)]
+        return sequence_domains(self)
 
     # -- storage --------------------------------------------------------------------------------------------
     def encode(self, label) -> bytes:

@@ -366,6 +366,14 @@ class GlobalFeatureModality(FeatureMapModality):
         return target.float().mean(0, keepdim=True).expand_as(target)  # one vector for all: nothing learned
 
 
+def sequence_domains(modality: Modality) -> list[Domain]:
+    """A text 4M reads in the caption vocabulary, from the modality's folder, or from its token folder where
+    tokenize makes it (`pretokenized`)."""
+    folder = modality.token_folder if modality.pretokenized else modality.folder
+    return [Domain(modality.name, modality, "sequence", folder, vocab_size=TEXT_VOCABULARY,
+                   max_tokens=modality.max_tokens)]
+
+
 class SequenceModality(Modality):
     """Text per sample, tokenized with the text tokenizer when the 4M loader reads it."""
 
@@ -375,8 +383,7 @@ class SequenceModality(Modality):
     max_tokens = 256              # most tokens 4M reads, [EOS] included: longer texts are cut (the reference's)
 
     def domains(self) -> list[Domain]:
-        return [Domain(self.name, self, "sequence", self.folder, vocab_size=TEXT_VOCABULARY,
-                       max_tokens=self.max_tokens)]
+        return sequence_domains(self)
 
     def encode(self, label) -> bytes:
         return str(label).encode()

@@ -60,8 +60,9 @@ def loader_folders(modalities: list[str], root: str | Path | None = None) -> lis
     under `root` has them."""
     photo = registry.photo().folder
     needs_photo = any(getattr(registry.domain(m).modality, "needs_photo", False) for m in modalities)
-    folders = {folder_of(m) for m in modalities} | {CROPS} | ({photo} if needs_photo else set())
-    if root is not None and photo in {folder_of(m) for m in modalities} and stored_crops(root):
+    own = {folder_of(m) for m in modalities}
+    folders = own | {CROPS} | ({photo} if needs_photo else set())
+    if root is not None and photo in own and stored_crops(root):
         folders = (folders - ({photo} if not needs_photo else set())) | {CROP_PIXELS}
     return sorted(folders)
 
