@@ -23,9 +23,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from core.config import load_config  # noqa: E402
 from models.fourm import FourMConfig  # noqa: E402
 from models.transfer import FourMViT, TransferModel, make_head  # noqa: E402
-from core.config import load_config  # noqa: E402
 from stages.training import device_for  # noqa: E402
 from stages.transfer.transfer_data import TransferDataset, classification_samples, segmentation_samples  # noqa: E402
 
@@ -87,12 +87,17 @@ def write_photos(work: Path, count: int) -> tuple[Path, Path]:
 
 
 def bench_loader(task: str, samples: list, settings, count: int) -> float:
+    """Images/s of one thread, as in a loader worker process (torch runs those on one thread)."""
     data = TransferDataset(task, samples, True, settings.image_size, settings, 0)
     data[(0, 0)]  # first-call costs (imports) out of the timing
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     start = time.perf_counter()
     for i in range(count):
         data[(i, i % len(samples))]
-    return count / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return count / elapsed
 
 
 def main() -> int:

@@ -13,6 +13,11 @@ the training task) and torchvision's paired v2 transforms (segmentation: large-s
 jitter; depth: random crop, flip, colour jitter), so image and label move together. Every sample's random draws
 are seeded by (seed, its position in the run), so a resumed run sees the same augmented batches.
 
+Samples leave the loader as uint8 pixels (timm's prefetcher form: a quarter of the bytes to move, no float work
+in the loader processes); `model_input` turns a batch on the device into the ImageNet-normalised floats the model
+reads. The dense tasks augment the photo as a PIL image (Pillow's colour jitter on uint8 costs a third of torch's
+float HSV round trip on a CPU tensor at 512x512).
+
 Bad input fails before training and names the file: an empty class folder, a class missing from the training
 folder, an image without its label, a label of another size than its image, class ids beyond the head.
 """
@@ -129,27 +134,34 @@ def _rgb(path: Path):
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        image = Image.open(path)
+        image.load()  # reads the file and closes it
+        return image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB photo (a decode's cost)
     except OSError as err:
         raise TransferInputError(f"{path}: not a readable image ({err})") from None
 
 
-def make_transform(task: str, train: bool, size: int, settings):
-    """timm's classification transforms; torchvision's paired v2 transforms for dense tasks."""
-    if task == "classification":
-        from timm.data import create_transform
+def model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """A batch of uint8 pixels (B, 3, H, W), already on the model's device, as ImageNet-normalised floats."""
+    mean = torch.tensor(MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
 
-        return create_transform(size, is_training=train, auto_augment=settings.randaugment if train else None,
-                                scale=tuple(settings.crop_scale), mean=MEAN, std=STD, interpolation="bicubic",
-                                re_prob=0.0)
+
+def make_transform(task: str, train: bool, size: int, settings):
+    """timm's classification transforms (stages/transfer/augment.py); torchvision's paired v2 transforms for dense
+    tasks; uint8 out."""
+    if task == "classification":
+        from stages.transfer.augment import classification_transform
+
+        return classification_transform(size, train, settings, MEAN)
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
-    to_tensor = [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(MEAN, STD)]
+    to_tensor = [v2.PILToTensor()]
     if not train:
         return v2.Compose([v2.Resize((size, size), antialias=True), *to_tensor])
-    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE if task == "segmentation" else 0, "others": 0}
+    fill = {tv_tensors.Mask: IGNORE if task == "segmentation" else 0, "others": 0}
     geometry = [v2.ScaleJitter((size, size), scale_range=tuple(settings.scale_jitter), antialias=True)] \
         if task == "segmentation" else [v2.Resize(size, antialias=True)]
     return v2.Compose([*geometry, v2.RandomCrop(size, pad_if_needed=True, fill=fill), v2.RandomHorizontalFlip(),
@@ -178,14 +190,12 @@ class TransferDataset(torch.utils.data.Dataset):
         if self.task == "classification":
             return self.transform(image), torch.tensor(label)
         from torchvision import tv_tensors
-        from torchvision.transforms.v2 import functional as TF
 
         size = (image.height, image.width)
         target = read_annotation(label, size, self.settings.classes) if self.task == "segmentation" \
             else read_depth(label, size, self.settings.depth_scale)
-        pixels, target = self.transform(tv_tensors.Image(TF.pil_to_tensor(image)),
-                                        tv_tensors.Mask(torch.from_numpy(target)))
-        return pixels.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)
+        pixels, target = self.transform(image, tv_tensors.Mask(torch.from_numpy(target)))
+        return pixels, target.as_subclass(torch.Tensor)
 
 
 class RunOrder(torch.utils.data.Sampler):
