@@ -131,3 +131,20 @@ def test_segmentation_image_and_label_move_together(tmp_path):
         assert not redder[inner == 1].any(), n
         flipped += bool((target[:, 0] == 1).any())  # blue on the left: the pair was flipped together
     assert 0 < flipped < 12
+
+
+def test_annotations_stay_uint8_through_the_augmentations_and_reach_the_loss_as_int64(tmp_path):
+    from models.metrics import IGNORE
+    from stages.transfer.transfer_data import model_target, read_annotation
+
+    raw = np.array([[0, 1, 2], [150, 7, 0]], np.uint8)
+    Image.fromarray(raw).save(tmp_path / "l.png")
+    ids = read_annotation(tmp_path / "l.png", (2, 3), 150)
+    assert ids.dtype == np.uint8 and ids.tolist() == [[IGNORE, 0, 1], [149, 6, IGNORE]]
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((40, 50), 3, np.uint8)).save(tmp_path / "l.png")
+    settings = SimpleNamespace(scale_jitter=(0.5, 2.0), classes=150)
+    data = TransferDataset("segmentation", [(tmp_path / "a.png", tmp_path / "l.png")], True, 64, settings, 0)
+    _, target = data[(0, 0)]
+    assert target.dtype == torch.uint8 and set(target.unique().tolist()) <= {2, IGNORE}  # padding is ignored
+    assert model_target(target).dtype == torch.int64 and torch.equal(model_target(target), target.long())

@@ -37,6 +37,7 @@ from stages.transfer.transfer_data import (
     classification_samples,
     depth_samples,
     model_input,
+    model_target,
     read_annotation,
     read_depth,
     segmentation_samples,
@@ -77,7 +78,7 @@ def evaluate(model, task: str, loader, classes: int, device) -> dict:
     model.eval()
     totals, count, matrix, sums = {1: 0, 5: 0}, 0, torch.zeros(classes, classes, dtype=torch.long), np.zeros(4)
     for pixels, target in loader:
-        pixels, target = model_input(pixels.to(device)), target.to(device)
+        pixels, target = model_input(pixels.to(device)), model_target(target.to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(pixels).float()
         if task == "classification":
@@ -198,7 +199,7 @@ class TransferTask(TrainTask):
 
     def forward(self, model, batch):
         pixels, target = batch
-        pixels = model_input(pixels)
+        pixels, target = model_input(pixels), model_target(target)
         if self.plan.task == "classification":
             if self.mixup is not None:
                 np.random.seed(torch.initial_seed() % 2 ** 32)  # the step's seed: mixup draws from numpy

@@ -84,7 +84,8 @@ def segmentation_samples(folder: Path, split: str) -> list[tuple[Path, Path]]:
 
 
 def read_annotation(path: Path, image_size: tuple[int, int], classes: int) -> np.ndarray:
-    """Class ids 0..classes-1 and IGNORE, from an ADE20K png (0 = unlabelled, c = class c - 1)."""
+    """Class ids 0..classes-1 and IGNORE, from an ADE20K png (0 = unlabelled, c = class c - 1); uint8 from an
+    8-bit png (IGNORE is 255, where 0 - 1 wraps: an eighth of int64's bytes through the augmentations)."""
     from PIL import Image
 
     raw = np.asarray(Image.open(path))
@@ -96,6 +97,8 @@ def read_annotation(path: Path, image_size: tuple[int, int], classes: int) -> np
     if int(raw.max()) > classes:
         raise TransferInputError(f"{path}: class id {int(raw.max())} beyond the head's {classes} classes "
                                  f"(transfer.classes)")
+    if raw.dtype == np.uint8 and IGNORE == 255:
+        return raw - np.uint8(1)
     ids = raw.astype(np.int64) - 1
     ids[raw == 0] = IGNORE
     return ids
@@ -146,6 +149,11 @@ def model_input(pixels: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=pixels.device).view(1, 3, 1, 1)
     return (pixels.float() / 255 - mean) / std
+
+
+def model_target(target: torch.Tensor) -> torch.Tensor:
+    """A batch of labels on the model's device as the losses and metrics take them: uint8 class ids as int64."""
+    return target.long() if target.dtype == torch.uint8 else target
 
 
 def make_transform(task: str, train: bool, size: int, settings):
