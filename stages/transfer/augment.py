@@ -4,8 +4,8 @@ can feed a GPU: timm's own transforms and random draws, with two of its pixel op
 - The random-resized crop: timm's draws (`random`), resized with torch's antialiased bicubic kernel on the uint8
   pixels (Pillow's filter, about 4x faster than Pillow's resize on this machine's cores).
 - RandAugment's geometric operations (rotate, shear, translate): the same affine matrices and fill, warped with
-  OpenCV's bicubic (Pillow's generic bicubic transform takes about 3 ms for a 224 image, OpenCV's 0.6 ms). Its
-  cubic kernel is a little sharper than Pillow's (a = -0.75 against -0.5): about 40 dB apart on photos.
+  OpenCV's bicubic (Pillow's generic bicubic transform takes about 3 ms for a 224 image, OpenCV's 1.2 ms on one
+  thread). Its cubic kernel is a little sharper than Pillow's (a = -0.75 against -0.5): 40-44 dB apart on photos.
 - Posterize at 0 bits (timm's increasing ops, `-inc1` as MAE and DeiT use them, at magnitude 10) is refused by
   Pillow 13 with a ValueError that timm 1.0.31 passes on, about one sample in 650 at rand-m9-mstd0.5-inc1: a
   crashed epoch. Here it gives the black image older Pillows gave.
