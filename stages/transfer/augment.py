@@ -43,12 +43,13 @@ def adapt(transform) -> None:
     from timm.data.auto_augment import RandAugment
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
+    kernels = _kernels()
     for i, step in enumerate(transform.transforms):
         if isinstance(step, RandomResizedCropAndInterpolation):
             transform.transforms[i] = ResizedCrop(step)
         elif isinstance(step, RandAugment):
             for op in step.ops:
-                op.aug_fn = _kernels().get(op.aug_fn, op.aug_fn)
+                op.aug_fn = kernels.get(op.aug_fn, op.aug_fn)
 
 
 class ResizedCrop:

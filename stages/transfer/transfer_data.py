@@ -23,6 +23,7 @@ folder, an image without its label, a label of another size than its image, clas
 """
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,10 +145,15 @@ def _rgb(path: Path):
         raise TransferInputError(f"{path}: not a readable image ({err})") from None
 
 
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a tensor built from a list on a GPU is a blocking copy, not to be paid every step."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
 def model_input(pixels: torch.Tensor) -> torch.Tensor:
     """A batch of uint8 pixels (B, 3, H, W), already on the model's device, as ImageNet-normalised floats."""
-    mean = torch.tensor(MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=pixels.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(pixels.device)
     return (pixels.float() / 255 - mean) / std
 
 
