@@ -27,11 +27,11 @@ def photos():
 
 
 def seed(n: int) -> None:
-    random.seed(n), np.random.seed(n), torch.default_generator.manual_seed(n)
+    augment.draws.seed(n), np.random.seed(n), torch.default_generator.manual_seed(n)
 
 
 def draw_states():
-    return random.getstate(), np.random.get_state()[1].tolist(), torch.default_generator.get_state().tolist()
+    return augment.draws.getstate(), np.random.get_state()[1].tolist(), torch.default_generator.get_state().tolist()
 
 
 SPEC = SimpleNamespace(randaugment="rand-m9-mstd0.5-inc1", crop_scale=(0.08, 1.0))
@@ -66,7 +66,7 @@ def test_each_geometric_operation_warps_as_pillows(photos, name):
     image, fill = photos[0].resize((224, 224)), (124, 116, 104)
     fast = augment._kernels()[NAME_TO_OP[name]]
     for level in (3.0, 9.0):
-        random.seed(1)
+        augment.draws.seed(1)
         args = LEVEL_TO_ARG[name](level, {"translate_pct": 0.45})
         expected = NAME_TO_OP[name](image, *args, fillcolor=fill, resample=Image.Resampling.BICUBIC)
         got = fast(image, *args, fillcolor=fill, resample=Image.Resampling.BICUBIC)
@@ -148,3 +148,23 @@ def test_annotations_stay_uint8_through_the_augmentations_and_reach_the_loss_as_
     _, target = data[(0, 0)]
     assert target.dtype == torch.uint8 and set(target.unique().tolist()) <= {2, IGNORE}  # padding is ignored
     assert model_target(target).dtype == torch.int64 and torch.equal(model_target(target), target.long())
+
+
+def test_a_samples_draws_are_its_threads_own_when_another_thread_draws_from_random(photos, tmp_path):
+    """Another thread drawing from `random` between a sample's seeding and its RandAugment draws (as websockets'
+    keepalive pings do in Prefect's event-loop thread) leaves the sample as it was."""
+    import threading
+
+    photos[2].save(tmp_path / "a.jpg")
+    data = TransferDataset("classification", [(tmp_path / "a.jpg", 0)], True, 64, SPEC, 0)
+    expected = [data[(n, 0)][0] for n in range(4)]
+
+    def another_thread_draws(image):
+        before = random.getstate()
+        thread = threading.Thread(target=lambda: [random.getrandbits(32) for _ in range(4)])
+        thread.start(), thread.join()
+        assert random.getstate() != before  # it did draw from the process's generator
+        return image
+
+    data.transform.transforms.insert(1, another_thread_draws)  # after the crop, before RandAugment
+    assert all(torch.equal(data[(n, 0)][0], expected[n]) for n in range(4))

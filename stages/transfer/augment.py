@@ -13,10 +13,18 @@ can feed a GPU: timm's own transforms and random draws, with two of its pixel op
 Every draw is timm's, in timm's order, so a seed gives the same crop boxes and operations as the stock transform;
 the pixels differ by the kernels alone (median 71 dB apart on the test photos, 2 of 60 samples under 40 dB: a
 solarize after a warp moves a few pixels across its threshold).
+
+timm's transforms draw from `random`, one generator for the whole process, which other threads draw from too
+(websockets' keepalive pings in Prefect's event-loop thread call `random.getrandbits`): a sample augmented in the
+training process (loader_workers 0, as the demo profile trains) now and then got another crop, and a resumed run
+other weights. So timm's augmentation modules draw from `draws` here, a generator of each thread's own, seeded per
+sample; the draws are the ones `random` would make from the same seed.
 """
 from __future__ import annotations
 
 import math
+import random
+import threading
 
 import cv2
 import numpy as np
@@ -24,6 +32,28 @@ import torch
 
 # Parallelism comes from the loader's worker processes; OpenCV's own thread pool would oversubscribe the cores.
 cv2.setNumThreads(1)
+
+
+class ThreadDraws(threading.local):
+    """`random`'s functions on the calling thread's own generator."""
+
+    def __init__(self):
+        self.generator = random.Random()
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
+
+
+draws = ThreadDraws()
+
+
+def _draw_from_thread_generators() -> None:
+    from timm.data import auto_augment, transforms
+
+    auto_augment.random = transforms.random = draws
+
+
+_draw_from_thread_generators()
 
 
 def classification_transform(size: int, train: bool, settings, mean):

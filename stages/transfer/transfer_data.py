@@ -24,7 +24,6 @@ folder, an image without its label, a label of another size than its image, clas
 from __future__ import annotations
 
 import functools
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,11 +193,14 @@ class TransferDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
+        from stages.transfer.augment import draws
+
         position, index = key if isinstance(key, tuple) else (key, key)
         seed = (self.seed * 1_000_003 + position) % 2 ** 32
-        # timm's RandAugment draws from `random`, the crops from torch's CPU generator: seeded directly, as
-        # torch.manual_seed would also queue a CUDA seeding with its stack trace (a seventh of a sample's time)
-        random.seed(seed), np.random.seed(seed), torch.default_generator.manual_seed(seed)
+        # timm's crops and RandAugment draw from this thread's generator (augment.draws), its choice of operations
+        # from numpy's, the flips from torch's CPU generator: seeded directly, as torch.manual_seed would also queue
+        # a CUDA seeding with its stack trace (a seventh of a sample's time)
+        draws.seed(seed), np.random.seed(seed), torch.default_generator.manual_seed(seed)
         path, label = self.samples[index]
         image = _rgb(path)
         if self.task == "classification":
