@@ -402,6 +402,20 @@ def _stage_help(name: str, text: str) -> str:
     return f"{text}: {stage(name).summary}"
 
 
+class RegistryHelp(argparse.HelpFormatter):
+    """Fills {labelled} and {tokenizers} in a help text from the registry when the help is shown: reading the
+    registry imports the modalities' model code (torch, transformers: about 3 s), which `up`, `down` or `services`
+    should not wait for."""
+
+    def _expand_help(self, action):
+        text = super()._expand_help(action)
+        if "{labelled}" in text:
+            text = text.replace("{labelled}", ",".join(m.name for m in registry.labelled()))
+        if "{tokenizers}" in text:
+            text = text.replace("{tokenizers}", ", ".join(registry.tokenizer_names()))
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="The 4M data engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -409,10 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="serve the bundled photos over loopback and build the demo dataset")
     demo.add_argument("--output", help="dataset root (default: the profile's data_root)")
     _add_config_args(demo, default="demo")
-    label = sub.add_parser("label", help=_stage_help("pseudo-label", "pseudo-label the photos with every labeler"))
+    label = sub.add_parser("label", help=_stage_help("pseudo-label", "pseudo-label the photos with every labeler"),
+                           formatter_class=RegistryHelp)
     label.add_argument("--data", help="dataset root (default: the profile's data_root)")
-    label.add_argument("--labelers", help=f"comma-separated subset of {','.join(m.name for m in registry.labelled())} "
-                                          f"(default: label.labelers)")
+    label.add_argument("--labelers", help="comma-separated subset of {labelled} (default: label.labelers)")
     _add_config_args(label)
     imported = sub.add_parser("import-labels", help="bring an external tool's labels in as one modality's label "
                                                     "shards (ImageBind, human poses): <key>.<extension> files -> "
@@ -444,10 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "modalities)")
     _add_config_args(models)
     train = sub.add_parser("train-tokenizer", help=_stage_help("train-tokenizers", "train the tokenizers: text "
-                                                                                    "(WordPiece) and the VQ-VAEs"))
+                                                                                    "(WordPiece) and the VQ-VAEs"),
+                           formatter_class=RegistryHelp)
     train.add_argument("--data", help="dataset root (default: the profile's data_root)")
-    train.add_argument("--modality", help=f"{', '.join(registry.tokenizer_names())}, comma-separated, or all "
-                                          f"(default: tokenizer.modalities)")
+    train.add_argument("--modality", help="{tokenizers}, comma-separated, or all (default: "
+                                          "tokenizer.modalities)")
     _add_config_args(train)
     tokenize = sub.add_parser("tokenize", help=_stage_help("tokenize", "encode every sample's crops with the trained "
                                                                         "tokenizers"))

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from core import registry
-from stages.dataset.align import STAGE as ALIGN
-from stages.dataset.shards import CROPS
 
 
 @dataclass(frozen=True)
@@ -34,6 +32,9 @@ def _labelled(folder: str) -> bool:  # by a labeler here, or imported from an ex
 
 
 def _tokenized(folder: str) -> bool:
+    from stages.dataset.align import STAGE as ALIGN  # here: webdataset imports torch, which `up` need not wait for
+    from stages.dataset.shards import CROPS
+
     return folder in {CROPS, ALIGN} | {m.tokenize_stage for m in registry.tokenized()}
 
 

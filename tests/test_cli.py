@@ -113,10 +113,17 @@ def test_label_with_no_profile_uses_the_real_models_and_fails_at_once_without_th
 
 
 def test_the_command_line_imports_only_the_stage_it_runs():
-    """Parsing the command line imports no stage, Prefect or hub library: each command imports its own stage."""
+    """Parsing the command line imports no stage, Prefect, hub library or torch (the modalities' model code, 3 s
+    that `up`, `down` and `services` need not wait for): each command imports its own stage."""
     code = ("import sys; from pipeline.cli import build_parser; build_parser().parse_args(['status', '--data', '.']); "
             "print(sorted(m for m in ('prefect', 'timm', 'open_clip', 'stages.fourm.pretrain', 'stages.label.label', "
-            "'stages.transfer.transfer', 'pipeline.demo', 'pipeline.flows') if m in sys.modules))")
+            "'stages.transfer.transfer', 'pipeline.demo', 'pipeline.flows', 'torch', 'transformers') "
+            "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+    # the help still names the registry's modalities, read when it is shown
+    for command, listed in (("label", "depth,normal,semseg,clip,det"), ("train-tokenizer", "text, rgb, depth")):
+        shown = subprocess.run([sys.executable, "-m", "pipeline", command, "--help"], capture_output=True, text=True,
+                               timeout=120, check=False)
+        assert listed in " ".join(shown.stdout.split()), shown.stdout
