@@ -31,6 +31,7 @@ from stages.dataset.shards import CROP_PIXELS, CROPS, DatasetLayout
 from stages.fourm.masking import Component, MaskingSampler, is_sequence, paper_mixture
 from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import resized_crop
+from stages.training import data_loader
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -315,9 +316,8 @@ def make_loader(root, config, tokenizer, *, split: str, batch_size: int, rank: i
     dataset = MaskedSamples(root, shards, cfg.modalities, sampler, train=split == "train", repeats=cfg.repeats,
                             min_score=cfg.det_min_score, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank)
     workers = cfg.loader_workers if workers is None else workers
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
-                                       persistent_workers=workers > 0, drop_last=split == "train",
-                                       prefetch_factor=4 if workers else None)
+    return data_loader(dataset, workers, batch_size=batch_size, collate_fn=collate, persistent_workers=workers > 0,
+                       drop_last=split == "train")
 
 
 # -- inspection ---------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from models.vqvae import (
 from stages.dataset.shards import DatasetLayout
 from stages.tokenizers.dataset_tokenizers import convert_published, decode_tokens
 from stages.tokenizers.tokenizer_data import center_crop, crop_to_tensor, random_crop, read_members, shard_samples
-from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
+from stages.training import LoopSettings, TrainTask, data_loader, fit, train_loop, world_for
 
 
 class TokenizerInputError(ValueError):
@@ -351,10 +351,7 @@ class TokenizerTask(TrainTask):
             self.evaluation = eval_batch(self.root, self.modality, self.shards, self.cfg.eval_samples)
         crop_scale = self.spec.tokenizer.get("crop_scale", (0.8, 1.0))
         data = TokenizerBatches(self.root, self.modality, self.shards, crop_scale, self.cfg.seed, rank, self.plan, start)
-        workers = self.plan.loader_workers
-        return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
-                                                pin_memory=torch.cuda.is_available(),
-                                                prefetch_factor=4 if workers else None))
+        return iter(data_loader(data, self.plan.loader_workers, batch_size=None))
 
     def forward(self, model, batch):
         return model(self.spec.reference_input(batch), loss=self.spec.tokenizer["loss"])

@@ -28,7 +28,7 @@ from core.config import Config
 from core.files import save_model_safetensors, write_json
 from models.metrics import IGNORE, confusion, segmentation_scores  # noqa: F401 - IGNORE: the datasets' too
 from models.transfer import BackboneError, TransferModel, make_backbone, make_head
-from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
+from stages.training import LoopSettings, TrainTask, data_loader, fit, train_loop, world_for
 from stages.transfer.transfer_data import (
     RunOrder,
     TransferDataset,
@@ -186,13 +186,10 @@ class TransferTask(TrainTask):
         samples = samples_of(plan.task, plan.train if split == "train" else plan.val,
                              "training" if split == "train" else "validation", s, names)
         data = TransferDataset(plan.task, samples, split == "train", s.image_size, s, self.seed)
-        workers = s.loader_workers
-        common = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
-                  "prefetch_factor": 4 if workers else None}
         if split == "train":
             order = RunOrder(len(samples), plan.local_batch, start, plan.steps, self.seed, rank, world)
-            return torch.utils.data.DataLoader(data, batch_size=plan.local_batch, sampler=order, **common)
-        return torch.utils.data.DataLoader(data, batch_size=plan.local_batch, **common)
+            return data_loader(data, s.loader_workers, batch_size=plan.local_batch, sampler=order)
+        return data_loader(data, s.loader_workers, batch_size=plan.local_batch)
 
     def batches(self, start, rank, world):
         self.val_loader = self._loader("val") if rank == 0 else None
