@@ -73,7 +73,6 @@ def depth_scores(sums: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-@torch.no_grad()  # no graph kept for a backward that never comes (a training step's activations, per batch)
 def evaluate(model, task: str, loader, classes: int, device) -> dict:
     """The task's validation metrics over the whole loader."""
     model.eval()
