@@ -243,7 +243,9 @@ def overfit(steps: int = 250):
 
 
 def test_an_overfitted_model_regenerates_its_sample_from_its_caption_and_its_caption_from_its_rgb():
-    model, text, sample = overfit()
+    # 400 steps: the text tokenizer's learned ids differ from run to run (huggingface/tokenizers#1794, hash-map order),
+    # so the model does too; after 250 steps 2 runs in 8 ended the caption one token late, after 400 none in 10
+    model, text, sample = overfit(400)
     sentinels = [text.token_to_id(f"[S_{i}]") for i in range(200)]
     sampler = Sampler(model, sentinels)
     ids = text.encode(sample["caption"]).ids + [EOS_ID]
