@@ -41,8 +41,6 @@ def _config_from(args, flags: dict) -> Config:
 
 
 def cmd_download(args) -> int:
-    from stages.download.download import run_download
-
     config = _config_from(args, {
         "data_root": args.output, "download.shard_size": args.shard_size, "download.max_side": args.max_side,
         "download.processes": args.processes, "download.threads": args.threads,
@@ -50,6 +48,7 @@ def cmd_download(args) -> int:
     })
     if not Path(args.input).is_file():
         raise ConfigError(f"--input {args.input!r}: no such file")
+    from stages.download.download import run_download  # after the checks: a bad setting fails in 3 s, not 7
     progress = ShardProgress("download")
     try:
         summary = run_download(args.input, config.data_root, config, observer=progress)
@@ -60,10 +59,9 @@ def cmd_download(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from stages.label.label import run_label
-
     names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
     config = _config_from(args, {"data_root": args.data, "label.labelers": names})
+    from stages.label.label import run_label
     progress = ShardProgress("label")
     try:
         summary = run_label(config.data_root, config, names, observer=progress)
@@ -73,9 +71,8 @@ def cmd_label(args) -> int:
 
 
 def cmd_import_labels(args) -> int:
-    from stages.label.import_labels import run_import
-
     config = _config_from(args, {"data_root": args.data})
+    from stages.label.import_labels import run_import
     progress = ShardProgress(f"import {args.modality}")
     try:
         summary = run_import(config.data_root, config, args.modality, args.source, observer=progress)
@@ -99,10 +96,9 @@ def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
 
 
 def cmd_train_tokenizer(args) -> int:
-    from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
-
     modalities = None if args.modality in (None, "all") else [m.strip() for m in args.modality.split(",")]
     config = _config_from(args, {"data_root": args.data, "tokenizer.modalities": modalities})
+    from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
 
     def report(modality, result):
         if result.get("skipped"):
@@ -121,10 +117,9 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from stages.tokenizers.tokenize import run_tokenize
-
     modalities = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
     config = _config_from(args, {"data_root": args.data})
+    from stages.tokenizers.tokenize import run_tokenize
     progress = ShardProgress("tokenize")
     try:
         summary = run_tokenize(config.data_root, config, modalities, observer=progress)
@@ -224,9 +219,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from stages.fourm.pretrain import run_dir, run_pretrain
-
     config = _config_from(args, {"data_root": args.data, "pretrain.size": args.size, "pretrain.steps": args.steps})
+    from stages.fourm.pretrain import run_dir, run_pretrain
     summary = run_pretrain(config.data_root, config)
     final = summary["final"]
     losses = ", ".join(f"{k.removeprefix('loss.')} {v:.4g}" for k, v in final.items() if k.startswith("loss."))
@@ -236,9 +230,8 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from stages.transfer.transfer import run_transfer
-
     config = _config_from(args, {f"transfer.{args.task}.linear_probe": True if args.linear_probe else None})
+    from stages.transfer.transfer import run_transfer
     results = run_transfer(args.task, args.train, args.val, config, model=args.model, backbone=args.backbone,
                            out=args.out)
     paper = results["paper"]

@@ -1,4 +1,5 @@
 """The command line as a user runs it: a subprocess joined to the test session's Ray through RAY_ADDRESS."""
+import json
 import os
 import signal
 import subprocess
@@ -27,15 +28,24 @@ def run_cli(*args, ray_address=None, timeout=240) -> subprocess.CompletedProcess
 
 
 def test_bad_configuration_fails_before_any_work(tmp_path):
+    """Each refused with exit status 2 and the bad value named, before the stage is even imported (which takes
+    seconds: torch, webdataset, Ray), and with nothing written."""
     urls = tmp_path / "urls.tsv"
     urls.write_text("http://127.0.0.1/a.jpg\ta\n")
     out = tmp_path / "data"
-    result = run_cli("download", "--input", str(urls), "--output", str(out), "--set", "download.retrys=3")
-    assert result.returncode == 2 and "unknown key 'download.retrys'" in result.stderr
-    result = run_cli("download", "--input", str(urls), "--output", str(out), "--threads", "0")
-    assert result.returncode == 2 and "--threads 0: download.threads = 0" in result.stderr
-    result = run_cli("download", "--input", str(tmp_path / "nope.tsv"), "--output", str(out))
-    assert result.returncode == 2 and "nope.tsv" in result.stderr and "no such file" in result.stderr
+    download = ["download", "--input", str(urls), "--output", str(out)]
+    cases = [download + ["--set", "download.retrys=3"], download + ["--threads", "0"],
+             ["download", "--input", str(tmp_path / "nope.tsv"), "--output", str(out)]]
+    code = ("import json, sys; from pipeline.cli import main; "
+            "codes = [main(case) for case in json.loads(sys.argv[1])]; "
+            "print(codes, 'stages.download.download' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["[2,", "2,", "2]", "False"], result.stdout + result.stderr
+    errors = result.stderr.splitlines()
+    assert "unknown key 'download.retrys'" in errors[0]
+    assert "--threads 0: download.threads = 0" in errors[1]
+    assert "nope.tsv" in errors[2] and "no such file" in errors[2]
     assert not out.exists(), "nothing was written"
 
 

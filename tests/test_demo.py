@@ -7,7 +7,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-
 SHORT_TOKENIZER_RUNS = {"rgb": 30, "normal": 30, "semseg": 10}
 
 
