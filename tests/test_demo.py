@@ -10,7 +10,7 @@ import pytest
 SHORT_TOKENIZER_RUNS = {"rgb": 30, "normal": 30, "semseg": 10}
 
 
-@pytest.mark.timeout(1500)  # about 6 minutes alone; room for a loaded machine
+@pytest.mark.timeout(1500)  # about 2.5 minutes alone; room for a loaded machine
 def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_address, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     models = {n: str(tmp_path / "models" / n) for n in ("depth", "normal", "semseg", "det", "clip")}
