@@ -14,20 +14,6 @@ from core.config import RayConfig
 
 _dashboard: dict[str, str | None] = {"url": None}
 
-# Every stage's Ray workers import these (torch alone takes 2 s, with transformers 3-4 s on 2 cores). A Ray whose
-# raylet starts with this setting has its idle workers import them while they wait, so a labeler's actor or a
-# download task starts on an interpreter that has them already: a two-shard label run of one tiny model took 5.5 s
-# instead of 8.9. The cost: about 210 MB more per idle worker (Ray keeps a few: 5 on an 8-CPU local Ray).
-# Ray's own setting (`preload_python_modules`), read from the environment when a raylet starts.
-PRELOAD_VARIABLE, PRELOADED_MODULES = "RAY_preload_python_modules", "torch,transformers,webdataset"
-
-
-def preload_worker_modules(env: dict | None = None) -> dict:
-    """Set (unless already set) the preload for the Ray that `env`'s process starts (default: this process's)."""
-    env = os.environ if env is None else env
-    env.setdefault(PRELOAD_VARIABLE, PRELOADED_MODULES)
-    return env
-
 
 def _console_level() -> str:
     return os.environ.get("RAY_LOG_LEVEL", "WARNING").upper()
@@ -72,7 +58,6 @@ def init_ray(cfg: RayConfig) -> None:
         # warning, about a cluster without authentication, cannot apply to this one).
         if _console_level() == "WARNING":
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        preload_worker_modules()
         context = ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
                            include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     url = getattr(context, "dashboard_url", None)

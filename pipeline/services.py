@@ -69,15 +69,13 @@ DRAIN_SECONDS = 5
 
 
 def _environment() -> dict[str, str]:
-    from core.ray_runtime import preload_worker_modules
-
-    return preload_worker_modules({**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
+    return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
             "PREFECT_HOME": str(state_dir() / "prefect"), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             # `down` means now: the head drains its node for this long, not Ray's 30 s (a detached actor, such as
             # Ray Train's state actor, keeps a node from ever draining)
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": os.environ.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S",
                                                                     str(DRAIN_SECONDS)),
-            **client_environment()})
+            **client_environment()}
 
 
 def _services() -> list[tuple[str, list[str], str]]:

@@ -37,9 +37,6 @@ def ray_address():
     """One local Ray for the whole session (it takes seconds to start); subprocesses join it by address."""
     import ray
 
-    from core.ray_runtime import preload_worker_modules
-
-    preload_worker_modules()  # as the pipeline's own Ray: idle workers import torch before the tests' tasks come
     # address="local": a new Ray even when `make up` runs a head on this machine
     context = ray.init(address="local", num_cpus=2, include_dashboard=False,
                        object_store_memory=150 * 1024 * 1024, log_to_driver=False)

@@ -95,10 +95,6 @@ def test_container_image_installs_the_project_on_a_cuda_base():
     for package in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
         assert package.rstrip("*") in copied
     assert any("pip install -e ." in line for line in instructions)
-    from core.ray_runtime import PRELOAD_VARIABLE, PRELOADED_MODULES
-
-    # every node's Ray preloads the stages' libraries, as a local one does
-    assert any(line.startswith(f"{PRELOAD_VARIABLE}={PRELOADED_MODULES} ") for line in lines)
 
 
 def test_work_pool_template_matches_prefects_process_template():
