@@ -15,7 +15,7 @@ def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_add
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     models = {n: str(tmp_path / "models" / n) for n in ("depth", "normal", "semseg", "det", "clip")}
     # The demo's own tokenizer budgets (rgb 600 steps, normals 300, segmentation 50) make the pictures a user
-    # wants and take two of the demo's minutes; here each runs a few steps, as the path is what this test checks
+    # wants and take nearly 3 of the demo's minutes; here each runs a few steps, as the path is what this test checks
     # (test_tokenizer_quality checks that each tokenizer learns).
     short = [f"tokenizer.epochs_by_modality.{name}={steps}" for name, steps in SHORT_TOKENIZER_RUNS.items()]
     result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", str(tmp_path / "demo"),
