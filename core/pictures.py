@@ -91,6 +91,10 @@ def save_figure(fig, out: str | Path, dpi: int, metadata: dict | None = None, ti
     """Laid out, written aside and renamed into place (a reader never sees half a PNG), then closed."""
     import matplotlib.pyplot as plt
 
+    for ax in fig.axes:
+        if not ax.axison:  # ticks hidden are still laid out and measured (most of a picture's time): drop them
+            ax.set_xticks([])
+            ax.set_yticks([])
     if tight:
         fig.tight_layout()
     with atomic_path(out, suffix=".png") as tmp:

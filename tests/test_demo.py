@@ -7,15 +7,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-SHORT_TOKENIZER_RUNS = {"rgb": 30, "normal": 30, "semseg": 10}
+SHORT_TOKENIZER_RUNS = {"rgb": 30, "normal": 30, "semseg": 10, "canny_edge": 20}
 
 
 @pytest.mark.timeout(1500)  # about 2.5 minutes alone; room for a loaded machine
 def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_address, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     models = {n: str(tmp_path / "models" / n) for n in ("depth", "normal", "semseg", "det", "clip")}
-    # The demo's own tokenizer budgets (rgb 600 steps, normals 300, segmentation 50) make the pictures a user
-    # wants and take nearly 3 of the demo's minutes; here each runs a few steps, as the path is what this test checks
+    # The demo's own tokenizer budgets (rgb 600 steps, normals 300, segmentation 50, Canny edges 100) make the
+    # pictures a user wants and take over 3 of the demo's minutes; here each runs a few steps, as the path is what
+    # this test checks
     # (test_tokenizer_quality checks that each tokenizer learns).
     short = [f"tokenizer.epochs_by_modality.{name}={steps}" for name, steps in SHORT_TOKENIZER_RUNS.items()]
     result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", str(tmp_path / "demo"),
