@@ -1,5 +1,6 @@
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +9,43 @@ from tests.helpers import MisbehavingServer
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # models load from local folders only; nothing is fetched from a hub
+
+
+SESSION_SERVICES = ("ray_address", "prefect_api")
+
+
+def modules_with_session_services() -> set[str]:
+    """The test modules that name the session's Ray or Prefect server (xdist's scheduler sees node ids only)."""
+    return {p.name for p in Path(__file__).parent.glob("test_*.py") if any(s in p.read_text() for s in SESSION_SERVICES)}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two pytest-xdist processes (`--dist loadscope`). The modules that use the session's Ray or
+    Prefect server all run in one of them, so the run starts one of each (two Rays, each counting both cores as
+    its own, oversubscribed them); every other module runs whole (its module fixtures built once) in the other:
+    in-process training and the services test fill the cores that Ray's tests leave idle."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    together = modules_with_session_services()
+
+    class SessionServicesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "session-services" if Path(module).name in together else module
+
+    return SessionServicesTogether(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that reaches the session's services through a fixture defined elsewhere would be scheduled apart
+    from them (and start a second Ray): say so instead."""
+    together = modules_with_session_services()
+    for item in items:
+        if set(SESSION_SERVICES) & set(item.fixturenames) and item.path.name not in together:
+            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(SESSION_SERVICES)} without naming it in its "
+                                    "module: name the fixture there (tests/conftest.py schedules by module text)")
 
 
 @pytest.fixture(autouse=True)
