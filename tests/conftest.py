@@ -19,6 +19,7 @@ def modules_with_session_services() -> set[str]:
     return {p.name for p in Path(__file__).parent.glob("test_*.py") if any(s in p.read_text() for s in SESSION_SERVICES)}
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without it (`-p no:xdist`) there is nothing to schedule
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs two pytest-xdist processes (`--dist loadscope`). The modules that use the session's Ray or
     Prefect server all run in one of them, so the run starts one of each (two Rays, each counting both cores as
