@@ -44,9 +44,10 @@ def pytest_collection_modifyitems(config, items):
     from them (and start a second Ray): say so instead."""
     together = modules_with_session_services()
     for item in items:
-        if set(SESSION_SERVICES) & set(item.fixturenames) and item.path.name not in together:
-            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(SESSION_SERVICES)} without naming it in its "
-                                    "module: name the fixture there (tests/conftest.py schedules by module text)")
+        used = [name for name in SESSION_SERVICES if name in item.fixturenames]
+        if used and item.path.name not in together:
+            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(used)} without naming it in its module: name "
+                                    "the fixture there (tests/conftest.py schedules by module text)")
 
 
 @pytest.fixture(autouse=True)

@@ -10,14 +10,13 @@ import pytest
 SHORT_TOKENIZER_RUNS = {"rgb": 30, "normal": 30, "semseg": 10, "canny_edge": 20}
 
 
-@pytest.mark.timeout(1500)  # about 2.5 minutes alone; room for a loaded machine
+@pytest.mark.timeout(1500)  # about 2 minutes alone, 4 beside other tests; room for a loaded machine
 def test_demo_downloads_labels_tokenizes_and_verifies_the_bundled_photos(ray_address, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     models = {n: str(tmp_path / "models" / n) for n in ("depth", "normal", "semseg", "det", "clip")}
     # The demo's own tokenizer budgets (rgb 600 steps, normals 300, segmentation 50, Canny edges 100) make the
     # pictures a user wants and take over 3 of the demo's minutes; here each runs a few steps, as the path is what
-    # this test checks
-    # (test_tokenizer_quality checks that each tokenizer learns).
+    # this test checks (test_tokenizer_quality checks that each tokenizer learns).
     short = [f"tokenizer.epochs_by_modality.{name}={steps}" for name, steps in SHORT_TOKENIZER_RUNS.items()]
     result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", str(tmp_path / "demo"),
                              "--set", f"label.models={models}", *(x for o in short for x in ("--set", o))],
