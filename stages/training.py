@@ -380,8 +380,11 @@ def world_for(ray_config, device: str, workers: int | None) -> tuple[int, bool]:
 
 
 def _with_modalities(config: dict) -> None:
-    """A worker imports the modules that define the run's modalities, then trains."""
+    """A worker imports the modules that define the run's modalities, computes on the threads its CPUs give it,
+    then trains."""
     registry.use(config["modalities"])
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     config["train_fn"](config["args"])
 
 
@@ -397,9 +400,13 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
 
     scaling = ScalingConfig(num_workers=0) if in_process else ScalingConfig(
         num_workers=world, use_gpu=use_gpu, resources_per_worker={} if use_gpu else {"CPU": cpus_per_worker})
+    # A CPU worker of `cpus_per_worker` CPUs computes on that many threads, set here rather than left to Ray's
+    # OMP_NUM_THREADS (which Ray does not set when the caller's environment has one): the same sums in the same
+    # order on a worker and in process, so a run resumed in process takes the very steps a worker would have
+    threads = None if use_gpu else max(1, int(cpus_per_worker))
     trainer = TorchTrainer(
         _with_modalities, train_loop_config={"train_fn": train_fn, "modalities": registry.loaded_plugins(),
-                                             "args": args},
+                                             "args": args, "threads": threads},
         scaling_config=scaling,
         run_config=RunConfig(name=name, storage_path=str((folder / "ray").resolve()),
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -407,10 +414,7 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
     if not in_process:
         trainer.fit()
         return
-    # The threads Ray gives a worker of `cpus_per_worker` CPUs (OMP_NUM_THREADS): the same sums in the same order,
-    # so a run resumed in process takes the very steps a worker would have
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cpus_per_worker)))
+    threads = torch.get_num_threads()  # this process's own, back after the run
     try:
         trainer.fit()
     finally:
