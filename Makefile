@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# Two test processes (pytest-xdist): the modules that share the session's Ray and Prefect server run in one, every
-# other module beside them (tests/conftest.py says why); TEST_PROCESSES=0 runs everything in one process.
+# Two test processes (pytest-xdist), each running whole modules, the longest first (tests/conftest.py);
+# TEST_PROCESSES=0 runs everything in one process.
 TEST_PROCESSES ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadscope
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline demo --profile demo

@@ -17,43 +17,21 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # models load from local folders only; nothing is fetched from a hub
 
 
-SESSION_SERVICES = ("ray_address", "prefect_api")
-
-
-def modules_with_session_services() -> set[str]:
-    """The test modules that name the session's Ray or Prefect server (xdist's scheduler sees node ids only)."""
-    return {p.name for p in Path(__file__).parent.glob("test_*.py") if any(s in p.read_text() for s in SESSION_SERVICES)}
-
-
-@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without it (`-p no:xdist`) there is nothing to schedule
-def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs two pytest-xdist processes (`--dist loadscope`). The modules that use the session's Ray or
-    Prefect server all run in one of them, so the run starts one of each (two Rays, each counting both cores as
-    its own, oversubscribed them); every other module runs whole (its module fixtures built once) in the other:
-    in-process training and the services test fill the cores that Ray's tests leave idle."""
-    if config.getvalue("dist") != "loadscope":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    together = modules_with_session_services()
-
-    class SessionServicesTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "session-services" if Path(module).name in together else module
-
-    return SessionServicesTogether(config, log)
+# `make test` hands whole modules to two pytest-xdist processes (`--dist loadscope --no-loadscope-reorder`), in
+# collection order: the modules that run longest (measured, docs/benchmarks.md) go first, so the short ones fill in
+# behind them instead of one long module running alone at the end. Each process starts its own Ray (and the one
+# that runs test_flows.py a Prefect server) when a test first asks for it.
+LONGEST_MODULES = ("test_demo.py", "test_tokenizer_quality.py", "test_operations.py", "test_flows.py",
+                   "test_label_stage.py", "test_tokenizers.py", "test_pretrain.py", "test_cli.py", "test_modalities.py",
+                   "test_generate.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that reaches the session's services through a fixture defined elsewhere would be scheduled apart
-    from them (and start a second Ray): say so instead."""
-    together = modules_with_session_services()
-    for item in items:
-        used = [name for name in SESSION_SERVICES if name in item.fixturenames]
-        if used and item.path.name not in together:
-            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(used)} without naming it in its module: name "
-                                    "the fixture there (tests/conftest.py schedules by module text)")
+    gone = [name for name in LONGEST_MODULES if not (Path(__file__).parent / name).is_file()]
+    if gone:  # a renamed module would silently lose its place at the front
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_MODULES names {', '.join(gone)}: no such test module")
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its own order
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +58,7 @@ def server():
 
 @pytest.fixture(scope="session")
 def ray_address():
-    """One local Ray for the whole session (it takes seconds to start); subprocesses join it by address."""
+    """One local Ray for each test process (it takes seconds to start); subprocesses join it by address."""
     import ray
 
     # address="local": a new Ray even when `make up` runs a head on this machine
