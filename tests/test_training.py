@@ -223,5 +223,7 @@ def test_loader_processes_forked_from_a_flows_process_end_cleanly():
 
     codes, stderr = exit_codes("ours")
     assert codes == "[0, 0]" and "exited unexpectedly" not in stderr, stderr
-    codes, stderr = exit_codes("plain")  # torch's own DataLoader, in the same process: the noise this prevents
-    assert "1" in codes and "DataLoader worker" in stderr and "exited unexpectedly with exit code 1" in stderr
+    # torch's own DataLoader, in the same process: its workers end with code 1, which torch reports as 'DataLoader
+    # worker exited unexpectedly' when its check runs before the shutdown has joined them (a race: not every time)
+    codes, _ = exit_codes("plain")
+    assert codes == "[1, 1]"
