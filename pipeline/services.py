@@ -8,14 +8,17 @@ down    stops exactly the process groups `up` recorded, and nothing else.
 status  says which of them run.
 
 State folder: `.services/` in the checkout (`PIPELINE_SERVICES_DIR`); logs are `<service>.log` there. Ports:
-`PREFECT_PORT` (4200), `RAY_PORT` (6379), `RAY_DASHBOARD_PORT` (8265), `TENSORBOARD_PORT` (6006); TensorBoard reads
-`TENSORBOARD_LOGDIR` (`data`, where the datasets and their runs live). No telemetry calls out.
+`PREFECT_PORT` (4200), `RAY_PORT` (6379), `RAY_DASHBOARD_PORT` (8265), `RAY_CLIENT_PORT` (10001, Ray Client's
+`ray://` server: two heads share 10001 silently), `TENSORBOARD_PORT` (6006): set them all to run two of these on
+one machine. TensorBoard reads `TENSORBOARD_LOGDIR` (`data`, where the datasets and their runs live). No telemetry
+calls out.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ def state_dir() -> Path:
 def ports() -> dict[str, int]:
     return {"prefect": int(os.environ.get("PREFECT_PORT", 4200)), "ray": int(os.environ.get("RAY_PORT", 6379)),
             "dashboard": int(os.environ.get("RAY_DASHBOARD_PORT", 8265)),
+            "ray_client": int(os.environ.get("RAY_CLIENT_PORT", 10001)),
             "tensorboard": int(os.environ.get("TENSORBOARD_PORT", 6006))}
 
 
@@ -78,22 +82,25 @@ def _environment() -> dict[str, str]:
             **client_environment()}
 
 
-def _services() -> list[tuple[str, list[str], str]]:
-    """(name, command, the URL that answers once it is up), in start order."""
+def _services() -> list[tuple[str, list[str], list[str]]]:
+    """(name, command, what answers once it is up: URLs, or tcp://host:port for a listening port), in start order."""
     p, u = ports(), urls()
     return [
         ("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(p["prefect"])],
-         u["prefect_api"] + "/health"),
+         [u["prefect_api"] + "/health"]),
         ("ray-head", [str(BIN / "ray"), "start", "--head", "--block", "--port", str(p["ray"]), "--include-dashboard",
                       "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(p["dashboard"]),
-                      "--disable-usage-stats"], u["ray_dashboard"]),
+                      "--ray-client-server-port", str(p["ray_client"]), "--disable-usage-stats"],
+         # its client server listens last, once it has read its own node's record: a head whose client server gave
+         # up on that (under load) stops everything with it
+         [u["ray_dashboard"], f"tcp://127.0.0.1:{p['ray_client']}"]),
         # every run's tensorboard/ folder under the data folder, re-read every few seconds: curves while they grow
         ("tensorboard", [str(BIN / "tensorboard"), "--logdir", str(tensorboard_logdir()), "--host", "127.0.0.1",
-                         "--port", str(p["tensorboard"]), "--reload_interval", "5"], u["tensorboard"] + "/data/logdir"),
+                         "--port", str(p["tensorboard"]), "--reload_interval", "5"], [u["tensorboard"] + "/data/logdir"]),
         # ready once its deployments are registered (the demo's pipeline is the last), so `prefect deployment run`
         # right after `up` finds them
         ("deployments", [sys.executable, "-m", "pipeline", "serve"],
-         u["prefect_api"] + "/deployments/name/cc12m-pipeline/demo"),
+         [u["prefect_api"] + "/deployments/name/cc12m-pipeline/demo"]),
     ]
 
 
@@ -118,17 +125,25 @@ def _alive(record: dict) -> bool:
     return " ".join(cmdline).endswith(" ".join(record["cmd"][1:]))
 
 
+def _answers(url: str) -> bool:
+    try:
+        if url.startswith("tcp://"):
+            host, port = url[len("tcp://"):].rsplit(":", 1)
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return True
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def _wait_for(url: str, proc: subprocess.Popen, name: str, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}; see {state_dir() / (name + '.log')}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        if _answers(url):
+            return
         time.sleep(0.5)  # polling a service we started; not a test synchronisation
     raise RuntimeError(f"{name} did not answer at {url} within {timeout:.0f} s; see {state_dir() / (name + '.log')}")
 
@@ -138,9 +153,10 @@ def _wait_for(url: str, proc: subprocess.Popen, name: str, timeout: float = 180.
 STARTS_AFTER_THE_OTHERS = "deployments"
 
 
-def _wait_for_all(starting: list[tuple[str, subprocess.Popen, str]]) -> None:
-    for ready_url, proc, name in starting:
-        _wait_for(ready_url, proc, name)
+def _wait_for_all(starting: list[tuple[list[str], subprocess.Popen, str]]) -> None:
+    for ready_urls, proc, name in starting:
+        for url in ready_urls:
+            _wait_for(url, proc, name)
         print(f"{name:15} started (pid {proc.pid})")
 
 
@@ -148,7 +164,7 @@ def up() -> dict:
     records, env = _records(), _environment()
     state_dir().mkdir(parents=True, exist_ok=True)
     starting = []
-    for name, cmd, ready_url in _services():
+    for name, cmd, ready_urls in _services():
         if name in records and _alive(records[name]):
             print(f"{name:15} already running (pid {records[name]['pid']})")
             continue
@@ -160,7 +176,7 @@ def up() -> dict:
                                     start_new_session=True)  # its own process group: `down` stops all of it
         records[name] = {"pid": proc.pid, "cmd": cmd, "log": str(state_dir() / f"{name}.log")}
         _save(records)
-        starting.append((ready_url, proc, name))
+        starting.append((ready_urls, proc, name))
     _wait_for_all(starting)
     u = urls()
     print(f"\nPrefect UI:     {u['prefect_ui']}\nRay dashboard:  {u['ray_dashboard']}\n"

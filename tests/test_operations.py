@@ -46,7 +46,7 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
     prefect deployment run cc12m-pipeline/demo --watch resumes it without redoing a committed shard; make down."""
     env = {**os.environ, "PIPELINE_SERVICES_DIR": str(tmp_path / "services"), "PREFECT_PORT": str(free_port()),
            "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()), "TENSORBOARD_PORT": str(free_port()),
-           "TENSORBOARD_LOGDIR": str(tmp_path / "data")}
+           "RAY_CLIENT_PORT": str(free_port()), "TENSORBOARD_LOGDIR": str(tmp_path / "data")}
     env.pop("RAY_ADDRESS", None)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1200)"], start_new_session=True)
     try:
@@ -59,6 +59,8 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
         assert f"TensorBoard:    {tensorboard} ({tmp_path / 'data'})" in up.stdout
         records = json.loads((tmp_path / "services/services.json").read_text())
         assert set(records) == {"prefect-server", "ray-head", "tensorboard", "deployments"}
+        # the head's Ray Client server listens where asked (not on 10001, where another head's may), and up waited
+        socket.create_connection(("127.0.0.1", int(env["RAY_CLIENT_PORT"])), timeout=10).close()
         again = subprocess.run([sys.executable, "-m", "pipeline", "up"], env=env, capture_output=True, text=True,
                                timeout=120)
         assert again.stdout.count("already running") == 4  # idempotent: nothing started twice
