@@ -414,8 +414,8 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
     if not in_process:
         trainer.fit()
         return
-    threads = torch.get_num_threads()  # this process's own, back after the run
+    own_threads = torch.get_num_threads()  # the worker's count is set in this process for the run, then undone
     try:
         trainer.fit()
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(own_threads)
