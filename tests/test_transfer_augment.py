@@ -34,6 +34,12 @@ def draw_states():
     return augment.draws.getstate(), np.random.get_state()[1].tolist(), torch.default_generator.get_state().tolist()
 
 
+def posterize_as_older_pillows(image, bits, **_):
+    from PIL import ImageOps
+
+    return image.point(lambda _: 0) if bits <= 0 else image if bits >= 8 else ImageOps.posterize(image, bits)
+
+
 SPEC = SimpleNamespace(randaugment="rand-m9-mstd0.5-inc1", crop_scale=(0.08, 1.0))
 
 
@@ -43,8 +49,8 @@ def test_classification_draws_as_timm_and_its_pixels_stay_within_a_stated_psnr(p
     ours = make_transform("classification", True, 224, SPEC)
     stock = create_transform(224, is_training=True, auto_augment=SPEC.randaugment, scale=SPEC.crop_scale,
                              mean=MEAN, interpolation="bicubic", re_prob=0.0, use_prefetcher=True)
-    for op in stock.transforms[2].ops:  # timm's posterize at 0 bits raises on Pillow 13 (the next test)
-        op.aug_fn = augment.posterize if op.aug_fn.__name__ == "posterize" else op.aug_fn
+    for op in stock.transforms[2].ops:  # timm's posterize at 0 bits raises on Pillow 13 (a test below)
+        op.aug_fn = posterize_as_older_pillows if op.aug_fn.__name__ == "posterize" else op.aug_fn
     scores = []
     for n in range(60):
         seed(n)
@@ -64,28 +70,100 @@ def test_each_geometric_operation_warps_as_pillows(photos, name):
     from timm.data.auto_augment import LEVEL_TO_ARG, NAME_TO_OP
 
     image, fill = photos[0].resize((224, 224)), (124, 116, 104)
-    fast = augment._kernels()[NAME_TO_OP[name]]
+    fast = augment.array_operation(NAME_TO_OP[name])
     for level in (3.0, 9.0):
-        augment.draws.seed(1)
         args = LEVEL_TO_ARG[name](level, {"translate_pct": 0.45})
         expected = NAME_TO_OP[name](image, *args, fillcolor=fill, resample=Image.Resampling.BICUBIC)
-        got = fast(image, *args, fillcolor=fill, resample=Image.Resampling.BICUBIC)
+        got = fast(np.asarray(image), *args, fillcolor=fill, resample=Image.Resampling.BICUBIC)
         assert psnr(got, expected) > 35, (name, level, psnr(got, expected))
+    bilinear = dict(fillcolor=fill, resample=Image.Resampling.BILINEAR)  # the filter timm asks for is the one used
+    args = LEVEL_TO_ARG[name](9.0, {"translate_pct": 0.45})
+    assert psnr(fast(np.asarray(image), *args, **bilinear), NAME_TO_OP[name](image, *args, **bilinear)) > 40
+
+
+def test_a_random_filter_choice_draws_as_timms_does(photos):
+    from timm.data.auto_augment import NAME_TO_OP
+
+    image, choices = np.asarray(photos[0].resize((64, 64))), (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+    for name, args in (("ShearX", (0.2,)), ("Rotate", (20.0,)), ("Color", (1.4,))):
+        augment.draws.seed(3)
+        NAME_TO_OP[name](Image.fromarray(image), *args, resample=choices)
+        expected = augment.draws.getstate()
+        augment.draws.seed(3)
+        augment.array_operation(NAME_TO_OP[name])(image, *args, resample=choices)
+        assert augment.draws.getstate() == expected, name
+
+
+def pillow_test_images(photos) -> list:
+    """Photos, noise, and the edge cases of Pillow's tables: one grey level, two levels, a narrow range."""
+    rng = np.random.default_rng(0)
+    two = np.where(rng.random((40, 56, 1)) < 0.3, 17, 200).astype(np.uint8).repeat(3, axis=2)
+    narrow = rng.integers(100, 104, (40, 56, 3), dtype=np.uint8)
+    return [np.asarray(photos[0].resize((224, 224))), np.asarray(photos[3].resize((97, 61))),
+            rng.integers(0, 256, (33, 47, 3), dtype=np.uint8), np.full((20, 30, 3), 77, np.uint8), two, narrow]
+
+
+@pytest.mark.parametrize("name", ["AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing",
+                                  "Solarize", "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness"])
+def test_each_colour_operation_gives_pillows_pixels(photos, name):
+    from timm.data.auto_augment import LEVEL_TO_ARG, NAME_TO_OP
+
+    fast = augment.array_operation(NAME_TO_OP[name])
+    for pixels in pillow_test_images(photos):
+        for level in (0.0, 1.0, 4.5, 9.0, 10.0):
+            args = LEVEL_TO_ARG[name](level, {}) if LEVEL_TO_ARG[name] else ()
+            for args in {args, tuple(-a if isinstance(a, float) else a for a in args)}:  # both signs of a factor
+                if name.startswith("Posterize") and args[0] <= 0:
+                    continue  # Pillow 13 refuses 0 bits (the next test)
+                expected = np.asarray(NAME_TO_OP[name](Image.fromarray(pixels), *args))
+                got = fast(pixels, *args)
+                assert got.dtype == np.uint8 and np.array_equal(got, expected), (name, level, args, pixels.shape)
 
 
 def test_posterize_to_zero_bits_is_black_where_pillow_13_raises():
     from PIL import ImageOps
+    from timm.data.auto_augment import NAME_TO_OP
 
     image = Image.new("RGB", (8, 8), (200, 100, 50))
     with pytest.raises(ValueError):
         ImageOps.posterize(image, 0)  # what timm's PosterizeIncreasing at magnitude 10 asks of Pillow
-    assert np.asarray(augment.posterize(image, 0)).max() == 0
-    assert np.array_equal(np.asarray(augment.posterize(image, 4)), np.asarray(ImageOps.posterize(image, 4)))
+    assert augment.array_operation(NAME_TO_OP["Posterize"])(np.asarray(image), 0).max() == 0
     transform = make_transform("classification", True, 32, SimpleNamespace(randaugment="rand-m10-n15-inc1",
                                                                            crop_scale=(0.5, 1.0)))
     for n in range(5):  # all 15 operations each time, posterize among them at 0 bits
         seed(n)
         assert transform(image).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("policy", ["augmix-m5-w2-d1", "original", "3a"])
+def test_other_timm_policies_run_their_pil_steps_between_array_steps(photos, policy):
+    transform = make_transform("classification", True, 48, SimpleNamespace(randaugment=policy, crop_scale=(0.5, 1)))
+    seed(0)
+    pixels = transform(np.asarray(photos[0]))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 48, 48)
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    from stages.transfer.transfer_data import TransferInputError
+
+    (tmp_path / "a.jpg").write_bytes(b"not a jpeg")
+    for train in (True, False):  # OpenCV's decode for training, Pillow's for evaluation
+        data = TransferDataset("classification", [(tmp_path / "a.jpg", 0)], train, 32, SPEC, 0)
+        with pytest.raises(TransferInputError, match="a.jpg: not a readable image"):
+            data[0]
+
+
+def test_the_training_decode_gives_pillows_pixels(photos, tmp_path):
+    from stages.transfer.transfer_data import _rgb, _rgb_pixels
+
+    grey = photos[0].convert("L")
+    for name, image in (("rgb.jpg", photos[0]), ("grey.jpg", grey), ("rgba.png", photos[1].convert("RGBA")),
+                        ("palette.png", photos[2].convert("P"))):
+        image.save(tmp_path / name)
+        assert np.array_equal(_rgb_pixels(tmp_path / name), np.asarray(_rgb(tmp_path / name))), name
+    photos[0].convert("CMYK").save(tmp_path / "cmyk.jpg")
+    difference = np.abs(_rgb_pixels(tmp_path / "cmyk.jpg").astype(int) - np.asarray(_rgb(tmp_path / "cmyk.jpg")))
+    assert difference.max() <= 1  # OpenCV's CMYK conversion rounds where Pillow's truncates
 
 
 def test_samples_are_uint8_and_the_device_normalises_them_as_torchvision_did(photos, tmp_path):

@@ -1,18 +1,17 @@
 """The paper's classification augmentation (timm's random-resized crop, flip and RandAugment) at a CPU cost that
-can feed a GPU: timm's own transforms and random draws, with two of its pixel operations on faster kernels.
+can feed a GPU: timm's own transforms and random draws, the pixels carried as (H, W, 3) uint8 arrays from the
+decode to the tensor, with the operations on faster kernels.
 
-- The random-resized crop: timm's draws (`random`), resized with torch's antialiased bicubic kernel on the uint8
-  pixels (Pillow's filter, about 4x faster than Pillow's resize on this machine's cores).
-- RandAugment's geometric operations (rotate, shear, translate): the same affine matrices and fill, warped with
-  OpenCV's bicubic (Pillow's generic bicubic transform takes about 3 ms for a 224 image, OpenCV's 1.2 ms on one
-  thread). Its cubic kernel is a little sharper than Pillow's (a = -0.75 against -0.5): 40-44 dB apart on photos.
-- Posterize at 0 bits (timm's increasing ops, `-inc1` as MAE and DeiT use them, at magnitude 10) is refused by
-  Pillow 13 with a ValueError that timm 1.0.31 passes on, about one sample in 650 at rand-m9-mstd0.5-inc1: a
-  crashed epoch. Here it gives the black image older Pillows gave.
+- The random-resized crop and flip: timm's draws (`random`) and torchvision's flip draw, the crop resized with
+  torch's antialiased bicubic kernel on the uint8 pixels (Pillow's filter, about 4x faster than Pillow's resize on
+  this machine's cores).
+- RandAugment: timm's draws and level arguments, its operations on arrays (stages/transfer/pixel_ops.py: Pillow's
+  pixels, the warps' cubic OpenCV's). An operation without an array version, or any other step timm puts in the
+  composition, runs on a PIL image made for it.
 
 Every draw is timm's, in timm's order, so a seed gives the same crop boxes and operations as the stock transform;
-the pixels differ by the kernels alone (median 71 dB apart on the test photos, 2 of 60 samples under 40 dB: a
-solarize after a warp moves a few pixels across its threshold).
+the pixels differ by the warps' kernel alone (median 71 dB apart on the test photos, 2 of 60 samples under 40 dB:
+a solarize after a warp moves a few pixels across its threshold).
 
 timm's transforms draw from `random`, one generator for the whole process, which other threads draw from too
 (websockets' keepalive pings in Prefect's event-loop thread call `random.getrandbits`): a sample augmented in the
@@ -22,16 +21,13 @@ sample; the draws are the ones `random` would make from the same seed.
 """
 from __future__ import annotations
 
-import math
 import random
 import threading
 
-import cv2
 import numpy as np
 import torch
 
-# Parallelism comes from the loader's worker processes; OpenCV's own thread pool would oversubscribe the cores.
-cv2.setNumThreads(1)
+from stages.transfer import pixel_ops
 
 
 class ThreadDraws(threading.local):
@@ -57,7 +53,8 @@ _draw_from_thread_generators()
 
 
 def classification_transform(size: int, train: bool, settings, mean):
-    """timm's transform for the task, uint8 (3, size, size) out, with the faster kernels when training."""
+    """timm's transform for the task, uint8 (3, size, size) out; when training, it takes the (H, W, 3) uint8 array
+    `transfer_data._rgb_pixels` decodes (or a PIL image) and runs on arrays."""
     from timm.data import create_transform
 
     transform = create_transform(size, is_training=train, auto_augment=settings.randaugment if train else None,
@@ -69,76 +66,98 @@ def classification_transform(size: int, train: bool, settings, mean):
 
 
 def adapt(transform) -> None:
-    """Swap the kernels inside timm's composed training transform (in place; its draws are left alone)."""
+    """Carry timm's composed training transform on arrays (in place; its draws are left alone): its crop and the
+    flip after it become one `ResizedCrop`, RandAugment's operations their array versions, the last step a tensor
+    view of the array; any other step runs on a PIL image."""
     from timm.data.auto_augment import RandAugment
-    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+    from torchvision.transforms import RandomHorizontalFlip
 
-    kernels = _kernels()
-    for i, step in enumerate(transform.transforms):
-        if isinstance(step, RandomResizedCropAndInterpolation):
-            transform.transforms[i] = ResizedCrop(step)
+    steps = transform.transforms
+    if not isinstance(steps[0], RandomResizedCropAndInterpolation):
+        raise TypeError(f"timm's training transform starts with {steps[0]!r}, not its random-resized crop")
+    adapted = [ResizedCrop(steps[0])]
+    for step in steps[1:]:
+        if isinstance(step, RandomHorizontalFlip) and len(adapted) == 1:
+            adapted[0].flip = step.p
         elif isinstance(step, RandAugment):
             for op in step.ops:
-                op.aug_fn = kernels.get(op.aug_fn, op.aug_fn)
+                op.aug_fn = array_operation(op.aug_fn)
+            adapted.append(step)
+        elif isinstance(step, MaybePILToTensor):
+            adapted.append(to_tensor)
+        else:
+            adapted.append(OnPIL(step))
+    steps[:] = adapted
 
 
 class ResizedCrop:
-    """timm's random-resized crop: its box draws, resized by torch's antialiased bicubic on uint8 pixels."""
+    """timm's random-resized crop and the horizontal flip after it: their draws, the crop resized by torch's
+    antialiased bicubic on uint8 pixels and flipped there. Takes an (H, W, 3) uint8 array or a PIL image; gives an
+    array."""
 
-    def __init__(self, timm_crop):
-        self.timm_crop = timm_crop
+    def __init__(self, timm_crop, flip: float | None = None):
+        self.timm_crop, self.flip = timm_crop, flip
         self.size = tuple(timm_crop.size)
 
-    def __call__(self, image):
-        from PIL import Image
+    def __call__(self, image) -> np.ndarray:
+        import cv2
 
-        top, left, height, width = self.timm_crop.get_params(image, self.timm_crop.scale, self.timm_crop.ratio)
-        pixels = torch.from_numpy(np.array(image.crop((left, top, left + width, top + height))))
-        out = torch.nn.functional.interpolate(pixels.permute(2, 0, 1)[None], size=self.size, mode="bicubic",
-                                              antialias=True)
-        return Image.merge("RGB", [Image.fromarray(plane) for plane in out[0].numpy()])  # 4x a transposing copy
+        pixels = np.asarray(image)
+        shape = torch.zeros(1, 1).expand(pixels.shape[:2])  # timm's draws read only the image's size
+        top, left, height, width = self.timm_crop.get_params(shape, self.timm_crop.scale, self.timm_crop.ratio)
+        crop = torch.from_numpy(np.array(pixels[top:top + height, left:left + width], order="C"))  # writable
+        out = torch.nn.functional.interpolate(crop.permute(2, 0, 1)[None], size=self.size, mode="bicubic",
+                                              antialias=True)[0]  # planar out
+        if self.flip is not None and torch.rand(1) < self.flip:  # torchvision's RandomHorizontalFlip's draw
+            out = out.flip(-1)
+        return cv2.merge(list(out.numpy()))  # planes to (H, W, 3): a tenth of a transposing copy's time
 
     def __repr__(self) -> str:
-        return f"ResizedCrop({self.timm_crop!r}, torch's uint8 bicubic)"
+        return f"ResizedCrop({self.timm_crop!r}, flip p={self.flip}, torch's uint8 bicubic)"
 
 
-def warp(image, matrix, fillcolor=None, **_):
-    """Pillow's AFFINE `matrix` (output to input, pixel edges as 0) through OpenCV's bicubic warp."""
-    from PIL import Image
-
-    a, b, c, d, e, f = matrix
-    # OpenCV puts 0 at a pixel's centre, Pillow at its edge
-    inverse = np.array([[a, b, c + (a + b - 1) / 2], [d, e, f + (d + e - 1) / 2]])
-    out = cv2.warpAffine(np.asarray(image), inverse, image.size, flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=fillcolor or 0)
-    return Image.fromarray(out)
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(3, H, W) uint8, a view as torchvision's pil_to_tensor gives (the batch's collation copies it)."""
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def rotate(image, degrees, **kwargs):
-    """Counter-clockwise about the centre, as Pillow's `rotate`."""
-    w, h = image.size
-    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    return warp(image, (cos, -sin, w / 2 - cos * w / 2 + sin * h / 2,
-                        sin, cos, h / 2 - sin * w / 2 - cos * h / 2), **kwargs)
+class OnPIL:
+    """A step of timm's composition that takes PIL images, between array steps."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        return np.array(self.step(Image.fromarray(pixels)))
+
+    def __repr__(self) -> str:
+        return f"OnPIL({self.step!r})"
 
 
-def posterize(image, bits, **_):
-    from PIL import ImageOps
-
-    if bits >= 8:
-        return image
-    return ImageOps.posterize(image, bits) if bits > 0 else image.point(lambda _: 0)
-
-
-def _kernels() -> dict:
-    """timm's operation functions and the ones that replace them."""
+def _array_versions() -> dict:
+    """timm's operation functions and their array versions; the geometric ones resolve timm's resampling filter
+    as timm does (a draw when it is a random choice), the others take none."""
     from timm.data import auto_augment as aa
 
-    return {aa.rotate: rotate,
-            aa.shear_x: lambda image, factor, **kw: warp(image, (1, factor, 0, 0, 1, 0), **kw),
-            aa.shear_y: lambda image, factor, **kw: warp(image, (1, 0, 0, factor, 1, 0), **kw),
-            aa.translate_x_rel: lambda image, pct, **kw: warp(image, (1, 0, pct * image.size[0], 0, 1, 0), **kw),
-            aa.translate_y_rel: lambda image, pct, **kw: warp(image, (1, 0, 0, 0, 1, pct * image.size[1]), **kw),
-            aa.translate_x_abs: lambda image, pixels, **kw: warp(image, (1, 0, pixels, 0, 1, 0), **kw),
-            aa.translate_y_abs: lambda image, pixels, **kw: warp(image, (1, 0, 0, 0, 1, pixels), **kw),
-            aa.posterize: posterize}
+    def geometric(fn):
+        return lambda pixels, *args, **kwargs: fn(pixels, *args, **{**kwargs, "resample": aa._interpolation(kwargs)})
+
+    ops = {aa.auto_contrast: pixel_ops.auto_contrast, aa.equalize: pixel_ops.equalize, aa.invert: pixel_ops.invert,
+           aa.posterize: pixel_ops.posterize, aa.solarize: pixel_ops.solarize,
+           aa.solarize_add: pixel_ops.solarize_add, aa.color: pixel_ops.color, aa.contrast: pixel_ops.contrast,
+           aa.brightness: pixel_ops.brightness, aa.sharpness: pixel_ops.sharpness}
+    for name in ("rotate", "shear_x", "shear_y", "translate_x_rel", "translate_y_rel", "translate_x_abs",
+                 "translate_y_abs"):
+        ops[getattr(aa, name)] = geometric(getattr(pixel_ops, name))
+    return ops
+
+
+def array_operation(fn):
+    """The array version of one of timm's operation functions; one without runs on a PIL image made for it."""
+    from PIL import Image
+
+    return _array_versions().get(fn) or (
+        lambda pixels, *args, **kwargs: np.array(fn(Image.fromarray(pixels), *args, **kwargs)))

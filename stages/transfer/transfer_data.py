@@ -144,6 +144,21 @@ def _rgb(path: Path):
         raise TransferInputError(f"{path}: not a readable image ({err})") from None
 
 
+def _rgb_pixels(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8, for timm's training crop (augment.ResizedCrop), which slices the array: no PIL image of the
+    whole photo. OpenCV's decode (libjpeg-turbo, as Pillow's) gives Pillow's pixels for RGB and grey JPEGs and for
+    PNGs, CMYK JPEGs within a grey level; EXIF orientation is left alone, as Pillow's open (and timm) leave it."""
+    import cv2
+
+    try:
+        pixels = cv2.imdecode(np.frombuffer(Path(path).read_bytes(), np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    except (OSError, cv2.error) as err:
+        raise TransferInputError(f"{path}: not a readable image ({err})") from None
+    if pixels is None:
+        raise TransferInputError(f"{path}: not a readable image (OpenCV cannot decode it)")
+    return pixels
+
+
 @functools.cache
 def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Made once per device: a tensor built from a list on a GPU is a blocking copy, not to be paid every step."""
@@ -188,6 +203,8 @@ class TransferDataset(torch.utils.data.Dataset):
         self.task, self.samples, self.train, self.size = task, samples, train, size
         self.settings, self.seed = settings, seed
         self.transform = make_transform(task, train, size, settings)
+        # timm's training crop reads pixel arrays; its evaluation resize and the dense tasks' transforms take PIL
+        self.decode = _rgb_pixels if task == "classification" and train else _rgb
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -202,7 +219,7 @@ class TransferDataset(torch.utils.data.Dataset):
         # a CUDA seeding with its stack trace (a seventh of a sample's time)
         draws.seed(seed), np.random.seed(seed), torch.default_generator.manual_seed(seed)
         path, label = self.samples[index]
-        image = _rgb(path)
+        image = self.decode(path)
         if self.task == "classification":
             return self.transform(image), torch.tensor(label)
         from torchvision import tv_tensors
