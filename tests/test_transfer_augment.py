@@ -184,6 +184,27 @@ def test_samples_are_uint8_and_the_device_normalises_them_as_torchvision_did(pho
             assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64), (task, train)
 
 
+def test_dense_colour_jitter_draws_as_torchvisions_with_pillows_pixels_and_opencvs_hue(photos):
+    """torchvision's ColorJitter on the PIL photo against ours on its array: the same torch draws; the same pixels
+    without the hue; with it (OpenCV's HSV rounding, not Pillow's) within a stated PSNR."""
+    from torchvision.transforms import v2
+
+    scores = []
+    for n in range(24):
+        image = photos[n % len(photos)]
+        for hue in (None, 0.1):
+            torch.manual_seed(n)
+            expected, after = np.asarray(v2.ColorJitter(0.4, 0.4, 0.4, hue)(image)), torch.get_rng_state()
+            torch.manual_seed(n)
+            got = augment.ColorJitter(0.4, 0.4, 0.4, hue)(np.asarray(image))
+            assert torch.equal(torch.get_rng_state(), after), n
+            if hue is None:
+                assert np.array_equal(got, expected), n
+            else:
+                scores.append(psnr(got, expected))
+    assert min(scores) > 40 and np.median(scores) > 45, sorted(scores)[:4]
+
+
 def test_segmentation_image_and_label_move_together(tmp_path):
     """Left half red with class 1, right half blue with class 2: after jitter, crop, flip and colour jitter every
     labelled pixel away from the edge still has its class's colour."""

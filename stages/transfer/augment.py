@@ -9,7 +9,11 @@ decode to the tensor, with the operations on faster kernels.
   pixels, the warps' cubic OpenCV's). An operation without an array version, or any other step timm puts in the
   composition, runs on a PIL image made for it.
 
-Every draw is timm's, in timm's order, so a seed gives the same crop boxes and operations as the stock transform;
+The dense tasks (transfer_data.make_transform) keep torchvision's paired geometry on the PIL image and its label,
+then jitter colour on the array (`ColorJitter`): torchvision's draws, Pillow's brightness, contrast and saturation
+pixels, the hue through OpenCV's HSV.
+
+Every draw of classification's is timm's, in timm's order, so a seed gives the same crop boxes and operations as the stock transform;
 the pixels differ by the warps' kernel alone (median 71 dB apart on the test photos, 2 of 60 samples under 40 dB:
 a solarize after a warp moves a few pixels across its threshold).
 
@@ -26,6 +30,7 @@ import threading
 
 import numpy as np
 import torch
+from torchvision.transforms import v2
 
 from stages.transfer import pixel_ops
 
@@ -161,3 +166,35 @@ def array_operation(fn):
 
     return _array_versions().get(fn) or (
         lambda pixels, *args, **kwargs: np.array(fn(Image.fromarray(pixels), *args, **kwargs)))
+
+
+class ColorJitter(v2.ColorJitter):
+    """torchvision's ColorJitter on (H, W, 3) uint8 arrays: its draws (the order of the four and their factors, from
+    torch's generator), Pillow's pixels for brightness, contrast and saturation as torchvision's PIL kernels give
+    them, the hue through OpenCV's HSV."""
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        params = self.make_params([])
+        kernels = (pixel_ops.brightness, pixel_ops.contrast, pixel_ops.color, pixel_ops.hue)
+        factors = (params["brightness_factor"], params["contrast_factor"], params["saturation_factor"],
+                   params["hue_factor"])
+        for index in params["fn_idx"].tolist():
+            if factors[index] is not None:
+                pixels = kernels[index](pixels, factors[index])
+        return pixels
+
+
+class DenseTraining:
+    """A dense task's training transform: torchvision's paired geometry on the PIL image and its label, then the
+    colour jitter on the photo's pixels; (uint8 (3, H, W), label) out."""
+
+    def __init__(self, paired_geometry, jitter):
+        self.paired_geometry, self.jitter = paired_geometry, jitter
+
+    def __call__(self, image, label):
+        image, label = self.paired_geometry(image, label)
+        pixels = self.jitter(np.asarray(image))
+        return to_tensor(np.require(pixels, requirements="W")), label
+
+    def __repr__(self) -> str:
+        return f"DenseTraining({self.paired_geometry!r}, {self.jitter!r})"

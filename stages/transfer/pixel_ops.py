@@ -29,7 +29,7 @@ import numpy as np
 cv2.setNumThreads(1)
 
 RAMP = np.arange(256)
-GREY_WEIGHTS = np.array([19595, 38470, 7471], np.uint32)  # Pillow's RGB to "L", in 1/65536
+GREY = np.array([[19595, 38470, 7471, 32768]], np.float32) / 65536  # Pillow's RGB to "L", and its rounding
 SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # Pillow's ImageFilter.SMOOTH
 
 
@@ -45,10 +45,9 @@ def _histograms(pixels: np.ndarray) -> np.ndarray:
 
 
 def grey(pixels: np.ndarray) -> np.ndarray:
-    """Pillow's `convert("L")`: (R 19595 + G 38470 + B 7471 + 32768) >> 16, on planes (numpy's reductions across
-    the channels of (H, W, 3) take ten times as long)."""
-    r, g, b = (plane.astype(np.uint32) for plane in cv2.split(pixels))
-    return ((r * GREY_WEIGHTS[0] + g * GREY_WEIGHTS[1] + b * GREY_WEIGHTS[2] + 0x8000) >> 16).astype(np.uint8)
+    """Pillow's `convert("L")`: (R 19595 + G 38470 + B 7471 + 32768) >> 16, exactly, in float32 (every sum is a
+    multiple of 1/65536 under 256: 24 bits); a tenth of the time of the integer arithmetic in numpy."""
+    return cv2.transform(pixels.astype(np.float32), GREY).astype(np.uint8)
 
 
 def _blend(degenerate, pixels: np.ndarray, factor: float) -> np.ndarray:
@@ -108,6 +107,14 @@ def brightness(pixels, factor, **_):
 def contrast(pixels, factor, **_):
     mean = int(grey(pixels).mean(dtype=np.float64) + 0.5)  # Pillow's ImageStat mean of the grey image, rounded
     return _lut(pixels, _blend(mean, RAMP, factor))
+
+
+def hue(pixels, factor, **_):
+    """torchvision's hue jitter (H + int(factor * 255), wrapping, in Pillow's 0-255 hue) through OpenCV's HSV, whose
+    rounding differs from Pillow's (about 10 ms of Pillow's two conversions for a 512 crop; tests state the PSNR)."""
+    h, s, v = cv2.split(cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV_FULL))
+    h = cv2.LUT(h, ((RAMP + int(factor * 255)) % 256).astype(np.uint8))
+    return cv2.cvtColor(cv2.merge([h, s, v]), cv2.COLOR_HSV2RGB_FULL)
 
 
 # -- blends with an image -------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ are seeded by (seed, its position in the run), so a resumed run sees the same au
 
 Samples leave the loader as uint8 pixels (timm's prefetcher form: a quarter of the bytes to move, no float work
 in the loader processes); `model_input` turns a batch on the device into the ImageNet-normalised floats the model
-reads. The dense tasks augment the photo as a PIL image (Pillow's colour jitter on uint8 costs a third of torch's
-float HSV round trip on a CPU tensor at 512x512).
+reads. Classification's training pixels stay (H, W, 3) uint8 arrays from the decode to the tensor; the dense tasks
+move the photo and its label together as a PIL image and a torchvision mask, then jitter the photo's colours as an
+array (stages/transfer/augment.py).
 
 Bad input fails before training and names the file: an empty class folder, a class missing from the training
 folder, an image without its label, a label of another size than its image, class ids beyond the head.
@@ -177,8 +178,8 @@ def model_target(target: torch.Tensor) -> torch.Tensor:
 
 
 def make_transform(task: str, train: bool, size: int, settings):
-    """timm's classification transforms (stages/transfer/augment.py); torchvision's paired v2 transforms for dense
-    tasks; uint8 out."""
+    """timm's classification transforms; for dense tasks torchvision's paired v2 geometry and its colour jitter on
+    the pixels (stages/transfer/augment.py); uint8 out."""
     if task == "classification":
         from stages.transfer.augment import classification_transform
 
@@ -186,14 +187,15 @@ def make_transform(task: str, train: bool, size: int, settings):
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
-    to_tensor = [v2.PILToTensor()]
     if not train:
-        return v2.Compose([v2.Resize((size, size), antialias=True), *to_tensor])
+        return v2.Compose([v2.Resize((size, size), antialias=True), v2.PILToTensor()])
+    from stages.transfer.augment import ColorJitter, DenseTraining
+
     fill = {tv_tensors.Mask: IGNORE if task == "segmentation" else 0, "others": 0}
     geometry = [v2.ScaleJitter((size, size), scale_range=tuple(settings.scale_jitter), antialias=True)] \
         if task == "segmentation" else [v2.Resize(size, antialias=True)]
-    return v2.Compose([*geometry, v2.RandomCrop(size, pad_if_needed=True, fill=fill), v2.RandomHorizontalFlip(),
-                       v2.ColorJitter(0.4, 0.4, 0.4, 0.1), *to_tensor])
+    return DenseTraining(v2.Compose([*geometry, v2.RandomCrop(size, pad_if_needed=True, fill=fill),
+                                     v2.RandomHorizontalFlip()]), ColorJitter(0.4, 0.4, 0.4, 0.1))
 
 
 class TransferDataset(torch.utils.data.Dataset):
