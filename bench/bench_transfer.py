@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 from core.config import load_config  # noqa: E402
 from models.fourm import FourMConfig  # noqa: E402
 from models.transfer import FourMViT, TransferModel, make_head  # noqa: E402
-from stages.training import device_for  # noqa: E402
+from stages.training import device_for, keep_freed_arrays  # noqa: E402
 from stages.transfer.transfer_data import TransferDataset, classification_samples, segmentation_samples  # noqa: E402
 
 
@@ -87,7 +87,9 @@ def write_photos(work: Path, count: int) -> tuple[Path, Path]:
 
 
 def bench_loader(task: str, samples: list, settings, count: int) -> float:
-    """Images/s of one thread, as in a loader worker process (torch runs those on one thread)."""
+    """Images/s of one thread, as in a loader worker process (torch runs those on one thread, with the heap settings
+    `stages.training.data_loader` gives its workers)."""
+    keep_freed_arrays()
     data = TransferDataset(task, samples, True, settings.image_size, settings, 0)
     data[(0, 0)]  # first-call costs (imports) out of the timing
     threads = torch.get_num_threads()

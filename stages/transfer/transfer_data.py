@@ -15,9 +15,9 @@ are seeded by (seed, its position in the run), so a resumed run sees the same au
 
 Samples leave the loader as uint8 pixels (timm's prefetcher form: a quarter of the bytes to move, no float work
 in the loader processes); `model_input` turns a batch on the device into the ImageNet-normalised floats the model
-reads. Classification's training pixels stay (H, W, 3) uint8 arrays from the decode to the tensor; the dense tasks
-move the photo and its label together as a PIL image and a torchvision mask, then jitter the photo's colours as an
-array (stages/transfer/augment.py).
+reads. Training pixels stay (H, W, 3) uint8 arrays (or channels-last tensors over them) from the decode to the
+tensor; the dense tasks move the photo and its label together as a torchvision image and mask, then jitter the
+photo's colours as an array (stages/transfer/augment.py).
 
 Bad input fails before training and names the file: an empty class folder, a class missing from the training
 folder, an image without its label, a label of another size than its image, class ids beyond the head.
@@ -146,13 +146,14 @@ def _rgb(path: Path):
 
 
 def _rgb_pixels(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8, for timm's training crop (augment.ResizedCrop), which slices the array: no PIL image of the
-    whole photo. OpenCV's decode (libjpeg-turbo, as Pillow's) gives Pillow's pixels for RGB and grey JPEGs and for
-    PNGs, CMYK JPEGs within a grey level; EXIF orientation is left alone, as Pillow's open (and timm) leave it."""
+    """(H, W, 3) uint8, for the training transforms (stages/transfer/augment.py): no PIL image of the whole photo.
+    OpenCV's decode (libjpeg-turbo, as Pillow's) gives Pillow's pixels for RGB and grey JPEGs and for PNGs, CMYK
+    JPEGs within a grey level; EXIF orientation is left alone, as Pillow's open (and timm) leave it."""
     import cv2
 
     try:
-        pixels = cv2.imdecode(np.frombuffer(Path(path).read_bytes(), np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+        data = np.frombuffer(Path(path).read_bytes(), np.uint8)
+        pixels = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
     except (OSError, cv2.error) as err:
         raise TransferInputError(f"{path}: not a readable image ({err})") from None
     if pixels is None:
@@ -205,8 +206,8 @@ class TransferDataset(torch.utils.data.Dataset):
         self.task, self.samples, self.train, self.size = task, samples, train, size
         self.settings, self.seed = settings, seed
         self.transform = make_transform(task, train, size, settings)
-        # timm's training crop reads pixel arrays; its evaluation resize and the dense tasks' transforms take PIL
-        self.decode = _rgb_pixels if task == "classification" and train else _rgb
+        # the training transforms read pixel arrays; the evaluation resizes (timm's, torchvision's) take PIL images
+        self.decode = _rgb_pixels if train else _rgb
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -226,7 +227,7 @@ class TransferDataset(torch.utils.data.Dataset):
             return self.transform(image), torch.tensor(label)
         from torchvision import tv_tensors
 
-        size = (image.height, image.width)
+        size = image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
         target = read_annotation(label, size, self.settings.classes) if self.task == "segmentation" \
             else read_depth(label, size, self.settings.depth_scale)
         pixels, target = self.transform(image, tv_tensors.Mask(torch.from_numpy(target)))
