@@ -205,6 +205,28 @@ def test_dense_colour_jitter_draws_as_torchvisions_with_pillows_pixels_and_openc
     assert min(scores) > 40 and np.median(scores) > 45, sorted(scores)[:4]
 
 
+def test_dense_geometry_on_tensors_stays_within_a_grey_level_of_pillows(photos):
+    """The paired geometry on the photo as a uint8 tensor (torch's resize) against the same transforms on the PIL
+    photo (Pillow's): the same draws, the same labels, pixels within one grey level."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    geometry = [v2.ScaleJitter((128, 128), scale_range=(0.1, 2.0), antialias=True),
+                v2.RandomCrop(128, pad_if_needed=True, fill={tv_tensors.Mask: 255, "others": 0}),
+                v2.RandomHorizontalFlip()]
+    ours = augment.DenseTraining(v2.Compose(geometry), augment.ColorJitter())  # no colour change
+    pillows = v2.Compose([*geometry, v2.ColorJitter(), v2.PILToTensor()])
+    label = tv_tensors.Mask(torch.arange(375 * 500, dtype=torch.int64).view(375, 500) % 151)
+    for n in range(12):
+        torch.manual_seed(n)
+        expected, expected_label = pillows(photos[n % len(photos)], label)
+        after = torch.get_rng_state()
+        torch.manual_seed(n)
+        got, got_label = ours(np.array(photos[n % len(photos)]), label)
+        assert torch.equal(torch.get_rng_state(), after) and torch.equal(got_label, expected_label), n
+        assert got.dtype == torch.uint8 and (got.int() - expected.int()).abs().max() <= 1, n
+
+
 def test_segmentation_image_and_label_move_together(tmp_path):
     """Left half red with class 1, right half blue with class 2: after jitter, crop, flip and colour jitter every
     labelled pixel away from the edge still has its class's colour."""
