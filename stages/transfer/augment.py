@@ -1,6 +1,6 @@
-"""The paper's classification augmentation (timm's random-resized crop, flip and RandAugment) at a CPU cost that
-can feed a GPU: timm's own transforms and random draws, the pixels carried as (H, W, 3) uint8 arrays from the
-decode to the tensor, with the operations on faster kernels.
+"""The transfer tasks' training augmentations at a CPU cost that can feed a GPU: timm's (classification) and
+torchvision's (dense tasks) own transforms and random draws, the pixels carried as (H, W, 3) uint8 arrays from the
+decode to the tensor, the operations on faster kernels.
 
 - The random-resized crop and flip: timm's draws (`random`) and torchvision's flip draw, the crop resized with
   torch's antialiased bicubic kernel on the uint8 pixels (Pillow's filter, about 4x faster than Pillow's resize on
@@ -13,9 +13,9 @@ The dense tasks (transfer_data.make_transform) keep torchvision's paired geometr
 and its label as a mask, then jitter colour on the array (`ColorJitter`): torchvision's draws, Pillow's brightness,
 contrast and saturation pixels, the hue through OpenCV's HSV.
 
-Every draw of classification's is timm's, in timm's order, so a seed gives the same crop boxes and operations as the stock transform;
-the pixels differ by the warps' kernel alone (median 71 dB apart on the test photos, 2 of 60 samples under 40 dB:
-a solarize after a warp moves a few pixels across its threshold).
+Every draw of classification's is timm's, in timm's order, so a seed gives the same crop boxes and operations as
+the stock transform; the pixels differ by the warps' kernel alone (median 71 dB apart on the test photos, 2 of 60
+samples under 40 dB: a solarize after a warp moves a few pixels across its threshold).
 
 timm's transforms draw from `random`, one generator for the whole process, which other threads draw from too
 (websockets' keepalive pings in Prefect's event-loop thread call `random.getrandbits`): a sample augmented in the
@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 import threading
 
+import cv2
 import numpy as np
 import torch
 from torchvision.transforms import v2
@@ -106,8 +107,6 @@ class ResizedCrop:
         self.size = tuple(timm_crop.size)
 
     def __call__(self, image) -> np.ndarray:
-        import cv2
-
         pixels = np.asarray(image)
         shape = torch.zeros(1, 1).expand(pixels.shape[:2])  # timm's draws read only the image's size
         top, left, height, width = self.timm_crop.get_params(shape, self.timm_crop.scale, self.timm_crop.ratio)
