@@ -25,12 +25,14 @@ sample; the draws are the ones `random` would make from the same seed.
 """
 from __future__ import annotations
 
+import functools
 import random
 import threading
 
 import cv2
 import numpy as np
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from stages.transfer import pixel_ops
@@ -141,6 +143,7 @@ class OnPIL:
         return f"OnPIL({self.step!r})"
 
 
+@functools.cache
 def _array_versions() -> dict:
     """timm's operation functions and their array versions; the geometric ones resolve timm's resampling filter
     as timm does (a draw when it is a random choice), the others take none."""
@@ -192,8 +195,6 @@ class DenseTraining:
         self.paired_geometry, self.jitter = paired_geometry, jitter
 
     def __call__(self, pixels: np.ndarray, label):
-        from torchvision import tv_tensors
-
         image, label = self.paired_geometry(tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1)), label)
         return to_tensor(self.jitter(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))), label
 

@@ -14,6 +14,8 @@ loader time in these operations and conversions.
 - The warps (rotate, shear, translate) are Pillow's affine matrices through OpenCV's `warpAffine`, on float pixels
   (OpenCV's uint8 cubic warp has no vector kernel on these cores: 1.1-1.5 ms against 0.7-0.8 with the conversions,
   the same pixels). OpenCV's cubic is a little sharper than Pillow's (a = -0.75 against -0.5): 40-44 dB apart.
+- The dense tasks' colour jitter uses brightness, contrast and colour above, and `hue`: torchvision's hue shift
+  through OpenCV's HSV (Pillow's two HSV conversions took about 10 ms for a 512 crop), within a stated PSNR.
 - Posterize at 0 bits (timm's increasing operations at magnitude 10, `-inc1` as MAE and DeiT use them) is refused
   by Pillow 13 with a ValueError that timm 1.0.31 passes on, about one sample in 650 at rand-m9-mstd0.5-inc1: a
   crashed epoch. Here it gives the black image older Pillows gave.
@@ -109,14 +111,6 @@ def contrast(pixels, factor, **_):
     return _lut(pixels, _blend(mean, RAMP, factor))
 
 
-def hue(pixels, factor, **_):
-    """torchvision's hue jitter (H + int(factor * 255), wrapping, in Pillow's 0-255 hue) through OpenCV's HSV, whose
-    rounding differs from Pillow's (about 10 ms of Pillow's two conversions for a 512 crop; tests state the PSNR)."""
-    h, s, v = cv2.split(cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV_FULL))
-    h = cv2.LUT(h, ((RAMP + int(factor * 255)) % 256).astype(np.uint8))
-    return cv2.cvtColor(cv2.merge([h, s, v]), cv2.COLOR_HSV2RGB_FULL)
-
-
 # -- blends with an image -------------------------------------------------------------------------------------------
 def color(pixels, factor, **_):
     levels = grey(pixels)
@@ -175,3 +169,12 @@ def translate_x_abs(pixels, offset, **kwargs):
 
 def translate_y_abs(pixels, offset, **kwargs):
     return warp(pixels, (1, 0, 0, 0, 1, offset), **kwargs)
+
+
+# -- the dense tasks' colour jitter -----------------------------------------------------------------------------------
+def hue(pixels, factor, **_):
+    """torchvision's hue jitter (H + int(factor * 255), wrapping, in Pillow's 0-255 hue) through OpenCV's HSV, whose
+    rounding differs from Pillow's (about 10 ms of Pillow's two conversions for a 512 crop; tests state the PSNR)."""
+    h, s, v = cv2.split(cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV_FULL))
+    h = cv2.LUT(h, ((RAMP + int(factor * 255)) % 256).astype(np.uint8))
+    return cv2.cvtColor(cv2.merge([h, s, v]), cv2.COLOR_HSV2RGB_FULL)
