@@ -324,7 +324,11 @@ class Config(Section):
     modalities: list[str] = Field(default_factory=list, description="modules defining more modalities (dotted "
                                                                     "names or .py paths), imported before the rest "
                                                                     "is read; see docs/architecture.md")
-    data_root: str = "data/cc12m"
+    data_root: str = Field("data/cc12m", description="the dataset's folder, or an object-storage URL "
+                                                     "(s3://bucket/prefix, gs://bucket/prefix, any fsspec URL)")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options of an object-storage data root beyond its own credential "
+                                          "chain, e.g. {endpoint_url: http://minio:9000} or {profile: lab}")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)
@@ -332,6 +336,21 @@ class Config(Section):
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @field_validator("data_root")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        from core.storage import data_path
+
+        data_path(value)  # an unknown scheme, or one whose package is missing, is refused here, by name
+        return value
+
+    @property
+    def root(self):
+        """The data root as a path object (core.storage): a Path, or a UPath carrying `storage_options`."""
+        from core.storage import data_path
+
+        return data_path(self.data_root, self.storage_options)
 
     def use_modalities(self) -> None:
         """Work with this configuration's modalities in this process: a stage run in a process that loaded other

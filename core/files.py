@@ -3,20 +3,29 @@
 A reader never sees half a file, and a writer killed at any point leaves only a hidden temporary. The file
 that lands keeps the permissions the user's umask gives a new file (some writers, safetensors among them,
 create theirs private to the owner), so a colleague on a shared filesystem can read a run's weights.
+
+On object storage (a `UPath` target, see core.storage) there is no rename: the temporary is written in this
+process's local scratch folder and uploaded as one object (a large one as a multipart upload, which the store
+shows only once it completes), then removed. The object gets the bucket's default ACL: nothing is made public.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from core.storage import data_path, is_remote, scratch_dir
 
-def temporary_name(path: Path) -> Path:
+
+def temporary_name(path) -> Path:
     # Unique per writer: a stale writer from a killed run can never rename over a newer one's file.
+    if is_remote(path):  # the whole key in the name: rgb/ and caption/ both have a shard-000000.tar
+        return scratch_dir() / f".{path.path.replace('/', '~')}.tmp-{uuid.uuid4().hex[:12]}"
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
@@ -27,8 +36,11 @@ def umask_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~current
 
 
-def publish(tmp: Path, path: Path) -> Path:
-    """Rename a finished temporary file (or folder) into place, with the umask's permissions."""
+def publish(tmp: Path, path) -> Path:
+    """Rename a finished temporary file (or folder) into place, with the umask's permissions; on object
+    storage, upload it (a folder file by file) and remove the temporary."""
+    if is_remote(path):
+        return _upload(Path(tmp), path)
     tmp, path = Path(tmp), Path(path)
     if tmp.is_dir():
         os.chmod(tmp, umask_mode(directory=True))
@@ -40,14 +52,27 @@ def publish(tmp: Path, path: Path) -> Path:
     return path
 
 
+def _upload(tmp: Path, path):
+    if tmp.is_dir():
+        for child in sorted(tmp.rglob("*")):
+            if child.is_file():
+                path.fs.put_file(str(child), f"{path.path}/{child.relative_to(tmp).as_posix()}")
+        shutil.rmtree(tmp)
+    else:
+        path.fs.put_file(str(tmp), path.path)
+        tmp.unlink()
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """A temporary path to write `path` through; renamed into place when the block ends without an error.
 
     `suffix` keeps an extension that a writer reads to choose its format (matplotlib: `.png`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = data_path(path)
+    if not is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     tmp = tmp.with_name(tmp.name + suffix)
     try:
@@ -61,7 +86,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-    return Path(path)
+    return data_path(path)
 
 
 def write_json(path: str | os.PathLike, data, indent: int | None = 1) -> Path:
@@ -82,7 +107,7 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-    return Path(path)
+    return data_path(path)
 
 
 def save_model_safetensors(model, path: str | os.PathLike) -> Path:
@@ -91,4 +116,4 @@ def save_model_safetensors(model, path: str | os.PathLike) -> Path:
 
     with atomic_path(path) as tmp:
         save_model(model, str(tmp))
-    return Path(path)
+    return data_path(path)

@@ -11,6 +11,7 @@ import logging
 import os
 
 from core.config import RayConfig
+from core.storage import storage_env
 
 _dashboard: dict[str, str | None] = {"url": None}
 
@@ -49,6 +50,9 @@ def init_ray(cfg: RayConfig) -> None:
         "log_to_driver": True,  # the workers' own output: the training progress lines
         "logging_config": ray.LoggingConfig(log_level=_console_level()),  # Python logging in the job's workers
     }
+    env = storage_env()  # the object-storage credentials this driver was given reach its workers too
+    if env:
+        quiet["runtime_env"] = {"env_vars": env}
     if address:
         context = ray.init(address=address, **quiet)
     else:

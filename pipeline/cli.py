@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core import registry
 from core.config import DEFAULT_PROFILE, Config, ConfigError, load_config
+from core.storage import open_data_root
 from pipeline import services
 from pipeline.console import ShardProgress, print_alignment, print_summary
 from pipeline.stage_list import stage
@@ -48,10 +49,11 @@ def cmd_download(args) -> int:
     })
     if not Path(args.input).is_file():
         raise ConfigError(f"--input {args.input!r}: no such file")
+    root = open_data_root(config.root, writable=True)
     from stages.download.download import run_download  # after the checks: a bad setting fails in 3 s, not 7
     progress = ShardProgress("download")
     try:
-        summary = run_download(args.input, config.data_root, config, observer=progress)
+        summary = run_download(args.input, root, config, observer=progress)
     finally:
         progress.close()
     print_summary(summary, config.data_root)

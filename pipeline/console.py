@@ -34,7 +34,7 @@ class ShardProgress:
 def print_summary(summary, root: str | Path) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in summary.status_counts.most_common())
     print(f"{summary.shards_done} shards downloaded, {summary.shards_skipped} already committed; "
-          f"{summary.images} images in {Path(root)} ({counts}) in {summary.seconds:.1f} s")
+          f"{summary.images} images in {root} ({counts}) in {summary.seconds:.1f} s")
     for name, err in summary.failed_shards.items():
         print(f"shard {name} failed and will be redone on the next run: {err}", file=sys.stderr)
 

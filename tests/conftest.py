@@ -104,3 +104,13 @@ def tiny_models(tmp_path_factory):
     from models.random_weights import save_random_models
 
     return save_random_models(tmp_path_factory.mktemp("models"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 API server on loopback for the test process (moto's, authenticating requests)."""
+    from tests.helpers import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import logging
 import socket
 import struct
 import threading
@@ -359,3 +360,78 @@ def write_rgb_shard(root, sizes: list[tuple[int, int]], captions: list[str | Non
             writer.write(key, members)
         writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys)}), {"rows": len(keys)})
     return layout, keys
+
+
+class S3Server:
+    """moto's S3 API server on 127.0.0.1 (the app its standalone server runs, in a thread of the test process),
+    with IAM authentication on: only `credentials` are accepted. `hold(fragment)` makes the next PUT whose path
+    contains the fragment announce itself (`arrived`) and wait for `release` before the server reads its body,
+    so a test can kill the uploading process in the middle of the upload; the held upload is then answered with
+    an error and stored nowhere, as a store does with an upload whose client is gone."""
+
+    def __init__(self):
+        import json
+
+        from moto import settings
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.iam.models import iam_backends
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # every request is authenticated against moto's IAM
+        iam = iam_backends[DEFAULT_ACCOUNT_ID]["global"]
+        iam.create_user("us-east-1", "pipeline", "/", None)
+        iam.put_user_policy("pipeline", "everything", json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key("pipeline")
+        self.credentials = {"AWS_ACCESS_KEY_ID": key.access_key_id, "AWS_SECRET_ACCESS_KEY": key.secret_access_key,
+                            "AWS_DEFAULT_REGION": "us-east-1"}
+        self.arrived, self.release = threading.Event(), threading.Event()
+        self._held: str | None = None
+        self._app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server("127.0.0.1", 0, self._gate, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The standard chain's variables a user sets for this store."""
+        return {**self.credentials, "AWS_ENDPOINT_URL": self.endpoint}
+
+    @property
+    def options(self) -> dict:
+        """The same as fsspec storage options (for a root handed to a stage in the test process)."""
+        return {"key": self.credentials["AWS_ACCESS_KEY_ID"], "secret": self.credentials["AWS_SECRET_ACCESS_KEY"],
+                "endpoint_url": self.endpoint}
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options, skip_instance_cache=True, use_listings_cache=False)
+
+    def make_bucket(self, name: str) -> str:
+        self.fs().mkdir(name)
+        return name
+
+    def hold(self, fragment: str) -> None:
+        self.arrived.clear()
+        self.release.clear()
+        self._held = fragment
+
+    def _gate(self, environ, start_response):
+        if self._held and environ["REQUEST_METHOD"] == "PUT" and self._held in environ.get("PATH_INFO", ""):
+            self._held = None
+            self.arrived.set()
+            self.release.wait(300)
+            start_response("503 Service Unavailable", [("Content-Length", "0")])
+            return [b""]
+        return self._app(environ, start_response)
+
+    def stop(self) -> None:
+        self.release.set()
+        self._server.shutdown()

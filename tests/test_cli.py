@@ -13,8 +13,8 @@ from stages.download.download import STAGE
 from tests.helpers import large_jpeg
 
 
-def cli(*args, ray_address=None, **kw) -> subprocess.Popen:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+def cli(*args, ray_address=None, extra_env=None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(extra_env or {})}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, stdout=subprocess.PIPE,

@@ -6,7 +6,9 @@
 
 A shard is committed when its stats JSON exists. Every file is written under a temporary name and renamed
 into place, tars first and the JSON last, so a reader never sees a partial tar and a shard killed at any
-point is simply redone.
+point is simply redone. On object storage (an s3:// or other fsspec root, see core.storage) each file is
+written in the worker's local scratch folder and uploaded as one object, in the same order: a worker's scratch
+holds one shard's files at most, and a killed upload leaves no object behind.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import webdataset as wds
 
 from core import registry
 from core.files import atomic_path, publish, temporary_name, write_json
+from core.storage import DataPath, data_path, is_remote
 
 STATUS_DIR = "_status"
 OK = "ok"
@@ -81,10 +84,16 @@ def shard_name(index: int) -> str:
 
 
 class DatasetLayout:
-    """Paths inside one dataset root."""
+    """Paths inside one dataset root: a local folder, or an object-storage URL (a `UPath`, which carries its
+    storage options to the workers it is pickled for)."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root: DataPath = data_path(root)
+
+    @property
+    def remote(self) -> bool:
+        """True on object storage: files are published by upload, and there are no folders to make."""
+        return is_remote(self.root)
 
     def tar(self, modality: str, shard: str) -> Path:
         return self.root / modality / f"{shard}.tar"
@@ -120,7 +129,6 @@ class DatasetLayout:
         """Add a run's modality modules (its configuration's `modalities`) to the dataset's record."""
         known = self.modality_modules()
         if set(modules) - set(known):
-            self.modalities_file.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.modalities_file, {"modules": [*known, *(m for m in modules if m not in known)]})
 
     def include_modalities(self) -> None:
@@ -169,14 +177,16 @@ class ShardWriter:
         self._committed = False
         self._started_at = time.time()
         for modality, tmp in self._tmp.items():
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            for stale in tmp.parent.glob(f".{self._final[modality].name}.tmp-*"):
-                stale.unlink(missing_ok=True)  # left by a run killed mid-shard
+            if not layout.remote:  # (a killed run's scratch files go with its scratch folder: core.storage)
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                for stale in tmp.parent.glob(f".{self._final[modality].name}.tmp-*"):
+                    stale.unlink(missing_ok=True)  # left by a run killed mid-shard
             # encoder=False: members are stored as the exact bytes given; a fixed mtime keeps reruns identical.
             self._writers[modality] = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
-        layout.status_dir(stage).mkdir(parents=True, exist_ok=True)
-        for stale in layout.status_dir(stage).glob(f".{shard}.*.tmp-*"):
-            stale.unlink(missing_ok=True)
+        if not layout.remote:
+            layout.status_dir(stage).mkdir(parents=True, exist_ok=True)
+            for stale in layout.status_dir(stage).glob(f".{shard}.*.tmp-*"):
+                stale.unlink(missing_ok=True)
 
     def write(self, key: str, members: dict[str, tuple[str, bytes]]) -> None:
         """members: modality -> (extension, bytes). Keys must not contain a dot (webdataset splits on it)."""

@@ -24,6 +24,7 @@ import pyarrow as pa
 from core import registry
 from core.config import Config, DownloadConfig
 from core.ray_runtime import init_ray
+from core.storage import DataPath, absolute
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, shard_name
 from stages.download.fetch import Fetcher
@@ -105,7 +106,7 @@ def _ordered_map(fn: Callable, items: list, threads: int) -> Iterator:
 
 
 # -- one shard ---------------------------------------------------------------------------------------
-def download_shard(root: str, task: ShardTask, cfg: DownloadConfig) -> dict:
+def download_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict:
     """Download one shard and commit it; returns the shard's stats."""
     layout = DatasetLayout(root)
     fetcher = Fetcher(cfg)
@@ -172,7 +173,7 @@ def plan_shards(rows: Iterable[InputRow], shard_size: int) -> Iterator[ShardTask
         yield task
 
 
-def run_download(input_path: str | Path, root: str | Path, config: Config,
+def run_download(input_path: str | Path, root: DataPath | str, config: Config,
                  observer: ShardObserver | None = None) -> ShardsSummary:
     """Download every shard not yet committed, `processes` Ray tasks at a time.
 
@@ -188,7 +189,7 @@ def run_download(input_path: str | Path, root: str | Path, config: Config,
         observer.start(summary.shards_total)
     init_ray(config.ray)
     remote = ray.remote(num_cpus=1, max_retries=3)(download_shard)
-    root_str = str(Path(root).resolve())
+    root_arg = absolute(layout.root)
     cfg_ref = ray.put(cfg)
     in_flight: dict[ray.ObjectRef, str] = {}
     started = time.time()
@@ -216,7 +217,7 @@ def run_download(input_path: str | Path, root: str | Path, config: Config,
                 observer(task.name, stats, True)
             continue
         settle(cfg.processes - 1)
-        in_flight[remote.remote(root_str, task, cfg_ref)] = task.name
+        in_flight[remote.remote(root_arg, task, cfg_ref)] = task.name
     settle(0)
     summary.seconds = time.time() - started
     return summary

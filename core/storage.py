@@ -1,0 +1,195 @@
+"""Where a dataset lives: a local folder, or an object-storage URL (s3://bucket/prefix, gs://..., any fsspec URL).
+
+A data root becomes one path object here, once: a `pathlib.Path` for a local folder (or a file:// URL), a
+`upath.UPath` over fsspec for anything else. Both answer the same calls (`/`, `open`, `is_file`, `glob`,
+`read_text`), and a UPath carries its storage options when pickled, so a Ray worker on another machine opens
+the same store with nothing but its arguments. Credentials and endpoints come from each store's own chain (for
+S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, instance roles), plus the profile's
+`storage_options`.
+
+Object storage has no rename, so a file is published there as one complete object: written in local scratch
+space first and uploaded whole (a multipart upload stays invisible until it completes), see `core.files`.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+import uuid
+from typing import Any, Union
+
+from core.config import ConfigError
+
+try:  # the path type of object-storage roots; a plain Path is all a local root needs
+    from upath import UPath
+except ImportError:  # pragma: no cover - a dependency; only the object-storage roots need it
+    UPath = None
+
+DataPath = Union[pathlib.Path, "UPath"]
+
+# Listings are read afresh: a shard committed by a worker in another process must be seen by the driver that
+# listed the folder before it (s3fs would otherwise answer from the listing it cached then).
+_FRESH_LISTINGS = {"s3": {"use_listings_cache": False}, "gs": {"use_listings_cache": False},
+                   "gcs": {"use_listings_cache": False}}
+
+
+class StorageError(ConfigError):
+    """A data root that cannot be used: unsupported scheme, missing bucket, refused credentials, no answer."""
+
+
+def scheme_of(root: str | os.PathLike) -> str:
+    """'s3' for s3://bucket/x, '' for a local path (a Path object is always local)."""
+    if isinstance(root, pathlib.PurePath) and not _is_upath(root):
+        return ""
+    text = str(root)
+    scheme, sep, _ = text.partition("://")
+    return scheme.lower() if sep and scheme.isidentifier() else ""
+
+
+def _is_upath(path) -> bool:
+    return UPath is not None and isinstance(path, UPath) and not isinstance(path, pathlib.Path)
+
+
+def is_remote(path) -> bool:
+    """True for a path on object storage (anything but the local filesystem): written by upload, not rename."""
+    return _is_upath(path)
+
+
+def data_path(root: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> DataPath:
+    """The data root as a path object: local paths (and file:// URLs) as `Path`, other URLs as `UPath`.
+
+    An unknown scheme, or one whose fsspec implementation is not installed, is a StorageError naming the root.
+    """
+    if _is_upath(root) or (isinstance(root, pathlib.Path) and not storage_options):
+        return root
+    scheme = scheme_of(root)
+    if not scheme:
+        return pathlib.Path(root)
+    text = str(root)
+    if scheme in ("file", "local"):
+        return pathlib.Path(text.split("://", 1)[1])
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        raise StorageError(f"data root {text!r}: unsupported scheme {scheme}:// (fsspec knows "
+                           f"{', '.join(sorted(fsspec.available_protocols())[:12])}, ...)") from None
+    except ImportError as err:
+        raise StorageError(f"data root {text!r}: the {scheme}:// scheme needs a package that is not installed "
+                           f"({err}); for gs:// install the project's [gcs] extra") from None
+    options = {**_FRESH_LISTINGS.get(scheme, {}), **(storage_options or {})}
+    return UPath(text.rstrip("/"), **options)
+
+
+def check_data_root(root: DataPath, *, writable: bool) -> None:
+    """Before any work: the store answers, accepts the credentials and holds the bucket. Raises StorageError.
+
+    Local roots need nothing here (a folder is made on first write). On object storage the bucket is listed;
+    `writable` also writes and removes one small object under the root, so refused write rights fail now rather
+    than after a shard's work.
+    """
+    if not is_remote(root):
+        return
+    fs, where = root.fs, root.path
+    bucket = where.split("/", 1)[0]
+    try:
+        fs.ls(bucket, refresh=True)
+        if writable:
+            probe = f"{where}/_status/.write-check-{uuid.uuid4().hex[:12]}"
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+    except FileNotFoundError:
+        raise StorageError(f"data root {root}: no bucket {bucket!r} at {_endpoint(root)}") from None
+    except PermissionError as err:
+        raise StorageError(f"data root {root}: the credentials were refused at {_endpoint(root)} ({_first(err)}); "
+                           f"set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or the profile's "
+                           f"storage_options") from None
+    except Exception as err:  # noqa: BLE001 - connection errors come in many types (botocore, aiohttp, OSError)
+        raise StorageError(f"data root {root}: the store at {_endpoint(root)} did not answer "
+                           f"({type(err).__name__}: {_first(err)})") from None
+
+
+def _endpoint(root) -> str:
+    options = getattr(root, "storage_options", {}) or {}
+    endpoint = (options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    return endpoint or f"the default {root.protocol}:// endpoint"
+
+
+def _first(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def open_data_root(root: str | os.PathLike, storage_options: dict[str, Any] | None = None, *,
+                   writable: bool) -> DataPath:
+    """`data_path` and `check_data_root` together: what a command does with the root it was given."""
+    path = data_path(root, storage_options)
+    check_data_root(path, writable=writable)
+    return path
+
+
+def absolute(path: DataPath) -> DataPath:
+    """The root as a worker elsewhere needs it: a local one resolved (workers do not share our working
+    folder), a remote one as it is."""
+    return path if is_remote(path) else path.resolve()
+
+
+# The driver's credential chain, as environment variables, handed on to the Ray job's workers: a worker started
+# by a cluster that was up before the driver set them (or on another machine) reads the same store as the driver.
+# Instance roles and ~/.aws on each machine need nothing handed on.
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+                  "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS",
+                  "FOURM_SCRATCH")
+
+
+def storage_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in CREDENTIAL_ENV if os.environ.get(name)}
+
+
+# -- local scratch space for files bound for object storage --------------------------------------------------
+SCRATCH_ENV = "FOURM_SCRATCH"
+
+
+def scratch_root() -> pathlib.Path:
+    """Where files bound for object storage are written before their upload: $FOURM_SCRATCH, or the system's
+    temporary folder. Each process uses a folder of its own under it, named by its process id."""
+    return pathlib.Path(os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()) / "fourm-scratch"
+
+
+_own_scratch: pathlib.Path | None = None
+
+
+def scratch_dir() -> pathlib.Path:
+    """This process's scratch folder. Made on first use, after removing the folders of processes that are gone
+    (a worker killed mid-upload leaves its shard's files there)."""
+    global _own_scratch
+    if _own_scratch is None or _own_scratch.name != str(os.getpid()) or not _own_scratch.is_dir():
+        base = scratch_root()
+        base.mkdir(parents=True, exist_ok=True)
+        clean_scratch(base)
+        _own_scratch = base / str(os.getpid())
+        _own_scratch.mkdir(exist_ok=True)
+    return _own_scratch
+
+
+def clean_scratch(base: pathlib.Path) -> list[pathlib.Path]:
+    """Remove the scratch folders of processes no longer running; returns what was removed."""
+    removed = []
+    for folder in base.iterdir():
+        if folder.is_dir() and folder.name.isdigit() and not _alive(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
