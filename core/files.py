@@ -53,8 +53,8 @@ def publish(tmp: Path, path) -> Path:
 
 
 def _upload(tmp: Path, path):
-    if tmp.is_dir():
-        for child in sorted(tmp.rglob("*")):
+    if tmp.is_dir():  # file by file, a train.json (a folder's commit record) last
+        for child in sorted(tmp.rglob("*"), key=lambda p: (p.name == "train.json", str(p))):
             if child.is_file():
                 path.fs.put_file(str(child), f"{path.path}/{child.relative_to(tmp).as_posix()}")
         shutil.rmtree(tmp)

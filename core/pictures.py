@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core.files import atomic_path
+from core.storage import data_path
 
 
 def colormap_picture(values: np.ndarray, name: str = "turbo", stretch: bool = False) -> np.ndarray:
@@ -100,7 +101,7 @@ def save_figure(fig, out: str | Path, dpi: int, metadata: dict | None = None, ti
     with atomic_path(out, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, metadata=metadata)
     plt.close(fig)
-    return Path(out)
+    return data_path(out)
 
 
 def figure_backend():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import tarfile
 import tempfile
 import uuid
 from typing import Any, Union
@@ -129,6 +130,110 @@ def open_data_root(root: str | os.PathLike, storage_options: dict[str, Any] | No
     path = data_path(root, storage_options)
     check_data_root(path, writable=writable)
     return path
+
+
+# -- reading, the same calls for both kinds of root ----------------------------------------------------------------
+READ_BLOCK = 8 << 20  # object storage is read in ranged requests of this size, one ahead (fsspec's readahead)
+
+
+def open_read(path: DataPath, buffering: int = 1 << 20):
+    """A file open for reading in binary, streamed: a local file with a buffer, an object in ranged blocks."""
+    if is_remote(path):
+        return path.open("rb", block_size=READ_BLOCK, cache_type="readahead")
+    return open(path, "rb", buffering=buffering)
+
+
+class _StreamTar(tarfile.TarFile):
+    """A tar read from a stream we opened: closing the tar closes the stream too."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.fileobj.close()
+
+
+def open_tar(path: DataPath) -> tarfile.TarFile:
+    """A shard's tar for reading, streamed from either kind of root (an uncompressed tar, as every shard is)."""
+    if not is_remote(path):
+        return tarfile.open(path)
+    return _StreamTar(fileobj=open_read(path), mode="r")
+
+
+def read_parquet(path: DataPath, columns: list[str] | None = None):
+    import pyarrow.parquet as pq
+
+    if not is_remote(path):
+        return pq.read_table(path, columns=columns)
+    with open_read(path) as f:
+        return pq.read_table(f, columns=columns)
+
+
+MODEL_FILES = ("config.json", "model.safetensors")  # what loading a saved model reads from its folder
+
+
+def local_copy(path: DataPath, only: tuple[str, ...] | None = None) -> pathlib.Path:
+    """A folder (a tokenizer, a model) as a local folder: itself on a disk; on object storage, downloaded into a
+    cache under the scratch root, kept by the objects' names, sizes and times (a changed folder is fetched anew).
+    `only`: the top-level names to fetch (a model's files, not its run's checkpoints)."""
+    if not is_remote(path):
+        return pathlib.Path(path)
+    import hashlib
+
+    path = data_path(path)
+    base = path.path.rstrip("/")
+    listing = sorted((info["name"], info.get("size"), str(info.get("LastModified") or info.get("mtime") or ""))
+                     for info in path.fs.find(base, detail=True).values()
+                     if only is None or info["name"][len(base):].strip("/").split("/", 1)[0] in only)
+    if not listing:
+        raise FileNotFoundError(f"{path}: no such folder")
+    digest = hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+    cached = scratch_root() / "cache" / digest
+    if (cached / ".complete").is_file():
+        os.utime(cached)  # recently used: kept by the pruning below
+    else:
+        staging = cached.with_name(f"{digest}.tmp-{uuid.uuid4().hex[:8]}")
+        staging.mkdir(parents=True)
+        for name, _, _ in listing:
+            target = staging / pathlib.PurePosixPath(name).relative_to(base)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.fs.get_file(name, str(target))
+        (staging / ".complete").write_text("")
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(staging, cached)
+        _prune_cache(cached.parent)
+    return cached
+
+
+CACHE_ENTRIES = 8  # model and tokenizer folders kept in the cache, the most recently used
+
+
+def _prune_cache(cache: pathlib.Path) -> None:
+    entries = sorted((p for p in cache.iterdir() if p.is_dir() and "." not in p.name),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[CACHE_ENTRIES:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def modified_ns(path: DataPath) -> int:
+    """A file's modification time in nanoseconds (on object storage: the object's, to the second on S3)."""
+    if not is_remote(path):
+        return path.stat().st_mtime_ns
+    info = path.fs.info(path.path)
+    stamp = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if hasattr(stamp, "timestamp"):
+        return int(stamp.timestamp() * 1e9)
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp() * 1e9)
+
+
+def remove_tree(path: DataPath) -> None:
+    """Remove a folder and everything under it, where it lives (nothing there: nothing to do)."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.fs.exists(path.path):
+        path.fs.rm(path.path, recursive=True)
 
 
 def absolute(path: DataPath) -> DataPath:

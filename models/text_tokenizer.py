@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from core.files import write_bytes
 from models.coco import COCO_THINGS
 
 CLASS_TOKENS = sorted(COCO_THINGS)  # the reference orders the class names alphabetically: 4204 airplane
@@ -57,9 +58,8 @@ def train_text_tokenizer(captions: Iterable[str], vocab_size: int, path: str | P
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
     tokenizer.train_from_iterator(captions, build_trainer(vocab_size))
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(path))
+    if path is not None:  # whole or not at all, on a disk or on object storage
+        write_bytes(path, tokenizer.to_str(pretty=True).encode())
     return tokenizer
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.storage import MODEL_FILES, data_path, local_copy
 from models.fourm import EncoderBlock, FourM, FourMConfig, _norm, sincos_2d
 
 
@@ -103,9 +104,9 @@ class FourMViT(nn.Module):
 
 def read_fourm(path: str | Path) -> FourM:
     """A 4M model from a folder with config.json + model.safetensors: a finished pretraining run or `convert-4m`."""
-    path = Path(path)
+    path = data_path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return FourM.from_pretrained(path)
+        return FourM.from_pretrained(local_copy(path, MODEL_FILES))  # on object storage: a cached copy
     raise BackboneError(f"no 4M model in {str(path)!r}: expected config.json and model.safetensors (a finished "
                         f"pretraining run, or `python -m pipeline convert-4m`)")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from core import registry
 from core.config import DEFAULT_PROFILE, Config, ConfigError, load_config
-from core.storage import open_data_root
+from core.storage import data_path, open_data_root
 from pipeline import services
 from pipeline.console import ShardProgress, print_alignment, print_summary
 from pipeline.stage_list import stage
@@ -41,6 +41,20 @@ def _config_from(args, flags: dict) -> Config:
     return load_config(args.profile, args.overrides, flags)
 
 
+def _root(config: Config, writable: bool = True):
+    """The configuration's data root, checked before any work: a bad URL, a missing bucket, refused credentials or
+    a store that does not answer is a configuration error (exit 2) naming the URL."""
+    return open_data_root(config.root, writable=writable)
+
+
+def _existing_root(text: str, flag: str = "--data"):
+    """A data root a command only reads (status, verify, show, align): checked, and there."""
+    root = open_data_root(text, writable=False)
+    if not root.is_dir():
+        raise ConfigError(f"{flag} {text!r}: no such folder")
+    return root
+
+
 def cmd_download(args) -> int:
     config = _config_from(args, {
         "data_root": args.output, "download.shard_size": args.shard_size, "download.max_side": args.max_side,
@@ -56,32 +70,34 @@ def cmd_download(args) -> int:
         summary = run_download(args.input, root, config, observer=progress)
     finally:
         progress.close()
-    print_summary(summary, config.data_root)
+    print_summary(summary, root)
     return 1 if summary.failed_shards else 0
 
 
 def cmd_label(args) -> int:
     names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
     config = _config_from(args, {"data_root": args.data, "label.labelers": names})
+    root = _root(config)
     from stages.label.label import run_label
     progress = ShardProgress("label")
     try:
-        summary = run_label(config.data_root, config, names, observer=progress)
+        summary = run_label(root, config, names, observer=progress)
     finally:
         progress.close()
-    return print_per_model(summary, "", "labelled", f"in {summary.seconds:.1f} s; labels under {config.data_root}")
+    return print_per_model(summary, "", "labelled", f"in {summary.seconds:.1f} s; labels under {root}")
 
 
 def cmd_import_labels(args) -> int:
     config = _config_from(args, {"data_root": args.data})
+    root = _root(config)
     from stages.label.import_labels import run_import
     progress = ShardProgress(f"import {args.modality}")
     try:
-        summary = run_import(config.data_root, config, args.modality, args.source, observer=progress)
+        summary = run_import(root, config, args.modality, args.source, observer=progress)
     finally:
         progress.close()
     return print_per_model(summary, "", "imported", f"in {summary.seconds:.1f} s from {args.source}; labels under "
-                                                    f"{config.data_root}/{args.modality}")
+                                                    f"{root}/{args.modality}")
 
 
 def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
@@ -100,6 +116,7 @@ def print_per_model(summary, prefix: str, verb: str, details: str) -> int:
 def cmd_train_tokenizer(args) -> int:
     modalities = None if args.modality in (None, "all") else [m.strip() for m in args.modality.split(",")]
     config = _config_from(args, {"data_root": args.data, "tokenizer.modalities": modalities})
+    root = _root(config)
     from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
 
     def report(modality, result):
@@ -112,24 +129,25 @@ def cmd_train_tokenizer(args) -> int:
                   f"{training_line(modality, result['final'])}")
 
     def tokenizer_path(modality):
-        return tokenizer_dir(config.data_root, modality)
+        return tokenizer_dir(root, modality)
 
-    run_train_tokenizers(config.data_root, config, modalities, observer=report)
+    run_train_tokenizers(root, config, modalities, observer=report)
     return 0
 
 
 def cmd_tokenize(args) -> int:
     modalities = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
     config = _config_from(args, {"data_root": args.data})
+    root = _root(config)
     from stages.tokenizers.tokenize import run_tokenize
     progress = ShardProgress("tokenize")
     try:
-        summary = run_tokenize(config.data_root, config, modalities, observer=progress)
+        summary = run_tokenize(root, config, modalities, observer=progress)
     finally:
         progress.close()
     rate = f", {summary.tokens / summary.seconds:.0f} tokens/s" if summary.seconds and summary.tokens else ""
     status = print_per_model(summary, "tok_", "tokenized", f"{summary.tokens} tokens in {summary.seconds:.1f} s{rate}")
-    print_alignment(summary.dropped, summary.unaligned, config.data_root)
+    print_alignment(summary.dropped, summary.unaligned, root)
     return status or (1 if summary.unaligned else 0)
 
 
@@ -138,15 +156,14 @@ def cmd_align(args) -> int:
     from stages.dataset.align import align_dataset
     from stages.dataset.shards import DatasetLayout
 
-    if not Path(args.data).is_dir():
-        raise ConfigError(f"--data {args.data!r}: no such folder")
-    results = align_dataset(args.data)
-    layout = DatasetLayout(args.data)
+    root = _existing_root(args.data)
+    results = align_dataset(root)
+    layout = DatasetLayout(root)
     dropped = sum(layout.read_stats(ALIGN_STAGE, s)["status_counts"].get("dropped", 0)
                   for s in layout.committed_shards(ALIGN_STAGE))
     unaligned = {shard: result for shard, result in results.items() if isinstance(result, str)}
     print(f"{len(results) - len(unaligned)} shards aligned now, the others already were")
-    print_alignment(dropped, unaligned, args.data)
+    print_alignment(dropped, unaligned, root)
     return 1 if unaligned else 0
 
 
@@ -154,7 +171,8 @@ def cmd_verify(args) -> int:
     from pipeline.status import RANDOM_WARNING, random_weight_stages, stage_rows
     from stages.dataset.verify import verify_dataset
 
-    problems, checked = verify_dataset(args.data)
+    root = _existing_root(args.data)
+    problems, checked = verify_dataset(root)
     by_shard: dict[str, list] = {}
     for problem in problems:
         by_shard.setdefault(problem.shard, []).append(problem)
@@ -166,7 +184,7 @@ def cmd_verify(args) -> int:
         print(f"checked {checked['shards']} shards x {checked['folders']} folders, {checked['members']} members: "
               f"{'OK' if not problems else f'{len(problems)} problems'}")
 
-    random_stages = random_weight_stages(stage_rows(args.data))
+    random_stages = random_weight_stages(stage_rows(root))
     if random_stages:
         print(RANDOM_WARNING.format(stages=", ".join(random_stages)))
     return 1 if problems else 0
@@ -183,20 +201,19 @@ def cmd_status(args) -> int:
         tokenizer_rows,
     )
 
-    if not Path(args.data).is_dir():
-        raise ConfigError(f"--data {args.data!r}: no such folder")
-    rows = stage_rows(args.data)
+    root = _existing_root(args.data)
+    rows = stage_rows(root)
     print(format_table(rows))
     random_stages = random_weight_stages(rows)
     if random_stages:
         print("\n" + RANDOM_WARNING.format(stages=", ".join(random_stages)))
-    tokenizers = tokenizer_rows(args.data)
+    tokenizers = tokenizer_rows(root)
     if tokenizers:
         print("\n" + format_table(tokenizers))
-    pretrain = pretrain_row(args.data)
+    pretrain = pretrain_row(root)
     if pretrain:
         print("\n" + format_table([pretrain]))
-    evaluations = evaluation_rows(args.data)
+    evaluations = evaluation_rows(root)
     if evaluations:
         print("\n" + format_table(evaluations))
     return 0
@@ -216,18 +233,19 @@ def cmd_show(args) -> int:
     from pipeline.show import draw_sample
     from stages.dataset.shards import DatasetLayout
 
-    print(draw_sample(DatasetLayout(args.data), args.key, args.out))
+    print(draw_sample(DatasetLayout(_existing_root(args.data)), args.key, args.out))
     return 0
 
 
 def cmd_pretrain(args) -> int:
     config = _config_from(args, {"data_root": args.data, "pretrain.size": args.size, "pretrain.steps": args.steps})
+    root = _root(config)
     from stages.fourm.pretrain import run_dir, run_pretrain
-    summary = run_pretrain(config.data_root, config)
+    summary = run_pretrain(root, config)
     final = summary["final"]
     losses = ", ".join(f"{k.removeprefix('loss.')} {v:.4g}" for k, v in final.items() if k.startswith("loss."))
     print(f"4M-{config.pretrain.size}: {summary['steps']} steps on {summary['workers']} worker(s); "
-          f"loss {final.get('loss', float('nan')):.4g} ({losses}) -> {run_dir(config.data_root)}/")
+          f"loss {final.get('loss', float('nan')):.4g} ({losses}) -> {run_dir(root)}/")
     return 0
 
 
@@ -250,8 +268,9 @@ def cmd_evaluate(args) -> int:
     from stages.transfer.evaluate import run_evaluate
 
     config = _config_from(args, {"data_root": args.data})
-    model = args.model or run_dir(config.data_root)
-    results = run_evaluate(config.data_root, config, model, samples=args.samples)
+    root = _root(config)
+    model = args.model or run_dir(root)
+    results = run_evaluate(root, config, model, samples=args.samples)
     print(f"4M from RGB alone on {results['samples']} validation samples ({', '.join(results['val_shards'])}):")
     for name, scores in results["scores"].items():
         figures = ", ".join(f"{k} {v:.4g} (each sample's mean or majority: {scores[k + '_baseline']:.4g})"
@@ -295,14 +314,16 @@ def generation_request(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from stages.dataset.shards import DatasetLayout
     from stages.fourm.pretrain import run_dir
     from stages.generate.generate import read_requests, run_generation
 
     config = _config_from(args, {"data_root": args.data})
-    model = Path(args.model or run_dir(config.data_root))
-    tokenizers = args.tokenizers or str(Path(config.data_root) / "tokenizers")
+    root = _root(config)
+    model = data_path(args.model) if args.model else run_dir(root)
+    tokenizers = args.tokenizers or DatasetLayout(root).tokenizers_dir
     requests = read_requests(args.requests) if args.requests else [generation_request(args)]
-    out = args.out or str(model / "generations")
+    out = args.out or model / "generations"
     results = run_generation(requests, model, tokenizers, out, batch_size=args.batch_size, device=args.device,
                              progress=True)
     for request in results["requests"]:
@@ -318,7 +339,8 @@ def cmd_inspect_masking(args) -> int:
     from stages.fourm.fourm_data import inspect_masking, is_sequence, text_tokenizer_of
 
     config = _config_from(args, {"data_root": args.data})
-    means, first = inspect_masking(config.data_root, config, args.samples)
+    root = _root(config, writable=False)
+    means, first = inspect_masking(root, config, args.samples)
     if args.json:
         print(json.dumps({"samples": args.samples, "mean_tokens": means}, indent=1))
     else:
@@ -330,7 +352,7 @@ def cmd_inspect_masking(args) -> int:
             print(f"{m:{width}} {parts['input']:7.1f} {parts['target']:7.1f}")
     if args.out:
         has_text = any(is_sequence(m) for m in first)
-        picture = draw_masked_sample(first, text_tokenizer_of(config.data_root) if has_text else None, args.out)
+        picture = draw_masked_sample(first, text_tokenizer_of(root) if has_text else None, args.out)
         print(f"one masked sample: {picture}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -374,7 +396,7 @@ def cmd_convert_4m(args) -> int:
 def cmd_convert_tokenizer(args) -> int:
     from stages.tokenizers.dataset_tokenizers import convert_published, folder
 
-    out = args.out or folder(_config_from(args, {"data_root": args.data}).data_root, args.modality)
+    out = args.out or folder(_root(_config_from(args, {"data_root": args.data})), args.modality)
     summary = convert_published(args.checkpoint, args.modality, out)
     print(f"{args.modality}: {summary['decoder']} tokenizer, {summary['codebook_size']} codes -> {out}")
     return 0

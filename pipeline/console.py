@@ -40,9 +40,12 @@ def print_summary(summary, root: str | Path) -> None:
 
 
 def print_alignment(dropped: int, unaligned: dict[str, str], root) -> None:
+    from stages.dataset.shards import DatasetLayout
+
+    layout = DatasetLayout(root)
     print(f"aligned: every loader folder holds the same keys in every shard; {dropped} samples that failed somewhere "
-          f"are dropped from all of them (reasons in {Path(root) / '_status' / 'align'}/, members kept in "
-          f"{Path(root) / '_dropped'}/)" if not unaligned else
+          f"are dropped from all of them (reasons in {layout.status_dir('align')}/, members kept in "
+          f"{layout.dropped_dir}/)" if not unaligned else
           f"{len(unaligned)} shards not aligned yet; {dropped} samples dropped so far")
     for reason in unaligned.values():
         print(f"  {reason}", file=sys.stderr)

@@ -17,10 +17,10 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow.parquet as pq
-
 from core import registry
 from core.config import Config
+from core.files import write_bytes
+from core.storage import DataPath, data_path, is_remote, open_data_root, remove_tree, scratch_root
 from models.fourm import FourMConfig
 from models.random_weights import save_random_model
 from pipeline.console import ShardProgress, print_alignment, print_summary
@@ -32,6 +32,7 @@ from stages.download.download import STAGE, run_download
 from stages.fourm.pretrain import run_dir, run_pretrain
 from stages.generate.generate import read_requests, run_generation
 from stages.label.label import run_label
+from stages.run_folder import RunFolder
 from stages.tokenizers.tokenize import run_tokenize
 from stages.tokenizers.tokenize import stage_name as tokenize_stage_name
 from stages.tokenizers.train_tokenizer import run_train_tokenizers, tokenizer_dir, training_line
@@ -100,16 +101,18 @@ def write_demo_list(site: Path, base_url: str, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def download_demo_photos(root: Path, config: Config, observer=None):
+def download_demo_photos(root: DataPath, config: Config, observer=None):
     """Serve the bundled photos over loopback while the download stage fetches the demo list into `root`.
 
     Keys are row numbers, so a rerun (on a new port) skips the shards already committed.
     """
-
-    root.mkdir(parents=True, exist_ok=True)
+    root = data_path(root)
+    if not is_remote(root):
+        root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="4m-demo-site-") as site:
         with serve_directory(site) as base_url:
-            urls = root / "urls.tsv"
+            # the list is the stage's input, read from a local file: beside the data on a disk, else in the site
+            urls = (Path(site) if is_remote(root) else root) / "urls.tsv"
             write_demo_list(Path(site), base_url, urls)
             print(f"serving {len(DEMO_PHOTOS)} demo photos at {base_url}; list written to {urls}")
             return run_download(urls, root, allow_demo_server(config, base_url), observer=observer)
@@ -136,8 +139,7 @@ def trainer(workers: int | None) -> str:
 
 def run_demo(config: Config) -> int:
     """Every stage of the stage list, in its order, on the demo photos; stops at the first that fails."""
-    root = Path(config.data_root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = open_data_root(config.root, writable=True)  # a bad URL or refused credentials fail here, by name
     steps = {"download": download_demo, "pseudo-label": label_demo, "train-tokenizers": train_tokenizers_demo,
              "tokenize": tokenize_demo, "pretrain": pretrain_demo, "evaluate": evaluate_demo,
              "transfer": transfer_demo, "generate": generate_demo}
@@ -149,77 +151,79 @@ def run_demo(config: Config) -> int:
     return 0
 
 
-def download_demo(root: Path, config: Config) -> int:
+def download_demo(root: DataPath, config: Config) -> int:
     """The bundled photos served over loopback and downloaded, each row's fate printed."""
-    shutil.rmtree(root / "_status" / STAGE, ignore_errors=True)  # a fresh download each run: the demo shows it
+    layout = DatasetLayout(root)
+    remove_tree(layout.status_dir(STAGE))  # a fresh download each run: the demo shows it
     progress = ShardProgress("download")
     try:
         summary = download_demo_photos(root, config, observer=progress)
     finally:
         progress.close()
     print_summary(summary, root)
-    layout = DatasetLayout(root)
     print(f"\n{'key':<10} {'status':<14} {'size':<10} error")
     for shard in layout.committed_shards(STAGE):
-        for r in pq.read_table(layout.status_table(STAGE, shard)).to_pylist():
+        for r in layout.read_status(STAGE, shard).to_pylist():
             size = f"{r['width']}x{r['height']}" if r["width"] else "-"
             print(f"{r['key']:<10} {r['status']:<14} {size:<10} {r['error'] or ''}")
-    print(f"\nimages:   {root / registry.photo().folder}/shard-*.tar\ncaptions: {root / _caption_domain()}/shard-*.tar\n"
+    print(f"\nimages:   {layout.folder(registry.photo().folder)}/shard-*.tar\n"
+          f"captions: {layout.folder(_caption_domain())}/shard-*.tar\n"
           f"status:   {layout.status_dir(STAGE)}/shard-*.parquet (+ .json commit markers)")
     return 1 if summary.failed_shards else 0
 
 
-def label_demo(root: Path, config: Config) -> int:
+def label_demo(root: DataPath, config: Config) -> int:
     """Pseudo labels from tiny random-weight models of the real classes (the paper profile names the real ones),
     and a picture of every labelled sample."""
     layout = DatasetLayout(root)
     print("labelling with random-weight models saved at the profile's label.models paths")
     save_demo_models(config)
     for stage in (f"label_{n}" for n in config.label.labelers):  # new images each run: label them anew
-        shutil.rmtree(layout.status_dir(stage), ignore_errors=True)
+        remove_tree(layout.status_dir(stage))
     progress = ShardProgress("label")
     try:
         labelled = run_label(root, config, observer=progress)
     finally:
         progress.close()
     for name, counts in labelled.status_counts.items():
-        print(f"{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + f"  -> {root / name}/")
+        print(f"{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + f"  -> {layout.folder(name)}/")
     pictures = []
     for shard in layout.committed_shards(STAGE):
-        for r in pq.read_table(layout.status_table(STAGE, shard)).to_pylist():
+        for r in layout.read_status(STAGE, shard).to_pylist():
             if r["status"] == "ok":
-                pictures.append(draw_sample(layout, r["key"], root / "show" / f"{r['key']}.png"))
-    print(f"\npictures of every labelled sample: {root / 'show'}/ ({len(pictures)} PNG files)")
+                pictures.append(draw_sample(layout, r["key"], layout.show_dir / f"{r['key']}.png"))
+    print(f"\npictures of every labelled sample: {layout.show_dir}/ ({len(pictures)} PNG files)")
     return 1 if labelled.failed_shards else 0
 
 
-def train_tokenizers_demo(root: Path, config: Config) -> int:
+def train_tokenizers_demo(root: DataPath, config: Config) -> int:
     """Tiny tokenizers trained on the demo labels (new images each run: new tokenizers and tokens too)."""
     print(f"training tiny tokenizers on the demo labels ({trainer(config.tokenizer.workers)})")
-    shutil.rmtree(root / "tokenizers", ignore_errors=True)
+    layout = DatasetLayout(root)
+    remove_tree(layout.tokenizers_dir)
     for modality in config.tokenizer.modalities:
         if modality != registry.TEXT:
-            shutil.rmtree(DatasetLayout(root).status_dir(tokenize_stage_name(modality)), ignore_errors=True)
-    shutil.rmtree(DatasetLayout(root).status_dir(CROPS), ignore_errors=True)
+            remove_tree(layout.status_dir(tokenize_stage_name(modality)))
+    remove_tree(layout.status_dir(CROPS))
 
     def report(modality, result):
         figures = training_line(modality, result.get("final", {}))
         print(f"{modality:7} -> {tokenizer_dir(root, modality)}/ {figures}")
 
     run_train_tokenizers(root, config, observer=report)
-    pictures = sorted(str(p) for p in (root / "tokenizers").glob("*/reconstructions.png"))
+    pictures = sorted(str(p) for p in layout.tokenizers_dir.glob("*/reconstructions.png"))
     print("reconstructions (inputs above, reconstructions below):\n  " + "\n  ".join(pictures))
     return 0
 
 
-def tokenize_demo(root: Path, config: Config) -> int:
+def tokenize_demo(root: DataPath, config: Config) -> int:
     """Every sample tokenized, the dataset verified."""
     progress = ShardProgress("tokenize")
     try:
         tokenized = run_tokenize(root, config, observer=progress)
     finally:
         progress.close()
-    print(f"{tokenized.tokens} tokens written to {root}/tok_*@224/ (crops in {root / 'crop_settings'}/)")
+    print(f"{tokenized.tokens} tokens written to {root}/tok_*@224/ (crops in {DatasetLayout(root).folder(CROPS)}/)")
     print_alignment(tokenized.dropped, tokenized.unaligned, root)
     problems, checked = verify_dataset(root)
     print(f"verify: {checked.get('folders', 0)} folders x {checked.get('shards', 0)} shards, "
@@ -227,11 +231,11 @@ def tokenize_demo(root: Path, config: Config) -> int:
     return 1 if tokenized.failed_shards or problems else 0
 
 
-def pretrain_demo(root: Path, config: Config) -> int:
+def pretrain_demo(root: DataPath, config: Config) -> int:
     """A tiny 4M pretrained on the demo tokens, and its predictions from RGB drawn."""
     print(f"pretraining a tiny 4M on the demo tokens ({trainer(config.pretrain.workers)}, "
           f"{config.pretrain.steps} steps)")
-    shutil.rmtree(run_dir(root), ignore_errors=True)  # new tokens each run: a new model too
+    RunFolder(run_dir(root)).clear()  # new tokens each run: a new model too
     summary = run_pretrain(root, config)
     first, final = summary["first"], summary["final"]
     validation = ", ".join(f"{k.removeprefix('val_loss.')} {v:.3g}" for k, v in final.items()
@@ -242,7 +246,7 @@ def pretrain_demo(root: Path, config: Config) -> int:
     return 0
 
 
-def evaluate_demo(root: Path, config: Config) -> int:
+def evaluate_demo(root: DataPath, config: Config) -> int:
     """The demo model scored out of the box against the pseudo labels of the held-out shard."""
     results = run_evaluate(root, config, run_dir(root), samples=8, batch_size=8)
     print(f"out of the box, from RGB alone, on {results['samples']} held-out samples "
@@ -273,11 +277,13 @@ def colour_classes(folder: Path, size: int = 64) -> tuple[Path, Path]:
     return folder / "train", folder / "val"
 
 
-def transfer_demo(root: Path, config: Config) -> int:
+def transfer_demo(root: DataPath, config: Config) -> int:
     """The demo model's encoder fine-tuned on a tiny classification task (the transfer command's path)."""
-    train, val = colour_classes(root / "transfer" / "colours")
+    # the task's photos are the transfer's input, read from local folders: beside the data on a disk, else in the
+    # scratch space
+    train, val = colour_classes((scratch_root() if is_remote(root) else root) / "transfer" / "colours")
     out = run_dir(root) / "transfer-classification"
-    shutil.rmtree(out, ignore_errors=True)  # a new model each demo run: a new fine-tune too
+    RunFolder(out).clear()  # a new model each demo run: a new fine-tune too
     print(f"fine-tuning the demo model's encoder on {len(DEMO_COLOURS)} colour classes "
           f"({trainer(config.transfer.workers)})")
     results = run_transfer("classification", train, val, config, model=str(run_dir(root)), out=out)
@@ -291,7 +297,7 @@ def _caption_domain() -> str:
     return next(m.name for m in registry.sequences() if m.downloaded)
 
 
-def demo_requests(root: Path, outputs: list[str]) -> Path:
+def demo_requests(root: DataPath, outputs: list[str]) -> DataPath:
     """The generate/demo deployment's requests: every modality the model predicts from one caption (chained,
     guided) and from one photo; written to <root>/generate/requests.jsonl."""
     name, (_, _, caption) = next(iter(DEMO_PHOTOS.items()))
@@ -306,21 +312,21 @@ def demo_requests(root: Path, outputs: list[str]) -> Path:
          "steps": 8, "cfg": 3.0, "grow_conditioning": True, "samples": 2, "seed": 0},
         {"name": "from-photo", "conditions": {registry.photo().name: str(demo_photo_paths()[name])},
          "targets": texts + images, "steps": 8, "temperature": 0.7, "samples": 2, "seed": 0}]
-    path = root / "generate" / "requests.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    path = DatasetLayout(root).generate_dir / "requests.jsonl"
+    write_bytes(path, "".join(json.dumps(r) + "\n" for r in requests).encode())
     return path
 
 
-def generate_demo(root: Path, config: Config | None = None) -> int:
+def generate_demo(root: DataPath, config: Config | None = None) -> int:
     """The demo model generating every modality from a caption and from a photo (the generate command's path)."""
     model = run_dir(root)
     outputs = FourMConfig(**json.loads((model / "config.json").read_text())).domains_out
     requests = demo_requests(root, outputs)
     out = model / "generations"
-    shutil.rmtree(out, ignore_errors=True)  # a new model each demo run: new samples too
+    remove_tree(out)  # a new model each demo run: new samples too
     print(f"generating every modality from a caption and from a photo ({requests})")
-    results = run_generation(read_requests(requests), model, root / "tokenizers", out, batch_size=4, device="cpu",
+    results = run_generation(read_requests(requests), model, DatasetLayout(root).tokenizers_dir, out, batch_size=4,
+                             device="cpu",
                              progress=True)
     for request in results["requests"]:
         given = ", ".join(f"{k}={v!r}" for k, v in request["conditions"].items())

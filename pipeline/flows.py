@@ -7,12 +7,12 @@ the per-stage status table), so a stage looks the same in the UI whether it runs
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 from prefect import flow, task
 
 from core.config import Config, load_config
+from core.storage import data_path, open_data_root
 from pipeline.demo import download_demo_photos, save_demo_models
 from pipeline.reporting import (
     LabelReporter,
@@ -53,13 +53,14 @@ def _counts(summary) -> dict:
 # -- each stage, with its artifacts ---------------------------------------------------------------------------
 def download_with_artifacts(config: Config, input: str):
     """`input="demo"` serves the bundled photos over loopback while they are downloaded."""
+    root = open_data_root(config.root, writable=True)  # a bad URL or refused credentials fail here, by name
     reporter = StageReporter("download")
     if input == "demo":
-        summary = download_demo_photos(Path(config.data_root), config, observer=reporter)
+        summary = download_demo_photos(root, config, observer=reporter)
     else:
-        summary = run_download(input, config.data_root, config, observer=reporter)
+        summary = run_download(input, root, config, observer=reporter)
     print(reporter.finish())
-    publish_stage_table(config.data_root, key="download-stages")
+    publish_stage_table(root, key="download-stages")
     _check("download", summary)
     return summary
 
@@ -67,37 +68,41 @@ def download_with_artifacts(config: Config, input: str):
 def label_with_artifacts(config: Config, pictures: int = 3):
     if config.profile == "demo":  # the demo's tiny random-weight models, where the profile names them
         save_demo_models(config)
+    root = open_data_root(config.root, writable=True)
     reporter = LabelReporter("pseudo-label", config.label.labelers)
-    summary = run_label(config.data_root, config, observer=reporter)
+    summary = run_label(root, config, observer=reporter)
     print(reporter.finish())
-    publish_stage_table(config.data_root, key="pseudo-label-stages")
+    publish_stage_table(root, key="pseudo-label-stages")
     if pictures:
-        sample_pictures_markdown(config.data_root, pictures, key="pseudo-label-samples")
+        sample_pictures_markdown(root, pictures, key="pseudo-label-samples")
     _check("pseudo-label", summary)
     return summary
 
 
 def train_with_artifacts(config: Config) -> dict:
-    reporter = TokenizerReporter(config.data_root, config.tokenizer.modalities)
-    results = run_train_tokenizers(config.data_root, config, observer=reporter)
+    root = open_data_root(config.root, writable=True)
+    reporter = TokenizerReporter(root, config.tokenizer.modalities)
+    results = run_train_tokenizers(root, config, observer=reporter)
     print(reporter.finish())
-    publish_stage_table(config.data_root, key="train-tokenizers-stages")
+    publish_stage_table(root, key="train-tokenizers-stages")
     return results
 
 
 def tokenize_with_artifacts(config: Config, modalities: list[str] | None = None):
+    root = open_data_root(config.root, writable=True)
     reporter = StageReporter("tokenize")
-    summary = run_tokenize(config.data_root, config, modalities, observer=reporter)
+    summary = run_tokenize(root, config, modalities, observer=reporter)
     print(reporter.finish())
-    publish_stage_table(config.data_root, key="tokenize-stages")
+    publish_stage_table(root, key="tokenize-stages")
     _check("tokenize", summary)
     return summary
 
 
 def pretrain_with_artifacts(config: Config) -> dict:
-    reporter = PretrainReporter(config.data_root, config.pretrain.steps)
+    root = open_data_root(config.root, writable=True)
+    reporter = PretrainReporter(root, config.pretrain.steps)
     try:
-        summary = run_pretrain(config.data_root, config)
+        summary = run_pretrain(root, config)
     finally:
         reporter.stop.set()
     print(reporter.finish(summary).split("![")[0])
@@ -161,7 +166,8 @@ def evaluate_flow(data: str | None = None, model: str | None = None, samples: in
                   overrides: list[str] | None = None) -> dict:
     """Score a 4M model's depth, normals and segmentation from RGB alone against the held-out pseudo labels."""
     config = load_config(profile, overrides, {"data_root": data})
-    results = run_evaluate(config.data_root, config, model or run_dir(config.data_root), samples=samples)
+    root = open_data_root(config.root, writable=True)
+    results = run_evaluate(root, config, model or run_dir(root), samples=samples)
     publish_evaluation(results)
     return results
 
@@ -171,7 +177,7 @@ def generate_flow(requests: str = "data/cc12m/generate/requests.jsonl", model: s
                   tokenizers: str = "data/cc12m/tokenizers", out: str | None = None, batch_size: int = 16,
                   device: str | None = None) -> dict:
     """Generate from a JSONL file of requests (see the README) in batches; every sample's grid as a picture."""
-    out = out or str(Path(model) / "generations")
+    out = out or str(data_path(model) / "generations")
     results = run_generation(read_requests(requests), model, tokenizers, out, batch_size=batch_size, device=device)
     publish_generation(results)
     print(f"{sum(len(r['samples']) for r in results['requests'])} samples of {len(results['requests'])} requests "

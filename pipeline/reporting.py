@@ -9,7 +9,6 @@ import json
 import re
 import time
 from collections import Counter
-from pathlib import Path
 
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -19,6 +18,7 @@ from prefect.artifacts import (
 )
 
 from core.ray_runtime import dashboard_url
+from core.storage import data_path
 from pipeline.show import draw_loss_curves, draw_sample, draw_transfer_curves
 from pipeline.status import RANDOM_WARNING, random_weight_stages, stage_rows
 from stages.dataset.shards import DatasetLayout
@@ -184,12 +184,10 @@ def sample_pictures_markdown(root, count: int, key: str) -> str | None:
     import base64
     import tempfile
 
-    import pyarrow.parquet as pq
-
     layout = DatasetLayout(root)
     keys = []
     for shard in layout.committed_shards(DOWNLOAD_STAGE):
-        table = pq.read_table(layout.status_table(DOWNLOAD_STAGE, shard), columns=["key", "status"]).to_pylist()
+        table = layout.read_status(DOWNLOAD_STAGE, shard, ["key", "status"]).to_pylist()
         keys += [r["key"] for r in table if r["status"] == "ok"]
         if len(keys) >= count:
             break
@@ -247,7 +245,7 @@ class PretrainReporter:
         parts = ["# 4M pretraining", f"{summary['steps']} steps on {summary['workers']} worker(s)"]
         pictures = [draw_loss_curves(self.metrics, self.metrics.with_name("losses.png"))]
         if summary.get("predictions"):
-            pictures.append(Path(summary["predictions"]))
+            pictures.append(data_path(summary["predictions"]))
         for picture in pictures:
             encoded = base64.b64encode(picture.read_bytes()).decode()
             parts.append(f"![{picture.stem}](data:image/png;base64,{encoded})")
@@ -259,7 +257,7 @@ class PretrainReporter:
 def png_markdown(path, alt: str) -> str:
     import base64
 
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(data_path(path).read_bytes()).decode()})"
 
 
 def publish_evaluation(results: dict) -> None:
@@ -288,7 +286,7 @@ def publish_transfer(results: dict) -> None:
     create_table_artifact(rows, key="transfer-results",
                           description=f"{results['task']} transfer of {results['backbone']} after {results['steps']} "
                                       f"steps; the paper's figures are on the full dataset")
-    folder = Path(results["folder"])
+    folder = data_path(results["folder"])
     curves = draw_transfer_curves(folder / "metrics.jsonl", folder / "curves.png",
                                   f"{results['task']}: {results['backbone']}")
     create_markdown_artifact(f"# {results['task']} transfer\n\n{png_markdown(curves, 'curves')}",

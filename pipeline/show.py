@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 from core import registry
 from core.pictures import figure_backend, save_figure
+from core.storage import data_path, open_tar
 from stages.dataset.shards import DatasetLayout, producing_stage
 from stages.download.download import STAGE as DOWNLOAD_STAGE
 
@@ -33,7 +33,7 @@ def read_sample(layout: DatasetLayout, key: str) -> dict[str, tuple[str, bytes]]
         path = folder / f"{shard}.tar"
         if not path.is_file():
             continue
-        with tarfile.open(path) as tar:
+        with open_tar(path) as tar:
             for member in tar:
                 stem, _, ext = member.name.partition(".")
                 if stem == key:
@@ -135,7 +135,7 @@ def draw_loss_curves(metrics: str | Path, out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    lines = [json.loads(line) for line in data_path(metrics).read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
     names = sorted({k for line in lines for k in line if k == "loss" or k.startswith("loss.")})
     for i, name in enumerate(names):
@@ -160,7 +160,7 @@ def draw_transfer_curves(metrics: str | Path, out: str | Path, title: str) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    lines = [json.loads(line) for line in data_path(metrics).read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([line["step"] for line in lines if "loss" in line], [line["loss"] for line in lines if "loss" in line],
             color="C0", label="training loss")

@@ -15,12 +15,13 @@ from core import registry
 from pipeline.stage_list import status_rank
 from stages.dataset.provenance import RANDOM_MARK, describe_model
 from stages.dataset.shards import DatasetLayout
+from stages.run_folder import RunFolder
 
 
 def _stage_order(layout: DatasetLayout) -> list[str]:
     """The status folders present, in the order of the stages that record into them (pipeline/stage_list.py)."""
-    present = {p.name for p in (layout.root / "_status").iterdir() if p.is_dir()} if (layout.root / "_status").is_dir() \
-        else set()
+    status = layout.status_root
+    present = {p.name for p in status.iterdir() if p.is_dir()} if status.is_dir() else set()
     return sorted(present, key=lambda s: (status_rank(s), s))
 
 
@@ -75,14 +76,14 @@ def stage_rows(root: str | Path) -> list[dict]:
 
 def tokenizer_rows(root: str | Path) -> list[dict]:
     rows = []
+    layout = DatasetLayout(root)
     for modality in registry.tokenizer_names():
-        folder = Path(root) / "tokenizers" / modality
+        folder = layout.tokenizer_dir(modality)
         if (folder / "train.json").is_file():
             summary = json.loads((folder / "train.json").read_text())
             state = f"trained ({summary.get('steps', summary.get('vocab_size'))} " \
                     f"{'steps' if 'steps' in summary else 'ids'})"
-        elif (folder / "checkpoint" / "state.json").is_file():
-            checkpoint = json.loads((folder / "checkpoint" / "state.json").read_text())
+        elif (checkpoint := RunFolder(folder).checkpoint_state()) is not None:
             state = (f"interrupted at step {checkpoint['step']} of {checkpoint.get('plan', {}).get('steps', '?')} "
                      "(resumes from there)")
         else:
@@ -104,11 +105,10 @@ def format_table(rows: list[dict]) -> str:
 
 def pretrain_row(root: str | Path) -> dict | None:
     """The 4M run under <root>/pretrain: step, tokens seen, last losses, and the time left at its recent pace."""
-    folder = Path(root) / "pretrain"
-    state_path = folder / "checkpoint" / "state.json"
-    if not state_path.is_file() or not (folder / "metrics.jsonl").is_file():
+    folder = DatasetLayout(root).pretrain_dir
+    state = RunFolder(folder).checkpoint_state()
+    if state is None or not (folder / "metrics.jsonl").is_file():
         return None
-    state = json.loads(state_path.read_text())
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = lines[-1] if lines else {}
     steps, batch, tokens = state.get("steps"), state.get("batch_size"), state.get("tokens_per_sample")
@@ -126,7 +126,7 @@ def pretrain_row(root: str | Path) -> dict | None:
 def evaluation_rows(root: str | Path) -> list[dict]:
     """The finished transfers of the dataset's model (<root>/pretrain/transfer-*/results.json) and its
     out-of-the-box evaluation, each with its scores."""
-    folder, rows = Path(root) / "pretrain", []
+    folder, rows = DatasetLayout(root).pretrain_dir, []
     for path in sorted(folder.glob("transfer-*/results.json")):
         results = json.loads(path.read_text())
         paper = results["paper"]

@@ -32,6 +32,7 @@ import torch
 from core import registry
 from core.files import publish
 from core.ray_runtime import init_ray, train_logging
+from stages.run_folder import RunFolder
 from stages.run_log import RunLog
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
@@ -239,6 +240,8 @@ class LoopSettings:
     flops_per_sample: float | None = None  # for MFU, against the device's peak
     stop_after: int | None = None         # stop (checkpointed) after this step, as a killed run would
     wandb: dict | None = None             # WandbConfig's fields: W&B logging beside TensorBoard (mode "off": none)
+    run: RunFolder | None = None          # the run's folder on object storage, of which `folder` is this machine's
+                                          # copy: checkpoints are pulled from it and pushed to it (stages/run_folder)
 
 
 class TrainTask:
@@ -323,6 +326,10 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
     # fused: one kernel for the whole update on a GPU (the parameters are already there)
     optimizer = torch.optim.AdamW(task.parameter_groups(model), lr=0.0, betas=tuple(s.betas),
                                   fused=device.type == "cuda")
+    if s.run is not None and rank == 0:
+        s.run.pull()
+    if s.run is not None:
+        s.run.pull_checkpoint()  # every rank reads the checkpoint: on another machine, from its own copy
     resumed = load_checkpoint(folder / "checkpoint", model, optimizer)
     start = int(resumed["step"])
     optimizer_to(optimizer, device)
@@ -376,6 +383,8 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
             if rank == 0:
                 write_checkpoint(folder / "checkpoint", weights, optimizer_state, done,
                                  {**task.checkpoint_extras(), "scaler": scaler.state_dict()})
+                if s.run is not None:
+                    s.run.push_checkpoint(done)
             if world > 1:
                 torch.distributed.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
     if run_log:
@@ -387,6 +396,8 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
                 model = task.build()
                 model.load_state_dict(weights)
             task.finish(model.cpu(), resumed_at_end=start >= stop)
+            if s.run is not None:
+                s.run.push()  # the finished model (the driver pushes the run's summary last)
 
 
 # -- on Ray Train -----------------------------------------------------------------------------------------------
@@ -411,13 +422,25 @@ def _with_modalities(config: dict) -> None:
     config["train_fn"](config["args"])
 
 
+def ray_storage(folder: Path, run: RunFolder | None) -> dict:
+    """Ray Train's storage_path (and filesystem): beside the run, on the disk or on the store it lives on."""
+    if run is None or not run.remote:
+        return {"storage_path": str((folder / "ray").resolve())}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return {"storage_path": f"{run.target.path}/ray", "storage_filesystem": PyFileSystem(FSSpecHandler(run.target.fs))}
+
+
 def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: bool, cpus_per_worker: float,
-        max_failures: int, in_process: bool = False) -> None:
+        max_failures: int, in_process: bool = False, run: RunFolder | None = None) -> None:
     """Run `train_fn(args)` on `world` Ray Train workers (one GPU each, or `cpus_per_worker` CPUs). A lost worker
     makes Ray Train restart the group, up to `max_failures` times; the loop resumes from the last checkpoint.
 
     `in_process`: Ray Train's local mode instead, one trainer in this process (no worker actors, so no restarts):
-    starting a worker group costs about 11 s on a 2-core machine, more than a short CPU run itself."""
+    starting a worker group costs about 11 s on a 2-core machine, more than a short CPU run itself.
+
+    `run`: the run's folder where it lives; on object storage Ray Train keeps its own run state there too (under
+    ray/), where every node reaches it."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -431,7 +454,7 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
         _with_modalities, train_loop_config={"train_fn": train_fn, "modalities": registry.loaded_plugins(),
                                              "args": args, "threads": threads},
         scaling_config=scaling,
-        run_config=RunConfig(name=name, storage_path=str((folder / "ray").resolve()),
+        run_config=RunConfig(name=name, **ray_storage(folder, run),
                              failure_config=FailureConfig(max_failures=max_failures),
                              logging_config=train_logging()))
     if not in_process:

@@ -31,13 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core import registry
-from core.files import publish, temporary_name, write_json
+from core.files import atomic_path, publish, temporary_name, write_json
+from core.storage import is_remote, modified_ns, open_tar, read_parquet
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import OK, DatasetLayout, producing_stage
 
 STAGE = "align"
 DROPPED = "dropped"
-DROPPED_DIR = "_dropped"
 STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("error", pa.string())])
 
 
@@ -48,7 +48,7 @@ class AlignError(ValueError):
 def member_keys(path: Path) -> list[str]:
     """Keys of a shard's members in tar order (one key per sample; members of a key are consecutive)."""
     keys = []
-    with tarfile.open(path) as tar:
+    with open_tar(path) as tar:
         for member in tar:
             if member.isfile():
                 key = member.name.split(".", 1)[0]
@@ -62,22 +62,23 @@ def recorded_failures(layout: DatasetLayout, stage: str, shard: str) -> dict[str
     path = layout.status_table(stage, shard)
     if not path.is_file():
         return {}
-    rows = pq.read_table(path).to_pylist()
+    rows = read_parquet(path).to_pylist()
     return {r["key"]: f"{r['status']}: {r['error']}" if r.get("error") else r["status"] for r in rows
             if r["status"] != OK}
 
 
 def _move_members(source: Path, keep: set[str], dropped_tar: Path) -> None:
     """Rewrite `source` with the kept keys' members (same order, same headers); the others go to `dropped_tar`."""
-    dropped_tar.parent.mkdir(parents=True, exist_ok=True)
+    if not is_remote(dropped_tar):
+        dropped_tar.parent.mkdir(parents=True, exist_ok=True)
     earlier: list[tuple[tarfile.TarInfo, bytes]] = []
     if dropped_tar.is_file():
-        with tarfile.open(dropped_tar) as old:
+        with open_tar(dropped_tar) as old:
             earlier = [(m, old.extractfile(m).read()) for m in old if m.isfile()]
     names = {m.name for m, _ in earlier}
     kept_tmp, dropped_tmp = temporary_name(source), temporary_name(dropped_tar)
     try:
-        with tarfile.open(source) as tar, tarfile.open(kept_tmp, "w") as kept, tarfile.open(dropped_tmp, "w") as gone:
+        with open_tar(source) as tar, tarfile.open(kept_tmp, "w") as kept, tarfile.open(dropped_tmp, "w") as gone:
             for member, data in earlier:
                 gone.addfile(member, io.BytesIO(data))
             for member in tar:
@@ -115,7 +116,7 @@ def align_shard(layout: DatasetLayout, shard: str, folders: list[str] | None = N
     failures = {folder: recorded_failures(layout, producing_stage(folder), shard) for folder in folders}
     rows: dict[str, dict] = {}
     if layout.status_table(STAGE, shard).is_file():  # earlier drops stay recorded
-        for row in pq.read_table(layout.status_table(STAGE, shard)).to_pylist():
+        for row in layout.read_status(STAGE, shard).to_pylist():
             if row["status"] == DROPPED:
                 rows[row["key"]] = row
     for key in sorted({k for found in keys.values() for k in found} - keep):
@@ -129,7 +130,7 @@ def align_shard(layout: DatasetLayout, shard: str, folders: list[str] | None = N
 
     changed = [f for f in folders if len(keys[f]) != len(everywhere)]
     for folder in changed:
-        _move_members(layout.tar(folder, shard), keep, layout.root / DROPPED_DIR / folder / f"{shard}.tar")
+        _move_members(layout.tar(folder, shard), keep, layout.dropped_dir / folder / f"{shard}.tar")
 
     table = pa.Table.from_pylist(sorted(rows.values(), key=lambda r: r["key"]), schema=STATUS_SCHEMA)
     counts = Counter(r["status"] for r in rows.values())
@@ -137,10 +138,8 @@ def align_shard(layout: DatasetLayout, shard: str, folders: list[str] | None = N
              "status_counts": dict(sorted(counts.items())), "folders": folders, "rewritten": changed,
              "seconds": round(time.time() - started, 3), "started_at": started, "finished_at": time.time(),
              "provenance": provenance({})}
-    layout.status_dir(STAGE).mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(layout.status_table(STAGE, shard))
-    pq.write_table(table, tmp)
-    publish(tmp, layout.status_table(STAGE, shard))
+    with atomic_path(layout.status_table(STAGE, shard)) as tmp:
+        pq.write_table(table, tmp)
     write_json(layout.stats(STAGE, shard), stats)
     return stats
 
@@ -153,9 +152,8 @@ def is_aligned(layout: DatasetLayout, shard: str, folders: list[str]) -> bool:
     stats = layout.read_stats(STAGE, shard)
     if set(stats.get("folders", [])) != set(folders):
         return False
-    newest = max((layout.tar(f, shard).stat().st_mtime_ns for f in folders if layout.tar(f, shard).is_file()),
-                 default=0)
-    return marker.stat().st_mtime_ns >= newest
+    newest = max((modified_ns(layout.tar(f, shard)) for f in folders if layout.tar(f, shard).is_file()), default=0)
+    return modified_ns(marker) >= newest
 
 
 def align_dataset(root: str | Path, shards: list[str] | None = None) -> dict[str, dict | str]:

@@ -3,6 +3,12 @@
     <root>/<modality>/shard-000000.tar          members <key>.<ext>, same shard names and key order per modality
     <root>/_status/<stage>/shard-000000.parquet  one row per input sample: key, status, error, stage columns
     <root>/_status/<stage>/shard-000000.json     the shard's stats, written last: the commit marker
+    <root>/tokenizers/<modality>/, tokenizers/text/   the dataset's tokenizers (trained, or converted)
+    <root>/pretrain/                             the 4M pretraining run (and its evaluation, transfers, generations)
+    <root>/show/<key>.png                        pictures of samples
+    <root>/_dropped/<folder>/                    members the align stage took out of the loader folders
+
+Every path under a data root comes from `DatasetLayout`, so no stage, command or flow builds one by hand.
 
 A shard is committed when its stats JSON exists. Every file is written under a temporary name and renamed
 into place, tars first and the JSON last, so a reader never sees a partial tar and a shard killed at any
@@ -26,7 +32,7 @@ import webdataset as wds
 
 from core import registry
 from core.files import atomic_path, publish, temporary_name, write_json
-from core.storage import DataPath, data_path, is_remote
+from core.storage import DataPath, data_path, is_remote, read_parquet
 
 STATUS_DIR = "_status"
 OK = "ok"
@@ -95,11 +101,44 @@ class DatasetLayout:
         """True on object storage: files are published by upload, and there are no folders to make."""
         return is_remote(self.root)
 
+    def folder(self, name: str) -> DataPath:
+        """A folder of shards: a modality's (rgb/, tok_rgb@224/), or the crops' (crop_settings/)."""
+        return self.root / name
+
+    @property
+    def tokenizers_dir(self) -> DataPath:
+        return self.root / TOKENIZERS
+
+    def tokenizer_dir(self, name: str) -> DataPath:
+        """A modality's tokenizer folder (the text tokenizer's: registry.TEXT)."""
+        return self.tokenizers_dir / name
+
+    @property
+    def pretrain_dir(self) -> DataPath:
+        return self.root / PRETRAIN
+
+    @property
+    def show_dir(self) -> DataPath:
+        return self.root / SHOW
+
+    @property
+    def dropped_dir(self) -> DataPath:
+        return self.root / DROPPED
+
+    @property
+    def generate_dir(self) -> DataPath:
+        """Generation requests kept with the dataset (the demo's)."""
+        return self.root / GENERATE
+
     def tar(self, modality: str, shard: str) -> Path:
         return self.root / modality / f"{shard}.tar"
 
+    @property
+    def status_root(self) -> DataPath:
+        return self.root / STATUS_DIR
+
     def status_dir(self, stage: str) -> Path:
-        return self.root / STATUS_DIR / stage
+        return self.status_root / stage
 
     def status_table(self, stage: str, shard: str) -> Path:
         return self.status_dir(stage) / f"{shard}.parquet"
@@ -113,12 +152,16 @@ class DatasetLayout:
     def read_stats(self, stage: str, shard: str) -> dict[str, Any]:
         return json.loads(self.stats(stage, shard).read_text())
 
+    def read_status(self, stage: str, shard: str, columns: list[str] | None = None) -> pa.Table:
+        """A committed shard's status table (one row per input sample)."""
+        return read_parquet(self.status_table(stage, shard), columns)
+
     def committed_shards(self, stage: str) -> list[str]:
         return sorted(p.stem for p in self.status_dir(stage).glob("shard-*.json"))
 
     @property
     def modalities_file(self) -> Path:
-        return self.root / STATUS_DIR / "modalities.json"
+        return self.status_root / "modalities.json"
 
     def modality_modules(self) -> list[str]:
         """The modules defining the dataset's modalities beyond the built-ins, as the stages that wrote it
@@ -144,7 +187,8 @@ class DatasetLayout:
                       and p.name not in NOT_LOADER_FOLDERS and any(p.glob("shard-*.tar")))
 
 
-NOT_LOADER_FOLDERS = {"tokenizers", "show"}
+TOKENIZERS, PRETRAIN, SHOW, DROPPED, GENERATE = "tokenizers", "pretrain", "show", "_dropped", "generate"
+NOT_LOADER_FOLDERS = {TOKENIZERS, SHOW, PRETRAIN}
 
 
 CROPS = "crop_settings"  # the folder (and stage) of each sample's pre-tokenization crops

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from core import registry
+from core.storage import open_tar
 from stages.dataset.align import recorded_failures
 from stages.dataset.shards import CROP_PIXELS, CROPS, DatasetLayout, producing_stage
 
@@ -32,8 +33,8 @@ class Problem:
         return f"{self.shard} {self.folder}: {self.message}"
 
 
-def _vocabulary(root: Path, folder: str) -> int | None:
-    config = root / "tokenizers" / registry.of_folder(folder)[0].name / "config.json"
+def _vocabulary(layout: DatasetLayout, folder: str) -> int | None:
+    config = layout.tokenizer_dir(registry.of_folder(folder)[0].name) / "config.json"
     return json.loads(config.read_text())["codebook_size"] if config.is_file() else None
 
 
@@ -87,13 +88,13 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
     """All problems found, and counts of what was checked."""
     import cv2  # noqa: F401 - fail early if the decoder is missing
 
-    layout, root = DatasetLayout(root), Path(root)
+    layout = DatasetLayout(root)
     layout.include_modalities()
     problems: list[Problem] = []
     photo = registry.photo().folder
-    rgb_shards = sorted(p.stem for p in (root / photo).glob("shard-*.tar"))
+    rgb_shards = sorted(p.stem for p in layout.folder(photo).glob("shard-*.tar"))
     if not rgb_shards:
-        return [Problem("-", photo, f"no shards under {root / photo}")], {}
+        return [Problem("-", photo, f"no shards under {layout.folder(photo)}")], {}
     folders = layout.loader_folders()
     checked = {"shards": len(rgb_shards), "folders": len(folders), "members": 0}
     for shard in rgb_shards:
@@ -105,10 +106,10 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
             if not path.is_file():
                 problems.append(Problem(shard, folder, "shard missing"))
                 continue
-            vocabulary = _vocabulary(root, folder) if registry.is_token_folder(folder) else None
+            vocabulary = _vocabulary(layout, folder) if registry.is_token_folder(folder) else None
             seen, last = set(), -1
             try:
-                with tarfile.open(path) as tar:
+                with open_tar(path) as tar:
                     for member in tar:
                         if not member.isfile():
                             continue
@@ -146,14 +147,14 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
                                                        f"samples from every folder"))
     problems += _mixed_weights(layout, folders)
     for folder in folders:
-        extra = sorted(p.stem for p in (root / folder).glob("shard-*.tar") if p.stem not in set(rgb_shards))
+        extra = sorted(p.stem for p in layout.folder(folder).glob("shard-*.tar") if p.stem not in set(rgb_shards))
         for shard in extra:
             problems.append(Problem(shard, folder, "shard has no rgb counterpart"))
     return problems, checked
 
 
 def _keys(path: Path) -> list[str]:
-    with tarfile.open(path) as tar:
+    with open_tar(path) as tar:
         return [m.name.split(".", 1)[0] for m in tar if m.isfile()]
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from core import registry
+from core.storage import open_read, open_tar
 from stages.dataset.shards import CROP_PIXELS, CROPS, DatasetLayout
 from stages.fourm.masking import Component, MaskingSampler, is_sequence, paper_mixture
 from stages.tokenizers import dataset_tokenizers as tokenizers
@@ -84,9 +85,7 @@ def split_shards(root: str | Path, modalities: list[str], val_shards: int) -> tu
 
 def _empty(path: Path) -> bool:
     """A shard every sample of which failed upstream: its tar has no member (one header read)."""
-    import tarfile
-
-    with tarfile.open(path) as tar:
+    with open_tar(path) as tar:
         return tar.next() is None
 
 
@@ -110,7 +109,7 @@ def _members(path: Path) -> Iterator[tuple[str, bytes]]:
     """(key, bytes) of each file member, streamed (a shard is never loaded whole). The headers are read here, not
     by tarfile (whose parser took a third of a loader's time): POSIX ustar blocks, checksummed, with the pax and
     GNU long-name records that Python's tarfile and GNU tar write before a member."""
-    with open(path, "rb", buffering=1 << 20) as stream:
+    with open_read(path) as stream:
         long_name = None
         while True:
             header = stream.read(BLOCK)

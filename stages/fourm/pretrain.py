@@ -26,9 +26,12 @@ import torch
 from core import registry
 from core.config import Config
 from core.files import write_json
+from core.storage import DataPath, absolute
 from models.fourm import FourM, FourMConfig
+from stages.dataset.shards import DatasetLayout
 from stages.fourm.fourm_data import make_loader, split_shards
 from stages.fourm.fourm_pictures import draw_predictions
+from stages.run_folder import RunFolder, remote_run, run_of
 from stages.run_log import RunLog
 from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.training import LoopSettings, TrainTask, fit, parameter_groups, train_loop, world_for
@@ -38,14 +41,13 @@ class PretrainInputError(ValueError):
     """Missing or unusable input for pretraining: names the folder, tokenizer or setting."""
 
 
-def run_dir(root: str | Path) -> Path:
-    return Path(root) / "pretrain"
+def run_dir(root: str | Path) -> DataPath:
+    return DatasetLayout(root).pretrain_dir
 
 
 def model_config(root: str | Path, config: Config):
     """FourM's settings: the configured size, the dataset's vocabularies (each tokenizer's codebook)."""
-    cfg, root = config.pretrain, Path(root)
-    vocab = {}
+    cfg, vocab = config.pretrain, {}
     for m in cfg.modalities:
         kind = registry.domain(m).kind
         if kind == "tokens":
@@ -181,48 +183,54 @@ def train_worker(args: dict, task_class=None) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config = Config(**args["config"])
-    task = (task_class or PretrainTask)(config, args["root"], args["model_config"], Path(args["folder"]))
+    task = (task_class or PretrainTask)(config, args["root"], args["model_config"], run_of(args["folder"]).local)
     with torch.device("meta"):  # only its shape: FLOPs per sample
         shape = FourM(FourMConfig(**args["model_config"]))
-    train_loop(task, loop_settings(config, shape, world, args.get("stop_after")), task.folder, rank, world)
+    settings = loop_settings(config, shape, world, args.get("stop_after"))
+    settings.run = remote_run(args["folder"])
+    train_loop(task, settings, task.folder, rank, world)
 
 
-def prediction_picture(root, config: Config, samples: int = 4) -> Path | None:
-    """<root>/pretrain/predictions.png: validation samples' RGB, their tokens decoded, and the trained model's
-    prediction of every image modality from RGB alone."""
+def prediction_picture(root, config: Config, folder: Path, samples: int = 4) -> Path | None:
+    """<run folder>/predictions.png: validation samples' RGB, their tokens decoded, and the trained model's
+    prediction of every image modality from RGB alone (`folder`: the run's local copy)."""
     loader = make_loader(root, config, tokenizers.load_text(root), split="val", batch_size=samples, workers=0)
     batch = next(iter(loader))
-    model = FourM.from_pretrained(run_dir(root))
+    model = FourM.from_pretrained(folder)
     if model.cfg.pixels_input not in batch or not any(
             tokenizers.has_model(root, m) for m in batch if registry.domain(m).kind == "tokens"):
         return None  # nothing to predict from, or no tokenizer to decode with
-    return draw_predictions(root, model, batch, run_dir(root) / "predictions.png",
+    return draw_predictions(root, model, batch, folder / "predictions.png",
                             f"4M-{config.pretrain.size} after {config.pretrain.steps} steps: validation samples")
 
 
 def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None) -> dict:
     """Pretrain (or resume) 4M on the dataset at `root`; returns the summary."""
     config.use_modalities()
-    cfg, folder = config.pretrain, run_dir(root)
+    cfg, layout = config.pretrain, DatasetLayout(root)
+    run = RunFolder(layout.pretrain_dir)
     model_cfg = preflight(root, config)  # bad input fails here, before any worker starts
     world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
-    folder.mkdir(parents=True, exist_ok=True)
-    args = {"root": str(Path(root).resolve()), "folder": str(folder.resolve()), "config": config.model_dump(),
+    folder = run.pull()  # the run's files so far, where this machine reads them
+    args = {"root": absolute(layout.root), "folder": run, "config": config.model_dump(),
             "model_config": asdict(model_cfg), "stop_after": stop_after}
-    fit(train_worker, args, name="pretrain-4m", folder=folder, world=world, use_gpu=use_gpu,
+    fit(train_worker, args, name="pretrain-4m", folder=folder, run=run, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
-    state = json.loads((folder / "checkpoint" / "state.json").read_text())
     if stop_after is not None and stop_after < cfg.steps:
-        return {"stopped_at": state["step"], "steps": cfg.steps}
+        return {"stopped_at": run.checkpoint_step(), "steps": cfg.steps}
+    run.pull()  # what the workers wrote (on other machines: pushed to the store)
     log = folder / "metrics.jsonl"
     metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     summary = {"steps": cfg.steps, "workers": world, "size": cfg.size, "final": metrics[-1] if metrics else {},
                "first": metrics[0] if metrics else {}}
-    picture = prediction_picture(root, config)
-    summary["predictions"] = str(picture) if picture else None
+    picture = prediction_picture(root, config, folder)
+    summary["predictions"] = str(run.target / picture.name) if picture else None  # where the run lives
     if picture:  # beside the run's curves in TensorBoard
         run_log = RunLog(folder, wandb=config.wandb.model_dump(), name="4M")
         run_log.pictures([picture], cfg.steps)
         run_log.close()
     write_json(folder / "train.json", summary)
+    run.push()  # the picture and its TensorBoard image
+    run.push(("train.json",))  # the run's commit record, last
+    run.release()
     return summary

@@ -35,9 +35,18 @@ import torch
 from core import registry
 from core.files import npy_bytes, write_bytes, write_json
 from core.pictures import figure_backend, png_bytes, save_figure
+from core.storage import MODEL_FILES, data_path, is_remote, local_copy
 from models.fourm import FourM
-from models.generate import (Sampler, Schedule, Step, embeddings_entry, image_entry, pixels_entry, sequence_entry,
-                             sequence_rows)
+from models.generate import (
+    Sampler,
+    Schedule,
+    Step,
+    embeddings_entry,
+    image_entry,
+    pixels_entry,
+    sequence_entry,
+    sequence_rows,
+)
 from models.text_tokenizer import EOS_ID, decode_text, load_text_tokenizer
 from stages.fourm.fourm_data import crop_pixels, pixels_picture
 from stages.tokenizers import dataset_tokenizers as tokenizers
@@ -64,7 +73,7 @@ def resolve(name: str, known: list[str], where: str) -> str:
 
 
 def read_requests(path: str | Path) -> list[dict]:
-    path = Path(path)
+    path = data_path(path)
     if not path.is_file():
         raise GenerateInputError(f"no requests file at {path} (JSONL: one request per line, see the README)")
     requests = []
@@ -138,9 +147,9 @@ class Resources:
 
     def __init__(self, model_dir, tokenizers_dir, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.model_dir, self.tokenizers_dir = Path(model_dir), Path(tokenizers_dir)
+        self.model_dir, self.tokenizers_dir = data_path(model_dir), data_path(tokenizers_dir)
         try:
-            self.model = FourM.from_pretrained(model_dir, device=self.device).eval()
+            self.model = FourM.from_pretrained(local_copy(self.model_dir, MODEL_FILES), device=self.device).eval()
         except FileNotFoundError as err:
             raise GenerateInputError(str(err)) from None
         self._tokenizers, self._text = {}, None
@@ -162,13 +171,14 @@ class Resources:
 
     def tokenizer(self, modality: str):
         if modality not in self._tokenizers:
-            self._tokenizers[modality] = tokenizers.load_folder(self.folder(modality), modality, self.device)
+            self._tokenizers[modality] = tokenizers.load_folder(local_copy(self.folder(modality), MODEL_FILES),
+                                                                modality, self.device)
         return self._tokenizers[modality]
 
     @property
     def text(self):
         if self._text is None:
-            self._text = load_text_tokenizer(self.text_path)
+            self._text = load_text_tokenizer(local_copy(self.text_path.parent, ("tokenizer.json",)) / "tokenizer.json")
         return self._text
 
     def sampler(self, cache: bool = True) -> Sampler:
@@ -378,7 +388,10 @@ def batches(items: list[tuple[Request, int]], batch_size: int) -> list[list[tupl
 
 
 def weights_identity(model_dir) -> list:
-    weights = Path(model_dir) / "model.safetensors"
+    weights = data_path(model_dir) / "model.safetensors"
+    if is_remote(weights):
+        info = weights.fs.info(weights.path)
+        return [str(weights), info["size"], str(info.get("ETag") or info.get("LastModified"))]
     stat = weights.stat()
     return [str(weights.resolve()), stat.st_size, stat.st_mtime_ns]
 
@@ -401,7 +414,7 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise GenerateInputError(f"request names must be unique: {repeated} repeat")
-    out, weights = Path(out), weights_identity(model_dir)
+    out, weights = data_path(out), weights_identity(model_dir)
     samples, pending = {}, []
     for request in requests:
         for i in range(request.samples):
@@ -435,7 +448,6 @@ def run_generation(raw_requests: list[dict], model_dir, tokenizers_dir, out, bat
                "requests": [{"name": r.name, "conditions": r.conditions, "seed": r.seed,
                              "schedule": r.schedule.to_dict(), "inpaint": r.inpaint,
                              "samples": [samples[r.name, i] for i in range(r.samples)]} for r in requests]}
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     return results
 
@@ -449,7 +461,6 @@ def pictures_of(modality: str, ids: torch.Tensor, seeds: list[int], resources: R
 def write_sample(folder: Path, request: Request, state: dict, row: int, seed: int, resources: Resources,
                  pictures: dict) -> dict:
     """One sample's generated tokens, pictures and texts, and its grid; returns what was written."""
-    folder.mkdir(parents=True, exist_ok=True)
     written, panels, texts = {}, [], {}
     for modality, value in request.conditions.items():
         if registry.domain(modality).kind == "pixels":

@@ -21,7 +21,6 @@ of progress: a labeler's shard is committed by its stats JSON and skipped on the
 """
 from __future__ import annotations
 
-import tarfile
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +34,7 @@ import pyarrow as pa
 from core import registry
 from core.config import Config, LabelConfig
 from core.ray_runtime import init_ray
+from core.storage import absolute, open_tar
 from models.labelers import SizeBuckets, WeightsUnavailable, check_weights, run_overlapped
 from stages.actor_pool import run_on_actors
 from stages.dataset.provenance import provenance
@@ -61,7 +61,7 @@ def stage_name(labeler: str) -> str:
 # -- reading rgb shards ------------------------------------------------------------------------------
 def read_rgb(path: Path) -> Iterator[tuple[str, bytes]]:
     """(key, jpeg bytes) in the shard's order, streamed."""
-    with tarfile.open(path) as tar:
+    with open_tar(path) as tar:
         for member in tar:
             if member.isfile() and member.name.endswith(".jpg"):
                 yield member.name.rsplit(".", 1)[0], tar.extractfile(member).read()
@@ -277,7 +277,7 @@ class KeyOrderedMembers:
     stage writes them), it returns each key's bytes, or None for a key the labeler failed on (absent)."""
 
     def __init__(self, path: Path):
-        self.tar = tarfile.open(path)
+        self.tar = open_tar(path)
         self.members = (m for m in self.tar if m.isfile())
         self.next = next(self.members, None)
 
@@ -422,7 +422,7 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     started = time.time()
     if todo:
         init_ray(config.ray)
-        worker_args = (str(Path(root).resolve()), cfg, names, registry.loaded_plugins())
+        worker_args = (absolute(layout.root), cfg, names, registry.loaded_plugins())
         for shard, stats, error in run_on_actors(LabelWorker, worker_args, todo,
                                                  "label", device=cfg.device, workers=cfg.workers,
                                                  cpus_per_worker=cfg.cpus_per_worker):

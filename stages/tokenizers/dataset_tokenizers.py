@@ -11,8 +11,6 @@ Tokenize, pretraining's pictures, evaluation and generation all read them throug
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,17 +18,19 @@ import numpy as np
 import torch
 
 from core import registry
-from core.files import write_json
+from core.files import publish, temporary_name, write_json
 from core.registry import Modality
+from core.storage import DataPath, data_path, is_remote, local_copy
 from models.text_tokenizer import load_text_tokenizer
 from models.vqvae import VQVAE, load_tokenizer, read_published, save_tokenizer, state_dict_problems
 from models.weights import weights_sha256
+from stages.dataset.shards import DatasetLayout
 
 
-def folder(root: str | Path, modality: str) -> Path:
+def folder(root: str | Path, modality: str) -> DataPath:
     """The tokenizer folder of a modality (or of the text tokenizer: registry.TEXT)."""
     name = modality if modality == registry.TEXT else registry.domain_or_modality(modality).name
-    return Path(root) / "tokenizers" / name
+    return DatasetLayout(root).tokenizer_dir(name)
 
 
 def text_path(root: str | Path) -> Path:
@@ -44,7 +44,7 @@ def load_text(root: str | Path, required: bool = False):
         if required:
             raise FileNotFoundError(f"no text tokenizer at {path} (train it: make train-tokenizers)")
         return None
-    return load_text_tokenizer(path)
+    return load_text_tokenizer(local_copy(path.parent) / path.name)
 
 
 def has_model(root: str | Path, modality: str) -> bool:
@@ -115,7 +115,7 @@ def load_folder(path: str | Path, modality: str, device: str | torch.device = "c
 
 def load(root: str | Path, modality: str, device: str | torch.device = "cpu") -> DatasetTokenizer:
     """A dataset's tokenizer of a modality, in evaluation mode."""
-    return load_folder(folder(root, modality), modality, device)
+    return load_folder(local_copy(folder(root, modality)), modality, device)
 
 
 def picture(modality: str, x: torch.Tensor) -> np.ndarray:
@@ -137,16 +137,18 @@ def convert_published(source: str | Path, modality: str, out: str | Path) -> dic
     if problems:
         raise ValueError(f"{source}: cannot serve as the {modality} tokenizer:\n  " + "\n  ".join(problems))
     model.load_state_dict(tensors)
-    out = Path(out)
+    out = data_path(out)
     if out.is_dir() and any(out.iterdir()):  # a tokenizer, or a training run's checkpoint: never overwritten
         raise FileExistsError(f"{out} already holds a tokenizer (or a training run): remove it to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    if not is_remote(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_name(out)
+    staging.mkdir(parents=True)
     save_tokenizer(model, staging)
     summary = {"modality": modality, "converted_from": str(source), "weights_sha256": weights_sha256(model),
                "codebook_size": config.codebook_size, "decoder": config.dec_type, "final": {}}
     write_json(staging / "train.json", summary)
-    if out.exists():
+    if not is_remote(out) and out.exists():
         out.rmdir()  # empty (checked above)
-    shutil.move(staging, out)
+    publish(staging, out)  # on object storage file by file, train.json (the commit record) last
     return summary

@@ -40,6 +40,7 @@ from core import registry
 from core.config import Config, TokenizerStageConfig
 from core.files import npy_bytes
 from core.ray_runtime import init_ray
+from core.storage import absolute, local_copy
 from models.weights import file_sha256
 from stages.actor_pool import run_on_actors
 from stages.dataset.align import STAGE as ALIGN_STAGE
@@ -204,9 +205,10 @@ class TokenizeWorker:
         registry.use(plugins)  # a worker process imports the modules that define its modalities
         self.layout, self.cfg = DatasetLayout(root), cfg
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-        self.models = {m: tokenizers.load_folder(tokenizer_dir(root, m), m, self.device) for m in modalities}
+        local = {m: local_copy(tokenizer_dir(root, m)) for m in modalities}  # a copy where the root is remote
+        self.models = {m: tokenizers.load_folder(local[m], m, self.device) for m in modalities}
         self.records = {m: {"source": str(tokenizer_dir(root, m)),
-                            "weights_sha256": file_sha256(tokenizer_dir(root, m) / "model.safetensors")}
+                            "weights_sha256": file_sha256(local[m] / "model.safetensors")}
                         for m in modalities}
         self.crop_labelers = {m: registry.get(m).labeler.load(path, self.device.type, cfg.tokenize_batch_size,
                                                               **options)
@@ -293,7 +295,7 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
     started = time.time()
     if todo:
         init_ray(config.ray)
-        worker_args = (str(Path(root).resolve()), cfg, names, registry.loaded_plugins(), crop_labelers)
+        worker_args = (absolute(layout.root), cfg, names, registry.loaded_plugins(), crop_labelers)
         for shard, stats, error in run_on_actors(TokenizeWorker, worker_args, todo, "tokenize", device=cfg.device,
                                                  workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker):
             if error:

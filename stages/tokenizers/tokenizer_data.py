@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from core import registry
+from core.storage import open_tar
 from stages.dataset.shards import DatasetLayout
 
 SIZE = 224
@@ -31,7 +31,7 @@ def tokenizer_name(modality: str) -> str:
 
 def read_members(path: Path, extension: str) -> Iterator[tuple[str, bytes]]:
     """(key, bytes) of the members with this extension, in the shard's order, streamed."""
-    with tarfile.open(path) as tar:
+    with open_tar(path) as tar:
         for member in tar:
             if member.isfile() and member.name.endswith("." + extension):
                 yield member.name.rsplit(".", 1)[0], tar.extractfile(member).read()

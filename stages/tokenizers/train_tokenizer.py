@@ -29,6 +29,7 @@ from core import registry
 from core.config import Config, TokenizerStageConfig
 from core.files import write_bytes, write_json
 from core.pictures import figure_backend, save_figure
+from core.storage import DataPath, absolute
 from models.text_tokenizer import train_text_tokenizer
 from models.vqvae import (
     VQVAE,
@@ -41,6 +42,7 @@ from models.vqvae import (
     tokenizer_config,
 )
 from stages.dataset.shards import DatasetLayout
+from stages.run_folder import RunFolder, remote_run, run_of
 from stages.tokenizers.dataset_tokenizers import convert_published, decode_tokens
 from stages.tokenizers.tokenizer_data import center_crop, crop_to_tensor, random_crop, read_members, shard_samples
 from stages.training import LoopSettings, TrainTask, data_loader, fit, train_loop, world_for
@@ -50,8 +52,8 @@ class TokenizerInputError(ValueError):
     """Missing or unusable input for a tokenizer: names the modality and what is missing."""
 
 
-def tokenizer_dir(root: str | Path, modality: str) -> Path:
-    return Path(root) / "tokenizers" / modality
+def tokenizer_dir(root: str | Path, modality: str) -> DataPath:
+    return DatasetLayout(root).tokenizer_dir(modality)
 
 
 def is_trained(root: str | Path, modality: str) -> bool:
@@ -112,7 +114,6 @@ def install_text(root: str | Path, source: str | Path) -> dict:
         raise TokenizerInputError(f"tokenizer.published.text = {str(source)!r}: not the reference's layout:\n  "
                                   + "\n  ".join(problems))
     folder = tokenizer_dir(root, registry.TEXT)
-    folder.mkdir(parents=True, exist_ok=True)
     write_bytes(folder / "tokenizer.json", Path(source).read_bytes())
     summary = {"modality": registry.TEXT, "converted_from": str(source), "vocab_size": tokenizer.get_vocab_size()}
     write_json(folder / "train.json", summary)  # last: the commit marker
@@ -121,7 +122,6 @@ def install_text(root: str | Path, source: str | Path) -> dict:
 
 def train_text(root: str | Path, cfg: TokenizerStageConfig) -> dict:
     layout, folder = DatasetLayout(root), tokenizer_dir(root, registry.TEXT)
-    folder.mkdir(parents=True, exist_ok=True)
     counted = {"texts": 0}
 
     def corpus():
@@ -149,10 +149,9 @@ class Plan:
 
 
 def make_plan(layout: DatasetLayout, modality: str, cfg: TokenizerStageConfig, world: int) -> Plan:
-    import pyarrow.parquet as pq
 
     shards, stage = modality_shards(layout, modality), producing_stage(modality)
-    samples = sum(pq.read_table(layout.status_table(stage, s), columns=["status"]).column("status")
+    samples = sum(layout.read_status(stage, s, ["status"]).column("status")
                   .to_pylist().count("ok") for s in shards)
     if samples == 0:
         raise TokenizerInputError(f"no {modality} samples in {len(shards)} committed shards under {layout.root}")
@@ -334,8 +333,8 @@ class TokenizerTask(TrainTask):
         self.cfg, self.plan = TokenizerStageConfig(**args["cfg"]), Plan(**args["plan"])
         self.mcfg = VQConfig(**args["model_config"])
         self.spec = registry.get(args["modality"])
-        self.root, self.modality, self.folder, self.shards = args["root"], args["modality"], Path(args["folder"]), \
-            args["shards"]
+        self.root, self.modality, self.folder, self.shards = args["root"], args["modality"], \
+            run_of(args["folder"]).local, args["shards"]
         self.rank, self.window, self.evaluation = rank, [], None
 
     def build(self):
@@ -405,28 +404,32 @@ def train_worker(args: dict) -> None:
                             samples_per_step=plan.local_batch * world, betas=(0.9, 0.95), log_every=cfg.log_every,
                             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, device=cfg.device,
                             precision=task.spec.tokenizer.get("dtype", "float16"), stop_after=args.get("stop_after"),
-                            wandb=args.get("wandb"))
+                            wandb=args.get("wandb"), run=remote_run(args["folder"]))
     train_loop(task, settings, task.folder, rank, world)
 
 
 def train_dense(root: str | Path, config: Config, modality: str, stop_after: int | None = None) -> dict:
     """Train (or resume) one dense tokenizer on Ray Train; returns its summary."""
-    cfg, layout, folder = config.tokenizer, DatasetLayout(root), tokenizer_dir(root, modality)
+    cfg, layout = config.tokenizer, DatasetLayout(root)
+    run = RunFolder(layout.tokenizer_dir(modality))
     world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
     plan = make_plan(layout, modality, cfg, world)
-    folder.mkdir(parents=True, exist_ok=True)
-    args = {"root": str(Path(root).resolve()), "modality": modality, "folder": str(folder.resolve()),
+    folder = run.pull()  # the run's files so far (a resumed run's metrics), where this machine reads them
+    args = {"root": absolute(layout.root), "modality": modality, "folder": run,
             "cfg": cfg.model_dump(), "plan": asdict(plan), "model_config": asdict(model_config(cfg, modality, layout)),
             "shards": modality_shards(layout, modality), "stop_after": stop_after, "wandb": config.wandb.model_dump()}
-    fit(train_worker, args, name=f"tokenizer-{modality}", folder=folder, world=world, use_gpu=use_gpu,
+    fit(train_worker, args, name=f"tokenizer-{modality}", folder=folder, run=run, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"modality": modality, "stopped_at": stop_after, "steps": plan.steps}
+    run.pull()  # what the workers wrote (on other machines: pushed to the store)
     log = folder / "metrics.jsonl"
     metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     summary = {"modality": modality, "samples": plan.samples, "steps": plan.steps, "workers": world,
                "final": metrics[-1] if metrics else {}}
     write_json(folder / "train.json", summary)
+    run.push(("train.json",))  # the commit record, after everything the workers pushed
+    run.release()
     return summary
 
 

@@ -26,6 +26,7 @@ import torch
 from core import registry
 from core.files import write_json
 from core.pictures import figure_backend, save_figure
+from core.storage import MODEL_FILES, DataPath, data_path, local_copy
 from models.fourm import FourM
 from models.metrics import depth_figures, normal_angles  # noqa: F401 - the metrics evaluate reports, tested here
 from stages.dataset.shards import CROPS, DatasetLayout
@@ -79,25 +80,26 @@ def validation_samples(root, modalities: list[str], val_shards: list[str], count
 
 
 # -- the evaluation -------------------------------------------------------------------------------------------------
-def evaluation_dir(model_dir) -> Path:
-    return Path(model_dir) / "evaluation"
+def evaluation_dir(model_dir) -> DataPath:
+    return data_path(model_dir) / "evaluation"
 
 
 @torch.no_grad()
 def run_evaluate(root, config, model_dir, samples: int = 200, batch_size: int = 16, pictures: int = 4) -> dict:
     """Score the model's predictions from RGB alone against the pseudo labels; returns the results."""
     config.use_modalities()
-    root = Path(root)
-    model = FourM.from_pretrained(model_dir).eval()
+    layout = DatasetLayout(root)
+    root = layout.root
+    model = FourM.from_pretrained(local_copy(data_path(model_dir), MODEL_FILES)).eval()
     if model.cfg.pixels_input is None:
         raise EvaluateInputError(f"{model_dir}: the model has no RGB pixel embedding to predict from")
     evaluated = {d.name: d.modality.name for d in registry.domains()
                  if d.kind == "tokens" and getattr(d.modality, "evaluation", None) is not None}
     targets = {m: name for m, name in evaluated.items()
-               if m in model.cfg.domains_out and tokenizers.has_model(root, name) and (root / name).is_dir()}
+               if m in model.cfg.domains_out and tokenizers.has_model(root, name) and layout.folder(name).is_dir()}
     if not targets:
         raise EvaluateInputError(f"{model_dir}: predicts none of {list(evaluated)} with a tokenizer under "
-                                 f"{root / 'tokenizers'} and pseudo labels under {root}")
+                                 f"{layout.tokenizers_dir} and pseudo labels under {root}")
     _, val_shards = split_shards(root, config.pretrain.modalities, config.pretrain.val_shards)
     if not val_shards:
         raise EvaluateInputError(f"{root}: no held-out validation shards (pretrain.val_shards is 0)")
@@ -118,7 +120,6 @@ def run_evaluate(root, config, model_dir, samples: int = 200, batch_size: int = 
                "scores": {name: scorer.scores(count) for name, scorer in scorers.items()}}
     results["val_loss"] = _validation_loss(root, config, model)
     folder = evaluation_dir(model_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     results["picture"] = str(draw(folder / "predictions.png", root, model, loaded, targets, val_shards,
                                   pictures, results["scores"]))
     write_json(folder / "results.json", results)

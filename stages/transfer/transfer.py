@@ -26,8 +26,10 @@ import torch.nn.functional as F
 
 from core.config import Config
 from core.files import save_model_safetensors, write_json
+from core.storage import DataPath, absolute, data_path
 from models.metrics import IGNORE, confusion, segmentation_scores  # noqa: F401 - IGNORE: the datasets' too
 from models.transfer import BackboneError, TransferModel, make_backbone, make_head
+from stages.run_folder import RunFolder, remote_run, run_of
 from stages.training import LoopSettings, TrainTask, data_loader, fit, train_loop, world_for
 from stages.transfer.transfer_data import (
     RunOrder,
@@ -150,7 +152,7 @@ def make_transfer_plan(task: str, train, val, model, backbone, config, world: in
     local_batch = max(1, s.batch_size // world)
     per_epoch = max(1, len(train_samples) // (local_batch * world))
     return TransferPlan(task, str(Path(train).resolve()), str(Path(val).resolve()),
-                        str(Path(model).resolve()) if model else None, backbone or "fourm", classes, names,
+                        str(absolute(data_path(model))) if model else None, backbone or "fourm", classes, names,
                         len(train_samples), local_batch, per_epoch, max(1, round(s.epochs * per_epoch)),
                         round(s.warmup_epochs * per_epoch), s.base_lr * local_batch * world / 256)
 
@@ -232,21 +234,22 @@ def train_worker(args: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     config, plan = Config(**args["config"]), TransferPlan(**args["plan"])
     s = task_settings(config, plan.task)
-    task = TransferTask(plan, s, Path(args["folder"]), config.transfer.seed, rank)
+    task = TransferTask(plan, s, run_of(args["folder"]).local, config.transfer.seed, rank)
     settings = LoopSettings(name=f"transfer {plan.task}", steps=plan.steps, warmup_steps=plan.warmup_steps,
                             peak_lr=plan.lr, samples_per_step=plan.local_batch * world, betas=tuple(s.betas),
                             log_every=config.transfer.log_every, checkpoint_every=config.transfer.checkpoint_every,
                             seed=config.transfer.seed, device=config.transfer.device,
-                            stop_after=args.get("stop_after"), wandb=config.wandb.model_dump())
+                            stop_after=args.get("stop_after"), wandb=config.wandb.model_dump(),
+                            run=remote_run(args["folder"]))
     train_loop(task, settings, task.folder, rank, world)
 
 
-def default_out(task: str, model: str | None, backbone: str | None) -> Path:
+def default_out(task: str, model: str | None, backbone: str | None) -> DataPath:
     if backbone in (None, "fourm"):
         if model is None:
 
             raise BackboneError("a 4M backbone needs --model DIR (a finished pretraining run or a convert-4m folder)")
-        return Path(model) / f"transfer-{task}"
+        return data_path(model) / f"transfer-{task}"
     return Path("runs") / f"transfer-{task}-{backbone.removeprefix('timm:').replace('/', '_')}"
 
 
@@ -255,21 +258,24 @@ def run_transfer(task: str, train, val, config, model: str | None = None, backbo
     """Fine-tune (or resume) and score on the validation set; returns the results."""
     config.use_modalities()
     cfg = config.transfer
-    folder = Path(out) if out else default_out(task, model, backbone)
+    run = RunFolder(out if out else default_out(task, model, backbone))
     world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
     plan = make_transfer_plan(task, train, val, model, backbone, config, world)  # bad input fails here
-    folder.mkdir(parents=True, exist_ok=True)
-    args = {"config": config.model_dump(), "plan": asdict(plan), "folder": str(folder.resolve()),
+    folder = run.pull()  # the run's files so far, where this machine reads them
+    args = {"config": config.model_dump(), "plan": asdict(plan), "folder": run,
             "stop_after": stop_after}
-    fit(train_worker, args, name=f"transfer-{task}", folder=folder, world=world, use_gpu=use_gpu,
+    fit(train_worker, args, name=f"transfer-{task}", folder=folder, run=run, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"stopped_at": stop_after, "steps": plan.steps}
+    run.pull()  # what the workers wrote (on other machines: pushed to the store)
     log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     final = next(line for line in reversed(log) if any(k.startswith("val_") for k in line))
     paper = PAPER[task]
     results = {"task": task, "backbone": plan.backbone, "model": plan.model, "steps": plan.steps,
                "samples": plan.samples, "metrics": {k[4:]: v for k, v in final.items() if k.startswith("val_")},
-               "paper": paper, "folder": str(folder)}
+               "paper": paper, "folder": str(run.target)}
     write_json(folder / "results.json", results)
+    run.push(("results.json",))  # last: what `status` reads as a finished transfer
+    run.release()
     return results
