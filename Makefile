@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu clean
+.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu bench-storage clean
 
 install: $(STAMP)
 
@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder
 
 demo: $(STAMP)
-	$(BIN)/python -m pipeline demo --profile demo
+	$(BIN)/python -m pipeline demo --profile demo $(if $(DATA),--output $(DATA),)
 
 # The local services (Prefect API + UI, Ray head + dashboard, the deployment server), in the background.
 up: $(STAMP)
@@ -84,3 +84,7 @@ bench-tokenize: $(STAMP)
 # Every benchmark at the paper's sizes on one GPU (about 8 minutes); the tiny CPU versions elsewhere.
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/bench_gpu.py $(BENCH_GPU_ARGS)
+
+# Object storage against a local disk: download, the 4M loader, scratch space (moto's S3 server on loopback).
+bench-storage: $(STAMP)
+	$(BIN)/python bench/bench_storage.py $(BENCH_STORAGE_ARGS)

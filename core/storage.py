@@ -20,8 +20,6 @@ import tempfile
 import uuid
 from typing import Any, Union
 
-from core.config import ConfigError
-
 try:  # the path type of object-storage roots; a plain Path is all a local root needs
     from upath import UPath
 except ImportError:  # pragma: no cover - a dependency; only the object-storage roots need it
@@ -35,8 +33,9 @@ _FRESH_LISTINGS = {"s3": {"use_listings_cache": False}, "gs": {"use_listings_cac
                    "gcs": {"use_listings_cache": False}}
 
 
-class StorageError(ConfigError):
-    """A data root that cannot be used: unsupported scheme, missing bucket, refused credentials, no answer."""
+class StorageError(ValueError):
+    """A data root that cannot be used: unsupported scheme, missing bucket, refused credentials, no answer (the
+    command line's exit status 2, as for any bad input)."""
 
 
 def scheme_of(root: str | os.PathLike) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from core import registry
 from core.config import DEFAULT_PROFILE, Config, ConfigError, load_config
@@ -61,7 +60,7 @@ def cmd_download(args) -> int:
         "download.processes": args.processes, "download.threads": args.threads,
         "download.allow_private_hosts": args.allow_private_hosts,
     })
-    if not Path(args.input).is_file():
+    if not data_path(args.input).is_file():
         raise ConfigError(f"--input {args.input!r}: no such file")
     root = open_data_root(config.root, writable=True)
     from stages.download.download import run_download  # after the checks: a bad setting fails in 3 s, not 7

@@ -18,6 +18,7 @@ from pipeline.flows import (
     train_tokenizers_flow,
     transfer_flow,
 )
+from stages.dataset.shards import DatasetLayout
 
 STAGE_FLOWS = {
     # flow -> (what it does, its parameters on CC12M, its parameters on the demo)
@@ -60,9 +61,11 @@ def deployments() -> list:
         description="Fine-tune the demo's tiny 4M on four colour classes made from the demo photos (after "
                     "`make demo`)."))
     for name, root in (("cc12m", "data/cc12m"), ("demo", "data/demo")):
+        layout = DatasetLayout(root)
         made.append(generate_flow.to_deployment(
-            name=name, parameters={"requests": f"{root}/generate/requests.jsonl", "model": f"{root}/pretrain",
-                                   "tokenizers": f"{root}/tokenizers", "out": f"{root}/pretrain/generations"},
+            name=name, parameters={"requests": str(layout.generate_dir / "requests.jsonl"),
+                                   "model": str(layout.pretrain_dir), "tokenizers": str(layout.tokenizers_dir),
+                                   "out": str(layout.pretrain_dir / "generations")},
             description=f"Generate from the requests in {root}/generate/requests.jsonl (one JSON object a line) with "
                         f"the {name} 4M" + (" (`make demo` writes them: a caption and a photo)." if name == "demo"
                                             else "; pictures of every sample as an artifact.")))

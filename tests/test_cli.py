@@ -137,3 +137,39 @@ def test_the_command_line_imports_only_the_stage_it_runs():
         shown = subprocess.run([sys.executable, "-m", "pipeline", command, "--help"], capture_output=True, text=True,
                                timeout=120, check=False)
         assert listed in " ".join(shown.stdout.split()), shown.stdout
+
+
+def test_every_converter_names_the_bad_file_and_what_is_wrong(tmp_path, capsys):
+    """A cut-short config.json and a corrupt model.safetensors, given to each converter: exit 2, the file named
+    with what is wrong with it, no traceback (before: a bare 'Expecting value: line 2 column 1', or a safetensors
+    traceback and exit 1)."""
+    from pipeline.cli import main
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_text('{"dec_type": "cnn",\n')
+    (cut / "model.safetensors").write_bytes(b"")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text('{"dec_type": "cnn", "domains_in": ["rgb@224"]}')
+    (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
+    ckpt = tmp_path / "omnidata_dpt_depth_v2.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 cut short")
+    out = tmp_path / "out"
+    cases = [  # (arguments, the file the message must name, what it must say)
+        (["convert-tokenizer", "--checkpoint", str(cut), "--modality", "rgb", "--out", str(out)],
+         cut / "config.json", "not valid JSON"),
+        (["convert-tokenizer", "--checkpoint", str(corrupt), "--modality", "rgb", "--out", str(out)],
+         corrupt / "model.safetensors", "not a readable safetensors file"),
+        (["convert-4m", "--checkpoint", str(cut), "--out", str(out)], cut / "config.json", "not valid JSON"),
+        (["convert-4m", "--checkpoint", str(corrupt), "--out", str(out)],
+         corrupt / "model.safetensors", "not a readable safetensors file"),
+        (["convert-omnidata", "--checkpoint", str(ckpt), "--task", "depth", "--out", str(out)], ckpt,
+         "cannot read checkpoint"),
+    ]
+    for args, named, says in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert str(named) in err and says in err, (args, err)
+        assert "Traceback" not in err
+    assert not out.exists(), "nothing written"

@@ -26,14 +26,20 @@ def pinned(package: str) -> str:
     raise AssertionError(f"{package} is not pinned in pyproject.toml")
 
 
-def test_cluster_launcher_yaml_passes_rays_own_schema():
+@pytest.mark.parametrize("cluster_file", ["ray-cluster.yaml", "ray-cluster-s3.yaml"])
+def test_cluster_launcher_yaml_passes_rays_own_schema(cluster_file):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = prepare_config(yaml.safe_load((INFRA / "ray-cluster.yaml").read_text()))  # as `ray up` does
+    config = prepare_config(yaml.safe_load((INFRA / cluster_file).read_text()))  # as `ray up` does
     validate_config(config)  # raises on a field the cluster launcher does not accept
     assert config["head_node_type"] in config["available_node_types"]
     assert any(t["node_config"]["InstanceType"].startswith("p4d") for t in config["available_node_types"].values())
     assert all("--disable-usage-stats" in c for c in config["head_start_ray_commands"][1:])
+    if cluster_file.endswith("-s3.yaml"):  # no shared volume: every node reads the bucket through its own role
+        assert not any("nfs" in c or "/mnt/shared" in c for c in config["initialization_commands"])
+        assert all(t["node_config"]["IamInstanceProfile"]["Name"] for t in config["available_node_types"].values())
+        scratch = next(o.split("=", 1)[1] for o in config["docker"]["run_options"] if "FOURM_SCRATCH=" in o)
+        assert any(o == f"-v {scratch}:{scratch}" for o in config["docker"]["run_options"])
 
 
 def test_cluster_launcher_schema_check_can_fail():
@@ -45,7 +51,7 @@ def test_cluster_launcher_schema_check_can_fail():
         validate_config(config)
 
 
-def _pod_spec_checks(spec: dict, gpu: bool) -> None:
+def _pod_spec_checks(spec: dict, gpu: bool, shared: bool = True) -> None:
     container = spec["template"]["spec"]["containers"][0]
     assert container["image"].endswith(":latest") and container["name"].startswith("ray-")
     if gpu:
@@ -53,8 +59,25 @@ def _pod_spec_checks(spec: dict, gpu: bool) -> None:
         assert gpus.isdigit() and int(gpus) >= 1 and container["resources"]["requests"]["nvidia.com/gpu"] == gpus
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
-    assert "/mnt/shared" in mounts and {m["name"] for m in container["volumeMounts"]} <= volumes
+    assert {m["name"] for m in container["volumeMounts"]} <= volumes
+    if shared:
+        assert "/mnt/shared" in mounts
+    else:  # object storage: no shared volume; scratch space on the pod, credentials from its service account
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert "/mnt/shared" not in mounts and env["FOURM_SCRATCH"] in mounts
+        assert spec["template"]["spec"]["serviceAccountName"]
+        assert not any("persistentVolumeClaim" in v for v in spec["template"]["spec"]["volumes"])
     assert all(isinstance(v, str) for v in spec["rayStartParams"].values())  # KubeRay takes strings only
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_kuberay_clusters_on_a_shared_volume_and_on_object_storage(shared):
+    cluster = yaml.safe_load((INFRA / f"kuberay/raycluster{'' if shared else '-s3'}.yaml").read_text())
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert cluster["spec"]["rayVersion"] == pinned("ray")
+    _pod_spec_checks(cluster["spec"]["headGroupSpec"], gpu=False, shared=shared)
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        _pod_spec_checks(group, gpu=True, shared=shared)
 
 
 @pytest.mark.parametrize("job_file", ["rayjob.yaml", "rayjob-pretrain.yaml"])
@@ -108,10 +131,11 @@ def test_work_pool_template_matches_prefects_process_template():
     assert env["RAY_ADDRESS"] and env["RAY_USAGE_STATS_ENABLED"] == "0"
 
 
-def test_prefect_yaml_deploys_every_flow_with_parameters_it_takes():
+@pytest.mark.parametrize("prefect_file", ["prefect.yaml", "prefect-s3.yaml"])
+def test_prefect_yaml_deploys_every_flow_with_parameters_it_takes(prefect_file):
     from prefect.flows import Flow
 
-    config = yaml.safe_load((INFRA / "prefect/prefect.yaml").read_text())
+    config = yaml.safe_load((INFRA / "prefect" / prefect_file).read_text())
     assert config["prefect-version"] == pinned("prefect")
     names = set()
     for deployment in config["deployments"]:
@@ -121,6 +145,12 @@ def test_prefect_yaml_deploys_every_flow_with_parameters_it_takes():
         assert set(deployment["parameters"]) <= set(inspect.signature(flow.fn).parameters)
         assert deployment["work_pool"]["name"] == "fourm-process"
         names.add(f"{flow.name}/{deployment['name']}")
+    if prefect_file == "prefect-s3.yaml":  # every dataset path a URL in the bucket: no shared volume
+        assert names == {f"{flow}/cc12m-s3" for flow in ("download", "pseudo-label", "train-tokenizers", "tokenize",
+                                                          "pretrain", "evaluate", "generate", "cc12m-pipeline")}
+        paths = [v for d in config["deployments"] for k, v in d["parameters"].items() if k != "profile"]
+        assert paths and all(v.startswith("s3://") for v in paths), paths
+        return
     assert names == {"download/cc12m-cluster", "pseudo-label/cc12m-cluster", "train-tokenizers/cc12m-cluster",
                      "tokenize/cc12m-cluster", "pretrain/cc12m-cluster", "evaluate/cc12m-cluster",
                      "transfer/imagenet1k-cluster", "generate/cc12m-cluster", "cc12m-pipeline/cc12m-cluster"}

@@ -1,6 +1,7 @@
 """Data roots on object storage: the stages against a real S3 API server on loopback (moto's, see helpers.S3Server),
 reached through the standard credential chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -9,8 +10,9 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from core.storage import StorageError, clean_scratch, data_path, open_data_root
+from core.storage import StorageError, clean_scratch, data_path, open_data_root, read_parquet
 from stages.dataset.shards import DatasetLayout
 from stages.download.download import STAGE
 from tests.helpers import large_jpeg
@@ -86,17 +88,19 @@ def test_bad_data_roots_are_refused_by_name_before_any_work(s3, tmp_path):
     work.mkdir()
     download = ["download", "--input", str(listing), "--output"]
     wrong_key = {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}
-    cases = [  # (output, extra environment, what the message says)
-        ("s3://absent/ds", {}, "no bucket 'absent'"),
-        ("s3://present/ds", wrong_key, "credentials were refused"),
-        ("s3://present/ds", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "did not answer"),
-        ("nosuch://present/ds", {}, "unsupported scheme nosuch://"),
+    cases = [  # (command, data root, extra environment, what the message says)
+        (download, "s3://absent/ds", {}, "no bucket 'absent'"),
+        (download, "s3://present/ds", wrong_key, "credentials were refused"),
+        (download, "s3://present/ds", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "did not answer"),
+        (download, "nosuch://present/ds", {}, "unsupported scheme nosuch://"),
+        (["label", "--profile", "demo", "--data"], "s3://present/ds", wrong_key, "credentials were refused"),
+        (["status", "--data"], "s3://absent/ds", {}, "no bucket 'absent'"),
     ]
-    for output, extra, message in cases:
-        proc = cli(*download, output, cwd=work, extra_env={**s3.env, **extra})
+    for command, root, extra, message in cases:
+        proc = cli(*command, root, cwd=work, extra_env={**s3.env, **extra})
         out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (output, out, err)
-        assert output in err and message in err, (output, err)
+        assert proc.returncode == 2, (command, root, out, err)
+        assert root in err and message in err, (command, root, err)
         assert "Traceback" not in err
     assert list(work.iterdir()) == []
     assert s3.fs().find("present") == [], "nothing written to the bucket"
@@ -118,3 +122,115 @@ def test_scratch_folders_of_processes_that_are_gone_are_removed(tmp_path):
         (base / str(pid) / ".bucket~ds~rgb~shard-000001.tar.tmp-0123456789ab").write_bytes(b"half a tar")
     assert clean_scratch(base) == [base / str(gone.pid)]
     assert sorted(p.name for p in base.iterdir()) == [str(os.getpid())]
+
+
+def bucket_tars(fs, folder: str) -> dict[str, list[tuple[str, bytes]]]:
+    """Every tar under a folder of the bucket: shard -> its members' (name, bytes)."""
+    found = {}
+    for path in sorted(fs.glob(f"{folder}/shard-*.tar")):
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(path))) as tar:
+            found[path.rsplit("/", 1)[1]] = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    return found
+
+
+def test_label_on_s3_killed_mid_upload_ends_as_an_uninterrupted_run(ray_address, tiny_models, s3, tmp_path):
+    """`label --data s3://...` killed while shard 1's depth labels are being uploaded: nothing of shard 1 visible
+    for depth, shard 0 committed; the rerun labels shard 1 alone, and the bucket ends holding what an uninterrupted
+    run writes, member for member."""
+    from tests.helpers import make_labelled_input
+
+    bucket = s3.make_bucket("killed-label")
+    fs = s3.fs()
+    for prefix in ("killed", "straight"):
+        make_labelled_input(data_path(f"s3://{bucket}/{prefix}", s3.options), corrupt_key=None)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def label(prefix: str, **kw):
+        return cli("label", "--data", f"s3://{bucket}/{prefix}", "--profile", "demo", "--labelers", "depth,semseg",
+                   "--set", f"label.models={tiny_models}", "--set", "label.workers=1", ray_address=ray_address,
+                   cwd=work, extra_env=s3.env, **kw)
+
+    s3.hold(f"/{bucket}/killed/depth/shard-000001.tar")
+    proc = label("killed", start_new_session=True)
+    try:
+        assert s3.arrived.wait(180), "the label stage never uploaded shard 1's depth labels"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert list(bucket_tars(fs, f"{bucket}/killed/depth")) == ["shard-000000.tar"], "no partial object"
+        assert [p.rsplit("/", 1)[1] for p in fs.glob(f"{bucket}/killed/_status/label_depth/*.json")] == \
+            ["shard-000000.json"]
+        rerun = label("killed")
+        out, err = rerun.communicate(timeout=300)
+    finally:
+        s3.release.set()
+    assert rerun.returncode == 0, err
+    assert "1 shards labelled, 1 already committed" in out
+    straight = label("straight")
+    out, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err
+    for name in ("depth", "semseg"):
+        killed = bucket_tars(fs, f"{bucket}/killed/{name}")
+        assert list(killed) == ["shard-000000.tar", "shard-000001.tar"]
+        assert [m.split(".")[0] for ms in killed.values() for m, _ in ms] == [f"{i:09d}" for i in range(5)]
+        assert killed == bucket_tars(fs, f"{bucket}/straight/{name}"), f"{name}: as an uninterrupted run wrote it"
+        keys = [r["key"] for s in ("shard-000000", "shard-000001")
+                for r in read_parquet(data_path(f"s3://{bucket}/killed/_status/label_{name}/{s}.parquet",
+                                                s3.options)).to_pylist()]
+        assert keys == [f"{i:09d}" for i in range(5)], "every sample recorded exactly once"
+    assert list(work.iterdir()) == []
+
+
+def test_pretraining_on_s3_killed_mid_checkpoint_upload_resumes_to_the_same_weights(ray_address, s3, tmp_path):
+    """`pretrain --data s3://...` killed while its second checkpoint is being uploaded: the store keeps the first,
+    complete, named by checkpoint.json; the rerun resumes from it (its local copy's later checkpoint, never
+    published, is dropped) and ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from tests.test_pretrain import SETTINGS, dataset
+
+    local = dataset(tmp_path / "local")
+    bucket = s3.make_bucket("killed-pretrain")
+    fs = s3.fs()
+    for prefix in ("killed", "straight"):
+        fs.put(str(local), f"{bucket}/{prefix}", recursive=True)
+    work, scratch = tmp_path / "work", tmp_path / "scratch"
+    work.mkdir()
+    settings = [x for s in [*SETTINGS, "pretrain.workers=0"] for x in ("--set", s)]
+
+    def pretrain(prefix: str, **kw):
+        env = {**s3.env, "FOURM_SCRATCH": str(scratch)}
+        return cli("pretrain", "--data", f"s3://{bucket}/{prefix}", *settings, ray_address=ray_address, cwd=work,
+                   extra_env=env, **kw)
+
+    run = f"{bucket}/killed/pretrain"
+    s3.hold(f"/{run}/checkpoint-000000004/model.safetensors")
+    proc = pretrain("killed", start_new_session=True)
+    try:
+        assert s3.arrived.wait(240), "the run never uploaded its second checkpoint"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert json.loads(fs.cat_file(f"{run}/checkpoint.json"))["step"] == 2
+        assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{run}/checkpoint-000000002")) == \
+            ["model.safetensors", "optimizer.safetensors", "state.json"]
+        assert not fs.exists(f"{run}/checkpoint-000000004/model.safetensors"), "no partial object"
+        assert not fs.exists(f"{run}/train.json") and not fs.exists(f"{run}/model.safetensors")
+        rerun = pretrain("killed")
+        out, err = rerun.communicate(timeout=300)
+    finally:
+        s3.release.set()
+    assert rerun.returncode == 0, err
+    straight = pretrain("straight")
+    out, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err
+    weights = {}
+    for prefix in ("killed", "straight"):
+        path = tmp_path / f"{prefix}.safetensors"
+        fs.get_file(f"{bucket}/{prefix}/pretrain/model.safetensors", str(path))
+        weights[prefix] = load_file(path)
+    assert weights["killed"].keys() == weights["straight"].keys()
+    assert all(torch.equal(weights["killed"][k], weights["straight"][k]) for k in weights["killed"])
+    steps = [json.loads(line)["step"] for line in fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
+    assert steps[:2] == [1, 2] and steps[-1] == 6
+    assert [p.rsplit("/", 1)[1] for p in fs.glob(f"{run}/checkpoint-*")] == ["checkpoint-000000006"]
+    assert list(work.iterdir()) == []

@@ -224,9 +224,11 @@ def test_loader_processes_forked_from_a_flows_process_end_cleanly():
     codes, stderr = exit_codes("ours")
     assert codes == "[0, 0]" and "exited unexpectedly" not in stderr, stderr
     # torch's own DataLoader, in the same process: its workers end with code 1, which torch reports as 'DataLoader
-    # worker exited unexpectedly' when its check runs before the shutdown has joined them (a race: not every time)
+    # worker exited unexpectedly' when its check runs before the shutdown has joined them (a race: not every time).
+    # Which of them has ended, and how, when the codes are read is a race too (measured: [1, 1] in 15 of 16 runs,
+    # [1, 0] and [None, 1] otherwise), so the control asks for one worker ending with code 1
     codes, _ = exit_codes("plain")
-    assert codes == "[1, 1]"
+    assert 1 in json.loads(codes.replace("None", "null")), codes
 
 
 FREED_ARRAYS = """

@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from core.storage import data_path, is_remote, open_read
+
 
 class InputError(ValueError):
     """The URL list as a whole cannot be read (missing file, missing column, unknown format)."""
@@ -47,12 +49,17 @@ def input_format(path: Path) -> str:
     raise InputError(f"input {str(path)!r}: unknown format {suffix!r} (expected .tsv, .parquet or .csv)")
 
 
+def _readable(path):
+    """What pyarrow's readers take: the local path, or the object opened as a stream."""
+    return open_read(path) if is_remote(path) else path
+
+
 def count_rows(path: str | Path) -> int:
     """Rows in the list, for progress: newlines for TSV (streamed), metadata for parquet, lines for CSV."""
-    path = Path(path)
+    path = data_path(path)
     fmt = input_format(path)
     if fmt == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        return pq.ParquetFile(_readable(path)).metadata.num_rows
     n, last = 0, b"\n"
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
@@ -142,14 +149,14 @@ def read_rows(
     max_url_chars: int = 4096,
     max_caption_chars: int = 4096,
 ) -> Iterator[InputRow]:
-    path = Path(path)
+    path = data_path(path)  # a local file, or an object (s3://bucket/cc12m.tsv)
     if not path.is_file():
         raise InputError(f"input {str(path)!r}: no such file")
     fmt = input_format(path)
     if fmt == "tsv":
         return _read_tsv(path, max_url_chars, max_caption_chars)
     if fmt == "parquet":
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(_readable(path))
         names = pf.schema_arrow.names
         _require_columns(path, names, url_column)
         columns = [c for c in (url_column, caption_column) if c in names]
@@ -162,7 +169,7 @@ def read_rows(
         columns = [c for c in (url_column, caption_column) if c in names]
         # Read cells as bytes so one bad byte sequence becomes one bad row, not a failed file.
         batches = pacsv.open_csv(
-            path,
+            _readable(path),
             read_options=pacsv.ReadOptions(block_size=1 << 22),
             convert_options=pacsv.ConvertOptions(
                 include_columns=columns, column_types={c: pa.binary() for c in columns}

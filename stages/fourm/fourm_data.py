@@ -52,8 +52,8 @@ def stored_crops(root: str | Path) -> bool:
     tokenize): then the loader reads them instead of decoding each whole photo; a dataset tokenized before they
     were written (or a shard without them) is read the old way, whole."""
     layout = DatasetLayout(root)
-    settings = {p.name for p in (layout.root / CROPS).glob("shard-*.tar")}
-    return bool(settings) and settings <= {p.name for p in (layout.root / CROP_PIXELS).glob("shard-*.tar")}
+    settings = {p.name for p in layout.folder(CROPS).glob("shard-*.tar")}
+    return bool(settings) and settings <= {p.name for p in layout.folder(CROP_PIXELS).glob("shard-*.tar")}
 
 
 def loader_folders(modalities: list[str], root: str | Path | None = None) -> list[str]:
@@ -73,9 +73,9 @@ def split_shards(root: str | Path, modalities: list[str], val_shards: int) -> tu
     """(train, validation) shards: those every folder holds with samples in them, the last `val_shards` held out."""
     layout, per_folder = DatasetLayout(root), {}
     for folder in loader_folders(modalities, root):
-        per_folder[folder] = {p.stem for p in (layout.root / folder).glob("shard-*.tar")}
+        per_folder[folder] = {p.stem for p in layout.folder(folder).glob("shard-*.tar")}
         if not per_folder[folder]:
-            raise LoaderInputError(f"no shards in {layout.root / folder} (run the stage that writes {folder!r})")
+            raise LoaderInputError(f"no shards in {layout.folder(folder)} (run the stage that writes {folder!r})")
     shards = [s for s in sorted(set.intersection(*per_folder.values())) if not _empty(layout.tar(CROPS, s))]
     if len(shards) <= val_shards:
         raise LoaderInputError(f"{len(shards)} shards under {layout.root} and pretrain.val_shards={val_shards}: "

@@ -7,6 +7,7 @@ import torch
 
 from core import registry
 from core.pictures import figure_backend, save_figure
+from stages.dataset.shards import DatasetLayout
 from stages.fourm.fourm_data import pixels_picture
 from stages.tokenizers import dataset_tokenizers as tokenizers
 
@@ -18,7 +19,7 @@ def draw_predictions(root: str | Path, model, batch: dict, out: str | Path, titl
     plt = figure_backend()
     targets = [m for m in batch if registry.domain(m).kind == "tokens" and tokenizers.has_model(root, m)]
     if not targets:
-        raise FileNotFoundError(f"no trained image tokenizer under {Path(root) / 'tokenizers'} to decode predictions")
+        raise FileNotFoundError(f"no trained image tokenizer under {DatasetLayout(root).tokenizers_dir} to decode predictions")
     photo = model.cfg.pixels_input
     pixels = batch[photo]["tensor"]
     model.eval()
