@@ -83,6 +83,10 @@ def make_token_shards(root: Path, shards: int, per_shard: int, vocab: dict, stor
                         members[m] = ("npy", npy(rng.integers(vocab[m], size=(4, 196)).astype(np.int16)))
                 writer.write(key, members)
             writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys)}), {})
+        with ShardWriter(layout, "download", f"shard-{s:06d}", []) as writer:  # what the download records: sizes
+            sizes = [photos[i % len(photos)][1] for i in range(per_shard)]
+            writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys), "width": [w for _, w in sizes],
+                                    "height": [h for h, _ in sizes]}), {})
 
 
 def bench_model(args, tokenizer, vocab: dict) -> dict:

@@ -220,8 +220,25 @@ def test_stored_224_crops_are_read_instead_of_the_whole_photo_and_the_batches_st
                     assert torch.equal(whole[m][k], cut[m][k]), (m, k)
         a, b = pixels_picture(whole["rgb@224"]["tensor"]), pixels_picture(cut["rgb@224"]["tensor"])
         assert 10 * np.log10(1 / max(float(np.mean((a - b) ** 2)), 1e-12)) >= 40
+    # and where the download recorded each photo's size (every downloaded dataset), the boxes' crop reads the size
+    # from its status table instead of the photo: the photo is not read at all, the samples are the same
+    from stages.fourm.fourm_data import PHOTO_SIZE
+
+    for shard in ("shard-000000", "shard-000001", "shard-000002"):
+        keys = [r["key"] for r in layout.read_status("synthetic", shard).to_pylist()]
+        with ShardWriter(layout, "download", shard, []) as writer:
+            writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys), "width": [96] * len(keys),
+                                    "height": [64] * len(keys)}), {})
+    assert loader_folders(MODALITIES, root) == sorted([PHOTO_SIZE, "caption", "crop_settings", CROP_PIXELS, "det",
+                                                       "tok_rgb@224"])
+    for photo, size in zip(first(dataset), first(root)):
+        for m in MODALITIES:
+            for k in photo[m]:
+                if (m, k) != ("rgb@224", "tensor"):
+                    assert torch.equal(photo[m][k], size[m][k]), (m, k)
     layout.tar(CROP_PIXELS, "shard-000002").unlink()  # one shard without them: every photo read whole
     assert not stored_crops(root) and "rgb" in loader_folders(pixels_only, root)
+    assert "rgb" in loader_folders(MODALITIES, root) and PHOTO_SIZE not in loader_folders(MODALITIES, root)
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])

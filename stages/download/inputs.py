@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from core.storage import data_path, is_remote, open_read
+from core.storage import data_path, is_remote, open_random, open_read
 
 
 class InputError(ValueError):
@@ -49,9 +49,11 @@ def input_format(path: Path) -> str:
     raise InputError(f"input {str(path)!r}: unknown format {suffix!r} (expected .tsv, .parquet or .csv)")
 
 
-def _readable(path):
-    """What pyarrow's readers take: the local path, or the object opened as a stream."""
-    return open_read(path) if is_remote(path) else path
+def _readable(path, random_access: bool = False):
+    """What pyarrow's readers take: the local path, or the object opened (read in order, or anywhere)."""
+    if not is_remote(path):
+        return path
+    return open_random(path) if random_access else open_read(path)
 
 
 def count_rows(path: str | Path) -> int:
@@ -59,7 +61,7 @@ def count_rows(path: str | Path) -> int:
     path = data_path(path)
     fmt = input_format(path)
     if fmt == "parquet":
-        return pq.ParquetFile(_readable(path)).metadata.num_rows
+        return pq.ParquetFile(_readable(path, random_access=True)).metadata.num_rows
     n, last = 0, b"\n"
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
@@ -156,7 +158,7 @@ def read_rows(
     if fmt == "tsv":
         return _read_tsv(path, max_url_chars, max_caption_chars)
     if fmt == "parquet":
-        pf = pq.ParquetFile(_readable(path))
+        pf = pq.ParquetFile(_readable(path, random_access=True))
         names = pf.schema_arrow.names
         _require_columns(path, names, url_column)
         columns = [c for c in (url_column, caption_column) if c in names]

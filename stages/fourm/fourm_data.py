@@ -17,6 +17,7 @@ Decoding and masking run in DataLoader worker processes, each seeded by (seed, r
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import itertools
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from core import registry
-from core.storage import open_read, open_tar
+from core.storage import open_read, open_tar, read_parquet_schema
 from stages.dataset.shards import CROP_PIXELS, CROPS, DatasetLayout
 from stages.fourm.masking import Component, MaskingSampler, is_sequence, paper_mixture
 from stages.tokenizers import dataset_tokenizers as tokenizers
@@ -56,16 +57,40 @@ def stored_crops(root: str | Path) -> bool:
     return bool(settings) and settings <= {p.name for p in layout.folder(CROP_PIXELS).glob("shard-*.tar")}
 
 
+PHOTO_SIZE = "__photo_size__"  # not a folder: each sample's photo (height, width), from the download's status table
+
+
+def photo_sizes_recorded(root) -> bool:
+    """Whether the download's status tables record each stored photo's size (every downloaded dataset's do)."""
+    layout, stage = DatasetLayout(root), registry.photo().stage
+    shards = layout.committed_shards(stage)
+    return bool(shards) and {"width", "height"} <= set(read_parquet_schema(layout.status_table(stage, shards[0])))
+
+
+def recorded_photo_sizes(layout: DatasetLayout, shard: str) -> dict[str, tuple[int, int]]:
+    """key -> (height, width) of each photo of a shard as the download stored it (its status table)."""
+    stage = registry.photo().stage
+    if not layout.is_committed(stage, shard):
+        raise LoaderInputError(f"{shard}: no committed {stage} status table to read the photos' sizes from")
+    table = layout.read_status(stage, shard, ["key", "width", "height"]).to_pydict()
+    return {k: (h, w) for k, h, w in zip(table["key"], table["height"], table["width"]) if h is not None}
+
+
 def loader_folders(modalities: list[str], root: str | Path | None = None) -> list[str]:
-    """The folders a sample of these modalities is read from: theirs, the crops, and the photo where a modality
-    needs its size (boxes are moved into the crop); the photo's pixels from its stored 224 crops where the dataset
-    under `root` has them."""
+    """The folders a sample of these modalities is read from: theirs, the crops, and where a modality needs the
+    photo's size (boxes are moved into the crop) the photo, or its size alone (`PHOTO_SIZE`) where the photo's pixels
+    are not read from it and the download recorded the sizes; the photo's pixels from its stored 224 crops where the
+    dataset under `root` has them."""
     photo = registry.photo().folder
     needs_photo = any(getattr(registry.domain(m).modality, "needs_photo", False) for m in modalities)
     own = {folder_of(m) for m in modalities}
-    folders = own | {CROPS} | ({photo} if needs_photo else set())
+    folders = own | {CROPS}
     if root is not None and photo in own and stored_crops(root):
-        folders = (folders - ({photo} if not needs_photo else set())) | {CROP_PIXELS}
+        folders = (folders - {photo}) | {CROP_PIXELS}
+    if needs_photo and photo not in folders:
+        # the size alone: a row of a table instead of a photo of a few hundred kB per sample, half the bytes a
+        # sample with stored crops reads (what streaming from object storage pays for)
+        folders |= {PHOTO_SIZE} if root is not None and photo_sizes_recorded(root) else {photo}
     return sorted(folders)
 
 
@@ -73,7 +98,8 @@ def split_shards(root: str | Path, modalities: list[str], val_shards: int) -> tu
     """(train, validation) shards: those every folder holds with samples in them, the last `val_shards` held out."""
     layout, per_folder = DatasetLayout(root), {}
     for folder in loader_folders(modalities, root):
-        per_folder[folder] = {p.stem for p in layout.folder(folder).glob("shard-*.tar")}
+        per_folder[folder] = set(layout.committed_shards(registry.photo().stage)) if folder == PHOTO_SIZE else \
+            {p.stem for p in layout.folder(folder).glob("shard-*.tar")}
         if not per_folder[folder]:
             raise LoaderInputError(f"no shards in {layout.folder(folder)} (run the stage that writes {folder!r})")
     shards = [s for s in sorted(set.intersection(*per_folder.values())) if not _empty(layout.tar(CROPS, s))]
@@ -105,52 +131,69 @@ def mixture_from(setting, modalities: list[str]) -> list[Component]:
 BLOCK = 512
 
 
-def _members(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(key, bytes) of each file member, streamed (a shard is never loaded whole). The headers are read here, not
-    by tarfile (whose parser took a third of a loader's time): POSIX ustar blocks, checksummed, with the pax and
-    GNU long-name records that Python's tarfile and GNU tar write before a member."""
-    with open_read(path) as stream:
-        long_name = None
-        while True:
-            header = stream.read(BLOCK)
-            if len(header) < BLOCK or header.count(0) == BLOCK:  # the end-of-archive blocks
-                return
-            stored = header[148:156].split(b"\0", 1)[0].strip()
-            if not stored or int(stored, 8) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-                raise LoaderInputError(f"{path}: a corrupt tar header at byte {stream.tell() - BLOCK}")
-            if header[124] & 0x80:
-                raise LoaderInputError(f"{path}: a member over 8 GB")
-            size, kind = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8), header[156:157]
-            data = stream.read(size)
-            if len(data) < size:
-                raise LoaderInputError(f"{path}: cut short inside a member at byte {stream.tell()}")
-            stream.seek(-size % BLOCK, 1)
-            if kind == b"x":  # pax: a longer name (path=) than the header holds
-                for record in data.decode("utf-8", "replace").split("\n"):
-                    if " path=" in record:
-                        long_name = record.split(" path=", 1)[1]
-            elif kind == b"L":  # GNU long name
-                long_name = data.split(b"\0", 1)[0].decode()
-            elif kind in (b"0", b"\0", b"7"):
-                name, prefix = (header[:100].split(b"\0", 1)[0].decode(),
-                                header[345:500].split(b"\0", 1)[0].decode())
-                name = long_name or (f"{prefix}/{name}" if prefix else name)
-                long_name = None
-                yield name.split(".", 1)[0], data
-            else:  # a directory, a link: nothing to read
-                long_name = None
+def _members(path: Path, stream=None) -> Iterator[tuple[str, bytes]]:
+    """(key, bytes) of each file member of the tar at `path` (open as `stream`, or opened here), streamed (a shard
+    is never loaded whole). The headers are read here, not by tarfile (whose parser took a third of a loader's
+    time): POSIX ustar blocks, checksummed, with the pax and GNU long-name records that Python's tarfile and GNU tar
+    write before a member."""
+    if stream is None:
+        with open_read(path) as own:
+            yield from _members(path, own)
+        return
+    long_name = None
+    while True:
+        header = stream.read(BLOCK)
+        if len(header) < BLOCK or header.count(0) == BLOCK:  # the end-of-archive blocks
+            return
+        stored = header[148:156].split(b"\0", 1)[0].strip()
+        if not stored or int(stored, 8) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise LoaderInputError(f"{path}: a corrupt tar header at byte {stream.tell() - BLOCK}")
+        if header[124] & 0x80:
+            raise LoaderInputError(f"{path}: a member over 8 GB")
+        size, kind = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8), header[156:157]
+        data = stream.read(size)
+        if len(data) < size:
+            raise LoaderInputError(f"{path}: cut short inside a member at byte {stream.tell()}")
+        stream.seek(-size % BLOCK, 1)
+        if kind == b"x":  # pax: a longer name (path=) than the header holds
+            for record in data.decode("utf-8", "replace").split("\n"):
+                if " path=" in record:
+                    long_name = record.split(" path=", 1)[1]
+        elif kind == b"L":  # GNU long name
+            long_name = data.split(b"\0", 1)[0].decode()
+        elif kind in (b"0", b"\0", b"7"):
+            name, prefix = (header[:100].split(b"\0", 1)[0].decode(),
+                            header[345:500].split(b"\0", 1)[0].decode())
+            name = long_name or (f"{prefix}/{name}" if prefix else name)
+            long_name = None
+            yield name.split(".", 1)[0], data
+        else:  # a directory, a link: nothing to read
+            long_name = None
 
 
 def shard_samples(root: str | Path, shard: str, folders: list[str]) -> Iterator[dict]:
     """{"__key__", "__shard__", folder: bytes} for each sample, the folders read side by side."""
     layout = DatasetLayout(root)
-    streams = [_members(layout.tar(folder, shard)) for folder in folders]
-    for members in itertools.zip_longest(*streams, fillvalue=("(ended)", b"")):
-        keys = {key for key, _ in members}
-        if len(keys) != 1:  # a key missing in one folder, or one folder ending first
-            named = ", ".join(f"{f}={k}" for f, (k, _) in zip(folders, members))
-            raise LoaderInputError(f"{shard}: folders out of step ({named}); run `python -m pipeline align`")
-        yield {"__key__": members[0][0], "__shard__": shard, **{f: data for f, (_, data) in zip(folders, members)}}
+    sizes = recorded_photo_sizes(layout, shard) if PHOTO_SIZE in folders else None
+    folders = [f for f in folders if f != PHOTO_SIZE]
+    paths = [layout.tar(folder, shard) for folder in folders]
+    with contextlib.ExitStack() as opened:
+        # every folder's tar opened before any is read: on object storage their downloads start side by side
+        files = [opened.enter_context(open_read(path)) for path in paths]
+        streams = [_members(path, file) for path, file in zip(paths, files)]
+        for members in itertools.zip_longest(*streams, fillvalue=("(ended)", b"")):
+            keys = {key for key, _ in members}
+            if len(keys) != 1:  # a key missing in one folder, or one folder ending first
+                named = ", ".join(f"{f}={k}" for f, (k, _) in zip(folders, members))
+                raise LoaderInputError(f"{shard}: folders out of step ({named}); run `python -m pipeline align`")
+            key = members[0][0]
+            sample = {"__key__": key, "__shard__": shard, **{f: data for f, (_, data) in zip(folders, members)}}
+            if sizes is not None:
+                if key not in sizes:
+                    raise LoaderInputError(f"{shard}/{key}: the {registry.photo().stage} status table records no "
+                                           f"photo size for it")
+                sample[PHOTO_SIZE] = sizes[key]
+            yield sample
 
 
 def pixels_picture(pixels: torch.Tensor) -> np.ndarray:
@@ -244,7 +287,8 @@ def decode_sample(raw: dict, modalities: list[str], crop_index: int, min_score: 
         elif domain.kind == "embeddings":
             out[m] = domain.modality.to_embeddings(data)
         elif domain.kind == "sequence":
-            size = image_size_of(raw[registry.photo().folder]) if domain.modality.needs_photo else None
+            size = (raw[PHOTO_SIZE] if PHOTO_SIZE in raw else image_size_of(raw[registry.photo().folder])) \
+                if domain.modality.needs_photo else None
             part = domain.modality.crop_part(data, crop_index % len(crops))
             out[m] = domain.modality.to_text(part, crop, size, min_score, rng=rng)
         else:
@@ -267,7 +311,7 @@ class MaskedSamples(torch.utils.data.IterableDataset):
     def __init__(self, root, shards: list[str], modalities: list[str], sampler: MaskingSampler, *, train: bool,
                  repeats: int, min_score: float, shuffle_buffer: int, seed: int, rank: int = 0):
         super().__init__()
-        self.root, self.shards, self.modalities, self.sampler = str(root), shards, modalities, sampler
+        self.root, self.shards, self.modalities, self.sampler = root, shards, modalities, sampler
         self.train, self.repeats, self.min_score = train, repeats, min_score
         self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
 
