@@ -27,12 +27,12 @@ sys.path.insert(0, str(HERE.parent))
 
 from models.fourm import FourM, FourMConfig  # noqa: E402
 from models.text_tokenizer import boxes_to_text, train_text_tokenizer  # noqa: E402
+from stages.dataset.shards import CROP_PIXELS, DatasetLayout, ShardWriter  # noqa: E402
 from stages.fourm.fourm_data import MaskedSamples, collate, mixture_from  # noqa: E402
 from stages.fourm.masking import MaskingSampler  # noqa: E402
 from stages.fourm.pretrain import flops_per_sample  # noqa: E402
-from stages.training import peak_flops  # noqa: E402
-from stages.dataset.shards import CROP_PIXELS, DatasetLayout, ShardWriter  # noqa: E402
 from stages.tokenizers.tokenizer_data import crop_jpegs  # noqa: E402
+from stages.training import peak_flops  # noqa: E402
 
 MODALITIES = ["rgb@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224", "tok_semseg@224", "tok_clip@224",
               "caption", "det"]
