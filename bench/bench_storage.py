@@ -7,13 +7,17 @@ latency and bandwidth. The server shares the machine's cores with what it serves
   download   the same large JPEGs served over loopback, downloaded into a local folder and into s3://bench/ds:
              images/s over the stage's own span (its shard stats), and the most local scratch space the run used
              (a poll of the scratch folder every 20 ms)
+  tokenize   rgb shards of real photos and label shards (bench_tokenize's), in a local folder and copied to
+             s3://bench/labels; one tokenize worker's work per shard (read, decode, crop, encode with a tiny
+             random-weight tokenizer of the published architecture, write the token shard) from and to each:
+             samples/s. Tiny encoders make the stage's reading and writing a larger share than the paper's would.
   loader     token shards as tokenize writes them (real photos' stored 224 crops, token grids, captions, boxes),
              written to a local folder and to s3://bench/tokens, read, decoded, cropped and masked by one process
              (the 4M loader's MaskedSamples, one compute thread): masked samples/s of wall-clock time, and per CPU
              second of the loader's process (its download threads included, the server's work not), streaming
              from each
 
-Run: python bench/bench_storage.py [--images 400] [--loader-samples 512] [--repeats 3]
+Run: python bench/bench_storage.py [--images 400] [--tokenize-images 64] [--loader-samples 512] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -124,6 +128,42 @@ def bench_download(args, s3: RemoteS3, work: Path, scratch: Path) -> dict:
     return results
 
 
+def bench_tokenize(args, s3: RemoteS3, work: Path) -> dict:
+    import torch
+
+    from bench.bench_label import make_rgb_shards
+    from bench.bench_tokenize import make_label_shards
+    from core.config import TokenizerStageConfig
+    from models.vqvae import VQVAE, save_tokenizer
+    from stages.dataset.shards import DatasetLayout
+    from stages.tokenizers import dataset_tokenizers as tokenizers
+    from stages.tokenizers.tokenize import tokenize_shard
+    from stages.tokenizers.train_tokenizer import model_config
+
+    local = work / "labels"
+    shards = make_rgb_shards(local, args.tokenize_images, shard_size=max(1, args.tokenize_images // 2), sizes="mixed")
+    make_label_shards(local, shards)
+    bucket = s3.make_bucket("bench-labels")
+    s3.fs().put(str(local), f"{bucket}/labels", recursive=True)
+    roots = {"local": local, "s3": data_path(f"s3://{bucket}/labels", s3.options)}
+    torch.set_num_threads(1)
+    cfg, device, results = TokenizerStageConfig(size="tiny", n_crops=4), torch.device("cpu"), {}
+    for modality in ("rgb", "depth"):
+        folder = work / "tokenizers" / modality
+        save_tokenizer(VQVAE(model_config(cfg, modality, DatasetLayout(local))), folder)
+        model = tokenizers.load_folder(folder, modality, device)
+        for repeat in range(args.repeats):
+            for where, root in roots.items():
+                layout = DatasetLayout(root)
+                started = time.perf_counter()
+                samples = sum(tokenize_shard(layout, s, modality, model, cfg, device)["ok"] for s in shards)
+                rate = samples / (time.perf_counter() - started)
+                results.setdefault(f"{modality} {where}", []).append(round(rate, 1))
+                print(f"tokenize {modality} from and to {where} (run {repeat + 1}): {rate:.1f} samples/s",
+                      flush=True)
+    return results
+
+
 def bench_loader(args, s3: RemoteS3, work: Path) -> dict:
     import torch
 
@@ -162,6 +202,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--tokenize-images", type=int, default=64)
     parser.add_argument("--loader-samples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=str(HERE / "_work" / "storage"))
@@ -174,7 +215,8 @@ def main() -> int:
     s3 = RemoteS3()
     os.environ.update(s3.env)
     try:
-        results = {"download": bench_download(args, s3, work, scratch), "loader": bench_loader(args, s3, work)}
+        results = {"download": bench_download(args, s3, work, scratch), "tokenize": bench_tokenize(args, s3, work),
+                   "loader": bench_loader(args, s3, work)}
     finally:
         s3.stop()
         shutil.rmtree(scratch, ignore_errors=True)

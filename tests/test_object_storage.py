@@ -24,6 +24,16 @@ def s3_cli(s3, *args, cwd, ray_address=None, scratch=None, **kw):
     return cli(*args, ray_address=ray_address, cwd=cwd, extra_env=env, **kw)
 
 
+def kill_mid_upload(s3, fragment: str, start) -> None:
+    """Start a command (`start()`: a Popen in a session of its own) and kill it, its whole process group, while the
+    server holds its upload of the object whose path holds `fragment`. The caller releases the server after."""
+    s3.hold(fragment)
+    proc = start()
+    assert s3.arrived.wait(240), f"no upload of {fragment} came"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
 def tar_keys(fs, path: str) -> list[str]:
     with tarfile.open(fileobj=io.BytesIO(fs.cat_file(path))) as tar:
         return [m.name.rsplit(".", 1)[0] for m in tar]
@@ -42,12 +52,9 @@ def test_download_to_s3_killed_mid_upload_resumes_with_every_row_once(ray_addres
     args = ["download", "--input", str(listing), "--output", f"s3://{bucket}/ds", "--shard-size", "3",
             "--processes", "1", "--threads", "2", "--allow-private-hosts"]
 
-    s3.hold(f"/{bucket}/ds/rgb/shard-000001.tar")
-    proc = s3_cli(s3, *args, cwd=work, ray_address=ray_address, scratch=scratch, start_new_session=True)
     try:
-        assert s3.arrived.wait(180), "the download never uploaded shard 1"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        kill_mid_upload(s3, f"/{bucket}/ds/rgb/shard-000001.tar", lambda: s3_cli(
+            s3, *args, cwd=work, ray_address=ray_address, scratch=scratch, start_new_session=True))
         fs = s3.fs()
         assert sorted(fs.find(f"{bucket}/ds")) == [
             f"{bucket}/ds/_status/download/shard-000000.json", f"{bucket}/ds/_status/download/shard-000000.parquet",
@@ -151,12 +158,8 @@ def test_label_on_s3_killed_mid_upload_ends_as_an_uninterrupted_run(ray_address,
                    "--set", f"label.models={tiny_models}", "--set", "label.workers=1", ray_address=ray_address,
                    cwd=work, extra_env=s3.env, **kw)
 
-    s3.hold(f"/{bucket}/killed/depth/shard-000001.tar")
-    proc = label("killed", start_new_session=True)
     try:
-        assert s3.arrived.wait(180), "the label stage never uploaded shard 1's depth labels"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        kill_mid_upload(s3, f"/{bucket}/killed/depth/shard-000001.tar", lambda: label("killed", start_new_session=True))
         assert list(bucket_tars(fs, f"{bucket}/killed/depth")) == ["shard-000000.tar"], "no partial object"
         assert [p.rsplit("/", 1)[1] for p in fs.glob(f"{bucket}/killed/_status/label_depth/*.json")] == \
             ["shard-000000.json"]
@@ -204,12 +207,9 @@ def test_pretraining_on_s3_killed_mid_checkpoint_upload_resumes_to_the_same_weig
                    extra_env=env, **kw)
 
     run = f"{bucket}/killed/pretrain"
-    s3.hold(f"/{run}/checkpoint-000000004/model.safetensors")
-    proc = pretrain("killed", start_new_session=True)
     try:
-        assert s3.arrived.wait(240), "the run never uploaded its second checkpoint"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        kill_mid_upload(s3, f"/{run}/checkpoint-000000004/model.safetensors",
+                        lambda: pretrain("killed", start_new_session=True))
         assert json.loads(fs.cat_file(f"{run}/checkpoint.json"))["step"] == 2
         assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{run}/checkpoint-000000002")) == \
             ["model.safetensors", "optimizer.safetensors", "state.json"]
