@@ -13,6 +13,7 @@ space first and uploaded whole (a multipart upload stays invisible until it comp
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pathlib
 import queue
@@ -29,6 +30,10 @@ except ImportError:  # pragma: no cover - a dependency; only the object-storage 
     UPath = None
 
 DataPath = Union[pathlib.Path, "UPath"]
+
+# botocore says at INFO where it found the credentials and the endpoint, on every new client: not for the console
+for _name in ("botocore", "aiobotocore", "s3fs"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 # Listings are read afresh: a shard committed by a worker in another process must be seen by the driver that
 # listed the folder before it (s3fs would otherwise answer from the listing it cached then).

@@ -112,3 +112,6 @@ def test_demo_on_object_storage_downloads_labels_tokenizes_and_verifies_the_bund
     assert status.returncode == 0, status.stderr
     assert re.search(r"^tokenize_rgb\s+3/3\s+7\s", status.stdout, re.M), status.stdout
     assert re.search(r"^rgb\s+trained \(30 steps\)", status.stdout, re.M) and "60/60" in status.stdout
+    verify = subprocess.run([sys.executable, "-m", "pipeline", "verify", "--data", f"s3://{bucket}/demo"], env=env,
+                            cwd=work, capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0 and "x 18 folders" in verify.stdout and ": OK" in verify.stdout, verify.stdout

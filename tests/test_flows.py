@@ -60,6 +60,24 @@ def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_add
     assert "samples/s" in summary.data and "| http_error | 1 |" in summary.data
 
 
+def test_download_flow_writes_to_object_storage_with_the_profiles_storage_options(prefect_api, ray_address, server,
+                                                                                  s3, tmp_path):
+    """A flow given an s3:// root and the store's endpoint and keys as `storage_options` (not in the environment):
+    the options travel with the root to the Ray workers, the shards land in the bucket, the tables read them."""
+    from prefect.artifacts import Artifact
+
+    from pipeline.flows import download_flow
+
+    bucket = s3.make_bucket("flow-download")
+    result = download_flow(input=str(url_list(server, tmp_path)), output=f"s3://{bucket}/ds", profile="demo",
+                           overrides=["download.shard_size=2", allow(server), f"storage_options={json.dumps(s3.options)}"])
+    assert result["status_counts"] == {"ok": 5, "http_error": 1} and result["data_root"] == f"s3://{bucket}/ds"
+    assert len(s3.fs().glob(f"{bucket}/ds/rgb/shard-*.tar")) == 3
+    assert len(s3.fs().glob(f"{bucket}/ds/_status/download/shard-*.json")) == 3
+    rows = json.loads(Artifact.get("download-stages").data)
+    assert [(r["stage"], r["shards"], r["ok"]) for r in rows] == [("download", "3/3", 5)]
+
+
 def test_download_flow_rejects_bad_configuration_before_work(prefect_api, tmp_path):
     from core.config import ConfigError
     from pipeline.flows import download_flow

@@ -187,7 +187,7 @@ def test_label_on_s3_killed_mid_upload_ends_as_an_uninterrupted_run(ray_address,
 def test_pretraining_on_s3_killed_mid_checkpoint_upload_resumes_to_the_same_weights(ray_address, s3, tmp_path):
     """`pretrain --data s3://...` killed while its second checkpoint is being uploaded: the store keeps the first,
     complete, named by checkpoint.json; the rerun resumes from it (its local copy's later checkpoint, never
-    published, is dropped) and ends with the weights of an uninterrupted run."""
+    published, is dropped) and ends with the weights of an uninterrupted run (on a Ray Train worker)."""
     from safetensors.torch import load_file
 
     from tests.test_pretrain import SETTINGS, dataset
@@ -199,10 +199,9 @@ def test_pretraining_on_s3_killed_mid_checkpoint_upload_resumes_to_the_same_weig
         fs.put(str(local), f"{bucket}/{prefix}", recursive=True)
     work, scratch = tmp_path / "work", tmp_path / "scratch"
     work.mkdir()
-    settings = [x for s in [*SETTINGS, "pretrain.workers=0"] for x in ("--set", s)]
-
-    def pretrain(prefix: str, **kw):
+    def pretrain(prefix: str, workers: int = 0, **kw):
         env = {**s3.env, "FOURM_SCRATCH": str(scratch)}
+        settings = [x for s in [*SETTINGS, f"pretrain.workers={workers}"] for x in ("--set", s)]
         return cli("pretrain", "--data", f"s3://{bucket}/{prefix}", *settings, ray_address=ray_address, cwd=work,
                    extra_env=env, **kw)
 
@@ -220,7 +219,7 @@ def test_pretraining_on_s3_killed_mid_checkpoint_upload_resumes_to_the_same_weig
     finally:
         s3.release.set()
     assert rerun.returncode == 0, err
-    straight = pretrain("straight")
+    straight = pretrain("straight", workers=1)  # on a Ray Train worker, its run state on the store too
     out, err = straight.communicate(timeout=300)
     assert straight.returncode == 0, err
     weights = {}
@@ -233,4 +232,6 @@ def test_pretraining_on_s3_killed_mid_checkpoint_upload_resumes_to_the_same_weig
     steps = [json.loads(line)["step"] for line in fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
     assert steps[:2] == [1, 2] and steps[-1] == 6
     assert [p.rsplit("/", 1)[1] for p in fs.glob(f"{run}/checkpoint-*")] == ["checkpoint-000000006"]
+    assert fs.find(f"{bucket}/straight/pretrain/ray"), "Ray Train's run state beside the run, on the store"
+    assert "Found credentials" not in err and "Found endpoint" not in err, "no botocore notices on the console"
     assert list(work.iterdir()) == []
