@@ -81,6 +81,9 @@ def test_download_to_s3_killed_mid_upload_resumes_with_every_row_once(ray_addres
     assert keys == [f"{i:09d}" for i in range(8)], "every row recorded exactly once, in order"
     for folder in ("rgb", "caption"):
         assert sum((tar_keys(fs, f"{bucket}/ds/{folder}/shard-{i:06d}.tar") for i in range(3)), []) == keys
+    # written with the bucket's default ACL: its owner's, nobody else's (nothing public)
+    grants = fs.call_s3("get_object_acl", Bucket=bucket, Key="ds/rgb/shard-000000.tar")["Grants"]
+    assert [g["Permission"] for g in grants] == ["FULL_CONTROL"] and "URI" not in grants[0]["Grantee"], grants
     # Scratch space: every file was removed once uploaded (or with its writer).
     assert [p for p in (scratch / "fourm-scratch").rglob("*") if p.is_file()] == []
 
