@@ -24,12 +24,9 @@ import threading
 import uuid
 from typing import Any, Union
 
-try:  # the path type of object-storage roots; a plain Path is all a local root needs
-    from upath import UPath
-except ImportError:  # pragma: no cover - a dependency; only the object-storage roots need it
-    UPath = None
+from upath import UPath
 
-DataPath = Union[pathlib.Path, "UPath"]
+DataPath = Union[pathlib.Path, UPath]
 
 # botocore says at INFO where it found the credentials and the endpoint, on every new client: not for the console
 for _name in ("botocore", "aiobotocore", "s3fs"):
@@ -56,7 +53,8 @@ def scheme_of(root: str | os.PathLike) -> str:
 
 
 def _is_upath(path) -> bool:
-    return UPath is not None and isinstance(path, UPath) and not isinstance(path, pathlib.Path)
+    """A path over fsspec that is not the local filesystem's (UPath gives local paths a pathlib.Path subclass)."""
+    return isinstance(path, UPath) and not isinstance(path, pathlib.Path)
 
 
 def is_remote(path) -> bool:
