@@ -29,8 +29,10 @@ from core.storage import DataPath, data_path, is_remote, scratch_root
 POINTER = "checkpoint.json"
 CHECKPOINT = "checkpoint"
 SUMMARY = "train.json"  # a finished run's commit record: pushed only when named, after everything else
-NOT_PUSHED = {CHECKPOINT, "ray", "wandb", SUMMARY}  # the checkpoint goes its own way; Ray Train's state and W&B's
-                                                    # have theirs
+NOT_PUSHED = {SUMMARY}
+OWN_FOLDERS = ("tensorboard",)  # a run's own subfolders that travel with its files; the checkpoint goes its own
+                                # way, Ray Train's state and W&B's have theirs, and others are other runs' (the
+                                # transfers and the evaluation under a pretraining run's folder)
 
 
 class RunFolder:
@@ -115,7 +117,7 @@ class RunFolder:
             fs, base = self.target.fs, self.target.path
             for name in fs.find(base):
                 relative = name[len(base):].lstrip("/")
-                if relative.split("/", 1)[0].startswith(f"{CHECKPOINT}-") or relative == POINTER:
+                if not _own(relative) or relative == POINTER:
                     continue
                 destination = self.local / relative
                 destination.parent.mkdir(parents=True, exist_ok=True)
@@ -123,11 +125,12 @@ class RunFolder:
         return self.local
 
     def push(self, names: tuple[str, ...] | None = None) -> None:
-        """Upload the local copy's files as whole objects: those under `names`, else all but the checkpoint, Ray's
-        and W&B's state and the summary."""
+        """Upload the local copy's files as whole objects: those under `names`, else the run's own files and
+        folders but the summary."""
         if not self.remote:
             return
-        tops = names if names is not None else [p.name for p in self.local.iterdir() if p.name not in NOT_PUSHED]
+        tops = names if names is not None else [p.name for p in self.local.iterdir()
+                                                if p.name not in NOT_PUSHED and (p.is_file() or p.name in OWN_FOLDERS)]
         files = []
         for top in tops:
             path = self.local / top
@@ -147,6 +150,12 @@ class RunFolder:
         if self.remote and self.target.exists():
             self.target.fs.rm(self.target.path, recursive=True)
         shutil.rmtree(self.local, ignore_errors=True)
+
+
+def _own(relative: str) -> bool:
+    """Whether a path inside a run's folder is the run's own file (a top-level file, or in one of its folders)."""
+    first, _, rest = relative.partition("/")
+    return not rest or first in OWN_FOLDERS
 
 
 def run_of(folder: "str | DataPath | RunFolder") -> RunFolder:
