@@ -98,7 +98,7 @@ def check_data_root(root: DataPath, *, writable: bool) -> None:
     """
     if not is_remote(root):
         return
-    fs, where = root.fs, root.path
+    fs, where = _checking_fs(root), root.path
     bucket = where.split("/", 1)[0]
     try:
         fs.ls(bucket, refresh=True)
@@ -115,6 +115,20 @@ def check_data_root(root: DataPath, *, writable: bool) -> None:
     except Exception as err:  # noqa: BLE001 - connection errors come in many types (botocore, aiohttp, OSError)
         raise StorageError(f"data root {root}: the store at {_endpoint(root)} did not answer "
                            f"({type(err).__name__}: {_first(err)})") from None
+
+
+def _checking_fs(root: DataPath):
+    """The filesystem the check goes through: on S3 one that gives up on an endpoint after two tries of 5 seconds
+    (botocore's and s3fs's own retries took about 9 s to say an endpoint does not answer); elsewhere the root's."""
+    if root.protocol not in ("s3", "s3a"):
+        return root.fs
+    import fsspec
+
+    options = dict(root.storage_options)
+    config = {**options.pop("config_kwargs", {}), "connect_timeout": 5, "retries": {"max_attempts": 2}}
+    fs = fsspec.filesystem("s3", **options, config_kwargs=config, skip_instance_cache=True)
+    fs.retries = 2
+    return fs
 
 
 def _endpoint(root) -> str:
