@@ -36,11 +36,12 @@ def umask_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~current
 
 
-def publish(tmp: Path, path) -> Path:
+def publish(tmp: Path, path, last: str | None = None) -> Path:
     """Rename a finished temporary file (or folder) into place, with the umask's permissions; on object
-    storage, upload it (a folder file by file) and remove the temporary."""
+    storage, upload it (a folder file by file, the file named `last`, a folder's commit record, after the others)
+    and remove the temporary."""
     if is_remote(path):
-        return _upload(Path(tmp), path)
+        return _upload(Path(tmp), path, last)
     tmp, path = Path(tmp), Path(path)
     if tmp.is_dir():
         os.chmod(tmp, umask_mode(directory=True))
@@ -52,9 +53,9 @@ def publish(tmp: Path, path) -> Path:
     return path
 
 
-def _upload(tmp: Path, path):
-    if tmp.is_dir():  # file by file, a train.json (a folder's commit record) last
-        for child in sorted(tmp.rglob("*"), key=lambda p: (p.name == "train.json", str(p))):
+def _upload(tmp: Path, path, last: str | None):
+    if tmp.is_dir():
+        for child in sorted(tmp.rglob("*"), key=lambda p: (p.name == last, str(p))):
             if child.is_file():
                 path.fs.put_file(str(child), f"{path.path}/{child.relative_to(tmp).as_posix()}")
         shutil.rmtree(tmp)

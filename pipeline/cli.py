@@ -590,6 +590,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # InputError and friends: bad input named by the message
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, FileExistsError) as err:  # InputError and friends, or an output that must not be
+        print(f"error: {err}", file=sys.stderr)       # overwritten: bad input named by the message
         return 2

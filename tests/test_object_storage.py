@@ -238,3 +238,23 @@ def test_pretraining_on_s3_killed_mid_checkpoint_upload_resumes_to_the_same_weig
     assert fs.find(f"{bucket}/straight/pretrain/ray"), "Ray Train's run state beside the run, on the store"
     assert "Found credentials" not in err and "Found endpoint" not in err, "no botocore notices on the console"
     assert list(work.iterdir()) == []
+
+
+def test_a_published_tokenizer_is_installed_into_a_bucket_whole(s3, monkeypatch, capsys):
+    """`convert-tokenizer --data s3://...`: the tokenizer's files land in the bucket, train.json (what marks it
+    installed) among them; a second install is refused by name, as on a disk."""
+    from pathlib import Path
+
+    from pipeline.cli import main
+
+    bucket = s3.make_bucket("published")
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    published = Path(__file__).parent / "fixtures" / "reference" / "tokenizers" / "rgb"
+    args = ["convert-tokenizer", "--checkpoint", str(published), "--modality", "rgb", "--data", f"s3://{bucket}/ds"]
+    assert main(args) == 0
+    assert sorted(p.rsplit("/", 1)[1] for p in s3.fs().find(f"{bucket}/ds/tokenizers/rgb")) == \
+        ["config.json", "model.safetensors", "train.json"]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a tokenizer" in capsys.readouterr().err

@@ -150,5 +150,5 @@ def convert_published(source: str | Path, modality: str, out: str | Path) -> dic
     write_json(staging / "train.json", summary)
     if not is_remote(out) and out.exists():
         out.rmdir()  # empty (checked above)
-    publish(staging, out)  # on object storage file by file, train.json (the commit record) last
+    publish(staging, out, last="train.json")  # on object storage file by file, the commit record last
     return summary
