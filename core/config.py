@@ -337,14 +337,6 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
-    @field_validator("data_root")
-    @classmethod
-    def _known_scheme(cls, value: str) -> str:
-        from core.storage import data_path
-
-        data_path(value)  # an unknown scheme, or one whose package is missing, is refused here, by name
-        return value
-
     @property
     def root(self):
         """The data root as a path object (core.storage): a Path, or a UPath carrying `storage_options`."""

@@ -80,8 +80,9 @@ def data_path(root: str | os.PathLike, storage_options: dict[str, Any] | None = 
     try:
         fsspec.get_filesystem_class(scheme)
     except ValueError:
-        raise StorageError(f"data root {text!r}: unsupported scheme {scheme}:// (fsspec knows "
-                           f"{', '.join(sorted(fsspec.available_protocols())[:12])}, ...)") from None
+        raise StorageError(f"data root {text!r}: unsupported scheme {scheme}:// (a data root is a local path, "
+                           f"file://, s3://, gs:// with the project's [gcs] extra, or the URL of another fsspec "
+                           f"filesystem whose package is installed)") from None
     except ImportError as err:
         raise StorageError(f"data root {text!r}: the {scheme}:// scheme needs a package that is not installed "
                            f"({err}); for gs:// install the project's [gcs] extra") from None
