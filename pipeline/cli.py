@@ -62,7 +62,7 @@ def cmd_download(args) -> int:
     })
     if not data_path(args.input).is_file():
         raise ConfigError(f"--input {args.input!r}: no such file")
-    root = open_data_root(config.root, writable=True)
+    root = _root(config)
     from stages.download.download import run_download  # after the checks: a bad setting fails in 3 s, not 7
     progress = ShardProgress("download")
     try:

@@ -86,7 +86,7 @@ def serve_directory(directory: str | Path) -> Iterator[str]:
         server.server_close()
 
 
-def write_demo_list(site: Path, base_url: str, path: Path) -> None:
+def write_demo_list(site: Path, base_url: str, path: DataPath) -> None:
     """The URL list: every demo photo, then the rows that must fail, as CC12M's TSV."""
     for name, source in demo_photo_paths().items():
         shutil.copyfile(source, site / name)
@@ -98,7 +98,7 @@ def write_demo_list(site: Path, base_url: str, path: Path) -> None:
         f"{base_url}/chelsea.png\tthe same cat again, listed twice",
         "this row has no tab",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def download_demo_photos(root: DataPath, config: Config, observer=None):
@@ -111,8 +111,7 @@ def download_demo_photos(root: DataPath, config: Config, observer=None):
         root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="4m-demo-site-") as site:
         with serve_directory(site) as base_url:
-            # the list is the stage's input, read from a local file: beside the data on a disk, else in the site
-            urls = (Path(site) if is_remote(root) else root) / "urls.tsv"
+            urls = DatasetLayout(root).url_list
             write_demo_list(Path(site), base_url, urls)
             print(f"serving {len(DEMO_PHOTOS)} demo photos at {base_url}; list written to {urls}")
             return run_download(urls, root, allow_demo_server(config, base_url), observer=observer)
@@ -280,8 +279,9 @@ def colour_classes(folder: Path, size: int = 64) -> tuple[Path, Path]:
 def transfer_demo(root: DataPath, config: Config) -> int:
     """The demo model's encoder fine-tuned on a tiny classification task (the transfer command's path)."""
     # the task's photos are the transfer's input, read from local folders: beside the data on a disk, else in the
-    # scratch space
-    train, val = colour_classes((scratch_root() if is_remote(root) else root) / "transfer" / "colours")
+    # scratch space (the same place under its root)
+    local = DatasetLayout(scratch_root() if is_remote(root) else root)
+    train, val = colour_classes(local.colour_classes_dir)
     out = run_dir(root) / "transfer-classification"
     RunFolder(out).clear()  # a new model each demo run: a new fine-tune too
     print(f"fine-tuning the demo model's encoder on {len(DEMO_COLOURS)} colour classes "

@@ -54,9 +54,10 @@ def deployments() -> list:
                                                     f"({params['task']}, the paper's settings).")
             for name, params in TRANSFERS.items()]
     # the demo's: its model fine-tuned on the colour classes `make demo` writes from the bundled photos
+    demo = DatasetLayout("data/demo")
     made.append(transfer_flow.to_deployment(
-        name="demo", parameters={"task": "classification", "train": "data/demo/transfer/colours/train",
-                                 "val": "data/demo/transfer/colours/val", "model": "data/demo/pretrain",
+        name="demo", parameters={"task": "classification", "train": str(demo.colour_classes_dir / "train"),
+                                 "val": str(demo.colour_classes_dir / "val"), "model": str(demo.pretrain_dir),
                                  "profile": "demo"},
         description="Fine-tune the demo's tiny 4M on four colour classes made from the demo photos (after "
                     "`make demo`)."))

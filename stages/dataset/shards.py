@@ -126,6 +126,16 @@ class DatasetLayout:
         return self.root / DROPPED
 
     @property
+    def url_list(self) -> DataPath:
+        """The URL list the demo downloads, kept beside its data."""
+        return self.root / URL_LIST
+
+    @property
+    def colour_classes_dir(self) -> DataPath:
+        """The demo's transfer task: class folders of its photos, tinted."""
+        return self.root / COLOUR_CLASSES
+
+    @property
     def generate_dir(self) -> DataPath:
         """Generation requests kept with the dataset (the demo's)."""
         return self.root / GENERATE
@@ -188,6 +198,7 @@ class DatasetLayout:
 
 
 TOKENIZERS, PRETRAIN, SHOW, DROPPED, GENERATE = "tokenizers", "pretrain", "show", "_dropped", "generate"
+URL_LIST, COLOUR_CLASSES = "urls.tsv", "transfer/colours"
 NOT_LOADER_FOLDERS = {TOKENIZERS, SHOW, PRETRAIN}
 
 

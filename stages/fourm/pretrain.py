@@ -218,7 +218,8 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < cfg.steps:
         return {"stopped_at": run.checkpoint_step(), "steps": cfg.steps}
-    run.pull()  # what the workers wrote (on other machines: pushed to the store)
+    if cfg.workers != 0:  # in process, the local copy is what was pushed; workers may be on other machines
+        run.pull()
     log = folder / "metrics.jsonl"
     metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     summary = {"steps": cfg.steps, "workers": world, "size": cfg.size, "final": metrics[-1] if metrics else {},

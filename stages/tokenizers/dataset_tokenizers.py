@@ -20,7 +20,7 @@ import torch
 from core import registry
 from core.files import publish, temporary_name, write_json
 from core.registry import Modality
-from core.storage import DataPath, data_path, is_remote, local_copy
+from core.storage import MODEL_FILES, DataPath, data_path, is_remote, local_copy
 from models.text_tokenizer import load_text_tokenizer
 from models.vqvae import VQVAE, load_tokenizer, read_published, save_tokenizer, state_dict_problems
 from models.weights import weights_sha256
@@ -44,7 +44,7 @@ def load_text(root: str | Path, required: bool = False):
         if required:
             raise FileNotFoundError(f"no text tokenizer at {path} (train it: make train-tokenizers)")
         return None
-    return load_text_tokenizer(local_copy(path.parent) / path.name)
+    return load_text_tokenizer(local_copy(path.parent, (path.name,)) / path.name)
 
 
 def has_model(root: str | Path, modality: str) -> bool:
@@ -115,7 +115,7 @@ def load_folder(path: str | Path, modality: str, device: str | torch.device = "c
 
 def load(root: str | Path, modality: str, device: str | torch.device = "cpu") -> DatasetTokenizer:
     """A dataset's tokenizer of a modality, in evaluation mode."""
-    return load_folder(local_copy(folder(root, modality)), modality, device)
+    return load_folder(local_copy(folder(root, modality), MODEL_FILES), modality, device)
 
 
 def picture(modality: str, x: torch.Tensor) -> np.ndarray:

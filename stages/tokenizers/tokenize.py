@@ -40,7 +40,7 @@ from core import registry
 from core.config import Config, TokenizerStageConfig
 from core.files import npy_bytes
 from core.ray_runtime import init_ray
-from core.storage import absolute, local_copy
+from core.storage import MODEL_FILES, absolute, local_copy
 from models.weights import file_sha256
 from stages.actor_pool import run_on_actors
 from stages.dataset.align import STAGE as ALIGN_STAGE
@@ -205,7 +205,8 @@ class TokenizeWorker:
         registry.use(plugins)  # a worker process imports the modules that define its modalities
         self.layout, self.cfg = DatasetLayout(root), cfg
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-        local = {m: local_copy(tokenizer_dir(root, m)) for m in modalities}  # a copy where the root is remote
+        # a cached copy of each model where the root is remote (its files only, not its training run's)
+        local = {m: local_copy(tokenizer_dir(root, m), MODEL_FILES) for m in modalities}
         self.models = {m: tokenizers.load_folder(local[m], m, self.device) for m in modalities}
         self.records = {m: {"source": str(tokenizer_dir(root, m)),
                             "weights_sha256": file_sha256(local[m] / "model.safetensors")}

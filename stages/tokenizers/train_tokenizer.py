@@ -422,7 +422,8 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"modality": modality, "stopped_at": stop_after, "steps": plan.steps}
-    run.pull()  # what the workers wrote (on other machines: pushed to the store)
+    if cfg.workers != 0:  # in process, the local copy is what was pushed; workers may be on other machines
+        run.pull()
     log = folder / "metrics.jsonl"
     metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     summary = {"modality": modality, "samples": plan.samples, "steps": plan.steps, "workers": world,

@@ -268,7 +268,8 @@ def run_transfer(task: str, train, val, config, model: str | None = None, backbo
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"stopped_at": stop_after, "steps": plan.steps}
-    run.pull()  # what the workers wrote (on other machines: pushed to the store)
+    if cfg.workers != 0:  # in process, the local copy is what was pushed; workers may be on other machines
+        run.pull()
     log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     final = next(line for line in reversed(log) if any(k.startswith("val_") for k in line))
     paper = PAPER[task]
