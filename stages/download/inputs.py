@@ -63,7 +63,7 @@ def count_rows(path: str | Path) -> int:
     if fmt == "parquet":
         return pq.ParquetFile(_readable(path, random_access=True)).metadata.num_rows
     n, last = 0, b"\n"
-    with path.open("rb") as f:
+    with open_read(path) as f:
         while chunk := f.read(1 << 22):
             n += chunk.count(b"\n")
             last = chunk[-1:]
@@ -89,7 +89,7 @@ def _read_tsv(path: Path, max_url: int, max_caption: int) -> Iterator[InputRow]:
     # A line longer than both limits together (plus slack) is malformed whatever it holds: read it in
     # bounded pieces and skip to its end rather than loading it.
     limit = max_url + max_caption + 64
-    with path.open("rb") as f:
+    with open_read(path) as f:
         index = 0
         while line := f.readline(limit):
             if not line.endswith(b"\n") and len(line) >= limit:
@@ -164,7 +164,7 @@ def read_rows(
         columns = [c for c in (url_column, caption_column) if c in names]
         batches = pf.iter_batches(batch_size=4096, columns=columns)
     else:
-        with path.open("rb") as f:
+        with open_read(path) as f:
             header = f.readline().decode("utf-8", errors="replace").strip()
         names = [n.strip().strip('"') for n in header.split(",")]
         _require_columns(path, names, url_column)
