@@ -88,4 +88,9 @@ class RunLog:
     def close(self) -> None:
         self.writer.close()
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            # finish() returns before W&B's service has flushed and closed the run's file; a Ray Train worker is
+            # then killed without the atexit hook that would wait, leaving `wandb sync` a cut-short run
+            wandb.teardown()
