@@ -26,7 +26,7 @@ from models.random_weights import save_random_models  # noqa: E402
 from core import registry  # noqa: E402
 from core.config import LabelConfig  # noqa: E402
 
-LABELER_NAMES = [m.name for m in registry.labelled()]
+LABELER_NAMES = [m.name for m in registry.ModalitySet().labelled()]
 
 
 def images_per_batch(input_size, shapes, batch_size: int, window: int, chunk: int | None = None) -> float:

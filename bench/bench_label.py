@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 from core import registry  # noqa: E402
 from core.config import LabelConfig  # noqa: E402
 
-LABELER_NAMES = [m.name for m in registry.labelled()]
+LABELER_NAMES = [m.name for m in registry.ModalitySet().labelled()]
 from stages.label.label import decode_rgb, label_shard, read_rgb  # noqa: E402
 from stages.dataset.shards import DatasetLayout, ShardWriter  # noqa: E402
 

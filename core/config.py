@@ -7,12 +7,22 @@ the value and the layer it came from.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from core import registry
 
@@ -54,8 +64,52 @@ class DownloadConfig(Section):
     caption_column: str = "caption"
 
 
-def _labelled() -> list[str]:
-    return [m.name for m in registry.labelled()]
+MODALITIES = "modalities"  # the validation context's key for the configuration's ModalitySet
+
+
+class ModalitySection(Section):
+    """A section that names modalities: its defaults and checks are those of the modality set of the configuration
+    it belongs to (passed down when the configuration is read; the built-ins for a section made alone), which it
+    keeps for later assignments."""
+
+    _modality_set: registry.ModalitySet | None = PrivateAttr(default=None)
+
+    @property
+    def modality_set(self) -> registry.ModalitySet:
+        return self._modality_set or registry.ModalitySet()
+
+    @staticmethod
+    def _set_of(info: ValidationInfo) -> registry.ModalitySet:
+        return (info.context or {}).get(MODALITIES) or registry.ModalitySet()
+
+    @classmethod
+    def modality_defaults(cls, modalities: registry.ModalitySet) -> dict:
+        """The settings whose defaults are the set's modalities."""
+        return {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _modality_defaults(cls, values, info: ValidationInfo):
+        if isinstance(values, dict):
+            values = {**cls.modality_defaults(cls._set_of(info)), **values}
+        return values
+
+    @model_validator(mode="after")
+    def _keep_modality_set(self, info: ValidationInfo):
+        if (info.context or {}).get(MODALITIES):
+            self._modality_set = info.context[MODALITIES]
+        return self
+
+    def __setattr__(self, name, value):
+        if name in type(self).model_fields:  # checked against this section's own set, not the built-ins
+            self.__pydantic_validator__.validate_assignment(self, name, value,
+                                                            context={MODALITIES: self.modality_set})
+        else:
+            super().__setattr__(name, value)
+
+
+def _labelled(info: ValidationInfo) -> list[str]:
+    return [m.name for m in ModalitySection._set_of(info).labelled()]
 
 
 def _known(value, known: list[str], what: str, prefix: str = ""):
@@ -65,11 +119,11 @@ def _known(value, known: list[str], what: str, prefix: str = ""):
     return value
 
 
-class LabelConfig(Section):
-    labelers: list[str] = Field(default_factory=_labelled, description="which labels to make (default: every "
-                                                                         "registered modality with a labeler)")
+class LabelConfig(ModalitySection):
+    labelers: list[str] = Field(default_factory=list, description="which labels to make (default: every "
+                                                                  "modality of the profile with a labeler)")
     models: dict[str, str] = Field(
-        default_factory=lambda: {m.name: m.labeler.weights for m in registry.labelled() if m.labeler.weights},
+        default_factory=dict,
         description="hub id or local folder per labeler (default: each modality's own, models/modalities.py)")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
     batch_size: int = Field(16, ge=1, description="images per forward pass")
@@ -97,17 +151,22 @@ class LabelConfig(Section):
     semseg_short_side: int = Field(384, ge=32)
     clip_short_side: int = Field(224, ge=16)
 
+    @classmethod
+    def modality_defaults(cls, modalities: registry.ModalitySet) -> dict:
+        return {"labelers": [m.name for m in modalities.labelled()],
+                "models": {m.name: m.labeler.weights for m in modalities.labelled() if m.labeler.weights}}
+
     @field_validator("labelers")
     @classmethod
-    def _known_labelers(cls, value: list[str]) -> list[str]:
+    def _known_labelers(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if not value:
-            raise ValueError(f"no labelers (known: {', '.join(_labelled())})")
-        return _known(value, _labelled(), "labelers")
+            raise ValueError(f"no labelers (known: {', '.join(_labelled(info))})")
+        return _known(value, _labelled(info), "labelers")
 
     @field_validator("batch_sizes")
     @classmethod
-    def _known_batch_sizes(cls, value: dict[str, int]) -> dict[str, int]:
-        _known(value, _labelled(), "labelers", prefix="batch sizes for ")
+    def _known_batch_sizes(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        _known(value, _labelled(info), "labelers", prefix="batch sizes for ")
         small = {name: size for name, size in value.items() if size < 1}
         if small:
             raise ValueError(f"batch sizes must be at least 1, got {small}")
@@ -115,8 +174,8 @@ class LabelConfig(Section):
 
     @field_validator("options")
     @classmethod
-    def _known_options(cls, value: dict[str, dict]) -> dict[str, dict]:
-        return _known(value, _labelled(), "labelers", prefix="options for ")
+    def _known_options(cls, value: dict[str, dict], info: ValidationInfo) -> dict[str, dict]:
+        return _known(value, _labelled(info), "labelers", prefix="options for ")
 
     def batch_size_of(self, labeler: str) -> int:
         return self.batch_sizes.get(labeler, self.batch_size)
@@ -145,9 +204,9 @@ IN_PROCESS_WORKERS = ("data-parallel Ray Train workers; None: one per GPU, else 
                       "process (Ray Train's local mode: no worker group to start, no restarts)")
 
 
-class TokenizerStageConfig(Section):
+class TokenizerStageConfig(ModalitySection):
     size: Literal["tiny", "paper"] = Field("paper", description="model sizes: the paper's (ViT-B) or tiny")
-    modalities: list[str] = Field(default_factory=registry.tokenizer_names,
+    modalities: list[str] = Field(default_factory=list,
                                   description="tokenizers to train and use: text and every tokenized modality")
     codebook_sizes: dict[str, int] = Field(default_factory=dict, description="override Table 3's codebook sizes")
     published: dict[str, str] = Field(default_factory=dict,
@@ -183,23 +242,27 @@ class TokenizerStageConfig(Section):
     decode_threads: int = Field(4, ge=1, description="threads decoding and cropping samples for the encoder")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
 
+    @classmethod
+    def modality_defaults(cls, modalities: registry.ModalitySet) -> dict:
+        return {"modalities": modalities.tokenizer_names()}
+
     @field_validator("published")
     @classmethod
-    def _known_published(cls, value):
-        return _known(value, registry.tokenizer_names(), "published tokenizer modalities")
+    def _known_published(cls, value, info: ValidationInfo):
+        return _known(value, cls._set_of(info).tokenizer_names(), "published tokenizer modalities")
 
     @field_validator("modalities", "epochs_by_modality")
     @classmethod
-    def _known_modalities(cls, value):
-        _known(value, registry.tokenizer_names(), "modalities")
+    def _known_modalities(cls, value, info: ValidationInfo):
+        _known(value, cls._set_of(info).tokenizer_names(), "modalities")
         if isinstance(value, dict) and any(epochs <= 0 for epochs in value.values()):
             raise ValueError(f"epochs must be positive: {value}")
         return value
 
 
-class PretrainConfig(Section):
+class PretrainConfig(ModalitySection):
     size: Literal["Ti", "S", "B", "L", "XL"] = Field("B", description="4M size (Table 4)")
-    modalities: list[str] = Field(default_factory=registry.domain_names,
+    modalities: list[str] = Field(default_factory=list,
                                   description="modalities loaded and masked, as 4M names them (default: every "
                                               "registered one; rgb@224 is pixels, an input only)")
     input_tokens: int = Field(128, ge=1, description="encoder tokens per sample (Table 5)")
@@ -236,10 +299,14 @@ class PretrainConfig(Section):
     max_failures: int = Field(3, ge=0, description="times Ray Train restarts lost workers (from the last checkpoint)")
     seed: int = 0
 
+    @classmethod
+    def modality_defaults(cls, modalities: registry.ModalitySet) -> dict:
+        return {"modalities": modalities.domain_names()}
+
     @field_validator("modalities")
     @classmethod
-    def _known_4m_modalities(cls, value: list[str]) -> list[str]:
-        return _known(value, registry.domain_names(), "modalities")
+    def _known_4m_modalities(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return _known(value, cls._set_of(info).domain_names(), "modalities")
 
 
 class TransferTaskConfig(Section):
@@ -330,9 +397,9 @@ class Config(Section):
         default_factory=dict, description="fsspec options of an object-storage data root beyond its own credential "
                                           "chain, e.g. {endpoint_url: http://minio:9000} or {profile: lab}")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
-    label: LabelConfig = Field(default_factory=LabelConfig)
-    tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    label: LabelConfig = Field(default_factory=dict, validate_default=True)  # made with the set
+    tokenizer: TokenizerStageConfig = Field(default_factory=dict, validate_default=True)  # made with the set
+    pretrain: PretrainConfig = Field(default_factory=dict, validate_default=True)  # made with the set
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
@@ -344,11 +411,25 @@ class Config(Section):
 
         return data_path(self.data_root, self.storage_options)
 
-    def use_modalities(self) -> None:
-        """Work with this configuration's modalities in this process: a stage run in a process that loaded other
-        profiles since (a served flow, a notebook) sees what its own configuration names, and starts its
-        workers with it."""
-        registry.use(self.modalities)
+    def __init__(self, /, **data):
+        self.__pydantic_validator__.validate_python(data, self_instance=self, context=_modality_context(data))
+
+    @classmethod
+    def model_validate(cls, obj, **kwargs):
+        kwargs["context"] = kwargs.get("context") or _modality_context(obj)
+        return super().model_validate(obj, **kwargs)
+
+    @functools.cached_property
+    def modality_set(self) -> registry.ModalitySet:
+        """The modalities this configuration works with: the built-ins and its `modalities` modules'."""
+        return registry.ModalitySet(self.modalities)
+
+
+def _modality_context(data) -> dict:
+    """Validation context: the set of the modules the configuration names, which its sections' defaults and
+    checks are made from."""
+    specs = data.get("modalities") if isinstance(data, dict) else None
+    return {MODALITIES: registry.ModalitySet(specs if isinstance(specs, list) else ())}
 
 
 def _profile_path(profile: str) -> Path:
@@ -413,7 +494,7 @@ def _use_modalities(data: dict, base: Path, source: str) -> None:
         raise ConfigError(f"{source}: modalities = {specs!r}: expected a list of module names or .py paths")
     resolved = [str((base / s).resolve()) if s.endswith(".py") and not Path(s).is_absolute() else s for s in specs]
     try:
-        registry.use(resolved)
+        registry.ModalitySet(resolved)  # imported now: a module that cannot be is named with its profile
     except registry.RegistryError as err:
         raise ConfigError(f"{source}: {err}") from None
     data["modalities"] = resolved

@@ -13,8 +13,10 @@ Outside the definitions, no module branches on a modality's name: stages ask the
 
 The built-in modalities (4M's seven) are defined in `models/modalities.py`. More can be added without editing
 the project: a module that calls `register(...)`, named in a profile's `modalities:` list as a dotted module
-name (importable on every machine of the cluster) or as a path to a `.py` file; `use()` imports it, in the
-driver and in every worker process a stage starts.
+name (importable on every machine of the cluster) or as a path to a `.py` file. A configuration resolves its
+list once, when it loads, into a `ModalitySet`: the modalities its stages list and act on, passed in the
+arguments of every worker, which imports the modules on arrival. A name is looked up among every modality the
+process has imported (`get`, `domain`): definitions never change once registered.
 """
 from __future__ import annotations
 
@@ -149,17 +151,16 @@ class Modality:
 
 
 # -- the registry -------------------------------------------------------------------------------------------------
-# Every modality ever registered in this process stays resolvable by name; the ones a process works with are the
-# built-ins and those of the modules its configuration names (`use`), so one configuration's modalities never
-# become another's defaults.
+# Every modality a process has imported stays resolvable by name (definitions are added by imports, never changed);
+# which of them a configuration works with is its `ModalitySet`, passed to whatever needs the list: one
+# configuration's modalities never become another's defaults, and a worker needs nothing but its arguments.
 _modalities: dict[str, Modality] = {}
 _origin: dict[str, str] = {}        # modality name -> the module spec whose import registered it
 _loaded: set[str] = set()
-_active: set[str] = set(BUILTIN)
 _importing: list[str] = []
 _lock = threading.RLock()
-DIRECT = "(registered directly)"     # a modality registered outside `use`: always among the active ones
-_domains_cache: list | None = None    # the active modalities' domains, built once per change (the loader asks per sample)
+DIRECT = "(registered directly)"     # a modality registered outside a module import: in every set
+_generation = 0                      # bumped by each registration, so a set's cached listings follow it
 
 
 def register(modality: Modality) -> Modality:
@@ -175,7 +176,8 @@ def register(modality: Modality) -> Modality:
             raise RegistryError(f"modality {modality.name!r}: domains {clash} belong to another modality")
         _modalities[modality.name] = modality
         _origin[modality.name] = _importing[-1] if _importing else DIRECT
-        _forget_domains()
+        global _generation
+        _generation += 1
     return modality
 
 
@@ -216,106 +218,113 @@ def _ensure(specs: Iterable[str]) -> None:
                 _loaded.add(spec)
 
 
-def use(specs: Iterable[str] = ()) -> None:
-    """Work with the built-in modalities and those the named modules define (each imported once per process);
-    modalities of modules named before, but not now, are left out of every listing (still found by name)."""
-    global _active
-    specs = list(specs)
-    _ensure(specs)
-    with _lock:
-        _active = {*BUILTIN, *specs}
-        _forget_domains()
+def _plugins(modules: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m for m in modules if m not in BUILTIN))
 
 
-def include(specs: Iterable[str]) -> None:
-    """Add the modalities the named modules define to those this process works with, keeping the others (a
-    saved 4M model names the modules its modalities come from)."""
-    global _active
-    specs = list(specs)
-    _ensure(specs)
-    with _lock:
-        if not set(specs) <= _active:
-            _active = {*_active, *specs}
-            _forget_domains()
+@dataclass(frozen=True)
+class ModalitySet:
+    """The modalities one configuration works with: the built-ins and those its `modules` define (dotted names
+    or .py paths). Immutable; made once when a configuration or a saved model is read, and passed on: pickled
+    by its module names, it imports them wherever it arrives (a Ray task, actor or Train worker)."""
+
+    modules: tuple[str, ...] = ()
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "modules", _plugins(self.modules))
+        _ensure(self.modules)
+
+    def __reduce__(self):
+        return ModalitySet, (self.modules,)
+
+    def _listed(self, key: str, build: Callable[[], list]) -> list:
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != _generation:  # the loader asks per sample: built once per registration
+            cached = self._cache[key] = (_generation, build())
+        return list(cached[1])
+
+    def modalities(self) -> list[Modality]:
+        def build():
+            specs = {*BUILTIN, *self.modules, DIRECT}
+            with _lock:
+                return sorted((m for m in _modalities.values() if _origin[m.name] in specs),
+                              key=lambda m: (m.label_order, m.name))
+        return self._listed("modalities", build)
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.modalities()]
+
+    def labelled(self) -> list[Modality]:
+        """Modalities a labeler writes."""
+        return [m for m in self.modalities() if m.labeler is not None]
+
+    def tokenized(self) -> list[Modality]:
+        """Modalities with a tokenizer of their own (a VQ-VAE)."""
+        return [m for m in self.modalities() if m.tokenizer is not None]
+
+    def sequences(self) -> list[Modality]:
+        return [m for m in self.modalities() if m.kind == "sequence"]
+
+    def tokenizer_names(self) -> list[str]:
+        """The tokenizers a dataset has: the text tokenizer, then one per tokenized modality."""
+        return [TEXT, *(m.name for m in self.tokenized())]
+
+    def domains(self) -> list[Domain]:
+        return self._listed("domains", lambda: [d for m in self.modalities() for d in m.domains()])
+
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.domains()]
+
+    def domain(self, name: str) -> Domain:
+        """One of this set's domains by its name as the reference writes it (tok_depth@224) or as users may."""
+        for d in self.domains():
+            if name in (d.name, d.short_name):
+                return d
+        raise RegistryError(f"unknown modality {name!r} (known: {', '.join(self.domain_names())})")
+
+    def with_modules(self, modules: Iterable[str]) -> "ModalitySet":
+        """This set and the modalities of more modules (a dataset's recorded ones, a saved model's)."""
+        return ModalitySet((*self.modules, *modules))
 
 
-def loaded_plugins() -> list[str]:
-    """The modules beyond the built-ins this process works with: what a worker it starts must import too."""
-    return sorted(s for s in _active if s not in BUILTIN)
+_everything: list = []  # [(generation, the set of every imported modality)], remade after a registration
 
 
-def modalities() -> list[Modality]:
+def loaded() -> ModalitySet:
+    """Every modality this process has imported: for looking a name up, never for a listing a stage acts on."""
     _ensure(())
-    active = [m for m in _modalities.values() if _origin[m.name] in _active or _origin[m.name] == DIRECT]
-    return sorted(active, key=lambda m: (m.label_order, m.name))
-
-
-def names() -> list[str]:
-    return [m.name for m in modalities()]
+    with _lock:
+        if not _everything or _everything[0][0] != _generation:
+            _everything[:] = [(_generation, ModalitySet(tuple(sorted(_loaded))))]
+        return _everything[0][1]
 
 
 def get(name: str) -> Modality:
     _ensure(())
     if name not in _modalities:
-        raise RegistryError(f"unknown modality {name!r} (known: {', '.join(names())})")
+        raise RegistryError(f"unknown modality {name!r} (known: {', '.join(sorted(_modalities))})")
     return _modalities[name]
-
-
-def labelled() -> list[Modality]:
-    """Modalities a labeler writes."""
-    return [m for m in modalities() if m.labeler is not None]
-
-
-def tokenized() -> list[Modality]:
-    """Modalities with a tokenizer of their own (a VQ-VAE)."""
-    return [m for m in modalities() if m.tokenizer is not None]
-
-
-def sequences() -> list[Modality]:
-    return [m for m in modalities() if m.kind == "sequence"]
 
 
 def photo() -> Modality:
     """The downloaded image every label is made from and aligned with."""
-    found = [m for m in modalities() if m.downloaded and m.kind == "image"]
+    _ensure(())
+    found = [m for m in _modalities.values() if m.downloaded and m.kind == "image"]
     if len(found) != 1:
         raise RegistryError(f"expected one downloaded image modality, found {[m.name for m in found]}")
     return found[0]
 
 
-def tokenizer_names() -> list[str]:
-    """The tokenizers a dataset has: the text tokenizer, then one per tokenized modality."""
-    return [TEXT, *(m.name for m in tokenized())]
-
-
-def _forget_domains() -> None:
-    global _domains_cache
-    _domains_cache = None
-
-
-def domains() -> list[Domain]:
-    global _domains_cache
-    with _lock:  # built and stored under the lock, so a concurrent `use` or `register` never leaves a stale list
-        if _domains_cache is None:
-            _domains_cache = [d for m in modalities() for d in m.domains()]
-        return list(_domains_cache)
-
-
 def domain(name: str) -> Domain:
-    """A domain by its name as the reference writes it (tok_depth@224) or as users may (tok_depth)."""
-    for d in domains():
-        if name in (d.name, d.short_name):
-            return d
-    raise RegistryError(f"unknown modality {name!r} (known: {', '.join(d.name for d in domains())})")
-
-
-def domain_names() -> list[str]:
-    return [d.name for d in domains()]
+    """A domain of any imported modality by its name as the reference writes it (tok_depth@224) or as users may
+    (tok_depth); domain names are unique across every definition."""
+    return loaded().domain(name)
 
 
 def of_folder(folder: str) -> tuple[Modality, Domain | None]:
     """The modality (and domain, for token folders) a folder under the data root holds."""
-    for m in modalities():
+    for m in loaded().modalities():
         if folder == m.folder:
             return m, None
         for d in m.domains():

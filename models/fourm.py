@@ -16,6 +16,7 @@ the paper); valid tokens are gathered first, in modality then position order, an
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -54,8 +55,8 @@ SIZES = {  # Table 4: encoder and decoder depth, width, heads (head dimension 64
 @dataclass
 class FourMConfig:
     """The model's settings, named as the reference's `config.json` names them."""
-    domains_in: list = field(default_factory=registry.domain_names)   # every registered modality
-    domains_out: list = field(default_factory=lambda: [d.name for d in registry.domains() if not d.input_only])
+    domains_in: list | None = None   # None: every modality of its set (the built-ins and its modules')
+    domains_out: list | None = None  # None: every one of those 4M can predict
     dim: int = 768
     encoder_depth: int = 12
     decoder_depth: int = 12
@@ -83,8 +84,11 @@ class FourMConfig:
         return cls(**{**SIZES[size], **overrides})
 
     def __post_init__(self):
-        registry.include(self.modality_modules)
-        known = registry.domain_names()
+        known = self.modality_set.domain_names()  # made, it has imported the modules
+        if self.domains_in is None:
+            self.domains_in = known
+        if self.domains_out is None:
+            self.domains_out = [d.name for d in self.modality_set.domains() if not d.input_only]
         unknown = [m for m in [*self.domains_in, *self.domains_out] if m not in known]
         if unknown:
             raise ValueError(f"unknown modalities {unknown} (known: {', '.join(known)})")
@@ -93,6 +97,11 @@ class FourMConfig:
             raise ValueError(f"{inputs_only} can only be inputs (pixels and embeddings are never a target)")
         if self.dim % self.num_heads or self.dim % 4:
             raise ValueError(f"dim {self.dim} must divide by num_heads {self.num_heads} and by 4")
+
+    @functools.cached_property
+    def modality_set(self) -> registry.ModalitySet:
+        """The modalities it may be built with: the built-ins and those its `modality_modules` define."""
+        return registry.ModalitySet(self.modality_modules)
 
     def vocab(self, modality: str) -> int:
         return int(self.vocab_sizes.get(modality, _domain(modality).vocab_size or 0))
@@ -491,7 +500,7 @@ def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[F
     modalities beyond the built-ins (4M-21's: models.modalities_4m21 and models.modalities_4m21_networks),
     recorded in the configuration."""
     modalities = [str(Path(m).resolve()) if m.endswith(".py") else m for m in modalities]  # read anywhere
-    registry.include(modalities)
+    modality_set = registry.ModalitySet(modalities)
     settings, tensors, _ = read_reference_checkpoint(source)
     for key, supported in UNSUPPORTED.items():
         if settings.get(key, supported) != supported:
@@ -501,7 +510,7 @@ def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[F
     if missing:
         raise CheckpointError(f"{source}: settings {missing} missing")
     kept = {k: settings[k] for k in REFERENCE_SETTINGS if k in settings}
-    known = registry.domain_names()
+    known = modality_set.domain_names()
     kept["domains_in"] = [m for m in kept["domains_in"] if m in known and
                           f"encoder_embeddings.{m}.mod_emb" in tensors]  # the reference drops embedding-less ones
     unknown = [m for m in [*settings["domains_in"], *settings["domains_out"]] if m not in known]

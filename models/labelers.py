@@ -569,7 +569,7 @@ def check_weights(name: str, path: str) -> None:
 
 def load_labeler(modality: str, path: str, device: str = "auto", batch_size: int = 8, **options) -> Labeler:
     """The labeler of a registered modality, loaded from `path` (a hub id or a local folder)."""
-    labelled = {m.name: m.labeler for m in registry.labelled()}
+    labelled = {m.name: m.labeler for m in registry.loaded().labelled()}
     if modality not in labelled:
         raise ValueError(f"unknown labeler {modality!r} (known: {', '.join(labelled)})")
     return labelled[modality].load(path, device, batch_size, **options)

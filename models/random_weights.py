@@ -155,12 +155,13 @@ def save_random_model(name: str, path: str | Path, size: str = "tiny", seed: int
     return str(path)
 
 
-def random_model_names() -> list[str]:
-    """The labelers of the modalities in use that have a random model of their class."""
-    return [m.name for m in registry.labelled() if m.labeler.random_model]
+def random_model_names(modalities: registry.ModalitySet | None = None) -> list[str]:
+    """The labelers of the set's modalities (the built-ins by default) that have a random model of their class."""
+    return [m.name for m in (modalities or registry.ModalitySet()).labelled() if m.labeler.random_model]
 
 
 def save_random_models(folder: str | Path, size: str = "tiny", names: list[str] | None = None,
                        seed: int = 0) -> dict[str, str]:
-    """Every labeler's random-weight model, saved to folder/<name>; returns the paths."""
+    """Each named labeler's random-weight model (every built-in one by default), saved to folder/<name>; returns
+    the paths."""
     return {name: save_random_model(name, Path(folder) / name, size, seed) for name in names or random_model_names()}

@@ -726,7 +726,7 @@ def tokenizer_config(modality: str, size: str = "paper", **overrides) -> VQConfi
     input_size when the input is not 224 pixels, latent_dim at the paper's size, out_conv), at a size;
     `overrides` are VQConfig fields.
     Class maps are embedded, with one label more than their classes (the reference's unlabelled 0)."""
-    known = [m.name for m in registry.tokenized()]
+    known = [m.name for m in registry.loaded().tokenized()]
     if modality not in known:
         raise ValueError(f"no tokenizer for modality {modality!r} (known: {', '.join(known)})")
     if size not in SIZES:

@@ -359,9 +359,9 @@ def cmd_inspect_masking(args) -> int:
 def cmd_random_models(args) -> int:
     from models.random_weights import random_model_names, save_random_models
 
-    _config_from(args, {}).use_modalities()  # a profile's modalities have labelers too (paper21: T5, SAM, DINOv2)
-    names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
-    known = random_model_names()
+    modalities = _config_from(args, {}).modality_set  # a profile's modalities have labelers too (paper21: T5, SAM)
+    known = random_model_names(modalities)
+    names = [n.strip() for n in args.labelers.split(",")] if args.labelers else known
     unknown = sorted(set(names or []) - set(known))
     if unknown:
         raise ValueError(f"--labelers {unknown}: no random model (known: {', '.join(known)})")
@@ -426,9 +426,9 @@ class RegistryHelp(argparse.HelpFormatter):
     def _expand_help(self, action):
         text = super()._expand_help(action)
         if "{labelled}" in text:
-            text = text.replace("{labelled}", ",".join(m.name for m in registry.labelled()))
+            text = text.replace("{labelled}", ",".join(m.name for m in registry.ModalitySet().labelled()))
         if "{tokenizers}" in text:
-            text = text.replace("{tokenizers}", ", ".join(registry.tokenizer_names()))
+            text = text.replace("{tokenizers}", ", ".join(registry.ModalitySet().tokenizer_names()))
         return text
 
 

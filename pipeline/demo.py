@@ -294,7 +294,7 @@ def transfer_demo(root: DataPath, config: Config) -> int:
 
 def _caption_domain() -> str:
     """The downloaded text's name (the caption)."""
-    return next(m.name for m in registry.sequences() if m.downloaded)
+    return next(m.name for m in registry.loaded().sequences() if m.downloaded)
 
 
 def demo_requests(root: DataPath, outputs: list[str]) -> DataPath:
@@ -302,10 +302,11 @@ def demo_requests(root: DataPath, outputs: list[str]) -> DataPath:
     guided) and from one photo; written to <root>/generate/requests.jsonl."""
     name, (_, _, caption) = next(iter(DEMO_PHOTOS.items()))
     described_by = _caption_domain()
-    images = [d.name for d in registry.domains() if d.kind == "tokens" and d.name in outputs]
+    known = registry.loaded().domains()  # in the registry's order, which the pictures follow
+    images = [d.name for d in known if d.kind == "tokens" and d.name in outputs]
     images.sort(key=lambda m: not registry.domain(m).modality.channels_from_data)  # feature maps first: they
     # carry the semantics the others are drawn from (caption -> CLIP -> RGB, the released text-to-image order)
-    texts = [d.name for d in registry.domains() if d.kind == "sequence" and d.name in outputs]
+    texts = [d.name for d in known if d.kind == "sequence" and d.name in outputs]
     requests = [
         {"name": "from-caption", "conditions": {described_by: caption},
          "targets": images + [t for t in texts if t != described_by], "scheme": "maskgit",

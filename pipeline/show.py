@@ -62,7 +62,7 @@ def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
     import matplotlib.patches as patches
 
     plt = figure_backend()
-    layout.include_modalities()
+    modalities = layout.modality_set()
     sample = read_sample(layout, key)
     random_panels = random_weight_panels(layout, find_shard(layout, key), list(sample))
     photo_spec = registry.photo()
@@ -70,9 +70,9 @@ def draw_sample(layout: DatasetLayout, key: str, out: str | Path) -> Path:
         photo = photo_spec.decode(sample[photo_spec.folder][1])
     except ValueError:
         raise ValueError(f"key {key!r}: its {photo_spec.name} image cannot be decoded") from None
-    captions = [m for m in registry.sequences() if m.downloaded and m.folder in sample]
+    captions = [m for m in modalities.sequences() if m.downloaded and m.folder in sample]
     caption = captions[0].decode(sample[captions[0].folder][1]) if captions else ""
-    panels = [m for m in registry.modalities() if m.folder in sample and
+    panels = [m for m in modalities.modalities() if m.folder in sample and
               (m is photo_spec or m.picture(m.decode(sample[m.folder][1]), photo) is not None)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6), squeeze=False)
     warning = f"RANDOM WEIGHTS made {', '.join(random_panels)}: these labels mean nothing" if random_panels else ""

@@ -27,15 +27,17 @@ class Stage:
         return f"{self.consumes} -> {self.produces}"
 
 
+# A status folder is recognised among every modality the process imported (the dataset's recorded modules, read
+# with its status): which stage records into a folder is a name lookup, not a listing to act on.
 def _labelled(folder: str) -> bool:  # by a labeler here, or imported from an external tool's files
-    return folder in {m.stage for m in registry.modalities() if not m.downloaded}
+    return folder in {m.stage for m in registry.loaded().modalities() if not m.downloaded}
 
 
 def _tokenized(folder: str) -> bool:
     from stages.dataset.align import STAGE as ALIGN  # here: webdataset imports torch, which `up` need not wait for
     from stages.dataset.shards import CROPS
 
-    return folder in {CROPS, ALIGN} | {m.tokenize_stage for m in registry.tokenized()}
+    return folder in {CROPS, ALIGN} | {m.tokenize_stage for m in registry.loaded().tokenized()}
 
 
 def _none(folder: str) -> bool:

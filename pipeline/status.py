@@ -45,7 +45,7 @@ RANDOM_WARNING = ("WARNING: labelled by random-weight models (the demo's): {stag
 
 def stage_rows(root: str | Path) -> list[dict]:
     layout = DatasetLayout(root)
-    layout.include_modalities()
+    layout.modality_set()  # its status folders' modalities named (imported) before they are recognised
     first = registry.photo().stage
     downloaded = len(layout.committed_shards(first))
     rows = []
@@ -77,7 +77,7 @@ def stage_rows(root: str | Path) -> list[dict]:
 def tokenizer_rows(root: str | Path) -> list[dict]:
     rows = []
     layout = DatasetLayout(root)
-    for modality in registry.tokenizer_names():
+    for modality in layout.modality_set().tokenizer_names():
         folder = layout.tokenizer_dir(modality)
         if (folder / "train.json").is_file():
             summary = json.loads((folder / "train.json").read_text())

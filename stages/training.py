@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from core import registry
 from core.files import publish
 from core.ray_runtime import init_ray, train_logging
+from core.registry import ModalitySet
 from stages.run_folder import RunFolder
 from stages.run_log import RunLog
 
@@ -413,10 +413,9 @@ def world_for(ray_config, device: str, workers: int | None) -> tuple[int, bool]:
     return workers or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1), use_gpu
 
 
-def _with_modalities(config: dict) -> None:
-    """A worker imports the modules that define the run's modalities, computes on the threads its CPUs give it,
-    then trains."""
-    registry.use(config["modalities"])
+def _on_worker(config: dict) -> None:
+    """A worker computes on the threads its CPUs give it, then trains; the run's modality set arrived with its
+    arguments (unpickled, it imported the modules that define the run's modalities)."""
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     config["train_fn"](config["args"])
@@ -432,13 +431,14 @@ def ray_storage(folder: Path, run: RunFolder | None) -> dict:
 
 
 def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: bool, cpus_per_worker: float,
-        max_failures: int, in_process: bool = False, run: RunFolder | None = None) -> None:
+        max_failures: int, modalities: ModalitySet, in_process: bool = False, run: RunFolder | None = None) -> None:
     """Run `train_fn(args)` on `world` Ray Train workers (one GPU each, or `cpus_per_worker` CPUs). A lost worker
     makes Ray Train restart the group, up to `max_failures` times; the loop resumes from the last checkpoint.
 
     `in_process`: Ray Train's local mode instead, one trainer in this process (no worker actors, so no restarts):
     starting a worker group costs about 11 s on a 2-core machine, more than a short CPU run itself.
 
+    `modalities`: the run's modality set, carried to every worker.
     `run`: the run's folder where it lives; on object storage Ray Train keeps its own run state there too (under
     ray/), where every node reaches it."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -451,7 +451,7 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
     # order on a worker and in process, so a run resumed in process takes the very steps a worker would have
     threads = None if use_gpu else max(1, int(cpus_per_worker))
     trainer = TorchTrainer(
-        _with_modalities, train_loop_config={"train_fn": train_fn, "modalities": registry.loaded_plugins(),
+        _on_worker, train_loop_config={"train_fn": train_fn, "modalities": modalities,
                                              "args": args, "threads": threads},
         scaling_config=scaling,
         run_config=RunConfig(name=name, **ray_storage(folder, run),

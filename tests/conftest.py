@@ -34,16 +34,6 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its own order
 
 
-@pytest.fixture(autouse=True)
-def builtin_modalities():
-    """Each test ends with the built-in modalities only: a profile that names more (the demo's 4M-21 ones)
-    activates them for the process that loads it, and one test's profile must not become the next one's."""
-    from core import registry
-
-    yield
-    registry.use()
-
-
 @pytest.fixture
 def server():
     srv = MisbehavingServer()

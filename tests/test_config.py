@@ -94,7 +94,6 @@ def test_the_paper21_profile_is_the_paper_profile_with_4m21_s_modalities(tmp_pat
                                     "dinov2_global": "facebook/dinov2-base", "t5_caption": "google/t5-v1_1-xxl",
                                     "sam_instance": "facebook/sam-vit-huge"}
     assert {"tok_dinov2@224", "tok_dinov2_global", "t5_caption", "tok_sam_edge@224", "sam_instance"} <= set(paper21.pretrain.modalities)
-    registry.use()
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\ndata_root: x\n")
     with pytest.raises(ConfigError, match="extends itself"):

@@ -34,7 +34,7 @@ def sample(i: int) -> dict:
 
 
 def test_mean_token_counts_equal_the_reference_samplers(tokenizer):
-    sampler = MaskingSampler(MODALITIES, paper_mixture(), 128, 128, tokenizer)
+    sampler = MaskingSampler(MODALITIES, paper_mixture(MODALITIES), 128, 128, tokenizer)
     rng = np.random.default_rng(0)
     n = FIXTURE["samples"]
     counts = {m: {"input": [], "target": []} for m in MODALITIES}
@@ -53,7 +53,7 @@ def test_mean_token_counts_equal_the_reference_samplers(tokenizer):
 
 
 def test_inputs_and_targets_are_disjoint_and_within_budget(tokenizer):
-    sampler = MaskingSampler(MODALITIES, paper_mixture(), 128, 128, tokenizer)
+    sampler = MaskingSampler(MODALITIES, paper_mixture(MODALITIES), 128, 128, tokenizer)
     rng = np.random.default_rng(1)
     for i in range(200):
         out = sampler(sample(i), rng)

@@ -2,7 +2,10 @@
 import ast
 import json
 import os
+import pickle
 import stat
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -34,8 +37,8 @@ def project_files():
 
 
 def test_no_module_holds_a_modality_name_outside_the_definitions():
-    registry.use(["models.modalities_4m21", "models.modalities_4m21_networks"])  # 4M-21's names too (the fixture of conftest.py puts the seven back)
-    names = set(registry.names()) | set(registry.domain_names()) | {d.short_name for d in registry.domains()}
+    known = registry.ModalitySet(["models.modalities_4m21", "models.modalities_4m21_networks"])  # 4M-21's too
+    names = set(known.names()) | set(known.domain_names()) | {d.short_name for d in known.domains()}
     found = []
     for path in project_files():
         relative = path.relative_to(PROJECT).as_posix()
@@ -174,8 +177,7 @@ def plugin_profile(tmp_path_factory):
     profile = yaml.safe_load((PROJECT / "core" / "profiles" / "demo.yaml").read_text())
     profile["modalities"] = ["luma.py", "tone.py"]
     (folder / "mine.yaml").write_text(yaml.safe_dump(profile))
-    yield folder / "mine.yaml"
-    registry.use()  # this process goes back to the built-in modalities for the tests after these
+    return folder / "mine.yaml"
 
 
 def test_a_configuration_works_with_its_own_modalities_only(plugin_profile):
@@ -184,7 +186,24 @@ def test_a_configuration_works_with_its_own_modalities_only(plugin_profile):
     assert "luma" in mine.label.labelers and "tok_luma@224" in mine.pretrain.modalities
     demo = load_config("demo")
     assert "luma" not in demo.label.labelers and "tok_luma@224" not in demo.pretrain.modalities
-    assert "luma" not in registry.names() and registry.get("luma").name == "luma"  # still found by name
+    assert "luma" not in demo.modality_set.names() and registry.get("luma").name == "luma"  # still found by name
+
+
+def test_a_modality_set_travels_by_its_module_names_and_imports_them_where_it_arrives(plugin_profile):
+    """What a worker on another machine gets: a section of the configuration, pickled; unpickled in a process
+    that never loaded the profile, it lists the profile's modalities and checks assignments against them."""
+    from pydantic import ValidationError
+
+    mine = load_config(str(plugin_profile))
+    mine.pretrain.modalities = ["rgb@224", "tok_luma@224"]  # checked against its own set, not the built-ins
+    with pytest.raises(ValidationError, match="tok_luma"):
+        load_config("demo").pretrain.modalities = ["rgb@224", "tok_luma@224"]
+    script = ("import pickle, sys; label = pickle.load(sys.stdin.buffer); label.labelers = ['luma', 'tone']; "
+              "print(' '.join(label.modality_set.names()))")
+    arrived = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(mine.label), cwd=PROJECT,
+                             capture_output=True)
+    assert arrived.returncode == 0, arrived.stderr.decode()
+    assert {"luma", "tone", "depth"} <= set(arrived.stdout.decode().split())
 
 
 def test_modalities_defined_outside_the_project_go_through_every_stage(ray_address, plugin_profile, tmp_path):
@@ -215,10 +234,13 @@ def test_modalities_defined_outside_the_project_go_through_every_stage(ray_addre
     assert summary.shards_done == 2 and summary.status_counts["luma"]["ok"] == 4
     assert (root / "tok_luma@224" / "shard-000001.tar").is_file()
     assert json.loads((root / "_status/modalities.json").read_text()) == {"modules": config.modalities}
-    registry.use()  # as a new process given no profile: the dataset says which modules its modalities need
     problems, checked = verify_dataset(root)
     assert not problems and checked["folders"] >= 5  # rgb, caption, luma, tone, crops, tokens: all aligned
-    assert registry.is_token_folder("tok_luma@224")  # so its ids were checked as tokens, not skipped
+    # a new process given no profile: the dataset says which modules its modalities need (not found, its
+    # folders' members would be problems)
+    verified = subprocess.run([sys.executable, "-m", "pipeline", "verify", "--data", str(root)], cwd=PROJECT,
+                              capture_output=True, text=True)
+    assert verified.returncode == 0 and f"x {checked['folders']} folders" in verified.stdout, verified.stdout
 
     result = run_pretrain(root, config)
     assert {"loss.tok_luma@224", "loss.tone"} <= set(result["final"])
@@ -308,7 +330,7 @@ def test_an_image_modality_with_its_own_token_grid_is_masked_modelled_generated_
     from stages.fourm.masking import Component, MaskingSampler
 
     (tmp_path / "patch14.py").write_text(PATCH14)
-    registry.use([str(tmp_path / "patch14.py")])
+    registry.ModalitySet([str(tmp_path / "patch14.py")])
     domain = registry.domain("tok_patch14")
     assert (domain.name, domain.grid, domain.max_tokens) == ("tok_patch14@224", 16, 256)
     names = ["rgb@224", "tok_patch14@224"]
@@ -321,7 +343,7 @@ def test_an_image_modality_with_its_own_token_grid_is_masked_modelled_generated_
     assert batch["tok_patch14@224"]["input_mask"].shape == (2, 256)
     torch.manual_seed(0)
     model = FourM(FourMConfig(domains_in=names, domains_out=["tok_patch14@224"], dim=64, encoder_depth=1,
-                              decoder_depth=1, num_heads=4))
+                              decoder_depth=1, num_heads=4, modality_modules=[str(tmp_path / "patch14.py")]))
     assert model.decoder_embeddings["tok_patch14@224"].pos_emb.shape[-2] == 256
     loss, _ = model(batch, 64, 64)
     assert torch.isfinite(loss)

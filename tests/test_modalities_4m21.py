@@ -18,12 +18,11 @@ NETWORKS = "models.modalities_4m21_networks"
 
 @pytest.fixture
 def m21():
-    """The module, imported the way a profile imports it (imported directly, it would join every listing)."""
+    """The module, imported the way a profile imports it (imported directly, it would join every set's listing)."""
     import importlib
 
-    registry.use([MODULE])
+    registry.ModalitySet([MODULE])
     yield importlib.import_module(MODULE)
-    registry.use()
 
 
 def test_palette_texts_equal_the_references_for_every_size(m21):
@@ -62,19 +61,16 @@ def test_palette_texts_are_whole_tokens_of_the_caption_vocabulary(tmp_path):
 
 
 def test_a_profile_names_the_4m21_modalities_the_paper_profile_keeps_the_seven(m21):
-    try:
-        paper = load_config("paper")
-        assert "color_palette" not in registry.names() and "color_palette" not in paper.label.labelers
-        mine = load_config("paper", ["modalities=[models.modalities_4m21]"])
-        assert "color_palette" in registry.names() and "color_palette" in mine.label.labelers
-        domain = registry.domain("color_palette")
-        assert (domain.kind, domain.folder, domain.vocab_size) == ("sequence", "color_palette", 30000)
-        stored = FIXTURE["photos"]["astronaut"]
-        picture = registry.get("color_palette").picture(stored, None)
-        assert picture.shape == (224, 224, 3) and np.allclose(picture[0, 0], np.array(stored[0]["7"][0]) / 255)
-    finally:
-        registry.use()
-    assert "color_palette" not in registry.names()
+    paper = load_config("paper")
+    assert "color_palette" not in paper.modality_set.names() and "color_palette" not in paper.label.labelers
+    mine = load_config("paper", ["modalities=[models.modalities_4m21]"])
+    assert "color_palette" in mine.modality_set.names() and "color_palette" in mine.label.labelers
+    domain = mine.modality_set.domain("color_palette")
+    assert (domain.kind, domain.folder, domain.vocab_size) == ("sequence", "color_palette", 30000)
+    stored = FIXTURE["photos"]["astronaut"]
+    picture = registry.get("color_palette").picture(stored, None)
+    assert picture.shape == (224, 224, 3) and np.allclose(picture[0, 0], np.array(stored[0]["7"][0]) / 255)
+    assert "color_palette" not in load_config("paper").modality_set.names()  # one profile's, not the next one's
 
 
 @pytest.mark.parametrize("text, colours", [("v1=2 v0=1 v0=2 v0=3 v0=4 v0=5", [[1, 2, 3]]), ("a cat", [])])
@@ -88,7 +84,7 @@ def test_the_loader_draws_a_palette_size_per_training_load_and_reads_all_seven_i
     from stages.dataset.shards import CROPS
     from stages.fourm.fourm_data import decode_sample
 
-    registry.use([MODULE])
+    registry.ModalitySet([MODULE])
     crops = io.BytesIO()
     np.save(crops, np.array([[0, 0, 64, 64, 0]]))
     stored = FIXTURE["photos"]["coffee"]
@@ -103,10 +99,10 @@ def test_the_loader_draws_a_palette_size_per_training_load_and_reads_all_seven_i
 def test_the_registry_agrees_with_the_references_modality_table(m21):
     """Every domain of the 4M-7 and 4M-21 entries: the reference's type, vocabulary and most tokens (fixture made
     from its `modality_info.py` by tests/fixtures/reference/make_modality_info.py)."""
-    registry.use([MODULE, NETWORKS, "models.modalities_4m21_external"])
+    modalities = registry.ModalitySet([MODULE, NETWORKS, "models.modalities_4m21_external"])
     table = json.loads((Path(__file__).parent / "fixtures/reference/modality_info.json").read_text())
     kinds = {"tokens": "img", "pixels": "img", "sequence": "seq", "embeddings": "seq_emb"}
-    domains = registry.domains()
+    domains = modalities.domains()
     assert {"tok_canny_edge@224", "color_palette", "metadata", "tok_dinov2@224", "tok_dinov2_global", "t5_caption",
             "tok_imagebind@224", "tok_imagebind_global", "human_poses", "tok_sam_edge@224", "sam_instance"} <= {
         d.name for d in domains}
@@ -233,7 +229,7 @@ def test_dinov2_features_are_the_models_normalised_patch_tokens_16_by_16_at_224(
     from models.random_weights import save_random_model
     from models.vqvae import VQVAE, tokenizer_config
 
-    registry.use([NETWORKS])
+    registry.ModalitySet([NETWORKS])
     path = save_random_model("dinov2", tmp_path / "dinov2")
     labeler = registry.get("dinov2").labeler.load(path, "cpu", 2, short_side=224)
     image = np.array(photo("astronaut"))  # 512x512
@@ -275,9 +271,8 @@ def t5_model(tmp_path_factory):
     """A tiny random-weight T5 encoder (the real class, 4096-d as T5-XXL's) and its tokenizer, saved once."""
     from models.random_weights import save_random_model
 
-    registry.use([NETWORKS])
+    registry.ModalitySet([NETWORKS])
     path = save_random_model("t5_caption", tmp_path_factory.mktemp("t5") / "t5_caption")
-    registry.use()
     return path
 
 
@@ -295,7 +290,7 @@ def test_t5_caption_vectors_are_the_encoders_states_per_token_stored_as_the_refe
     from stages.label.label import label_shard
     from tests.helpers import write_rgb_shard
 
-    registry.use([NETWORKS])
+    registry.ModalitySet([NETWORKS])
     captions = ["a photo of a cat on a bench", None, "two dogs in the snow near a car"]
     layout, keys = write_rgb_shard(tmp_path, [(64, 64)] * 3, captions)
     labeler = registry.get("t5_caption").labeler.load(t5_model, "cpu", 4, max_length=77)
@@ -327,7 +322,7 @@ def test_t5_vectors_are_span_masked_as_inputs_and_never_targets(tmp_path):
     from models.text_tokenizer import load_text_tokenizer, train_text_tokenizer
     from stages.fourm.masking import Component, MaskingSampler
 
-    registry.use([NETWORKS])
+    registry.ModalitySet([NETWORKS])
     train_text_tokenizer(["a photo of a cat"], 4500, tmp_path / "tokenizer.json")
     loaded = ["caption", "t5_caption", "tok_rgb@224"]
     mixture = [Component(input_alphas=dict.fromkeys(loaded, 0.5), target_alphas=dict.fromkeys(loaded, 0.5)),
@@ -353,7 +348,7 @@ def test_t5_vectors_are_span_masked_as_inputs_and_never_targets(tmp_path):
 def test_a_t5_condition_is_read_from_the_stored_npz_and_checked(tmp_path):
     from stages.generate.generate import GenerateInputError, embedding_vectors
 
-    registry.use([NETWORKS])
+    registry.ModalitySet([NETWORKS])
     spec = registry.get("t5_caption")
     (tmp_path / "ok.npz").write_bytes(spec.encode(np.ones((5, 4096), np.float32)))
     assert embedding_vectors("t5_caption", str(tmp_path / "ok.npz"), "request 'a'").shape == (5, 4096)
@@ -388,7 +383,7 @@ def test_pose_texts_equal_the_references_and_training_shuffles_each_humans_group
     """Each human's box in the crop and its pose, global, camera and shape groups equal the reference's
     HumanPoseTransform on the same files and crops (fixture: tests/fixtures/reference/make_pose_texts.py); humans
     outside the crop are left out, none left is `none`."""
-    registry.use([EXTERNAL])
+    registry.ModalitySet([EXTERNAL])
     spec = registry.get("human_poses")
     for key, expected in POSES["texts"].items():
         name, crop_index = key.split("/")
@@ -413,7 +408,7 @@ def test_pose_texts_equal_the_references_and_training_shuffles_each_humans_group
 def test_a_pose_file_not_in_the_references_format_is_refused_by_reason(change, message):
     import copy
 
-    registry.use([EXTERNAL])
+    registry.ModalitySet([EXTERNAL])
     stored = copy.deepcopy(POSES["samples"]["one"])
     change(stored)
     with pytest.raises(ValueError, match=message):
@@ -466,7 +461,7 @@ def test_4m21_texts_are_whole_tokens_of_the_references_vocabulary_and_of_ours(tm
     dataset's texts (the text corpus takes every sequence modality's `corpus_text`)."""
     from models.text_tokenizer import load_text_tokenizer, train_text_tokenizer
 
-    registry.use([EXTERNAL])
+    registry.ModalitySet([EXTERNAL])
     reference = json.loads((Path(__file__).parent / "fixtures/reference/text_words_4m21.json").read_text())["words"]
     spec = registry.get("human_poses")
     texts = [spec.corpus_text(spec.encode(sample)) for sample in POSES["samples"].values()]
@@ -491,7 +486,7 @@ def test_sam_instances_are_polygons_of_sams_masks_and_their_edges_are_drawn_from
     from stages.label.label import LabelWorker
     from tests.helpers import write_rgb_shard
 
-    registry.use([NETWORKS])
+    registry.ModalitySet([NETWORKS])
     path = save_random_model("sam_instance", tmp_path / "sam")
     options = "{sam_instance: {points_per_side: 4, pred_iou_thresh: 0.0, stability_score_thresh: 0.0}}"
     cfg = load_config("demo", [f"modalities=[{MODULE},{NETWORKS}]", f"label.models={{sam_instance: {path}}}",
@@ -541,7 +536,7 @@ def test_sam_instances_are_cut_to_each_crop_and_written_as_the_references_text()
     make_sam_instance_outputs.py, its shuffles left out); training draws 7 points and orders afresh."""
     from models.modalities_4m21_networks import crop_instances, instance_mask
 
-    registry.use([NETWORKS])
+    registry.ModalitySet([NETWORKS])
     stored = {"instances": [{"polygon": p, "score": 1.0} for p in SAM["polygons"]]}
     for reference in SAM["crops"]:
         ours = crop_instances(stored, reference["crop"], SAM["image"])
@@ -564,7 +559,6 @@ def test_sam_instances_are_cut_to_each_crop_and_written_as_the_references_text()
     generated = spec.generated(SAM["texts"][2]["text"] + " polygon v0=1 v1=2")["instances"]  # one cut short
     named = {(tuple(i["box"]), tuple(i["token_ids"])) for i in generated}
     assert named == {((b[1], b[0], b[3], b[2]), tuple(ids)) for b, ids in zip(record["bbox"], record["token_ids"])}
-    registry.use()
 
 
 def test_sam_instances_train_their_mask_tokenizer_tokenize_per_crop_and_load_as_text(tmp_path):
@@ -602,7 +596,7 @@ def test_sam_instances_train_their_mask_tokenizer_tokenize_per_crop_and_load_as_
     model = load_tokenizer(root / "tokenizers" / "sam_instance")
     assert model.cfg.out_conv and model.tokenize(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 4)
 
-    stats = TokenizeWorker(str(root), config.tokenizer, ["sam_instance"], (NETWORKS,)).tokenize(
+    stats = TokenizeWorker(str(root), config.tokenizer, ["sam_instance"]).tokenize(
         "shard-000000", ["sam_instance"])
     assert stats["sam_instance"]["ok"] == 4 and stats["sam_instance"]["tokens"] == 4 * 2 * 4 * 16
     with tarfile.open(layout.tar("tok_sam_instance", "shard-000000")) as tar:
@@ -619,7 +613,7 @@ def test_sam_instances_train_their_mask_tokenizer_tokenize_per_crop_and_load_as_
     problems, _ = verify_dataset(root)
     assert [p for p in problems if "sam" in p.folder] == []
 
-    registry.use([NETWORKS])
+    registry.ModalitySet([NETWORKS])
     raw = next(shard_samples(root, "shard-000000", loader_folders(["sam_instance"])))
     text = decode_sample(raw, ["sam_instance"], 1, 0.0)["sam_instance"]
     assert text == registry.get("sam_instance").to_text(records[f"{keys[0]}.json"][1], None, None, 0.0)
@@ -627,7 +621,6 @@ def test_sam_instances_train_their_mask_tokenizer_tokenize_per_crop_and_load_as_
     train_text(root, config.tokenizer)
     tokenizer = load_text_tokenizer(root / "tokenizers" / "text" / "tokenizer.json")
     assert tokenizer.token_to_id("[UNK]") not in tokenizer.encode(text).ids
-    registry.use()
 
 
 def test_poses_train_their_tokenizer_and_tokenize_fills_each_humans_ids(tmp_path):
@@ -646,7 +639,7 @@ def test_poses_train_their_tokenizer_and_tokenize_fills_each_humans_ids(tmp_path
     from stages.tokenizers.train_tokenizer import train_dense
     from tests.helpers import write_rgb_shard
 
-    registry.use([EXTERNAL])
+    registry.ModalitySet([EXTERNAL])
     cfg = tokenizer_config("human_poses", "paper")
     assert (cfg.enc_type, cfg.quant_type, cfg.codebook_size, cfg.num_codebooks, cfg.latent_dim, cfg.n_channels) == (
         "BottleneckMLP/B_6-Wi_1024", "memcodes", 1024, 8, 1024, 207)
@@ -667,7 +660,7 @@ def test_poses_train_their_tokenizer_and_tokenize_fills_each_humans_ids(tmp_path
     config = load_config("demo", settings)
     assert train_dense(root, config, "human_poses")["steps"] == 4
     model = load_tokenizer(root / "tokenizers" / "human_poses")
-    stats = TokenizeWorker(str(root), config.tokenizer, ["human_poses"], (EXTERNAL,)).tokenize(
+    stats = TokenizeWorker(str(root), config.tokenizer, ["human_poses"]).tokenize(
         "shard-000000", ["human_poses"])
     assert stats["human_poses"]["ok"] == 4 and stats["human_poses"]["tokens"] == (1 + 2 + 3) * 8
     with tarfile.open(layout.tar("tok_human_poses", "shard-000000")) as tar:
@@ -681,4 +674,3 @@ def test_poses_train_their_tokenizer_and_tokenize_fills_each_humans_ids(tmp_path
     text = decode_sample(sample, ["human_poses"], 0, 0.0)["human_poses"]
     ids = filled[keys[0]]["pose_tokenized"][0]
     assert " ".join(["pose", *(f"v0={i}" if i < 512 else f"v1={i - 512}" for i in ids)]) in text
-    registry.use()

@@ -184,7 +184,7 @@ def test_our_crops_reach_the_reference_tokenizers_preprocessed_as_its_own_transf
 def test_each_modality_names_its_published_tokenizer_and_our_paper_settings_are_its_architecture():
     from core import registry
 
-    for modality in registry.tokenized():
+    for modality in registry.ModalitySet().tokenized():
         assert modality.published_tokenizer.startswith("EPFL-VILAB/4M_tokenizers_")
         cfg = tokenizer_config(modality.name, "paper", image_size=448)
         cfg.check(modality.name)
@@ -215,7 +215,7 @@ def test_the_dinov2_global_entry_is_the_references_global_tokenizer_and_trains_t
     8,192 x 16); in training the straight-through Gumbel choice lets the loss reach the encoder."""
     from core import registry
 
-    registry.use(["models.modalities_4m21_networks"])
+    registry.ModalitySet(["models.modalities_4m21_networks"])
     cfg = tokenizer_config("dinov2_global", "paper")
     assert (cfg.enc_type, cfg.dec_type, cfg.quant_type, cfg.codebook_size, cfg.num_codebooks, cfg.latent_dim) == (
         "BottleneckMLP/B_6-Wi_1024", "BottleneckMLP/B_6-Wi_1024", "memcodes", 8192, 16, 1024)
@@ -244,9 +244,8 @@ def test_the_sam_instance_mask_tokenizer_is_the_references_with_its_convnext_out
     ids = model.tokenize(tokenizer_input("sam_instance", 64))
     assert ids.shape == (8, 4, 4) and torch.equal(ids, outputs["ids"])
     torch.testing.assert_close(model.decode_tokens(ids), outputs["decoded"], atol=1e-5, rtol=0)
-    registry.use(["models.modalities_4m21_networks"])
+    registry.ModalitySet(["models.modalities_4m21_networks"])
     cfg = tokenizer_config("sam_instance", "paper")
     assert (cfg.enc_type, cfg.dec_type, cfg.codebook_size, cfg.latent_dim, cfg.patch_size, cfg.out_conv) == (
         "vit_b_enc", "vit_b_dec", 1024, 1024, 16, True)
     assert registry.get("sam_instance").reference_tokenizer_problems(cfg) == []
-    registry.use()

@@ -27,7 +27,7 @@ from tests.helpers import make_labelled_input
 
 from core import registry
 
-TOKENIZED = [m.name for m in registry.tokenized()]
+TOKENIZED = [m.name for m in registry.ModalitySet().tokenized()]
 
 SETTINGS = ["tokenizer.batch_size=2", "tokenizer.epochs=8", "tokenizer.epochs_by_modality={rgb: 8}",
             "tokenizer.warmup_epochs=1",

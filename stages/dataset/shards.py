@@ -184,9 +184,10 @@ class DatasetLayout:
         if set(modules) - set(known):
             write_json(self.modalities_file, {"modules": [*known, *(m for m in modules if m not in known)]})
 
-    def include_modalities(self) -> None:
-        """Work with the dataset's recorded modalities too (a reader given no profile)."""
-        registry.include(self.modality_modules())
+    def modality_set(self) -> registry.ModalitySet:
+        """The dataset's modalities: the built-ins and those of its recorded modules (for a reader given no
+        profile); made, it has imported them."""
+        return registry.ModalitySet(self.modality_modules())
 
     def loader_folders(self) -> list[str]:
         """The modality folders a 4M loader reads: every top-level folder holding shards, but for our own

@@ -89,7 +89,7 @@ def verify_dataset(root: str | Path) -> tuple[list[Problem], dict]:
     import cv2  # noqa: F401 - fail early if the decoder is missing
 
     layout = DatasetLayout(root)
-    layout.include_modalities()
+    layout.modality_set()  # its folders' modalities named (imported) before they are recognised
     problems: list[Problem] = []
     photo = registry.photo().folder
     rgb_shards = sorted(p.stem for p in layout.folder(photo).glob("shard-*.tar"))

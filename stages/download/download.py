@@ -37,7 +37,7 @@ STAGE = "download"
 
 def _caption():
     """The downloaded text: the one downloaded sequence modality (a sample's caption)."""
-    found = [m for m in registry.sequences() if m.downloaded]
+    found = [m for m in registry.loaded().sequences() if m.downloaded]
     if len(found) != 1:
         raise registry.RegistryError(f"expected one downloaded sequence modality, found {[m.name for m in found]}")
     return found[0]

@@ -116,12 +116,9 @@ def _empty(path: Path) -> bool:
 
 
 def mixture_from(setting, modalities: list[str]) -> list[Component]:
-    """The configured mixture; the paper's is kept to the loaded modalities (a dataset without boxes, say)."""
+    """The configured mixture; the paper's over the loaded modalities (a dataset without boxes, say)."""
     if setting == "paper":
-        def kept(alphas):
-            return {m: a for m, a in alphas.items() if m in modalities}
-
-        return [Component(kept(c.input_alphas), kept(c.target_alphas), c.keep, c.weight) for c in paper_mixture()]
+        return paper_mixture(modalities)
     if isinstance(setting, str):
         raise ValueError(f"pretrain.mixture={setting!r}: expected 'paper' or a list of components")
     return [Component(**c) for c in setting]

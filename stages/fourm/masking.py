@@ -41,13 +41,14 @@ class Component:
     weight: float = 1.0
 
 
-def paper_mixture() -> list[Component]:
-    """Table 5 and appendix E.4: "RGB->All & All->All", alpha 0.5, half each, over every registered modality
-    (RGB pixels are an input only; RGB->All puts nearly the whole input budget on them)."""
-    pixels = [d.name for d in registry.domains() if d.kind == "pixels"]
-    targets = {d.name: 0.5 for d in registry.domains() if not d.input_only}
+def paper_mixture(modalities: list[str]) -> list[Component]:
+    """Table 5 and appendix E.4: "RGB->All & All->All", alpha 0.5, half each, over the given modalities (4M's
+    names; RGB pixels are an input only; RGB->All puts nearly the whole input budget on them)."""
+    domains = [registry.domain(m) for m in modalities]
+    pixels = [d.name for d in domains if d.kind == "pixels"]
+    targets = {d.name: 0.5 for d in domains if not d.input_only}
     return [Component(input_alphas={m: 1000.0 for m in pixels}, target_alphas=dict(targets)),
-            Component(input_alphas={d.name: 0.5 for d in registry.domains()}, target_alphas=dict(targets))]
+            Component(input_alphas={d.name: 0.5 for d in domains}, target_alphas=dict(targets))]
 
 
 def is_sequence(modality: str) -> bool:

@@ -206,7 +206,6 @@ def prediction_picture(root, config: Config, folder: Path, samples: int = 4) -> 
 
 def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None) -> dict:
     """Pretrain (or resume) 4M on the dataset at `root`; returns the summary."""
-    config.use_modalities()
     cfg, layout = config.pretrain, DatasetLayout(root)
     run = RunFolder(layout.pretrain_dir)
     model_cfg = preflight(root, config)  # bad input fails here, before any worker starts
@@ -215,7 +214,8 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
     args = {"root": absolute(layout.root), "folder": run, "config": config.model_dump(),
             "model_config": asdict(model_cfg), "stop_after": stop_after}
     fit(train_worker, args, name="pretrain-4m", folder=folder, run=run, world=world, use_gpu=use_gpu,
-        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, modalities=config.modality_set,
+        in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < cfg.steps:
         return {"stopped_at": run.checkpoint_step(), "steps": cfg.steps}
     if cfg.workers != 0:  # in process, the local copy is what was pushed; workers may be on other machines

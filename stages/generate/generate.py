@@ -65,7 +65,7 @@ def resolve(name: str, known: list[str], where: str) -> str:
     try:
         candidate = registry.domain(name).name
     except registry.RegistryError:
-        raise GenerateInputError(f"{where}: unknown modality {name!r} (known: {', '.join(registry.domain_names())})"
+        raise GenerateInputError(f"{where}: unknown modality {name!r} (known: {', '.join(known)})"
                                  ) from None
     if candidate not in known:
         raise GenerateInputError(f"{where}: the model has no {candidate!r} (it knows {', '.join(known)})")

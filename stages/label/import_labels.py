@@ -71,7 +71,6 @@ def import_shard(layout: DatasetLayout, modality: str, shard: str, source: Path)
 def run_import(root: str | Path, config: Config, modality: str, source: str | Path,
                observer: ShardObserver | None = None) -> ShardsSummary:
     """Import an external tool's files for `modality` into every rgb shard not yet committed for it."""
-    config.use_modalities()
     importable(modality)
     source = Path(source).expanduser().resolve()
     if not source.is_dir():

@@ -347,8 +347,8 @@ def merge_stats(per_labeler: dict[str, dict]) -> dict:
 class LabelWorker:
     """A Ray actor: one replica of every requested labeler, loaded once, labelling shard after shard."""
 
-    def __init__(self, root: str, cfg: LabelConfig, names: list[str], plugins: tuple[str, ...] = ()):
-        registry.use(plugins)  # a worker process imports the modules that define its modalities
+    def __init__(self, root: str, cfg: LabelConfig, names: list[str]):
+        # `cfg` arrives with the run's modality set, which imported the modules defining its modalities
         self.root, self.cfg = root, cfg
         self.labelers = {}
         for name in names:
@@ -386,7 +386,6 @@ def check_all_weights(models: dict[str, str]) -> None:
 def run_label(root: str | Path, config: Config, labelers: list[str] | None = None,
               observer: ShardObserver | None = None) -> ShardsSummary:
     """Label every rgb shard with every requested labeler not yet committed for it."""
-    config.use_modalities()
     cfg = config.label
     names = labelers or cfg.labelers
     layout = DatasetLayout(root)
@@ -422,7 +421,7 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     started = time.time()
     if todo:
         init_ray(config.ray)
-        worker_args = (absolute(layout.root), cfg, names, registry.loaded_plugins())
+        worker_args = (absolute(layout.root), cfg, names)
         for shard, stats, error in run_on_actors(LabelWorker, worker_args, todo,
                                                  "label", device=cfg.device, workers=cfg.workers,
                                                  cpus_per_worker=cfg.cpus_per_worker):

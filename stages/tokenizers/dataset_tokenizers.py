@@ -130,7 +130,7 @@ def convert_published(source: str | Path, modality: str, out: str | Path) -> dic
     spec = registry.get(modality)
     if spec.tokenizer is None:
         raise ValueError(f"modality {modality!r} has no image tokenizer (tokenized: "
-                         f"{', '.join(m.name for m in registry.tokenized())})")
+                         f"{', '.join(m.name for m in registry.loaded().tokenized())})")
     config, tensors = read_published(source)
     model = VQVAE(config)
     problems = state_dict_problems(model, tensors) + spec.reference_tokenizer_problems(config)

@@ -200,9 +200,9 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
 class TokenizeWorker:
     """A Ray actor: every trained tokenizer, loaded once, encoding shard after shard."""
 
-    def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str], plugins: tuple[str, ...] = (),
+    def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str],
                  crop_labelers: dict[str, tuple[str, dict]] | None = None):
-        registry.use(plugins)  # a worker process imports the modules that define its modalities
+        # `cfg` arrives with the run's modality set, which imported the modules defining its modalities
         self.layout, self.cfg = DatasetLayout(root), cfg
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         # a cached copy of each model where the root is remote (its files only, not its training run's)
@@ -240,7 +240,7 @@ class TokenizeSummary(ShardsSummary):
 
 def tokenized_modalities(root: str | Path, cfg: TokenizerStageConfig) -> list[str]:
     """The tokenized modalities asked for whose tokenizer is trained."""
-    dense = {m.name for m in registry.tokenized()}
+    dense = {m.name for m in cfg.modality_set.tokenized()}
     return [m for m in cfg.modalities if m in dense and is_trained(root, m)]
 
 
@@ -269,7 +269,6 @@ def per_crop_labelers(root: str | Path, config: Config, names: list[str]) -> dic
 def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None = None,
                  observer: ShardObserver | None = None) -> TokenizeSummary:
     """Tokenize every rgb shard with every trained tokenizer not yet committed for it."""
-    config.use_modalities()
     cfg, layout = config.tokenizer, DatasetLayout(root)
     layout.record_modalities(config.modalities)
     names = modalities or tokenized_modalities(root, cfg)
@@ -296,7 +295,7 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
     started = time.time()
     if todo:
         init_ray(config.ray)
-        worker_args = (absolute(layout.root), cfg, names, registry.loaded_plugins(), crop_labelers)
+        worker_args = (absolute(layout.root), cfg, names, crop_labelers)
         for shard, stats, error in run_on_actors(TokenizeWorker, worker_args, todo, "tokenize", device=cfg.device,
                                                  workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker):
             if error:

@@ -29,6 +29,7 @@ from core import registry
 from core.config import Config, TokenizerStageConfig
 from core.files import write_bytes, write_json
 from core.pictures import figure_backend, save_figure
+from core.registry import ModalitySet
 from core.storage import DataPath, absolute
 from models.text_tokenizer import train_text_tokenizer
 from models.vqvae import (
@@ -88,10 +89,10 @@ def model_config(cfg: TokenizerStageConfig, modality: str, layout: DatasetLayout
 
 
 # -- the text tokenizer ------------------------------------------------------------------------------
-def text_corpus(layout: DatasetLayout) -> Iterator[str]:
+def text_corpus(layout: DatasetLayout, modalities: ModalitySet) -> Iterator[str]:
     """Every sequence modality's texts (captions, then boxes as text), streamed shard by shard; the downloaded
     ones must be there, a labelled one is read where its labeler ran."""
-    for modality in registry.sequences():
+    for modality in modalities.sequences():
         shards = modality_shards(layout, modality.name) if modality.downloaded else \
             layout.committed_shards(modality.stage)
         for shard in shards:
@@ -125,7 +126,7 @@ def train_text(root: str | Path, cfg: TokenizerStageConfig) -> dict:
     counted = {"texts": 0}
 
     def corpus():
-        for text in text_corpus(layout):
+        for text in text_corpus(layout, cfg.modality_set):
             counted["texts"] += 1
             yield text
 
@@ -330,7 +331,7 @@ class TokenizerTask(TrainTask):
     window, reconstructions of a fixed evaluation batch with their metric and picture."""
 
     def __init__(self, args: dict, rank: int):
-        self.cfg, self.plan = TokenizerStageConfig(**args["cfg"]), Plan(**args["plan"])
+        self.cfg, self.plan = args["cfg"], Plan(**args["plan"])
         self.mcfg = VQConfig(**args["model_config"])
         self.spec = registry.get(args["modality"])
         self.root, self.modality, self.folder, self.shards = args["root"], args["modality"], \
@@ -416,10 +417,11 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
     plan = make_plan(layout, modality, cfg, world)
     folder = run.pull()  # the run's files so far (a resumed run's metrics), where this machine reads them
     args = {"root": absolute(layout.root), "modality": modality, "folder": run,
-            "cfg": cfg.model_dump(), "plan": asdict(plan), "model_config": asdict(model_config(cfg, modality, layout)),
+            "cfg": cfg, "plan": asdict(plan), "model_config": asdict(model_config(cfg, modality, layout)),
             "shards": modality_shards(layout, modality), "stop_after": stop_after, "wandb": config.wandb.model_dump()}
     fit(train_worker, args, name=f"tokenizer-{modality}", folder=folder, run=run, world=world, use_gpu=use_gpu,
-        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, modalities=config.modality_set,
+        in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"modality": modality, "stopped_at": stop_after, "steps": plan.steps}
     if cfg.workers != 0:  # in process, the local copy is what was pushed; workers may be on other machines
@@ -438,7 +440,6 @@ def run_train_tokenizers(root: str | Path, config: Config, modalities: list[str]
                          observer=None) -> dict[str, dict]:
     """Every requested tokenizer not yet trained (or installed from `tokenizer.published`); a trained one
     (train.json present) is kept."""
-    config.use_modalities()
     results = {}
     for modality in modalities or config.tokenizer.modalities:
         if is_trained(root, modality):
@@ -451,7 +452,7 @@ def run_train_tokenizers(root: str | Path, config: Config, modalities: list[str]
         elif modality in config.tokenizer.published:  # installed, not trained
             results[modality] = convert_published(config.tokenizer.published[modality], modality,
                                                   tokenizer_dir(root, modality))
-        elif modality in {m.name for m in registry.tokenized()}:
+        elif modality in {m.name for m in config.modality_set.tokenized()}:
             results[modality] = train_dense(root, config, modality)
         else:
             raise TokenizerInputError(f"no tokenizer for modality {modality!r}")

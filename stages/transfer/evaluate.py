@@ -87,13 +87,12 @@ def evaluation_dir(model_dir) -> DataPath:
 @torch.no_grad()
 def run_evaluate(root, config, model_dir, samples: int = 200, batch_size: int = 16, pictures: int = 4) -> dict:
     """Score the model's predictions from RGB alone against the pseudo labels; returns the results."""
-    config.use_modalities()
     layout = DatasetLayout(root)
     root = layout.root
     model = FourM.from_pretrained(local_copy(data_path(model_dir), MODEL_FILES)).eval()
     if model.cfg.pixels_input is None:
         raise EvaluateInputError(f"{model_dir}: the model has no RGB pixel embedding to predict from")
-    evaluated = {d.name: d.modality.name for d in registry.domains()
+    evaluated = {d.name: d.modality.name for d in model.cfg.modality_set.domains()
                  if d.kind == "tokens" and getattr(d.modality, "evaluation", None) is not None}
     targets = {m: name for m, name in evaluated.items()
                if m in model.cfg.domains_out and tokenizers.has_model(root, name) and layout.folder(name).is_dir()}

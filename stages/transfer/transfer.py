@@ -256,7 +256,6 @@ def default_out(task: str, model: str | None, backbone: str | None) -> DataPath:
 def run_transfer(task: str, train, val, config, model: str | None = None, backbone: str | None = None,
                  out: str | Path | None = None, stop_after: int | None = None) -> dict:
     """Fine-tune (or resume) and score on the validation set; returns the results."""
-    config.use_modalities()
     cfg = config.transfer
     run = RunFolder(out if out else default_out(task, model, backbone))
     world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
@@ -265,7 +264,8 @@ def run_transfer(task: str, train, val, config, model: str | None = None, backbo
     args = {"config": config.model_dump(), "plan": asdict(plan), "folder": run,
             "stop_after": stop_after}
     fit(train_worker, args, name=f"transfer-{task}", folder=folder, run=run, world=world, use_gpu=use_gpu,
-        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, in_process=cfg.workers == 0)
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, modalities=config.modality_set,
+        in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"stopped_at": stop_after, "steps": plan.steps}
     if cfg.workers != 0:  # in process, the local copy is what was pushed; workers may be on other machines
