@@ -260,6 +260,37 @@ class TokenizerStageConfig(ModalitySection):
         return value
 
 
+class PretrainDatasetConfig(Section):
+    """One dataset of a pretraining mixture (4M-21 mixes CC12M, COYO-700M and C4): where it is, what 4M reads of it
+    and how it is masked; a setting left out is the `pretrain` section's."""
+
+    name: str = Field(description="how its losses and counts are named in the logs")
+    root: str | None = Field(None, description="its data root (a folder or an object-storage URL); None: the run's "
+                                               "own; a text corpus: a .jsonl/.parquet file, or a folder of them")
+    type: Literal["tokens", "text"] = Field("tokens", description="tokens: a tokenized dataset of this project's "
+                                                                  "layout; text: a text-only corpus (C4's form)")
+    text_column: str = Field("text", description="a text corpus's column of texts, read as the caption")
+    shards: list[str] | None = Field(None, description="its training shards (names); None: all but the held-out")
+    val_root: str | None = Field(None, description="a separate validation dataset; None: its own last shards")
+    in_domains: list[str] | None = Field(None, description="its input modalities; None: pretrain.modalities "
+                                                           "(a text corpus: the caption)")
+    out_domains: list[str] | None = Field(None, description="its target modalities; None: as in_domains")
+    mixture: str | list[dict] | None = Field(None, description="'paper', a list of components, or the path of a "
+                                                               "reference alphas config (.yaml); None: pretrain's")
+    input_tokens: int | None = Field(None, ge=1)
+    target_tokens: int | None = Field(None, ge=1)
+    repeats: int | None = Field(None, ge=1)
+    shuffle_buffer: int | None = Field(None, ge=1, description="masked samples in its shuffle buffer")
+    sample_shuffle_buffer: int = Field(0, ge=0, description="samples shuffled as read, before the repeats (the "
+                                                            "reference's wds_shuffle_buffer_tar); 0: none")
+    weight: float = Field(1.0, ge=0, description="its share of the samples, relative to the others'")
+
+    @field_validator("in_domains", "out_domains", mode="before")
+    @classmethod
+    def _hyphenated(cls, value):
+        return value.split("-") if isinstance(value, str) else value  # the reference's `a-b-c`
+
+
 class PretrainConfig(ModalitySection):
     size: Literal["Ti", "S", "B", "L", "XL"] = Field("B", description="4M size (Table 4)")
     modalities: list[str] = Field(default_factory=list,
@@ -298,10 +329,72 @@ class PretrainConfig(ModalitySection):
     checkpoint_every: int = Field(1000, ge=1)
     max_failures: int = Field(3, ge=0, description="times Ray Train restarts lost workers (from the last checkpoint)")
     seed: int = 0
+    datasets: list[PretrainDatasetConfig] = Field(
+        default_factory=list, description="a weighted mixture of datasets (4M-21's CC12M + COYO + C4); empty: the "
+                                          "data root alone, with the settings above")
+    data_config: str | None = Field(None, description="an apple/ml-4m data config (train.datasets, weights, val) "
+                                                      "read as `datasets`")
 
     @classmethod
     def modality_defaults(cls, modalities: registry.ModalitySet) -> dict:
         return {"modalities": modalities.domain_names()}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_data_config(cls, values):
+        if isinstance(values, dict) and values.get("data_config"):
+            if values.get("datasets"):
+                raise ValueError("pretrain.data_config and pretrain.datasets: give one of them")
+            from stages.fourm.reference_config import read_data_config
+
+            values = {**values, "datasets": read_data_config(values["data_config"])}
+        return values
+
+    @model_validator(mode="after")
+    def _datasets_known(self, info: ValidationInfo):
+        known = self.modality_set.domain_names() if not (info.context or {}).get(MODALITIES) else \
+            info.context[MODALITIES].domain_names()
+        names = [d.name for d in self.datasets]
+        if not all(names) or any("." in n for n in names):
+            raise ValueError(f"pretrain.datasets: names {names} must be non-empty, without dots (they name logs)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"pretrain.datasets: names {names} repeat")
+        if self.datasets and not sum(d.weight for d in self.datasets) > 0:
+            raise ValueError(f"pretrain.datasets: weights {[d.weight for d in self.datasets]} are all zero")
+        for d in self.datasets:
+            for key in ("in_domains", "out_domains"):
+                unknown = [m for m in getattr(d, key) or [] if m not in known]
+                if unknown:
+                    raise ValueError(f"pretrain.datasets[{d.name}].{key}: unknown modalities {unknown} (known: "
+                                     f"{', '.join(known)})")
+        return self
+
+    def dataset_entries(self) -> list[PretrainDatasetConfig]:
+        """The datasets a run reads, every setting filled: the configured mixture, or the data root alone."""
+        if not self.datasets:
+            return [PretrainDatasetConfig(name="", in_domains=list(self.modalities), out_domains=list(self.modalities),
+                                          mixture=self.mixture, input_tokens=self.input_tokens,
+                                          target_tokens=self.target_tokens, repeats=self.repeats,
+                                          shuffle_buffer=self.shuffle_buffer)]
+        caption = [d.name for d in self.modality_set.domains() if d.kind == "sequence" and d.modality.downloaded]
+        filled = []
+        for d in self.datasets:
+            inputs = d.in_domains or (caption[:1] if d.type == "text" else list(self.modalities))
+            filled.append(d.model_copy(update={
+                "in_domains": inputs, "out_domains": d.out_domains or list(inputs),
+                "mixture": d.mixture if d.mixture is not None else self.mixture,
+                "input_tokens": d.input_tokens or self.input_tokens, "target_tokens": d.target_tokens or self.target_tokens,
+                "repeats": d.repeats or self.repeats, "shuffle_buffer": d.shuffle_buffer or self.shuffle_buffer}))
+        return filled
+
+    def model_domains(self) -> tuple[list[str], list[str]]:
+        """(inputs, targets) of the model: every dataset's, in the registry's order; pixels and vectors are never
+        targets."""
+        entries, order = self.dataset_entries(), self.modality_set.domains()
+        inputs = {m for d in entries for m in d.in_domains}
+        outputs = {m for d in entries for m in d.out_domains}
+        return ([x.name for x in order if x.name in inputs],
+                [x.name for x in order if x.name in outputs and not x.input_only])
 
     @field_validator("modalities")
     @classmethod

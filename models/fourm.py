@@ -412,13 +412,16 @@ class FourM(nn.Module):
         return self.decoder_norm(y)
 
     # -- forward ----------------------------------------------------------------------------------------------
-    def forward(self, batch: dict, num_encoder_tokens: int, num_decoder_tokens: int, return_logits: bool = False):
+    def forward(self, batch: dict, num_encoder_tokens: int, num_decoder_tokens: int, return_logits: bool = False,
+                groups: torch.Tensor | None = None):
         """The loss (mean over target modalities of each one's mean cross-entropy) and the per-modality losses;
-        or, with return_logits, {modality: logits (K, vocab)} for its K target slots in (sample, slot) order."""
+        or, with return_logits, {modality: logits (K, vocab)} for its K target slots in (sample, slot) order.
+        With `groups` (B,) (each sample's dataset in a mixture), also {group: {modality: its mean cross-entropy
+        over that group's targets}}, for the logs (no gradient)."""
         context, cross_mask = self.encode(batch, num_encoder_tokens)
         y, y_emb, _, target, self_mask, modality = self._decoder_tokens(batch, num_decoder_tokens)
         y = self.decode(y + y_emb, context, self_mask, cross_mask)
-        logits, losses = {}, {}
+        logits, losses, by_group = {}, {}, {}
         for m in batch:
             if m not in self.decoder_embeddings:
                 continue
@@ -426,8 +429,16 @@ class FourM(nn.Module):
             logits[m] = self.decoder_embeddings[m].to_logits(y[slots])
             losses[m] = F.cross_entropy(logits[m].float(), target[slots]) if slots.any() \
                 else y.new_zeros((), dtype=torch.float32)  # counted in the mean, as the reference counts it
+            if groups is not None and slots.any():
+                with torch.no_grad():
+                    each = F.cross_entropy(logits[m].float(), target[slots], reduction="none")
+                    owner = groups.to(slots.device)[:, None].expand_as(slots)[slots]
+                    for g in owner.unique().tolist():
+                        by_group.setdefault(g, {})[m] = each[owner == g].mean()
         if return_logits:
             return logits
+        if groups is not None:
+            return sum(losses.values()) / len(losses), losses, by_group
         return sum(losses.values()) / len(losses), losses
 
     @torch.no_grad()

@@ -82,7 +82,6 @@ def test_no_profile_means_the_paper_settings_and_the_demo_only_where_named():
 
 
 def test_the_paper21_profile_is_the_paper_profile_with_4m21_s_modalities(tmp_path):
-    from core import registry
 
     paper, paper21 = load_config("paper"), load_config("paper21")
     assert paper21.profile == "paper21"

@@ -58,7 +58,6 @@ def test_a_4m21_checkpoint_converts_with_its_modules_modalities_and_gives_the_re
     """Canny-edge tokens, DINOv2's global tokens (learned positions), the palette, the metadata, SAM instances and
     T5 vectors beside RGB and captions, made by the reference's FourM with 4M-21's embedding settings: refused by
     name without the modules that define them, then equal to it."""
-    from core import registry
 
     out = tmp_path / "model"
     assert cli(["convert-4m", "--checkpoint", str(CHECKPOINT_21), "--out", str(out)]) == 2

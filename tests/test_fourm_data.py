@@ -13,11 +13,11 @@ import torch
 from core.config import load_config
 from models.text_tokenizer import train_text_tokenizer
 from stages.dataset.shards import DatasetLayout, ShardWriter
+from stages.fourm.datasets import make_loader
 from stages.fourm.fourm_data import (
     LoaderInputError,
     MaskedSamples,
     loader_folders,
-    make_loader,
     pixels_picture,
     shard_samples,
     split_shards,

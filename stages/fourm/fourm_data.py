@@ -33,7 +33,6 @@ from stages.dataset.shards import CROP_PIXELS, CROPS, DatasetLayout
 from stages.fourm.masking import Component, MaskingSampler, is_sequence, paper_mixture
 from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import resized_crop
-from stages.training import data_loader
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -116,11 +115,17 @@ def _empty(path: Path) -> bool:
 
 
 def mixture_from(setting, modalities: list[str]) -> list[Component]:
-    """The configured mixture; the paper's over the loaded modalities (a dataset without boxes, say)."""
+    """The configured mixture: the paper's over the loaded modalities (a dataset without boxes, say), a list of
+    components, or a reference alphas config's Dirichlets."""
     if setting == "paper":
         return paper_mixture(modalities)
+    if isinstance(setting, str) and setting.endswith((".yaml", ".yml")):  # a reference alphas config
+        from stages.fourm.reference_config import read_alphas_config
+
+        return [Component(**c) for c in read_alphas_config(setting, modalities)]
     if isinstance(setting, str):
-        raise ValueError(f"pretrain.mixture={setting!r}: expected 'paper' or a list of components")
+        raise ValueError(f"pretrain.mixture={setting!r}: expected 'paper', a list of components or the path of an "
+                         f"alphas config (.yaml)")
     return [Component(**c) for c in setting]
 
 
@@ -302,19 +307,57 @@ def collate(samples: list[dict]) -> dict:
 
 
 # -- the pipeline -------------------------------------------------------------------------------------------------
-class MaskedSamples(torch.utils.data.IterableDataset):
-    """Masked samples of a split: training resamples its shards forever, validation reads each shard once."""
+class Masked(torch.utils.data.IterableDataset):
+    """Masked samples of one split of one dataset: each sample read (`samples`, per worker) is shuffled in a
+    buffer of `sample_shuffle_buffer` (0: none), masked `repeats` times with fresh masks, and the masked copies
+    shuffled in a buffer of `shuffle_buffer` (training); validation reads once, in order, masked once."""
+
+    def __init__(self, sampler: MaskingSampler, *, train: bool, repeats: int, shuffle_buffer: int, seed,
+                 rank: int = 0, sample_shuffle_buffer: int = 0):
+        super().__init__()
+        self.sampler, self.train, self.repeats, self.shuffle_buffer = sampler, train, repeats, shuffle_buffer
+        self.seed, self.rank, self.sample_shuffle_buffer = seed, rank, sample_shuffle_buffer
+
+    def samples(self, rng: np.random.Generator, worker: int, workers: int) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([*np.atleast_1d(self.seed).tolist(), self.rank, worker])
+        samples = self.samples(rng, worker, workers)
+        if self.train and self.sample_shuffle_buffer > 1:
+            samples = shuffled(samples, self.sample_shuffle_buffer, rng)
+        if not self.train:
+            for sample in samples:
+                yield self.sampler(sample, rng)
+            return
+        # fresh masks for each repeat; the decoded sample is shared, never changed
+        masked = (self.sampler(sample, rng) for sample in samples for _ in range(self.repeats))
+        yield from shuffled(masked, self.shuffle_buffer, rng)
+
+
+def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """The items through a shuffle buffer of `size`: each taken at random once the buffer is full."""
+    pool: list = []
+    for item in items:
+        pool.append(item)
+        if len(pool) >= size:
+            yield pool.pop(int(rng.integers(len(pool))))
+    while pool:
+        yield pool.pop(int(rng.integers(len(pool))))
+
+
+class MaskedSamples(Masked):
+    """Masked samples of a tokenized dataset's shards: training resamples its shards forever, validation reads each
+    shard once."""
 
     def __init__(self, root, shards: list[str], modalities: list[str], sampler: MaskingSampler, *, train: bool,
-                 repeats: int, min_score: float, shuffle_buffer: int, seed: int, rank: int = 0):
-        super().__init__()
-        self.root, self.shards, self.modalities, self.sampler = root, shards, modalities, sampler
-        self.train, self.repeats, self.min_score = train, repeats, min_score
-        self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
-
-    def _worker(self) -> tuple[int, int]:
-        info = torch.utils.data.get_worker_info()
-        return (info.id, info.num_workers) if info else (0, 1)
+                 repeats: int, min_score: float, shuffle_buffer: int, seed, rank: int = 0,
+                 sample_shuffle_buffer: int = 0):
+        super().__init__(sampler, train=train, repeats=repeats, shuffle_buffer=shuffle_buffer, seed=seed, rank=rank,
+                         sample_shuffle_buffer=sample_shuffle_buffer)
+        self.root, self.shards, self.modalities, self.min_score = root, shards, modalities, min_score
 
     def _shard_order(self, rng: np.random.Generator, worker: int, workers: int) -> Iterator[str]:
         if not self.train:
@@ -323,41 +366,12 @@ class MaskedSamples(torch.utils.data.IterableDataset):
         while True:  # resampled: every worker draws shards with replacement, forever
             yield self.shards[int(rng.integers(len(self.shards)))]
 
-    def __iter__(self) -> Iterator[dict]:
-        worker, workers = self._worker()
-        rng = np.random.default_rng([self.seed, self.rank, worker])
+    def samples(self, rng: np.random.Generator, worker: int, workers: int) -> Iterator[dict]:
         folders = loader_folders(self.modalities, self.root)
-        pool: list[dict] = []
         for shard in self._shard_order(rng, worker, workers):
             for raw in shard_samples(self.root, shard, folders):
                 crop_index = int(rng.integers(1 << 30)) if self.train else 0
-                sample = decode_sample(raw, self.modalities, crop_index, self.min_score,
-                                       rng if self.train else None)
-                for _ in range(self.repeats if self.train else 1):
-                    masked = self.sampler(sample, rng)  # fresh masks; the decoded sample is shared, never changed
-                    if not self.train:
-                        yield masked
-                        continue
-                    pool.append(masked)
-                    if len(pool) >= self.shuffle_buffer:
-                        yield pool.pop(int(rng.integers(len(pool))))
-        while pool:
-            yield pool.pop(int(rng.integers(len(pool))))
-
-
-def make_loader(root, config, tokenizer, *, split: str, batch_size: int, rank: int = 0,
-                workers: int | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader of masked batches for 'train' or 'val', decoding and masking in worker processes."""
-    cfg = config.pretrain
-    train_shards, val_shards = split_shards(root, cfg.modalities, cfg.val_shards)
-    shards = train_shards if split == "train" else val_shards
-    sampler = MaskingSampler(cfg.modalities, mixture_from(cfg.mixture, cfg.modalities), cfg.input_tokens, cfg.target_tokens,
-                             tokenizer if any(is_sequence(m) for m in cfg.modalities) else None)
-    dataset = MaskedSamples(root, shards, cfg.modalities, sampler, train=split == "train", repeats=cfg.repeats,
-                            min_score=cfg.det_min_score, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank)
-    workers = cfg.loader_workers if workers is None else workers
-    return data_loader(dataset, workers, batch_size=batch_size, collate_fn=collate, persistent_workers=workers > 0,
-                       drop_last=split == "train")
+                yield decode_sample(raw, self.modalities, crop_index, self.min_score, rng if self.train else None)
 
 
 # -- inspection ---------------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """4M pretraining on Ray Train: the dataset's token shards in, a trained FourM out.
 
-Consumes  <root>/tok_*@224/, rgb/, caption/, det/, crop_settings/   aligned shards (stages/fourm/fourm_data.py)
+Consumes  <root>/tok_*@224/, rgb/, caption/, det/, crop_settings/   aligned shards (stages/fourm/fourm_data.py), or
+          the datasets of a mixture (`pretrain.datasets`, a reference data config: stages/fourm/datasets.py)
           <root>/tokenizers/<modality>/config.json, tokenizers/text/tokenizer.json   the vocabularies' sizes
 Produces  <root>/pretrain/
               config.json, model.safetensors   the trained model (FourM.from_pretrained), written at the end
               checkpoint/                      model, optimizer and state.json: the resume point
               metrics.jsonl                    per log: loss per modality, lr, samples/s, tokens/s, MFU;
-                                               per validation: val_loss per modality
+                                               per validation: val_loss per modality; in a mixture, per dataset
+                                               too (loss.<dataset>.<modality>, samples.<dataset>, val_loss.<dataset>.*)
               train.json                       the summary, written last
 
 One step (the project's training loop, stages/training.py): every worker reads its masked batch (decoded and
@@ -29,7 +31,7 @@ from core.files import write_json
 from core.storage import DataPath, absolute
 from models.fourm import FourM, FourMConfig
 from stages.dataset.shards import DatasetLayout
-from stages.fourm.fourm_data import make_loader, split_shards
+from stages.fourm.datasets import DATASET, make_loader, plan_datasets, val_loaders
 from stages.fourm.fourm_pictures import draw_predictions
 from stages.run_folder import RunFolder, remote_run, run_of
 from stages.run_log import RunLog
@@ -48,7 +50,8 @@ def run_dir(root: str | Path) -> DataPath:
 def model_config(root: str | Path, config: Config):
     """FourM's settings: the configured size, the dataset's vocabularies (each tokenizer's codebook)."""
     cfg, vocab = config.pretrain, {}
-    for m in cfg.modalities:
+    inputs, outputs = cfg.model_domains()
+    for m in dict.fromkeys([*inputs, *outputs]):
         kind = registry.domain(m).kind
         if kind == "tokens":
             folder = tokenizers.folder(root, m) / "config.json"
@@ -60,9 +63,8 @@ def model_config(root: str | Path, config: Config):
             if not path.is_file():
                 raise PretrainInputError(f"{m}: no text tokenizer at {path} (train it: make train-tokenizers)")
             vocab[m] = tokenizers.load_text(root).get_vocab_size()
-    outputs = [m for m in cfg.modalities if not registry.domain(m).input_only]
     try:
-        return FourMConfig.sized(cfg.size, domains_in=list(cfg.modalities), domains_out=outputs, vocab_sizes=vocab,
+        return FourMConfig.sized(cfg.size, domains_in=inputs, domains_out=outputs, vocab_sizes=vocab,
                                  modality_modules=list(config.modalities), **cfg.model)
     except TypeError as err:
         raise PretrainInputError(f"pretrain.model: {err}") from None
@@ -90,15 +92,26 @@ def _check_token_ids(batch: dict, vocab: dict) -> None:
 
 
 def preflight(root, config: Config):
-    """The model's settings, once the shards, tokenizers and a first batch's token ids have been checked."""
-    split_shards(root, config.pretrain.modalities, config.pretrain.val_shards)
+    """The model's settings, once every dataset's shards (or files), the tokenizers and a first batch of each
+    dataset's token ids have been checked."""
+    plans = plan_datasets(root, config)
     model_cfg = model_config(root, config)
-    loader = make_loader(root, config, tokenizers.load_text(root), split="val", batch_size=2, workers=0)
-    _check_token_ids(next(iter(loader)), model_cfg.vocab_sizes)
+    text = tokenizers.load_text(root)
+    for name, loader in val_loaders(root, config, text, batch_size=2, workers=0, plans=plans).items():
+        try:
+            _check_token_ids(next(iter(loader)), model_cfg.vocab_sizes)
+        except PretrainInputError as err:
+            raise PretrainInputError(f"pretrain.datasets[{name}]: {err}" if name else str(err)) from None
     return model_cfg
 
 
-def validate(model, loader, n_in: int, n_out: int, batches: int, device) -> dict:
+def budgets(config: Config) -> tuple[int, int]:
+    """(encoder, decoder) tokens per sample the model is run with: the largest of the datasets' budgets."""
+    entries = config.pretrain.dataset_entries()
+    return max(d.input_tokens for d in entries), max(d.target_tokens for d in entries)
+
+
+def validate(model, loader, n_in: int, n_out: int, batches: int, device, prefix: str = "val_loss") -> dict:
     totals, count = {}, 0
     model.eval()
     with torch.no_grad():
@@ -110,7 +123,7 @@ def validate(model, loader, n_in: int, n_out: int, batches: int, device) -> dict
                 totals[m] = totals.get(m, 0.0) + float(v)
             count += 1
     model.train()
-    return {f"val_loss.{m}": v / max(count, 1) for m, v in totals.items()}
+    return {f"{prefix}.{m}": v / max(count, 1) for m, v in totals.items()}
 
 
 class PretrainTask(TrainTask):
@@ -122,7 +135,9 @@ class PretrainTask(TrainTask):
         self.config, self.cfg, self.root, self.model_config = config, config.pretrain, root, model_config
         self.folder = folder
         self.tokenizer = tokenizers.load_text(root)
-        self.val_loader = None
+        self.val_loaders, self.budgets = {}, budgets(config)
+        self.datasets = [d.name for d in config.pretrain.dataset_entries()]
+        self.seen = torch.zeros(len(self.datasets), dtype=torch.long)  # samples per dataset, this rank, this run
 
     def build(self):
         model = FourM(FourMConfig(**self.model_config))
@@ -137,28 +152,44 @@ class PretrainTask(TrainTask):
 
     def batches(self, start, rank, world):
         local_batch = max(1, self.cfg.batch_size // world)
+        plans = plan_datasets(self.root, self.config)
         loader = iter(make_loader(self.root, self.config, self.tokenizer, split="train", batch_size=local_batch,
-                                  rank=rank))
+                                  rank=rank, plans=plans))
         for _ in range(start):  # fast-forward: the batches this run trained on before it stopped
             next(loader)
         # every rank validates on the same batches, so a sharded model runs its collectives on all of them
-        self.val_loader = make_loader(self.root, self.config, self.tokenizer, split="val", batch_size=local_batch)
+        self.val_loaders = val_loaders(self.root, self.config, self.tokenizer, batch_size=local_batch, plans=plans)
         self.local_batch, self.world = local_batch, world
         return loader
 
     def forward(self, model, batch):
-        loss, losses = model(batch, self.cfg.input_tokens, self.cfg.target_tokens)
-        return {"loss": loss, **{f"loss.{m}": v for m, v in losses.items()}}
+        groups = batch.pop(DATASET, {}).get("index")  # a mixture's batch: each sample's dataset
+        if groups is None:
+            loss, losses = model(batch, *self.budgets)
+            return {"loss": loss, **{f"loss.{m}": v for m, v in losses.items()}}
+        loss, losses, by_dataset = model(batch, *self.budgets, groups=groups)
+        self.seen += torch.bincount(groups.cpu(), minlength=len(self.datasets))
+        return {"loss": loss, **{f"loss.{m}": v for m, v in losses.items()},
+                **{f"loss.{self.datasets[g]}.{m}": v for g, per in by_dataset.items() for m, v in per.items()}}
 
     def log_extras(self, model, done):
+        seen = self.seen.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and len(self.datasets) > 1:
+            seen = seen.to(next(model.parameters()).device)
+            torch.distributed.all_reduce(seen)  # every rank's samples
+        counts = {f"samples.{name}": int(n) for name, n in zip(self.datasets, seen.tolist())} \
+            if len(self.datasets) > 1 else {}
         if done % self.cfg.val_every and done != self.cfg.steps:
-            return {}
-        return validate(model, self.val_loader, self.cfg.input_tokens, self.cfg.target_tokens, self.cfg.val_batches,
-                        next(model.parameters()).device)
+            return counts
+        device = next(model.parameters()).device
+        for name, loader in self.val_loaders.items():
+            counts.update(validate(model, loader, *self.budgets, self.cfg.val_batches, device,
+                                   f"val_loss.{name}" if name else "val_loss"))
+        return counts
 
     def checkpoint_extras(self):
         return {"steps": self.cfg.steps, "batch_size": self.local_batch * self.world,
-                "tokens_per_sample": self.cfg.input_tokens + self.cfg.target_tokens}
+                "tokens_per_sample": sum(self.budgets)}
 
     def finish(self, model, resumed_at_end):
         model.save_pretrained(self.folder)
@@ -166,13 +197,13 @@ class PretrainTask(TrainTask):
 
 def loop_settings(config: Config, model, world: int, stop_after: int | None) -> LoopSettings:
     cfg = config.pretrain
-    local_batch = max(1, cfg.batch_size // world)
+    local_batch, (n_in, n_out) = max(1, cfg.batch_size // world), budgets(config)
     return LoopSettings(
         name="4M", steps=cfg.steps, warmup_steps=cfg.warmup_steps, peak_lr=cfg.base_lr * local_batch * world / 256,
         samples_per_step=local_batch * world, betas=tuple(cfg.betas), grad_clip=cfg.grad_clip,
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, device=cfg.device,
-        parallel=cfg.parallel, compile=cfg.compile, tokens_per_sample=cfg.input_tokens + cfg.target_tokens,
-        flops_per_sample=flops_per_sample(model, cfg.input_tokens, cfg.target_tokens), stop_after=stop_after,
+        parallel=cfg.parallel, compile=cfg.compile, tokens_per_sample=n_in + n_out,
+        flops_per_sample=flops_per_sample(model, n_in, n_out), stop_after=stop_after,
         wandb=config.wandb.model_dump())
 
 

@@ -30,10 +30,10 @@ from core.storage import MODEL_FILES, DataPath, data_path, local_copy
 from models.fourm import FourM
 from models.metrics import depth_figures, normal_angles  # noqa: F401 - the metrics evaluate reports, tested here
 from stages.dataset.shards import CROPS, DatasetLayout
+from stages.fourm.datasets import make_loader
 from stages.fourm.fourm_data import (
     crop_pixels,
     is_sequence,
-    make_loader,
     pixels_picture,
     split_shards,
     text_tokenizer_of,
