@@ -538,6 +538,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key {key!r}")
+        elif isinstance(e.get("input"), dict) and e["type"] == "value_error":  # a section's check: its message
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{source}: {key} = {e.get('input')!r}: {e['msg']}")
     return "\n".join(lines)

@@ -421,6 +421,7 @@ class FourM(nn.Module):
         context, cross_mask = self.encode(batch, num_encoder_tokens)
         y, y_emb, _, target, self_mask, modality = self._decoder_tokens(batch, num_decoder_tokens)
         y = self.decode(y + y_emb, context, self_mask, cross_mask)
+        target = target.long()  # ids of sequences alone (a text-only batch) are int32
         logits, losses, by_group = {}, {}, {}
         for m in batch:
             if m not in self.decoder_embeddings:

@@ -213,7 +213,7 @@ def train_worker(args: dict, task_class=None) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    config = Config(**args["config"])
+    config = args["config"] if isinstance(args["config"], Config) else Config(**args["config"])  # as the driver read it
     task = (task_class or PretrainTask)(config, args["root"], args["model_config"], run_of(args["folder"]).local)
     with torch.device("meta"):  # only its shape: FLOPs per sample
         shape = FourM(FourMConfig(**args["model_config"]))
@@ -242,7 +242,7 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
     model_cfg = preflight(root, config)  # bad input fails here, before any worker starts
     world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
     folder = run.pull()  # the run's files so far, where this machine reads them
-    args = {"root": absolute(layout.root), "folder": run, "config": config.model_dump(),
+    args = {"root": absolute(layout.root), "folder": run, "config": config,
             "model_config": asdict(model_cfg), "stop_after": stop_after}
     fit(train_worker, args, name="pretrain-4m", folder=folder, run=run, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, modalities=config.modality_set,

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.config import Config
 from core.files import save_model_safetensors, write_json
 from core.storage import DataPath, absolute, data_path
 from models.metrics import IGNORE, confusion, segmentation_scores  # noqa: F401 - IGNORE: the datasets' too
@@ -232,7 +231,7 @@ def train_worker(args: dict) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    config, plan = Config(**args["config"]), TransferPlan(**args["plan"])
+    config, plan = args["config"], TransferPlan(**args["plan"])
     s = task_settings(config, plan.task)
     task = TransferTask(plan, s, run_of(args["folder"]).local, config.transfer.seed, rank)
     settings = LoopSettings(name=f"transfer {plan.task}", steps=plan.steps, warmup_steps=plan.warmup_steps,
@@ -261,7 +260,7 @@ def run_transfer(task: str, train, val, config, model: str | None = None, backbo
     world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
     plan = make_transfer_plan(task, train, val, model, backbone, config, world)  # bad input fails here
     folder = run.pull()  # the run's files so far, where this machine reads them
-    args = {"config": config.model_dump(), "plan": asdict(plan), "folder": run,
+    args = {"config": config, "plan": asdict(plan), "folder": run,
             "stop_after": stop_after}
     fit(train_worker, args, name=f"transfer-{task}", folder=folder, run=run, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, modalities=config.modality_set,
