@@ -186,3 +186,38 @@ def test_the_reference_4m21_data_config_reads_into_three_datasets_with_their_mix
     assert [c.input_alphas["rgb@224"] for c in cc12m] == [0.01, 0.1, 1.0, 10.0, 1000.0, 0.05, 0.05]
     inputs, outputs = config.pretrain.model_domains()
     assert "t5_caption" in inputs and "t5_caption" not in outputs and "rgb@224" not in outputs
+
+
+def test_the_4m21_mixtures_token_counts_equal_the_reference_samplers():
+    """4M-21's 7-Dirichlet mixture read from the reference's own alphas config, on a dataset of the 4M-7
+    modalities at 256/256 tokens: per-modality mean input and target counts over 4000 seeded samples equal those of
+    the reference's `UnifiedMasking` given the same config (fixture: make_mixture_masking_stats.py), within four
+    standard errors; each Dirichlet is drawn with the config's sampling weight."""
+    import numpy as np
+
+    from models.text_tokenizer import boxes_to_text
+    from stages.fourm.masking import MaskingSampler
+
+    fixture = json.loads((REFERENCE.parents[2] / "mixture_masking_stats.json").read_text())
+    corpus = fixture["captions"] + [boxes_to_text(b) for b in fixture["boxes"]]
+    tokenizer = train_text_tokenizer(corpus * 3, 4400)
+    assert [len(tokenizer.encode(t).ids) for t in corpus] == fixture["lengths"]
+    domains = fixture["domains"]
+    components = mixture_from(str(REFERENCE.parents[2] / fixture["alphas_config"]), domains)
+    sampler = MaskingSampler(domains, components, fixture["input_tokens"], fixture["target_tokens"], tokenizer)
+    assert sampler.weights.tolist() == pytest.approx([1 / 6] * 5 + [1 / 12] * 2)  # its sampling_weights
+    assert [c.keep.get("caption") for c in components] == ["random"] * 5 + ["all", "random"]
+    rng, n = np.random.default_rng(0), fixture["samples"]
+    counts = {m: {"input": [], "target": []} for m in domains}
+    for i in range(n):
+        sample = {m: torch.zeros(196, dtype=torch.long) for m in domains}
+        sample["caption"] = fixture["captions"][i % len(fixture["captions"])]
+        sample["det"] = boxes_to_text(fixture["boxes"][i % len(fixture["boxes"])])
+        for m, d in sampler(sample, rng).items():
+            counts[m]["input"].append(int((~d["input_mask"]).sum()))
+            counts[m]["target"].append(int((~d["target_mask"]).sum()))
+    for m in domains:
+        for part in ("input", "target"):
+            ours, reference = np.array(counts[m][part]), fixture["stats"][m][part]
+            spread = math.sqrt(reference["std"] ** 2 / n + ours.std() ** 2 / n)
+            assert abs(ours.mean() - reference["mean"]) <= 4 * spread + 1e-9, (m, part, ours.mean(), reference)
