@@ -230,17 +230,37 @@ def tokenize_demo(root: DataPath, config: Config) -> int:
     return 1 if tokenized.failed_shards or problems else 0
 
 
+DEMO_TEXTS = ["a photo of a cat sitting on the floor", "an astronaut standing in front of a flag",
+              "a cup of coffee on a table", "a rocket on its launch pad", "a dog running on the grass",
+              "a red car parked in the street", "two people walking on the beach", "a bowl of fruit"]
+DEMO_MIXTURE = {"photos": 0.8, "captions": 0.2}  # as 4M-21 mixes C4's text into its image datasets
+
+
+def with_text_corpus(root: DataPath, config: Config) -> Config:
+    """The demo's pretraining mixture: its photos' dataset with every modality, and a caption-only text file."""
+    from core.config import PretrainDatasetConfig
+
+    corpus = DatasetLayout(root).text_corpus
+    write_bytes(corpus, "".join(json.dumps({"text": t}) + "\n" for t in DEMO_TEXTS).encode())
+    datasets = [PretrainDatasetConfig(name="photos", weight=DEMO_MIXTURE["photos"]),
+                PretrainDatasetConfig(name="captions", type="text", root=str(corpus), weight=DEMO_MIXTURE["captions"])]
+    return config.model_copy(update={"pretrain": config.pretrain.model_copy(update={"datasets": datasets})})
+
+
 def pretrain_demo(root: DataPath, config: Config) -> int:
-    """A tiny 4M pretrained on the demo tokens, and its predictions from RGB drawn."""
-    print(f"pretraining a tiny 4M on the demo tokens ({trainer(config.pretrain.workers)}, "
-          f"{config.pretrain.steps} steps)")
+    """A tiny 4M pretrained on a mixture of the demo tokens and a text file, and its predictions from RGB drawn."""
+    print(f"pretraining a tiny 4M on the demo tokens mixed with a text file ({trainer(config.pretrain.workers)}, "
+          f"{config.pretrain.steps} steps, weights {DEMO_MIXTURE})")
     RunFolder(run_dir(root)).clear()  # new tokens each run: a new model too
-    summary = run_pretrain(root, config)
+    summary = run_pretrain(root, with_text_corpus(root, config))
     first, final = summary["first"], summary["final"]
     validation = ", ".join(f"{k.removeprefix('val_loss.')} {v:.3g}" for k, v in final.items()
                            if k.startswith("val_loss."))
     print(f"4M loss {first.get('loss', float('nan')):.3g} at step {first.get('step')} -> "
           f"{final.get('loss', float('nan')):.3g} at step {final.get('step')}; validation: {validation}")
+    for name in DEMO_MIXTURE:
+        losses = ", ".join(f"{k.split('.', 2)[2]} {v:.3g}" for k, v in final.items() if k.startswith(f"loss.{name}."))
+        print(f"  {name}: {final.get(f'samples.{name}', 0)} samples seen; last batch's losses: {losses or '-'}")
     print(f"model: {run_dir(root)}/ (FourM.from_pretrained)\npredictions from RGB alone: {summary['predictions']}")
     return 0
 

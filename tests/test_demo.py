@@ -60,8 +60,12 @@ def test_demo_on_object_storage_downloads_labels_tokenizes_and_verifies_the_bund
     # a tiny 4M pretrained on the demo tokens, its predictions from RGB drawn
     pretrained = json.loads((demo / "pretrain/train.json").read_text())
     assert pretrained["final"]["step"] == 60 and pretrained["final"]["loss"] < pretrained["first"]["loss"]
-    assert {f"val_loss.tok_{m}@224" for m in ("rgb", "depth", "normal", "semseg", "clip")} <= set(pretrained["final"])
-    assert {"val_loss.color_palette", "val_loss.tok_canny_edge@224", "val_loss.metadata"} <= set(pretrained["final"])
+    final = pretrained["final"]  # a mixture: the photos' dataset and a caption-only text file on the store
+    assert {f"val_loss.photos.tok_{m}@224" for m in ("rgb", "depth", "normal", "semseg", "clip")} <= set(final)
+    assert {"val_loss.photos.color_palette", "val_loss.photos.tok_canny_edge@224", "val_loss.photos.metadata"} <= set(final)
+    assert final["samples.photos"] + final["samples.captions"] == 60 * 8 and final["samples.captions"] > 0
+    assert f"captions: {final['samples.captions']} samples seen" in result.stdout
+    assert (demo / "corpus/captions.jsonl").is_file()
     saved = json.loads((demo / "pretrain/config.json").read_text())
     assert saved["modality_modules"] == ["models.modalities_4m21"]  # loading the model imports the module
     assert (demo / "pretrain/predictions.png").is_file() and "predictions from RGB alone" in result.stdout

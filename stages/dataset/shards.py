@@ -131,6 +131,11 @@ class DatasetLayout:
         return self.root / URL_LIST
 
     @property
+    def text_corpus(self) -> DataPath:
+        """The demo's text-only corpus (one JSON object with a `text` per line), mixed into its pretraining."""
+        return self.root / TEXT_CORPUS
+
+    @property
     def colour_classes_dir(self) -> DataPath:
         """The demo's transfer task: class folders of its photos, tinted."""
         return self.root / COLOUR_CLASSES
@@ -199,7 +204,7 @@ class DatasetLayout:
 
 
 TOKENIZERS, PRETRAIN, SHOW, DROPPED, GENERATE = "tokenizers", "pretrain", "show", "_dropped", "generate"
-URL_LIST, COLOUR_CLASSES = "urls.tsv", "transfer/colours"
+URL_LIST, COLOUR_CLASSES, TEXT_CORPUS = "urls.tsv", "transfer/colours", "corpus/captions.jsonl"
 NOT_LOADER_FOLDERS = {TOKENIZERS, SHOW, PRETRAIN}
 
 
