@@ -5,10 +5,13 @@ grids, captions and box sequences, then timed steps of forward, backward and Ada
 on a CPU): samples/s, tokens/s, model FLOPs per sample (stages.fourm.pretrain.flops_per_sample), MFU against the GPU's
 dense bf16 peak, peak accelerator memory. Loader: token shards of real photos written to --work, read, decoded,
 cropped and masked by one process (stages.fourm.fourm_data.MaskedSamples): masked samples/s per CPU core, to set
-against the model's samples/s per GPU (the loader runs in `pretrain.loader_workers` processes per GPU).
+against the model's samples/s per GPU (the loader runs in `pretrain.loader_workers` processes per GPU). Mixture
+(--mixture): three datasets read at weights 0.6/0.2/0.2 as 4M-21 reads CC12M, COYO and C4 (the shards above with
+every modality, the same read for RGB, its tokens, captions and boxes only, and a JSON-lines text corpus), each
+alone and mixed: the mixture's time per sample against the weighted mean of its parts'.
 
 Run: python bench/bench_pretrain.py [--size B] [--batch 64] [--steps 20] [--device auto] [--compile]
-     [--loader-samples 512] [--whole-photos]
+     [--loader-samples 512] [--whole-photos] [--mixture]
 """
 from __future__ import annotations
 
@@ -161,6 +164,48 @@ def bench_loader(args, work: Path, tokenizer, vocab: dict) -> dict:
             "photo": "whole, cropped when loaded" if args.whole_photos else "stored 224 crops"}
 
 
+def _per_sample_seconds(stream, samples: int) -> float:
+    iterator = iter(stream)
+    for _ in range(64):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(samples):
+        next(iterator)
+    return (time.perf_counter() - start) / samples
+
+
+def bench_mixture(args, work: Path, tokenizer, vocab: dict) -> dict:
+    from stages.fourm.datasets import MixedSamples, TextSamples
+
+    root = work / "tokens"
+    if not (root / CROP_PIXELS).is_dir():
+        make_token_shards(root, 2, args.loader_samples // 2, vocab)
+    corpus = work / "c4.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{CAPTION} number {i}"}) + "\n" for i in range(2000)))
+    shards = sorted(p.stem for p in (root / "crop_settings").glob("shard-*.tar"))
+    seven = ["rgb@224", "tok_rgb@224", "caption", "det"]
+    torch.set_num_threads(1)
+
+    def parts():
+        settings = dict(train=True, repeats=4, shuffle_buffer=64)
+        return [MaskedSamples(root, shards, MODALITIES, MaskingSampler(MODALITIES, mixture_from("paper", MODALITIES),
+                                                                       128, 128, tokenizer),
+                              min_score=0.6, seed=0, **settings),
+                MaskedSamples(root, shards, seven, MaskingSampler(seven, mixture_from("paper", seven), 128, 128,
+                                                                  tokenizer), min_score=0.6, seed=[0, 1], **settings),
+                TextSamples([str(corpus)], "text", "caption",
+                            MaskingSampler(["caption"], mixture_from("paper", ["caption"]), 128, 128, tokenizer),
+                            storage_options={}, seed=[0, 2], **settings)]
+
+    weights = [0.6, 0.2, 0.2]
+    alone = [_per_sample_seconds(part, args.loader_samples) for part in parts()]
+    mixed = _per_sample_seconds(MixedSamples(parts(), weights, MODALITIES, seed=0), args.loader_samples)
+    expected = sum(w * t for w, t in zip(weights, alone))
+    return {"parts_masked_samples_per_s_per_core": [round(1 / t, 1) for t in alone],
+            "mixture_masked_samples_per_s_per_core": round(1 / mixed, 1),
+            "mixture_cost_over_its_parts": round(mixed / expected, 3), "weights": weights}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="B", choices=["Ti", "S", "B", "L", "XL"])
@@ -172,6 +217,7 @@ def main() -> int:
     parser.add_argument("--whole-photos", action="store_true",
                         help="the loader on a dataset without stored 224 crops (each photo decoded whole)")
     parser.add_argument("--compile", action="store_true", help="time the model under torch.compile")
+    parser.add_argument("--mixture", action="store_true", help="the loader on a mixture of three datasets too")
     parser.add_argument("--work", default=str(HERE / "_work" / "pretrain"))
     args = parser.parse_args()
     work = Path(args.work)
@@ -192,6 +238,12 @@ def main() -> int:
                 f"device)" if model else ""
         print(f"loader ({loader['photo']}): {loader['masked_samples_per_s_per_core']} masked samples/s per core"
               + needs)
+    if args.mixture and args.loader_samples:
+        mix = results["mixture"] = bench_mixture(args, work, tokenizer, vocab)
+        print(f"mixture 0.6/0.2/0.2 (every modality / RGB, tokens, captions, boxes / text): parts "
+              f"{mix['parts_masked_samples_per_s_per_core']} masked samples/s per core alone, mixed "
+              f"{mix['mixture_masked_samples_per_s_per_core']}: {mix['mixture_cost_over_its_parts']} x the weighted "
+              f"mean of its parts' time per sample")
     (work / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

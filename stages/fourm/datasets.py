@@ -215,15 +215,15 @@ class MixedSamples(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.rank, info.id if info else 0, len(self.parts)])
         streams = [iter(part) for part in self.parts]
         empty = {m: empty_entry(m) for m in self.modalities}
+        marks = [{"index": torch.tensor(i)} for i in range(len(self.parts))]
         while True:
-            index = int(rng.choice(len(self.parts), p=self.probabilities))
-            try:
-                sample = next(streams[index])
-            except StopIteration:  # an epoch of it read: it starts again
-                streams[index] = iter(self.parts[index])
-                sample = next(streams[index])
-            yield {**{m: empty[m] for m in self.modalities if m not in sample}, **sample,
-                   DATASET: {"index": torch.tensor(index)}}
+            for index in rng.choice(len(self.parts), size=1024, p=self.probabilities).tolist():  # drawn in blocks:
+                try:                                                     # one draw at a time cost 5% of a sample
+                    sample = next(streams[index])
+                except StopIteration:  # an epoch of it read: it starts again
+                    streams[index] = iter(self.parts[index])
+                    sample = next(streams[index])
+                yield {**{m: empty[m] for m in self.modalities if m not in sample}, **sample, DATASET: marks[index]}
 
 
 def _part(plan: DatasetPlan, index: int, config, tokenizer, split: str, rank: int) -> Masked:
