@@ -55,6 +55,12 @@ class Domain:
     grid: int = GRID               # image tokens per side (DINOv2's: 16)
     pooled: bool = False           # tokens of one global vector (a codebook each): as many at any image size,
                                    # positions learned (the reference's `sincos_pos_emb=False`)
+    positions: int | None = None   # a sequence's embedding length (the reference's `max_length`): a decoder
+                                   # position at or past it reads position 0; None: `max_tokens`
+
+    @property
+    def position_limit(self) -> int:
+        return self.positions or self.max_tokens
 
     @property
     def short_name(self) -> str:
@@ -98,6 +104,7 @@ class Modality:
     label_order = 100              # where it comes in pictures and tables (lower first)
     token_grid = GRID              # its image tokens per side at 224 (DINOv2's 14-pixel patches: 16)
     pooled = False                 # one global vector, its tokens one per codebook (DINOv2's global: 4x4)
+    embedding_length = None        # a sequence's embedding length where the reference's differs from its max_tokens
     pretokenized = False           # its 4M sequence is made by tokenize (SAM instances per crop, poses' ids) and
                                    # read from tok_<name>/ (the reference's `pretokenized`)
 

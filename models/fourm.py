@@ -39,7 +39,6 @@ def _domain(name: str) -> registry.Domain:
     return registry.domain(name)
 
 
-MAX_SEQUENCE = 256          # sequence tokens; a decoder position at or past this reads position 0
 SEQUENCE_TABLE = 512        # sine-cosine positions of a sequence: the reference means to cut its 512-entry table to
                             # 256, but its slice falls on the batch axis, so its checkpoints carry all 512
 
@@ -251,6 +250,8 @@ class Embedding(nn.Module):
         super().__init__()
         spec = _domain(modality)
         self.kind, self.decoder = spec.kind, decoder
+        self.max_length = spec.position_limit  # a decoder position at or past its modality's embedding length
+                                               # reads position 0, as the reference's (SAM instances 290, poses 263)
         self.mod_emb = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         if self.kind == "pixels":
             self.patch = cfg.patch_size
@@ -290,7 +291,7 @@ class Embedding(nn.Module):
         # sequences of tokens or vectors: a token's position is its rank among the valid tokens of its part
         invalid = d["target_mask" if self.decoder else "input_mask"]
         rank = (~invalid).long().cumsum(1) - 1
-        rank = rank.masked_fill(invalid | ((rank >= MAX_SEQUENCE) if self.decoder else False), 0)
+        rank = rank.masked_fill(invalid | ((rank >= self.max_length) if self.decoder else False), 0)
         positions = self.pos_emb[0][rank].masked_fill(invalid[..., None], 0.0)
         return x, positions + self.mod_emb
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from core import registry
-from models.fourm import MAX_SEQUENCE
+
+CAPTION_TOKENS = 256  # a caption's most tokens, [EOS] included (the reference's)
 
 SCHEMES = ("maskgit", "roar", "autoregressive")
 
@@ -75,13 +76,12 @@ def temperatures(name: str, start: float, counts: list[int]) -> list[float]:
 
 
 def sequence_limit(target: str) -> int:
-    """The most tokens a sequence target generates after [S_1]: its domain's budget less [EOS] (the model's whole
-    sequence for a name the registry does not know)."""
+    """The most tokens a sequence target generates after [S_1]: its domain's length less [EOS] (SAM instances 289,
+    poses 274, captions 255; a name the registry does not know: a caption's)."""
     try:
-        most = registry.domain(target).max_tokens
+        return registry.domain(target).max_tokens - 1
     except registry.RegistryError:
-        most = MAX_SEQUENCE
-    return min(most, MAX_SEQUENCE) - 1
+        return CAPTION_TOKENS - 1
 
 
 @dataclass
@@ -410,7 +410,7 @@ class Sampler:
         merged = []
         for row, tokens, end in zip(inputs, predicted.tolist(), final.tolist()):
             tokens = tokens[:tokens.index(end) + 1] if end in tokens else tokens
-            merged.append(merge_spans(row, tokens, self.sentinel_set)[:MAX_SEQUENCE])
+            merged.append(merge_spans(row, tokens, self.sentinel_set)[:registry.domain(target).max_tokens])
         state[target] = sequence_entry(merged, self.pad_id, self.device)
 
     def decode_sequence(self, passes, target: str, weights, step: Step, generators, final: torch.Tensor):

@@ -81,6 +81,7 @@ class HumanPoses(SequenceModality):
 
     name, label_order, extension = "human_poses", 15, "json"
     max_tokens = 275             # 7 humans of 39 tokens, [EOS] and a sentinel
+    embedding_length = 263       # the reference's embedding length for it (its max_length), less than max_tokens
     needs_photo = True
     published_tokenizer = "EPFL-VILAB/4M_tokenizers_human-poses_1k_8"
     tokenizer = dict(in_channels=207, codebook_size=1024, decoder="mlp", num_codebooks=8, loss="smooth_l1",

@@ -371,7 +371,7 @@ def sequence_domains(modality: Modality) -> list[Domain]:
     tokenize makes it (`pretokenized`)."""
     folder = modality.token_folder if modality.pretokenized else modality.folder
     return [Domain(modality.name, modality, "sequence", folder, vocab_size=TEXT_VOCABULARY,
-                   max_tokens=modality.max_tokens)]
+                   max_tokens=modality.max_tokens, positions=modality.embedding_length)]
 
 
 class SequenceModality(Modality):

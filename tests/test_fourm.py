@@ -83,6 +83,30 @@ def test_a_4m21_checkpoint_converts_with_its_modules_modalities_and_gives_the_re
     assert abs(float(without_t5) - float(loss)) > 1e-3  # the T5 vectors are read: the loss depends on them
 
 
+def test_sequence_targets_past_256_tokens_take_the_references_positions_per_modality(tmp_path):
+    """Captions, SAM instances and poses with targets of up to 285 tokens (made by the reference's FourM): a decoder
+    position resets to 0 from each modality's own embedding length on (captions 256, SAM instances 290, poses 263),
+    so every per-modality loss equals the reference's; one shared 256 for all of them differed by about 2e-3."""
+    out = tmp_path / "model"
+    modules = ["models.modalities_4m21_networks", "models.modalities_4m21_external"]
+    assert cli(["convert-4m", "--checkpoint", str(FIXTURES / "fourm21_long.safetensors"), "--out", str(out),
+                "--modalities", *modules]) == 0
+    model = FourM.from_pretrained(out).eval()
+    batch, expected, n_in, n_out, _ = reference_io(FIXTURES / "fourm21_long_io.safetensors")
+    assert int((~batch["sam_instance"]["target_mask"]).sum(1).max()) > 256  # past one shared limit
+    assert [model.decoder_embeddings[m].max_length for m in ("caption", "sam_instance", "human_poses")] == \
+        [256, 290, 263]
+    with torch.no_grad():
+        loss, losses = model(batch, n_in, n_out)
+    for modality in ("caption", "sam_instance", "human_poses", "tok_rgb@224"):
+        assert float(losses[modality]) == pytest.approx(float(expected[f"loss.{modality}"]), abs=1e-4), modality
+    assert float(loss) == pytest.approx(float(expected["loss"]), abs=1e-4)
+    from models.generate import Step  # and generation goes as far as each one's length, not one cap of 255
+
+    assert [Step(m, scheme="autoregressive").max_tokens for m in ("caption", "sam_instance", "human_poses")] == \
+        [255, 289, 274]
+
+
 def test_the_hugging_face_folder_layout_converts_to_the_same_model(tmp_path):
     """The reference's FM class saves config.json + model.safetensors without the decoders' shared modality
     embeddings, and with untied heads."""
