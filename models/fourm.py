@@ -507,6 +507,21 @@ def read_reference_checkpoint(source: str | Path) -> tuple[dict, dict, str]:
     return read_checkpoint(source, "domains_in", CheckpointError)
 
 
+def with_shared_embeddings(tensors: dict, domains_in: list[str], domains_out: list[str]) -> dict:
+    """The tensors with each modality embedding under both of its names: the reference's `FM.save_pretrained`
+    (safetensors' `save_model`) keeps one name of a tensor the encoder and decoder embeddings share (the decoder's
+    `mod_emb`), where its single-file checkpoints hold both."""
+    out = dict(tensors)
+    for m in set(domains_in) & set(domains_out):
+        encoder, decoder = f"encoder_embeddings.{m}.mod_emb", f"decoder_embeddings.{m}.mod_emb"
+        has_encoder = any(k.startswith(f"encoder_embeddings.{m}.") for k in tensors)
+        if decoder in out and encoder not in out and has_encoder:
+            out[encoder] = out[decoder]
+        elif encoder in out and decoder not in out:
+            out[decoder] = out[encoder]
+    return out
+
+
 def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[FourMConfig, dict]:
     """The reference's checkpoint as this model's configuration and state dict; refuses unknown, missing or
     mis-shaped tensors and settings this model does not implement, by name. `modalities`: modules defining
@@ -524,6 +539,7 @@ def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[F
         raise CheckpointError(f"{source}: settings {missing} missing")
     kept = {k: settings[k] for k in REFERENCE_SETTINGS if k in settings}
     known = modality_set.domain_names()
+    tensors = with_shared_embeddings(tensors, settings["domains_in"], settings["domains_out"])
     kept["domains_in"] = [m for m in kept["domains_in"] if m in known and
                           f"encoder_embeddings.{m}.mod_emb" in tensors]  # the reference drops embedding-less ones
     unknown = [m for m in [*settings["domains_in"], *settings["domains_out"]] if m not in known]
@@ -555,8 +571,6 @@ def convert_reference(source: str | Path, modalities: list[str] = ()) -> tuple[F
         if key.endswith(".bias") and key not in expected and not cfg.norm_bias and not value.any():
             continue  # the reference's bias-free LayerNorm keeps a zero bias buffer
         state[key] = value
-    for m in set(cfg.domains_in) & set(cfg.domains_out):  # the Hugging Face files omit the shared copy
-        state.setdefault(f"decoder_embeddings.{m}.mod_emb", state.get(f"encoder_embeddings.{m}.mod_emb"))
     extra = sorted(set(state) - set(expected))
     absent = sorted(set(expected) - set(state))
     if extra or absent:

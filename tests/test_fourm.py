@@ -130,6 +130,32 @@ def test_the_hugging_face_folder_layout_converts_to_the_same_model(tmp_path):
                        kept["decoder_embeddings.caption.to_logits.weight"])
 
 
+def test_a_folder_as_the_references_save_pretrained_writes_it_converts_to_the_same_model(tmp_path):
+    """`FM.save_pretrained` writes through safetensors' `save_model`, which keeps one name of a tensor two modules
+    share: of each modality embedding shared by the encoder and the decoder, the decoder's. Those modalities stay
+    inputs, and the model gives the reference's loss."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_model
+
+    reference = convert_checkpoint(CHECKPOINT, tmp_path / "from-file")
+    untied = FourM(replace(reference.cfg, tie_output=False))  # the FM class's heads are apart from the embeddings
+    untied.load_state_dict(reference.state_dict())
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    save_model(untied, str(folder / "model.safetensors"))
+    with safe_open(str(CHECKPOINT), "pt") as f:
+        (folder / "config.json").write_text(json.dumps({k: yaml.safe_load(v) for k, v in f.metadata().items()}))
+    written = set(load_file(folder / "model.safetensors"))
+    assert "decoder_embeddings.tok_rgb@224.mod_emb" in written and "encoder_embeddings.tok_rgb@224.mod_emb" not in written
+    model = convert_checkpoint(folder, tmp_path / "out").eval()
+    assert model.cfg.domains_in == reference.cfg.domains_in and "tok_rgb@224" in model.cfg.domains_in
+    batch, expected, n_in, n_out, _ = reference_io()
+    with torch.no_grad():
+        loss, _ = model(batch, n_in, n_out)
+    assert float(loss) == pytest.approx(float(expected["loss"]), abs=1e-4)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda t: t.update({"encoder.7.attn.qkv.weight": torch.zeros(192, 64)}), "unknown tensors.*encoder.7"),
     (lambda t: t.pop("decoder.1.cross_attn.kv.weight"), "missing tensors.*decoder.1.cross_attn.kv.weight"),
