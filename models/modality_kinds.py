@@ -110,9 +110,21 @@ class DenseModality(Modality):
         if not self.standardised:
             return x
         flat = ((x.float() + 1) / 2).flatten(1)
+        mean, spread = self._standardisation(flat)
+        return ((flat - mean) / spread).reshape(x.shape)
+
+    @staticmethod
+    def _standardisation(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kept = flat.sort(dim=1).values[:, int(0.1 * flat.shape[1]):int(0.9 * flat.shape[1])]
-        mean, var = kept.mean(1, keepdim=True), kept.var(1, keepdim=True)
-        return ((flat - mean) / torch.sqrt(var + 1e-6)).reshape(x.shape)
+        return kept.mean(1, keepdim=True), torch.sqrt(kept.var(1, keepdim=True) + 1e-6)
+
+    def on_input_scale(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A reconstruction `y` of tokenizer inputs `x` (ours, in [-1, 1]) on the inputs' own scale, to draw the two
+        on one scale: standardised depth is taken back with each input's statistics, not stretched by its own."""
+        if not self.standardised:
+            return self.from_reference_output(y)
+        mean, spread = self._standardisation(((x.float() + 1) / 2).flatten(1))
+        return ((y.float().flatten(1) * spread + mean) * 2 - 1).reshape(y.shape)
 
     def reference_tokenizer_problems(self, cfg) -> list[str]:
         """Why a tokenizer in the reference's architecture (its settings `cfg`) cannot be this modality's."""

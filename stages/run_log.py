@@ -63,6 +63,14 @@ class RunLog:
         if self.wandb is not None:
             self._wandb_log(figures, step)
 
+    def settings(self, values: dict) -> None:
+        """The run's settings, once: a text panel in TensorBoard, the W&B run's config."""
+        text = json.dumps(values, indent=1, default=str)
+        self.writer.add_text("settings", "```\n" + text + "\n```", 0)  # markdown: kept as written
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.config.update(json.loads(text), allow_val_change=True)
+
     def pictures(self, paths: list[Path], step: int) -> None:
         """Each picture written since the last call (by its modification time), as an image at `step`."""
         from PIL import Image

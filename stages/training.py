@@ -16,6 +16,7 @@ fast-forwards its data to the restored step, so a resumed run takes exactly the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -282,6 +283,11 @@ class TrainTask:
     def checkpoint_extras(self) -> dict:
         return {}
 
+    def settings(self) -> dict:
+        """What the run was configured with, beyond the loop's settings: shown with the run (TensorBoard's text
+        panel, the W&B run's config)."""
+        return {}
+
     def finish(self, model, resumed_at_end: bool) -> None:
         """Rank 0, once the last step is done: save the finished (unsharded) model."""
 
@@ -341,9 +347,14 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
     stop = min(s.steps, s.stop_after or s.steps)
     peak = peak_flops(device)
     run_log = RunLog(folder, wandb=s.wandb, name=s.name) if rank == 0 else None
-    window_start, window_steps = time.perf_counter(), 0
+    if run_log:
+        run_log.settings({"loop": {f.name: getattr(s, f.name) for f in dataclasses.fields(s)
+                                   if f.name not in ("run", "wandb")}, **task.settings()})
+    window_start, window_steps, waited = time.perf_counter(), 0, 0.0
     for step in range(start, stop):
+        asked = time.perf_counter()
         batch = _to(next(batches), device)
+        waited += time.perf_counter() - asked  # the loader's share of the step: above a few % it bounds training
         torch.manual_seed(s.seed * 1_000_003 + step * world + rank)  # every draw of this step: restarts, noise
         lr = warmup_cosine(step, s.peak_lr, s.warmup_steps, s.steps)
         apply_lr(optimizer, lr)
@@ -352,9 +363,10 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         norm = None
-        if s.grad_clip:
+        logged = (step + 1) % s.log_every == 0 or step + 1 == stop
+        if s.grad_clip or logged:  # the norm of every log step, clipped or not (a days-long run's first alarm)
             scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a distributed tensor
         scaler.step(optimizer)
         scaler.update()
@@ -363,11 +375,17 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
         if done % s.log_every == 0 or done == stop:
             extras = task.log_extras(model, done)
             if rank == 0:
-                samples_per_s = window_steps * s.samples_per_step / (time.perf_counter() - window_start)
+                elapsed = time.perf_counter() - window_start
+                samples_per_s = window_steps * s.samples_per_step / elapsed
                 line = {"step": done, "lr": lr,
                         **{k: v.item() for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0},
-                        "samples_per_s": samples_per_s,
-                        **({"tokens_per_s": samples_per_s * s.tokens_per_sample} if s.tokens_per_sample else {}),
+                        "samples_per_s": samples_per_s, "step_time_s": elapsed / window_steps,
+                        "loader_wait_share": waited / elapsed,
+                        **({"tokens_per_s": samples_per_s * s.tokens_per_sample,
+                            "tokens_seen": done * s.samples_per_step * s.tokens_per_sample}
+                           if s.tokens_per_sample else {}),
+                        **({"gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+                           if device.type == "cuda" else {}),
                         **({"mfu": samples_per_s * s.flops_per_sample / (peak * world) if peak else None}
                            if s.flops_per_sample else {}),
                         **({"grad_norm": float(norm)} if norm is not None else {}), **extras}
@@ -377,7 +395,7 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
                 sys.stdout.write(f"[{s.name}] step {done}/{s.steps} " + " ".join(
                     f"{k}={v:.4g}" for k, v in line.items() if isinstance(v, float)) + "\n")
                 sys.stdout.flush()
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, waited = time.perf_counter(), 0, 0.0
         if done % s.checkpoint_every == 0 or done == stop:
             weights, optimizer_state = gather_state(model, optimizer)  # a collective under FSDP
             if rank == 0:

@@ -488,3 +488,16 @@ def test_a_small_datasets_decoded_shards_are_kept_across_epochs_and_a_rewritten_
     path.write_bytes(original)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten: read anew
     assert [k for k, _, _ in decoded_samples(layout, "rgb", "shard-000000")] == keys
+
+
+def test_a_depth_reconstruction_is_drawn_on_its_inputs_scale():
+    """A nearly flat depth crop reconstructed within 1e-3 (in the tokenizer's standardised space) is drawn as nearly
+    flat too: taken back with the input's own statistics, not stretched to the full colour range by its own."""
+    depth = registry.get("depth")
+    x = torch.full((1, 1, 16, 16), 0.2) + torch.linspace(0, 0.02, 16)[None, None, None, :]
+    y = depth.reference_input(x) + 1e-3 * torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    drawn = depth.on_input_scale(y, x)
+    assert (drawn - x).abs().max() < 1e-3
+    assert float(depth.from_reference_output(y).max() - depth.from_reference_output(y).min()) == pytest.approx(2)
+    pictures = [depth.tensor_picture(t[0]) for t in (x, drawn)]
+    assert abs(pictures[0] - pictures[1]).max() < 0.02  # the two rows of the panel look alike

@@ -131,9 +131,10 @@ def test_every_log_step_reaches_tensorboard_beside_metrics_jsonl_with_the_pictur
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     task = Drawn(tmp_path)
-    train_loop(task, settings(steps=4, log_every=2), tmp_path, rank=0, world=1)
+    train_loop(task, settings(steps=4, log_every=2, tokens_per_sample=7), tmp_path, rank=0, world=1)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    events = EventAccumulator(str(tmp_path / "tensorboard"),
+                              size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
     tags = events.Tags()
     assert {"loss", "lr", "samples_per_s", "val_loss/caption"} <= set(tags["scalars"])
     for name in ("loss", "lr", "val_loss/caption"):
@@ -142,6 +143,13 @@ def test_every_log_step_reaches_tensorboard_beside_metrics_jsonl_with_the_pictur
             [(line["step"], line[key]) for line in lines]
     images = events.Images("pictures/reconstructions")
     assert [i.step for i in images] == [2, 4] and (images[0].width, images[0].height) == (8, 4)
+    # what a days-long run shows besides the losses: the gradient norm without clipping, each step's time and the
+    # loader's share of it, tokens seen, and the run's settings as a text panel
+    assert {"grad_norm", "step_time_s", "loader_wait_share", "tokens_seen"} <= set(tags["scalars"])
+    assert all(line["grad_norm"] > 0 and 0 <= line["loader_wait_share"] <= 1 for line in lines)
+    assert [line["tokens_seen"] for line in lines] == [2 * 8 * 7, 4 * 8 * 7]  # steps x batch x tokens per sample
+    (text,) = events.Tensors("settings/text_summary")
+    assert '"log_every": 2' in text.tensor_proto.string_val[0].decode()
 
 
 def wandb_history(path) -> list[dict]:

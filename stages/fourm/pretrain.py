@@ -191,6 +191,9 @@ class PretrainTask(TrainTask):
         return {"steps": self.cfg.steps, "batch_size": self.local_batch * self.world,
                 "tokens_per_sample": sum(self.budgets)}
 
+    def settings(self):
+        return {"pretrain": self.cfg.model_dump(), "model": self.model_config}
+
     def finish(self, model, resumed_at_end):
         model.save_pretrained(self.folder)
 

@@ -295,7 +295,7 @@ def evaluate(model, modality: str, batch: torch.Tensor, seed: int) -> dict:
     name, value = reconstruction_metric(modality, decoded, target)
     model.train()
     return {"metric": name, "value": value, "baseline": baseline_metric(modality, target, model.cfg.n_labels),
-            "reconstruction": spec.from_reference_output(decoded)}
+            "reconstruction": spec.on_input_scale(decoded, batch)}  # drawn on the inputs' scale
 
 
 QUALITY_METRICS = ("psnr_db", "mean_angle_deg", "l1", "miou", "cosine")
@@ -385,6 +385,9 @@ class TokenizerTask(TrainTask):
 
     def checkpoint_extras(self):
         return {"plan": asdict(self.plan)}
+
+    def settings(self):
+        return {"tokenizer": self.cfg.model_dump(), "model": asdict(self.mcfg), "plan": asdict(self.plan)}
 
     def finish(self, model, resumed_at_end):
         if resumed_at_end:  # resumed from the final checkpoint of a run stopped before it finished: record its metric

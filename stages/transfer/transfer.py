@@ -220,6 +220,9 @@ class TransferTask(TrainTask):
     def checkpoint_extras(self):
         return {"plan": asdict(self.plan)}
 
+    def settings(self):
+        return {"transfer": self.s.model_dump(), "plan": asdict(self.plan)}
+
     def finish(self, model, resumed_at_end):
         save_model_safetensors(model, self.folder / "model.safetensors")
         (self.folder / "transfer.json").write_text(json.dumps(
