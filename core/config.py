@@ -345,7 +345,7 @@ class PretrainConfig(ModalitySection):
         if isinstance(values, dict) and values.get("data_config"):
             if values.get("datasets"):
                 raise ValueError("pretrain.data_config and pretrain.datasets: give one of them")
-            from stages.fourm.reference_config import read_data_config
+            from core.reference_config import read_data_config
 
             values = {**values, "datasets": read_data_config(values["data_config"])}
         return values

@@ -153,6 +153,11 @@ class Modality:
         """The stored label (decoded) as an RGB picture in [0, 1] for `show`; `photo` is the RGB image."""
         raise NotImplementedError
 
+    def on_input_scale(self, y, x):
+        """A tokenizer's reconstruction `y` of inputs `x`, on the inputs' scale to draw beside them (maps whose
+        tokenizer reads them standardised override it)."""
+        return self.from_reference_output(y)
+
     def __repr__(self) -> str:
         return f"<modality {self.name}>"
 

@@ -239,8 +239,10 @@ class PretrainReporter:
         self._update()
         lines = [json.loads(line) for line in self.metrics.read_text().splitlines()]
         rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()
-                 if k == "step" or "loss" in k or k in ("samples_per_s", "tokens_per_s", "mfu")} for line in lines]
-        create_table_artifact(rows, key="pretrain-losses", description="4M losses per modality (train, validation), "
+                 if k == "step" or "loss" in k or k.startswith("samples.")
+                 or k in ("samples_per_s", "tokens_per_s", "mfu")} for line in lines]
+        create_table_artifact(rows, key="pretrain-losses", description="4M losses per modality (train, validation; "
+                                                                         "per dataset in a mixture, with its samples), "
                                                                          "samples/s, tokens/s and MFU per logged step")
         parts = ["# 4M pretraining", f"{summary['steps']} steps on {summary['workers']} worker(s)"]
         pictures = [draw_loss_curves(self.metrics, self.metrics.with_name("losses.png"))]

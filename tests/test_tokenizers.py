@@ -142,7 +142,7 @@ def test_training_lowers_the_reconstruction_error_on_photos(trained_rgb):
     # seeded: 0.32 -> 0.17 in 16 steps of a tiny model (decoding from noise needs hundreds: test_tokenizer_quality)
     assert error(trained) < 0.7 * error(initial)
     log = [json.loads(line) for line in (tokenizer_dir(trained_rgb, "rgb") / "metrics.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 16 and {"loss", "codes_used", "perplexity", "psnr_db", "lr"} <= set(log[-1])
+    assert log[-1]["step"] == 16 and {"loss", "codes_used", "perplexity", "psnr_db", "eval_loss", "lr"} <= set(log[-1])
     assert log[-1]["psnr_db_baseline"] == pytest.approx(baseline_metric("rgb", photos))  # the mean-colour image
     assert log[-1]["reconstruction_loss"] < log[0]["reconstruction_loss"]
     assert (tokenizer_dir(trained_rgb, "rgb") / "reconstructions.png").stat().st_size > 1000

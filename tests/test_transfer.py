@@ -168,6 +168,7 @@ def test_a_short_classification_fine_tune_beats_an_untrained_head(classification
     assert (model / "transfer-classification" / "ray").is_dir()  # trained by a Ray Train worker: its run state
     log = [json.loads(line) for line in (model / "transfer-classification" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"] and "val_top5" in log[-1]
+    assert log[-1]["val_loss"] < log[0]["loss"]  # the validation loss beside the scores, at each evaluation
 
 
 def test_a_stopped_fine_tune_resumes_to_the_same_weights(classification, tmp_path):

@@ -120,7 +120,7 @@ def mixture_from(setting, modalities: list[str]) -> list[Component]:
     if setting == "paper":
         return paper_mixture(modalities)
     if isinstance(setting, str) and setting.endswith((".yaml", ".yml")):  # a reference alphas config
-        from stages.fourm.reference_config import read_alphas_config
+        from core.reference_config import read_alphas_config
 
         return [Component(**c) for c in read_alphas_config(setting, modalities)]
     if isinstance(setting, str):

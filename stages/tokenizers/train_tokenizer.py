@@ -363,11 +363,23 @@ class TokenizerTask(TrainTask):
     def _evaluate(self, model, done: int) -> dict:
         device = next(model.parameters()).device
         result = evaluate(model, self.modality, self.evaluation.to(device), self.cfg.seed)
-        figures = {result["metric"]: result["value"], f"{result['metric']}_baseline": result["baseline"]}
+        figures = {result["metric"]: result["value"], f"{result['metric']}_baseline": result["baseline"],
+                   "eval_loss": self._eval_loss(model, device)}
         save_reconstructions(self.folder / "reconstructions.png", self.modality, self.evaluation,
                              result["reconstruction"].cpu(),
                              f"{self.modality} tokenizer, step {done}: {quality_line(self.modality, figures)}")
         return figures
+
+    def _eval_loss(self, model, device) -> float:
+        """The training loss on the fixed evaluation batch (center crops, seeded noise): a curve comparable from
+        one evaluation to the next, where the training loss moves with every batch."""
+        devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the run's own draws go on untouched
+            torch.manual_seed(self.cfg.seed)
+            model.eval()
+            loss = model(self.spec.reference_input(self.evaluation.to(device)), loss=self.spec.tokenizer["loss"])["loss"]
+            model.train()
+        return float(loss)
 
     def log_extras(self, model, done):
         if self.rank != 0:

@@ -73,15 +73,27 @@ def depth_scores(sums: np.ndarray) -> dict:
     return {"delta1": float(sums[1] / n * 100), "abs_rel": float(sums[2] / n), "rmse": float(np.sqrt(sums[3] / n))}
 
 
+def task_loss(task: str, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The task's training loss: cross-entropy over classes (or pixels' classes), L1 over pixels with a depth."""
+    if task == "classification":
+        return F.cross_entropy(out, target, label_smoothing=label_smoothing)
+    if task == "segmentation":
+        return F.cross_entropy(out, target, ignore_index=IGNORE)
+    valid = target > 0
+    return (out[:, 0] - target).abs()[valid].mean() if valid.any() else out.sum() * 0
+
+
 @torch.no_grad()
 def evaluate(model, task: str, loader, classes: int, device) -> dict:
-    """The task's validation metrics over the whole loader."""
+    """The task's validation metrics over the whole loader, with its loss (no smoothing, no mixing)."""
     model.eval()
     totals, count, matrix, sums = {1: 0, 5: 0}, 0, torch.zeros(classes, classes, dtype=torch.long), np.zeros(4)
+    losses = []
     for pixels, target in loader:
         pixels, target = model_input(pixels.to(device)), model_target(target.to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(pixels).float()
+        losses.append(float(task_loss(task, out, target)))
         if task == "classification":
             for k, v in topk_correct(out, target).items():
                 totals[k] += v
@@ -91,9 +103,10 @@ def evaluate(model, task: str, loader, classes: int, device) -> dict:
         else:
             sums += depth_sums(out[:, 0], target)
     model.train()
+    loss = {"loss": float(np.mean(losses))} if losses else {}
     if task == "classification":
-        return {"top1": totals[1] / max(count, 1) * 100, "top5": totals[5] / max(count, 1) * 100}
-    return segmentation_scores(matrix) if task == "segmentation" else depth_scores(sums)
+        return {"top1": totals[1] / max(count, 1) * 100, "top5": totals[5] / max(count, 1) * 100, **loss}
+    return {**(segmentation_scores(matrix) if task == "segmentation" else depth_scores(sums)), **loss}
 
 
 # -- the plan -------------------------------------------------------------------------------------------------------
@@ -204,12 +217,7 @@ class TransferTask(TrainTask):
                 pixels, soft = self.mixup(pixels, target)
                 out = model(pixels)
                 return {"loss": torch.sum(-soft * F.log_softmax(out.float(), dim=-1), dim=-1).mean()}
-            return {"loss": F.cross_entropy(model(pixels).float(), target, label_smoothing=self.s.label_smoothing)}
-        out = model(pixels).float()
-        if self.plan.task == "segmentation":
-            return {"loss": F.cross_entropy(out, target, ignore_index=IGNORE)}
-        valid = target > 0
-        return {"loss": (out[:, 0] - target).abs()[valid].mean() if valid.any() else out.sum() * 0}
+        return {"loss": task_loss(self.plan.task, model(pixels).float(), target, self.s.label_smoothing)}
 
     def log_extras(self, model, done):
         if self.rank != 0 or (done % self.s.eval_every and done != self.plan.steps):
