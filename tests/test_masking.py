@@ -33,20 +33,34 @@ def sample(i: int) -> dict:
     return out
 
 
-def test_mean_token_counts_equal_the_reference_samplers(tokenizer):
-    sampler = MaskingSampler(MODALITIES, paper_mixture(MODALITIES), 128, 128, tokenizer)
-    rng = np.random.default_rng(0)
-    n = FIXTURE["samples"]
-    counts = {m: {"input": [], "target": []} for m in MODALITIES}
-    for i in range(n):
-        for m, d in sampler(sample(i), rng).items():
+def token_counts(sampler, fixture: dict, names: list[str]) -> dict:
+    """Per modality the input and target token counts of the fixture's seeded draws: zero token grids, its captions
+    and boxes in turn (as the reference's sampler was drawn by the fixture's script)."""
+    rng, counts = np.random.default_rng(0), {m: {"input": [], "target": []} for m in names}
+    for i in range(fixture["samples"]):
+        drawn = {m: torch.zeros(196, dtype=torch.long) for m in names}
+        drawn["caption"] = fixture["captions"][i % len(fixture["captions"])]
+        drawn["det"] = boxes_to_text(fixture["boxes"][i % len(fixture["boxes"])])
+        for m, d in sampler(drawn, rng).items():
             counts[m]["input"].append(int((~d["input_mask"]).sum()))
             counts[m]["target"].append(int((~d["target_mask"]).sum()))
-    for m in MODALITIES:
-        for part in ("input", "target"):
-            ours, reference = np.array(counts[m][part]), FIXTURE["stats"][m][part]
+    return counts
+
+
+def assert_means_match(counts: dict, fixture: dict) -> None:
+    """Each modality's mean input and target counts within four standard errors of the reference sampler's."""
+    n = fixture["samples"]
+    for m, parts in counts.items():
+        for part, values in parts.items():
+            ours, reference = np.array(values), fixture["stats"][m][part]
             spread = math.sqrt(reference["std"] ** 2 / n + ours.std() ** 2 / n)
             assert abs(ours.mean() - reference["mean"]) <= 4 * spread + 1e-9, (m, part, ours.mean(), reference)
+
+
+def test_mean_token_counts_equal_the_reference_samplers(tokenizer):
+    sampler = MaskingSampler(MODALITIES, paper_mixture(MODALITIES), 128, 128, tokenizer)
+    counts = token_counts(sampler, FIXTURE, MODALITIES)
+    assert_means_match(counts, FIXTURE)
     # and what the mixture means: half the samples see RGB pixels alone, pixels are never a target
     assert np.mean(counts["rgb@224"]["input"]) == pytest.approx(128 / 2 + 128 / 16, abs=4)
     assert sum(counts["rgb@224"]["target"]) == 0

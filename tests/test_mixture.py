@@ -193,10 +193,9 @@ def test_the_4m21_mixtures_token_counts_equal_the_reference_samplers():
     modalities at 256/256 tokens: per-modality mean input and target counts over 4000 seeded samples equal those of
     the reference's `UnifiedMasking` given the same config (fixture: make_mixture_masking_stats.py), within four
     standard errors; each Dirichlet is drawn with the config's sampling weight."""
-    import numpy as np
-
     from models.text_tokenizer import boxes_to_text
     from stages.fourm.masking import MaskingSampler
+    from tests.test_masking import assert_means_match, token_counts
 
     fixture = json.loads((REFERENCE.parents[2] / "mixture_masking_stats.json").read_text())
     corpus = fixture["captions"] + [boxes_to_text(b) for b in fixture["boxes"]]
@@ -207,17 +206,4 @@ def test_the_4m21_mixtures_token_counts_equal_the_reference_samplers():
     sampler = MaskingSampler(domains, components, fixture["input_tokens"], fixture["target_tokens"], tokenizer)
     assert sampler.weights.tolist() == pytest.approx([1 / 6] * 5 + [1 / 12] * 2)  # its sampling_weights
     assert [c.keep.get("caption") for c in components] == ["random"] * 5 + ["all", "random"]
-    rng, n = np.random.default_rng(0), fixture["samples"]
-    counts = {m: {"input": [], "target": []} for m in domains}
-    for i in range(n):
-        sample = {m: torch.zeros(196, dtype=torch.long) for m in domains}
-        sample["caption"] = fixture["captions"][i % len(fixture["captions"])]
-        sample["det"] = boxes_to_text(fixture["boxes"][i % len(fixture["boxes"])])
-        for m, d in sampler(sample, rng).items():
-            counts[m]["input"].append(int((~d["input_mask"]).sum()))
-            counts[m]["target"].append(int((~d["target_mask"]).sum()))
-    for m in domains:
-        for part in ("input", "target"):
-            ours, reference = np.array(counts[m][part]), fixture["stats"][m][part]
-            spread = math.sqrt(reference["std"] ** 2 / n + ours.std() ** 2 / n)
-            assert abs(ours.mean() - reference["mean"]) <= 4 * spread + 1e-9, (m, part, ours.mean(), reference)
+    assert_means_match(token_counts(sampler, fixture, domains), fixture)
