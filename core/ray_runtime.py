@@ -9,11 +9,33 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from core.config import RayConfig
 from core.storage import storage_env
 
 _dashboard: dict[str, str | None] = {"url": None}
+
+
+class RayUnavailable(ValueError):
+    """The Ray cluster named (RAY_ADDRESS or ray.address) cannot be joined: names the address and where it came
+    from. Joining a dead address would otherwise cost Ray's own two minutes of retries, then an exit."""
+
+
+def _reachable(address: str, source: str) -> None:
+    """A cluster address (host:port, or ray://host:port) answers on its port, or RayUnavailable, in seconds."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnavailable(f"{source} = {address!r}: expected host:port (the head's GCS, port 6379 by default), "
+                             f"ray://host:port, or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as err:
+        raise RayUnavailable(f"{source} = {address!r}: no Ray head answers there ({err}); start one (`ray start "
+                             f"--head`, `make up`) or unset it to run on a local Ray") from None
 
 
 def _console_level() -> str:
@@ -43,6 +65,7 @@ def init_ray(cfg: RayConfig) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry calls out
     address = os.environ.get("RAY_ADDRESS") or cfg.address
+    source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
     # The driver's `ray` logger: the local-instance notices are INFO lines, so only warnings and errors.
     driver_level = logging.WARNING if _console_level() == "WARNING" else _console_level()
     quiet = {
@@ -54,7 +77,12 @@ def init_ray(cfg: RayConfig) -> None:
     if env:
         quiet["runtime_env"] = {"env_vars": env}
     if address:
-        context = ray.init(address=address, **quiet)
+        if address != "auto":
+            _reachable(address, source)
+        try:
+            context = ray.init(address=address, **quiet)
+        except ConnectionError as err:  # `auto` with no cluster on this machine
+            raise RayUnavailable(f"{source} = {address!r}: {err}") from None
     else:
         # address="local": our own Ray, not a head that `ray start` left running on this machine. Its dashboard
         # shows the run (and Ray Train asks its state API about its workers). Token authentication stays on, as
@@ -66,6 +94,23 @@ def init_ray(cfg: RayConfig) -> None:
                            include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     url = getattr(context, "dashboard_url", None)
     _dashboard["url"] = (url if url.startswith("http") else f"http://{url}") if url else None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    print(f"Ray: {len(nodes)} node(s), {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
+          f"{int(ray.cluster_resources().get('GPU', 0))} GPUs" +
+          (f"; dashboard {_dashboard['url']}" if _dashboard["url"] else ""), file=sys.stderr)
+
+
+def node_name() -> str:
+    """Where this process runs, as a shard's stats record it: the host, and its Ray node where Ray runs it."""
+    import socket
+
+    import ray
+
+    name = socket.gethostname()
+    if ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
+        name = f"{name}/{node[:8]}" if node else name
+    return name
 
 
 def dashboard_url() -> str | None:

@@ -194,6 +194,7 @@ def cmd_status(args) -> int:
         RANDOM_WARNING,
         evaluation_rows,
         format_table,
+        node_rows,
         pretrain_row,
         random_weight_stages,
         stage_rows,
@@ -206,6 +207,9 @@ def cmd_status(args) -> int:
     random_stages = random_weight_stages(rows)
     if random_stages:
         print("\n" + RANDOM_WARNING.format(stages=", ".join(random_stages)))
+    nodes = node_rows(root)
+    if len({row["node"] for row in nodes}) > 1:  # work spread over machines: where it ran, how fast
+        print("\nper node\n" + format_table(nodes))
     tokenizers = tokenizer_rows(root)
     if tokenizers:
         print("\n" + format_table(tokenizers))

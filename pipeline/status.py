@@ -74,6 +74,26 @@ def stage_rows(root: str | Path) -> list[dict]:
     return rows
 
 
+def node_rows(root: str | Path) -> list[dict]:
+    """Per stage and node (as each shard's stats record the machine that made it): shards, samples, and samples/s
+    over the node's span of work in that stage; shards committed before nodes were recorded count as '?'."""
+    layout = DatasetLayout(root)
+    rows = []
+    for stage in _stage_order(layout):
+        by_node: dict[str, list[dict]] = {}
+        for path in sorted(layout.status_dir(stage).glob("shard-*.json")):
+            stats = json.loads(path.read_text())
+            by_node.setdefault(stats.get("node") or "?", []).append(stats)
+        for node, stats in sorted(by_node.items()):
+            samples = sum(s.get("rows", 0) for s in stats)
+            starts = [s["started_at"] for s in stats if "started_at" in s]
+            ends = [s["finished_at"] for s in stats if "finished_at" in s]
+            span = max(ends) - min(starts) if starts and ends else None
+            rows.append({"stage": stage, "node": node, "shards": len(stats), "samples": samples,
+                         "samples_per_s": round(samples / span, 2) if span else None})
+    return rows
+
+
 def tokenizer_rows(root: str | Path) -> list[dict]:
     rows = []
     layout = DatasetLayout(root)

@@ -32,6 +32,7 @@ import webdataset as wds
 
 from core import registry
 from core.files import atomic_path, publish, temporary_name, write_json
+from core.ray_runtime import node_name
 from core.storage import DataPath, data_path, is_remote, read_parquet
 
 STATUS_DIR = "_status"
@@ -263,8 +264,8 @@ class ShardWriter:
             publish(tmp, self._final[modality])
         with atomic_path(self.layout.status_table(self.stage, self.shard)) as tmp:
             pq.write_table(status, tmp)
-        stats = {"stage": self.stage, "shard": self.shard, "started_at": self._started_at,
-                 "finished_at": time.time(), **stats}
+        stats = {"stage": self.stage, "shard": self.shard, "node": node_name(), "started_at": self._started_at,
+                 "finished_at": time.time(), **stats}  # the node: which machine made it (status: rates per node)
         write_json(self.layout.stats(self.stage, self.shard), stats)
         self._committed = True
 

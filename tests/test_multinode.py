@@ -1,0 +1,92 @@
+"""Stages across a Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`, as Ray's own tests
+run one): a worker node killed in the middle of a stage loses nothing, a node joining takes work, each shard's
+stats name the node that made it, and a cluster address where no head answers is refused by name at once."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.dataset.shards import DatasetLayout
+from stages.dataset.verify import verify_dataset
+from stages.download.download import STAGE
+from tests.helpers import large_jpeg
+from tests.test_download_stage import statuses
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def driver_env() -> dict:
+    """The environment of a driver joining the cluster by its setting, not by an inherited RAY_ADDRESS."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+@pytest.fixture
+def cluster():
+    """A head that runs nothing (no CPUs) and two worker nodes of one CPU each: every task runs on a worker node,
+    one shard per node at a time."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    cluster.shutdown()
+
+
+def test_a_worker_node_killed_mid_download_loses_nothing_and_a_joining_node_takes_work(cluster, server, tmp_path):
+    cluster, workers = cluster
+    jpeg = large_jpeg((320, 240))
+    rows = []
+    for shard in range(4):  # each shard's first photo waits at the server until the test lets it go
+        server.add(f"held{shard}.jpg", jpeg)
+        rows.append(f"{server.base}/block/held{shard}.jpg\tphoto {shard} 0")
+        rows += [f"{server.add(f'p{shard}{i}.jpg', jpeg)}\tphoto {shard} {i}" for i in range(1, 3)]
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("\n".join(rows) + "\n")
+    root = tmp_path / "data"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "download", "--input", str(urls), "--output", str(root), "--profile",
+         "demo", "--shard-size", "3", "--processes", "4", "--allow-private-hosts",
+         "--set", f"ray.address={cluster.address}", "--set", "download.timeout=20", "--set", "download.deadline=60"],
+        cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert server.arrived.wait(120), "no shard started"  # a shard is in the middle of its download
+        cluster.remove_node(workers[0], allow_graceful=False)  # kill -9: its raylet and every process it started
+        cluster.add_node(num_cpus=1)  # a node joins while the other one is still held at the server
+        cluster.wait_for_nodes()
+        server.release.set()
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        server.release.set()
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output
+    assert "Ray: 3 node(s)" in output  # where the stage started: the cluster it joined
+    found = statuses(root)  # every row recorded exactly once
+    assert len(found) == 12 and all(row["status"] == "ok" for row in found.values())
+    layout = DatasetLayout(root)
+    assert len(layout.committed_shards(STAGE)) == 4
+    nodes = {layout.read_stats(STAGE, shard)["node"] for shard in layout.committed_shards(STAGE)}
+    assert len(nodes) >= 2  # the surviving node and the one that joined both made shards
+    problems, checked = verify_dataset(root)
+    assert not problems and checked["shards"] == 4
+    leftovers = [p.name for p in root.rglob("*") if p.is_file() and ".tmp" in p.name]
+    assert not leftovers  # no partial shard anywhere
+    from pipeline.status import node_rows
+
+    per_node = [row for row in node_rows(root) if row["stage"] == STAGE]
+    assert sum(row["samples"] for row in per_node) == 12 and len(per_node) == len(nodes)
+
+
+def test_a_cluster_address_where_no_head_answers_is_refused_by_name_before_work(tmp_path):
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("http://127.0.0.1:9/a.jpg\ta\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "download", "--input", str(urls), "--output", str(tmp_path / "data"),
+         "--profile", "demo"], cwd=PROJECT, env={**driver_env(), "RAY_ADDRESS": "127.0.0.1:9"},
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "RAY_ADDRESS = '127.0.0.1:9': no Ray head answers there" in result.stderr
+    assert not (tmp_path / "data" / "rgb").exists()
