@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from core.ray_runtime import require_resources
+
 
 def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], method: str, *, device: str,
                   workers: int | None, cpus_per_worker: float) -> Iterator[tuple[str, Any, str | None]]:
@@ -16,6 +18,7 @@ def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], m
     use_gpu = gpus > 0 and device != "cpu"
     count = min(workers or (gpus if use_gpu else 1), len(todo))
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_worker}
+    require_resources({"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}, 1, f"{method} ({worker_class.__name__})")
     actor = ray.remote(max_restarts=2, max_task_retries=2, **resources)(worker_class)
     idle = [actor.remote(*init_args) for _ in range(count)]
     todo, running = list(todo), {}

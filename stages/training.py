@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from core.files import publish
-from core.ray_runtime import init_ray, train_logging
+from core.ray_runtime import init_ray, require_resources, train_logging
 from core.registry import ModalitySet
 from stages.run_folder import RunFolder
 from stages.run_log import RunLog
@@ -464,6 +464,8 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
 
     scaling = ScalingConfig(num_workers=0) if in_process else ScalingConfig(
         num_workers=world, use_gpu=use_gpu, resources_per_worker={} if use_gpu else {"CPU": cpus_per_worker})
+    if not in_process:  # before any worker starts: Ray Train would wait for missing resources without end
+        require_resources({"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}, world, name)
     # A CPU worker of `cpus_per_worker` CPUs computes on that many threads, set here rather than left to Ray's
     # OMP_NUM_THREADS (which Ray does not set when the caller's environment has one): the same sums in the same
     # order on a worker and in process, so a run resumed in process takes the very steps a worker would have

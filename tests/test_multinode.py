@@ -49,7 +49,7 @@ def test_a_worker_node_killed_mid_download_loses_nothing_and_a_joining_node_take
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "download", "--input", str(urls), "--output", str(root), "--profile",
          "demo", "--shard-size", "3", "--processes", "4", "--allow-private-hosts",
-         "--set", f"ray.address={cluster.address}", "--set", "download.timeout=20", "--set", "download.deadline=60"],
+         "--set", f"ray.address={cluster.address}", "--set", "download.timeout=90", "--set", "download.deadline=180"],
         cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert server.arrived.wait(120), "no shard started"  # a shard is in the middle of its download
@@ -89,4 +89,24 @@ def test_a_cluster_address_where_no_head_answers_is_refused_by_name_before_work(
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "RAY_ADDRESS = '127.0.0.1:9': no Ray head answers there" in result.stderr
+    assert not (tmp_path / "data" / "rgb").exists()
+
+
+def test_a_cluster_without_the_resources_a_stage_asks_for_is_refused_by_name_before_work(tmp_path):
+    """A head that runs nothing and no worker node yet: the download's tasks (one CPU each) would wait forever."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        urls = tmp_path / "urls.tsv"
+        urls.write_text("http://127.0.0.1:9/a.jpg\ta\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "download", "--input", str(urls), "--output", str(tmp_path / "data"),
+             "--profile", "demo", "--set", f"ray.address={cluster.address}"], cwd=PROJECT, env=driver_env(),
+            capture_output=True, text=True, timeout=120)
+    finally:
+        cluster.shutdown()
+    assert result.returncode == 2, result.stderr
+    assert "download: 1 worker(s) of {'CPU': 1} each, but the cluster's nodes hold 0 ({CPU: 0, GPU: 0})" in \
+        result.stderr
     assert not (tmp_path / "data" / "rgb").exists()

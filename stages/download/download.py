@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from core import registry
 from core.config import Config, DownloadConfig
-from core.ray_runtime import init_ray
+from core.ray_runtime import init_ray, require_resources
 from core.storage import DataPath, absolute
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, shard_name
@@ -188,6 +188,7 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
     if observer:
         observer.start(summary.shards_total)
     init_ray(config.ray)
+    require_resources({"CPU": 1}, 1, "download")  # a cluster of no CPU would queue the shards forever
     remote = ray.remote(num_cpus=1, max_retries=3)(download_shard)
     root_arg = absolute(layout.root)
     cfg_ref = ray.put(cfg)
