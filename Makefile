@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu bench-storage clean
+.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu bench-storage bench-planning clean
 
 install: $(STAMP)
 
@@ -88,3 +88,7 @@ bench-gpu: $(STAMP)
 # Object storage against a local disk: download, the 4M loader, scratch space (moto's S3 server on loopback).
 bench-storage: $(STAMP)
 	$(BIN)/python bench/bench_storage.py $(BENCH_STORAGE_ARGS)
+
+# The download driver planning a 100M-row URL list (written on the fly): time and peak memory.
+bench-planning: $(STAMP)
+	$(BIN)/python bench/bench_planning.py $(BENCH_PLANNING_ARGS)

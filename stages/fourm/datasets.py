@@ -121,11 +121,14 @@ def plan_datasets(root, config) -> list[DatasetPlan]:
                 train, val = files[:len(files) - held], files[len(files) - held:]
         else:
             modalities = list(dict.fromkeys([*entry.in_domains, *entry.out_domains]))
-            if val_root is not None:
-                train, _ = split_shards(own, modalities, 0)
-                val, _ = split_shards(val_root, modalities, 0)
-            else:
-                train, val = split_shards(own, modalities, cfg.val_shards)
+            try:
+                if val_root is not None:
+                    train, _ = split_shards(own, modalities, 0)
+                    val, _ = split_shards(val_root, modalities, 0)
+                else:
+                    train, val = split_shards(own, modalities, cfg.val_shards)
+            except LoaderInputError as err:
+                raise LoaderInputError(f"{where}: {err}" if entry.name else str(err)) from None
             if entry.shards is not None:
                 train = [s for s in train if s in set(entry.shards)]
                 if not train:
