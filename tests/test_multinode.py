@@ -110,3 +110,110 @@ def test_a_cluster_without_the_resources_a_stage_asks_for_is_refused_by_name_bef
     assert "download: 1 worker(s) of {'CPU': 1} each, but the cluster's nodes hold 0 ({CPU: 0, GPU: 0})" in \
         result.stderr
     assert not (tmp_path / "data" / "rgb").exists()
+
+
+HELD = '''
+"""A labeler that, once per process, waits at the test's socket before its first label: a stage held mid-shard."""
+import socket
+
+from core.registry import Labeling, register
+from models.labelers import ComputedLabeler
+from models.modality_kinds import SequenceModality
+
+_released = []
+
+
+class HeldLabeler(ComputedLabeler):
+    def compute(self, image):
+        if not _released:
+            with socket.create_connection(("127.0.0.1", {port})) as held:
+                held.recv(1)  # until the test lets labelling go on
+            _released.append(True)
+        return "a held picture"
+
+
+class Held(SequenceModality):
+    name, label_order = "held", 61
+    labeler = Labeling(load=HeldLabeler)
+
+
+register(Held())
+'''
+
+
+class Gate:
+    """Labelers report at a socket and wait there; `release` lets every one waiting, and every later one, go on."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.waiting, self.released, self.cond = [], False, threading.Condition()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            connection, _ = self.listener.accept()
+            with self.cond:
+                if self.released:
+                    connection.sendall(b"x")
+                    connection.close()
+                else:
+                    self.waiting.append(connection)
+                self.cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.waiting) >= count, timeout)
+
+    def release(self):
+        with self.cond:
+            self.released = True
+            for connection in self.waiting:
+                try:
+                    connection.sendall(b"x")
+                except OSError:  # its process was killed with its node
+                    pass
+                connection.close()
+            self.waiting = []
+
+
+def test_a_worker_node_killed_mid_label_loses_nothing(cluster, tmp_path):
+    """Two labelling actors, one per worker node, each held in the middle of its shard; one node killed with -9:
+    its actor is restarted on a node that is up and redoes its shard from scratch; every sample labelled once."""
+    from tests.helpers import make_labelled_input
+
+    cluster, workers = cluster
+    gate = Gate()
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "held.py").write_text(HELD.replace("{port}", str(gate.port)))
+    (folder / "mine.yaml").write_text("extends: demo\nmodalities: [held.py]\n")
+    root = tmp_path / "data"
+    make_labelled_input(root, corrupt_key=None)  # every photo decodes: verify then finds every folder aligned
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "label", "--data", str(root), "--profile", str(folder / "mine.yaml"),
+         "--labelers", "held", "--set", f"ray.address={cluster.address}", "--set", "label.workers=2"],
+        cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert gate.wait_for(2, 180), "the two actors did not both start a shard"
+        cluster.remove_node(workers[0], allow_graceful=False)  # one actor killed in the middle of its shard
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        gate.release()
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        gate.release()
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output
+    layout = DatasetLayout(root)
+    stage = "label_held"
+    assert layout.committed_shards(stage) == ["shard-000000", "shard-000001"]
+    keys = [k for shard in layout.committed_shards(stage) for k in layout.read_status(stage, shard)["key"].to_pylist()]
+    assert sorted(keys) == [f"{i:09d}" for i in range(5)]  # each sample once
+    problems, _ = verify_dataset(root)
+    assert not problems
+    assert not [p.name for p in root.rglob("*") if p.is_file() and ".tmp" in p.name]
