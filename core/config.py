@@ -352,8 +352,7 @@ class PretrainConfig(ModalitySection):
 
     @model_validator(mode="after")
     def _datasets_known(self, info: ValidationInfo):
-        known = self.modality_set.domain_names() if not (info.context or {}).get(MODALITIES) else \
-            info.context[MODALITIES].domain_names()
+        known = ((info.context or {}).get(MODALITIES) or self.modality_set).domain_names()
         names = [d.name for d in self.datasets]
         if not all(names) or any("." in n for n in names):
             raise ValueError(f"pretrain.datasets: names {names} must be non-empty, without dots (they name logs)")

@@ -295,10 +295,6 @@ class ModalitySet:
                 return d
         raise RegistryError(f"unknown modality {name!r} (known: {', '.join(self.domain_names())})")
 
-    def with_modules(self, modules: Iterable[str]) -> "ModalitySet":
-        """This set and the modalities of more modules (a dataset's recorded ones, a saved model's)."""
-        return ModalitySet((*self.modules, *modules))
-
 
 _everything: list = []  # [(generation, the set of every imported modality)], remade after a registration
 

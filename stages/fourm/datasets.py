@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,10 +55,10 @@ class DatasetPlan:
     val: list[str]
     val_root: object = None        # where `val` is, when not `root`
     text_column: str = "text"
-    modalities: list[str] = field(default_factory=list)
 
-    def __post_init__(self):
-        self.modalities = list(dict.fromkeys([*self.in_domains, *self.out_domains]))
+    @property
+    def modalities(self) -> list[str]:
+        return list(dict.fromkeys([*self.in_domains, *self.out_domains]))
 
 
 def _text_files(path, where: str) -> list:
@@ -111,6 +111,7 @@ def plan_datasets(root, config) -> list[DatasetPlan]:
         val_root = data_path(entry.val_root, config.storage_options) if entry.val_root else None
         if val_root is not None and not val_root.exists():
             raise LoaderInputError(f"{where}.val_root: no such file or folder {entry.val_root!r}")
+        modalities = list(dict.fromkeys([*entry.in_domains, *entry.out_domains]))
         if entry.type == "text":
             files = _text_files(own, f"{where}.root")
             _check_text_column(files[0], entry.text_column, where)
@@ -120,7 +121,6 @@ def plan_datasets(root, config) -> list[DatasetPlan]:
                 held = cfg.val_shards if len(files) > cfg.val_shards else 0
                 train, val = files[:len(files) - held], files[len(files) - held:]
         else:
-            modalities = list(dict.fromkeys([*entry.in_domains, *entry.out_domains]))
             try:
                 if val_root is not None:
                     train, _ = split_shards(own, modalities, 0)
@@ -135,8 +135,7 @@ def plan_datasets(root, config) -> list[DatasetPlan]:
                     raise LoaderInputError(f"{where}.shards: none of {entry.shards[:3]}... among its shards under "
                                            f"{own}")
         try:
-            mixture = _restricted(mixture_from(entry.mixture, list(dict.fromkeys(
-                [*entry.in_domains, *entry.out_domains]))), entry.in_domains, entry.out_domains)
+            mixture = _restricted(mixture_from(entry.mixture, modalities), entry.in_domains, entry.out_domains)
         except (ValueError, TypeError) as err:
             raise LoaderInputError(f"{where}.mixture: {err}") from None
         plans.append(DatasetPlan(entry.name, entry.type, own, entry.in_domains, entry.out_domains, mixture,
