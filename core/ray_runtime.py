@@ -94,10 +94,13 @@ def init_ray(cfg: RayConfig) -> None:
                            include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     url = getattr(context, "dashboard_url", None)
     _dashboard["url"] = (url if url.startswith("http") else f"http://{url}") if url else None
+    from tqdm import tqdm
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    print(f"Ray: {len(nodes)} node(s), {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
-          f"{int(ray.cluster_resources().get('GPU', 0))} GPUs" +
-          (f"; dashboard {_dashboard['url']}" if _dashboard["url"] else ""), file=sys.stderr)
+    # through tqdm: a stage's progress bar may be on the line already; it is redrawn below this one
+    tqdm.write(f"Ray: {len(nodes)} node(s), {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
+               f"{int(ray.cluster_resources().get('GPU', 0))} GPUs" +
+               (f"; dashboard {_dashboard['url']}" if _dashboard["url"] else ""), file=sys.stderr)
 
 
 def require_resources(per_worker: dict[str, float], workers: int, what: str) -> None:
