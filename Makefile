@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu bench-storage bench-planning clean
+.PHONY: install test demo cluster-demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu bench-storage bench-planning clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline demo --profile demo $(if $(DATA),--output $(DATA),)
+
+# The demo across a Ray cluster started on this machine (a head and two worker nodes), one worker node killed in
+# the middle of labelling; it stops its nodes when it ends (`make down` stops one left running).
+cluster-demo: $(STAMP)
+	$(BIN)/python -m pipeline demo --profile demo --cluster 2 --output $(or $(DATA),data/cluster-demo)
 
 # The local services (Prefect API + UI, Ray head + dashboard, the deployment server), in the background.
 up: $(STAMP)

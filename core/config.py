@@ -135,8 +135,10 @@ class LabelConfig(ModalitySection):
         256, ge=1, description="images that may wait for a full batch of their model input size; bounds the "
                                "decoded images held and how far the ordered label writers lag")
     decode_threads: int = Field(4, ge=1)
-    workers: int | None = Field(None, ge=1, description="model replicas; None: one per GPU, else one")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a replica reserves when there is no GPU")
+    workers: int | None = Field(None, ge=1, description="model replicas; None: one per GPU of the cluster, else "
+                                                       "one per cpus_per_worker CPUs of each node")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a replica reserves when there is no GPU (each "
+                                                          "replica loads every labeler)")
     det_min_score: float = Field(0.6, ge=0, le=1)
     det_backend: Literal["auto", "transformers", "detectron2"] = Field(
         "auto", description="boxes from detectron2 (ViTDet) or transformers (label.models.det); auto: detectron2 "
@@ -466,6 +468,9 @@ class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray (RAY_ADDRESS wins)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None lets Ray count them")
     object_store_memory: int | None = Field(None, ge=78_643_200)
+    resource_wait_s: float = Field(600.0, gt=0, description="seconds a training run whose worker was lost (its node "
+                                                            "gone) waits for the resources to restart it, then "
+                                                            "fails naming them")
 
 
 class WandbConfig(Section):

@@ -106,14 +106,20 @@ def init_ray(cfg: RayConfig) -> None:
 def require_resources(per_worker: dict[str, float], workers: int, what: str) -> None:
     """Before any work: the cluster's live nodes can hold `workers` workers of `per_worker` resources each (a worker
     is placed on one node), else RayUnavailable naming what is missing; Ray would otherwise wait for them forever."""
+    fits, have = capacity(per_worker)
+    if fits < workers:
+        raise RayUnavailable(f"{what}: {workers} worker(s) of {per_worker} each, but the cluster's nodes hold {fits} "
+                             f"({have}); add nodes with those resources, or ask for fewer or smaller workers")
+
+
+def capacity(per_worker: dict[str, float]) -> tuple[int, str]:
+    """(how many workers of `per_worker` resources the cluster's live nodes hold, a worker placed on one node;
+    each live node's CPUs and GPUs, in words)."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     fits = sum(int(min(node.get(k, 0.0) / v for k, v in per_worker.items() if v > 0)) for node in nodes)
-    if fits < workers:
-        have = ", ".join(f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}}}" for n in nodes) or "none alive"
-        raise RayUnavailable(f"{what}: {workers} worker(s) of {per_worker} each, but the cluster's nodes hold "
-                             f"{fits} ({have}); add nodes with those resources, or ask for fewer or smaller workers")
+    return fits, ", ".join(f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}}}" for n in nodes) or "none alive"
 
 
 def node_name() -> str:

@@ -406,6 +406,11 @@ def cmd_convert_tokenizer(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.cluster:
+        from pipeline.cluster_demo import run_cluster_demo
+
+        return run_cluster_demo(lambda settings: _config_from(args, {"data_root": args.output, **settings}),
+                                workers=args.cluster)
     from pipeline.demo import run_demo
 
     return run_demo(_config_from(args, {"data_root": args.output}))
@@ -442,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     _download_parser(sub)
     demo = sub.add_parser("demo", help="serve the bundled photos over loopback and build the demo dataset")
     demo.add_argument("--output", help="dataset root (default: the profile's data_root)")
+    demo.add_argument("--cluster", type=int, metavar="WORKERS", help="across a Ray cluster started on this machine "
+                      "(a head and WORKERS worker nodes), one worker node killed in the middle of labelling; then "
+                      "each node's share and the exactly-once check (make cluster-demo)")
     _add_config_args(demo, default="demo")
     label = sub.add_parser("label", help=_stage_help("pseudo-label", "pseudo-label the photos with every labeler"),
                            formatter_class=RegistryHelp)

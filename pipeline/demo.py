@@ -136,10 +136,13 @@ def trainer(workers: int | None) -> str:
     return "Ray Train, in this process" if workers == 0 else "Ray Train"
 
 
-def run_demo(config: Config) -> int:
-    """Every stage of the stage list, in its order, on the demo photos; stops at the first that fails."""
+def run_demo(config: Config, label_observer=None) -> int:
+    """Every stage of the stage list, in its order, on the demo photos; stops at the first that fails.
+    `label_observer(progress)`: what observes the label stage's shards instead of its progress bar (the cluster
+    demo's, which kills a node in the middle)."""
     root = open_data_root(config.root, writable=True)  # a bad URL or refused credentials fail here, by name
-    steps = {"download": download_demo, "pseudo-label": label_demo, "train-tokenizers": train_tokenizers_demo,
+    steps = {"download": download_demo, "pseudo-label": partial(label_demo, observer=label_observer),
+             "train-tokenizers": train_tokenizers_demo,
              "tokenize": tokenize_demo, "pretrain": pretrain_demo, "evaluate": evaluate_demo,
              "transfer": transfer_demo, "generate": generate_demo}
     for stage in STAGES:
@@ -171,7 +174,7 @@ def download_demo(root: DataPath, config: Config) -> int:
     return 1 if summary.failed_shards else 0
 
 
-def label_demo(root: DataPath, config: Config) -> int:
+def label_demo(root: DataPath, config: Config, observer=None) -> int:
     """Pseudo labels from tiny random-weight models of the real classes (the paper profile names the real ones),
     and a picture of every labelled sample."""
     layout = DatasetLayout(root)
@@ -181,7 +184,7 @@ def label_demo(root: DataPath, config: Config) -> int:
         remove_tree(layout.status_dir(stage))
     progress = ShardProgress("label")
     try:
-        labelled = run_label(root, config, observer=progress)
+        labelled = run_label(root, config, observer=observer(progress) if observer else progress)
     finally:
         progress.close()
     for name, counts in labelled.status_counts.items():

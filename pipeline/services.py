@@ -241,6 +241,20 @@ def down() -> list[str]:
     return stopped
 
 
+def remember_service(name: str, pid: int) -> None:
+    """A process started outside `up` (the cluster demo, with its Ray nodes) that `down` stops as well."""
+    records = _records()
+    cmd = [c.decode() for c in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if c]
+    records[name] = {"pid": pid, "cmd": cmd, "log": None}
+    _save(records)
+
+
+def forget_service(name: str) -> None:
+    records = _records()
+    if records.pop(name, None) is not None:
+        _save(records)
+
+
 def status() -> dict[str, bool]:
     records, states = _records(), {}
     for name, _, _ in _services():

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from core.ray_runtime import require_resources
+from core.ray_runtime import capacity, require_resources
 
 MAX_LOST = 3  # times a shard is redone because the actor (or node) running it went away
 
@@ -12,21 +12,28 @@ MAX_LOST = 3  # times a shard is redone because the actor (or node) running it w
 def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], method: str, *, device: str,
                   workers: int | None, cpus_per_worker: float) -> Iterator[tuple[str, Any, str | None]]:
     """Run `worker.method(shard, payload)` for every (shard, payload); yields (shard, result, error) as each
-    finishes. An actor lost mid-shard (its process or its node killed) is restarted by Ray, or replaced, and the
-    shard redone from scratch by a live actor; a shard whose task fails otherwise yields its error and the others
-    go on. Ray must be initialised."""
+    finishes. `workers` replicas, or by default one per GPU (or `cpus_per_worker` CPUs) of the nodes alive: the
+    pool grows when a node joins and shrinks when one is lost. An actor lost mid-shard (its process or its node
+    killed) is dropped and its shard redone from scratch by a live one (a new actor where the cluster has room for
+    it); a shard whose task fails otherwise yields its error and the others go on. Ray must be initialised."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and device != "cpu"
-    count = min(workers or (gpus if use_gpu else 1), len(todo))
-    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_worker}
-    require_resources({"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}, 1, f"{method} ({worker_class.__name__})")
-    actor = ray.remote(max_restarts=2, max_task_retries=2, **resources)(worker_class)
-    idle = [actor.remote(*init_args) for _ in range(count)]
-    todo, running, lost = list(todo), {}, {}
+    per_worker = {"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}
+    what = f"{method} ({worker_class.__name__})"
+    require_resources(per_worker, 1, what)
+    # not restarted by Ray: a restart waits for room on a node that may never come back; the pool replaces it
+    actor = ray.remote(max_restarts=0, **({"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_worker}))(worker_class)
+    todo, idle, running, lost, actors = list(todo), [], {}, {}, 0
     try:
         while todo or running:
+            wanted = min(workers or capacity(per_worker)[0], actors + len(todo) - len(idle))
+            while actors < wanted:
+                idle.append(actor.remote(*init_args))
+                actors += 1
+            if not actors:  # every node that could hold a replica is gone, and nothing runs
+                require_resources(per_worker, 1, what)
             while idle and todo:
                 shard, payload = todo.pop(0)
                 worker = idle.pop()
@@ -36,11 +43,10 @@ def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], m
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayActorError as err:  # its actor, or the node under it, went away mid-shard
+                actors -= 1
+                ray.kill(worker)
                 lost[shard] = lost.get(shard, 0) + 1
-                # A new actor where Ray gave this one up, the same (restarting) one otherwise; the shard redone
-                # from scratch (nothing of it was committed), unless it keeps losing its actor
-                idle.append(actor.remote(*init_args) if isinstance(err, ray.exceptions.ActorDiedError) else worker)
-                if lost[shard] <= MAX_LOST:
+                if lost[shard] <= MAX_LOST:  # redone from scratch: nothing of it was committed
                     todo.insert(0, (shard, payload))
                     continue
                 yield shard, None, f"{type(err).__name__} {lost[shard]} times: {err}"
@@ -52,5 +58,5 @@ def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], m
             idle.append(worker)
             yield shard, result, None
     finally:
-        for worker in idle + [w for w, _ in running.values()]:
+        for worker in idle + [w for w, _, _ in running.values()]:
             ray.kill(worker)

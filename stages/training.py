@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from core.files import publish
-from core.ray_runtime import init_ray, require_resources, train_logging
+from core.ray_runtime import RayUnavailable, capacity, init_ray, require_resources, train_logging
 from core.registry import ModalitySet
 from stages.run_folder import RunFolder
 from stages.run_log import RunLog
 
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
 
 
@@ -338,6 +339,9 @@ def train_loop(task: TrainTask, s: LoopSettings, folder: Path, rank: int, world:
         s.run.pull_checkpoint()  # every rank reads the checkpoint: on another machine, from its own copy
     resumed = load_checkpoint(folder / "checkpoint", model, optimizer)
     start = int(resumed["step"])
+    if start and rank == 0:  # a restart after a lost worker, or a rerun: where the run picked up
+        sys.stdout.write(f"[{s.name}] resumed from the checkpoint of step {start}, on {world} worker(s)\n")
+        sys.stdout.flush()
     optimizer_to(optimizer, device)
     autocast_dtype = getattr(torch, s.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and autocast_dtype == torch.float16)
@@ -449,9 +453,12 @@ def ray_storage(folder: Path, run: RunFolder | None) -> dict:
 
 
 def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: bool, cpus_per_worker: float,
-        max_failures: int, modalities: ModalitySet, in_process: bool = False, run: RunFolder | None = None) -> None:
+        max_failures: int, modalities: ModalitySet, resource_wait_s: float, in_process: bool = False,
+        run: RunFolder | None = None) -> None:
     """Run `train_fn(args)` on `world` Ray Train workers (one GPU each, or `cpus_per_worker` CPUs). A lost worker
     makes Ray Train restart the group, up to `max_failures` times; the loop resumes from the last checkpoint.
+    A restart waits up to `resource_wait_s` for the group's resources (a lost node's replacement), then fails with
+    RayUnavailable naming what the cluster lacks: left to itself, Ray Train would retry the start without end.
 
     `in_process`: Ray Train's local mode instead, one trainer in this process (no worker actors, so no restarts):
     starting a worker group costs about 11 s on a 2-core machine, more than a short CPU run itself.
@@ -464,8 +471,11 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
 
     scaling = ScalingConfig(num_workers=0) if in_process else ScalingConfig(
         num_workers=world, use_gpu=use_gpu, resources_per_worker={} if use_gpu else {"CPU": cpus_per_worker})
+    per_worker = {"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}
     if not in_process:  # before any worker starts: Ray Train would wait for missing resources without end
-        require_resources({"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}, world, name)
+        require_resources(per_worker, world, name)
+        # read by Ray Train's controller (passed on to it because it is set here) for every start of the group
+        os.environ[START_TIMEOUT_ENV] = f"{resource_wait_s:g}"
     # A CPU worker of `cpus_per_worker` CPUs computes on that many threads, set here rather than left to Ray's
     # OMP_NUM_THREADS (which Ray does not set when the caller's environment has one): the same sums in the same
     # order on a worker and in process, so a run resumed in process takes the very steps a worker would have
@@ -475,10 +485,22 @@ def fit(train_fn, args: dict, *, name: str, folder: Path, world: int, use_gpu: b
                                              "args": args, "threads": threads},
         scaling_config=scaling,
         run_config=RunConfig(name=name, **ray_storage(folder, run),
-                             failure_config=FailureConfig(max_failures=max_failures),
+                             # a start that timed out is not retried: it already waited resource_wait_s
+                             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
                              logging_config=train_logging()))
     if not in_process:
-        trainer.fit()
+        from ray.train import ControllerError
+
+        try:
+            trainer.fit()
+        except ControllerError as err:
+            if type(err.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+                raise
+            fits, have = capacity(per_worker)
+            raise RayUnavailable(
+                f"{name}: its {world} worker(s) of {per_worker} each did not start within {resource_wait_s:g} s "
+                f"(ray.resource_wait_s); the cluster's live nodes hold {fits} ({have}); the run resumes from its last "
+                f"checkpoint when rerun on a cluster that has them") from None
         return
     own_threads = torch.get_num_threads()  # the worker's count is set in this process for the run, then undone
     try:

@@ -1,6 +1,8 @@
 """Stages across a Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`, as Ray's own tests
-run one): a worker node killed in the middle of a stage loses nothing, a node joining takes work, each shard's
-stats name the node that made it, and a cluster address where no head answers is refused by name at once."""
+run one): a worker node killed with -9 in the middle of a download, a labelling or a pretraining run loses nothing
+(tasks retried, actors' shards redone, Ray Train's group restarted from the checkpoint), a node joining takes work,
+a driver killed mid-stage is rerun, each shard's stats name the node that made it, and a cluster address where no
+head answers, or whose nodes lack the resources asked for, is refused by name."""
 import os
 import subprocess
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cluster_demo import kill_node, start_local_cluster
 from stages.dataset.shards import DatasetLayout
 from stages.dataset.verify import verify_dataset
 from stages.download.download import STAGE
@@ -22,17 +25,28 @@ def driver_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-@pytest.fixture
-def cluster():
-    """A head that runs nothing (no CPUs) and two worker nodes of one CPU each: every task runs on a worker node,
-    one shard per node at a time."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    yield cluster, workers
+@pytest.fixture(scope="module")
+def shared_cluster():
+    """One cluster for the module (starting one costs seconds): a head that runs nothing (no CPUs), worker nodes of
+    one CPU each added per test, so every task runs on a worker node, one shard per node at a time."""
+    cluster = start_local_cluster(workers=0, cpus_per_worker=1)
+    yield cluster
     cluster.shutdown()
+
+
+def worker_nodes(cluster, count: int) -> list:
+    """Exactly `count` live worker nodes (those a test before killed are gone from the list; extra ones removed)."""
+    while len(cluster.worker_nodes) > count:
+        cluster.remove_node(next(iter(cluster.worker_nodes)))
+    while len(cluster.worker_nodes) < count:
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return list(cluster.worker_nodes)
+
+
+@pytest.fixture
+def cluster(shared_cluster):
+    return shared_cluster, worker_nodes(shared_cluster, 2)
 
 
 def test_a_worker_node_killed_mid_download_loses_nothing_and_a_joining_node_takes_work(cluster, server, tmp_path):
@@ -53,7 +67,7 @@ def test_a_worker_node_killed_mid_download_loses_nothing_and_a_joining_node_take
         cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert server.arrived.wait(120), "no shard started"  # a shard is in the middle of its download
-        cluster.remove_node(workers[0], allow_graceful=False)  # kill -9: its raylet and every process it started
+        kill_node(cluster, workers[0])
         cluster.add_node(num_cpus=1)  # a node joins while the other one is still held at the server
         cluster.wait_for_nodes()
         server.release.set()
@@ -92,20 +106,15 @@ def test_a_cluster_address_where_no_head_answers_is_refused_by_name_before_work(
     assert not (tmp_path / "data" / "rgb").exists()
 
 
-def test_a_cluster_without_the_resources_a_stage_asks_for_is_refused_by_name_before_work(tmp_path):
-    """A head that runs nothing and no worker node yet: the download's tasks (one CPU each) would wait forever."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
-        urls = tmp_path / "urls.tsv"
-        urls.write_text("http://127.0.0.1:9/a.jpg\ta\n")
-        result = subprocess.run(
-            [sys.executable, "-m", "pipeline", "download", "--input", str(urls), "--output", str(tmp_path / "data"),
-             "--profile", "demo", "--set", f"ray.address={cluster.address}"], cwd=PROJECT, env=driver_env(),
-            capture_output=True, text=True, timeout=120)
-    finally:
-        cluster.shutdown()
+def test_a_cluster_without_the_resources_a_stage_asks_for_is_refused_by_name_before_work(shared_cluster, tmp_path):
+    """The head that runs nothing and no worker node: the download's tasks (one CPU each) would wait forever."""
+    worker_nodes(shared_cluster, 0)
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("http://127.0.0.1:9/a.jpg\ta\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "download", "--input", str(urls), "--output", str(tmp_path / "data"),
+         "--profile", "demo", "--set", f"ray.address={shared_cluster.address}"], cwd=PROJECT, env=driver_env(),
+        capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "download: 1 worker(s) of {'CPU': 1} each, but the cluster's nodes hold 0 ({CPU: 0, GPU: 0})" in \
         result.stderr
@@ -180,9 +189,13 @@ class Gate:
             self.waiting = []
 
 
-def test_a_worker_node_killed_mid_label_loses_nothing(cluster, tmp_path):
-    """Two labelling actors, one per worker node, each held in the middle of its shard; one node killed with -9:
-    its actor is restarted on a node that is up and redoes its shard from scratch; every sample labelled once."""
+def test_labelling_takes_a_node_each_and_survives_its_driver_and_a_worker_node_killed_mid_shard(cluster, tmp_path):
+    """By default a labelling actor per CPU slot of every node: two actors, one per worker node, each held in the
+    middle of its shard. The driver killed (-9) there: a rerun starts over what was not committed. Then one node
+    killed with -9: its actor is restarted on a node that is up and redoes its shard from scratch; every sample is
+    labelled once."""
+    import signal
+
     from tests.helpers import make_labelled_input
 
     cluster, workers = cluster
@@ -193,22 +206,31 @@ def test_a_worker_node_killed_mid_label_loses_nothing(cluster, tmp_path):
     (folder / "mine.yaml").write_text("extends: demo\nmodalities: [held.py]\n")
     root = tmp_path / "data"
     make_labelled_input(root, corrupt_key=None)  # every photo decodes: verify then finds every folder aligned
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "label", "--data", str(root), "--profile", str(folder / "mine.yaml"),
-         "--labelers", "held", "--set", f"ray.address={cluster.address}", "--set", "label.workers=2"],
-        cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "pipeline", "label", "--data", str(root), "--profile", str(folder / "mine.yaml"),
+               "--labelers", "held", "--set", f"ray.address={cluster.address}"]
+
+    def driver():
+        return subprocess.Popen(command, cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    first = driver()
     try:
         assert gate.wait_for(2, 180), "the two actors did not both start a shard"
-        cluster.remove_node(workers[0], allow_graceful=False)  # one actor killed in the middle of its shard
+        first.send_signal(signal.SIGKILL)  # the head's driver lost mid-stage: Ray ends its job's actors with it
+        first.wait(60)
+        rerun = driver()
+        assert gate.wait_for(4, 180), "the rerun's two actors did not both start a shard"
+        kill_node(cluster, workers[0])  # one actor killed in the middle of its shard
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         gate.release()
-        output, _ = driver.communicate(timeout=300)
+        output, _ = rerun.communicate(timeout=300)
     finally:
         gate.release()
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, output
+        for process in (first, locals().get("rerun")):
+            if process is not None and process.poll() is None:
+                process.kill()
+    assert rerun.returncode == 0, output
     layout = DatasetLayout(root)
     stage = "label_held"
     assert layout.committed_shards(stage) == ["shard-000000", "shard-000001"]
@@ -217,3 +239,97 @@ def test_a_worker_node_killed_mid_label_loses_nothing(cluster, tmp_path):
     problems, _ = verify_dataset(root)
     assert not problems
     assert not [p.name for p in root.rglob("*") if p.is_file() and ".tmp" in p.name]
+
+
+HOLD_AFTER_CHECKPOINT = '''
+"""Test instrumentation, imported in every Ray Train worker as the profile's modality module: once per process,
+right after the checkpoint of step 2 is written (by the real function), rank 0 waits at the test's socket."""
+import socket
+
+import stages.training as training
+
+_write, _held = training.write_checkpoint, []
+
+
+def write_checkpoint(folder, weights, optimizer_state, step, extra):
+    _write(folder, weights, optimizer_state, step, extra)
+    if step == 2 and not _held:
+        _held.append(True)
+        with socket.create_connection(("127.0.0.1", {port})) as held:
+            held.recv(1)
+
+
+training.write_checkpoint = write_checkpoint
+'''
+
+
+def pretrain_command(root, address: str, profile: str = "paper", *settings) -> list[str]:
+    from tests.test_pretrain import SETTINGS
+
+    two = ["pretrain.workers=2", "pretrain.val_every=100", "pretrain.max_failures=1", f"ray.address={address}"]
+    return [sys.executable, "-m", "pipeline", "pretrain", "--data", str(root), "--profile", profile,
+            *(arg for setting in [*SETTINGS, *two, *settings] for arg in ("--set", setting))]
+
+
+def held_pretraining(root, cluster, gate, tmp_path, *settings) -> subprocess.Popen:
+    """A two-worker pretraining run on the cluster whose rank 0 waits at `gate` after the checkpoint of step 2."""
+    (tmp_path / "hold.py").write_text(HOLD_AFTER_CHECKPOINT.replace("{port}", str(gate.port)))
+    (tmp_path / "held.yaml").write_text("extends: paper\nmodalities: [hold.py]\n")
+    return subprocess.Popen(pretrain_command(root, cluster.address, str(tmp_path / "held.yaml"), *settings),
+                            cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_pretraining_on_two_nodes_restarts_from_its_checkpoint_when_one_is_lost(cluster, tmp_path):
+    """One Ray Train worker per node; a node killed after the checkpoint of step 2: Ray Train restarts the group
+    on the node that replaced it, from that checkpoint, and the weights end equal to an uninterrupted run's. A
+    second run, whose lost node never comes back, fails after ray.resource_wait_s naming what the cluster lacks."""
+    import torch
+    from safetensors.torch import load_file
+
+    from stages.fourm.pretrain import run_dir
+    from tests.test_pretrain import copy_of, dataset
+
+    cluster, workers = cluster
+    straight = dataset(tmp_path / "straight")
+    lost, never = copy_of(straight, tmp_path / "lost"), copy_of(straight, tmp_path / "never")
+    uninterrupted = subprocess.run(pretrain_command(straight, cluster.address), cwd=PROJECT, env=driver_env(),
+                                   capture_output=True, text=True, timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stdout + uninterrupted.stderr
+
+    gate = Gate()
+    driver = held_pretraining(lost, cluster, gate, tmp_path)
+    try:
+        assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
+        kill_node(cluster, workers[0])  # one worker, and its rank, gone
+        cluster.add_node(num_cpus=1)  # the replacement the restarted group starts on
+        cluster.wait_for_nodes()
+        gate.release()
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        gate.release()
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output
+    assert "resumed from the checkpoint of step 2, on 2 worker(s)" in output
+    a, b = load_file(run_dir(straight) / "model.safetensors"), load_file(run_dir(lost) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    gate = Gate()
+    driver = held_pretraining(never, cluster, gate, tmp_path, "ray.resource_wait_s=5")
+    try:
+        assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
+        kill_node(cluster, next(iter(cluster.worker_nodes)))  # and no node replaces it
+        gate.release()
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        gate.release()
+        if driver.poll() is None:
+            driver.kill()
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert driver.returncode == 2 and len(errors) == 1, output[-3000:]
+    assert errors[0].startswith("error: pretrain-4m: its 2 worker(s) of {'CPU': 1.0} each did not start within 5 s "
+                                "(ray.resource_wait_s); the cluster's live nodes hold "), errors
+    assert errors[0].endswith("the run resumes from its last checkpoint when rerun on a cluster that has them")
+    assert (run_dir(never) / "checkpoint" / "state.json").is_file()  # a rerun resumes from step 2
+    assert not (run_dir(never) / "model.safetensors").exists()

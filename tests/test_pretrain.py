@@ -126,7 +126,7 @@ def test_two_workers_train_alike_under_ddp_and_under_fsdp_through_a_worker_that_
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
     fit(functools.partial(train_worker, task_class=DiesOnce), args, name="fsdp-dies-once", folder=run_dir(fsdp),
         world=2, use_gpu=False, cpus_per_worker=1, max_failures=cfg.pretrain.max_failures,
-        modalities=cfg.modality_set)
+        resource_wait_s=cfg.ray.resource_wait_s, modalities=cfg.modality_set)
     assert (run_dir(fsdp) / "died-once").exists()  # it did die, after the checkpoint of step 2
     checkpoint = load_file(run_dir(fsdp) / "checkpoint" / "model.safetensors")  # whole tensors, not shards
     assert checkpoint["decoder_embeddings.tok_rgb@224.token_emb.weight"].shape == (64, 32)

@@ -249,6 +249,7 @@ def run_pretrain(root: str | Path, config: Config, stop_after: int | None = None
             "model_config": asdict(model_cfg), "stop_after": stop_after}
     fit(train_worker, args, name="pretrain-4m", folder=folder, run=run, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, modalities=config.modality_set,
+        resource_wait_s=config.ray.resource_wait_s,
         in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < cfg.steps:
         return {"stopped_at": run.checkpoint_step(), "steps": cfg.steps}

@@ -436,6 +436,7 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
             "shards": modality_shards(layout, modality), "stop_after": stop_after, "wandb": config.wandb.model_dump()}
     fit(train_worker, args, name=f"tokenizer-{modality}", folder=folder, run=run, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, modalities=config.modality_set,
+        resource_wait_s=config.ray.resource_wait_s,
         in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"modality": modality, "stopped_at": stop_after, "steps": plan.steps}

@@ -275,6 +275,7 @@ def run_transfer(task: str, train, val, config, model: str | None = None, backbo
             "stop_after": stop_after}
     fit(train_worker, args, name=f"transfer-{task}", folder=folder, run=run, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, modalities=config.modality_set,
+        resource_wait_s=config.ray.resource_wait_s,
         in_process=cfg.workers == 0)
     if stop_after is not None and stop_after < plan.steps:
         return {"stopped_at": stop_after, "steps": plan.steps}
