@@ -51,7 +51,7 @@ class StageReporter:
         self.rows.append({
             "shard": name, "rows": stats["rows"], "ok": stats["ok"], "failed": stats["rows"] - stats["ok"],
             "images/s": stats.get("images_per_s"), "seconds": stats.get("seconds"),
-            "state": "already committed" if skipped else "done",
+            "state": "already committed" if skipped else "done", "node": stats.get("node"),
             **({"tokens": stats["tokens"]} if "tokens" in stats else {}),
             # the label stage: which side bounded the shard, and how full the model batches were
             **({"waiting for device": stats["device_wait_share"], "waiting for decode": stats["decode_wait_share"],
@@ -88,12 +88,28 @@ class StageReporter:
                  f"{len(self.rows)} of {self.total} shards, {elapsed:.1f} s; {rate}", "",
                  "| failure reason | rows |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in failures] or ["| (none) | 0 |"]
+        lines += node_table(done)
         tokens = sum(row.get("tokens", 0) for row in done)
         if tokens:
             lines += ["", f"**{tokens / elapsed if elapsed else 0:.0f} tokens/s** written in this run ({tokens} tokens)"]
         markdown = "\n".join(lines)
         create_markdown_artifact(markdown, key=artifact_key(self.stage, "summary"), description=f"{self.stage} summary")
         return markdown
+
+
+def node_table(done: list[dict]) -> list[str]:
+    """Markdown lines: each node's shards, samples and samples/s while busy (its samples over its shards' seconds),
+    where more than one node made the shards of this run."""
+    by_node: dict[str, list[dict]] = {}
+    for row in done:
+        by_node.setdefault(row.get("node") or "?", []).append(row)
+    if len(by_node) < 2:
+        return []
+    lines = ["", "| node | shards | samples | samples/s (busy) |", "| --- | --- | --- | --- |"]
+    for node, rows in sorted(by_node.items()):
+        samples, seconds = sum(r["ok"] for r in rows), sum(r.get("seconds") or 0 for r in rows)
+        lines.append(f"| {node} | {len(rows)} | {samples} | {f'{samples / seconds:.2f}' if seconds else ''} |")
+    return lines
 
 
 class LabelReporter(StageReporter):

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,7 @@ def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_add
     rows = json.loads(table.data)
     assert [r["shard"] for r in rows] == ["shard-000000", "shard-000001", "shard-000002"]
     assert sum(r["ok"] for r in rows) == 5 and rows[2]["failed"] == 1
+    assert all(r["node"].startswith(socket.gethostname() + "/") for r in rows)  # the machine and Ray node
     summary = Artifact.get("download-summary")
     assert "samples/s" in summary.data and "| http_error | 1 |" in summary.data
 
@@ -311,3 +313,13 @@ def test_generate_deployment_runs_when_served(served, tmp_path):
     assert Artifact.get("generate-pictures").data.count("data:image/png;base64,") == 3
     rows = json.loads(Artifact.get("generate-samples").data)
     assert [(r["request"], r["sample"]) for r in rows] == [("from-caption", 0), ("from-caption", 1), ("from-photo", 0)]
+
+
+def test_the_summary_has_a_table_per_node_where_several_made_shards():
+    from pipeline.reporting import node_table
+
+    done = [{"ok": 4, "seconds": 2.0, "node": "gpu-1/a1b2c3d4"}, {"ok": 2, "seconds": 2.0, "node": "gpu-2/e5f6a7b8"},
+            {"ok": 3, "seconds": 1.0, "node": "gpu-1/a1b2c3d4"}]
+    assert node_table(done)[1:] == ["| node | shards | samples | samples/s (busy) |", "| --- | --- | --- | --- |",
+                                    "| gpu-1/a1b2c3d4 | 2 | 7 | 2.33 |", "| gpu-2/e5f6a7b8 | 1 | 2 | 1.00 |"]
+    assert node_table(done[:1]) == []  # one machine: no table
