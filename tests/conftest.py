@@ -21,9 +21,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # models load from local folders only; nothi
 # collection order: the modules that run longest (measured, docs/benchmarks.md) go first, so the short ones fill in
 # behind them instead of one long module running alone at the end. Each process starts its own Ray (and the one
 # that runs test_flows.py a Prefect server) when a test first asks for it.
-LONGEST_MODULES = ("test_demo.py", "test_multinode.py", "test_tokenizer_quality.py", "test_operations.py",
-                   "test_flows.py", "test_object_storage.py", "test_label_stage.py", "test_tokenizers.py",
-                   "test_pretrain.py", "test_cli.py", "test_modalities.py", "test_generate.py")
+LONGEST_MODULES = ("test_demo.py", "test_pretrain.py", "test_operations.py", "test_tokenizer_quality.py",
+                   "test_flows.py", "test_object_storage.py", "test_multinode.py", "test_label_stage.py",
+                   "test_tokenizers.py", "test_cli.py", "test_modalities.py", "test_generate.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -435,3 +435,43 @@ class S3Server:
     def stop(self) -> None:
         self.release.set()
         self._server.shutdown()
+
+
+class Gate:
+    """Processes a test holds (a labeler, a training worker) report at a socket and wait there; `release` lets every
+    one waiting, and every later one, go on."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.waiting, self.released, self.cond = [], False, threading.Condition()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            connection, _ = self.listener.accept()
+            with self.cond:
+                if self.released:
+                    connection.sendall(b"x")
+                    connection.close()
+                else:
+                    self.waiting.append(connection)
+                self.cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.waiting) >= count, timeout)
+
+    def release(self):
+        with self.cond:
+            self.released = True
+            for connection in self.waiting:
+                try:
+                    connection.sendall(b"x")
+                except OSError:  # its process was killed with its node
+                    pass
+                connection.close()
+            self.waiting = []

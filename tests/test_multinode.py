@@ -1,8 +1,8 @@
 """Stages across a Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`, as Ray's own tests
-run one): a worker node killed with -9 in the middle of a download, a labelling or a pretraining run loses nothing
-(tasks retried, actors' shards redone, Ray Train's group restarted from the checkpoint), a node joining takes work,
-a driver killed mid-stage is rerun, each shard's stats name the node that made it, and a cluster address where no
-head answers, or whose nodes lack the resources asked for, is refused by name."""
+run one): a worker node killed with -9 in the middle of a download or a labelling loses nothing (tasks retried,
+actors' shards redone), a node joining takes work, a driver killed mid-stage is rerun, each shard's stats name the
+node that made it, and a cluster address where no head answers, or whose nodes lack the resources asked for, is
+refused by name. Pretraining across two nodes that lose one: tests/test_pretrain.py."""
 import os
 import subprocess
 import sys
@@ -14,7 +14,7 @@ from pipeline.cluster_demo import kill_node, start_local_cluster
 from stages.dataset.shards import DatasetLayout
 from stages.dataset.verify import verify_dataset
 from stages.download.download import STAGE
-from tests.helpers import large_jpeg
+from tests.helpers import Gate, large_jpeg
 from tests.test_download_stage import statuses
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -150,45 +150,6 @@ register(Held())
 '''
 
 
-class Gate:
-    """Labelers report at a socket and wait there; `release` lets every one waiting, and every later one, go on."""
-
-    def __init__(self):
-        import socket
-        import threading
-
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.waiting, self.released, self.cond = [], False, threading.Condition()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            connection, _ = self.listener.accept()
-            with self.cond:
-                if self.released:
-                    connection.sendall(b"x")
-                    connection.close()
-                else:
-                    self.waiting.append(connection)
-                self.cond.notify_all()
-
-    def wait_for(self, count: int, timeout: float) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: len(self.waiting) >= count, timeout)
-
-    def release(self):
-        with self.cond:
-            self.released = True
-            for connection in self.waiting:
-                try:
-                    connection.sendall(b"x")
-                except OSError:  # its process was killed with its node
-                    pass
-                connection.close()
-            self.waiting = []
-
-
 def test_labelling_takes_a_node_each_and_survives_its_driver_and_a_worker_node_killed_mid_shard(cluster, tmp_path):
     """By default a labelling actor per CPU slot of every node: two actors, one per worker node, each held in the
     middle of its shard. The driver killed (-9) there: a rerun starts over what was not committed. Then one node
@@ -239,97 +200,3 @@ def test_labelling_takes_a_node_each_and_survives_its_driver_and_a_worker_node_k
     problems, _ = verify_dataset(root)
     assert not problems
     assert not [p.name for p in root.rglob("*") if p.is_file() and ".tmp" in p.name]
-
-
-HOLD_AFTER_CHECKPOINT = '''
-"""Test instrumentation, imported in every Ray Train worker as the profile's modality module: once per process,
-right after the checkpoint of step 2 is written (by the real function), rank 0 waits at the test's socket."""
-import socket
-
-import stages.training as training
-
-_write, _held = training.write_checkpoint, []
-
-
-def write_checkpoint(folder, weights, optimizer_state, step, extra):
-    _write(folder, weights, optimizer_state, step, extra)
-    if step == 2 and not _held:
-        _held.append(True)
-        with socket.create_connection(("127.0.0.1", {port})) as held:
-            held.recv(1)
-
-
-training.write_checkpoint = write_checkpoint
-'''
-
-
-def pretrain_command(root, address: str, profile: str = "paper", *settings) -> list[str]:
-    from tests.test_pretrain import SETTINGS
-
-    two = ["pretrain.workers=2", "pretrain.val_every=100", "pretrain.max_failures=1", f"ray.address={address}"]
-    return [sys.executable, "-m", "pipeline", "pretrain", "--data", str(root), "--profile", profile,
-            *(arg for setting in [*SETTINGS, *two, *settings] for arg in ("--set", setting))]
-
-
-def held_pretraining(root, cluster, gate, tmp_path, *settings) -> subprocess.Popen:
-    """A two-worker pretraining run on the cluster whose rank 0 waits at `gate` after the checkpoint of step 2."""
-    (tmp_path / "hold.py").write_text(HOLD_AFTER_CHECKPOINT.replace("{port}", str(gate.port)))
-    (tmp_path / "held.yaml").write_text("extends: paper\nmodalities: [hold.py]\n")
-    return subprocess.Popen(pretrain_command(root, cluster.address, str(tmp_path / "held.yaml"), *settings),
-                            cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def test_pretraining_on_two_nodes_restarts_from_its_checkpoint_when_one_is_lost(cluster, tmp_path):
-    """One Ray Train worker per node; a node killed after the checkpoint of step 2: Ray Train restarts the group
-    on the node that replaced it, from that checkpoint, and the weights end equal to an uninterrupted run's. A
-    second run, whose lost node never comes back, fails after ray.resource_wait_s naming what the cluster lacks."""
-    import torch
-    from safetensors.torch import load_file
-
-    from stages.fourm.pretrain import run_dir
-    from tests.test_pretrain import copy_of, dataset
-
-    cluster, workers = cluster
-    straight = dataset(tmp_path / "straight")
-    lost, never = copy_of(straight, tmp_path / "lost"), copy_of(straight, tmp_path / "never")
-    uninterrupted = subprocess.run(pretrain_command(straight, cluster.address), cwd=PROJECT, env=driver_env(),
-                                   capture_output=True, text=True, timeout=300)
-    assert uninterrupted.returncode == 0, uninterrupted.stdout + uninterrupted.stderr
-
-    gate = Gate()
-    driver = held_pretraining(lost, cluster, gate, tmp_path)
-    try:
-        assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
-        kill_node(cluster, workers[0])  # one worker, and its rank, gone
-        cluster.add_node(num_cpus=1)  # the replacement the restarted group starts on
-        cluster.wait_for_nodes()
-        gate.release()
-        output, _ = driver.communicate(timeout=300)
-    finally:
-        gate.release()
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, output
-    assert "resumed from the checkpoint of step 2, on 2 worker(s)" in output
-    a, b = load_file(run_dir(straight) / "model.safetensors"), load_file(run_dir(lost) / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-
-    gate = Gate()
-    driver = held_pretraining(never, cluster, gate, tmp_path, "ray.resource_wait_s=5")
-    try:
-        assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
-        kill_node(cluster, next(iter(cluster.worker_nodes)))  # and no node replaces it
-        gate.release()
-        output, _ = driver.communicate(timeout=300)
-    finally:
-        gate.release()
-        if driver.poll() is None:
-            driver.kill()
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert driver.returncode == 2 and len(errors) == 1, output[-3000:]
-    assert errors[0].startswith("error: pretrain-4m: its 2 worker(s) of {'CPU': 1.0} each did not start within 5 s "
-                                "(ray.resource_wait_s); the cluster's live nodes hold "), errors
-    assert errors[0].endswith("the run resumes from its last checkpoint when rerun on a cluster that has them")
-    assert (run_dir(never) / "checkpoint" / "state.json").is_file()  # a rerun resumes from step 2
-    assert not (run_dir(never) / "model.safetensors").exists()

@@ -1,12 +1,12 @@
 """4M pretraining on a real Ray Train: the loss falls, metrics and validation losses are logged, a stopped run
-resumes to exactly the weights of an uninterrupted one; two workers train alike under DDP and under FSDP, through
-a worker that dies (Ray Train restarts the group, which resumes from the checkpoint); bad input fails before
-training."""
-import functools
+resumes to exactly the weights of an uninterrupted one; two workers train alike under DDP and under FSDP, the FSDP
+run on a cluster of two nodes that loses one (Ray Train restarts the group, which resumes from the checkpoint); a
+lost node that never comes back fails the run by name; bad input fails before training."""
 import json
 import os
+import subprocess
 import sys
-from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +16,11 @@ from models.fourm import FourM
 from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
 from models.text_tokenizer import train_text_tokenizer
 from core.config import load_config
-from stages.fourm.pretrain import PretrainInputError, PretrainTask, model_config, run_dir, run_pretrain, train_worker
+from stages.fourm.pretrain import PretrainInputError, run_dir, run_pretrain
+from tests.helpers import Gate
 from tests.test_fourm_data import write_dataset
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 SETTINGS = ["pretrain.modalities=[rgb@224, tok_rgb@224, caption, det]", "pretrain.size=Ti",
             "pretrain.model={dim: 32, encoder_depth: 1, decoder_depth: 1, num_heads: 2}", "pretrain.batch_size=4",
@@ -96,53 +99,119 @@ def copy_of(root, folder):
     return folder
 
 
-class DiesOnce(PretrainTask):
-    """The real task, but rank 0's process dies (as on a lost machine) before its 4th step, once."""
+HOLD_AFTER_CHECKPOINT = '''
+"""Test instrumentation, imported in every Ray Train worker as the profile's modality module: once per process,
+right after the checkpoint of step 2 is written (by the real function), rank 0 waits at the test's socket."""
+import socket
 
-    def batches(self, start, rank, world):
-        marker = self.folder / "died-once"
-        for step, batch in enumerate(super().batches(start, rank, world), start):
-            if step == 3 and rank == 0 and not marker.exists():
-                marker.touch()
-                os._exit(1)
-            yield batch
+import stages.training as training
+
+_write, _held = training.write_checkpoint, []
 
 
-def test_two_workers_train_alike_under_ddp_and_under_fsdp_through_a_worker_that_dies(pretrained, tmp_path):
-    """Two workers under DDP, and two under FSDP whose rank 0 dies after the checkpoint of step 2: Ray Train
-    restarts the group, which resumes from that (whole-tensor) checkpoint under FSDP and ends where DDP did."""
-    import ray.cloudpickle
+def write_checkpoint(folder, weights, optimizer_state, step, extra):
+    _write(folder, weights, optimizer_state, step, extra)
+    if step == 2 and not _held:
+        _held.append(True)
+        with socket.create_connection(("127.0.0.1", {port})) as held:
+            held.recv(1)
 
-    from stages.training import fit
+
+training.write_checkpoint = write_checkpoint
+'''
+TWO_WORKERS = ["pretrain.workers=2", "pretrain.steps=4", "pretrain.val_every=100", "pretrain.grad_clip=0.5",
+               "pretrain.max_failures=1"]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A Ray cluster on this machine: a head that runs nothing and two worker nodes of one CPU each, so each of
+    two Ray Train workers has a node of its own (`ray.cluster_utils.Cluster`)."""
+    from pipeline.cluster_demo import start_local_cluster
+
+    cluster = start_local_cluster(workers=2, cpus_per_worker=1)
+    yield cluster
+    cluster.shutdown()
+
+
+def held_pretraining(root, cluster, gate: Gate, folder, *settings) -> subprocess.Popen:
+    """`python -m pipeline pretrain` on the cluster, two workers, rank 0 held at `gate` after the checkpoint of
+    step 2."""
+    (folder / "hold.py").write_text(HOLD_AFTER_CHECKPOINT.replace("{port}", str(gate.port)))
+    (folder / "held.yaml").write_text("extends: paper\nmodalities: [hold.py]\n")
+    command = [sys.executable, "-m", "pipeline", "pretrain", "--data", str(root), "--profile", str(folder / "held.yaml"),
+               *(arg for setting in [*SETTINGS, *TWO_WORKERS, f"ray.address={cluster.address}", *settings]
+                 for arg in ("--set", setting))]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the cluster named by its setting
+    return subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_two_workers_train_alike_under_ddp_and_under_fsdp_on_two_nodes_through_a_lost_node(pretrained, two_nodes,
+                                                                                           tmp_path):
+    """Two workers under DDP; then two under FSDP, one on each node of a cluster, whose node holding a worker is
+    killed (-9, with every process it started) after the checkpoint of step 2: Ray Train restarts the group on the
+    node that replaced it, from that (whole-tensor) checkpoint under FSDP, and it ends where DDP did."""
+    from pipeline.cluster_demo import kill_node
 
     root, _ = pretrained
-    two = ["pretrain.workers=2", "pretrain.steps=4", "pretrain.val_every=100", "pretrain.grad_clip=0.5"]
     ddp, fsdp = copy_of(root, tmp_path / "ddp"), copy_of(root, tmp_path / "fsdp")
-    run_pretrain(ddp, config(*two))
-    cfg = config(*two, "pretrain.parallel=fsdp")
-    run_dir(fsdp).mkdir()
-    args = {"root": str(fsdp), "folder": str(run_dir(fsdp)), "config": cfg.model_dump(),
-            "model_config": asdict(model_config(fsdp, cfg)), "stop_after": None}
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
-    fit(functools.partial(train_worker, task_class=DiesOnce), args, name="fsdp-dies-once", folder=run_dir(fsdp),
-        world=2, use_gpu=False, cpus_per_worker=1, max_failures=cfg.pretrain.max_failures,
-        resource_wait_s=cfg.ray.resource_wait_s, modalities=cfg.modality_set)
-    assert (run_dir(fsdp) / "died-once").exists()  # it did die, after the checkpoint of step 2
+    run_pretrain(ddp, config(*TWO_WORKERS))
+    gate = Gate()
+    driver = held_pretraining(fsdp, two_nodes, gate, tmp_path, "pretrain.parallel=fsdp")
+    try:
+        assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
+        kill_node(two_nodes, next(iter(two_nodes.worker_nodes)))  # one worker, and its rank, gone
+        two_nodes.add_node(num_cpus=1)  # the replacement the restarted group starts on
+        two_nodes.wait_for_nodes()
+        gate.release()
+        output, _ = driver.communicate(timeout=240)
+    finally:
+        gate.release()
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    assert "resumed from the checkpoint of step 2, on 2 worker(s)" in output
     checkpoint = load_file(run_dir(fsdp) / "checkpoint" / "model.safetensors")  # whole tensors, not shards
     assert checkpoint["decoder_embeddings.tok_rgb@224.token_emb.weight"].shape == (64, 32)
 
     def log(run):
         return [json.loads(line) for line in (run_dir(run) / "metrics.jsonl").read_text().splitlines()]
 
-    assert [line["step"] for line in log(fsdp)] == [1, 2, 3, 3, 4]  # resumed at the checkpoint: step 3 again
-    resumed = {line["step"]: line["loss"] for line in log(fsdp)}  # the steps taken after the restart
-    assert [line["step"] for line in log(ddp)] == [1, 2, 3, 4]
-    assert [resumed[step] for step in (1, 2, 3, 4)] == pytest.approx([line["loss"] for line in log(ddp)], rel=1e-4)
+    assert [line["step"] for line in log(ddp)] == [1, 2, 3, 4] == [line["step"] for line in log(fsdp)]
+    assert [line["loss"] for line in log(fsdp)] == pytest.approx([line["loss"] for line in log(ddp)], rel=1e-4)
     a, b = load_file(run_dir(ddp) / "model.safetensors"), load_file(run_dir(fsdp) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     one = load_file(run_dir(root) / "model.safetensors")  # one worker, 6 steps: another run altogether
     assert not torch.allclose(one["encoder_embeddings.tok_rgb@224.token_emb.weight"],
                               a["encoder_embeddings.tok_rgb@224.token_emb.weight"])
+
+
+def test_a_lost_node_that_never_comes_back_fails_the_run_naming_the_resources(pretrained, two_nodes, tmp_path):
+    """Ray Train would retry starting the group without end; after ray.resource_wait_s the run fails, naming what
+    the cluster lacks, its checkpoint kept for a rerun."""
+    from pipeline.cluster_demo import kill_node
+
+    root, _ = pretrained
+    never = copy_of(root, tmp_path / "never")
+    gate = Gate()
+    driver = held_pretraining(never, two_nodes, gate, tmp_path, "ray.resource_wait_s=5")
+    try:
+        assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
+        kill_node(two_nodes, next(iter(two_nodes.worker_nodes)))  # and no node replaces it
+        gate.release()
+        output, _ = driver.communicate(timeout=240)
+    finally:
+        gate.release()
+        if driver.poll() is None:
+            driver.kill()
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert driver.returncode == 2 and len(errors) == 1, output[-3000:]
+    assert errors[0].startswith("error: pretrain-4m: its 2 worker(s) of {'CPU': 1.0} each did not start within 5 s "
+                                "(ray.resource_wait_s); the cluster's live nodes hold "), errors
+    assert errors[0].endswith("the run resumes from its last checkpoint when rerun on a cluster that has them")
+    assert (run_dir(never) / "checkpoint" / "state.json").is_file()  # a rerun resumes from step 2
+    assert not (run_dir(never) / "model.safetensors").exists()
 
 
 def test_bad_input_fails_before_training_naming_it(tmp_path):
