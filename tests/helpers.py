@@ -475,3 +475,14 @@ class Gate:
                     pass
                 connection.close()
             self.waiting = []
+
+
+def worker_nodes(cluster, count: int) -> list:
+    """Exactly `count` live worker nodes of one CPU each (those a test before killed are gone from the list; extra
+    ones removed)."""
+    while len(cluster.worker_nodes) > count:
+        cluster.remove_node(next(iter(cluster.worker_nodes)))
+    while len(cluster.worker_nodes) < count:
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return list(cluster.worker_nodes)

@@ -14,7 +14,7 @@ from pipeline.cluster_demo import kill_node, start_local_cluster
 from stages.dataset.shards import DatasetLayout
 from stages.dataset.verify import verify_dataset
 from stages.download.download import STAGE
-from tests.helpers import Gate, large_jpeg
+from tests.helpers import Gate, large_jpeg, worker_nodes
 from tests.test_download_stage import statuses
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -32,16 +32,6 @@ def shared_cluster():
     cluster = start_local_cluster(workers=0, cpus_per_worker=1)
     yield cluster
     cluster.shutdown()
-
-
-def worker_nodes(cluster, count: int) -> list:
-    """Exactly `count` live worker nodes (those a test before killed are gone from the list; extra ones removed)."""
-    while len(cluster.worker_nodes) > count:
-        cluster.remove_node(next(iter(cluster.worker_nodes)))
-    while len(cluster.worker_nodes) < count:
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    return list(cluster.worker_nodes)
 
 
 @pytest.fixture

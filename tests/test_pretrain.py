@@ -17,7 +17,7 @@ from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
 from models.text_tokenizer import train_text_tokenizer
 from core.config import load_config
 from stages.fourm.pretrain import PretrainInputError, run_dir, run_pretrain
-from tests.helpers import Gate
+from tests.helpers import Gate, worker_nodes
 from tests.test_fourm_data import write_dataset
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -124,27 +124,51 @@ TWO_WORKERS = ["pretrain.workers=2", "pretrain.steps=4", "pretrain.val_every=100
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
-    """A Ray cluster on this machine: a head that runs nothing and two worker nodes of one CPU each, so each of
-    two Ray Train workers has a node of its own (`ray.cluster_utils.Cluster`)."""
+def cluster():
+    """A Ray cluster on this machine (`ray.cluster_utils.Cluster`): a head that runs nothing; worker nodes added
+    per test."""
     from pipeline.cluster_demo import start_local_cluster
 
-    cluster = start_local_cluster(workers=2, cpus_per_worker=1)
+    cluster = start_local_cluster(workers=0, cpus_per_worker=1)
     yield cluster
     cluster.shutdown()
 
 
-def held_pretraining(root, cluster, gate: Gate, folder, *settings) -> subprocess.Popen:
-    """`python -m pipeline pretrain` on the cluster, two workers, rank 0 held at `gate` after the checkpoint of
-    step 2."""
+@pytest.fixture
+def two_nodes(cluster):
+    """Two worker nodes of one CPU each: each of two Ray Train workers has a node of its own."""
+    worker_nodes(cluster, 2)
+    return cluster
+
+
+def lose_a_node_mid_run(root, cluster, folder, *settings, replaced: bool) -> tuple[int, str]:
+    """`python -m pipeline pretrain` on the cluster, two workers; once rank 0 has written the checkpoint of step 2
+    (and waits at the test's socket), the node of one worker is killed (-9, with every process it started) and,
+    if `replaced`, a new node joins; then the run goes on. Its exit code and output."""
+    from pipeline.cluster_demo import kill_node
+
+    gate = Gate()
     (folder / "hold.py").write_text(HOLD_AFTER_CHECKPOINT.replace("{port}", str(gate.port)))
     (folder / "held.yaml").write_text("extends: paper\nmodalities: [hold.py]\n")
     command = [sys.executable, "-m", "pipeline", "pretrain", "--data", str(root), "--profile", str(folder / "held.yaml"),
                *(arg for setting in [*SETTINGS, *TWO_WORKERS, f"ray.address={cluster.address}", *settings]
                  for arg in ("--set", setting))]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the cluster named by its setting
-    return subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    driver = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
+        kill_node(cluster, next(iter(cluster.worker_nodes)))  # one worker, and its rank, gone
+        if replaced:
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+        gate.release()
+        output, _ = driver.communicate(timeout=240)
+    finally:
+        gate.release()
+        if driver.poll() is None:
+            driver.kill()
+    return driver.returncode, output
 
 
 def test_two_workers_train_alike_under_ddp_and_under_fsdp_on_two_nodes_through_a_lost_node(pretrained, two_nodes,
@@ -152,25 +176,11 @@ def test_two_workers_train_alike_under_ddp_and_under_fsdp_on_two_nodes_through_a
     """Two workers under DDP; then two under FSDP, one on each node of a cluster, whose node holding a worker is
     killed (-9, with every process it started) after the checkpoint of step 2: Ray Train restarts the group on the
     node that replaced it, from that (whole-tensor) checkpoint under FSDP, and it ends where DDP did."""
-    from pipeline.cluster_demo import kill_node
-
     root, _ = pretrained
     ddp, fsdp = copy_of(root, tmp_path / "ddp"), copy_of(root, tmp_path / "fsdp")
     run_pretrain(ddp, config(*TWO_WORKERS))
-    gate = Gate()
-    driver = held_pretraining(fsdp, two_nodes, gate, tmp_path, "pretrain.parallel=fsdp")
-    try:
-        assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
-        kill_node(two_nodes, next(iter(two_nodes.worker_nodes)))  # one worker, and its rank, gone
-        two_nodes.add_node(num_cpus=1)  # the replacement the restarted group starts on
-        two_nodes.wait_for_nodes()
-        gate.release()
-        output, _ = driver.communicate(timeout=240)
-    finally:
-        gate.release()
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, output[-3000:]
+    code, output = lose_a_node_mid_run(fsdp, two_nodes, tmp_path, "pretrain.parallel=fsdp", replaced=True)
+    assert code == 0, output[-3000:]
     assert "resumed from the checkpoint of step 2, on 2 worker(s)" in output
     checkpoint = load_file(run_dir(fsdp) / "checkpoint" / "model.safetensors")  # whole tensors, not shards
     assert checkpoint["decoder_embeddings.tok_rgb@224.token_emb.weight"].shape == (64, 32)
@@ -190,23 +200,11 @@ def test_two_workers_train_alike_under_ddp_and_under_fsdp_on_two_nodes_through_a
 def test_a_lost_node_that_never_comes_back_fails_the_run_naming_the_resources(pretrained, two_nodes, tmp_path):
     """Ray Train would retry starting the group without end; after ray.resource_wait_s the run fails, naming what
     the cluster lacks, its checkpoint kept for a rerun."""
-    from pipeline.cluster_demo import kill_node
-
     root, _ = pretrained
     never = copy_of(root, tmp_path / "never")
-    gate = Gate()
-    driver = held_pretraining(never, two_nodes, gate, tmp_path, "ray.resource_wait_s=5")
-    try:
-        assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
-        kill_node(two_nodes, next(iter(two_nodes.worker_nodes)))  # and no node replaces it
-        gate.release()
-        output, _ = driver.communicate(timeout=240)
-    finally:
-        gate.release()
-        if driver.poll() is None:
-            driver.kill()
+    code, output = lose_a_node_mid_run(never, two_nodes, tmp_path, "ray.resource_wait_s=5", replaced=False)
     errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert driver.returncode == 2 and len(errors) == 1, output[-3000:]
+    assert code == 2 and len(errors) == 1, output[-3000:]
     assert errors[0].startswith("error: pretrain-4m: its 2 worker(s) of {'CPU': 1.0} each did not start within 5 s "
                                 "(ray.resource_wait_s); the cluster's live nodes hold "), errors
     assert errors[0].endswith("the run resumes from its last checkpoint when rerun on a cluster that has them")

@@ -257,7 +257,9 @@ class ShardWriter:
         for modality, (ext, data) in members.items():
             self._writers[modality].write({"__key__": key, ext: data})
 
-    def commit(self, status: pa.Table, stats: dict[str, Any]) -> None:
+    def commit(self, status: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
+        """Publish the shard's files, its status table, then its stats (the commit record, last); returns the stats
+        as recorded (with the stage, shard and node)."""
         for writer in self._writers.values():
             writer.close()
         for modality, tmp in self._tmp.items():
@@ -268,6 +270,7 @@ class ShardWriter:
                  "finished_at": time.time(), **stats}  # the node: which machine made it (status: rates per node)
         write_json(self.layout.stats(self.stage, self.shard), stats)
         self._committed = True
+        return stats
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -146,7 +146,7 @@ def download_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict
             "finished_at": time.time(),
             "provenance": provenance(cfg),
         }
-        writer.commit(table, stats)
+        stats = writer.commit(table, stats)
     return stats
 
 

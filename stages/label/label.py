@@ -267,7 +267,7 @@ class ShardLabelling:
                      "device_wait_seconds": round(c["waited"], 3), "decode_wait_seconds": round(self.decode_wait, 3),
                      "started_at": self.started, "finished_at": time.time(),
                      "provenance": provenance(self.cfg, {name: model} if model else None)}
-            writer.commit(pa.Table.from_pylist(records, schema=STATUS_SCHEMA), stats)
+            stats = writer.commit(pa.Table.from_pylist(records, schema=STATUS_SCHEMA), stats)
             all_stats[name] = stats
         return all_stats
 
@@ -333,6 +333,7 @@ def merge_stats(per_labeler: dict[str, dict]) -> dict:
 
     recorded = all("device_wait_seconds" in s for s in per_labeler.values())
     return {"rows": first["rows"], "ok": min(s["ok"] for s in per_labeler.values()), "status_counts": dict(counts),
+            "node": first.get("node"),
             "seconds": seconds, "images_per_s": round(first["rows"] / seconds, 2) if seconds else None,
             "device_wait_share": share(sum(s["device_wait_seconds"] for s in per_labeler.values()) if recorded else None),
             "decode_wait_share": share(first.get("decode_wait_seconds")),

@@ -111,7 +111,7 @@ def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, in
         counts = Counter(r["status"] for r in rows)
         stats = {"rows": len(rows), "ok": counts[OK], "status_counts": dict(counts),
                  "seconds": round(time.time() - started, 3), "provenance": provenance(cfg)}
-        writer.commit(table, stats)
+        stats = writer.commit(table, stats)
     return stats
 
 
@@ -192,7 +192,7 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
                  "tokens": int(counted["tokens"]),
                  "samples_per_s": round(counts[OK] / seconds, 2) if seconds else None,
                  "provenance": provenance(cfg, {modality: model_record} if model_record else None)}
-        writer.commit(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), stats)
+        stats = writer.commit(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), stats)
     return stats
 
 
@@ -324,6 +324,7 @@ def _merged(layout: DatasetLayout, shard: str, names: list[str]) -> dict:
     seconds = sum(s["seconds"] for s in per.values())
     rows = next(iter(per.values()))["rows"]
     return {"rows": rows, "ok": min(s["ok"] for s in per.values()), "seconds": seconds,
+            "node": next(iter(per.values())).get("node"),
             "tokens": sum(s["tokens"] for s in per.values()),
             "status_counts": dict(sum((Counter({f"{m}:{k}" if k != OK else k: v for k, v in s["status_counts"].items()})
                                        for m, s in per.items()), Counter())),
