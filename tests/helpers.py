@@ -486,3 +486,12 @@ def worker_nodes(cluster, count: int) -> list:
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     return list(cluster.worker_nodes)
+
+
+def replace_node(cluster, node) -> None:
+    """A worker node lost (kill -9, with every process it started) and a new one of one CPU joining in its place."""
+    from pipeline.cluster_demo import kill_node
+
+    kill_node(cluster, node)
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()

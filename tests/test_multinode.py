@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster_demo import kill_node, start_local_cluster
+from pipeline.cluster_demo import start_local_cluster
 from stages.dataset.shards import DatasetLayout
 from stages.dataset.verify import verify_dataset
 from stages.download.download import STAGE
-from tests.helpers import Gate, large_jpeg, worker_nodes
+from tests.helpers import Gate, large_jpeg, replace_node, worker_nodes
 from tests.test_download_stage import statuses
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -57,9 +57,7 @@ def test_a_worker_node_killed_mid_download_loses_nothing_and_a_joining_node_take
         cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert server.arrived.wait(120), "no shard started"  # a shard is in the middle of its download
-        kill_node(cluster, workers[0])
-        cluster.add_node(num_cpus=1)  # a node joins while the other one is still held at the server
-        cluster.wait_for_nodes()
+        replace_node(cluster, workers[0])  # a node joins while the other one is still held at the server
         server.release.set()
         output, _ = driver.communicate(timeout=300)
     finally:
@@ -171,9 +169,7 @@ def test_labelling_takes_a_node_each_and_survives_its_driver_and_a_worker_node_k
         first.wait(60)
         rerun = driver()
         assert gate.wait_for(4, 180), "the rerun's two actors did not both start a shard"
-        kill_node(cluster, workers[0])  # one actor killed in the middle of its shard
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
+        replace_node(cluster, workers[0])  # one actor killed in the middle of its shard
         gate.release()
         output, _ = rerun.communicate(timeout=300)
     finally:

@@ -17,7 +17,7 @@ from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
 from models.text_tokenizer import train_text_tokenizer
 from core.config import load_config
 from stages.fourm.pretrain import PretrainInputError, run_dir, run_pretrain
-from tests.helpers import Gate, worker_nodes
+from tests.helpers import Gate, replace_node, worker_nodes
 from tests.test_fourm_data import write_dataset
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -158,10 +158,11 @@ def lose_a_node_mid_run(root, cluster, folder, *settings, replaced: bool) -> tup
                               text=True)
     try:
         assert gate.wait_for(1, 240), "rank 0 did not reach the checkpoint of step 2"
-        kill_node(cluster, next(iter(cluster.worker_nodes)))  # one worker, and its rank, gone
+        lost = next(iter(cluster.worker_nodes))  # one worker, and its rank, gone
         if replaced:
-            cluster.add_node(num_cpus=1)
-            cluster.wait_for_nodes()
+            replace_node(cluster, lost)
+        else:
+            kill_node(cluster, lost)
         gate.release()
         output, _ = driver.communicate(timeout=240)
     finally:
