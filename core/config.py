@@ -468,9 +468,9 @@ class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray (RAY_ADDRESS wins)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; None lets Ray count them")
     object_store_memory: int | None = Field(None, ge=78_643_200)
-    resource_wait_s: float = Field(600.0, gt=0, description="seconds a training run whose worker was lost (its node "
-                                                            "gone) waits for the resources to restart it, then "
-                                                            "fails naming them")
+    resource_wait_s: float = Field(600.0, gt=0, description="seconds a training run waits for its workers' "
+                                                            "resources (at its start, or to restart after a lost "
+                                                            "node), then fails naming them")
 
 
 class WandbConfig(Section):

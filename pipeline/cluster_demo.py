@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.config import Config
-from core.storage import open_data_root
+from core.storage import is_remote, open_data_root
 from pipeline.status import node_rows
 from stages.dataset.shards import DatasetLayout
 from stages.dataset.verify import verify_dataset
@@ -109,6 +109,9 @@ def run_cluster_demo(make_config: Callable[[dict], Config], workers: int = 2) ->
     from pipeline.demo import run_demo
     from pipeline.services import forget_service, remember_service
 
+    root = make_config({}).root
+    if is_remote(root):  # its checks read the folder as files; the nodes share this machine's disk
+        raise ValueError(f"the cluster demo writes to a folder on this machine, not {root} (--output)")
     cpus = max(1, (os.cpu_count() or 2) // workers)
     print(f"starting a Ray cluster on this machine: a head (no CPUs) and {workers} worker nodes of {cpus} CPU(s)")
     cluster = start_local_cluster(workers, cpus)
