@@ -118,9 +118,9 @@ def run_cluster_demo(make_config: Callable[[dict], Config], workers: int = 2) ->
     remember_service("cluster-demo", os.getpid())  # `make down` stops it (and so its nodes) if it is left running
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        # each node labels its own shards: more shards than nodes, so the kill lands in the middle of the stage;
+        # a labelling replica on each node, more shards than nodes, so the kill lands in the middle of the stage;
         # a tokenizing replica fits on one node
-        config = make_config({"ray.address": cluster.address, "download.shard_size": 2,
+        config = make_config({"ray.address": cluster.address, "download.shard_size": 2, "label.workers": workers,
                               "tokenizer.cpus_per_worker": cpus})
         kill = KillDuringLabelling(cluster)
         code = run_demo(config, label_observer=kill.watch)

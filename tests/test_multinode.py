@@ -152,7 +152,7 @@ def test_labelling_takes_a_node_each_and_survives_its_driver_and_a_worker_node_k
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "held.py").write_text(HELD.replace("{port}", str(gate.port)))
-    (folder / "mine.yaml").write_text("extends: demo\nmodalities: [held.py]\n")
+    (folder / "mine.yaml").write_text("extends: paper\nmodalities: [held.py]\n")  # the default replica count
     root = tmp_path / "data"
     make_labelled_input(root, corrupt_key=None)  # every photo decodes: verify then finds every folder aligned
     command = [sys.executable, "-m", "pipeline", "label", "--data", str(root), "--profile", str(folder / "mine.yaml"),
