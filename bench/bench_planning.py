@@ -1,8 +1,9 @@
 """`make bench-planning`: the download driver's planning of a URL list of --rows rows (LAION-2B has 2,000M): time and
-peak memory of reading the list and cutting it into shards with the duplicate check, nothing downloaded.
+peak memory of reading the list twice (the repeated-URL pass, then cutting it into shards), nothing downloaded.
 
 The list is a TSV written on the fly to --work (unique URLs; --duplicates of them repeated), read back by the
-stage's own reader (stages.download.inputs.read_rows) and planned by its own planner (plan_shards); each shard
+stage's own reader (stages.download.inputs.read_rows), checked by its own repeated-URL pass (Duplicates, spilling to
+--work beyond --memory-rows) and planned by its own planner (plan_shards); each shard
 task is dropped once planned, as the driver hands it to a Ray task. Peak memory is the process's maximum resident
 set (getrusage), measured in a fresh process per size.
 
@@ -35,15 +36,21 @@ def write_list(path: Path, rows: int, duplicates: float) -> None:
             out.write("".join(block))
 
 
-def plan(path: Path, shard_size: int) -> dict:
+def plan(path: Path, shard_size: int, memory_rows: int) -> dict:
+    import tempfile
+
     from stages.download.download import plan_shards
+    from stages.download.duplicates import Duplicates
     from stages.download.inputs import read_rows
 
     started, shards, rows, duplicates = time.perf_counter(), 0, 0, 0
-    for task in plan_shards(read_rows(path), shard_size):
-        shards, rows, duplicates = shards + 1, rows + len(task.rows), duplicates + len(task.duplicate_of)
-    return {"rows": rows, "shards": shards, "duplicates": duplicates,
-            "seconds": round(time.perf_counter() - started, 1),
+    with tempfile.TemporaryDirectory(prefix="bench-planning-", dir=path.parent) as scratch:
+        found = Duplicates(read_rows(path), scratch, memory_rows)
+        checked = time.perf_counter()
+        for task in plan_shards(read_rows(path), shard_size, found):
+            shards, rows, duplicates = shards + 1, rows + len(task.rows), duplicates + len(task.duplicate_of)
+    return {"rows": rows, "shards": shards, "duplicates": duplicates, "spilled": found.spilled,
+            "check_seconds": round(checked - started, 1), "seconds": round(time.perf_counter() - started, 1),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
 
 
@@ -52,11 +59,12 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000_000)
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--duplicates", type=float, default=0.02, help="share of rows repeating the row before")
+    parser.add_argument("--memory-rows", type=int, default=8_000_000, help="download.duplicate_memory_rows")
     parser.add_argument("--work", default=str(HERE / "_work" / "planning"))
     parser.add_argument("--plan-only", help=argparse.SUPPRESS)  # the child process: plan this list
     args = parser.parse_args()
     if args.plan_only:
-        print(json.dumps(plan(Path(args.plan_only), args.shard_size)))
+        print(json.dumps(plan(Path(args.plan_only), args.shard_size, args.memory_rows)))
         return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -66,15 +74,15 @@ def main() -> int:
         if not path.is_file():
             write_list(path, rows, args.duplicates)
         child = subprocess.run([sys.executable, __file__, "--plan-only", str(path), "--shard-size",
-                                str(args.shard_size)], capture_output=True, text=True, check=True)
+                                str(args.shard_size), "--memory-rows", str(args.memory_rows)], capture_output=True, text=True, check=True)
         result = json.loads(child.stdout)
         results.append(result)
-        print(f"{result['rows']:,} rows -> {result['shards']:,} shards ({result['duplicates']:,} duplicates): "
-              f"{result['seconds']} s, peak {result['peak_rss_gib']} GiB")
-    small, large = results[0], results[-1]
-    per_row = (large["peak_rss_gib"] - small["peak_rss_gib"]) / max(large["rows"] - small["rows"], 1) * 2 ** 30
-    print(f"memory per row: {per_row:.0f} bytes (the duplicate check's table of URL hashes); at 1,000M rows: about "
-          f"{per_row * 1e9 / 2 ** 30:.0f} GiB and {large['seconds'] * 1e9 / large['rows'] / 3600:.1f} h of one core")
+        print(f"{result['rows']:,} rows -> {result['shards']:,} shards ({result['duplicates']:,} duplicates, hashes "
+              f"{'spilled to disk' if result['spilled'] else 'in memory'}): {result['seconds']} s (the repeated-URL "
+              f"pass {result['check_seconds']} s), peak {result['peak_rss_gib']} GiB")
+    large = results[-1]
+    print(f"at 1,000M rows: {large['seconds'] * 1e9 / large['rows'] / 3600:.1f} h of one core, memory bounded by "
+          f"--memory-rows (16 bytes each) and one hash bucket (rows / 256 x 16 bytes: about 60 MiB)")
     (work / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

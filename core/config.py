@@ -62,6 +62,10 @@ class DownloadConfig(Section):
     user_agent: str = "4m-data-engine/0.1 (+https://github.com/4m-data-engine; respects X-Robots-Tag noai)"
     url_column: str = "url"
     caption_column: str = "caption"
+    duplicate_memory_rows: int = Field(
+        8_000_000, ge=1, description="URL hashes the repeated-URL check holds in memory (16 bytes each); a longer "
+        "list spills them to the driver's temporary folder ($TMPDIR), 16 bytes a row"
+    )
 
 
 MODALITIES = "modalities"  # the validation context's key for the configuration's ModalitySet

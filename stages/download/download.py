@@ -12,6 +12,7 @@ keys and shard contents are the same on every rerun. Committed shards are skippe
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +28,10 @@ from core.ray_runtime import init_ray, require_resources
 from core.storage import DataPath, absolute
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, shard_name
+from stages.download.duplicates import Duplicates
 from stages.download.fetch import Fetcher
 from stages.download.images import ImageError, process_image
-from stages.download.inputs import InputRow, count_rows, read_rows
+from stages.download.inputs import InputRow, read_rows
 
 STAGE = "download"
 
@@ -151,24 +153,20 @@ def download_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict
 
 
 # -- all shards --------------------------------------------------------------------------------------
-def plan_shards(rows: Iterable[InputRow], shard_size: int) -> Iterator[ShardTask]:
-    """Cut the row stream into shards, marking repeated URLs as duplicates of their first occurrence.
-
-    Duplicates are decided here, in input order, so the decision is the same on every rerun. The table
-    keeps 8 bytes of hash per distinct URL (about 100 bytes per row in a Python dict).
-    """
-    first_seen: dict[int, int] = {}
+def plan_shards(rows: Iterable[InputRow], shard_size: int, duplicates: Iterable[tuple[int, int]]) -> Iterator[ShardTask]:
+    """Cut the row stream into shards, marking the rows `duplicates` names (row, first row with its URL, in row
+    order) as duplicates of their first occurrence. Holds one shard at a time."""
+    repeats = iter(duplicates)
+    repeat = next(repeats, None)
     task = ShardTask(0)
     for row in rows:
         if row.index // shard_size != task.index:
             yield task
             task = ShardTask(row.index // shard_size)
         task.rows.append(row)
-        if row.url and not row.error:
-            digest = int.from_bytes(hashlib.blake2b(row.url.encode(), digest_size=8).digest(), "little")
-            first = first_seen.setdefault(digest, row.index)
-            if first != row.index:
-                task.duplicate_of[row.index] = InputRow(first, None, None).key
+        if repeat is not None and repeat[0] == row.index:
+            task.duplicate_of[row.index] = InputRow(repeat[1], None, None).key
+            repeat = next(repeats, None)
     if task.rows:
         yield task
 
@@ -183,8 +181,13 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
 
     cfg = config.download
     layout = DatasetLayout(root)
-    rows = read_rows(input_path, cfg.url_column, cfg.caption_column, cfg.max_url_chars, cfg.max_caption_chars)
-    summary = ShardsSummary(shards_total=-(-count_rows(input_path) // cfg.shard_size))
+
+    def rows():
+        return read_rows(input_path, cfg.url_column, cfg.caption_column, cfg.max_url_chars, cfg.max_caption_chars)
+
+    scratch = tempfile.TemporaryDirectory(prefix="download-duplicates-")
+    duplicates = Duplicates(rows(), scratch.name, cfg.duplicate_memory_rows)  # a first pass over the whole list
+    summary = ShardsSummary(shards_total=-(-duplicates.rows // cfg.shard_size))
     if observer:
         observer.start(summary.shards_total)
     init_ray(config.ray)
@@ -209,7 +212,7 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
             if observer:
                 observer(name, stats, False)
 
-    for task in plan_shards(rows, cfg.shard_size):
+    for task in plan_shards(rows(), cfg.shard_size, duplicates):
         if layout.is_committed(STAGE, task.name):
             stats = layout.read_stats(STAGE, task.name)
             summary.shards_skipped += 1
@@ -220,5 +223,6 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
         settle(cfg.processes - 1)
         in_flight[remote.remote(root_arg, task, cfg_ref)] = task.name
     settle(0)
+    scratch.cleanup()
     summary.seconds = time.time() - started
     return summary

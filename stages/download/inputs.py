@@ -56,21 +56,6 @@ def _readable(path, random_access: bool = False):
     return open_random(path) if random_access else open_read(path)
 
 
-def count_rows(path: str | Path) -> int:
-    """Rows in the list, for progress: newlines for TSV (streamed), metadata for parquet, lines for CSV."""
-    path = data_path(path)
-    fmt = input_format(path)
-    if fmt == "parquet":
-        return pq.ParquetFile(_readable(path, random_access=True)).metadata.num_rows
-    n, last = 0, b"\n"
-    with open_read(path) as f:
-        while chunk := f.read(1 << 22):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
-    n += last != b"\n"
-    return n - 1 if fmt == "csv" and n else n
-
-
 def _check_fields(index: int, url: str | None, caption: str | None, max_url: int, max_caption: int) -> InputRow:
     where = f"row {index}"
     if url is None or not url.strip():
