@@ -11,6 +11,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -475,6 +476,17 @@ class Gate:
                     pass
                 connection.close()
             self.waiting = []
+
+
+def held_profile(folder, plugin: str) -> tuple[Gate, Path]:
+    """A new Gate, and a profile in `folder` that extends the paper profile (its default replica counts) with
+    `plugin` as its modality module: a test's instrumentation, imported in every Ray worker, that holds processes
+    at the gate ('{port}' in it names the gate's port)."""
+    gate = Gate()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "held.py").write_text(plugin.replace("{port}", str(gate.port)))
+    (Path(folder) / "held.yaml").write_text("extends: paper\nmodalities: [held.py]\n")
+    return gate, Path(folder) / "held.yaml"
 
 
 def worker_nodes(cluster, count: int) -> list:

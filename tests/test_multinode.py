@@ -1,5 +1,5 @@
 """Stages across a Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`, as Ray's own tests
-run one): a worker node killed with -9 in the middle of a download or a labelling loses nothing (tasks retried,
+run one): a worker node killed with -9 in the middle of a download, a labelling or a tokenizing loses nothing (tasks retried,
 actors' shards redone), a node joining takes work, a driver killed mid-stage is rerun, each shard's stats name the
 node that made it, and a cluster address where no head answers, or whose nodes lack the resources asked for, is
 refused by name. Pretraining across two nodes that lose one: tests/test_pretrain.py."""
@@ -14,7 +14,7 @@ from pipeline.cluster_demo import start_local_cluster
 from stages.dataset.shards import DatasetLayout
 from stages.dataset.verify import verify_dataset
 from stages.download.download import STAGE
-from tests.helpers import Gate, large_jpeg, replace_node, worker_nodes
+from tests.helpers import held_profile, large_jpeg, replace_node, worker_nodes
 from tests.test_download_stage import statuses
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,19 @@ def test_a_cluster_without_the_resources_a_stage_asks_for_is_refused_by_name_bef
     assert not (tmp_path / "data" / "rgb").exists()
 
 
+def assert_each_sample_once(root, stage: str) -> set[str]:
+    """The input of make_labelled_input (five samples, two shards) through `stage` whole: every sample committed once,
+    verify clean, no partial file. The nodes that made the shards."""
+    layout = DatasetLayout(root)
+    assert layout.committed_shards(stage) == ["shard-000000", "shard-000001"]
+    keys = [k for shard in layout.committed_shards(stage) for k in layout.read_status(stage, shard)["key"].to_pylist()]
+    assert sorted(keys) == [f"{i:09d}" for i in range(5)]  # each sample once
+    problems, _ = verify_dataset(root)
+    assert not problems
+    assert not [p.name for p in root.rglob("*") if p.is_file() and ".tmp" in p.name]
+    return {layout.read_stats(stage, shard)["node"] for shard in layout.committed_shards(stage)}
+
+
 HELD = '''
 """A labeler that, once per process, waits at the test's socket before its first label: a stage held mid-shard."""
 import socket
@@ -148,14 +161,10 @@ def test_labelling_takes_a_node_each_and_survives_its_driver_and_a_worker_node_k
     from tests.helpers import make_labelled_input
 
     cluster, workers = cluster
-    gate = Gate()
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    (folder / "held.py").write_text(HELD.replace("{port}", str(gate.port)))
-    (folder / "mine.yaml").write_text("extends: paper\nmodalities: [held.py]\n")  # the default replica count
+    gate, profile = held_profile(tmp_path / "mine", HELD)  # the paper profile's default replica count
     root = tmp_path / "data"
     make_labelled_input(root, corrupt_key=None)  # every photo decodes: verify then finds every folder aligned
-    command = [sys.executable, "-m", "pipeline", "label", "--data", str(root), "--profile", str(folder / "mine.yaml"),
+    command = [sys.executable, "-m", "pipeline", "label", "--data", str(root), "--profile", str(profile),
                "--labelers", "held", "--set", f"ray.address={cluster.address}"]
 
     def driver():
@@ -178,11 +187,58 @@ def test_labelling_takes_a_node_each_and_survives_its_driver_and_a_worker_node_k
             if process is not None and process.poll() is None:
                 process.kill()
     assert rerun.returncode == 0, output
-    layout = DatasetLayout(root)
-    stage = "label_held"
-    assert layout.committed_shards(stage) == ["shard-000000", "shard-000001"]
-    keys = [k for shard in layout.committed_shards(stage) for k in layout.read_status(stage, shard)["key"].to_pylist()]
-    assert sorted(keys) == [f"{i:09d}" for i in range(5)]  # each sample once
-    problems, _ = verify_dataset(root)
-    assert not problems
-    assert not [p.name for p in root.rglob("*") if p.is_file() and ".tmp" in p.name]
+    assert_each_sample_once(root, "label_held")
+
+
+HOLD_TOKENIZE = '''
+"""Test instrumentation, imported in every tokenizing actor as the profile's modality module: once per process, the
+first shard's tokenizing waits at the test's socket before it starts (a stage held mid-shard)."""
+import socket
+
+import stages.tokenizers.tokenize as tokenize
+
+_tokenize, _held = tokenize.tokenize_shard, []
+
+
+def tokenize_shard(*args, **kwargs):
+    if not _held:
+        _held.append(True)
+        with socket.create_connection(("127.0.0.1", {port})) as held:
+            held.recv(1)
+    return _tokenize(*args, **kwargs)
+
+
+tokenize.tokenize_shard = tokenize_shard
+'''
+
+
+def test_tokenizing_takes_a_node_each_and_survives_a_worker_node_killed_mid_shard(cluster, tmp_path):
+    """Tokenizing across the cluster, a replica per CPU slot by default, one tokenizer (a published one converted
+    into the dataset): both actors held in the middle of a shard, one node killed with -9 and a new one added. The
+    lost shard is redone from scratch, every sample is tokenized once, verify is clean, no partial file."""
+    from pipeline.cli import main as cli
+    from tests.helpers import make_labelled_input
+
+    cluster, workers = cluster
+    gate, profile = held_profile(tmp_path / "mine", HOLD_TOKENIZE)  # the paper profile's default replica count
+    root = tmp_path / "data"
+    make_labelled_input(root, corrupt_key=None)
+    published = PROJECT / "tests" / "fixtures" / "reference" / "tokenizers" / "rgb"
+    assert cli(["convert-tokenizer", "--checkpoint", str(published), "--modality", "rgb", "--data", str(root)]) == 0
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "tokenize", "--data", str(root), "--profile", str(profile),
+         "--modalities", "rgb", "--set", f"ray.address={cluster.address}"],
+        cwd=PROJECT, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert gate.wait_for(2, 180), "the two actors did not both start a shard"
+        lost = workers[0].node_id
+        replace_node(cluster, workers[0])  # one actor killed in the middle of its shard, a node joins
+        gate.release()
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        gate.release()
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output
+    nodes = assert_each_sample_once(root, "tokenize_rgb")
+    assert not [n for n in nodes if lost.startswith(n.split("/")[1])], nodes  # the lost node committed nothing

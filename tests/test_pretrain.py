@@ -17,7 +17,7 @@ from models.vqvae import VQVAE, save_tokenizer, tokenizer_config
 from models.text_tokenizer import train_text_tokenizer
 from core.config import load_config
 from stages.fourm.pretrain import PretrainInputError, run_dir, run_pretrain
-from tests.helpers import Gate, replace_node, worker_nodes
+from tests.helpers import held_profile, replace_node, worker_nodes
 from tests.test_fourm_data import write_dataset
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -147,10 +147,8 @@ def lose_a_node_mid_run(root, cluster, folder, *settings, replaced: bool) -> tup
     if `replaced`, a new node joins; then the run goes on. Its exit code and output."""
     from pipeline.cluster_demo import kill_node
 
-    gate = Gate()
-    (folder / "hold.py").write_text(HOLD_AFTER_CHECKPOINT.replace("{port}", str(gate.port)))
-    (folder / "held.yaml").write_text("extends: paper\nmodalities: [hold.py]\n")
-    command = [sys.executable, "-m", "pipeline", "pretrain", "--data", str(root), "--profile", str(folder / "held.yaml"),
+    gate, profile = held_profile(folder, HOLD_AFTER_CHECKPOINT)
+    command = [sys.executable, "-m", "pipeline", "pretrain", "--data", str(root), "--profile", str(profile),
                *(arg for setting in [*SETTINGS, *TWO_WORKERS, f"ray.address={cluster.address}", *settings]
                  for arg in ("--set", setting))]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the cluster named by its setting
