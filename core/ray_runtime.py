@@ -135,6 +135,16 @@ def node_name() -> str:
     return name
 
 
+def live_nodes() -> set[str] | None:
+    """The nodes of the cluster this process joined that are alive now, named as `node_name` names them in a
+    shard's stats; None where this process is not on Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return {f"{n['NodeManagerHostname']}/{n['NodeID'][:8]}" for n in ray.nodes() if n.get("Alive")}
+
+
 def dashboard_url() -> str | None:
     """The Ray dashboard of the cluster this process joined (None for a local Ray without one)."""
     return _dashboard["url"]

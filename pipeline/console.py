@@ -11,6 +11,7 @@ class ShardProgress:
     def __init__(self, desc: str):
         self.desc, self.bar = desc, None
         self.ok = self.failed = 0
+        self.made: list[dict] = []  # this run's shards, for the per-node lines on a cluster
 
     def start(self, total_shards: int) -> None:
         from tqdm import tqdm
@@ -25,10 +26,28 @@ class ShardProgress:
             postfix |= {"gpu_wait": f"{stats['device_wait_share']:.0%}", "decode_wait": f"{stats['decode_wait_share']:.0%}"}
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
+        if not skipped:
+            self.made.append(stats)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        print_nodes(self.desc, self.made)
+
+
+def print_nodes(stage: str, done: list[dict]) -> None:
+    """Where several nodes made a stage's shards (their stats): each node's share, and whether it is still there."""
+    from core.ray_runtime import live_nodes
+    from pipeline.status import node_shares
+
+    rows = node_shares(done, live_nodes())
+    if len(rows) < 2:
+        return
+    print(f"{stage} per node:")
+    for row in rows:
+        rate = f", {row['samples_per_s']:.2f} samples/s" if row["samples_per_s"] else ""
+        now = {"alive": ", alive", "gone": ", gone from the cluster"}.get(row["now"], "")
+        print(f"  {row['node']}: {row['shards']} shards, {row['samples']} samples{rate}{now}")
 
 
 def print_summary(summary, root: str | Path) -> None:

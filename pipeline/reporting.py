@@ -17,10 +17,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from core.ray_runtime import dashboard_url
+from core.ray_runtime import dashboard_url, live_nodes
 from core.storage import data_path
 from pipeline.show import draw_loss_curves, draw_sample, draw_transfer_curves
-from pipeline.status import RANDOM_WARNING, random_weight_stages, stage_rows
+from pipeline.status import RANDOM_WARNING, node_shares, random_weight_stages, stage_rows
 from stages.dataset.shards import DatasetLayout
 from stages.download.download import STAGE as DOWNLOAD_STAGE
 from stages.fourm.pretrain import run_dir
@@ -36,6 +36,7 @@ class StageReporter:
     def __init__(self, stage: str, table_every: float = 30.0):
         self.stage, self.total = stage, 1
         self.rows: list[dict] = []
+        self.made: list[dict] = []  # the stats of the shards this run made (not found committed): per node
         self.counts: Counter = Counter()
         self.started = time.time()
         self.table_every, self._last_table = table_every, 0.0
@@ -48,6 +49,8 @@ class StageReporter:
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
         self.counts.update(stats["status_counts"])
+        if not skipped:
+            self.made.append(stats)
         self.rows.append({
             "shard": name, "rows": stats["rows"], "ok": stats["ok"], "failed": stats["rows"] - stats["ok"],
             "images/s": stats.get("images_per_s"), "seconds": stats.get("seconds"),
@@ -88,7 +91,7 @@ class StageReporter:
                  f"{len(self.rows)} of {self.total} shards, {elapsed:.1f} s; {rate}", "",
                  "| failure reason | rows |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in failures] or ["| (none) | 0 |"]
-        lines += node_table(done)
+        lines += node_table(self.made)
         tokens = sum(row.get("tokens", 0) for row in done)
         if tokens:
             lines += ["", f"**{tokens / elapsed if elapsed else 0:.0f} tokens/s** written in this run ({tokens} tokens)"]
@@ -98,17 +101,14 @@ class StageReporter:
 
 
 def node_table(done: list[dict]) -> list[str]:
-    """Markdown lines: each node's shards, samples and samples/s while busy (its samples over its shards' seconds),
-    where more than one node made the shards of this run."""
-    by_node: dict[str, list[dict]] = {}
-    for row in done:
-        by_node.setdefault(row.get("node") or "?", []).append(row)
-    if len(by_node) < 2:
+    """Markdown lines, where more than one node made the shards this run did (their stats): each node's shards,
+    samples and samples/s, and whether it is still in the cluster."""
+    rows = node_shares(done, live_nodes())
+    if len(rows) < 2:
         return []
-    lines = ["", "| node | shards | samples | samples/s (busy) |", "| --- | --- | --- | --- |"]
-    for node, rows in sorted(by_node.items()):
-        samples, seconds = sum(r["ok"] for r in rows), sum(r.get("seconds") or 0 for r in rows)
-        lines.append(f"| {node} | {len(rows)} | {samples} | {f'{samples / seconds:.2f}' if seconds else ''} |")
+    lines = ["", "| node | shards | samples | samples/s | now |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['node']} | {r['shards']} | {r['samples']} | {r['samples_per_s'] or ''} | {r['now'] or ''} |"
+              for r in rows]
     return lines
 
 

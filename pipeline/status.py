@@ -74,24 +74,31 @@ def stage_rows(root: str | Path) -> list[dict]:
     return rows
 
 
-def node_rows(root: str | Path) -> list[dict]:
-    """Per stage and node (as each shard's stats record the machine that made it): shards, samples, and samples/s
-    over the node's span of work in that stage; shards committed before nodes were recorded count as '?'."""
-    layout = DatasetLayout(root)
+def node_shares(stats: list[dict], alive: set[str] | None = None) -> list[dict]:
+    """Per node that made some of these shards (their stats): shards, samples, samples/s over the node's span of work,
+    and whether it is still in the cluster where `alive` (the live nodes) is known. Shards committed before nodes
+    were recorded count as '?'."""
+    by_node: dict[str, list[dict]] = {}
+    for shard in stats:
+        by_node.setdefault(shard.get("node") or "?", []).append(shard)
     rows = []
-    for stage in _stage_order(layout):
-        by_node: dict[str, list[dict]] = {}
-        for path in sorted(layout.status_dir(stage).glob("shard-*.json")):
-            stats = json.loads(path.read_text())
-            by_node.setdefault(stats.get("node") or "?", []).append(stats)
-        for node, stats in sorted(by_node.items()):
-            samples = sum(s.get("rows", 0) for s in stats)
-            starts = [s["started_at"] for s in stats if "started_at" in s]
-            ends = [s["finished_at"] for s in stats if "finished_at" in s]
-            span = max(ends) - min(starts) if starts and ends else None
-            rows.append({"stage": stage, "node": node, "shards": len(stats), "samples": samples,
-                         "samples_per_s": round(samples / span, 2) if span else None})
+    for node, shards in sorted(by_node.items()):
+        samples = sum(s.get("ok", 0) for s in shards)
+        starts = [s["started_at"] for s in shards if "started_at" in s]
+        ends = [s["finished_at"] for s in shards if "finished_at" in s]
+        span = max(ends) - min(starts) if starts and ends else None
+        rows.append({"node": node, "shards": len(shards), "samples": samples,
+                     "samples_per_s": round(samples / span, 2) if span else None,
+                     "now": None if alive is None else "alive" if node in alive else "gone"})
     return rows
+
+
+def node_rows(root: str | Path) -> list[dict]:
+    """Per stage and node, from the stage's committed shards' stats (node_shares)."""
+    layout = DatasetLayout(root)
+    return [{"stage": stage, **{k: v for k, v in row.items() if k != "now"}}
+            for stage in _stage_order(layout)
+            for row in node_shares([json.loads(p.read_text()) for p in sorted(layout.status_dir(stage).glob("shard-*.json"))])]
 
 
 def tokenizer_rows(root: str | Path) -> list[dict]:

@@ -72,6 +72,9 @@ def test_a_worker_node_killed_mid_download_loses_nothing_and_a_joining_node_take
     assert len(layout.committed_shards(STAGE)) == 4
     nodes = {layout.read_stats(STAGE, shard)["node"] for shard in layout.committed_shards(STAGE)}
     assert len(nodes) >= 2  # the surviving node and the one that joined both made shards
+    shares = output[output.index("download per node:"):].splitlines()[1:len(nodes) + 1]
+    assert sorted(line.split(":")[0].strip() for line in shares) == sorted(nodes)  # each node's share, printed ...
+    assert all(line.endswith(", alive") for line in shares), shares  # ... and that it is still in the cluster
     problems, checked = verify_dataset(root)
     assert not problems and checked["shards"] == 4
     leftovers = [p.name for p in root.rglob("*") if p.is_file() and ".tmp" in p.name]
