@@ -68,6 +68,33 @@ class DownloadConfig(Section):
     )
 
 
+class QualityConfig(Section):
+    """The quality stage (between download and label): scores per sample, and the thresholds later stages apply."""
+    clip_model: str = Field("ViT-B-32", description="open_clip model name, or a folder in open_clip's layout, "
+                                                     "for the image-text score (LAION's: ViT-B/32)")
+    clip_pretrained: str | None = Field("openai", description="open_clip pretrained tag for a model name "
+                                                              "(LAION scored with OpenAI's weights)")
+    aesthetic_model: str | None = Field(
+        "data/models/quality/aesthetic", description="folder of the converted LAION aesthetic predictor "
+        "(python -m pipeline convert-aesthetic); null: no aesthetic score")
+    watermark_model: str | None = Field(
+        "data/models/quality/watermark", description="folder of the converted LAION-5B watermark detector "
+        "(python -m pipeline convert-watermark); null: no watermark score")
+    min_clip_score: float | None = Field(None, ge=-1, le=1, description="keep samples whose image-text cosine is "
+                                                                        "at least this (LAION-5B: 0.28 with ViT-B/32)")
+    min_aesthetic: float | None = Field(None, ge=0, le=10, description="keep samples whose aesthetic score is at "
+                                                                      "least this (LAION-Aesthetics: 5, 6, 6.5)")
+    max_watermark: float | None = Field(None, ge=0, le=1, description="keep samples whose watermark probability "
+                                                                     "is at most this")
+    dedup: float | None = Field(None, gt=0, le=1, description="keep one sample of each group whose CLIP image "
+                                                               "embeddings are at least this cosine apart")
+    batch_size: int = Field(32, ge=1, description="images per forward pass")
+    device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
+    workers: int | None = Field(None, ge=1, description="scoring replicas (default: one per GPU, or per "
+                                                        "cpus_per_worker CPUs, of every node)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
 MODALITIES = "modalities"  # the validation context's key for the configuration's ModalitySet
 
 
@@ -498,6 +525,7 @@ class Config(Section):
         default_factory=dict, description="fsspec options of an object-storage data root beyond its own credential "
                                           "chain, e.g. {endpoint_url: http://minio:9000} or {profile: lab}")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     label: LabelConfig = Field(default_factory=dict, validate_default=True)  # made with the set
     tokenizer: TokenizerStageConfig = Field(default_factory=dict, validate_default=True)  # made with the set
     pretrain: PretrainConfig = Field(default_factory=dict, validate_default=True)  # made with the set

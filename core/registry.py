@@ -324,6 +324,15 @@ def photo() -> Modality:
     return found[0]
 
 
+def caption() -> Modality:
+    """The downloaded text: a sample's caption, downloaded with its photo."""
+    _ensure(())
+    found = [m for m in _modalities.values() if m.downloaded and m.kind == "sequence"]
+    if len(found) != 1:
+        raise RegistryError(f"expected one downloaded text modality, found {[m.name for m in found]}")
+    return found[0]
+
+
 def domain(name: str) -> Domain:
     """A domain of any imported modality by its name as the reference writes it (tok_depth@224) or as users may
     (tok_depth); domain names are unique across every definition."""

@@ -73,6 +73,18 @@ def cmd_download(args) -> int:
     return 1 if summary.failed_shards else 0
 
 
+def cmd_quality(args) -> int:
+    config = _config_from(args, {"data_root": args.data})
+    root = _root(config)
+    from stages.quality.quality import run_quality
+    progress = ShardProgress("quality")
+    try:
+        summary = run_quality(root, config, observer=progress)
+    finally:
+        progress.close()
+    return print_per_model(summary, "", "scored", f"in {summary.seconds:.1f} s; scores under {root}/quality")
+
+
 def cmd_label(args) -> int:
     names = [n.strip() for n in args.labelers.split(",")] if args.labelers else None
     config = _config_from(args, {"data_root": args.data, "label.labelers": names})
@@ -385,6 +397,14 @@ def cmd_convert_omnidata(args) -> int:
     return 0
 
 
+def cmd_convert_quality(args) -> int:
+    from models.quality import convert_aesthetic, convert_watermark
+
+    convert = convert_aesthetic if args.command == "convert-aesthetic" else convert_watermark
+    print(f"{args.checkpoint} -> {convert(args.checkpoint, args.out)}")
+    return 0
+
+
 def cmd_convert_4m(args) -> int:
     from models.fourm import convert_checkpoint as convert_4m_checkpoint
 
@@ -451,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "(a head and WORKERS worker nodes), one worker node killed in the middle of labelling; then "
                       "each node's share and the exactly-once check (make cluster-demo)")
     _add_config_args(demo, default="demo")
+    quality = sub.add_parser("quality", help=_stage_help("quality", "score every photo: CLIP image-text score, "
+                                                                     "aesthetic, watermark, embedding"))
+    quality.add_argument("--data", help="dataset root (default: the profile's data_root)")
+    _add_config_args(quality)
+    for command, published in (("convert-aesthetic", "the LAION aesthetic predictor (sac+logos+ava1-l14-linearMSE.pth)"),
+                               ("convert-watermark", "the LAION-5B watermark detector (watermark_model_v1.pt)")):
+        converter = sub.add_parser(command, help=f"convert {published} into a quality model folder")
+        converter.add_argument("--checkpoint", required=True, help="the published state dict")
+        converter.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
     label = sub.add_parser("label", help=_stage_help("pseudo-label", "pseudo-label the photos with every labeler"),
                            formatter_class=RegistryHelp)
     label.add_argument("--data", help="dataset root (default: the profile's data_root)")
@@ -586,10 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"download": cmd_download, "label": cmd_label, "import-labels": cmd_import_labels, "show": cmd_show, "random-models": cmd_random_models,
+COMMANDS = {"download": cmd_download, "quality": cmd_quality, "label": cmd_label, "import-labels": cmd_import_labels, "show": cmd_show, "random-models": cmd_random_models,
             "inspect-masking": cmd_inspect_masking, "pretrain": cmd_pretrain, "transfer": cmd_transfer,
             "evaluate": cmd_evaluate, "generate": cmd_generate,
-            "convert-omnidata": cmd_convert_omnidata, "convert-4m": cmd_convert_4m, "convert-tokenizer": cmd_convert_tokenizer, "demo": cmd_demo,
+            "convert-omnidata": cmd_convert_omnidata, "convert-aesthetic": cmd_convert_quality,
+            "convert-watermark": cmd_convert_quality, "convert-4m": cmd_convert_4m, "convert-tokenizer": cmd_convert_tokenizer, "demo": cmd_demo,
             "serve": cmd_serve,
             "train-tokenizer": cmd_train_tokenizer, "tokenize": cmd_tokenize, "verify": cmd_verify,
             "status": cmd_status, "align": cmd_align, "up": cmd_services, "down": cmd_services, "services": cmd_services}

@@ -20,7 +20,7 @@ from typing import Iterator
 from core import registry
 from core.config import Config
 from core.files import write_bytes
-from core.storage import DataPath, data_path, is_remote, open_data_root, remove_tree, scratch_root
+from core.storage import DataPath, data_path, is_remote, open_data_root, read_parquet, remove_tree, scratch_root
 from models.fourm import FourMConfig
 from models.random_weights import save_random_model
 from pipeline.console import ShardProgress, print_alignment, print_summary
@@ -141,7 +141,8 @@ def run_demo(config: Config, label_observer=None) -> int:
     `label_observer(progress)`: what observes the label stage's shards instead of its progress bar (the cluster
     demo's, which kills a node in the middle)."""
     root = open_data_root(config.root, writable=True)  # a bad URL or refused credentials fail here, by name
-    steps = {"download": download_demo, "pseudo-label": partial(label_demo, observer=label_observer),
+    steps = {"download": download_demo, "quality": quality_demo,
+             "pseudo-label": partial(label_demo, observer=label_observer),
              "train-tokenizers": train_tokenizers_demo,
              "tokenize": tokenize_demo, "pretrain": pretrain_demo, "evaluate": evaluate_demo,
              "transfer": transfer_demo, "generate": generate_demo}
@@ -172,6 +173,36 @@ def download_demo(root: DataPath, config: Config) -> int:
           f"captions: {layout.folder(_caption_domain())}/shard-*.tar\n"
           f"status:   {layout.status_dir(STAGE)}/shard-*.parquet (+ .json commit markers)")
     return 1 if summary.failed_shards else 0
+
+
+def quality_demo(root: DataPath, config: Config) -> int:
+    """Every photo scored (image-text, aesthetic, watermark) by tiny random-weight networks of the real classes."""
+    from models.quality import save_random_quality_models
+    from stages.quality.quality import FOLDER, run_quality
+    from stages.quality.quality import STAGE as QUALITY
+
+    cfg = config.quality
+    folders = {Path(p).parent for p in (cfg.clip_model, cfg.aesthetic_model, cfg.watermark_model)}
+    if len(folders) == 1:  # the demo profile's layout: <folder>/{clip,aesthetic,watermark}
+        save_random_quality_models(folders.pop(), "tiny")
+    layout = DatasetLayout(root)
+    remove_tree(layout.status_dir(QUALITY))  # new images each run: score them anew
+    progress = ShardProgress("quality")
+    try:
+        summary = run_quality(root, config, observer=progress)
+    finally:
+        progress.close()
+    print(f"\n{'key':<10} {'clip score':>10} {'aesthetic':>9} {'watermark':>9}")
+    for shard in layout.committed_shards(QUALITY):
+        for r in read_parquet(layout.table(FOLDER, shard), ["key", "clip_score", "aesthetic", "watermark"]).to_pylist():
+            print(f"{r['key']:<10} {_number(r['clip_score']):>10} {_number(r['aesthetic']):>9} "
+                  f"{_number(r['watermark']):>9}")
+    print(f"(random weights: the numbers only show the columns) -> {layout.folder(FOLDER)}/shard-*.parquet")
+    return 1 if summary.failed_shards else 0
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def label_demo(root: DataPath, config: Config, observer=None) -> int:

@@ -146,6 +146,10 @@ class DatasetLayout:
         """Generation requests kept with the dataset (the demo's)."""
         return self.root / GENERATE
 
+    def table(self, folder: str, shard: str) -> Path:
+        """A shard's table in a folder of per-sample values that are not a modality (quality/: scores)."""
+        return self.root / folder / f"{shard}.parquet"
+
     def tar(self, modality: str, shard: str) -> Path:
         return self.root / modality / f"{shard}.tar"
 
@@ -257,13 +261,18 @@ class ShardWriter:
         for modality, (ext, data) in members.items():
             self._writers[modality].write({"__key__": key, ext: data})
 
-    def commit(self, status: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
-        """Publish the shard's files, its status table, then its stats (the commit record, last); returns the stats
-        as recorded (with the stage, shard and node)."""
+    def commit(self, status: pa.Table, stats: dict[str, Any], tables: dict[str, pa.Table] | None = None
+               ) -> dict[str, Any]:
+        """Publish the shard's files and its `tables` (folder -> a table at <root>/<folder>/<shard>.parquet), its
+        status table, then its stats (the commit record, last); returns the stats as recorded (with the stage,
+        shard and node)."""
         for writer in self._writers.values():
             writer.close()
         for modality, tmp in self._tmp.items():
             publish(tmp, self._final[modality])
+        for folder, table in (tables or {}).items():
+            with atomic_path(self.layout.table(folder, self.shard)) as tmp:
+                pq.write_table(table, tmp)
         with atomic_path(self.layout.status_table(self.stage, self.shard)) as tmp:
             pq.write_table(status, tmp)
         stats = {"stage": self.stage, "shard": self.shard, "node": node_name(), "started_at": self._started_at,

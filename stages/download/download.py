@@ -36,15 +36,6 @@ from stages.download.inputs import InputRow, read_rows
 STAGE = "download"
 
 
-
-def _caption():
-    """The downloaded text: the one downloaded sequence modality (a sample's caption)."""
-    found = [m for m in registry.loaded().sequences() if m.downloaded]
-    if len(found) != 1:
-        raise registry.RegistryError(f"expected one downloaded sequence modality, found {[m.name for m in found]}")
-    return found[0]
-
-
 STATUS_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("row", pa.int64()),
@@ -126,7 +117,7 @@ def download_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict
             return {"key": row.key, "row": row.index, "url": row.url, "status": "internal_error",
                     "error": f"{type(err).__name__}: {err}"}, None
 
-    photo, caption_spec = registry.photo(), _caption()
+    photo, caption_spec = registry.photo(), registry.caption()
     with ShardWriter(layout, STAGE, task.name, [photo.folder, caption_spec.folder]) as writer:
         for row, (record, jpeg) in zip(task.rows, _ordered_map(one, task.rows, cfg.threads)):
             records.append(record)

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from core import registry
-from core.config import Config, LabelConfig
+from core.config import Config, LabelConfig, QualityConfig
 from core.ray_runtime import init_ray
 from core.storage import absolute, open_tar
 from models.labelers import SizeBuckets, WeightsUnavailable, check_weights, run_overlapped
@@ -40,6 +40,7 @@ from stages.actor_pool import run_on_actors
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, skip_or_queue
 from stages.download.download import STAGE as DOWNLOAD_STAGE
+from stages.quality.filters import FILTERED, QualityFilterError, check_scored, rejected
 
 STATUS_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -112,8 +113,10 @@ class ShardLabelling:
     commit    each labeler's status table and stats, the stats (the commit marker) last
     """
 
-    def __init__(self, root: str, shard: str, labelers: dict, cfg: LabelConfig):
+    def __init__(self, root: str, shard: str, labelers: dict, cfg: LabelConfig, quality: QualityConfig | None = None):
         self.layout, self.shard, self.labelers, self.cfg = DatasetLayout(root), shard, labelers, cfg
+        # the samples the quality thresholds drop: recorded as filtered, never decoded nor labelled
+        self.rejected = rejected(self.layout, shard, quality) if quality else {}
         # the committed shards of other modalities a labeler reads beside the image, streamed in the rgb key order
         # (name -> modality -> reader), and each waiting sample's stored labels (name -> key -> modality -> bytes)
         self.read = {name: {m: self.label_reader(name, m) for m in registry.get(name).labeler.reads}
@@ -146,8 +149,9 @@ class ShardLabelling:
             return self.commit()
 
     # read and decode ------------------------------------------------------------------------------------------
-    def decoded_chunks(self) -> Iterator[list[tuple[str, np.ndarray | None, str | None]]]:
-        """(key, image, decode error) per sample, a chunk at a time; the next chunk decodes while this one runs."""
+    def decoded_chunks(self) -> Iterator[list[tuple[str, np.ndarray | None, tuple[str, str] | None]]]:
+        """(key, image, fate) per sample, a chunk at a time, the fate (status, error) of a sample that is not
+        labelled (filtered, or not decodable); the next chunk decodes while this one runs."""
         chunks = _chunks(read_rgb(self.layout.tar(registry.photo().folder, self.shard)), self.cfg.chunk_size)
 
         def start(chunk):
@@ -161,13 +165,14 @@ class ShardLabelling:
             pending = start(next(chunks, None))
             yield decoded
 
-    @staticmethod
-    def decode(item):
+    def decode(self, item):
         key, data = item
+        if key in self.rejected:
+            return key, None, (FILTERED, self.rejected[key])
         try:
             return key, decode_rgb(data), None
         except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
-            return key, None, f"cannot decode {key}.jpg: {err}"
+            return key, None, ("decode_error", f"cannot decode {key}.jpg: {err}")
 
     def label_reader(self, name: str, modality: str) -> "KeyOrderedMembers":
         """The committed shard of a modality the labeler `name` reads."""
@@ -198,9 +203,9 @@ class ShardLabelling:
         buckets = {name: SizeBuckets(labeler.input_size, labeler.batch_size, self.cfg.batch_window)
                    for name, labeler in self.labelers.items()}
         for decoded in self.decoded_chunks():
-            for key, image, err in decoded:
-                self.expect(key, None if err else image.shape[:2], err)
-                if err is None:
+            for key, image, fate in decoded:
+                self.expect(key, None if fate else image.shape[:2], fate)
+                if fate is None:
                     self.read_labels(key)
                     for name, labeler in self.labelers.items():
                         for batch in buckets[name].add(key, image):
@@ -209,11 +214,11 @@ class ShardLabelling:
             for batch in buckets[name].flush():
                 yield labeler, (name, [k for k, _ in batch]), [self.with_labels(name, *b) for b in batch]
 
-    def expect(self, key: str, shape, decode_err: str | None) -> None:
+    def expect(self, key: str, shape, fate: tuple[str, str] | None) -> None:
         """Queue the sample's write in every labeler's writer, in key order; it waits for the sample's label."""
         for name in self.labelers:
-            slot = None if decode_err else self.slots[name].setdefault(key, Future())
-            self.writes.append(self.write_queues[name].submit(self.write, name, key, shape, decode_err, slot))
+            slot = None if fate else self.slots[name].setdefault(key, Future())
+            self.writes.append(self.write_queues[name].submit(self.write, name, key, shape, fate, slot))
 
     # run and encode -------------------------------------------------------------------------------------------
     def hand_over(self, done) -> None:
@@ -242,9 +247,9 @@ class ShardLabelling:
                     slot.set_exception(RuntimeError(f"{self.shard}: labelling stopped before this sample"))
 
     # write and commit -----------------------------------------------------------------------------------------
-    def write(self, name: str, key: str, shape, decode_err: str | None, slot: Future | None) -> None:
-        if decode_err:
-            self.records[name].append({"key": key, "status": "decode_error", "error": decode_err})
+    def write(self, name: str, key: str, shape, fate: tuple[str, str] | None, slot: Future | None) -> None:
+        if fate:
+            self.records[name].append({"key": key, "status": fate[0], "error": fate[1]})
             return
         data, err = slot.result()
         if err:
@@ -307,12 +312,14 @@ def waves(names: list[str]) -> list[list[str]]:
     return out
 
 
-def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig) -> dict[str, dict]:
-    """Label one rgb shard with every labeler given (name -> Labeler); returns each labeler's committed stats. A
-    labeler that reads other labels (4M-21's metadata) runs in a second pass, once those are committed."""
+def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig, quality: QualityConfig | None = None
+                ) -> dict[str, dict]:
+    """Label one rgb shard with every labeler given (name -> Labeler), but the samples `quality`'s thresholds drop;
+    returns each labeler's committed stats. A labeler that reads other labels (4M-21's metadata) runs in a second
+    pass, once those are committed."""
     stats = {}
     for wave in waves(list(labelers)):
-        stats.update(ShardLabelling(root, shard, {n: labelers[n] for n in wave}, cfg).run())
+        stats.update(ShardLabelling(root, shard, {n: labelers[n] for n in wave}, cfg, quality).run())
     return stats
 
 
@@ -348,9 +355,9 @@ def merge_stats(per_labeler: dict[str, dict]) -> dict:
 class LabelWorker:
     """A Ray actor: one replica of every requested labeler, loaded once, labelling shard after shard."""
 
-    def __init__(self, root: str, cfg: LabelConfig, names: list[str]):
+    def __init__(self, root: str, cfg: LabelConfig, names: list[str], quality: QualityConfig | None = None):
         # `cfg` arrives with the run's modality set, which imported the modules defining its modalities
-        self.root, self.cfg = root, cfg
+        self.root, self.cfg, self.quality = root, cfg, quality
         self.labelers = {}
         for name in names:
             labeling = registry.get(name).labeler
@@ -358,7 +365,7 @@ class LabelWorker:
                                                 **cfg.options_of(name))
 
     def label(self, shard: str, names: list[str]) -> dict:
-        return label_shard(self.root, shard, {n: self.labelers[n] for n in names}, self.cfg)
+        return label_shard(self.root, shard, {n: self.labelers[n] for n in names}, self.cfg, self.quality)
 
 
 def input_shards(layout: DatasetLayout) -> list[str]:
@@ -413,6 +420,11 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     needed = [n for n in names if any(not layout.is_committed(stage_name(n), shard) for shard in shards)]
     check_all_weights({n: cfg.models[n] for n in needed
                        if labelings[n].weights_used(cfg) and labelings[n].weights and n in cfg.models})
+    try:
+        check_scored(layout, [s for s in shards if any(not layout.is_committed(stage_name(n), s) for n in names)],
+                     config.quality)
+    except QualityFilterError as err:
+        raise LabelInputError(str(err)) from None
     summary = ShardsSummary(shards_total=len(shards), status_counts={n: Counter() for n in names})
     if observer:
         observer.start(len(shards))
@@ -422,7 +434,7 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     started = time.time()
     if todo:
         init_ray(config.ray)
-        worker_args = (absolute(layout.root), cfg, names)
+        worker_args = (absolute(layout.root), cfg, names, config.quality)
         for shard, stats, error in run_on_actors(LabelWorker, worker_args, todo,
                                                  "label", device=cfg.device, workers=cfg.workers,
                                                  cpus_per_worker=cfg.cpus_per_worker):
