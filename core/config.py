@@ -86,8 +86,11 @@ class QualityConfig(Section):
                                                                       "least this (LAION-Aesthetics: 5, 6, 6.5)")
     max_watermark: float | None = Field(None, ge=0, le=1, description="keep samples whose watermark probability "
                                                                      "is at most this")
-    dedup: float | None = Field(None, gt=0, le=1, description="keep one sample of each group whose CLIP image "
-                                                               "embeddings are at least this cosine apart")
+    dedup: float | None = Field(None, ge=0.8, le=1, description="drop a sample whose CLIP image embedding is at "
+                                "least this cosine to an earlier sample's (near-duplicate photos: the first is kept); "
+                                "0.8 or more, the lowest the near-duplicate table records")
+    dedup_cluster_size: int = Field(1000, ge=2, description="samples per k-means cluster of the near-duplicate "
+                                                            "search (pairs are compared within a cluster)")
     batch_size: int = Field(32, ge=1, description="images per forward pass")
     device: str = Field("auto", description="auto (cuda when present), cuda, or cpu")
     workers: int | None = Field(None, ge=1, description="scoring replicas (default: one per GPU, or per "

@@ -266,13 +266,14 @@ def open_random(path: DataPath):
     return path.open("rb") if is_remote(path) else open(path, "rb")
 
 
-def read_parquet(path: DataPath, columns: list[str] | None = None):
+def read_parquet(path: DataPath, columns: list[str] | None = None, filters: list | None = None):
+    """A parquet table, or its rows that pass `filters` (pyarrow's [(column, op, value)]: row groups pruned)."""
     import pyarrow.parquet as pq
 
     if not is_remote(path):
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, filters=filters)
     with open_random(path) as f:
-        return pq.read_table(f, columns=columns)
+        return pq.read_table(f, columns=columns, filters=filters)
 
 
 MODEL_FILES = ("config.json", "model.safetensors")  # what loading a saved model reads from its folder

@@ -171,3 +171,43 @@ def test_thresholds_drop_samples_from_labelling_and_alignment_without_rescoring(
     assert not problems
     assert layout.read_stats("quality", "shard-000000")["finished_at"] < layout.read_stats(
         "label_canny_edge", "shard-000000")["started_at"]  # scored once, before; never again
+
+
+def test_near_duplicate_photos_across_shards_keep_their_first(ray_address, quality_models, tmp_path):
+    """A photo posted again in another shard (re-encoded, so not the same bytes): the near-duplicate search over
+    every shard's embeddings pairs it with its first occurrence, and quality.dedup drops the later one only; a dedup
+    threshold under the table's floor is refused by the configuration."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from core.config import ConfigError, load_config
+    from stages.dataset.shards import ShardWriter
+    from stages.label.label import run_label
+    from stages.quality.dedup import near_duplicates_in
+    from stages.quality.quality import run_quality
+    from tests.helpers import encode, make_labelled_input, photo
+
+    root = tmp_path / "data"
+    layout = make_labelled_input(root, corrupt_key=None)  # five different photos in shards 0 and 1
+    first = dict(read_members(layout.tar("rgb", "shard-000000"), "jpg"))["000000000"]
+    with ShardWriter(layout, "download", "shard-000002", ["rgb", "caption"]) as writer:
+        again = encode(Image.open(io.BytesIO(first)), quality=80)  # the same photo, other bytes
+        writer.write("000000005", {"rgb": ("jpg", again), "caption": ("txt", b"the same photo again")})
+        writer.write("000000006", {"rgb": ("jpg", encode(photo("hubble_deep_field"), quality=90)), "caption": ("txt", b"x")})
+        writer.commit(pa.table({"key": ["000000005", "000000006"], "status": ["ok", "ok"]}), {"rows": 2})
+    models = [f"quality.clip_model={quality_models['clip']}", "quality.aesthetic_model=null",
+              "quality.watermark_model=null", "quality.dedup_cluster_size=2"]
+    summary = run_quality(root, load_config("demo", models))
+    assert summary.near_duplicate_pairs >= 1
+    pairs = near_duplicates_in(layout, "shard-000002")
+    assert pairs["000000005"][0] == "000000000" and pairs["000000005"][1] > 0.9999
+    assert pairs.get("000000006", (None, 0))[1] < 0.999  # another photo (random weights: CLIP is near-blind)
+    labelled = run_label(root, load_config("demo", [*models, "quality.dedup=0.9999"]), ["canny_edge"])
+    filtered = {r["key"]: r["error"] for shard in layout.committed_shards("label_canny_edge")
+                for r in layout.read_status("label_canny_edge", shard).to_pylist() if r["status"] == "filtered"}
+    assert list(filtered) == ["000000005"] and filtered["000000005"].startswith("near duplicate of 000000000 (cosine")
+    assert labelled.status_counts["canny_edge"]["ok"] == 6
+    with pytest.raises(ConfigError, match="dedup"):
+        load_config("demo", ["quality.dedup=0.5"])

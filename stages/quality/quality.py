@@ -8,6 +8,8 @@ Produces  <root>/quality/shard-NNNNNN.parquet  one row per decodable photo, in t
               watermark  the LAION-5B detector's watermark probability, 0..1 (null where none is configured)
               embedding  the L2-normalised CLIP image embedding, float16 (for near-duplicate groups)
           <root>/_status/quality/shard-NNNNNN.{parquet,json}  every photo's fate (ok, or failed and why); commit marker
+          <root>/quality/near_duplicates.parquet  once every shard is scored: each sample's most similar earlier
+              sample where their cosine is at least 0.8 (stages/quality/dedup.py)
 Scores only: which samples later stages keep is decided from them by the thresholds (quality.min_clip_score, ...),
 so a threshold changed needs no recomputation.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +33,16 @@ from core.storage import absolute
 from stages.actor_pool import run_on_actors
 from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, skip_or_queue
 from stages.label.label import decode_rgb, input_shards
+from stages.quality.dedup import covered_shards, find_near_duplicates
 from stages.tokenizers.tokenizer_data import read_members
 
 STAGE = FOLDER = "quality"
 STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("error", pa.string())])
+
+
+@dataclass
+class QualitySummary(ShardsSummary):
+    near_duplicate_pairs: int | None = None  # where this run compared every shard: pairs at cosine >= dedup.FLOOR
 
 
 class QualityInputError(ValueError):
@@ -184,8 +193,9 @@ def check_models(cfg: QualityConfig) -> QualityConfig:
                                   for name in ("clip_model", "aesthetic_model", "watermark_model")})
 
 
-def run_quality(root: str | Path, config: Config, observer: ShardObserver | None = None) -> ShardsSummary:
-    """Score every committed download shard not yet scored."""
+def run_quality(root: str | Path, config: Config, observer: ShardObserver | None = None) -> QualitySummary:
+    """Score every committed download shard not yet scored; once all are, find the near-duplicate pairs among
+    them (again whenever new shards were scored)."""
     layout = DatasetLayout(root)
     layout.record_modalities(config.modalities)
     try:
@@ -193,7 +203,7 @@ def run_quality(root: str | Path, config: Config, observer: ShardObserver | None
     except ValueError as err:
         raise QualityInputError(str(err)) from None
     cfg = check_models(config.quality)
-    summary = ShardsSummary(shards_total=len(shards), status_counts={STAGE: Counter()})
+    summary = QualitySummary(shards_total=len(shards), status_counts={STAGE: Counter()})
     if observer:
         observer.start(len(shards))
     todo = skip_or_queue(layout, shards, [STAGE], lambda _: STAGE, summary, observer, lambda _, stats: stats[STAGE])
@@ -210,5 +220,16 @@ def run_quality(root: str | Path, config: Config, observer: ShardObserver | None
             summary.status_counts[STAGE].update(stats["status_counts"])
             if observer:
                 observer(shard, stats, False)
+    scored = layout.committed_shards(STAGE)
+    if scored == shards and covered_shards(layout) != scored:  # every shard scored: compare them all
+        found = find_near_duplicates(layout.root, scored, cfg.dedup_cluster_size,
+                                     "cuda" if cfg.device != "cpu" and torch_cuda() else "cpu")
+        summary.near_duplicate_pairs = found["pairs"]
     summary.seconds = time.time() - started
     return summary
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
