@@ -88,6 +88,8 @@ class Labeling:
     check: Callable[[Any], None] | None = None                   # refuses settings that cannot run, before work
     weights_used: Callable[[Any], bool] = field(default=lambda cfg: True)  # False: label.models' entry unused
     reads: tuple[str, ...] = ()   # modalities whose stored labels the labeler reads beside the image, per sample
+    reads_if_present: tuple[str, ...] = ()  # the same where the modality's shard is committed (None where not)
+    reads_quality: bool = False   # the sample's quality scores (aesthetic, watermark) where the shard is scored
 
 
 class Modality:

@@ -121,9 +121,8 @@ WALKABLE = ("floor-wood", "floor-other-merged", "road", "pavement-merged", "gras
             "gravel", "playingfield", "railroad", "rug-merged", "snow", "platform", "stairs")  # COCO panoptic stuff
 DEPTH_JUMP = 0.05      # a neighbour this much nearer or farther (of the map's depth range): an occlusion edge
 # The reference's metadata ids (v1=) and how each value becomes a v0= bin: image sides in 32-pixel bins, counts as
-# they are (at most 999), the rest in 50 bins over (low, high); a statistic this project cannot make (SAM
-# instances, watermark and aesthetic scores need models) is left out of the text, as the reference leaves out a
-# missing key.
+# they are (at most 999), the rest in 50 bins over (low, high); a statistic whose source is not there (SAM instances
+# not labelled, no quality scores) is left out of the text, as the reference leaves out a missing key.
 METADATA_IDS = {
     "original_width": 0, "original_height": 1, "caption_n_chars": 2, "caption_n_words": 3, "caption_n_sentences": 4,
     "n_humans": 5, "n_sam_instances": 6, "n_coco_instances": 7, "coco_instance_diversity": 8, "colorfulness": 9,
@@ -212,7 +211,8 @@ def geometry_statistics(depth: np.ndarray | None, normal: np.ndarray | None) -> 
 
 
 class MetadataLabeler(ComputedLabeler):
-    """The statistics of one sample: its image's, and those of its caption, boxes, classes, depth and normals."""
+    """The statistics of one sample: its image's, and those of its caption, boxes, classes, depth and normals, its
+    SAM instances (where labelled) and its watermark and aesthetic scores (where the quality stage scored it)."""
 
     def __init__(self, path=None, device="cpu", batch_size=8, min_score: float = 0.0, **options):
         super().__init__(path, device, batch_size, **options)
@@ -229,6 +229,12 @@ class MetadataLabeler(ComputedLabeler):
         if sample.get("semseg") is not None:
             found.update(segmentation_statistics(sample["semseg"], COCO_PANOPTIC, len(COCO_THINGS)))
         found.update(geometry_statistics(sample.get("depth"), sample.get("normal")))
+        if sample.get("sam_instance") is not None:
+            found["n_sam_instances"] = len(sample["sam_instance"].get("instances", []))
+        scores = sample.get("quality") or {}
+        found.update({name: scores[score] for name, score in (("watermark_score", "watermark"),
+                                                               ("aesthetic_score", "aesthetic"))
+                      if scores.get(score) is not None})
         return {key: found[key] for key in sorted(found, key=METADATA_IDS.__getitem__)}
 
 
@@ -250,6 +256,7 @@ class Metadata(SequenceModality):
     name, label_order, extension = "metadata", 9, "json"
     max_tokens = 40  # the reference's budget: about 19 statistics of two tokens, [EOS]
     labeler = Labeling(load=MetadataLabeler, reads=("caption", "det", "semseg", "depth", "normal"),
+                       reads_if_present=("sam_instance",), reads_quality=True,
                        options=lambda cfg: {"min_score": cfg.det_min_score})
 
     def encode(self, label) -> bytes:

@@ -132,6 +132,16 @@ def save_demo_models(config: Config) -> None:
             save_random_model(name, config.label.models[name], "tiny")
 
 
+def save_demo_quality_models(config: Config) -> None:
+    """Tiny random-weight quality networks where the profile names them: <folder>/{clip,aesthetic,watermark}."""
+    from models.quality import save_random_quality_models
+
+    cfg = config.quality
+    paths = [Path(p) for p in (cfg.clip_model, cfg.aesthetic_model, cfg.watermark_model) if p]
+    if len({p.parent for p in paths}) == 1 and [p.name for p in paths] == ["clip", "aesthetic", "watermark"]:
+        save_random_quality_models(paths[0].parent, "tiny")
+
+
 def trainer(workers: int | None) -> str:
     return "Ray Train, in this process" if workers == 0 else "Ray Train"
 
@@ -177,14 +187,10 @@ def download_demo(root: DataPath, config: Config) -> int:
 
 def quality_demo(root: DataPath, config: Config) -> int:
     """Every photo scored (image-text, aesthetic, watermark) by tiny random-weight networks of the real classes."""
-    from models.quality import save_random_quality_models
     from stages.quality.quality import FOLDER, run_quality
     from stages.quality.quality import STAGE as QUALITY
 
-    cfg = config.quality
-    folders = {Path(p).parent for p in (cfg.clip_model, cfg.aesthetic_model, cfg.watermark_model)}
-    if len(folders) == 1:  # the demo profile's layout: <folder>/{clip,aesthetic,watermark}
-        save_random_quality_models(folders.pop(), "tiny")
+    save_demo_quality_models(config)
     layout = DatasetLayout(root)
     remove_tree(layout.status_dir(QUALITY))  # new images each run: score them anew
     progress = ShardProgress("quality")

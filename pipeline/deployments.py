@@ -14,6 +14,7 @@ from pipeline.flows import (
     generate_flow,
     pretrain_flow,
     pseudo_label_flow,
+    quality_flow,
     tokenize_flow,
     train_tokenizers_flow,
     transfer_flow,
@@ -24,6 +25,8 @@ STAGE_FLOWS = {
     # flow -> (what it does, its parameters on CC12M, its parameters on the demo)
     download_flow: ("Download a URL list (url<TAB>caption) into webdataset shards.",
                     {"input": "data/cc12m.tsv", "output": "data/cc12m"}, {"input": "demo", "output": "data/demo"}),
+    quality_flow: ("Score every downloaded photo (CLIP image-text score, aesthetic, watermark) and find "
+                   "near-duplicate photos, before labelling.", {"data": "data/cc12m"}, {"data": "data/demo"}),
     pseudo_label_flow: ("Pseudo-label every rgb shard: depth, normals, segmentation, boxes, CLIP maps.",
                         {"data": "data/cc12m"}, {"data": "data/demo"}),
     train_tokenizers_flow: ("Train the text tokenizer and one VQ-VAE per dense modality (Ray Train).",

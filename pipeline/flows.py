@@ -13,7 +13,7 @@ from prefect import flow, task
 
 from core.config import Config, load_config
 from core.storage import data_path, open_data_root
-from pipeline.demo import download_demo_photos, save_demo_models
+from pipeline.demo import download_demo_photos, save_demo_models, save_demo_quality_models
 from pipeline.reporting import (
     LabelReporter,
     PretrainReporter,
@@ -30,6 +30,7 @@ from stages.download.download import run_download
 from stages.fourm.pretrain import run_dir, run_pretrain
 from stages.generate.generate import read_requests, run_generation
 from stages.label.label import run_label
+from stages.quality.quality import run_quality
 from stages.tokenizers.tokenize import run_tokenize
 from stages.tokenizers.train_tokenizer import run_train_tokenizers
 from stages.transfer.evaluate import run_evaluate
@@ -62,6 +63,18 @@ def download_with_artifacts(config: Config, input: str):
     print(reporter.finish())
     publish_stage_table(root, key="download-stages")
     _check("download", summary)
+    return summary
+
+
+def quality_with_artifacts(config: Config):
+    if config.profile == "demo":  # the demo's tiny random-weight networks, where the profile names them
+        save_demo_quality_models(config)
+    root = open_data_root(config.root, writable=True)
+    reporter = StageReporter("quality")
+    summary = run_quality(root, config, observer=reporter)
+    print(reporter.finish())
+    publish_stage_table(root, key="quality-stages")
+    _check("quality", summary)
     return summary
 
 
@@ -117,6 +130,15 @@ def download_flow(input: str = "data/cc12m.tsv", output: str | None = None, prof
     config = load_config(profile, overrides, {"data_root": output})  # a bad value fails here, before any work
     summary = download_with_artifacts(config, input)
     return {**_counts(summary), "status_counts": dict(summary.status_counts), "data_root": config.data_root}
+
+
+@flow(name="quality", log_prints=True)
+def quality_flow(data: str | None = None, profile: str = "paper", overrides: list[str] | None = None) -> dict:
+    """Score every downloaded photo (CLIP image-text score, aesthetic, watermark) and find near-duplicates."""
+    config = load_config(profile, overrides, {"data_root": data})
+    summary = quality_with_artifacts(config)
+    return {**_counts(summary), "status_counts": {n: dict(c) for n, c in summary.status_counts.items()},
+            "near_duplicate_pairs": summary.near_duplicate_pairs, "data_root": config.data_root}
 
 
 @flow(name="pseudo-label", log_prints=True)

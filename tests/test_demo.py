@@ -25,8 +25,10 @@ def test_demo_on_object_storage_downloads_labels_tokenizes_and_verifies_the_bund
     # pictures a user wants and take over 3 of the demo's minutes; here each runs a few steps, as the path is what
     # this test checks (test_tokenizer_quality checks that each tokenizer learns).
     short = [f"tokenizer.epochs_by_modality.{name}={steps}" for name, steps in SHORT_TOKENIZER_RUNS.items()]
+    quality = [f"quality.{name}_model={tmp_path / 'models' / 'quality' / name}"
+               for name in ("clip", "aesthetic", "watermark")]
     result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", f"s3://{bucket}/demo",
-                             "--set", f"label.models={models}", *(x for o in short for x in ("--set", o))],
+                             "--set", f"label.models={models}", *(x for o in short + quality for x in ("--set", o))],
                             env=env, cwd=work, capture_output=True, text=True, timeout=1450)
     assert result.returncode == 0, result.stderr
     assert list(work.iterdir()) == [], "nothing written to the local working folder"
@@ -43,6 +45,16 @@ def test_demo_on_object_storage_downloads_labels_tokenizes_and_verifies_the_bund
         assert (tmp_path / "models" / name / "config.json").is_file()
         assert f"{name:7} ok 7" in result.stdout
     assert len(list((demo / "show").glob("*.png"))) == 7
+    # every photo scored before labelling (tiny random-weight networks of the real classes), the scores in metadata
+    scores = [row for table in sorted(demo.glob("quality/shard-*.parquet"), key=str)
+              for row in read_parquet(table, ["key", "clip_score", "aesthetic", "watermark"]).to_pylist()]
+    assert len(scores) == 7 and all(r["aesthetic"] is not None and 0 <= r["watermark"] <= 1 for r in scores)
+    assert "clip score" in result.stdout
+    from stages.tokenizers.tokenizer_data import read_members
+
+    metadata = [json.loads(data) for tar in sorted(demo.glob("metadata/shard-*.tar"), key=str)
+                for _, data in read_members(tar, "json")]
+    assert len(metadata) == 7 and all({"watermark_score", "aesthetic_score"} <= set(m) for m in metadata)
     # and 4M-21's weight-free modalities, which the demo profile names
     for name in ("canny_edge", "color_palette", "metadata"):
         assert len(list((demo / name).glob("shard-*.tar"))) == 3 and f"{name} ok 7" in result.stdout

@@ -94,7 +94,8 @@ def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
     from pipeline.deployments import deployments
 
     made = {f"{d.flow_name}/{d.name}": d.parameters for d in deployments()}
-    flows = {"download", "pseudo-label", "train-tokenizers", "tokenize", "pretrain", "evaluate", "cc12m-pipeline"}
+    flows = {"download", "quality", "pseudo-label", "train-tokenizers", "tokenize", "pretrain", "evaluate",
+             "cc12m-pipeline"}
     transfers = {"transfer/imagenet1k", "transfer/ade20k", "transfer/nyuv2"}
     generate = {"generate/cc12m", "generate/demo"}
     stages = {f"{f}/{n}" for f in flows for n in ("cc12m", "demo")}
@@ -143,6 +144,27 @@ def test_pseudo_label_deployment_runs_when_served(labelled):
     assert [r["shard"] for r in shards] == ["shard-000000", "shard-000001"]
     assert all(0 <= r["waiting for device"] <= 1 and 0 <= r["waiting for decode"] <= 1 for r in shards)
     assert all(r["images/batch"].startswith("depth ") for r in shards)
+
+
+def test_quality_deployment_scores_when_served(served, tmp_path):
+    """`prefect deployment run quality/demo`: every photo scored by the demo's tiny networks (saved where the
+    overrides say), the shards table and the summary published, the failure by reason."""
+    from prefect.artifacts import Artifact
+    from prefect.deployments import run_deployment
+
+    from tests.helpers import make_labelled_input
+
+    data = tmp_path / "data"
+    make_labelled_input(data)
+    models = [f"quality.{name}_model={tmp_path / 'quality' / name}" for name in ("clip", "aesthetic", "watermark")]
+    run = run_deployment("quality/demo", timeout=400, poll_interval=1, parameters={"data": str(data),
+                                                                                   "overrides": models})
+    assert run.state.is_completed(), run.state
+    assert sorted(p.name for p in (data / "quality").glob("shard-*.parquet")) == ["shard-000000.parquet",
+                                                                                 "shard-000001.parquet"]
+    assert (data / "quality" / "near_duplicates.parquet").is_file()  # every shard scored: compared
+    assert "| decode_error | 1 |" in Artifact.get("quality-summary").data
+    assert [r["shard"] for r in json.loads(Artifact.get("quality-shards").data)] == ["shard-000000", "shard-000001"]
 
 
 def test_show_draws_a_labelled_sample(labelled, tmp_path):

@@ -187,9 +187,16 @@ def test_the_metadata_labeler_measures_the_image_and_the_labels_beside_it(m21):
     depth = np.zeros((32, 64), np.uint16)
     depth[:, 32:] = 65535  # one step: the column at the step is an occlusion edge
     flat = np.full((32, 64, 3), (128, 128, 255), np.uint8)
+    instances = {"instances": [{"polygon": [[0, 0], [9, 0], [9, 9]], "score": 0.9}] * 3}
     stats = labeler.compute({"image": grey, "caption": "Two dogs. One runs!", "semseg": classes, "depth": depth,
                              "normal": flat, "det": [{"boxes": [0, 0, 1, 1], "class_name": "person", "score": 0.9},
-                                                     {"boxes": [0, 0, 1, 1], "class_name": "dog", "score": 0.2}]})
+                                                     {"boxes": [0, 0, 1, 1], "class_name": "dog", "score": 0.2}],
+                             "sam_instance": instances, "quality": {"aesthetic": 5.2, "watermark": 0.7}})
+    assert len(stats) == 21 and [chunk.split()[0] for chunk in m21.metadata_chunks(stats)] == [
+        f"v1={i}" for i in range(21)]  # every one of the reference's statistics, in its id order
+    assert (stats["n_sam_instances"], stats["aesthetic_score"], stats["watermark_score"]) == (3, 5.2, 0.7)
+    unscored = labeler.compute({"image": grey, "quality": {"aesthetic": None, "watermark": None}})
+    assert not {"aesthetic_score", "watermark_score", "n_sam_instances"} & set(unscored)  # left out, as the reference
     assert stats["colorfulness"] == 0 and stats["contrast"] == 0 and stats["entropy"] == 0
     assert (stats["caption_n_chars"], stats["caption_n_words"], stats["caption_n_sentences"]) == (19, 4, 2)
     assert (stats["n_humans"], stats["n_coco_instances"], stats["coco_instance_diversity"]) == (1, 1, 1)

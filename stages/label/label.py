@@ -11,7 +11,9 @@ Produces  <root>/depth/shard-NNNNNN.tar    <key>.png   16-bit grayscale, depth i
 Every label has the stored image's resolution (CLIP: one feature per 16x16 patch at shortest side 224), and
 each modality's shard holds the rgb shard's keys in the rgb shard's order (a sample a labeler failed on is
 absent from that modality and recorded; the tokenize stage then drops it from every folder, `stages/dataset/align.py`).
-Each shard's stats record the model that made it (source, sha256 of its weights, random or not).
+Each shard's stats record the model that made it (source, sha256 of its weights, random or not). Samples that the
+quality thresholds drop (quality.min_clip_score, ..., stages/quality/filters.py) are neither decoded nor labelled:
+their rows say `filtered` and why.
 
 One Ray actor per GPU (or per CPU slot) holds every requested labeler; it reads and decodes each image once
 for all of them, in chunks, decoding the next chunk while the models run on this one; it fills each model's
@@ -34,13 +36,14 @@ import pyarrow as pa
 from core import registry
 from core.config import Config, LabelConfig, QualityConfig
 from core.ray_runtime import init_ray
-from core.storage import absolute, open_tar
+from core.storage import absolute, open_tar, read_parquet
 from models.labelers import SizeBuckets, WeightsUnavailable, check_weights, run_overlapped
 from stages.actor_pool import run_on_actors
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, skip_or_queue
 from stages.download.download import STAGE as DOWNLOAD_STAGE
 from stages.quality.filters import FILTERED, QualityFilterError, check_scored, rejected
+from stages.quality.filters import SCORED as QUALITY
 
 STATUS_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -119,8 +122,8 @@ class ShardLabelling:
         self.rejected = rejected(self.layout, shard, quality) if quality else {}
         # the committed shards of other modalities a labeler reads beside the image, streamed in the rgb key order
         # (name -> modality -> reader), and each waiting sample's stored labels (name -> key -> modality -> bytes)
-        self.read = {name: {m: self.label_reader(name, m) for m in registry.get(name).labeler.reads}
-                     for name in labelers}
+        self.read = {name: {m: self.label_reader(name, m) for m in self.reads_of(name)} for name in labelers}
+        self.scores = {name: self.quality_scores() for name in labelers if registry.get(name).labeler.reads_quality}
         self.read_ahead: dict[str, dict[str, dict]] = {name: {} for name in labelers}
         self.started = time.time()
         self.records: dict[str, list[dict]] = {name: [] for name in labelers}
@@ -174,6 +177,19 @@ class ShardLabelling:
         except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
             return key, None, ("decode_error", f"cannot decode {key}.jpg: {err}")
 
+    def reads_of(self, name: str) -> list[str]:
+        """The modalities a labeler reads: those it must, and those it reads where they are committed."""
+        labeling = registry.get(name).labeler
+        return [*labeling.reads, *(m for m in labeling.reads_if_present
+                                   if self.layout.is_committed(registry.get(m).stage, self.shard))]
+
+    def quality_scores(self) -> dict[str, dict]:
+        """key -> the scores the quality stage gave this shard's samples ({} where it is not scored)."""
+        if not self.layout.is_committed(QUALITY, self.shard):
+            return {}
+        table = read_parquet(self.layout.table(QUALITY, self.shard), ["key", "aesthetic", "watermark"]).to_pylist()
+        return {row.pop("key"): row for row in table}
+
     def label_reader(self, name: str, modality: str) -> "KeyOrderedMembers":
         """The committed shard of a modality the labeler `name` reads."""
         source = registry.get(modality)
@@ -191,11 +207,12 @@ class ShardLabelling:
     def with_labels(self, name: str, key: str, image: np.ndarray):
         """What a labeler gets for one sample: the image, or (a labeler that reads other labels) the image and
         each of those labels decoded (None where that labeler failed on the sample)."""
-        if not self.read[name]:
+        if not self.read[name] and name not in self.scores:
             return image
-        stored = self.read_ahead[name].pop(key)
+        stored = self.read_ahead[name].pop(key, {})
         return {"image": image, **{m: None if data is None else registry.get(m).decode(data)
-                                   for m, data in stored.items()}}
+                                   for m, data in stored.items()},
+                **({"quality": self.scores[name].get(key)} if name in self.scores else {})}
 
     # batch ----------------------------------------------------------------------------------------------------
     def batches(self):
@@ -303,7 +320,8 @@ def waves(names: list[str]) -> list[list[str]]:
     """The labelers in passes: one that reads another's labels runs in a pass after that one's."""
     left, done, out = list(names), set(), []
     while left:
-        ready = [n for n in left if not set(registry.get(n).labeler.reads) & (set(left) - {n})]
+        ready = [n for n in left if not set(registry.get(n).labeler.reads + registry.get(n).labeler.reads_if_present)
+                 & (set(left) - {n})]
         if not ready:
             raise LabelInputError(f"labelers {left} read each other's labels in a circle")
         out.append(ready)
