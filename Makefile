@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo cluster-demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu bench-storage bench-planning clean
+.PHONY: install test demo cluster-demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu bench-storage bench-planning bench-quality clean
 
 install: $(STAMP)
 
@@ -93,6 +93,11 @@ bench-gpu: $(STAMP)
 # Object storage against a local disk: download, the 4M loader, scratch space (moto's S3 server on loopback).
 bench-storage: $(STAMP)
 	$(BIN)/python bench/bench_storage.py $(BENCH_STORAGE_ARGS)
+
+# The quality stage's scoring (tiny networks here; BENCH_QUALITY_ARGS=--size paper for the paper's sizes) and the
+# near-duplicate search over 1M synthetic embeddings: time and peak memory.
+bench-quality: $(STAMP)
+	$(BIN)/python bench/bench_quality.py $(BENCH_QUALITY_ARGS)
 
 # The download driver planning a 100M-row URL list (written on the fly): time and peak memory.
 bench-planning: $(STAMP)

@@ -23,6 +23,7 @@ from pipeline.reporting import (
     publish_generation,
     publish_stage_table,
     publish_transfer,
+    quality_markdown,
     sample_pictures_markdown,
 )
 from pipeline.stage_list import pipeline_stages, stage
@@ -74,6 +75,7 @@ def quality_with_artifacts(config: Config):
     summary = run_quality(root, config, observer=reporter)
     print(reporter.finish())
     publish_stage_table(root, key="quality-stages")
+    quality_markdown(root, config.quality, key="quality-scores")
     _check("quality", summary)
     return summary
 

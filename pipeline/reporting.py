@@ -219,6 +219,25 @@ def sample_pictures_markdown(root, count: int, key: str) -> str | None:
     return markdown
 
 
+def quality_markdown(root, cfg, key: str) -> str:
+    """A markdown artifact: each score's histogram with its threshold, kept and dropped photos with their scores."""
+    import base64
+    import tempfile
+
+    from pipeline.show import draw_quality
+
+    layout = DatasetLayout(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        picture = draw_quality(layout, cfg, f"{tmp}/quality.png")
+        inlined = base64.b64encode(picture.read_bytes()).decode()
+    set_ = {name: getattr(cfg, name) for name in ("min_clip_score", "min_aesthetic", "max_watermark", "dedup")}
+    thresholds = ", ".join(f"quality.{k} = {v}" for k, v in set_.items() if v is not None) or "none set"
+    markdown = (f"# Quality scores of {root}\n\nThresholds: {thresholds} (applied by the label stage; changing one "
+                f"needs no rescoring).\n\n![quality](data:image/png;base64,{inlined})")
+    create_markdown_artifact(markdown, key=key, description="quality scores, thresholds, kept and dropped photos")
+    return markdown
+
+
 class PretrainReporter:
     """pretrain: a progress artifact kept current from metrics.jsonl while Ray Train runs, then the losses as a
     table, and a markdown artifact with the loss curves and the predictions from RGB."""

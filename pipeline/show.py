@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from core import registry
 from core.pictures import figure_backend, save_figure
-from core.storage import data_path, open_tar
+from core.storage import data_path, open_tar, read_parquet
 from stages.dataset.shards import DatasetLayout, producing_stage
 from stages.download.download import STAGE as DOWNLOAD_STAGE
 
@@ -175,3 +177,114 @@ def draw_transfer_curves(metrics: str | Path, out: str | Path, title: str) -> Pa
     ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper center")
     ax.set_title(title, fontsize=10)
     return save_figure(fig, out, dpi=80)
+
+
+QUALITY_RANGES = {"clip_score": (-0.2, 0.6), "aesthetic": (0.0, 10.0), "watermark": (0.0, 1.0), "cosine": (0.8, 1.0)}
+QUALITY_THRESHOLDS = {"clip_score": "min_clip_score", "aesthetic": "min_aesthetic", "watermark": "max_watermark",
+                      "cosine": "dedup"}
+
+
+def quality_histograms(layout: DatasetLayout, bins: int = 40) -> dict[str, np.ndarray]:
+    """Each score's counts in fixed bins over QUALITY_RANGES (values outside go to the end bins), read a shard at a
+    time, so any number of samples costs the same memory; `cosine`: each near-duplicate's to its earlier one."""
+    from stages.quality.dedup import table_path
+    from stages.quality.quality import FOLDER, STAGE
+
+    counts = {name: np.zeros(bins, np.int64) for name in QUALITY_RANGES}
+
+    def add(name, values):
+        values = np.asarray([v for v in values if v is not None], np.float64)
+        low, high = QUALITY_RANGES[name]
+        counts[name] += np.histogram(np.clip(values, low, high), bins, (low, high))[0]
+
+    for shard in layout.committed_shards(STAGE):
+        table = read_parquet(layout.table(FOLDER, shard), ["clip_score", "aesthetic", "watermark"]).to_pydict()
+        for name, values in table.items():
+            add(name, values)
+    if table_path(layout).is_file():
+        add("cosine", read_parquet(table_path(layout), ["cosine"])["cosine"].to_pylist())
+    return counts
+
+
+def draw_quality(layout: DatasetLayout, cfg, out: str | Path, examples: int = 4) -> Path:
+    """The quality scores' histograms with each threshold drawn where it is set, and a row of kept and a row of
+    dropped photos (the first shards' samples) with their scores and why."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    counts = quality_histograms(layout)
+    kept, dropped = quality_examples(layout, cfg, examples)
+    columns = max(len(QUALITY_RANGES), examples)
+    fig, axes = plt.subplots(3, columns, figsize=(2.6 * columns, 7.5), squeeze=False)
+    for ax, (name, count) in zip(axes[0], counts.items()):
+        low, high = QUALITY_RANGES[name]
+        edges = np.linspace(low, high, len(count) + 1)
+        ax.bar(edges[:-1], count, width=edges[1] - edges[0], align="edge", color="C0")
+        bound = getattr(cfg, QUALITY_THRESHOLDS[name])
+        title = "near-duplicates' cosine" if name == "cosine" else name
+        if bound is not None:
+            ax.axvline(bound, color="C3", linewidth=2)
+        ax.set_title(f"{title} ({'no threshold' if bound is None else f'threshold {bound:.3g}'})"
+                     + ("" if count.sum() else ": no scores"), fontsize=8)
+        ax.tick_params(labelsize=6)
+    for row, (label, picked) in enumerate((("kept", kept), ("dropped", dropped)), start=1):
+        for i, ax in enumerate(axes[row]):
+            ax.axis("off")
+            if i < len(picked):
+                key, data, scores, why = picked[i]
+                ax.imshow(Image.open(io.BytesIO(data)).convert("RGB"))
+                numbers = ", ".join(f"{n} {scores[n]:.2f}" for n in ("clip_score", "aesthetic", "watermark")
+                                    if scores[n] is not None)
+                ax.set_title(f"{label} {key}\n{why or numbers}"[:90], fontsize=6)
+        if not picked:
+            axes[row][0].text(0, 0.5, f"nothing {label}", fontsize=9)
+    for ax in axes[0][len(counts):]:
+        ax.axis("off")
+    return save_figure(fig, out, dpi=80)
+
+
+def quality_examples(layout: DatasetLayout, cfg, examples: int) -> tuple[list, list]:
+    """Up to `examples` kept and dropped samples of the first shards under `cfg`'s thresholds, each (key, JPEG
+    bytes, scores, why dropped or None); none dropped where the thresholds cannot be applied yet."""
+    from stages.quality.filters import rejected
+    from stages.quality.quality import FOLDER, STAGE
+
+    kept, dropped = [], []
+    ready = _thresholds_ready(layout, cfg)
+    for shard in layout.committed_shards(STAGE):
+        reasons = rejected(layout, shard, cfg) if ready else {}
+        scores = {r["key"]: r for r in read_parquet(layout.table(FOLDER, shard),
+                                                    ["key", "clip_score", "aesthetic", "watermark"]).to_pylist()}
+        photos = dict(_photos(layout, shard, set(scores)))
+        for key, row in scores.items():
+            which = dropped if key in reasons else kept
+            if len(which) < examples and key in photos:
+                which.append((key, photos[key], row, reasons[key][1] if key in reasons else None))
+        if len(kept) >= examples and len(dropped) >= examples:
+            break
+    return kept, dropped
+
+
+def _thresholds_ready(layout: DatasetLayout, cfg) -> bool:
+    from stages.quality.filters import QualityFilterError, check_scored
+    from stages.quality.quality import STAGE
+
+    try:
+        check_scored(layout, layout.committed_shards(STAGE), cfg)
+        return True
+    except QualityFilterError:
+        return False
+
+
+def _photos(layout: DatasetLayout, shard: str, keys: set[str]):
+    """(key, JPEG bytes) of a shard's photos among `keys`."""
+    with open_tar(layout.tar(registry.photo().folder, shard)) as tar:
+        for member in tar:
+            key = member.name.rsplit(".", 1)[0]
+            if member.isfile() and key in keys:
+                yield key, tar.extractfile(member).read()

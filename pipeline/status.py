@@ -53,6 +53,7 @@ def stage_rows(root: str | Path) -> list[dict]:
         stats = [json.loads(p.read_text()) for p in sorted(layout.status_dir(stage).glob("shard-*.json"))]
         total = downloaded if stage != first else len(stats)
         counts = sum((Counter(s.get("status_counts", {})) for s in stats), Counter())
+        filtered_by = sum((Counter(s.get("filtered_by", {})) for s in stats), Counter())  # per quality threshold
         ok = counts.get("ok", 0)
         starts = [s["started_at"] for s in stats if "started_at" in s]
         ends = [s["finished_at"] for s in stats if "finished_at" in s]
@@ -64,7 +65,9 @@ def stage_rows(root: str | Path) -> list[dict]:
             remaining = elapsed / done * (total - done) if elapsed and done else None
         rows.append({
             "stage": stage, "shards": f"{done}/{total}", "ok": ok, "failed": sum(counts.values()) - ok,
-            "failures": ", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "ok") or "-",
+            "failures": ", ".join(f"{k} {v}" + (f" ({', '.join(f'{r} {n}' for r, n in filtered_by.most_common())})"
+                                                  if k == "filtered" and filtered_by else "")
+                                  for k, v in counts.most_common() if k != "ok") or "-",
             "samples_per_s": round(sum(counts.values()) / elapsed, 2) if elapsed else None,
             "elapsed_s": round(elapsed, 1) if elapsed is not None else None,
             "remaining_s": round(remaining, 1) if remaining is not None else None,

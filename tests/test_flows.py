@@ -165,6 +165,8 @@ def test_quality_deployment_scores_when_served(served, tmp_path):
     assert (data / "quality" / "near_duplicates.parquet").is_file()  # every shard scored: compared
     assert "| decode_error | 1 |" in Artifact.get("quality-summary").data
     assert [r["shard"] for r in json.loads(Artifact.get("quality-shards").data)] == ["shard-000000", "shard-000001"]
+    scores = Artifact.get("quality-scores").data
+    assert "Thresholds: none set" in scores and scores.count("data:image/png;base64,") == 1
 
 
 def test_show_draws_a_labelled_sample(labelled, tmp_path):

@@ -152,8 +152,20 @@ def test_thresholds_drop_samples_from_labelling_and_alignment_without_rescoring(
     with pytest.raises(ConfigError, match="min_clip_score"):
         load_config("demo", ["quality.min_clip_score=2"])
 
-    summary = run_label(root, load_config("demo", [*models, f"quality.min_clip_score={bound}"]), ["canny_edge"])
+    from pipeline.show import draw_quality, quality_examples, quality_histograms
+
+    config = load_config("demo", [*models, f"quality.min_clip_score={bound}"])
+    kept, dropped = quality_examples(layout, config.quality, examples=4)  # what the Prefect artifact draws
+    assert sorted(k for k, *_ in dropped) == sorted(k for k, v in scores.items() if v < bound) and len(kept) == 3
+    assert dropped[0][3].startswith("clip_score ") and kept[0][1][:2] == b"\xff\xd8"  # why, and the photo
+    assert quality_histograms(layout)["clip_score"].sum() == 5
+    assert draw_quality(layout, config.quality, tmp_path / "quality.png").stat().st_size > 0
+    summary = run_label(root, config, ["canny_edge"])
     assert summary.status_counts["canny_edge"] == {"ok": 3, "filtered": 2}
+    from pipeline.status import stage_rows
+
+    row = next(r for r in stage_rows(root) if r["stage"] == "label_canny_edge")
+    assert row["failures"] == "filtered 2 (min_clip_score 2)"  # what `status` shows: how many each threshold dropped
     dropped = {k for k, v in scores.items() if v < bound}
     for shard in ("shard-000000", "shard-000001"):
         for row in layout.read_status("label_canny_edge", shard).to_pylist():

@@ -171,7 +171,7 @@ class ShardLabelling:
     def decode(self, item):
         key, data = item
         if key in self.rejected:
-            return key, None, (FILTERED, self.rejected[key])
+            return key, None, (FILTERED, self.rejected[key][1])
         try:
             return key, decode_rgb(data), None
         except Exception as err:  # noqa: BLE001 - recorded as this sample's fate
@@ -288,7 +288,9 @@ class ShardLabelling:
                      "images_per_batch": round(c["images"] / c["batches"], 2) if c["batches"] else None,
                      "device_wait_seconds": round(c["waited"], 3), "decode_wait_seconds": round(self.decode_wait, 3),
                      "started_at": self.started, "finished_at": time.time(),
-                     "provenance": provenance(self.cfg, {name: model} if model else None)}
+                     "provenance": provenance(self.cfg, {name: model} if model else None),
+                     **({"filtered_by": dict(Counter(rule for rule, _ in self.rejected.values()))}
+                        if self.rejected else {})}
             stats = writer.commit(pa.Table.from_pylist(records, schema=STATUS_SCHEMA), stats)
             all_stats[name] = stats
         return all_stats

@@ -26,15 +26,20 @@ SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("duplicate_of
 
 
 def spherical_kmeans(x, clusters: int, iterations: int = 10, seed: int = 0):
-    """Cluster ids of unit vectors (torch, N x d) by cosine: seeded, so the same on every run."""
+    """Cluster ids of unit vectors (torch, N x d, float16 or float32: computed in float32 a chunk at a time) by
+    cosine: seeded, so the same on every run."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(len(x), generator=generator)[:clusters].to(x.device)].clone()
+    centroids = x[torch.randperm(len(x), generator=generator)[:clusters].to(x.device)].float()
     assign = torch.zeros(len(x), dtype=torch.long, device=x.device)
     for _ in range(iterations):
-        assign = torch.cat([(chunk @ centroids.T).argmax(1) for chunk in x.split(65536)])
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        sums, parts = torch.zeros_like(centroids), []
+        for chunk in x.split(65536):
+            chunk = chunk.float()
+            parts.append((chunk @ centroids.T).argmax(1))
+            sums.index_add_(0, parts[-1], chunk)
+        assign = torch.cat(parts)
         empty = sums.norm(dim=1) == 0  # a cluster that lost every member keeps its centroid
         centroids = torch.where(empty[:, None], centroids, torch.nn.functional.normalize(sums, dim=1))
     return assign
@@ -53,7 +58,8 @@ def earlier_neighbours(x, assign) -> tuple[np.ndarray, np.ndarray]:
         if stop - start < 2:
             continue
         members = order[start:stop]
-        similarity = x[members] @ x[members].T
+        vectors = x[members].float()
+        similarity = vectors @ vectors.T
         similarity = similarity.masked_fill(~torch.ones_like(similarity, dtype=torch.bool).tril(-1), -float("inf"))
         best, at = similarity.max(dim=1)
         members = members.cpu().numpy()
@@ -78,8 +84,7 @@ def find_near_duplicates(root, shards: list[str], cluster_size: int = 1000, devi
             parts.append(flat.reshape(table.num_rows, -1))
     rows = []
     if parts:
-        x = torch.from_numpy(np.concatenate(parts).astype(np.float32)).to(device)
-        x = torch.nn.functional.normalize(x, dim=1)
+        x = torch.from_numpy(np.concatenate(parts)).to(device)  # float16 as stored: 2 bytes a dimension
         assign = spherical_kmeans(x, max(1, len(x) // cluster_size))
         nearest, cosine = earlier_neighbours(x, assign)
         rows = [(where[i], keys[i], keys[nearest[i]], float(cosine[i])) for i in np.flatnonzero(cosine >= FLOOR)]

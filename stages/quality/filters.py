@@ -58,9 +58,9 @@ def check_scored(layout: DatasetLayout, shards: list[str], cfg: QualityConfig) -
                                      "quality` again")
 
 
-def rejected(layout: DatasetLayout, shard: str, cfg: QualityConfig) -> dict[str, str]:
-    """key -> why, for the samples of one shard that a threshold drops ({} where none is set). A sample without a
-    score (no caption: no image-text score) is not judged by that rule."""
+def rejected(layout: DatasetLayout, shard: str, cfg: QualityConfig) -> dict[str, tuple[str, str]]:
+    """key -> (the threshold's setting, why), for the samples of one shard that a threshold drops ({} where none is
+    set). A sample without a score (no caption: no image-text score) is not judged by that rule."""
     rules, out = active(cfg), {}
     if rules:
         table = read_parquet(layout.table(SCORED, shard), ["key", *(column for column, _, _ in rules)]).to_pydict()
@@ -69,10 +69,11 @@ def rejected(layout: DatasetLayout, shard: str, cfg: QualityConfig) -> dict[str,
                 score, bound = table[column][i], getattr(cfg, setting)
                 if score is not None and not keeps(score, bound):
                     sign = "<" if setting.startswith("min") else ">"
-                    out[key] = f"{column} {score:.3f} {sign} quality.{setting} {bound}"
+                    out[key] = (setting, f"{column} {score:.3f} {sign} quality.{setting} {bound}")
                     break
     if cfg.dedup is not None:
         for key, (first, cosine) in near_duplicates_in(layout, shard).items():
             if cosine >= cfg.dedup:
-                out.setdefault(key, f"near duplicate of {first} (cosine {cosine:.3f} >= quality.dedup {cfg.dedup})")
+                out.setdefault(key, ("dedup", f"near duplicate of {first} (cosine {cosine:.3f} >= quality.dedup "
+                                              f"{cfg.dedup})"))
     return out
