@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import shutil
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -226,6 +227,8 @@ def label_demo(root: DataPath, config: Config, observer=None) -> int:
         progress.close()
     for name, counts in labelled.status_counts.items():
         print(f"{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + f"  -> {layout.folder(name)}/")
+    for shard, err in labelled.failed_shards.items():
+        print(f"shard {shard} failed and will be redone on the next run: {err}", file=sys.stderr)
     pictures = []
     for shard in layout.committed_shards(STAGE):
         for r in layout.read_status(STAGE, shard).to_pylist():

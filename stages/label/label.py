@@ -179,9 +179,9 @@ class ShardLabelling:
 
     def reads_of(self, name: str) -> list[str]:
         """The modalities a labeler reads: those it must, and those it reads where they are committed."""
-        labeling = registry.get(name).labeler
-        return [*labeling.reads, *(m for m in labeling.reads_if_present
-                                   if self.layout.is_committed(registry.get(m).stage, self.shard))]
+        labeling, known = registry.get(name).labeler, set(registry.loaded().names())
+        return [*labeling.reads, *(m for m in labeling.reads_if_present  # a modality not imported has no labels
+                                   if m in known and self.layout.is_committed(registry.get(m).stage, self.shard))]
 
     def quality_scores(self) -> dict[str, dict]:
         """key -> the scores the quality stage gave this shard's samples ({} where it is not scored)."""
