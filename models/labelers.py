@@ -409,6 +409,85 @@ class ClipLabeler(PatchFeatureLabeler):
         return list(grid)
 
 
+class OpenClipVision(torch.nn.Module):
+    """open_clip's CLIP image tower, loaded by open_clip from an open_clip name with its pretrained tag
+    (`ViT-B-16@openai`) or a folder in open_clip's layout, shaped as the CLIP labeler reads a model
+    (`config.patch_size`); its patch features computed as transformers' CLIP computes them."""
+
+    def __init__(self, visual):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.visual = visual
+        self.config = SimpleNamespace(patch_size=visual.patch_size[0])
+
+    @classmethod
+    def from_pretrained(cls, spec: str) -> "OpenClipVision":
+        from models.quality import load_clip
+
+        name, tag = (spec, None) if Path(spec).expanduser().is_dir() else (spec.partition("@")[0],
+                                                                            spec.partition("@")[2] or None)
+        return cls(load_clip(name, tag, "cpu")[0].visual)
+
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_post(patch tokens) @ proj, the position embeddings resized bicubically to the image's grid (as
+        transformers' `interpolate_pos_encoding`)."""
+        v = self.visual
+        x = v.conv1(x)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        pos = v.positional_embedding
+        side = int((len(pos) - 1) ** 0.5)
+        patches = pos[1:]
+        if grid != (side, side):
+            patches = torch.nn.functional.interpolate(
+                patches.reshape(1, side, side, -1).permute(0, 3, 1, 2), size=grid, mode="bicubic",
+                align_corners=False).permute(0, 2, 3, 1).reshape(-1, pos.shape[-1])
+        first = (v.class_embedding + pos[0]).to(x.dtype).expand(len(x), 1, -1)
+        x = v.transformer(v.ln_pre(torch.cat([first, x + patches.to(x.dtype)], dim=1)))
+        return v.ln_post(x[:, 1:]) @ v.proj
+
+
+class OpenClipLabeler(ClipLabeler):
+    """The CLIP labeler's features through open_clip's classes (`label.options.clip.library: open_clip`)."""
+
+    def model_class(self):
+        return OpenClipVision
+
+    def forward(self, x):
+        patch = self.model.config.patch_size
+        features = self.model.patch_features(x).float()
+        return list(features.reshape(len(x), x.shape[-2] // patch, x.shape[-1] // patch, -1))
+
+
+CLIP_LIBRARIES = {"transformers": ClipLabeler, "open_clip": OpenClipLabeler}
+
+
+def load_clip_labeler(path: str, device: str = "auto", batch_size: int = 8, library: str = "transformers",
+                      **options) -> ClipLabeler:
+    """The CLIP labeler through transformers (a hub id or a saved folder) or open_clip (`ViT-B-16@openai`, or a
+    folder in open_clip's layout): the same features from the same weights."""
+    return CLIP_LIBRARIES[library](path, device, batch_size, **options)
+
+
+def check_clip_library(cfg) -> None:
+    """Before any work: the library is one of ours, and an open_clip model is one open_clip knows."""
+    options = cfg.options_of("clip")
+    library = options.get("library", "transformers")
+    if library not in CLIP_LIBRARIES:
+        raise ValueError(f"label.options.clip.library = {library!r}: expected one of {sorted(CLIP_LIBRARIES)}")
+    if library == "open_clip":
+        import open_clip
+
+        from models.quality import clip_name
+
+        spec = cfg.models.get("clip", "")
+        name = spec if Path(spec).expanduser().is_dir() else spec.partition("@")[0]
+        if not clip_name(name).startswith("local-dir:") and name not in open_clip.list_models():
+            raise ValueError(f"label.models.clip = {spec!r}: with label.options.clip.library = open_clip, an open_clip "
+                             f"model name and tag (ViT-B-16@openai) or a folder in open_clip's layout")
+
+
 class Dinov2Labeler(PatchFeatureLabeler):
     """DINOv2 ViT-B/14 dense features: the normalised patch tokens of the last layer (`x_norm_patchtokens`), one per
     14x14 patch at shortest side 224 (16x16 for a square crop)."""

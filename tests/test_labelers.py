@@ -81,6 +81,58 @@ def test_clip_map_is_projected_patch_tokens(tiny_models, images):
     assert np.allclose(grid.reshape(-1, grid.shape[-1]), expected[0].numpy(), atol=1e-5)
 
 
+def open_clip_copy(hf, folder):
+    """transformers' CLIP image tower (a CLIPVisionModelWithProjection) as open_clip's CLIP class with the same
+    weights, saved in open_clip's folder layout: the test's own mapping between the two libraries' names."""
+    import open_clip
+
+    from models.quality import save_clip
+
+    c = hf.config
+    model_cfg = {"embed_dim": c.projection_dim, "quick_gelu": c.hidden_act == "quick_gelu",
+                 "vision_cfg": {"image_size": c.image_size, "layers": c.num_hidden_layers, "width": c.hidden_size,
+                                "patch_size": c.patch_size, "head_width": c.hidden_size // c.num_attention_heads,
+                                "mlp_ratio": c.intermediate_size / c.hidden_size},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    clip = open_clip.CLIP(**model_cfg)
+    v, h = hf.vision_model, hf.state_dict()
+    state = {"conv1.weight": h["vision_model.embeddings.patch_embedding.weight"],
+             "class_embedding": h["vision_model.embeddings.class_embedding"],
+             "positional_embedding": h["vision_model.embeddings.position_embedding.weight"],
+             "proj": h["visual_projection.weight"].T}
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for p in ("weight", "bias"):
+            state[f"{ours}.{p}"] = h[f"vision_model.{theirs}.{p}"]
+    for i in range(len(v.encoder.layers)):
+        layer, block = f"vision_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
+        for p in ("weight", "bias"):
+            state[f"{block}.attn.in_proj_{p}"] = torch.cat([h[f"{layer}.self_attn.{q}_proj.{p}"] for q in "qkv"])
+            for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                state[f"{block}.{ours}.{p}"] = h[f"{layer}.{theirs}.{p}"]
+    missing, _ = clip.visual.load_state_dict(state, strict=False)
+    assert not missing, missing
+    return save_clip(clip, model_cfg, folder)
+
+
+def test_clip_features_are_the_same_through_open_clip(tiny_models, images, tmp_path):
+    """The CLIP labeler through open_clip's classes (`label.options.clip.library: open_clip`) gives the same maps as
+    through transformers' for the same weights, square or not (position embeddings resized alike)."""
+    from core.config import load_config
+    from models.labelers import OpenClipLabeler, check_clip_library, load_clip_labeler
+
+    through_transformers = load_labeler("clip", tiny_models["clip"], device="cpu")
+    folder = open_clip_copy(through_transformers.model, tmp_path / "open_clip")
+    through_open_clip = load_clip_labeler(str(folder), "cpu", 8, library="open_clip", short_side=224)
+    assert isinstance(through_open_clip, OpenClipLabeler)
+    square = np.array(photo("astronaut"))
+    for ours, theirs in zip(through_open_clip([*images[:2], square]), through_transformers([*images[:2], square])):
+        assert ours.shape == theirs.shape and np.allclose(ours, theirs, atol=1e-5)
+    bad = load_config("demo", ["label.options={clip: {library: open_clip}}", "label.models.clip=ViT-Nope@openai"])
+    with pytest.raises(ValueError, match="label.models.clip = 'ViT-Nope@openai': with label.options.clip.library"):
+        check_clip_library(bad.label)
+
+
 def test_unknown_labeler_is_a_clear_error(tiny_models):
     with pytest.raises(ValueError, match="unknown labeler 'dept'"):
         load_labeler("dept", tiny_models["depth"])
