@@ -85,8 +85,7 @@ class QualityScorer:
                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def embed_dim(self) -> int:
-        return int(self.clip.text_projection.shape[1] if hasattr(self.clip, "text_projection") and
-                   self.clip.text_projection is not None else self.clip.embed_dim)
+        return int(self.clip.visual.output_dim)
 
     def score(self, images: list, captions: list[str | None]) -> dict[str, np.ndarray]:
         """Scores of PIL images and their captions (None: no caption, no image-text score)."""
