@@ -65,9 +65,9 @@ def score(size: str, images: int, device: str, batch_size: int) -> dict:
             from models.quality import AESTHETIC, AestheticMLP, save_quality_model
 
             save_quality_model(AestheticMLP(512), models["aesthetic"], {
-                "kind": AESTHETIC, "input_dim": 512, "source": "random", "clip_model": models["clip"],
+                "kind": AESTHETIC, "input_dim": 512, "source": "random", "clip_model": models["image_text"],
                 "clip_pretrained": None})
-        cfg = QualityConfig(clip_model=models["clip"], clip_pretrained=None, aesthetic_model=models["aesthetic"],
+        cfg = QualityConfig(clip_model=models["image_text"], clip_pretrained=None, aesthetic_model=models["aesthetic"],
                             watermark_model=models["watermark"], device=device, batch_size=batch_size)
         scorer = QualityScorer(cfg)
         score_shard(str(root), "shard-000000", scorer, cfg)  # warm-up (and the first shard's lazy imports)

@@ -470,22 +470,20 @@ def load_clip_labeler(path: str, device: str = "auto", batch_size: int = 8, libr
     return CLIP_LIBRARIES[library](path, device, batch_size, **options)
 
 
-def check_clip_library(cfg) -> None:
+def check_clip_library(labeler: str, options: dict, spec: str) -> None:
     """Before any work: the library is one of ours, and an open_clip model is one open_clip knows."""
-    options = cfg.options_of("clip")
     library = options.get("library", "transformers")
     if library not in CLIP_LIBRARIES:
-        raise ValueError(f"label.options.clip.library = {library!r}: expected one of {sorted(CLIP_LIBRARIES)}")
+        raise ValueError(f"label.options.{labeler}.library = {library!r}: expected one of {sorted(CLIP_LIBRARIES)}")
     if library == "open_clip":
         import open_clip
 
         from models.quality import clip_name
 
-        spec = cfg.models.get("clip", "")
         name = spec if Path(spec).expanduser().is_dir() else spec.partition("@")[0]
         if not clip_name(name).startswith("local-dir:") and name not in open_clip.list_models():
-            raise ValueError(f"label.models.clip = {spec!r}: with label.options.clip.library = open_clip, an open_clip "
-                             f"model name and tag (ViT-B-16@openai) or a folder in open_clip's layout")
+            raise ValueError(f"label.models.{labeler} = {spec!r}: with label.options.{labeler}.library = open_clip, an "
+                             f"open_clip model name and tag (ViT-B-16@openai) or a folder in open_clip's layout")
 
 
 class Dinov2Labeler(PatchFeatureLabeler):

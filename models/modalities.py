@@ -92,9 +92,11 @@ class Clip(FeatureMapModality):
     name, label_order = "clip", 4
     published_tokenizer = "EPFL-VILAB/4M_tokenizers_CLIP-B16_8k_224-448"
     # transformers' classes by default; `label.options.clip.library: open_clip` reads an open_clip model instead
-    labeler = _labeling(labelers.load_clip_labeler, "openai/clip-vit-base-patch16", random_weights.clip,
-                        lambda cfg: {"short_side": cfg.clip_short_side}, check=labelers.check_clip_library,
-                        weights_used=lambda cfg: cfg.options_of("clip").get("library", "transformers") == "transformers")
+    labeler = _labeling(
+        labelers.load_clip_labeler, "openai/clip-vit-base-patch16", random_weights.clip,
+        lambda cfg: {"short_side": cfg.clip_short_side},
+        check=lambda cfg: labelers.check_clip_library("clip", cfg.options_of("clip"), cfg.models.get("clip", "")),
+        weights_used=lambda cfg: cfg.options_of("clip").get("library", "transformers") == "transformers")
     tokenizer = dict(in_channels=512, codebook_size=8192, decoder="vit", loss="smooth_l1", patch_size=1,
                      crop_scale=(0.2, 1.0), dtype="bfloat16")
     # The published tokenizer's training normalised each crop with ImageNet's mean and std before CLIP

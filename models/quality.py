@@ -202,6 +202,7 @@ def convert_watermark(path: str | Path, folder: str | Path, backbone: str = "eff
 
 
 # -- random weights of the real classes (the demo, the tests, benchmarks without the downloads) ----------------------
+RANDOM_MODELS = ("image_text", "aesthetic", "watermark")  # the folders save_random_quality_models writes
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "patch_size": 32,
                                              "head_width": 16},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
@@ -209,7 +210,7 @@ TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 2, "wi
 
 def save_random_quality_models(folder: str | Path, size: str = "tiny", seed: int = 0) -> dict[str, str]:
     """A CLIP (open_clip's CLIP class), an aesthetic MLP reading that CLIP's embeddings and a watermark EfficientNet,
-    with random weights, under folder/{clip,aesthetic,watermark} (kept where already there). `tiny`: a 2-layer CLIP
+    with random weights, under folder/{image_text,aesthetic,watermark} (kept where already there). `tiny`: a 2-layer CLIP
     and timm's test EfficientNet; `paper`: ViT-B/32, the aesthetic MLP on 768-d embeddings (its CLIP, ViT-L/14, is
     not made: a random one would only be slow) and EfficientNet-B3."""
     import open_clip
@@ -219,17 +220,17 @@ def save_random_quality_models(folder: str | Path, size: str = "tiny", seed: int
     if size not in ("tiny", "paper"):
         raise ValueError(f"size {size!r}: expected 'tiny' or 'paper'")
     folder = Path(folder)
-    paths = {name: folder / name for name in ("clip", "aesthetic", "watermark")}
+    paths = {name: folder / name for name in RANDOM_MODELS}
     torch.manual_seed(seed)
     model_cfg = TINY_CLIP if size == "tiny" else open_clip.get_model_config("ViT-B-32")
-    if not (paths["clip"] / "open_clip_config.json").is_file():
-        save_clip(open_clip.CLIP(**model_cfg), model_cfg, paths["clip"])
-        mark_random_weights(paths["clip"], model="clip", size=size, seed=seed)
+    if not (paths["image_text"] / "open_clip_config.json").is_file():
+        save_clip(open_clip.CLIP(**model_cfg), model_cfg, paths["image_text"])
+        mark_random_weights(paths["image_text"], model="open_clip CLIP", size=size, seed=seed)
     if not (paths["aesthetic"] / CONFIG).is_file():
         dim = model_cfg["embed_dim"] if size == "tiny" else 768
         save_quality_model(AestheticMLP(dim), paths["aesthetic"], {
             "kind": AESTHETIC, "input_dim": dim, "source": "random",
-            "clip_model": str(paths["clip"].resolve()) if size == "tiny" else "ViT-L-14",
+            "clip_model": str(paths["image_text"].resolve()) if size == "tiny" else "ViT-L-14",
             "clip_pretrained": None if size == "tiny" else "openai"})
         mark_random_weights(paths["aesthetic"], model="aesthetic", size=size, seed=seed)
     if not (paths["watermark"] / CONFIG).is_file():

@@ -134,12 +134,12 @@ def save_demo_models(config: Config) -> None:
 
 
 def save_demo_quality_models(config: Config) -> None:
-    """Tiny random-weight quality networks where the profile names them: <folder>/{clip,aesthetic,watermark}."""
-    from models.quality import save_random_quality_models
+    """Tiny random-weight quality networks where the profile names them: <folder>/{image_text,aesthetic,watermark}."""
+    from models.quality import RANDOM_MODELS, save_random_quality_models
 
     cfg = config.quality
     paths = [Path(p) for p in (cfg.clip_model, cfg.aesthetic_model, cfg.watermark_model) if p]
-    if len({p.parent for p in paths}) == 1 and [p.name for p in paths] == ["clip", "aesthetic", "watermark"]:
+    if len({p.parent for p in paths}) == 1 and tuple(p.name for p in paths) == RANDOM_MODELS:
         save_random_quality_models(paths[0].parent, "tiny")
 
 

@@ -25,8 +25,8 @@ def test_demo_on_object_storage_downloads_labels_tokenizes_and_verifies_the_bund
     # pictures a user wants and take over 3 of the demo's minutes; here each runs a few steps, as the path is what
     # this test checks (test_tokenizer_quality checks that each tokenizer learns).
     short = [f"tokenizer.epochs_by_modality.{name}={steps}" for name, steps in SHORT_TOKENIZER_RUNS.items()]
-    quality = [f"quality.{name}_model={tmp_path / 'models' / 'quality' / name}"
-               for name in ("clip", "aesthetic", "watermark")]
+    quality = [f"quality.{setting}={tmp_path / 'models' / 'quality' / folder}" for setting, folder in
+               (("clip_model", "image_text"), ("aesthetic_model", "aesthetic"), ("watermark_model", "watermark"))]
     result = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--output", f"s3://{bucket}/demo",
                              "--set", f"label.models={models}", *(x for o in short + quality for x in ("--set", o))],
                             env=env, cwd=work, capture_output=True, text=True, timeout=1450)

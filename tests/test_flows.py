@@ -156,7 +156,8 @@ def test_quality_deployment_scores_when_served(served, tmp_path):
 
     data = tmp_path / "data"
     make_labelled_input(data)
-    models = [f"quality.{name}_model={tmp_path / 'quality' / name}" for name in ("clip", "aesthetic", "watermark")]
+    models = [f"quality.{setting}={tmp_path / 'quality' / folder}" for setting, folder in
+              (("clip_model", "image_text"), ("aesthetic_model", "aesthetic"), ("watermark_model", "watermark"))]
     run = run_deployment("quality/demo", timeout=400, poll_interval=1, parameters={"data": str(data),
                                                                                    "overrides": models})
     assert run.state.is_completed(), run.state

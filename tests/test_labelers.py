@@ -118,8 +118,9 @@ def open_clip_copy(hf, folder):
 def test_clip_features_are_the_same_through_open_clip(tiny_models, images, tmp_path):
     """The CLIP labeler through open_clip's classes (`label.options.clip.library: open_clip`) gives the same maps as
     through transformers' for the same weights, square or not (position embeddings resized alike)."""
+    from core import registry
     from core.config import load_config
-    from models.labelers import OpenClipLabeler, check_clip_library, load_clip_labeler
+    from models.labelers import OpenClipLabeler, load_clip_labeler
 
     through_transformers = load_labeler("clip", tiny_models["clip"], device="cpu")
     folder = open_clip_copy(through_transformers.model, tmp_path / "open_clip")
@@ -130,7 +131,7 @@ def test_clip_features_are_the_same_through_open_clip(tiny_models, images, tmp_p
         assert ours.shape == theirs.shape and np.allclose(ours, theirs, atol=1e-5)
     bad = load_config("demo", ["label.options={clip: {library: open_clip}}", "label.models.clip=ViT-Nope@openai"])
     with pytest.raises(ValueError, match="label.models.clip = 'ViT-Nope@openai': with label.options.clip.library"):
-        check_clip_library(bad.label)
+        registry.get("clip").labeler.check(bad.label)  # what the label stage runs before any work
 
 
 def test_unknown_labeler_is_a_clear_error(tiny_models):

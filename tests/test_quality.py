@@ -64,7 +64,7 @@ def test_bad_weights_are_named_before_any_work(tmp_path):
 def test_the_tiny_clip_loads_through_open_clips_folder_layout(quality_models):
     import open_clip
 
-    clip, preprocess, tokenizer = load_clip(quality_models["clip"], None, "cpu")
+    clip, preprocess, tokenizer = load_clip(quality_models["image_text"], None, "cpu")
     assert isinstance(clip, open_clip.CLIP)
     with torch.no_grad():
         text = clip.encode_text(tokenizer(["a photo of a cat", "a diagram"]))
@@ -88,7 +88,7 @@ def test_the_stage_scores_every_photo_and_commits_aligned_tables(ray_address, qu
 
     root = tmp_path / "data"
     layout = make_labelled_input(root)  # five photos in two shards, key 000000003 not a JPEG
-    config = load_config("demo", [f"quality.clip_model={quality_models['clip']}",
+    config = load_config("demo", [f"quality.clip_model={quality_models['image_text']}",
                                   f"quality.aesthetic_model={quality_models['aesthetic']}",
                                   f"quality.watermark_model={quality_models['watermark']}", "quality.batch_size=2"])
     summary = run_quality(root, config)
@@ -104,7 +104,7 @@ def test_the_stage_scores_every_photo_and_commits_aligned_tables(ray_address, qu
         assert [s["key"] for s in status] == rgb_keys
     assert "not a decodable image" in layout.read_status("quality", "shard-000001").to_pylist()[0]["error"]
 
-    name = f"local-dir:{quality_models['clip']}"
+    name = f"local-dir:{quality_models['image_text']}"
     clip, _, preprocess = open_clip.create_model_and_transforms(name)
     tokenizer = open_clip.get_tokenizer(name)
     key = "000000001"
@@ -139,7 +139,7 @@ def test_thresholds_drop_samples_from_labelling_and_alignment_without_rescoring(
 
     root = tmp_path / "data"
     layout = make_labelled_input(root, corrupt_key=None)
-    models = [f"quality.clip_model={quality_models['clip']}", f"quality.watermark_model={quality_models['watermark']}",
+    models = [f"quality.clip_model={quality_models['image_text']}", f"quality.watermark_model={quality_models['watermark']}",
               "quality.aesthetic_model=null"]
     with pytest.raises(LabelInputError, match=r"quality.min_clip_score set, but 2 shard\(s\) are not scored"):
         run_label(root, load_config("demo", [*models, "quality.min_clip_score=0.1"]), ["canny_edge"])
@@ -209,7 +209,7 @@ def test_near_duplicate_photos_across_shards_keep_their_first(ray_address, quali
         writer.write("000000005", {"rgb": ("jpg", again), "caption": ("txt", b"the same photo again")})
         writer.write("000000006", {"rgb": ("jpg", encode(photo("hubble_deep_field"), quality=90)), "caption": ("txt", b"x")})
         writer.commit(pa.table({"key": ["000000005", "000000006"], "status": ["ok", "ok"]}), {"rows": 2})
-    models = [f"quality.clip_model={quality_models['clip']}", "quality.aesthetic_model=null",
+    models = [f"quality.clip_model={quality_models['image_text']}", "quality.aesthetic_model=null",
               "quality.watermark_model=null", "quality.dedup_cluster_size=2"]
     summary = run_quality(root, load_config("demo", models))
     assert summary.near_duplicate_pairs >= 1
