@@ -86,10 +86,13 @@ def near_duplicates(embeddings: int, dim: int, cluster_size: int) -> dict:
     from stages.quality.dedup import FLOOR, earlier_neighbours, spherical_kmeans
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((embeddings, dim), dtype=np.float32)
-    copies = rng.choice(embeddings, embeddings // 50, replace=False)
-    x[copies] = x[(copies + 1) % embeddings] + 0.05 * rng.standard_normal((len(copies), dim), dtype=np.float32)
-    x = torch.nn.functional.normalize(torch.from_numpy(x), dim=1).half()  # as the quality tables store them
+    x = torch.empty((embeddings, dim), dtype=torch.float16)  # as the quality tables store them
+    for start in range(0, embeddings, 100_000):  # made a block at a time: the peak is the search's, not ours
+        block = torch.from_numpy(rng.standard_normal((min(100_000, embeddings - start), dim), dtype=np.float32))
+        x[start:start + len(block)] = torch.nn.functional.normalize(block, dim=1).half()
+    copies = torch.from_numpy(rng.choice(embeddings, embeddings // 50, replace=False))
+    noise = torch.from_numpy(0.05 / np.sqrt(dim) * rng.standard_normal((len(copies), dim), dtype=np.float32))
+    x[copies] = torch.nn.functional.normalize(x[(copies + 1) % embeddings].float() + noise, dim=1).half()
     started = time.perf_counter()
     assign = spherical_kmeans(x, max(1, embeddings // cluster_size))
     clustered = time.perf_counter()
@@ -130,7 +133,7 @@ def main() -> int:
         print(f"near-duplicates: {r['embeddings']:,} x {r['dim']} embeddings in {r['clusters']:,} clusters: k-means "
               f"{r['kmeans_s']} s, pairs within clusters {r['pairs_s']} s, {r['pairs']:,} at cosine >= 0.8 "
               f"({r['planted']:,} near-copies planted); peak {r['peak_rss_gib']} GiB")
-    out = HERE / "results" / "quality.json"
+    out = HERE / "_work" / "quality.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     return 0
