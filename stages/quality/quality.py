@@ -95,7 +95,8 @@ class QualityScorer:
             pixels = torch.stack([preprocess(image) for image in images]).to(self.device)
             return torch.nn.functional.normalize(clip.encode_image(pixels).float(), dim=-1)
 
-        with torch.inference_mode():
+        # bf16 on GPUs (the networks bound the stage there); full precision on CPUs, where bf16 is slow
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
             image = embed(self.clip, self.preprocess)
             text = self.clip.encode_text(self.tokenizer([c or "" for c in captions]).to(self.device)).float()
             clip_score = (image * torch.nn.functional.normalize(text, dim=-1)).sum(-1)
