@@ -123,7 +123,8 @@ def read_quality_config(folder: str | Path, kind: str, setting: str) -> dict:
     path = Path(folder).expanduser() / CONFIG
     if not path.is_file():
         raise QualityWeightsError(f"{setting} = {str(folder)!r}: no {CONFIG} there (convert the published weights with "
-                                  f"`python -m pipeline convert-{kind.removeprefix('laion-').split('-')[0]}`)")
+                                  f"`python -m pipeline convert-{kind.removeprefix('laion-').split('-')[0]}`, or set "
+                                  f"{setting}=null to score without it)")
     try:
         config = json.loads(path.read_text())
     except ValueError as err:

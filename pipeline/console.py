@@ -6,11 +6,11 @@ from pathlib import Path
 
 
 class ShardProgress:
-    """A progress bar over shards that also shows images kept and failures."""
+    """A progress bar over shards that also shows images kept, failures and those the quality filters dropped."""
 
     def __init__(self, desc: str):
         self.desc, self.bar = desc, None
-        self.ok = self.failed = 0
+        self.ok = self.failed = self.filtered = 0
         self.made: list[dict] = []  # this run's shards, for the per-node lines on a cluster
 
     def start(self, total_shards: int) -> None:
@@ -19,9 +19,11 @@ class ShardProgress:
         self.bar = tqdm(total=total_shards, desc=self.desc, unit="shard", dynamic_ncols=True)
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
+        filtered = sum(stats.get("filtered_by", {}).values())  # dropped by a threshold: not a failure
         self.ok += stats["ok"]
-        self.failed += stats["rows"] - stats["ok"]
-        postfix = {"images": self.ok, "failed": self.failed}
+        self.failed += stats["rows"] - stats["ok"] - filtered
+        self.filtered += filtered
+        postfix = {"images": self.ok, "failed": self.failed, **({"filtered": self.filtered} if self.filtered else {})}
         if not skipped and stats.get("device_wait_share") is not None:  # the label stage: which side bounds it
             postfix |= {"gpu_wait": f"{stats['device_wait_share']:.0%}", "decode_wait": f"{stats['decode_wait_share']:.0%}"}
         self.bar.set_postfix(postfix, refresh=False)

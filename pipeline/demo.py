@@ -2,8 +2,10 @@
 
 The photos ship inside scikit-image and matplotlib and are free to use: NASA's astronaut, rocket (SpaceX) and
 Hubble deep field and the US Navy's Grace Hopper portrait are public domain; Chelsea the cat, the coffee
-cup and the cameraman are CC0. The list also holds a few rows that must fail (a missing file, a web page,
-a duplicate, a malformed row) so the demo shows how every row's fate is recorded.
+cup and the cameraman are CC0; the motorcycle is from the Middlebury stereo data set, as scikit-image ships it. The
+list also holds a few rows that must fail (a missing file, a web page, a duplicate, a malformed row) so the demo
+shows how every row's fate is recorded, and two that the quality filters drop: the motorcycle listed with the cat's
+caption, and a smaller re-encoded copy of the rocket posted under another address.
 """
 from __future__ import annotations
 
@@ -51,7 +53,13 @@ DEMO_PHOTOS = {
     "camera.png": ("skimage", "data/camera.png", "a black and white photo of a person with a camera on a tripod"),
     "grace_hopper.jpg": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg",
                          "a portrait of a woman in a navy uniform in front of a flag"),
+    "motorcycle.png": ("skimage", "data/motorcycle_left.png", "a red motorcycle parked in a garage in front of shelves"),
 }
+# The list's caption where it is not the photo's own: a page that put the cat's caption under the motorcycle
+MISMATCHED_CAPTIONS = {"motorcycle.png": DEMO_PHOTOS["chelsea.png"][2]}
+# file served -> (the photo it copies, its caption): half the size, re-encoded, posted at another address
+NEAR_DUPLICATES = {"rocket_small.jpg": ("rocket.jpg", DEMO_PHOTOS["rocket.jpg"][2])}
+CLIP_FIT_STEPS = 200  # the demo CLIP's fit to the photos' own captions (stages/quality/fit_clip.py)
 
 
 def demo_photo_paths() -> dict[str, Path]:
@@ -89,10 +97,17 @@ def serve_directory(directory: str | Path) -> Iterator[str]:
 
 def write_demo_list(site: Path, base_url: str, path: DataPath) -> None:
     """The URL list: every demo photo, then the rows that must fail, as CC12M's TSV."""
+    from PIL import Image
+
     for name, source in demo_photo_paths().items():
         shutil.copyfile(source, site / name)
+    for name, (original, _) in NEAR_DUPLICATES.items():
+        with Image.open(site / original) as photo:
+            photo.convert("RGB").resize((photo.width // 2, photo.height // 2)).save(site / name, quality=70)
     (site / "about.html").write_text("<!DOCTYPE html><html><body>not a photo</body></html>")
-    lines = [f"{base_url}/{name}\t{caption}" for name, (_, _, caption) in DEMO_PHOTOS.items()]
+    lines = [f"{base_url}/{name}\t{MISMATCHED_CAPTIONS.get(name, caption)}"
+             for name, (_, _, caption) in DEMO_PHOTOS.items()]
+    lines += [f"{base_url}/{name}\t{caption}" for name, (_, caption) in NEAR_DUPLICATES.items()]
     lines += [
         f"{base_url}/missing.jpg\ta photo that is not there",
         f"{base_url}/about.html\ta web page where a photo should be",
@@ -114,7 +129,7 @@ def download_demo_photos(root: DataPath, config: Config, observer=None):
         with serve_directory(site) as base_url:
             urls = DatasetLayout(root).url_list
             write_demo_list(Path(site), base_url, urls)
-            print(f"serving {len(DEMO_PHOTOS)} demo photos at {base_url}; list written to {urls}")
+            print(f"serving {len(DEMO_PHOTOS) + len(NEAR_DUPLICATES)} demo photos at {base_url}; list written to {urls}")
             return run_download(urls, root, allow_demo_server(config, base_url), observer=observer)
 
 
@@ -134,13 +149,25 @@ def save_demo_models(config: Config) -> None:
 
 
 def save_demo_quality_models(config: Config) -> None:
-    """Tiny random-weight quality networks where the profile names them: <folder>/{image_text,aesthetic,watermark}."""
+    """Tiny quality networks of the real classes where the profile names them, <folder>/{image_text,aesthetic,
+    watermark}: random weights, the CLIP then fitted to the demo photos' own captions (kept once fitted)."""
+    from filelock import FileLock
+
     from models.quality import RANDOM_MODELS, save_random_quality_models
+    from stages.quality.fit_clip import fit_clip, is_fitted
 
     cfg = config.quality
     paths = [Path(p) for p in (cfg.clip_model, cfg.aesthetic_model, cfg.watermark_model) if p]
-    if len({p.parent for p in paths}) == 1 and tuple(p.name for p in paths) == RANDOM_MODELS:
+    if len({p.parent for p in paths}) != 1 or tuple(p.name for p in paths) != RANDOM_MODELS:
+        return
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(paths[0].parent / ".demo.lock"):  # demos running side by side make them once
         save_random_quality_models(paths[0].parent, "tiny")
+        if not is_fitted(paths[0], CLIP_FIT_STEPS):
+            print(f"fitting the demo's random-weight CLIP to its {len(DEMO_PHOTOS)} photos' own captions "
+                  f"(a real CLIP brings this from its training)")
+            pairs = [(str(demo_photo_paths()[name]), caption) for name, (_, _, caption) in DEMO_PHOTOS.items()]
+            fit_clip(paths[0], pairs, config, steps=CLIP_FIT_STEPS)
 
 
 def trainer(workers: int | None) -> str:
@@ -187,7 +214,9 @@ def download_demo(root: DataPath, config: Config) -> int:
 
 
 def quality_demo(root: DataPath, config: Config) -> int:
-    """Every photo scored (image-text, aesthetic, watermark) by tiny random-weight networks of the real classes."""
+    """Every photo scored (image-text, aesthetic, watermark) by tiny networks of the real classes, and what the
+    profile's thresholds drop, and why."""
+    from stages.quality.filters import filtering, rejected
     from stages.quality.quality import FOLDER, run_quality
     from stages.quality.quality import STAGE as QUALITY
 
@@ -199,12 +228,18 @@ def quality_demo(root: DataPath, config: Config) -> int:
         summary = run_quality(root, config, observer=progress)
     finally:
         progress.close()
-    print(f"\n{'key':<10} {'clip score':>10} {'aesthetic':>9} {'watermark':>9}")
+    print(f"\n{'key':<10} {'clip score':>10} {'aesthetic':>9} {'watermark':>9}  fate")
+    dropped = 0
     for shard in layout.committed_shards(QUALITY):
+        why = rejected(layout, shard, config.quality) if filtering(config.quality) else {}
+        dropped += len(why)
         for r in read_parquet(layout.table(FOLDER, shard), ["key", "clip_score", "aesthetic", "watermark"]).to_pylist():
+            fate = f"dropped: {why[r['key']][1]}" if r["key"] in why else "kept"
             print(f"{r['key']:<10} {_number(r['clip_score']):>10} {_number(r['aesthetic']):>9} "
-                  f"{_number(r['watermark']):>9}")
-    print(f"(random weights: the numbers only show the columns) -> {layout.folder(FOLDER)}/shard-*.parquet")
+                  f"{_number(r['watermark']):>9}  {fate}")
+    print(f"(tiny networks: random weights, the CLIP fitted to the demo photos' own captions; aesthetic and "
+          f"watermark scores mean nothing) -> {layout.folder(FOLDER)}/shard-*.parquet\n"
+          f"{dropped} sample(s) dropped: the label stage labels none of them and every later folder leaves them out")
     return 1 if summary.failed_shards else 0
 
 
@@ -229,9 +264,9 @@ def label_demo(root: DataPath, config: Config, observer=None) -> int:
         print(f"{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + f"  -> {layout.folder(name)}/")
     for shard, err in labelled.failed_shards.items():
         print(f"shard {shard} failed and will be redone on the next run: {err}", file=sys.stderr)
-    pictures = []
-    for shard in layout.committed_shards(STAGE):
-        for r in layout.read_status(STAGE, shard).to_pylist():
+    pictures, labelled_by = [], f"label_{config.label.labelers[0]}"  # the samples the filters kept, labelled
+    for shard in layout.committed_shards(labelled_by):
+        for r in layout.read_status(labelled_by, shard).to_pylist():
             if r["status"] == "ok":
                 pictures.append(draw_sample(layout, r["key"], layout.show_dir / f"{r['key']}.png"))
     print(f"\npictures of every labelled sample: {layout.show_dir}/ ({len(pictures)} PNG files)")

@@ -37,8 +37,8 @@ STAGE_FLOWS = {
                     {"data": "data/cc12m"}, {"data": "data/demo"}),
     evaluate_flow: ("Score the pretrained 4M's depth, normals and segmentation from RGB alone against the held-out "
                     "pseudo labels.", {"data": "data/cc12m"}, {"data": "data/demo", "samples": 8}),
-    cc12m_pipeline_flow: ("URLs to a trained 4M: download, pseudo-label, train tokenizers, tokenize, pretrain; "
-                          "resumes where it stopped.", {"input": "data/cc12m.tsv", "data": "data/cc12m"},
+    cc12m_pipeline_flow: ("URLs to a trained 4M: download, quality scores, pseudo-label, train tokenizers, tokenize, "
+                          "pretrain; resumes where it stopped.", {"input": "data/cc12m.tsv", "data": "data/cc12m"},
                           {"input": "demo", "data": "data/demo"}),
 }
 

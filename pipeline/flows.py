@@ -262,6 +262,11 @@ def _download_step(config: Config, settings: dict) -> dict:
     return _counts(download_with_artifacts(config, settings["input"]))
 
 
+@runs("quality")
+def _quality_step(config: Config, settings: dict) -> dict:
+    return _counts(quality_with_artifacts(config))
+
+
 @runs("pseudo-label")
 def _label_step(config: Config, settings: dict) -> dict:
     return _counts(label_with_artifacts(config, pictures=0))
@@ -294,7 +299,7 @@ def run_stage(name: str, profile: str, overrides: list[str], flags: dict, settin
 def cc12m_pipeline_flow(input: str = "data/cc12m.tsv", data: str | None = None, profile: str = "paper",
                         labelers: list[str] | None = None, ray_address: str | None = None,
                         overrides: list[str] | None = None) -> dict:
-    """URLs to a trained 4M: download, pseudo-label, train the tokenizers, tokenize, pretrain. Each stage skips
+    """URLs to a trained 4M: download, quality scores, pseudo-label, train the tokenizers, tokenize, pretrain. Each stage skips
     what is committed (pretraining resumes from its checkpoint), so a rerun resumes where the last one stopped.
     `input="demo"` serves the bundled photos."""
     overrides = list(overrides or [])

@@ -48,7 +48,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("download", "download", "a URL list (url<TAB>caption TSV, parquet or CSV)", "rgb/ and caption/ shards",
           lambda folder: folder == registry.photo().stage),
     Stage("quality", "quality", "rgb/ and caption/ shards", "quality/ score tables (CLIP score, aesthetic, watermark, "
-          "embedding)", lambda folder: folder == "quality", in_pipeline=False),
+          "embedding)", lambda folder: folder == "quality"),
     Stage("pseudo-label", "label", "rgb/ shards", "a shard folder per labelled modality", _labelled),
     Stage("train-tokenizers", "train-tokenizer", "the modality folders", "tokenizers/<modality>/", _none),
     Stage("tokenize", "tokenize", "the modality folders and tokenizers",

@@ -18,6 +18,10 @@ import numpy as np
 from PIL import Image
 
 # Bounds for the misbehaving routes, so a broken client can never keep the server busy for long.
+# The demo profile's quality thresholds switched off, for tests that run it on datasets of their own, not scored
+UNSCORED = ["quality.min_clip_score=null", "quality.dedup=null"]
+
+
 DRIP_MAX_SECONDS = 20
 BLOCK_MAX_SECONDS = 60
 

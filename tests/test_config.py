@@ -99,4 +99,4 @@ def test_the_paper21_profile_is_the_paper_profile_with_4m21_s_modalities(tmp_pat
         load_config(str(tmp_path / "a.yaml"))
     (tmp_path / "c.yaml").write_text("extends: demo\ndownload: {threads: 3}\n")
     mine = load_config(str(tmp_path / "c.yaml"))
-    assert mine.profile == "c" and mine.download.threads == 3 and mine.download.shard_size == 4  # the rest: demo's
+    assert mine.profile == "c" and mine.download.threads == 3 and mine.download.shard_size == 5  # the rest: demo's

@@ -37,19 +37,26 @@ def test_demo_on_object_storage_downloads_labels_tokenizes_and_verifies_the_bund
     tables = sorted(demo.glob("_status/download/shard-*.parquet"), key=str)
     rows = [row for table in tables for row in read_parquet(table).to_pylist()]
     statuses = [r["status"] for r in sorted(rows, key=lambda r: r["key"])]
-    assert statuses == ["ok"] * 7 + ["http_error", "not_an_image", "duplicate", "invalid_row"]
-    assert "7 images in" in result.stdout and "rgb/shard-*.tar" in result.stdout
+    assert statuses == ["ok"] * 9 + ["http_error", "not_an_image", "duplicate", "invalid_row"]
+    assert "9 images in" in result.stdout and "rgb/shard-*.tar" in result.stdout
     assert len(list((demo / "rgb").glob("shard-*.tar"))) == 3
     for name in models:  # labelled with random-weight models saved where the profile says
         assert len(list((demo / name).glob("shard-*.tar"))) == 3
         assert (tmp_path / "models" / name / "config.json").is_file()
-        assert f"{name:7} ok 7" in result.stdout
+        assert f"{name:7} ok 7, filtered 2" in result.stdout
     assert len(list((demo / "show").glob("*.png"))) == 7
-    # every photo scored before labelling (tiny random-weight networks of the real classes), the scores in metadata
+    # every photo scored before labelling (tiny networks of the real classes, the CLIP fitted to the photos' own
+    # captions): the motorcycle listed with the cat's caption and the rocket's re-encoded copy are dropped, and why
     scores = [row for table in sorted(demo.glob("quality/shard-*.parquet"), key=str)
               for row in read_parquet(table, ["key", "clip_score", "aesthetic", "watermark"]).to_pylist()]
-    assert len(scores) == 7 and all(r["aesthetic"] is not None and 0 <= r["watermark"] <= 1 for r in scores)
-    assert "clip score" in result.stdout
+    assert len(scores) == 9 and all(r["aesthetic"] is not None and 0 <= r["watermark"] <= 1 for r in scores)
+    assert re.search(r"^000000007 .* dropped: clip_score 0\.\d+ < quality\.min_clip_score 0\.8$", result.stdout, re.M)
+    assert re.search(r"^000000008 .* dropped: near duplicate of 000000003 \(cosine 1\.000 >= quality\.dedup 0\.95\)$",
+                     result.stdout, re.M)
+    assert len(re.findall(r"^0000000\d\d .*  kept$", result.stdout, re.M)) == 7
+    labelled = [row for table in sorted(demo.glob("_status/label_clip/shard-*.parquet"), key=str)
+                for row in read_parquet(table, ["key", "status"]).to_pylist()]
+    assert [r["key"] for r in labelled if r["status"] == "filtered"] == ["000000007", "000000008"]
     from stages.tokenizers.tokenizer_data import read_members
 
     metadata = [json.loads(data) for tar in sorted(demo.glob("metadata/shard-*.tar"), key=str)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import large_jpeg
+from tests.helpers import UNSCORED, large_jpeg
 
 
 def url_list(server, tmp_path, n=5):
@@ -124,7 +124,7 @@ def labelled(served, tiny_models, tmp_path_factory):
     data = tmp_path_factory.mktemp("labelled") / "data"
     make_labelled_input(data)
     run = run_deployment("pseudo-label/demo", timeout=400, poll_interval=1, parameters={
-        "data": str(data), "overrides": [f"label.models={tiny_models}"], "pictures": 2})
+        "data": str(data), "overrides": [f"label.models={tiny_models}", *UNSCORED], "pictures": 2})
     return run, data
 
 
@@ -159,7 +159,7 @@ def test_quality_deployment_scores_when_served(served, tmp_path):
     models = [f"quality.{setting}={tmp_path / 'quality' / folder}" for setting, folder in
               (("clip_model", "image_text"), ("aesthetic_model", "aesthetic"), ("watermark_model", "watermark"))]
     run = run_deployment("quality/demo", timeout=400, poll_interval=1, parameters={"data": str(data),
-                                                                                   "overrides": models})
+                                                                                   "overrides": [*models, *UNSCORED]})
     assert run.state.is_completed(), run.state
     assert sorted(p.name for p in (data / "quality").glob("shard-*.parquet")) == ["shard-000000.parquet",
                                                                                  "shard-000001.parquet"]
@@ -197,7 +197,7 @@ def test_tokenizer_flows_publish_results_pictures_and_token_rates(labelled, tmp_
     from pipeline.flows import tokenize_flow, train_tokenizers_flow
 
     data = clip_labels_only(labelled[1], tmp_path / "data")
-    overrides = ["tokenizer.epochs=2", "tokenizer.batch_size=2"]
+    overrides = ["tokenizer.epochs=2", "tokenizer.batch_size=2", *UNSCORED]
     result = train_tokenizers_flow(data=str(data), profile="demo", modalities=["text", "clip"], overrides=overrides)
     assert set(result["tokenizers"]) == {"text", "clip"}
     rows = json.loads(Artifact.get("train-tokenizers-results").data)

@@ -13,10 +13,9 @@ import pytest
 
 from core.config import load_config
 from stages.label.label import LabelInputError, _one_by_one, label_shard, run_label, stage_name
-from tests.helpers import make_labelled_input as make_dataset
-from tests.helpers import photo, write_rgb_shard
-
 from tests.helpers import DATASET_PHOTOS as PHOTOS
+from tests.helpers import UNSCORED, photo, write_rgb_shard
+from tests.helpers import make_labelled_input as make_dataset
 
 
 def members(path) -> list[tuple[str, bytes]]:
@@ -25,7 +24,8 @@ def members(path) -> list[tuple[str, bytes]]:
 
 
 def config(tiny_models, *extra):
-    return load_config("demo", [f"label.models={tiny_models}", "label.chunk_size=2", "label.batch_size=2", *extra])
+    return load_config("demo", [f"label.models={tiny_models}", "label.chunk_size=2", "label.batch_size=2", *UNSCORED,
+                                *extra])
 
 
 def test_labels_are_aligned_with_rgb_in_the_reference_formats(ray_address, tiny_models, tmp_path):
@@ -346,8 +346,8 @@ def test_shards_record_what_made_them_and_verify_reports_mixed_weights(tiny_mode
     from models.labelers import load_labeler
     from models.random_weights import save_random_model
     from pipeline.cli import main
-    from stages.dataset.provenance import project_version
     from pipeline.status import stage_rows
+    from stages.dataset.provenance import project_version
     from stages.dataset.verify import verify_dataset
 
     layout = make_dataset(tmp_path)

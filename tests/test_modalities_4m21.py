@@ -9,7 +9,7 @@ import torch
 
 from core import registry
 from core.config import load_config
-from tests.helpers import photo
+from tests.helpers import UNSCORED, photo
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures/reference/palette_texts.json").read_text())
 MODULE = "models.modalities_4m21"
@@ -597,7 +597,7 @@ def test_sam_instances_train_their_mask_tokenizer_tokenize_per_crop_and_load_as_
                 "tokenizer.codebook_sizes={sam_instance: 16}", "tokenizer.n_crops=2"]
     assert cli(["import-labels", "--data", str(root), "--profile", "demo", "--set", *settings[:1],
                 "--modality", "sam_instance", "--source", str(source)]) == 0
-    config = load_config("demo", settings)
+    config = load_config("demo", [*settings, *UNSCORED])
     summary = train_dense(root, config, "sam_instance")
     assert summary["steps"] == 3 and "mask_iou" in json.dumps(summary["final"])
     model = load_tokenizer(root / "tokenizers" / "sam_instance")
@@ -664,7 +664,7 @@ def test_poses_train_their_tokenizer_and_tokenize_fills_each_humans_ids(tmp_path
                 "tokenizer.codebook_sizes={human_poses: 16}", "tokenizer.n_crops=2"]
     assert cli(["import-labels", "--data", str(root), "--profile", "demo", "--set", settings[0],
                 "--modality", "human_poses", "--source", str(source)]) == 0
-    config = load_config("demo", settings)
+    config = load_config("demo", [*settings, *UNSCORED])
     assert train_dense(root, config, "human_poses")["steps"] == 4
     model = load_tokenizer(root / "tokenizers" / "human_poses")
     stats = TokenizeWorker(str(root), config.tokenizer, ["human_poses"]).tokenize(

@@ -15,7 +15,7 @@ import torch
 from core.storage import StorageError, clean_scratch, data_path, open_data_root, read_parquet
 from stages.dataset.shards import DatasetLayout
 from stages.download.download import STAGE
-from tests.helpers import large_jpeg
+from tests.helpers import UNSCORED, large_jpeg
 from tests.test_cli import cli
 
 
@@ -158,7 +158,8 @@ def test_label_on_s3_killed_mid_upload_ends_as_an_uninterrupted_run(ray_address,
 
     def label(prefix: str, **kw):
         return cli("label", "--data", f"s3://{bucket}/{prefix}", "--profile", "demo", "--labelers", "depth,semseg",
-                   "--set", f"label.models={tiny_models}", "--set", "label.workers=1", ray_address=ray_address,
+                   "--set", f"label.models={tiny_models}", "--set", "label.workers=1",
+                   *(arg for s in UNSCORED for arg in ("--set", s)), ray_address=ray_address,
                    cwd=work, extra_env=s3.env, **kw)
 
     try:

@@ -16,6 +16,7 @@ from models.quality import (
     save_random_quality_models,
 )
 from stages.tokenizers.tokenizer_data import read_members
+from tests.helpers import UNSCORED
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_thresholds_drop_samples_from_labelling_and_alignment_without_rescoring(
     root = tmp_path / "data"
     layout = make_labelled_input(root, corrupt_key=None)
     models = [f"quality.clip_model={quality_models['image_text']}", f"quality.watermark_model={quality_models['watermark']}",
-              "quality.aesthetic_model=null"]
+              "quality.aesthetic_model=null", *UNSCORED]
     with pytest.raises(LabelInputError, match=r"quality.min_clip_score set, but 2 shard\(s\) are not scored"):
         run_label(root, load_config("demo", [*models, "quality.min_clip_score=0.1"]), ["canny_edge"])
     run_quality(root, load_config("demo", models))
@@ -160,6 +161,10 @@ def test_thresholds_drop_samples_from_labelling_and_alignment_without_rescoring(
     assert dropped[0][3].startswith("clip_score ") and kept[0][1][:2] == b"\xff\xd8"  # why, and the photo
     assert quality_histograms(layout)["clip_score"].sum() == 5
     assert draw_quality(layout, config.quality, tmp_path / "quality.png").stat().st_size > 0
+    from stages.tokenizers.train_tokenizer import text_corpus
+
+    every = list(text_corpus(layout, config.modality_set))  # the text tokenizer's corpus leaves their captions out
+    assert len(list(text_corpus(layout, config.modality_set, config.quality))) == len(every) - 2
     summary = run_label(root, config, ["canny_edge"])
     assert summary.status_counts["canny_edge"] == {"ok": 3, "filtered": 2}
     from pipeline.status import stage_rows
@@ -210,7 +215,7 @@ def test_near_duplicate_photos_across_shards_keep_their_first(ray_address, quali
         writer.write("000000006", {"rgb": ("jpg", encode(photo("hubble_deep_field"), quality=90)), "caption": ("txt", b"x")})
         writer.commit(pa.table({"key": ["000000005", "000000006"], "status": ["ok", "ok"]}), {"rows": 2})
     models = [f"quality.clip_model={quality_models['image_text']}", "quality.aesthetic_model=null",
-              "quality.watermark_model=null", "quality.dedup_cluster_size=2"]
+              "quality.watermark_model=null", "quality.dedup_cluster_size=2", *UNSCORED]
     summary = run_quality(root, load_config("demo", models))
     assert summary.near_duplicate_pairs >= 1
     pairs = near_duplicates_in(layout, "shard-000002")

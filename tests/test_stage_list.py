@@ -6,8 +6,8 @@ from pipeline.stage_list import STAGES, pipeline_stages, stage, status_rank
 
 def test_the_pipeline_runs_the_lists_stages_in_its_order():
     assert list(flows.RUNNERS) == [s.name for s in pipeline_stages()]
-    assert [s.name for s in pipeline_stages()] == ["download", "pseudo-label", "train-tokenizers", "tokenize",
-                                                   "pretrain"]
+    assert [s.name for s in pipeline_stages()] == ["download", "quality", "pseudo-label", "train-tokenizers",
+                                                   "tokenize", "pretrain"]
 
 
 def test_status_orders_status_folders_by_the_stage_that_records_them():

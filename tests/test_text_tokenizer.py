@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 
 from models.coco import COCO_THINGS
-from models.text_tokenizer import (BoxTextError, boxes_to_text, decode_text, encode_text, load_text_tokenizer,
-                                   text_to_boxes, train_text_tokenizer)
+from models.text_tokenizer import (
+    BoxTextError,
+    boxes_to_text,
+    decode_text,
+    encode_text,
+    load_text_tokenizer,
+    text_to_boxes,
+    train_text_tokenizer,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 CAPTIONS = ["A dog sitting on a couch next to a Baseball bat.", "Hotdog stand in the city at night",

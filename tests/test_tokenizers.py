@@ -13,19 +13,24 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from core import registry
+from core.config import load_config
 from models.vqvae import VQVAE, CosineCodebook, baseline_metric, load_tokenizer, save_tokenizer, tokenizer_config
 from pipeline.cli import main as cli
-from core.config import load_config
-from stages.label.label import run_label
 from stages.dataset.shards import DatasetLayout
-from stages.tokenizers.tokenize import run_tokenize
-from stages.tokenizers.train_tokenizer import (eval_batch, modality_shards, model_config, run_train_tokenizers, train_dense,
-                                    tokenizer_dir)
 from stages.dataset.verify import verify_dataset
 from stages.fourm.fourm_data import crop_pixels, pixels_picture, stored_crop_pixels
-from tests.helpers import make_labelled_input
-
-from core import registry
+from stages.label.label import run_label
+from stages.tokenizers.tokenize import run_tokenize
+from stages.tokenizers.train_tokenizer import (
+    eval_batch,
+    modality_shards,
+    model_config,
+    run_train_tokenizers,
+    tokenizer_dir,
+    train_dense,
+)
+from tests.helpers import UNSCORED, make_labelled_input
 
 TOKENIZED = [m.name for m in registry.ModalitySet().tokenized()]
 
@@ -114,12 +119,12 @@ def test_paper_settings_follow_table_3_and_the_published_architecture():
 def dataset(ray_address, tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("dataset")
     make_labelled_input(root)
-    run_label(root, load_config("demo", [f"label.models={tiny_models}", *SETTINGS]), ["clip", "semseg"])
+    run_label(root, load_config("demo", [f"label.models={tiny_models}", *SETTINGS, *UNSCORED]), ["clip", "semseg"])
     return root
 
 
 def config(*extra):
-    return load_config("demo", [*SETTINGS, *extra])
+    return load_config("demo", [*SETTINGS, *UNSCORED, *extra])
 
 
 @pytest.fixture(scope="module")

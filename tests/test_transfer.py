@@ -9,15 +9,24 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from models.fourm import FourM, FourMConfig
-from models.transfer import BackboneError, FourMViT, TransferModel, make_backbone, make_head
 from core.config import load_config
-from stages.training import LoopSettings, train_loop
-from stages.transfer.transfer import (TransferTask, confusion, depth_scores, depth_sums, evaluate, make_transfer_plan,
-                             run_transfer, segmentation_scores, topk_correct)
+from models.fourm import FourM, FourMConfig
 from models.metrics import IGNORE
+from models.transfer import BackboneError, FourMViT, TransferModel, make_backbone, make_head
+from stages.training import LoopSettings, train_loop
+from stages.transfer.transfer import (
+    TransferTask,
+    confusion,
+    depth_scores,
+    depth_sums,
+    evaluate,
+    make_transfer_plan,
+    run_transfer,
+    segmentation_scores,
+    topk_correct,
+)
 from stages.transfer.transfer_data import TransferInputError
-from tests.helpers import photo_tensor
+from tests.helpers import UNSCORED, photo_tensor
 
 SIZE = 64
 SETTINGS = ["transfer.device=cpu", "transfer.log_every=2", "transfer.checkpoint_every=3"]
@@ -26,7 +35,7 @@ TASK = {"image_size": SIZE, "batch_size": 4, "warmup_epochs": 1, "drop_path": 0.
 
 def config(task="classification", **settings):
     values = {**TASK, **settings}
-    return load_config("demo", [*SETTINGS, f"transfer.{task}={json.dumps(values)}"])
+    return load_config("demo", [*SETTINGS, *UNSCORED, f"transfer.{task}={json.dumps(values)}"])
 
 
 def tiny_fourm(folder, inputs=("rgb@224", "tok_rgb@224")):

@@ -77,3 +77,9 @@ def rejected(layout: DatasetLayout, shard: str, cfg: QualityConfig) -> dict[str,
                 out.setdefault(key, ("dedup", f"near duplicate of {first} (cosine {cosine:.3f} >= quality.dedup "
                                               f"{cfg.dedup})"))
     return out
+
+
+def dropped(layout: DatasetLayout, shard: str, cfg: QualityConfig | None) -> frozenset[str]:
+    """The keys of a shard that the thresholds drop, for the readers of the downloaded folders (the tokenizers'
+    training data, the text corpus): the label stage labels none of them, and tokenize's alignment drops them."""
+    return frozenset(rejected(layout, shard, cfg)) if cfg is not None and filtering(cfg) else frozenset()

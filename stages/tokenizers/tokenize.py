@@ -19,9 +19,10 @@ A feature map (CLIP) whose tokenizer is a converted published one is computed on
 as it was trained.
 
 A sample's crops depend only on (seed, key) and its image size, so a redone shard gets the same crops. A
-sample whose image or label cannot be read is recorded (`decode_error`, `missing_label`). Once a shard's tokens
-are written, the worker aligns it (`stages/dataset/align.py`): a sample missing from any loader folder is dropped from
-all of them, with its reason in _status/align/, so a position-by-position loader never diverges. One Ray actor
+sample whose image or label cannot be read is recorded (`decode_error`, `missing_label`), one the quality filters
+drop as `filtered`, with why. Once a shard's tokens are written, the worker aligns it (`stages/dataset/align.py`):
+a sample missing from any loader folder is dropped from all of them, with its reason in _status/align/, so a
+position-by-position loader never diverges. One Ray actor
 per GPU (or CPU slot) holds every tokenizer; shards are the unit of resume.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ import pyarrow as pa
 import torch
 
 from core import registry
-from core.config import Config, TokenizerStageConfig
+from core.config import Config, QualityConfig, TokenizerStageConfig
 from core.files import npy_bytes
 from core.ray_runtime import init_ray
 from core.storage import MODEL_FILES, absolute, local_copy
@@ -56,6 +57,7 @@ from stages.dataset.shards import (
     ShardWriter,
     skip_or_queue,
 )
+from stages.quality.filters import FILTERED, rejected
 from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import (
     RgbIndex,
@@ -67,7 +69,7 @@ from stages.tokenizers.tokenizer_data import (
     read_members,
     rgb_index,
 )
-from stages.tokenizers.train_tokenizer import TokenizerInputError, is_trained, tokenizer_dir
+from stages.tokenizers.train_tokenizer import TokenizerInputError, is_trained, quality_filters, tokenizer_dir
 
 ALIGN = "align"  # the key of a shard's alignment in the worker's result
 
@@ -90,14 +92,20 @@ STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("erro
 
 
 # -- one shard ---------------------------------------------------------------------------------------
-def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, index: RgbIndex) -> dict:
-    """Each sample's crop settings, and the photo cut to each crop at 224 (`CROP_PIXELS`) for the 4M loader."""
+def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, index: RgbIndex,
+                filtered: dict[str, tuple[str, str]] | None = None) -> dict:
+    """Each sample's crop settings, and the photo cut to each crop at 224 (`CROP_PIXELS`) for the 4M loader;
+    none for the samples the quality filters drop (`filtered`: key -> (setting, why))."""
+    filtered = filtered or {}
     rows, started = [], time.time()
     sizes = index.sizes
     photo = registry.photo()
     photos = read_members(layout.tar(photo.folder, shard), photo.extension)
     with ShardWriter(layout, CROPS, shard, [CROPS, CROP_PIXELS] if cfg.store_crops else [CROPS]) as writer:
         for key, data in photos:
+            if key in filtered:
+                rows.append({"key": key, "status": FILTERED, "error": filtered[key][1]})
+                continue
             settings = sample_crops(key, sizes[key], cfg) if key in sizes else None
             members = {CROPS: ("npy", npy_bytes(settings))} if settings is not None else None
             if members and cfg.store_crops:
@@ -117,12 +125,13 @@ def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, in
 
 def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg: TokenizerStageConfig,
                    device: torch.device, index: RgbIndex | None = None, model_record: dict | None = None,
-                   crop_labeler=None) -> dict:
+                   crop_labeler=None, filtered: dict[str, tuple[str, str]] | None = None) -> dict:
     """Encode every crop of every sample of one shard with one tokenizer, and commit the token shard.
 
     `model_record` (source, weights_sha256) goes into the shard's provenance. `crop_labeler`: the modality's
-    labeler, run on each crop of the photo to make the tokenizer's input (instead of cropping the stored label)."""
-    started = time.time()
+    labeler, run on each crop of the photo to make the tokenizer's input (instead of cropping the stored label).
+    `filtered`: the samples the quality filters drop (key -> (setting, why)), recorded as such, not encoded."""
+    started, filtered = time.time(), filtered or {}
     index = index or rgb_index(layout, shard)
     keys, sizes = index.keys, index.sizes
     entry = registry.get(modality)
@@ -152,6 +161,8 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
         pending.clear()
 
     def prepare(key):  # decode and crop one sample: OpenCV and torch release the GIL, so threads overlap
+        if key in filtered:
+            return key, None, (FILTERED, filtered[key][1])
         if key not in sizes:
             return key, None, ("decode_error", "rgb image header unreadable")
         if key not in labels:
@@ -201,9 +212,9 @@ class TokenizeWorker:
     """A Ray actor: every trained tokenizer, loaded once, encoding shard after shard."""
 
     def __init__(self, root: str, cfg: TokenizerStageConfig, modalities: list[str],
-                 crop_labelers: dict[str, tuple[str, dict]] | None = None):
+                 crop_labelers: dict[str, tuple[str, dict]] | None = None, quality: QualityConfig | None = None):
         # `cfg` arrives with the run's modality set, which imported the modules defining its modalities
-        self.layout, self.cfg = DatasetLayout(root), cfg
+        self.layout, self.cfg, self.quality = DatasetLayout(root), cfg, quality
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         # a cached copy of each model where the root is remote (its files only, not its training run's)
         local = {m: local_copy(tokenizer_dir(root, m), MODEL_FILES) for m in modalities}
@@ -219,11 +230,12 @@ class TokenizeWorker:
 
     def tokenize(self, shard: str, modalities: list[str]) -> dict:
         index, out = rgb_index(self.layout, shard), {}  # read once for the crops and every tokenizer
+        filtered = rejected(self.layout, shard, self.quality) if self.quality else {}
         if not self.layout.is_committed(CROPS, shard):
-            out[CROPS] = write_crops(self.layout, shard, self.cfg, index)
+            out[CROPS] = write_crops(self.layout, shard, self.cfg, index, filtered)
         for m in modalities:
             out[m] = tokenize_shard(self.layout, shard, m, self.models[m], self.cfg, self.device, index,
-                                    self.records[m], self.crop_labelers.get(m))
+                                    self.records[m], self.crop_labelers.get(m), filtered)
         try:  # the shard's folders now complete: drop what failed anywhere from all of them
             out[ALIGN] = align_shard(self.layout, shard)
         except AlignError as err:
@@ -289,13 +301,14 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
         if missing:
             summary.failed_shards[shard] = f"labels not committed for {missing} (run the label stage first)"
     crop_labelers = per_crop_labelers(root, config, names)
+    quality = quality_filters(layout, shards, config.quality)  # the samples its thresholds drop: not tokenized
     ready = [s for s in shards if s not in summary.failed_shards]
     todo = skip_or_queue(layout, ready, names, stage_name, summary, observer,
                          lambda shard, _: _merged(layout, shard, names))
     started = time.time()
     if todo:
         init_ray(config.ray)
-        worker_args = (absolute(layout.root), cfg, names, crop_labelers)
+        worker_args = (absolute(layout.root), cfg, names, crop_labelers, quality)
         for shard, stats, error in run_on_actors(TokenizeWorker, worker_args, todo, "tokenize", device=cfg.device,
                                                  workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker):
             if error:

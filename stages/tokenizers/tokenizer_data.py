@@ -130,9 +130,11 @@ def rgb_index(layout: DatasetLayout, shard: str) -> RgbIndex:
     return RgbIndex(keys, sizes)
 
 
-def shard_samples(layout: DatasetLayout, modality: str, shard: str) -> Iterator[tuple[str, np.ndarray, tuple]]:
-    """(key, decoded label, rgb image size) for every sample of a shard that has this modality."""
+def shard_samples(layout: DatasetLayout, modality: str, shard: str,
+                  drop: frozenset[str] = frozenset()) -> Iterator[tuple[str, np.ndarray, tuple]]:
+    """(key, decoded label, rgb image size) for every sample of a shard that has this modality, but those in `drop`
+    (the quality filters' rejects: stages/quality/filters.dropped)."""
     sizes = rgb_index(layout, shard).sizes
     for key, data in read_members(layout.tar(modality, shard), registry.get(modality).extension):
-        if key in sizes:
+        if key in sizes and key not in drop:
             yield key, decode(modality, data), sizes[key]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from core import registry
-from core.config import Config, TokenizerStageConfig
+from core.config import Config, QualityConfig, TokenizerStageConfig
 from core.files import write_bytes, write_json
 from core.pictures import figure_backend, save_figure
 from core.registry import ModalitySet
@@ -43,6 +43,7 @@ from models.vqvae import (
     tokenizer_config,
 )
 from stages.dataset.shards import DatasetLayout
+from stages.quality.filters import QualityFilterError, check_scored, dropped, filtering
 from stages.run_folder import RunFolder, remote_run, run_of
 from stages.tokenizers.dataset_tokenizers import convert_published, decode_tokens
 from stages.tokenizers.tokenizer_data import center_crop, crop_to_tensor, random_crop, read_members, shard_samples
@@ -89,15 +90,18 @@ def model_config(cfg: TokenizerStageConfig, modality: str, layout: DatasetLayout
 
 
 # -- the text tokenizer ------------------------------------------------------------------------------
-def text_corpus(layout: DatasetLayout, modalities: ModalitySet) -> Iterator[str]:
+def text_corpus(layout: DatasetLayout, modalities: ModalitySet, quality: QualityConfig | None = None) -> Iterator[str]:
     """Every sequence modality's texts (captions, then boxes as text), streamed shard by shard; the downloaded
-    ones must be there, a labelled one is read where its labeler ran."""
+    ones must be there, a labelled one is read where its labeler ran. The samples the quality filters drop are
+    left out."""
     for modality in modalities.sequences():
         shards = modality_shards(layout, modality.name) if modality.downloaded else \
             layout.committed_shards(modality.stage)
         for shard in shards:
-            for _, data in read_members(layout.tar(modality.folder, shard), modality.extension):
-                yield modality.corpus_text(data)
+            drop = dropped(layout, shard, quality)
+            for key, data in read_members(layout.tar(modality.folder, shard), modality.extension):
+                if key not in drop:
+                    yield modality.corpus_text(data)
 
 
 def install_text(root: str | Path, source: str | Path) -> dict:
@@ -121,12 +125,26 @@ def install_text(root: str | Path, source: str | Path) -> dict:
     return summary
 
 
-def train_text(root: str | Path, cfg: TokenizerStageConfig) -> dict:
+def quality_filters(layout: DatasetLayout, shards: list[str], cfg: QualityConfig | None) -> QualityConfig | None:
+    """The quality thresholds whose rejects the tokenizers leave out (None where none is set), checked to be
+    applicable to these shards before any work."""
+    if cfg is None or not filtering(cfg):
+        return None
+    try:
+        check_scored(layout, shards, cfg)
+    except QualityFilterError as err:
+        raise TokenizerInputError(str(err)) from None
+    return cfg
+
+
+def train_text(root: str | Path, cfg: TokenizerStageConfig, quality: QualityConfig | None = None) -> dict:
     layout, folder = DatasetLayout(root), tokenizer_dir(root, registry.TEXT)
+    quality = quality_filters(layout, modality_shards(layout, registry.caption().name), quality) \
+        if quality is not None and filtering(quality) else None
     counted = {"texts": 0}
 
     def corpus():
-        for text in text_corpus(layout, cfg.modality_set):
+        for text in text_corpus(layout, cfg.modality_set, quality):
             counted["texts"] += 1
             yield text
 
@@ -149,11 +167,14 @@ class Plan:
     loader_workers: int = 0  # DataLoader processes per training worker, at most one per shard it reads
 
 
-def make_plan(layout: DatasetLayout, modality: str, cfg: TokenizerStageConfig, world: int) -> Plan:
-
+def make_plan(layout: DatasetLayout, modality: str, cfg: TokenizerStageConfig, world: int,
+              quality: QualityConfig | None = None) -> Plan:
     shards, stage = modality_shards(layout, modality), producing_stage(modality)
-    samples = sum(layout.read_status(stage, s, ["status"]).column("status")
-                  .to_pylist().count("ok") for s in shards)
+    samples = 0
+    for shard in shards:
+        drop = dropped(layout, shard, quality)  # the quality filters' rejects: not trained on
+        samples += sum(r["status"] == "ok" and r["key"] not in drop
+                       for r in layout.read_status(stage, shard, ["key", "status"]).to_pylist())
     if samples == 0:
         raise TokenizerInputError(f"no {modality} samples in {len(shards)} committed shards under {layout.root}")
     if len(shards) < world:
@@ -171,18 +192,19 @@ DECODED_KEPT_BYTES = 256 << 20  # per loader process: decoded shards that fit ar
 _decoded: dict[tuple[str, str, str], list] = {}
 
 
-def decoded_samples(layout: DatasetLayout, modality: str, shard: str) -> Iterator[tuple[str, np.ndarray, tuple]]:
+def decoded_samples(layout: DatasetLayout, modality: str, shard: str,
+                    drop: frozenset[str] = frozenset()) -> Iterator[tuple[str, np.ndarray, tuple]]:
     """A shard's decoded samples, as `shard_samples` gives them. While the shards decoded so far fit in
     DECODED_KEPT_BYTES they are kept, so a small dataset (the demo's seven photos, a few per step, an epoch a
     step) is decoded once, not at every epoch; a large one streams as before. Each use gets its own copy."""
     files = [layout.tar(folder, shard) for folder in (registry.get(modality).folder, registry.photo().folder)]
     # keyed by the files' size and time: a rewritten shard is read anew
-    where = (modality, *((str(p), st.st_mtime_ns, st.st_size) for p in files for st in [p.stat()]))
+    where = (modality, drop, *((str(p), st.st_mtime_ns, st.st_size) for p in files for st in [p.stat()]))
     if where in _decoded:
         yield from ((key, label.copy(), size) for key, label, size in _decoded[where])
         return
     kept, used = [], sum(label.nbytes for samples in _decoded.values() for _, label, _ in samples)
-    for key, label, size in shard_samples(layout, modality, shard):
+    for key, label, size in shard_samples(layout, modality, shard, drop):
         if kept is not None and isinstance(label, np.ndarray) and used + label.nbytes <= DECODED_KEPT_BYTES:
             used += label.nbytes
             kept.append((key, label.copy(), size))
@@ -194,16 +216,18 @@ def decoded_samples(layout: DatasetLayout, modality: str, shard: str) -> Iterato
 
 
 def sample_stream(root: str, modality: str, shards: list[str], crop_scale, seed: int, epoch: int, rank: int,
-                  world: int, slot: int = 0, slots: int = 1, buffer: int = 256) -> Iterator[torch.Tensor]:
+                  world: int, slot: int = 0, slots: int = 1, buffer: int = 256,
+                  quality: QualityConfig | None = None) -> Iterator[torch.Tensor]:
     """One endless stream of cropped samples for one epoch: this rank's shards (of an epoch-seeded order), split
     between the loader's `slots`, through a seeded shuffle buffer, cycling if the epoch asks for more."""
     layout, rng = DatasetLayout(root), np.random.default_rng([seed, epoch, rank, slot])
     order = [shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(shards))]
     mine, pool = order[rank::world][slot::slots], []
+    drops = {shard: dropped(layout, shard, quality) for shard in mine}  # the quality filters' rejects
     while True:
         found = 0
         for shard in mine:
-            for _, label, size in decoded_samples(layout, modality, shard):
+            for _, label, size in decoded_samples(layout, modality, shard, drops[shard]):
                 crop = random_crop(rng, *size, scale=crop_scale)
                 x = crop_to_tensor(modality, label, crop, size)
                 if x is not None:  # None: nothing to learn from in this sample (poses: no human in it)
@@ -225,10 +249,10 @@ class TokenizerBatches(torch.utils.data.IterableDataset):
     The DataLoader takes its workers' batches in turn, so worker w serves the slot of step start + w."""
 
     def __init__(self, root: str, modality: str, shards: list[str], crop_scale, seed: int, rank: int, plan: Plan,
-                 start: int):
+                 start: int, quality: QualityConfig | None = None):
         super().__init__()
         self.root, self.modality, self.shards, self.crop_scale = root, modality, shards, crop_scale
-        self.seed, self.rank, self.plan, self.start = seed, rank, plan, start
+        self.seed, self.rank, self.plan, self.start, self.quality = seed, rank, plan, start, quality
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
@@ -239,19 +263,21 @@ class TokenizerBatches(torch.utils.data.IterableDataset):
             if stream_epoch != epoch:
                 stream, stream_epoch = sample_stream(self.root, self.modality, self.shards, self.crop_scale,
                                                      self.seed, epoch, self.rank, plan.world, step % slots,
-                                                     slots), epoch
+                                                     slots, quality=self.quality), epoch
                 first = epoch * plan.steps_per_epoch + (step - epoch * plan.steps_per_epoch) % slots
                 for _ in range(len(range(first, step, slots)) * plan.local_batch):  # resume inside an epoch
                     next(stream)
             yield torch.stack([next(stream) for _ in range(plan.local_batch)])
 
 
-def eval_batch(root: str, modality: str, shards: list[str], count: int) -> torch.Tensor:
+def eval_batch(root: str, modality: str, shards: list[str], count: int,
+               quality: QualityConfig | None = None) -> torch.Tensor:
     """The first samples, center-cropped: the same pictures at every evaluation (samples with nothing to learn
     from, a pose file without a human, left out)."""
     samples = []
     for shard in shards:
-        for _, label, size in shard_samples(DatasetLayout(root), modality, shard):
+        for _, label, size in shard_samples(DatasetLayout(root), modality, shard,
+                                            dropped(DatasetLayout(root), shard, quality)):
             x = crop_to_tensor(modality, label, center_crop(*size), size)
             samples += [] if x is None else [x]
             if len(samples) == count:
@@ -337,6 +363,7 @@ class TokenizerTask(TrainTask):
         self.root, self.modality, self.folder, self.shards = args["root"], args["modality"], \
             run_of(args["folder"]).local, args["shards"]
         self.rank, self.window, self.evaluation = rank, [], None
+        self.quality = args.get("quality")  # where its thresholds are set: the samples they drop are not trained on
 
     def build(self):
         return VQVAE(self.mcfg)
@@ -348,9 +375,10 @@ class TokenizerTask(TrainTask):
 
     def batches(self, start, rank, world):
         if rank == 0:
-            self.evaluation = eval_batch(self.root, self.modality, self.shards, self.cfg.eval_samples)
+            self.evaluation = eval_batch(self.root, self.modality, self.shards, self.cfg.eval_samples, self.quality)
         crop_scale = self.spec.tokenizer.get("crop_scale", (0.8, 1.0))
-        data = TokenizerBatches(self.root, self.modality, self.shards, crop_scale, self.cfg.seed, rank, self.plan, start)
+        data = TokenizerBatches(self.root, self.modality, self.shards, crop_scale, self.cfg.seed, rank, self.plan, start,
+                                self.quality)
         return iter(data_loader(data, self.plan.loader_workers, batch_size=None))
 
     def forward(self, model, batch):
@@ -429,11 +457,13 @@ def train_dense(root: str | Path, config: Config, modality: str, stop_after: int
     cfg, layout = config.tokenizer, DatasetLayout(root)
     run = RunFolder(layout.tokenizer_dir(modality))
     world, use_gpu = world_for(config.ray, cfg.device, cfg.workers)
-    plan = make_plan(layout, modality, cfg, world)
+    quality = quality_filters(layout, modality_shards(layout, modality), config.quality)
+    plan = make_plan(layout, modality, cfg, world, quality)
     folder = run.pull()  # the run's files so far (a resumed run's metrics), where this machine reads them
     args = {"root": absolute(layout.root), "modality": modality, "folder": run,
             "cfg": cfg, "plan": asdict(plan), "model_config": asdict(model_config(cfg, modality, layout)),
-            "shards": modality_shards(layout, modality), "stop_after": stop_after, "wandb": config.wandb.model_dump()}
+            "shards": modality_shards(layout, modality), "stop_after": stop_after, "quality": quality,
+            "wandb": config.wandb.model_dump()}
     fit(train_worker, args, name=f"tokenizer-{modality}", folder=folder, run=run, world=world, use_gpu=use_gpu,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, modalities=config.modality_set,
         resource_wait_s=config.ray.resource_wait_s,
@@ -464,7 +494,7 @@ def run_train_tokenizers(root: str | Path, config: Config, modalities: list[str]
         elif modality == registry.TEXT and modality in config.tokenizer.published:  # installed, not trained
             results[modality] = install_text(root, config.tokenizer.published[modality])
         elif modality == registry.TEXT:
-            results[modality] = train_text(root, config.tokenizer)
+            results[modality] = train_text(root, config.tokenizer, config.quality)
         elif modality in config.tokenizer.published:  # installed, not trained
             results[modality] = convert_published(config.tokenizer.published[modality], modality,
                                                   tokenizer_dir(root, modality))
