@@ -76,6 +76,7 @@ def init_ray(cfg: RayConfig) -> None:
     env = storage_env()  # the object-storage credentials this driver was given reach its workers too
     if env:
         quiet["runtime_env"] = {"env_vars": env}
+    quiet["job_config"] = ray.job_config.JobConfig(metadata=job_metadata())  # what the dashboard's Jobs page shows
     if address:
         if address != "auto":
             _reachable(address, source)
@@ -101,6 +102,20 @@ def init_ray(cfg: RayConfig) -> None:
     tqdm.write(f"Ray: {len(nodes)} node(s), {int(ray.cluster_resources().get('CPU', 0))} CPUs, "
                f"{int(ray.cluster_resources().get('GPU', 0))} GPUs" +
                (f"; dashboard {_dashboard['url']}" if _dashboard["url"] else ""), file=sys.stderr)
+
+
+def job_metadata() -> dict[str, str]:
+    """The Ray job's name in the dashboard: the Prefect flow run that started it, or the command."""
+    command = " ".join(["python -m pipeline" if sys.argv[0].endswith(("pipeline/__main__.py", "-m")) else
+                        os.path.basename(sys.argv[0]), *sys.argv[1:2]]).strip()
+    metadata = {"job_name": command, "command": " ".join(sys.argv)[:500]}
+    if "prefect" in sys.modules:  # in a flow run: named after it, as the Prefect UI names it
+        from prefect.runtime import flow_run
+
+        if flow_run.get_id():
+            metadata |= {"job_name": f"{flow_run.get_flow_name()} / {flow_run.get_name()}",
+                         "prefect_flow_run": str(flow_run.get_id())}
+    return metadata
 
 
 def require_resources(per_worker: dict[str, float], workers: int, what: str) -> None:
@@ -148,3 +163,14 @@ def live_nodes() -> set[str] | None:
 def dashboard_url() -> str | None:
     """The Ray dashboard of the cluster this process joined (None for a local Ray without one)."""
     return _dashboard["url"]
+
+
+def dashboard_sign_in(token_path: str | None = None) -> str:
+    """How a browser gets past the dashboard's "Authentication Token Required" page: Ray (2.52 on) guards it with
+    a token unless RAY_AUTH_MODE=disabled. `token_path`: the file the head read its token from, where known."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return "no sign-in (RAY_AUTH_MODE=disabled)"
+    token_path = token_path or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token_path:
+        return f"sign in: paste the token in {token_path} into its page"
+    return "sign in: paste the token `ray get-auth-token` prints on the head's machine into its page"

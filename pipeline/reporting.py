@@ -17,7 +17,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from core.ray_runtime import dashboard_url, live_nodes
+from core.ray_runtime import dashboard_sign_in, dashboard_url, live_nodes
 from core.storage import data_path
 from pipeline.show import draw_loss_curves, draw_sample, draw_transfer_curves
 from pipeline.status import RANDOM_WARNING, node_shares, random_weight_stages, stage_rows
@@ -33,9 +33,16 @@ def artifact_key(*parts: str) -> str:
 
 
 class StageReporter:
-    def __init__(self, stage: str, table_every: float = 30.0):
+    """A stage's Prefect artifacts while it runs, updated as each shard commits: the progress bar (its description:
+    shards, images/s, time left), a line in the flow run's log, and a bounded shards table (the last shards, the
+    slowest, those with failures: at 12M images the full per-shard history lives in the status files and `status`,
+    not in thousands of rows times thousands of table versions)."""
+
+    RECENT, SLOWEST, WITH_FAILURES = 20, 5, 20  # the shards table's rows, however many shards there are
+
+    def __init__(self, stage: str, table_every: float = 10.0):
         self.stage, self.total = stage, 1
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # every shard seen, in the order they finished
         self.made: list[dict] = []  # the stats of the shards this run made (not found committed): per node
         self.counts: Counter = Counter()
         self.started = time.time()
@@ -48,11 +55,27 @@ class StageReporter:
             0.0, key=artifact_key(self.stage, "progress"), description=f"{self.stage}: 0 of {total_shards} shards")
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
+        self.record(name, stats, skipped)
+        progress = self.progress_line()
+        update_progress_artifact(self.progress_id, 100.0 * len(self.rows) / self.total, description=progress)
+        if not skipped:  # the flow run's log: one line per shard this run committed
+            row = self.rows[-1]
+            failed = f", {row['failed']} failed" if row["failed"] else ""
+            filtered = f", {row['filtered']} filtered" if row["filtered"] else ""
+            node = f" on {row['node']}" if row["node"] else ""
+            print(f"{self.stage}: {name} committed ({row['ok']} of {row['rows']} ok{failed}{filtered}{node}); {progress}")
+        if time.time() - self._last_table >= self.table_every or len(self.rows) == self.total:
+            self._publish_table()
+
+    def record(self, name: str, stats: dict, skipped: bool) -> None:
+        """A shard's row and counts, kept for the table and the summary."""
         self.counts.update(stats["status_counts"])
         if not skipped:
             self.made.append(stats)
+        filtered = sum(stats.get("filtered_by", {}).values()) or None
         self.rows.append({
-            "shard": name, "rows": stats["rows"], "ok": stats["ok"], "failed": stats["rows"] - stats["ok"],
+            "shard": name, "rows": stats["rows"], "ok": stats["ok"],
+            "failed": (stats["rows"] - stats["ok"] - (filtered or 0)) or None, "filtered": filtered,
             "images/s": stats.get("images_per_s"), "seconds": stats.get("seconds"),
             "state": "already committed" if skipped else "done", "node": stats.get("node"),
             **({"tokens": stats["tokens"]} if "tokens" in stats else {}),
@@ -61,36 +84,54 @@ class StageReporter:
                 "images/batch": stats["images_per_batch"]} if "device_wait_share" in stats else {}),
             **({"random weights": ", ".join(stats["random_weights"]) or "none"} if "random_weights" in stats else {}),
         })
+
+    def progress_line(self) -> str:
+        """'12 of 40 shards, 31.5 images/s, about 340 s left': the rate and the time left over the shards this run
+        made (shards found committed take no time)."""
+        done = [row for row in self.rows if row["state"] == "done"]
         elapsed = time.time() - self.started
-        left = elapsed / len(self.rows) * (self.total - len(self.rows))
-        update_progress_artifact(self.progress_id, 100.0 * len(self.rows) / self.total,
-                                 description=f"{self.stage}: {len(self.rows)} of {self.total} shards, "
-                                             f"{elapsed:.0f} s elapsed, about {left:.0f} s left")
-        if time.time() - self._last_table >= self.table_every:
-            self._publish_table()
+        line = f"{self.stage}: {len(self.rows)} of {self.total} shards"
+        if done and elapsed:
+            line += f", {sum(row['ok'] for row in done) / elapsed:.1f} images/s"
+            line += f", about {elapsed / len(done) * (self.total - len(self.rows)):.0f} s left"
+        return line
+
+    def table_rows(self) -> list[dict]:
+        """The last shards to finish, the slowest and those with failures, each once, in shard order."""
+        recent = self.rows[-self.RECENT:]
+        slowest = sorted((r for r in self.rows if r["seconds"] is not None), key=lambda r: -r["seconds"])[:self.SLOWEST]
+        failing = [r for r in self.rows if r["failed"]][-self.WITH_FAILURES:]
+        shown = {r["shard"]: r for r in [*recent, *slowest, *failing]}
+        return [shown[shard] for shard in sorted(shown)]
 
     def _publish_table(self) -> None:
         self._last_table = time.time()
-        self.rows.sort(key=lambda row: row["shard"])
-        create_table_artifact(self.rows, key=artifact_key(self.stage, "shards"),
-                              description=f"{self.stage}: shards done, {len(self.rows)} of {self.total}")
+        rows = self.table_rows()
+        hidden = f"; shown: the last {self.RECENT}, the {self.SLOWEST} slowest and those with failures (every " \
+                 f"shard: `python -m pipeline status`)" if len(rows) < len(self.rows) else ""
+        create_table_artifact([{k: ("" if v is None else v) for k, v in row.items()} for row in rows],
+                              key=artifact_key(self.stage, "shards"),
+                              description=f"{self.progress_line()}{hidden}")
 
     def finish(self) -> str:
         self._publish_table()
         elapsed = time.time() - self.started
-        ok = self.counts.get("ok", 0)
-        failures = [(k, v) for k, v in self.counts.most_common() if k != "ok"]
+        images, ok = sum(row["rows"] for row in self.rows), sum(row["ok"] for row in self.rows)
+        filtered = sum(row["filtered"] or 0 for row in self.rows)
+        per = "image-labeler pairs" if any("labelers" in s for s in self.made) else "rows"
+        failures = [(k, v) for k, v in self.counts.most_common() if k not in ("ok", "filtered")]
         done = [row for row in self.rows if row["state"] == "done"]
         if done:  # a rate over the shards this run did, never over shards it found committed
-            rate = f"**{sum(row['ok'] for row in done) / elapsed if elapsed else 0:.1f} samples/s** in this run " \
+            rate = f"**{sum(row['ok'] for row in done) / elapsed if elapsed else 0:.1f} images/s** in this run " \
                    f"({len(done)} shards done, {len(self.rows) - len(done)} already committed)"
         else:
             rate = f"**nothing to do**: all {len(self.rows)} shards were already committed"
         lines = [f"# {self.stage}", "",
-                 f"**{ok}** samples kept of {sum(self.counts.values())} rows, "
-                 f"{len(self.rows)} of {self.total} shards, {elapsed:.1f} s; {rate}", "",
-                 "| failure reason | rows |", "| --- | --- |"]
-        lines += [f"| {k} | {v} |" for k, v in failures] or ["| (none) | 0 |"]
+                 f"**{ok}** of {images} input rows ok" + (f", {filtered} dropped by the quality filters" if filtered
+                                                          else "") +
+                 f"; {len(self.rows)} of {self.total} shards, {elapsed:.1f} s; {rate}", "",
+                 f"| failure reason | {per} |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in failures] or ["| none | 0 |"]
         lines += node_table(self.made)
         tokens = sum(row.get("tokens", 0) for row in done)
         if tokens:
@@ -142,10 +183,11 @@ def publish_stage_table(root, key: str) -> list[dict]:
     if rows:
         random_stages = random_weight_stages(rows)
         warning = f" -- {RANDOM_WARNING.format(stages=', '.join(random_stages))}" if random_stages else ""
-        create_table_artifact(rows, key=key, description=f"stages of {root}{warning}")
+        cells = [{k: ("" if v in ("-", None) else v) for k, v in row.items()} for row in rows]  # empty, not a dash
+        create_table_artifact(cells, key=key, description=f"stages of {root}{warning}")
     if dashboard_url():
         create_link_artifact(dashboard_url(), link_text="Ray dashboard", key="ray-dashboard",
-                             description="the Ray cluster running the stages")
+                             description=f"the Ray cluster running the stages: {dashboard_sign_in()}")
     return rows
 
 

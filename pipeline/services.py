@@ -178,8 +178,10 @@ def up() -> dict:
         _save(records)
         starting.append((ready_urls, proc, name))
     _wait_for_all(starting)
+    from core.ray_runtime import dashboard_sign_in
+
     u = urls()
-    print(f"\nPrefect UI:     {u['prefect_ui']}\nRay dashboard:  {u['ray_dashboard']}\n"
+    print(f"\nPrefect UI:     {u['prefect_ui']}\nRay dashboard:  {u['ray_dashboard']} ({dashboard_sign_in(str(ray_token()))})\n"
           f"TensorBoard:    {u['tensorboard']} ({tensorboard_logdir()})\n\nFor this shell:")
     print("\n".join(f"export {k}={v}" for k, v in client_environment().items()))
     return records

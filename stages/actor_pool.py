@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from core.ray_runtime import capacity, require_resources
+from core.ray_runtime import capacity, job_metadata, require_resources
 
 MAX_LOST = 3  # times a shard is redone because the actor (or node) running it went away
 
@@ -24,7 +24,8 @@ def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], m
     what = f"{method} ({worker_class.__name__})"
     require_resources(per_worker, 1, what)
     # not restarted by Ray: a restart waits for room on a node that may never come back; the pool replaces it
-    actor = ray.remote(max_restarts=0, **({"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_worker}))(worker_class)
+    actor = ray.remote(max_restarts=0, **({"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_worker}))(
+        named_for_the_dashboard(worker_class, job_metadata()["job_name"]))
     todo, idle, running, lost, actors = list(todo), [], {}, {}, 0
     try:
         while todo or running:
@@ -37,7 +38,9 @@ def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], m
             while idle and todo:
                 shard, payload = todo.pop(0)
                 worker = idle.pop()
-                running[getattr(worker, method).remote(shard, payload)] = (worker, shard, payload)
+                # the task named after its shard in the dashboard: "label shard-000012"
+                task = getattr(worker, method).options(name=f"{method} {shard}").remote(shard, payload)
+                running[task] = (worker, shard, payload)
             done, _ = ray.wait(list(running), num_returns=1)
             worker, shard, payload = running.pop(done[0])
             try:
@@ -60,3 +63,11 @@ def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], m
     finally:
         for worker in idle + [w for w, _, _ in running.values()]:
             ray.kill(worker)
+
+
+def named_for_the_dashboard(worker_class, job: str):
+    """The worker class, shown in the Ray dashboard (and its log prefixes) as `LabelWorker (label on python -m
+    pipeline label)`: Ray shows an actor's __repr__."""
+    name = f"{worker_class.__name__} ({job})"
+    return type(worker_class.__name__, (worker_class,), {"__repr__": lambda self: name,
+                                                        "__module__": worker_class.__module__})

@@ -1,10 +1,13 @@
 """The Prefect side against a real (temporary) Prefect API server."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +62,86 @@ def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_add
     assert sum(r["ok"] for r in rows) == 5 and rows[2]["failed"] == 1
     assert all(r["node"].startswith(socket.gethostname() + "/") for r in rows)  # the machine and Ray node
     summary = Artifact.get("download-summary")
-    assert "samples/s" in summary.data and "| http_error | 1 |" in summary.data
+    assert "images/s" in summary.data and "| http_error | 1 |" in summary.data
+    assert "**5** of 6 input rows ok" in summary.data
+
+
+def polled(read, holds, seconds: float = 60):
+    """`read()` once `holds(value)`, or the last value after `seconds`: Prefect's API answers what the flow
+    published, and its log handler ships lines in batches every few seconds."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = read()
+        if holds(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.5)  # the next read of the API; the flow is held by the test server, not by this wait
+
+
+def test_a_running_stage_shows_each_committed_shard_while_it_runs(prefect_api, ray_address, server, tmp_path):
+    """Read through Prefect's API while the download holds its second shard (its last URL kept waiting by the test
+    server): the progress bar, its rate and time left, the shards table and the flow run's log already show the
+    committed first shard. Then the held URL is let go and the run completes."""
+    from prefect.artifacts import Artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from pipeline.flows import download_flow
+
+    jpeg = large_jpeg((300, 200))
+    rows = [server.add(f"{i}.jpg", jpeg) for i in range(3)] + [f"{server.base}/block/3.jpg"]
+    server.files["3.jpg"] = (jpeg, "image/jpeg", {})
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("".join(f"{url}\tphoto {i}\n" for i, url in enumerate(rows)))
+    result = {}
+    run = threading.Thread(target=lambda: result.update(download_flow(
+        input=str(urls), output=str(tmp_path / "data"), profile="demo",
+        overrides=["download.shard_size=2", "download.timeout=300", "download.deadline=300", allow(server)])))
+    run.start()
+    try:
+        assert server.arrived.wait(120), "the second shard never asked for its held URL"
+        progress = polled(lambda: Artifact.get("download-progress"), lambda a: a and a.data and float(a.data) == 50.0)
+        assert float(progress.data) == 50.0
+        assert re.fullmatch(r"download: 1 of 2 shards, [\d.]+ images/s, about \d+ s left", progress.description)
+        table = json.loads(Artifact.get("download-shards").data)
+        assert [(r["shard"], r["ok"]) for r in table] == [("shard-000000", 2)]
+
+        def log_lines():
+            with get_client(sync_client=True) as client:
+                return [log.message for log in client.read_logs(
+                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=[progress.flow_run_id])))]
+        lines = polled(log_lines, lambda found: any("shard-000000 committed" in line for line in found))
+        assert any(line.startswith("download: shard-000000 committed (2 of 2 ok on ") for line in lines), lines
+        assert not any("shard-000001 committed" in line for line in lines)
+    finally:
+        server.release.set()
+        run.join(300)
+    assert result["shards_done"] == 2 and float(Artifact.get("download-progress").data) == 100.0
+
+
+def test_a_2000_shard_run_keeps_its_artifacts_bounded(prefect_api):
+    """The shards table of a 2,000-shard run holds the last shards, the slowest and those with failures, not all
+    of them: published to Prefect, it stays under 16 KB and the summary under 2 KB, whatever the number of shards."""
+    from prefect.artifacts import Artifact
+
+    from pipeline.reporting import StageReporter
+
+    reporter = StageReporter("scale-stage")
+    reporter.start(2000)
+    for i in range(2000):
+        failed = 3 if i % 250 == 7 else 0
+        reporter.record(f"shard-{i:06d}", {"rows": 1000, "ok": 1000 - failed, "seconds": 1000.0 if i == 1234 else 30.0,
+                                            "status_counts": {"ok": 1000 - failed, **({"http_error": failed} if failed
+                                                                                     else {})},
+                                            "images_per_s": 33.3, "node": "vm/0a1b2c3d"}, False)
+    summary = reporter.finish()
+    table = Artifact.get("scale-stage-shards")
+    shown = [r["shard"] for r in json.loads(table.data)]
+    assert len(shown) <= 45 and len(table.data) < 16_000 and len(summary) < 2_000
+    assert shown[-20:] == [f"shard-{i:06d}" for i in range(1980, 2000)]  # the last to finish
+    assert "shard-001234" in shown  # the slowest
+    assert {f"shard-{i:06d}" for i in range(7, 2000, 250)} <= set(shown)  # every one with failures
+    assert "every shard: `python -m pipeline status`" in table.description
+    assert "**1999976** of 2000000 input rows ok" in summary and "| http_error | 24 |" in summary
 
 
 def test_download_flow_writes_to_object_storage_with_the_profiles_storage_options(prefect_api, ray_address, server,
@@ -257,14 +339,14 @@ def test_a_run_with_nothing_to_do_says_so_instead_of_a_rate(prefect_api):
     for shard in ("shard-000000", "shard-000001"):
         idle(shard, stats, True)
     summary = idle.finish()
-    assert "**nothing to do**: all 2 shards were already committed" in summary and "samples/s" not in summary
+    assert "**nothing to do**: all 2 shards were already committed" in summary and "images/s" not in summary
 
     busy = StageReporter("busy-stage")
     busy.start(2)
     busy("shard-000000", stats, True)
     busy("shard-000001", stats, False)
     summary = busy.finish()
-    assert "samples/s** in this run (1 shards done, 1 already committed)" in summary
+    assert "images/s** in this run (1 shards done, 1 already committed)" in summary
 
 
 def test_pretrain_flow_publishes_progress_losses_and_pictures(prefect_api, ray_address, tmp_path):

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
         up = subprocess.run([sys.executable, "-m", "pipeline", "up"], env=env, capture_output=True, text=True,
                             timeout=300)
         assert up.returncode == 0, up.stderr
-        assert f"Ray dashboard:  http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}" in up.stdout
+        token_file = tmp_path / "services" / "ray_auth_token"
+        assert f"Ray dashboard:  http://127.0.0.1:{env['RAY_DASHBOARD_PORT']} (sign in: paste the token in " \
+               f"{token_file} into its page)" in up.stdout
         assert f"Prefect UI:     http://127.0.0.1:{env['PREFECT_PORT']}" in up.stdout
         tensorboard = f"http://127.0.0.1:{env['TENSORBOARD_PORT']}"
         assert f"TensorBoard:    {tensorboard} ({tmp_path / 'data'})" in up.stdout
@@ -76,7 +79,15 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
                              env=client, capture_output=True, text=True, timeout=700)
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
         # resumed: download and labels skipped (their shards untouched), the text tokenizer kept, clip trained
-        assert shard_files(data, FOLDERS_BEFORE_THE_STOP) == before, "committed shards were not redone"
+        # download and labels not redone; only the rgb and caption shard that alignment rewrote without the two
+        # photos the demo's quality filters dropped (after the stop: tokenize aligns)
+        realigned = {f"{folder}/{shard}.tar" for shard in DatasetLayout(data).committed_shards("align")
+                     if DatasetLayout(data).read_stats("align", shard)["status_counts"].get("dropped")
+                     for folder in ("rgb", "caption")}
+        assert realigned == {"rgb/shard-000001.tar", "caption/shard-000001.tar"}
+        after = shard_files(data, FOLDERS_BEFORE_THE_STOP)
+        assert {k: v for k, v in after.items() if k not in realigned} == \
+            {k: v for k, v in before.items() if k not in realigned}, "committed shards were not redone"
         assert shard_files(data, ["tokenizers/text"], "*") == text_tokenizer
         assert (data / "tokenizers/clip/train.json").is_file()
         assert len(list((data / "tok_clip@224").glob("shard-*.tar"))) == 3
@@ -93,6 +104,18 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
         assert "loss" in scalars["tokenizers/clip/tensorboard"]
         images = tensorboard_answer(f"{tensorboard}/data/plugin/images/tags", "tokenizers/clip/tensorboard")
         assert "pictures/reconstructions" in images["tokenizers/clip/tensorboard"]
+        # The Ray dashboard: closed to a browser without the token, and with it, it names the pipeline's job (the
+        # Prefect flow run), its actors and its tasks (the shard)
+        dashboard = f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}"
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=10)
+        token = token_file.read_text().strip()
+        jobs = dashboard_answer(f"{dashboard}/api/jobs/", token)
+        assert any(j["metadata"].get("job_name", "").startswith("cc12m-pipeline / ") for j in jobs), jobs
+        actors = dashboard_answer(f"{dashboard}/api/v0/actors?limit=1000&detail=1", token)["data"]["result"]["result"]
+        assert any(a["repr_name"].startswith("TokenizeWorker (cc12m-pipeline / ") for a in actors)
+        tasks = dashboard_answer(f"{dashboard}/api/v0/tasks?limit=10000", token)["data"]["result"]["result"]
+        assert {"tokenize shard-000000", "tokenize shard-000002"} <= {t["name"] for t in tasks}
         services = subprocess.run([sys.executable, "-m", "pipeline", "services"], env=env, capture_output=True,
                                   text=True, timeout=60)
         assert services.stdout.count("running (pid") == 4
@@ -115,6 +138,12 @@ def test_up_stop_and_resume_the_pipeline_deployment_down(tmp_path):
     assert after.stdout.count("stopped") == 4
     with pytest.raises(OSError):  # down stopped TensorBoard too
         urllib.request.urlopen(tensorboard, timeout=5)
+
+
+def dashboard_answer(url: str, token: str):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def tensorboard_answer(url: str, run: str, seconds: float = 60) -> dict:

@@ -212,7 +212,8 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
                 observer(task.name, stats, True)
             continue
         settle(cfg.processes - 1)
-        in_flight[remote.remote(root_arg, task, cfg_ref)] = task.name
+        named = remote.options(name=f"download {task.name}")  # the task's name in the Ray dashboard
+        in_flight[named.remote(root_arg, task, cfg_ref)] = task.name
     settle(0)
     scratch.cleanup()
     summary.seconds = time.time() - started
