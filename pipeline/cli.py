@@ -33,6 +33,10 @@ def _download_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="concurrent downloads per shard")
     p.add_argument("--allow-private-hosts", action="store_true", default=None,
                    help="allow URLs whose host is on a loopback, private or link-local address")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="fetch again the rows of committed shards that failed for a reason that may pass (a timeout, "
+                        "a network or DNS error, HTTP 5xx or 429; `python -m pipeline failures` lists them); the "
+                        "stages after download redo those shards")
     _add_config_args(p)
 
 
@@ -66,7 +70,7 @@ def cmd_download(args) -> int:
     from stages.download.download import run_download  # after the checks: a bad setting fails in 3 s, not 7
     progress = ShardProgress("download")
     try:
-        summary = run_download(args.input, root, config, observer=progress)
+        summary = run_download(args.input, root, config, observer=progress, retry_failed=args.retry_failed)
     finally:
         progress.close()
     print_summary(summary, root)
@@ -199,6 +203,22 @@ def cmd_verify(args) -> int:
     if random_stages:
         print(RANDOM_WARNING.format(stages=", ".join(random_stages)))
     return 1 if problems else 0
+
+
+def cmd_failures(args) -> int:
+    from pipeline.status import failure_rows, format_table
+
+    rows = failure_rows(_existing_root(args.data), args.stage)
+    if args.out:
+        import pyarrow as pa
+        from pyarrow import csv
+
+        columns = ["stage", "shard", "key", "status", "error", "url", "retryable"]
+        csv.write_csv(pa.table({c: [r[c] for r in rows] for c in columns}), args.out)
+        print(f"{len(rows)} failed rows -> {args.out}")
+    else:
+        print(format_table(rows) if rows else "no failed rows")
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -531,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("services", help="say which of the local services run")
     status = sub.add_parser("status", help="each stage's progress, read from the dataset's status files alone")
     status.add_argument("--data", required=True, help="dataset root")
+    failures = sub.add_parser("failures", help="every failed row (stage, shard, key, status, error, URL), from the "
+                                               "status files; `download --retry-failed` fetches the retryable ones")
+    failures.add_argument("--data", required=True, help="dataset root")
+    failures.add_argument("--stage", action="append", help="a status folder (download, label_depth, ...); repeatable; "
+                                                           "default: every stage")
+    failures.add_argument("--out", help="write them as CSV here instead of printing them")
     align = sub.add_parser("align", help="drop every sample missing from any loader folder from all of them "
                                          "(the tokenize stage does this itself)")
     align.add_argument("--data", required=True, help="dataset root")
@@ -615,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"download": cmd_download, "quality": cmd_quality, "label": cmd_label, "import-labels": cmd_import_labels, "show": cmd_show, "random-models": cmd_random_models,
+COMMANDS = {"download": cmd_download, "failures": cmd_failures, "quality": cmd_quality, "label": cmd_label, "import-labels": cmd_import_labels, "show": cmd_show, "random-models": cmd_random_models,
             "inspect-masking": cmd_inspect_masking, "pretrain": cmd_pretrain, "transfer": cmd_transfer,
             "evaluate": cmd_evaluate, "generate": cmd_generate,
             "convert-omnidata": cmd_convert_omnidata, "convert-aesthetic": cmd_convert_quality,

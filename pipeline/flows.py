@@ -11,6 +11,7 @@ from typing import Callable
 
 from prefect import flow, task
 
+from core import registry
 from core.config import Config, load_config
 from core.storage import data_path, open_data_root
 from pipeline.demo import download_demo_photos, save_demo_models, save_demo_quality_models
@@ -20,6 +21,7 @@ from pipeline.reporting import (
     StageReporter,
     TokenizerReporter,
     publish_evaluation,
+    publish_failures,
     publish_generation,
     publish_stage_table,
     publish_transfer,
@@ -27,6 +29,7 @@ from pipeline.reporting import (
     sample_pictures_markdown,
 )
 from pipeline.stage_list import pipeline_stages, stage
+from stages.download.download import STAGE as DOWNLOAD_STAGE
 from stages.download.download import run_download
 from stages.fourm.pretrain import run_dir, run_pretrain
 from stages.generate.generate import read_requests, run_generation
@@ -53,16 +56,17 @@ def _counts(summary) -> dict:
 
 
 # -- each stage, with its artifacts ---------------------------------------------------------------------------
-def download_with_artifacts(config: Config, input: str):
+def download_with_artifacts(config: Config, input: str, retry_failed: bool = False):
     """`input="demo"` serves the bundled photos over loopback while they are downloaded."""
     root = open_data_root(config.root, writable=True)  # a bad URL or refused credentials fail here, by name
     reporter = StageReporter("download")
     if input == "demo":
         summary = download_demo_photos(root, config, observer=reporter)
     else:
-        summary = run_download(input, root, config, observer=reporter)
+        summary = run_download(input, root, config, observer=reporter, retry_failed=retry_failed)
     print(reporter.finish())
     publish_stage_table(root, key="download-stages")
+    publish_failures(root, [DOWNLOAD_STAGE], key="download-failures")
     _check("download", summary)
     return summary
 
@@ -88,6 +92,7 @@ def label_with_artifacts(config: Config, pictures: int = 3):
     summary = run_label(root, config, observer=reporter)
     print(reporter.finish())
     publish_stage_table(root, key="pseudo-label-stages")
+    publish_failures(root, [registry.get(n).stage for n in config.label.labelers], key="pseudo-label-failures")
     if pictures:
         sample_pictures_markdown(root, pictures, key="pseudo-label-samples")
     _check("pseudo-label", summary)
@@ -127,10 +132,11 @@ def pretrain_with_artifacts(config: Config) -> dict:
 # -- one flow per stage -----------------------------------------------------------------------------------------
 @flow(name="download", log_prints=True)
 def download_flow(input: str = "data/cc12m.tsv", output: str | None = None, profile: str = "paper",
-                  overrides: list[str] | None = None) -> dict:
-    """Download a URL list (CC12M TSV, parquet or CSV) into webdataset shards under `output`."""
+                  overrides: list[str] | None = None, retry_failed: bool = False) -> dict:
+    """Download a URL list (CC12M TSV, parquet or CSV) into webdataset shards under `output`; `retry_failed`:
+    fetch again the retryable failures of shards already committed."""
     config = load_config(profile, overrides, {"data_root": output})  # a bad value fails here, before any work
-    summary = download_with_artifacts(config, input)
+    summary = download_with_artifacts(config, input, retry_failed)
     return {**_counts(summary), "status_counts": dict(summary.status_counts), "data_root": config.data_root}
 
 

@@ -20,7 +20,7 @@ from prefect.artifacts import (
 from core.ray_runtime import dashboard_sign_in, dashboard_url, live_nodes
 from core.storage import data_path
 from pipeline.show import draw_loss_curves, draw_sample, draw_transfer_curves
-from pipeline.status import RANDOM_WARNING, node_shares, random_weight_stages, stage_rows
+from pipeline.status import RANDOM_WARNING, failure_rows, node_shares, random_weight_stages, stage_rows
 from stages.dataset.shards import DatasetLayout
 from stages.download.download import STAGE as DOWNLOAD_STAGE
 from stages.fourm.pretrain import run_dir
@@ -132,6 +132,7 @@ class StageReporter:
                  f"; {len(self.rows)} of {self.total} shards, {elapsed:.1f} s; {rate}", "",
                  f"| failure reason | {per} |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in failures] or ["| none | 0 |"]
+        lines += worker_table(self.made, elapsed)
         lines += node_table(self.made)
         tokens = sum(row.get("tokens", 0) for row in done)
         if tokens:
@@ -139,6 +140,25 @@ class StageReporter:
         markdown = "\n".join(lines)
         create_markdown_artifact(markdown, key=artifact_key(self.stage, "summary"), description=f"{self.stage} summary")
         return markdown
+
+
+def worker_table(done: list[dict], elapsed: float) -> list[str]:
+    """Markdown lines: per worker process that made some of this run's shards (their stats), its shards, images,
+    images/s while it worked, the share of the run it spent working (low: it waited for work, or joined late) and
+    its failed rows."""
+    by_worker: dict[str, list[dict]] = {}
+    for stats in done:
+        if stats.get("worker") is not None:
+            by_worker.setdefault(f"{stats.get('node') or '?'} pid {stats['worker']}", []).append(stats)
+    if not by_worker:
+        return []
+    lines = ["", "| worker | shards | images | images/s | busy | failed |", "| --- | --- | --- | --- | --- | --- |"]
+    for worker, shards in sorted(by_worker.items()):
+        images, seconds = sum(s["ok"] for s in shards), sum(s.get("seconds") or 0 for s in shards)
+        failed = sum(s["rows"] - s["ok"] - sum(s.get("filtered_by", {}).values()) for s in shards)
+        lines.append(f"| {worker} | {len(shards)} | {images} | {images / seconds if seconds else 0:.1f} | "
+                     f"{min(seconds / elapsed, 1) if elapsed else 0:.0%} | {failed or ''} |")
+    return lines
 
 
 def node_table(done: list[dict]) -> list[str]:
@@ -191,6 +211,20 @@ def publish_stage_table(root, key: str) -> list[dict]:
     return rows
 
 
+def publish_failures(root, stages: list[str], key: str, shown: int = 100) -> list[dict]:
+    """The stages' failed rows as a table artifact (the first `shown`; the description says how to get every one
+    and how to retry them), bounded however many there are."""
+    rows = failure_rows(root, stages)
+    if rows:
+        more = f"; the first {shown} shown" if len(rows) > shown else ""
+        retry = f"; the retryable ones again: `python -m pipeline download --input <list> --output {root} " \
+                f"--retry-failed`" if DOWNLOAD_STAGE in stages else ""
+        create_table_artifact(rows[:shown], key=key, description=(
+            f"{len(rows)} failed rows{more}; every one: `python -m pipeline failures --data {root} "
+            f"{' '.join(f'--stage {s}' for s in stages)} --out failures.csv`{retry}"))
+    return rows
+
+
 class TokenizerReporter:
     """train-tokenizers: a progress artifact over tokenizers, a table of results, reconstruction pictures."""
 
@@ -223,14 +257,11 @@ class TokenizerReporter:
                 "baseline": None if q["baseline"] is None else round(q["baseline"], 4), "baseline is": q["baseline_of"]}
 
     def finish(self) -> str:
-        import base64
-
         parts = [f"# Tokenizer reconstructions under {self.root}"]
         for modality in self.modalities:
             picture = tokenizer_dir(self.root, modality) / "reconstructions.png"
             if picture.is_file():
-                encoded = base64.b64encode(picture.read_bytes()).decode()
-                parts.append(f"## {modality}\n\n![{modality}](data:image/png;base64,{encoded})")
+                parts.append(f"## {modality}\n\n{picture_markdown(picture, modality)}")
         markdown = "\n\n".join(parts)
         create_markdown_artifact(markdown, key="train-tokenizers-reconstructions",
                                  description="inputs above their reconstructions")
@@ -239,7 +270,6 @@ class TokenizerReporter:
 
 def sample_pictures_markdown(root, count: int, key: str) -> str | None:
     """A markdown artifact showing `count` labelled samples (pictures inlined, so no file server is needed)."""
-    import base64
     import tempfile
 
     layout = DatasetLayout(root)
@@ -255,7 +285,7 @@ def sample_pictures_markdown(root, count: int, key: str) -> str | None:
     with tempfile.TemporaryDirectory() as tmp:
         for sample in keys[:count]:
             path = draw_sample(layout, sample, f"{tmp}/{sample}.png")
-            parts.append(f"## {sample}\n\n![{sample}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})")
+            parts.append(f"## {sample}\n\n{picture_markdown(path, sample)}")
     markdown = "\n\n".join(parts)
     create_markdown_artifact(markdown, key=key, description="labelled samples")
     return markdown
@@ -263,19 +293,17 @@ def sample_pictures_markdown(root, count: int, key: str) -> str | None:
 
 def quality_markdown(root, cfg, key: str) -> str:
     """A markdown artifact: each score's histogram with its threshold, kept and dropped photos with their scores."""
-    import base64
     import tempfile
 
     from pipeline.show import draw_quality
 
     layout = DatasetLayout(root)
     with tempfile.TemporaryDirectory() as tmp:
-        picture = draw_quality(layout, cfg, f"{tmp}/quality.png")
-        inlined = base64.b64encode(picture.read_bytes()).decode()
+        inlined = picture_markdown(draw_quality(layout, cfg, f"{tmp}/quality.png"), "quality")
     set_ = {name: getattr(cfg, name) for name in ("min_clip_score", "min_aesthetic", "max_watermark", "dedup")}
     thresholds = ", ".join(f"quality.{k} = {v}" for k, v in set_.items() if v is not None) or "none set"
     markdown = (f"# Quality scores of {root}\n\nThresholds: {thresholds} (applied by the label stage; changing one "
-                f"needs no rescoring).\n\n![quality](data:image/png;base64,{inlined})")
+                f"needs no rescoring).\n\n{inlined}")
     create_markdown_artifact(markdown, key=key, description="quality scores, thresholds, kept and dropped photos")
     return markdown
 
@@ -309,8 +337,6 @@ class PretrainReporter:
             self._update()
 
     def finish(self, summary: dict) -> str:
-        import base64
-
         self.stop.set()
         self.thread.join()
         self._update()
@@ -325,18 +351,30 @@ class PretrainReporter:
         pictures = [draw_loss_curves(self.metrics, self.metrics.with_name("losses.png"))]
         if summary.get("predictions"):
             pictures.append(data_path(summary["predictions"]))
-        for picture in pictures:
-            encoded = base64.b64encode(picture.read_bytes()).decode()
-            parts.append(f"![{picture.stem}](data:image/png;base64,{encoded})")
+        parts += [picture_markdown(picture, picture.stem) for picture in pictures]
         markdown = "\n\n".join(parts)
         create_markdown_artifact(markdown, key="pretrain-pictures", description="loss curves and predictions from RGB")
         return markdown
 
 
-def png_markdown(path, alt: str) -> str:
-    import base64
+INLINE_SIDE = 800  # an inlined picture's longest side: a few tens of KB as a JPEG, whatever the picture drawn
 
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(data_path(path).read_bytes()).decode()})"
+
+def picture_markdown(path, alt: str) -> str:
+    """A picture inlined in markdown, scaled down to INLINE_SIDE and stored as a JPEG: an artifact's size stays
+    bounded by its number of pictures (a full-size PNG was 0.5 MB)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data_path(path).read_bytes())) as picture:
+        picture.thumbnail((INLINE_SIDE, INLINE_SIDE))
+        flat = Image.new("RGB", picture.size, "white")
+        flat.paste(picture.convert("RGBA"), mask=picture.convert("RGBA").getchannel("A"))
+        out = io.BytesIO()
+        flat.save(out, "JPEG", quality=85)
+    return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(out.getvalue()).decode()})"
 
 
 def publish_evaluation(results: dict) -> None:
@@ -351,7 +389,7 @@ def publish_evaluation(results: dict) -> None:
                           description=f"4M from RGB alone on {results['samples']} held-out samples, against the "
                                       f"pseudo labels")
     create_markdown_artifact(f"# 4M out of the box\n\n{results['samples']} samples of {', '.join(results['val_shards'])}"
-                             f"\n\n{png_markdown(results['picture'], 'predictions')}", key="evaluate-pictures",
+                             f"\n\n{picture_markdown(results['picture'], 'predictions')}", key="evaluate-pictures",
                              description="RGB, the pseudo labels and the predictions from RGB alone")
 
 
@@ -368,7 +406,7 @@ def publish_transfer(results: dict) -> None:
     folder = data_path(results["folder"])
     curves = draw_transfer_curves(folder / "metrics.jsonl", folder / "curves.png",
                                   f"{results['task']}: {results['backbone']}")
-    create_markdown_artifact(f"# {results['task']} transfer\n\n{png_markdown(curves, 'curves')}",
+    create_markdown_artifact(f"# {results['task']} transfer\n\n{picture_markdown(curves, 'curves')}",
                              key="transfer-curves", description="training loss and validation scores")
 
 
@@ -382,7 +420,7 @@ def publish_generation(results: dict, pictures: int = 12) -> None:
                          "grid": sample["grid"]})
             grids.append((f"{request['name']} sample {i}", sample["grid"]))
     create_table_artifact(rows, key="generate-samples", description=f"{len(rows)} samples under {results['out']}")
-    shown = "\n\n".join(f"**{title}**\n\n{png_markdown(path, title)}" for title, path in grids[:pictures])
+    shown = "\n\n".join(f"**{title}**\n\n{picture_markdown(path, title)}" for title, path in grids[:pictures])
     more = f"\n\n{len(grids) - pictures} more under {results['out']}" if len(grids) > pictures else ""
     create_markdown_artifact(f"# Generated samples\n\n{shown}{more}", key="generate-pictures",
                              description="the conditions, then every generated modality, per sample")

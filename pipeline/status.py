@@ -171,3 +171,26 @@ def evaluation_rows(root: str | Path) -> list[dict]:
         rows.append({"evaluation": "out of the box (RGB alone)", "backbone": "4M", "scores": scores,
                      "reference": "baselines in results.json", "folder": str(path.parent)})
     return rows
+
+
+NOT_FAILURES = {"ok", "filtered"}  # a sample the quality thresholds dropped was decided, not lost
+
+
+def failure_rows(root: str | Path, stages: list[str] | None = None) -> list[dict]:
+    """Every failed row of the stages' committed shards (all stages by default), in stage and shard order: stage,
+    shard, key, status, error, and for the download its URL and whether `download --retry-failed` tries it again."""
+    from stages.download.download import STAGE as DOWNLOAD
+    from stages.download.download import retryable
+
+    layout = DatasetLayout(root)
+    rows = []
+    for stage in stages or _stage_order(layout):
+        for shard in layout.committed_shards(stage):
+            if not set(layout.read_stats(stage, shard).get("status_counts", {})) - NOT_FAILURES:
+                continue  # nothing failed in it: its table is not read
+            for r in layout.read_status(stage, shard).to_pylist():
+                if r["status"] not in NOT_FAILURES:
+                    rows.append({"stage": stage, "shard": shard, "key": r["key"], "status": r["status"],
+                                 "error": r.get("error") or "", "url": r.get("url") or "",
+                                 "retryable": ("yes" if retryable(r) else "no") if stage == DOWNLOAD else ""})
+    return rows

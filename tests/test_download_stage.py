@@ -137,3 +137,49 @@ def test_rerun_skips_committed_shards_and_redoes_interrupted_ones(ray_address, s
     assert [server.count(f"/file/{i}.jpg") for i in range(10)] == [1] * 4 + [2] * 4 + [1] * 2
     assert not (root / "rgb" / ".shard-000001.tar.tmp-deadbeef").exists()
     assert len(statuses(root)) == 10
+
+
+def test_retry_failed_fetches_the_retryable_failures_again_and_later_stages_redo_their_shard(ray_address, server,
+                                                                                               tmp_path, capsys):
+    """`failures` lists every failed row with its URL and whether it may pass on another try; `download
+    --retry-failed` fetches those again (a 503 that has since recovered; not a 404), publishes the shard anew in key
+    order, and withdraws the later stages' commit of that shard only, so the next label run labels the photo."""
+    from pipeline.cli import main as cli
+    from stages.label.label import run_label
+    from tests.helpers import UNSCORED
+
+    jpeg = large_jpeg((320, 240))
+    urls = [server.add("a.jpg", jpeg), f"{server.base}/flaky/1/b.jpg", f"{server.base}/status/404",
+            server.add("c.jpg", jpeg), server.add("d.jpg", jpeg)]
+    server.add("b.jpg", jpeg)
+    listed = tmp_path / "urls.tsv"
+    listed.write_text("".join(f"{url}\tphoto {i}\n" for i, url in enumerate(urls)))
+    config = stage_config(tmp_path, "download.retries=0", *UNSCORED)
+    root = tmp_path / "data"
+    run_download(listed, root, config)
+    run_label(root, config, ["canny_edge"])
+    layout = DatasetLayout(root)
+    assert [s["status"] for s in statuses(root).values()] == ["ok", "http_error", "http_error", "ok", "ok"]
+
+    assert cli(["failures", "--data", str(root), "--stage", "download"]) == 0
+    printed = capsys.readouterr().out
+    assert "000000001" in printed and "HTTP 503" in printed and "000000002" in printed
+    assert cli(["failures", "--data", str(root), "--out", str(tmp_path / "failures.csv")]) == 0
+    import csv
+
+    failed = list(csv.DictReader((tmp_path / "failures.csv").open()))
+    assert [(r["key"], r["retryable"]) for r in failed] == [("000000001", "yes"), ("000000002", "no")]
+    assert failed[0]["url"] == urls[1] and failed[1]["status"] == "http_error"
+
+    second = layout.read_stats("label_canny_edge", "shard-000001")
+    summary = run_download(listed, root, config, retry_failed=True)
+    assert summary.shards_done == 1 and summary.shards_skipped == 1  # only the shard with a retryable failure
+    after = statuses(root)
+    assert after["000000001"]["status"] == "ok" and after["000000002"]["status"] == "http_error"
+    assert [k for k, _ in read_modality(root, "rgb")] == ["000000000", "000000001", "000000003", "000000004"]
+    assert not layout.is_committed("label_canny_edge", "shard-000000")  # withdrawn: its photos changed
+    assert layout.read_stats("label_canny_edge", "shard-000001") == second  # untouched
+    labelled = run_label(root, config, ["canny_edge"])
+    assert labelled.shards_done == 1 and labelled.status_counts["canny_edge"]["ok"] == 4
+    assert "000000001" in layout.read_status("label_canny_edge", "shard-000000")["key"].to_pylist()
+    assert run_download(listed, root, config, retry_failed=True).shards_done == 0  # a 404 is not tried again

@@ -64,6 +64,14 @@ def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_add
     summary = Artifact.get("download-summary")
     assert "images/s" in summary.data and "| http_error | 1 |" in summary.data
     assert "**5** of 6 input rows ok" in summary.data
+    # each worker process: its shards, images, images/s while it worked, its busy share, its failures
+    workers = re.findall(r"^\| (\S+ pid \d+) \| (\d+) \| (\d+) \| [\d.]+ \| \d+% \| (\d*) \|$", summary.data, re.M)
+    assert sum(int(n) for _, n, _, _ in workers) == 3 and sum(int(i) for _, _, i, _ in workers) == 5
+    assert sum(int(f or 0) for *_, f in workers) == 1
+    failures = Artifact.get("download-failures")  # each failed row, and how to get them all and retry them
+    rows = [(r["key"], r["status"], r["retryable"]) for r in json.loads(failures.data)]
+    assert rows == [("000000005", "http_error", "no")]
+    assert "python -m pipeline failures --data" in failures.description and "--retry-failed" in failures.description
 
 
 def polled(read, holds, seconds: float = 60):
@@ -220,8 +228,10 @@ def test_pseudo_label_deployment_runs_when_served(labelled):
         assert sorted(p.name for p in (data / name).glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
         assert float(Artifact.get(f"pseudo-label-{name.replace('_', '-')}-progress").data) == 100.0
     pictures = Artifact.get("pseudo-label-samples").data
-    assert pictures.count("data:image/png;base64,") == 2
+    assert pictures.count("data:image/jpeg;base64,") == 2 and len(pictures) < 2 * 150_000  # thumbnails
     assert "| depth:decode_error | 1 |" in Artifact.get("pseudo-label-summary").data
+    failed = json.loads(Artifact.get("pseudo-label-failures").data)
+    assert {r["stage"] for r in failed} >= {"label_depth"} and all(r["status"] == "decode_error" for r in failed)
     shards = json.loads(Artifact.get("pseudo-label-shards").data)
     assert [r["shard"] for r in shards] == ["shard-000000", "shard-000001"]
     assert all(0 <= r["waiting for device"] <= 1 and 0 <= r["waiting for decode"] <= 1 for r in shards)
@@ -249,7 +259,7 @@ def test_quality_deployment_scores_when_served(served, tmp_path):
     assert "| decode_error | 1 |" in Artifact.get("quality-summary").data
     assert [r["shard"] for r in json.loads(Artifact.get("quality-shards").data)] == ["shard-000000", "shard-000001"]
     scores = Artifact.get("quality-scores").data
-    assert "Thresholds: none set" in scores and scores.count("data:image/png;base64,") == 1
+    assert "Thresholds: none set" in scores and scores.count("data:image/jpeg;base64,") == 1
 
 
 def test_show_draws_a_labelled_sample(labelled, tmp_path):
@@ -288,7 +298,7 @@ def test_tokenizer_flows_publish_results_pictures_and_token_rates(labelled, tmp_
     assert rows[1]["metric"] == "cosine" and rows[1]["baseline is"] == "mean feature"
     assert -1 <= rows[1]["value"] <= 1 and -1 <= rows[1]["baseline"] <= 1
     assert float(Artifact.get("train-tokenizers-progress").data) == 100.0
-    assert Artifact.get("train-tokenizers-reconstructions").data.count("data:image/png;base64,") == 1
+    assert Artifact.get("train-tokenizers-reconstructions").data.count("data:image/jpeg;base64,") == 1
 
     result = tokenize_flow(data=str(data), profile="demo", overrides=overrides)
     assert result["shards_done"] == 2 and result["status_counts"]["clip"] == {"ok": 4, "decode_error": 1}
@@ -362,7 +372,7 @@ def test_pretrain_flow_publishes_progress_losses_and_pictures(prefect_api, ray_a
     rows = json.loads(Artifact.get("pretrain-losses").data)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and "loss.tok_rgb@224" in rows[0]
     assert "val_loss.caption" in rows[2]
-    assert Artifact.get("pretrain-pictures").data.count("data:image/png;base64,") == 2  # losses, predictions
+    assert Artifact.get("pretrain-pictures").data.count("data:image/jpeg;base64,") == 2  # losses, predictions
 
 
 def test_transfer_and_evaluate_flows_publish_scores_beside_their_references(prefect_api, ray_address, tmp_path):
@@ -380,7 +390,7 @@ def test_transfer_and_evaluate_flows_publish_scores_beside_their_references(pref
     top1 = next(r for r in rows if r["metric"] == "top1")
     assert top1["ours"] == round(results["metrics"]["top1"], 3) and top1["paper 4M-B"] == 84.5
     assert next(r for r in rows if r["metric"] == "top5")["paper 4M-B"] is None
-    assert Artifact.get("transfer-curves").data.count("data:image/png;base64,") == 1
+    assert Artifact.get("transfer-curves").data.count("data:image/jpeg;base64,") == 1
 
     from tests.test_evaluate import evaluation_dataset
 
@@ -391,7 +401,7 @@ def test_transfer_and_evaluate_flows_publish_scores_beside_their_references(pref
     scores = json.loads(Artifact.get("evaluate-scores").data)
     assert {(r["modality"], r["metric"]) for r in scores} >= {("depth", "delta1"), ("depth", "standardised_l1"),
                                                                ("tok_rgb@224", "masked validation loss")}
-    assert Artifact.get("evaluate-pictures").data.count("data:image/png;base64,") == 1
+    assert Artifact.get("evaluate-pictures").data.count("data:image/jpeg;base64,") == 1
 
 
 def test_generate_deployment_runs_when_served(served, tmp_path):
@@ -417,7 +427,7 @@ def test_generate_deployment_runs_when_served(served, tmp_path):
     assert grids == ["from-caption/sample-0/grid.png", "from-caption/sample-1/grid.png",
                      "from-photo/sample-0/grid.png"]
     assert (tmp_path / "out/from-photo/sample-0/caption.txt").is_file()
-    assert Artifact.get("generate-pictures").data.count("data:image/png;base64,") == 3
+    assert Artifact.get("generate-pictures").data.count("data:image/jpeg;base64,") == 3
     rows = json.loads(Artifact.get("generate-samples").data)
     assert [(r["request"], r["sample"]) for r in rows] == [("from-caption", 0), ("from-caption", 1), ("from-photo", 0)]
 

@@ -179,6 +179,17 @@ class DatasetLayout:
     def committed_shards(self, stage: str) -> list[str]:
         return sorted(p.stem for p in self.status_dir(stage).glob("shard-*.json"))
 
+    def withdraw_later_stages(self, first: str, shard: str) -> list[str]:
+        """Remove the commit record of `shard` from every stage but `first`, whose shard is about to be replaced:
+        the stages built on it redo it on their next run. Done before the replacement is published, so a stop in
+        between costs work, never a stale commit. Returns the stages withdrawn."""
+        root = self.status_root
+        stages = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != first) if root.is_dir() else []
+        withdrawn = [stage for stage in stages if self.is_committed(stage, shard)]
+        for stage in withdrawn:
+            self.stats(stage, shard).unlink()
+        return withdrawn
+
     @property
     def modalities_file(self) -> Path:
         return self.status_root / "modalities.json"
@@ -275,8 +286,9 @@ class ShardWriter:
                 pq.write_table(table, tmp)
         with atomic_path(self.layout.status_table(self.stage, self.shard)) as tmp:
             pq.write_table(status, tmp)
-        stats = {"stage": self.stage, "shard": self.shard, "node": node_name(), "started_at": self._started_at,
-                 "finished_at": time.time(), **stats}  # the node: which machine made it (status: rates per node)
+        stats = {"stage": self.stage, "shard": self.shard, "node": node_name(), "worker": os.getpid(),
+                 "started_at": self._started_at, "finished_at": time.time(), **stats}
+        # the node and the worker process on it: which machine made it (status: rates per node and per worker)
         write_json(self.layout.stats(self.stage, self.shard), stats)
         self._committed = True
         return stats

@@ -34,6 +34,9 @@ from stages.download.images import ImageError, process_image
 from stages.download.inputs import InputRow, read_rows
 
 STAGE = "download"
+# Failures that may pass on another try (`download --retry-failed`): the network's and the server's, not the URL's
+RETRYABLE = {"timeout", "network_error", "dns_error", "internal_error"}
+RETRYABLE_HTTP = {408, 425, 429}  # and every 5xx
 
 
 STATUS_SCHEMA = pa.schema([
@@ -98,6 +101,12 @@ def _ordered_map(fn: Callable, items: list, threads: int) -> Iterator:
             yield future.result()
 
 
+def retryable(record: dict) -> bool:
+    """A failed row worth another try: a timeout, a network or DNS error, or HTTP 5xx, 408, 425 or 429."""
+    status, http = record["status"], record.get("http_status")
+    return status in RETRYABLE or status == "http_error" and (http is None or http >= 500 or http in RETRYABLE_HTTP)
+
+
 # -- one shard ---------------------------------------------------------------------------------------
 def download_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict:
     """Download one shard and commit it; returns the shard's stats."""
@@ -125,25 +134,66 @@ def download_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict
                 caption = (row.caption or "").encode("utf-8")
                 writer.write(row.key, {photo.folder: (photo.extension, jpeg),
                                        caption_spec.folder: (caption_spec.extension, caption)})
-        table = pa.Table.from_pylist(records, schema=STATUS_SCHEMA)
-        counts = Counter(r["status"] for r in records)
-        seconds = time.time() - started
-        stats = {
-            "rows": len(records),
-            "ok": counts.get(OK, 0),
-            "status_counts": dict(sorted(counts.items())),
-            "bytes_downloaded": int(sum(r.get("bytes") or 0 for r in records)),
-            "seconds": round(seconds, 3),
-            "images_per_s": round(counts.get(OK, 0) / seconds, 2) if seconds > 0 else None,
-            "started_at": started,
-            "finished_at": time.time(),
-            "provenance": provenance(cfg),
-        }
-        stats = writer.commit(table, stats)
+        return _commit(writer, records, started, cfg)
+
+
+def retry_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict:
+    """Fetch a committed shard's retryable failures again (`task.rows`: those rows) and publish the shard anew, its
+    earlier photos with those that now succeed, in key order. The later stages' commits of the shard are withdrawn
+    first, so that each redoes the shard on its next run; returns the shard's new stats."""
+    from stages.tokenizers.tokenizer_data import read_members  # here: it imports torch, which downloads need not
+
+    layout = DatasetLayout(root)
+    photo, caption_spec = registry.photo(), registry.caption()
+    records = {r["key"]: r for r in layout.read_status(STAGE, task.name).to_pylist()}
+    members = {key: {photo.folder: (photo.extension, data)}
+               for key, data in read_members(layout.tar(photo.folder, task.name), photo.extension)}
+    for key, data in read_members(layout.tar(caption_spec.folder, task.name), caption_spec.extension):
+        members.setdefault(key, {})[caption_spec.folder] = (caption_spec.extension, data)
+    fetcher, started = Fetcher(cfg), time.time()
+    for row, (record, jpeg) in zip(task.rows, _ordered_map(lambda r: download_sample(r, fetcher, cfg), task.rows,
+                                                           cfg.threads)):
+        records[row.key] = record
+        if jpeg is not None:
+            members[row.key] = {photo.folder: (photo.extension, jpeg),
+                                caption_spec.folder: (caption_spec.extension, (row.caption or "").encode("utf-8"))}
+    layout.withdraw_later_stages(STAGE, task.name)
+    with ShardWriter(layout, STAGE, task.name, [photo.folder, caption_spec.folder]) as writer:
+        for key in sorted(members):
+            writer.write(key, members[key])
+        return _commit(writer, [records[key] for key in sorted(records)], started, cfg)
+
+
+def _commit(writer: ShardWriter, records: list[dict], started: float, cfg: DownloadConfig) -> dict:
+    """The shard's status table and stats, committed (the stats last)."""
+    table = pa.Table.from_pylist(records, schema=STATUS_SCHEMA)
+    counts = Counter(r["status"] for r in records)
+    seconds = time.time() - started
+    stats = {
+        "rows": len(records),
+        "ok": counts.get(OK, 0),
+        "status_counts": dict(sorted(counts.items())),
+        "bytes_downloaded": int(sum(r.get("bytes") or 0 for r in records)),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(counts.get(OK, 0) / seconds, 2) if seconds > 0 else None,
+        "started_at": started,
+        "finished_at": time.time(),
+        "provenance": provenance(cfg),
+    }
+    stats = writer.commit(table, stats)
     return stats
 
 
 # -- all shards --------------------------------------------------------------------------------------
+def retry_rows(layout: DatasetLayout, task: ShardTask) -> list[InputRow]:
+    """The rows of a committed shard whose failure is retryable."""
+    stats = layout.read_stats(STAGE, task.name)
+    if not set(stats["status_counts"]) - {OK}:
+        return []
+    failed = {r["row"] for r in layout.read_status(STAGE, task.name).to_pylist() if r["status"] != OK and retryable(r)}
+    return [row for row in task.rows if row.index in failed]
+
+
 def plan_shards(rows: Iterable[InputRow], shard_size: int, duplicates: Iterable[tuple[int, int]]) -> Iterator[ShardTask]:
     """Cut the row stream into shards, marking the rows `duplicates` names (row, first row with its URL, in row
     order) as duplicates of their first occurrence. Holds one shard at a time."""
@@ -163,8 +213,9 @@ def plan_shards(rows: Iterable[InputRow], shard_size: int, duplicates: Iterable[
 
 
 def run_download(input_path: str | Path, root: DataPath | str, config: Config,
-                 observer: ShardObserver | None = None) -> ShardsSummary:
-    """Download every shard not yet committed, `processes` Ray tasks at a time.
+                 observer: ShardObserver | None = None, retry_failed: bool = False) -> ShardsSummary:
+    """Download every shard not yet committed, `processes` Ray tasks at a time; `retry_failed`: fetch the
+    retryable failures of committed shards again too (`retry_shard`).
 
     The observer hears the number of shards, then each shard as it finishes or is found committed.
     """
@@ -184,6 +235,7 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
     init_ray(config.ray)
     require_resources({"CPU": 1}, 1, "download")  # a cluster of no CPU would queue the shards forever
     remote = ray.remote(num_cpus=1, max_retries=3)(download_shard)
+    remote_retry = ray.remote(num_cpus=1, max_retries=3)(retry_shard)
     root_arg = absolute(layout.root)
     cfg_ref = ray.put(cfg)
     in_flight: dict[ray.ObjectRef, str] = {}
@@ -204,7 +256,12 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
                 observer(name, stats, False)
 
     for task in plan_shards(rows(), cfg.shard_size, duplicates):
-        if layout.is_committed(STAGE, task.name):
+        work = remote
+        if layout.is_committed(STAGE, task.name) and retry_failed:
+            again = retry_rows(layout, task)
+            if again:
+                task, work = ShardTask(task.index, again), remote_retry
+        if work is remote and layout.is_committed(STAGE, task.name):
             stats = layout.read_stats(STAGE, task.name)
             summary.shards_skipped += 1
             summary.status_counts.update(stats["status_counts"])
@@ -212,7 +269,7 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
                 observer(task.name, stats, True)
             continue
         settle(cfg.processes - 1)
-        named = remote.options(name=f"download {task.name}")  # the task's name in the Ray dashboard
+        named = work.options(name=f"download {task.name}")  # the task's name in the Ray dashboard
         in_flight[named.remote(root_arg, task, cfg_ref)] = task.name
     settle(0)
     scratch.cleanup()
