@@ -321,7 +321,7 @@ def test_a_killed_ray_worker_is_replaced_and_the_stage_completes(ray_address, ti
     real = tar.read_bytes()
     tar.unlink()
     os.mkfifo(tar)
-    before = set(_processes_named("ray::LabelWorker"))
+    before = set(_processes_named("ray::label shard-000001"))  # a running task's process is titled by its name
     outcome = {}
     run = threading.Thread(target=lambda: outcome.update(
         summary=run_label(tmp_path, config(tiny_models, "label.workers=1"), ["depth", "semseg"])))
@@ -331,7 +331,7 @@ def test_a_killed_ray_worker_is_replaced_and_the_stage_completes(ray_address, ti
         # descriptor still points at the pipe), then kill the worker's process.
         tar.unlink()
         tar.write_bytes(real)
-        workers = [pid for pid in _processes_named("ray::LabelWorker") if pid not in before]
+        workers = [pid for pid in _processes_named("ray::label shard-000001") if pid not in before]
         assert len(workers) == 1
         os.kill(workers[0], signal.SIGKILL)
     run.join(timeout=280)
