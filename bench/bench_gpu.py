@@ -3,7 +3,8 @@ table and one file.
 
 On a GPU: the labelers on mixed-size images (paper models, random weights), tokenizer encode and decode (paper
 size), 4M-B pretraining steps under bf16 autocast and again under torch.compile, 4M-L, transfer fine-tuning and
-evaluation at 224 and 512 with the data pipeline's per-core rate, and generation at batch 1 and 32; each reports
+evaluation at 224 and 512 with the data pipeline's per-core rate, generation at batch 1 and 32, and the quality
+stage's scoring (ViT-B/32, EfficientNet-B3) and near-duplicate search over 1M embeddings; each reports
 samples/s or images/s, and those that measure it tokens/s, MFU, peak memory and the GPU's busy share. The 4M
 loader's masked samples per core ride along with pretraining. Without a GPU it says so and runs the same
 benchmarks at tiny sizes: a check that every path runs, not figures to quote.
@@ -40,6 +41,8 @@ GPU_PLAN = [
                        "0"], 60, "pretrain/results.json"),
     ("transfer 224/512", ["bench_transfer.py", "--batch", "64", "--steps", "10"], 60, "transfer/results.json"),
     ("generate batch 1/32", ["bench_generate.py", "--batches", "1,32", "--steps", "8"], 60, None),
+    ("quality", ["bench_quality.py", "--size", "paper", "--images", "256", "--batch-size", "64"], 150,
+     "quality.json"),
 ]
 CPU_PLAN = [  # the same paths at tiny sizes
     ("label", ["bench_label.py", "--size", "tiny", "--images", "16", "--shard-size", "8"], 300, None),
@@ -51,6 +54,8 @@ CPU_PLAN = [  # the same paths at tiny sizes
                           "--loader-images", "8"], 300, "transfer/results.json"),
     ("generate batch 1/32", ["bench_generate.py", "--batches", "1", "--steps", "2", "--caption-batch", "2",
                              "--caption-tokens", "4"], 300, None),
+    ("quality", ["bench_quality.py", "--size", "tiny", "--images", "8", "--batch-size", "8", "--embeddings", "5000",
+                 "--cluster-size", "500"], 300, "quality.json"),
 ]
 
 
