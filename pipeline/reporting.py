@@ -119,7 +119,8 @@ class StageReporter:
         images, ok = sum(row["rows"] for row in self.rows), sum(row["ok"] for row in self.rows)
         filtered = sum(row["filtered"] or 0 for row in self.rows)
         per = "image-labeler pairs" if any("labelers" in s for s in self.made) else "rows"
-        failures = [(k, v) for k, v in self.counts.most_common() if k not in ("ok", "filtered")]
+        failures = [(k, v) for k, v in self.counts.most_common()
+                    if k != "ok" and k.rsplit(":", 1)[-1] != "filtered"]  # label's are "depth:filtered"
         done = [row for row in self.rows if row["state"] == "done"]
         if done:  # a rate over the shards this run did, never over shards it found committed
             rate = f"**{sum(row['ok'] for row in done) / elapsed if elapsed else 0:.1f} images/s** in this run " \

@@ -66,8 +66,8 @@ def run_on_actors(worker_class, init_args: tuple, todo: list[tuple[str, Any]], m
 
 
 def named_for_the_dashboard(worker_class, job: str):
-    """The worker class, shown in the Ray dashboard (and its log prefixes) as `LabelWorker (label on python -m
-    pipeline label)`: Ray shows an actor's __repr__."""
+    """The worker class, shown in the Ray dashboard (and its log prefixes) as `LabelWorker (python -m pipeline
+    label)` or `LabelWorker (cc12m-pipeline / lively-heron)`: Ray shows an actor's __repr__."""
     name = f"{worker_class.__name__} ({job})"
     return type(worker_class.__name__, (worker_class,), {"__repr__": lambda self: name,
                                                         "__module__": worker_class.__module__})

@@ -57,6 +57,7 @@ def test_demo_on_object_storage_downloads_labels_tokenizes_and_verifies_the_bund
     labelled = [row for table in sorted(demo.glob("_status/label_clip/shard-*.parquet"), key=str)
                 for row in read_parquet(table, ["key", "status"]).to_pylist()]
     assert [r["key"] for r in labelled if r["status"] == "filtered"] == ["000000007", "000000008"]
+    assert re.search(r"label: 100%.*images=7, failed=0, filtered=2", result.stderr)  # dropped, not failed
     from stages.tokenizers.tokenizer_data import read_members
 
     metadata = [json.loads(data) for tar in sorted(demo.glob("metadata/shard-*.tar"), key=str)

@@ -358,6 +358,15 @@ def test_a_run_with_nothing_to_do_says_so_instead_of_a_rate(prefect_api):
     summary = busy.finish()
     assert "images/s** in this run (1 shards done, 1 already committed)" in summary
 
+    # samples the quality thresholds dropped are counted apart, never as failures (label's "depth:filtered")
+    filtering = StageReporter("filtering-stage")
+    filtering.start(1)
+    filtering("shard-000000", {"rows": 5, "ok": 3, "status_counts": {"ok": 3, "depth:filtered": 2},
+                               "filtered_by": {"min_clip_score": 2}, "labelers": {}, "seconds": 1.0}, False)
+    summary = filtering.finish()
+    assert "**3** of 5 input rows ok, 2 dropped by the quality filters" in summary and "filtered |" not in summary
+    assert "| none | 0 |" in summary
+
 
 def test_pretrain_flow_publishes_progress_losses_and_pictures(prefect_api, ray_address, tmp_path):
     from prefect.artifacts import Artifact

@@ -361,6 +361,8 @@ def merge_stats(per_labeler: dict[str, dict]) -> dict:
     recorded = all("device_wait_seconds" in s for s in per_labeler.values())
     return {"rows": first["rows"], "ok": min(s["ok"] for s in per_labeler.values()), "status_counts": dict(counts),
             "node": first.get("node"), "worker": first.get("worker"),
+            # the quality thresholds drop the same samples for every labeler: filtered, not failed
+            **({"filtered_by": first["filtered_by"]} if "filtered_by" in first else {}),
             "seconds": seconds, "images_per_s": round(first["rows"] / seconds, 2) if seconds else None,
             "device_wait_share": share(sum(s["device_wait_seconds"] for s in per_labeler.values()) if recorded else None),
             "decode_wait_share": share(first.get("decode_wait_seconds")),
