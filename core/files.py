@@ -53,6 +53,18 @@ def publish(tmp: Path, path, last: str | None = None) -> Path:
     return path
 
 
+def swap_folder(tmp: Path, folder: Path) -> Path:
+    """Replace the local folder `folder` by the finished folder `tmp`: the old one moved aside, the new one renamed
+    in, the old one removed (a reader sees the old folder or the new one, never half of either)."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    publish(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def _upload(tmp: Path, path, last: str | None):
     if tmp.is_dir():
         for child in sorted(tmp.rglob("*"), key=lambda p: (p.name == last, str(p))):

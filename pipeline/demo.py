@@ -264,7 +264,7 @@ def label_demo(root: DataPath, config: Config, observer=None) -> int:
         print(f"{name:7} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + f"  -> {layout.folder(name)}/")
     for shard, err in labelled.failed_shards.items():
         print(f"shard {shard} failed and will be redone on the next run: {err}", file=sys.stderr)
-    pictures, labelled_by = [], f"label_{config.label.labelers[0]}"  # the samples the filters kept, labelled
+    pictures, labelled_by = [], registry.get(config.label.labelers[0]).stage  # the samples the filters kept, labelled
     for shard in layout.committed_shards(labelled_by):
         for r in layout.read_status(labelled_by, shard).to_pylist():
             if r["status"] == "ok":

@@ -183,8 +183,13 @@ def failure_rows(root: str | Path, stages: list[str] | None = None) -> list[dict
     from stages.download.download import retryable
 
     layout = DatasetLayout(root)
+    present = _stage_order(layout)
+    unknown = [stage for stage in stages or [] if stage not in present]
+    if unknown:
+        raise ValueError(f"--stage {', '.join(unknown)}: no such status folder under {layout.status_root} "
+                         f"(there: {', '.join(present) or 'none'})")
     rows = []
-    for stage in stages or _stage_order(layout):
+    for stage in stages or present:
         for shard in layout.committed_shards(stage):
             if not set(layout.read_stats(stage, shard).get("status_counts", {})) - NOT_FAILURES:
                 continue  # nothing failed in it: its table is not read

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from core.files import publish
+from core.files import swap_folder
 from core.ray_runtime import RayUnavailable, capacity, init_ray, require_resources, train_logging
 from core.registry import ModalitySet
 from stages.run_folder import RunFolder
@@ -176,11 +176,7 @@ def write_checkpoint(folder: Path, weights: dict, optimizer_state: dict, step: i
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "aliases": aliases, **extra},
                                                indent=1))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)
-    publish(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_folder(tmp, folder)
 
 
 def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> None:

@@ -145,6 +145,7 @@ def test_retry_failed_fetches_the_retryable_failures_again_and_later_stages_redo
     --retry-failed` fetches those again (a 503 that has since recovered; not a 404), publishes the shard anew in key
     order, and withdraws the later stages' commit of that shard only, so the next label run labels the photo."""
     from pipeline.cli import main as cli
+    from stages.download.inputs import InputError
     from stages.label.label import run_label
     from tests.helpers import UNSCORED
 
@@ -171,6 +172,13 @@ def test_retry_failed_fetches_the_retryable_failures_again_and_later_stages_redo
     assert [(r["key"], r["retryable"]) for r in failed] == [("000000001", "yes"), ("000000002", "no")]
     assert failed[0]["url"] == urls[1] and failed[1]["status"] == "http_error"
 
+    assert cli(["failures", "--data", str(root), "--stage", "label_nosuch"]) == 2  # named, with the stages there
+    assert "--stage label_nosuch: no such status folder" in capsys.readouterr().err
+    other = tmp_path / "other.tsv"  # not the list the dataset came from: refused before any shard is touched
+    other.write_text(listed.read_text().replace(urls[1], f"{server.base}/flaky/1/elsewhere.jpg"))
+    with pytest.raises(InputError, match=r"row 1 of .*other.tsv is .*elsewhere.jpg.*recorded"):
+        run_download(other, root, config, retry_failed=True)
+    assert layout.is_committed("label_canny_edge", "shard-000000")
     second = layout.read_stats("label_canny_edge", "shard-000001")
     summary = run_download(listed, root, config, retry_failed=True)
     assert summary.shards_done == 1 and summary.shards_skipped == 1  # only the shard with a retryable failure

@@ -31,7 +31,7 @@ from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummar
 from stages.download.duplicates import Duplicates
 from stages.download.fetch import Fetcher
 from stages.download.images import ImageError, process_image
-from stages.download.inputs import InputRow, read_rows
+from stages.download.inputs import InputError, InputRow, read_rows
 
 STAGE = "download"
 # Failures that may pass on another try (`download --retry-failed`): the network's and the server's, not the URL's
@@ -185,13 +185,21 @@ def _commit(writer: ShardWriter, records: list[dict], started: float, cfg: Downl
 
 
 # -- all shards --------------------------------------------------------------------------------------
-def retry_rows(layout: DatasetLayout, task: ShardTask) -> list[InputRow]:
-    """The rows of a committed shard whose failure is retryable."""
+def retry_rows(layout: DatasetLayout, task: ShardTask, listed: str) -> list[InputRow]:
+    """The rows of a committed shard whose failure is retryable; a row whose URL is not the one the shard recorded
+    (another list than the dataset's) fails with InputError, before that shard is touched."""
     stats = layout.read_stats(STAGE, task.name)
     if not set(stats["status_counts"]) - {OK}:
         return []
-    failed = {r["row"] for r in layout.read_status(STAGE, task.name).to_pylist() if r["status"] != OK and retryable(r)}
-    return [row for row in task.rows if row.index in failed]
+    failed = {r["row"]: r for r in layout.read_status(STAGE, task.name).to_pylist()
+              if r["status"] != OK and retryable(r)}
+    rows = [row for row in task.rows if row.index in failed]
+    for row in rows:
+        if row.url != failed[row.index]["url"]:
+            raise InputError(f"--retry-failed: row {row.index} of {listed} is {row.url!r}, but {task.name} recorded "
+                             f"{failed[row.index]['url']!r} for key {row.key}: retry with the list the dataset was "
+                             f"downloaded from")
+    return rows
 
 
 def plan_shards(rows: Iterable[InputRow], shard_size: int, duplicates: Iterable[tuple[int, int]]) -> Iterator[ShardTask]:
@@ -258,7 +266,7 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
     for task in plan_shards(rows(), cfg.shard_size, duplicates):
         work = remote
         if layout.is_committed(STAGE, task.name) and retry_failed:
-            again = retry_rows(layout, task)
+            again = retry_rows(layout, task, str(input_path))
             if again:
                 task, work = ShardTask(task.index, again), remote_retry
         if work is remote and layout.is_committed(STAGE, task.name):

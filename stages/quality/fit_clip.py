@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from core.files import swap_folder
 from stages.training import LoopSettings, TrainTask, fit, train_loop, world_for
 
 FITTED = "fitted.json"  # in the model folder, beside the weights it describes
@@ -74,11 +75,7 @@ class ClipFitTask(TrainTask):
         for extra in self.folder.iterdir():  # what sat beside the weights (the random-weights marker) stays
             if not (aside / extra.name).exists():
                 shutil.copy2(extra, aside / extra.name)
-        old = self.folder.with_name(self.folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        self.folder.rename(old)
-        aside.rename(self.folder)
-        shutil.rmtree(old)
+        swap_folder(aside, self.folder)
 
 
 def fit_worker(args: dict) -> None:

@@ -217,17 +217,17 @@ def decoded_samples(layout: DatasetLayout, modality: str, shard: str,
 
 def sample_stream(root: str, modality: str, shards: list[str], crop_scale, seed: int, epoch: int, rank: int,
                   world: int, slot: int = 0, slots: int = 1, buffer: int = 256,
-                  quality: QualityConfig | None = None) -> Iterator[torch.Tensor]:
+                  drops: dict[str, frozenset[str]] | None = None) -> Iterator[torch.Tensor]:
     """One endless stream of cropped samples for one epoch: this rank's shards (of an epoch-seeded order), split
     between the loader's `slots`, through a seeded shuffle buffer, cycling if the epoch asks for more."""
     layout, rng = DatasetLayout(root), np.random.default_rng([seed, epoch, rank, slot])
     order = [shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(shards))]
     mine, pool = order[rank::world][slot::slots], []
-    drops = {shard: dropped(layout, shard, quality) for shard in mine}  # the quality filters' rejects
+    drops = drops or {}  # shard -> the keys the quality filters drop
     while True:
         found = 0
         for shard in mine:
-            for _, label, size in decoded_samples(layout, modality, shard, drops[shard]):
+            for _, label, size in decoded_samples(layout, modality, shard, drops.get(shard, frozenset())):
                 crop = random_crop(rng, *size, scale=crop_scale)
                 x = crop_to_tensor(modality, label, crop, size)
                 if x is not None:  # None: nothing to learn from in this sample (poses: no human in it)
@@ -258,12 +258,14 @@ class TokenizerBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, slots = (info.id, info.num_workers) if info else (0, 1)
         plan, stream, stream_epoch = self.plan, None, None
+        layout = DatasetLayout(self.root)  # the quality filters' rejects, read once for every epoch
+        drops = {shard: dropped(layout, shard, self.quality) for shard in self.shards}
         for step in range(self.start + worker, plan.steps, slots):
             epoch = step // plan.steps_per_epoch
             if stream_epoch != epoch:
                 stream, stream_epoch = sample_stream(self.root, self.modality, self.shards, self.crop_scale,
                                                      self.seed, epoch, self.rank, plan.world, step % slots,
-                                                     slots, quality=self.quality), epoch
+                                                     slots, drops=drops), epoch
                 first = epoch * plan.steps_per_epoch + (step - epoch * plan.steps_per_epoch) % slots
                 for _ in range(len(range(first, step, slots)) * plan.local_batch):  # resume inside an epoch
                     next(stream)
