@@ -517,6 +517,17 @@ class WandbConfig(Section):
     entity: str | None = Field(None, description="the W&B team or user; None: the logged-in user's default")
 
 
+class DashboardsConfig(Section):
+    """How often what a running stage shows in Prefect moves (its progress bar, shards and workers tables)."""
+
+    progress_every: int = Field(100, ge=1, description="a worker reports how far it is in a shard every this many "
+                                                       "samples (and at its start and end)")
+    poll_seconds: float = Field(2.0, gt=0, description="seconds between two readings of the workers' reports: the "
+                                                       "progress bar is at most this old")
+    table_seconds: float = Field(10.0, ge=0, description="seconds between two versions of the shards and workers "
+                                                         "tables (each version is kept by Prefect)")
+
+
 class Config(Section):
     profile: str = "default"
     modalities: list[str] = Field(default_factory=list, description="modules defining more modalities (dotted "
@@ -535,6 +546,7 @@ class Config(Section):
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    dashboards: DashboardsConfig = Field(default_factory=DashboardsConfig)
 
     @property
     def root(self):

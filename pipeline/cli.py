@@ -96,7 +96,7 @@ def cmd_label(args) -> int:
     from stages.label.label import run_label
     progress = ShardProgress("label")
     try:
-        summary = run_label(root, config, names, observer=progress)
+        summary = run_label(root, config, names, observer=progress, retry_failed=args.retry_failed)
     finally:
         progress.close()
     return print_per_model(summary, "", "labelled", f"in {summary.seconds:.1f} s; labels under {root}")
@@ -504,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=RegistryHelp)
     label.add_argument("--data", help="dataset root (default: the profile's data_root)")
     label.add_argument("--labelers", help="comma-separated subset of {labelled} (default: label.labelers)")
+    label.add_argument("--retry-failed", action="store_true",
+                       help="redo too each committed shard of a labeler that failed on some photo for a reason that "
+                            "may pass (model_error: out of memory, a device error; not a photo that does not "
+                            "decode); the stages built on it (its tokens, labelers that read it) redo it after")
     _add_config_args(label)
     imported = sub.add_parser("import-labels", help="bring an external tool's labels in as one modality's label "
                                                     "shards (ImageBind, human poses): <key>.<extension> files -> "

@@ -6,11 +6,14 @@ from pathlib import Path
 
 
 class ShardProgress:
-    """A progress bar over shards that also shows images kept, failures and those the quality filters dropped."""
+    """A progress bar over shards that also shows images kept, failures and those the quality filters dropped, and
+    how far the workers are in the shards they are on (`stages.progress`: every 100 samples, read every 2 s)."""
 
     def __init__(self, desc: str):
         self.desc, self.bar = desc, None
         self.ok = self.failed = self.filtered = 0
+        self.postfix: dict = {}
+        self.committed: set[str] = set()
         self.made: list[dict] = []  # this run's shards, for the per-node lines on a cluster
 
     def start(self, total_shards: int) -> None:
@@ -26,10 +29,18 @@ class ShardProgress:
         postfix = {"images": self.ok, "failed": self.failed, **({"filtered": self.filtered} if self.filtered else {})}
         if not skipped and stats.get("device_wait_share") is not None:  # the label stage: which side bounds it
             postfix |= {"gpu_wait": f"{stats['device_wait_share']:.0%}", "decode_wait": f"{stats['decode_wait_share']:.0%}"}
+        self.postfix = postfix
+        self.committed.add(name)
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
         if not skipped:
             self.made.append(stats)
+
+    def in_progress(self, shards: dict[str, dict]) -> None:
+        running = {s: c for s, c in shards.items() if s not in self.committed}
+        if self.bar is not None and running:
+            now = ", ".join(f"{s[-6:]} {c['done']}/{c['total']}" for s, c in sorted(running.items())[:3])
+            self.bar.set_postfix({**self.postfix, "in progress": now})
 
     def close(self) -> None:
         if self.bar is not None:

@@ -59,7 +59,7 @@ def _counts(summary) -> dict:
 def download_with_artifacts(config: Config, input: str, retry_failed: bool = False):
     """`input="demo"` serves the bundled photos over loopback while they are downloaded."""
     root = open_data_root(config.root, writable=True)  # a bad URL or refused credentials fail here, by name
-    reporter = StageReporter("download")
+    reporter = StageReporter("download", config.dashboards)
     if input == "demo":
         summary = download_demo_photos(root, config, observer=reporter)
     else:
@@ -75,7 +75,7 @@ def quality_with_artifacts(config: Config):
     if config.profile == "demo":  # the demo's tiny random-weight networks, where the profile names them
         save_demo_quality_models(config)
     root = open_data_root(config.root, writable=True)
-    reporter = StageReporter("quality")
+    reporter = StageReporter("quality", config.dashboards)
     summary = run_quality(root, config, observer=reporter)
     print(reporter.finish())
     publish_stage_table(root, key="quality-stages")
@@ -84,12 +84,12 @@ def quality_with_artifacts(config: Config):
     return summary
 
 
-def label_with_artifacts(config: Config, pictures: int = 3):
+def label_with_artifacts(config: Config, pictures: int = 3, retry_failed: bool = False):
     if config.profile == "demo":  # the demo's tiny random-weight models, where the profile names them
         save_demo_models(config)
     root = open_data_root(config.root, writable=True)
-    reporter = LabelReporter("pseudo-label", config.label.labelers)
-    summary = run_label(root, config, observer=reporter)
+    reporter = LabelReporter("pseudo-label", config.label.labelers, config.dashboards)
+    summary = run_label(root, config, observer=reporter, retry_failed=retry_failed)
     print(reporter.finish())
     publish_stage_table(root, key="pseudo-label-stages")
     publish_failures(root, [registry.get(n).stage for n in config.label.labelers], key="pseudo-label-failures")
@@ -110,7 +110,7 @@ def train_with_artifacts(config: Config) -> dict:
 
 def tokenize_with_artifacts(config: Config, modalities: list[str] | None = None):
     root = open_data_root(config.root, writable=True)
-    reporter = StageReporter("tokenize")
+    reporter = StageReporter("tokenize", config.dashboards)
     summary = run_tokenize(root, config, modalities, observer=reporter)
     print(reporter.finish())
     publish_stage_table(root, key="tokenize-stages")
@@ -151,10 +151,11 @@ def quality_flow(data: str | None = None, profile: str = "paper", overrides: lis
 
 @flow(name="pseudo-label", log_prints=True)
 def pseudo_label_flow(data: str | None = None, profile: str = "paper", labelers: list[str] | None = None,
-                      overrides: list[str] | None = None, pictures: int = 3) -> dict:
-    """Pseudo-label the rgb shards under `data` (default: the profile's data_root)."""
+                      overrides: list[str] | None = None, pictures: int = 3, retry_failed: bool = False) -> dict:
+    """Pseudo-label the rgb shards under `data` (default: the profile's data_root); `retry_failed`: redo too the
+    shards of a labeler that failed on some photo for a reason that may pass (model_error)."""
     config = load_config(profile, overrides, {"data_root": data, "label.labelers": labelers})
-    summary = label_with_artifacts(config, pictures)
+    summary = label_with_artifacts(config, pictures, retry_failed)
     return {**_counts(summary), "status_counts": {n: dict(c) for n, c in summary.status_counts.items()},
             "data_root": config.data_root}
 

@@ -17,6 +17,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from core.config import DashboardsConfig
 from core.ray_runtime import dashboard_sign_in, dashboard_url, live_nodes
 from core.storage import data_path
 from pipeline.show import draw_loss_curves, draw_sample, draw_transfer_curves
@@ -33,21 +34,29 @@ def artifact_key(*parts: str) -> str:
 
 
 class StageReporter:
-    """A stage's Prefect artifacts while it runs, updated as each shard commits: the progress bar (its description:
-    shards, images/s, time left), a line in the flow run's log, and a bounded shards table (the last shards, the
-    slowest, those with failures: at 12M images the full per-shard history lives in the status files and `status`,
-    not in thousands of rows times thousands of table versions)."""
+    """A stage's Prefect artifacts while it runs: the progress bar (its description: shards, images/s, time left),
+    moved as each shard commits and, every few seconds, by the workers' counts within the shards they are on
+    (`stages.progress`); a line in the flow run's log per committed shard; a bounded shards table (the shards in
+    progress, the last ones, the slowest, those with failures: at 12M images the full per-shard history lives in the
+    status files and `status`, not in thousands of rows times thousands of table versions); a workers table (each
+    worker process's shards, images/s, busy share, failures and the shard it is on)."""
 
     RECENT, SLOWEST, WITH_FAILURES = 20, 5, 20  # the shards table's rows, however many shards there are
 
-    def __init__(self, stage: str, table_every: float = 10.0):
+    def __init__(self, stage: str, dashboards: DashboardsConfig | None = None):
+        import threading
+
+        dashboards = dashboards or DashboardsConfig()
         self.stage, self.total = stage, 1
+        self.progress_every, self.poll_seconds = dashboards.progress_every, dashboards.poll_seconds  # for the workers
         self.rows: list[dict] = []  # every shard seen, in the order they finished
         self.made: list[dict] = []  # the stats of the shards this run made (not found committed): per node
+        self.running: dict[str, dict] = {}  # shard -> the workers' latest count, for the shards not committed yet
         self.counts: Counter = Counter()
         self.started = time.time()
-        self.table_every, self._last_table = table_every, 0.0
+        self.table_every, self._last_table = dashboards.table_seconds, 0.0
         self.progress_id = None
+        self.lock = threading.Lock()  # the workers' counts arrive on another thread than the commits
 
     def start(self, total_shards: int) -> None:
         self.total = max(total_shards, 1)
@@ -55,21 +64,42 @@ class StageReporter:
             0.0, key=artifact_key(self.stage, "progress"), description=f"{self.stage}: 0 of {total_shards} shards")
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
-        self.record(name, stats, skipped)
+        with self.lock:
+            self.record(name, stats, skipped)
+            progress = self._show_progress()
+            if not skipped:  # the flow run's log: one line per shard this run committed
+                row = self.rows[-1]
+                failed = f", {row['failed']} failed" if row["failed"] else ""
+                filtered = f", {row['filtered']} filtered" if row["filtered"] else ""
+                node = f" on {row['node']}" if row["node"] else ""
+                print(f"{self.stage}: {name} committed ({row['ok']} of {row['rows']} ok{failed}{filtered}{node}); "
+                      f"{progress}")
+            if time.time() - self._last_table >= self.table_every or len(self.rows) == self.total:
+                self._publish_tables()
+
+    def in_progress(self, shards: dict[str, dict]) -> None:
+        """The workers' counts within shards (`stages.progress`): the bar and the tables move between commits."""
+        with self.lock:
+            committed = {row["shard"] for row in self.rows}
+            self.running = {shard: count for shard, count in shards.items() if shard not in committed}
+            self._show_progress()
+            if self.running and time.time() - self._last_table >= self.table_every:
+                self._publish_tables()
+
+    def _show_progress(self) -> str:
         progress = self.progress_line()
-        update_progress_artifact(self.progress_id, 100.0 * len(self.rows) / self.total, description=progress)
-        if not skipped:  # the flow run's log: one line per shard this run committed
-            row = self.rows[-1]
-            failed = f", {row['failed']} failed" if row["failed"] else ""
-            filtered = f", {row['filtered']} filtered" if row["filtered"] else ""
-            node = f" on {row['node']}" if row["node"] else ""
-            print(f"{self.stage}: {name} committed ({row['ok']} of {row['rows']} ok{failed}{filtered}{node}); {progress}")
-        if time.time() - self._last_table >= self.table_every or len(self.rows) == self.total:
-            self._publish_table()
+        shards = len(self.rows) + sum(self._fraction(c) for c in self.running.values())
+        update_progress_artifact(self.progress_id, 100.0 * shards / self.total, description=progress)
+        return progress
+
+    @staticmethod
+    def _fraction(count: dict) -> float:
+        return min(count["done"] / count["total"], 1.0) if count["total"] else 0.0
 
     def record(self, name: str, stats: dict, skipped: bool) -> None:
         """A shard's row and counts, kept for the table and the summary."""
         self.counts.update(stats["status_counts"])
+        self.running.pop(name, None)
         if not skipped:
             self.made.append(stats)
         filtered = sum(stats.get("filtered_by", {}).values()) or None
@@ -86,35 +116,58 @@ class StageReporter:
         })
 
     def progress_line(self) -> str:
-        """'12 of 40 shards, 31.5 images/s, about 340 s left': the rate and the time left over the shards this run
-        made (shards found committed take no time)."""
+        """'12 of 40 shards (2 in progress: shard-000012 120 of 500, ...), 31.5 images/s, about 340 s left': the rate
+        and the time left over the work this run did, the shards in progress counted for what their workers
+        reported (shards found committed take no time)."""
         done = [row for row in self.rows if row["state"] == "done"]
         elapsed = time.time() - self.started
         line = f"{self.stage}: {len(self.rows)} of {self.total} shards"
-        if done and elapsed:
-            line += f", {sum(row['ok'] for row in done) / elapsed:.1f} images/s"
-            line += f", about {elapsed / len(done) * (self.total - len(self.rows)):.0f} s left"
+        if self.running:
+            shown = sorted(self.running.items())[:3]
+            more = f", {len(self.running) - len(shown)} more" if len(self.running) > len(shown) else ""
+            line += f" ({len(self.running)} in progress: " + ", ".join(
+                f"{shard} {c['done']} of {c['total']}" for shard, c in shown) + f"{more})"
+        shards = len(done) + sum(self._fraction(c) for c in self.running.values())
+        images = sum(row["ok"] for row in done) + sum(c["done"] for c in self.running.values())
+        if shards and elapsed:
+            line += f", {images / elapsed:.1f} images/s"
+            left = self.total - len(self.rows) - sum(self._fraction(c) for c in self.running.values())
+            line += f", about {elapsed / shards * left:.0f} s left"
         return line
 
     def table_rows(self) -> list[dict]:
-        """The last shards to finish, the slowest and those with failures, each once, in shard order."""
+        """The shards in progress, then the last shards to finish, the slowest and those with failures, each once,
+        in shard order."""
         recent = self.rows[-self.RECENT:]
         slowest = sorted((r for r in self.rows if r["seconds"] is not None), key=lambda r: -r["seconds"])[:self.SLOWEST]
         failing = [r for r in self.rows if r["failed"]][-self.WITH_FAILURES:]
         shown = {r["shard"]: r for r in [*recent, *slowest, *failing]}
-        return [shown[shard] for shard in sorted(shown)]
+        running = [{"shard": shard, "rows": c["total"], "ok": None, "failed": None, "filtered": None,
+                    "images/s": None, "seconds": round(time.time() - c["since"], 1),
+                    "state": f"running: {c['done']} of {c['total']}", "node": c["worker"].split(" pid ")[0]}
+                   for shard, c in sorted(self.running.items())]
+        return running + [shown[shard] for shard in sorted(shown)]
 
-    def _publish_table(self) -> None:
+    def _publish_tables(self) -> None:
         self._last_table = time.time()
         rows = self.table_rows()
+        finished = len(rows) - len(self.running)
         hidden = f"; shown: the last {self.RECENT}, the {self.SLOWEST} slowest and those with failures (every " \
-                 f"shard: `python -m pipeline status`)" if len(rows) < len(self.rows) else ""
+                 f"shard: `python -m pipeline status`)" if finished < len(self.rows) else ""
         create_table_artifact([{k: ("" if v is None else v) for k, v in row.items()} for row in rows],
                               key=artifact_key(self.stage, "shards"),
                               description=f"{self.progress_line()}{hidden}")
+        workers = worker_rows(self.made, self.running, time.time() - self.started)
+        if workers:
+            create_table_artifact([{k: ("" if v is None else v) for k, v in row.items()} for row in workers],
+                                  key=artifact_key(self.stage, "workers"),
+                                  description=f"{self.stage}: each worker process, as of "
+                                              f"{time.strftime('%H:%M:%S')} ({len(workers)} workers)")
 
     def finish(self) -> str:
-        self._publish_table()
+        with self.lock:
+            self.running.clear()
+            self._publish_tables()
         elapsed = time.time() - self.started
         images, ok = sum(row["rows"] for row in self.rows), sum(row["ok"] for row in self.rows)
         filtered = sum(row["filtered"] or 0 for row in self.rows)
@@ -143,22 +196,43 @@ class StageReporter:
         return markdown
 
 
-def worker_table(done: list[dict], elapsed: float) -> list[str]:
-    """Markdown lines: per worker process that made some of this run's shards (their stats), its shards, images,
-    images/s while it worked, the share of the run it spent working (low: it waited for work, or joined late) and
-    its failed rows."""
-    by_worker: dict[str, list[dict]] = {}
+def worker_rows(done: list[dict], running: dict[str, dict], elapsed: float) -> list[dict]:
+    """One row per worker process (`<node> pid <pid>`): of the shards this run made (their stats), its shards,
+    images, images/s while it worked, the share of the run it spent working (low: it waited for work, or joined
+    late), its failed rows; and the shard it is on now (`running`: the workers' latest counts)."""
+    by_worker: dict[str, dict] = {}
+
+    def row(worker: str) -> dict:
+        return by_worker.setdefault(worker, {"worker": worker, "shards": 0, "images": 0, "seconds": 0.0,
+                                             "failed": 0, "now": None})
+
     for stats in done:
         if stats.get("worker") is not None:
-            by_worker.setdefault(f"{stats.get('node') or '?'} pid {stats['worker']}", []).append(stats)
-    if not by_worker:
+            r = row(f"{stats.get('node') or '?'} pid {stats['worker']}")
+            r["shards"] += 1
+            r["images"] += stats["ok"]
+            r["seconds"] += stats.get("seconds") or 0
+            r["failed"] += stats["rows"] - stats["ok"] - sum(stats.get("filtered_by", {}).values())
+    now = time.time()
+    for shard, count in sorted(running.items()):
+        r = row(count["worker"])
+        r["now"] = f"{shard}: {count['done']} of {count['total']}"
+        r["images"] += count["done"]
+        r["seconds"] += now - count["since"]
+    return [{"worker": r["worker"], "shards": r["shards"], "images": r["images"],
+             "images/s": round(r["images"] / r["seconds"], 1) if r["seconds"] else 0.0,
+             "busy": f"{min(r['seconds'] / elapsed, 1) if elapsed else 0:.0%}", "failed": r["failed"] or None,
+             "now": r["now"]} for _, r in sorted(by_worker.items())]
+
+
+def worker_table(done: list[dict], elapsed: float) -> list[str]:
+    """Markdown lines: `worker_rows` of the shards this run made, for the summary."""
+    rows = worker_rows(done, {}, elapsed)
+    if not rows:
         return []
     lines = ["", "| worker | shards | images | images/s | busy | failed |", "| --- | --- | --- | --- | --- | --- |"]
-    for worker, shards in sorted(by_worker.items()):
-        images, seconds = sum(s["ok"] for s in shards), sum(s.get("seconds") or 0 for s in shards)
-        failed = sum(s["rows"] - s["ok"] - sum(s.get("filtered_by", {}).values()) for s in shards)
-        lines.append(f"| {worker} | {len(shards)} | {images} | {images / seconds if seconds else 0:.1f} | "
-                     f"{min(seconds / elapsed, 1) if elapsed else 0:.0%} | {failed or ''} |")
+    lines += [f"| {r['worker']} | {r['shards']} | {r['images']} | {r['images/s']:.1f} | {r['busy']} | "
+              f"{r['failed'] or ''} |" for r in rows]
     return lines
 
 
@@ -177,8 +251,8 @@ def node_table(done: list[dict]) -> list[str]:
 class LabelReporter(StageReporter):
     """The stage reporter plus one progress artifact per labeler."""
 
-    def __init__(self, stage: str, labelers: list[str], table_every: float = 30.0):
-        super().__init__(stage, table_every)
+    def __init__(self, stage: str, labelers: list[str], dashboards: DashboardsConfig | None = None):
+        super().__init__(stage, dashboards)
         self.labelers, self.per_labeler, self.done = labelers, {}, Counter()
 
     def start(self, total_shards: int) -> None:
@@ -219,7 +293,8 @@ def publish_failures(root, stages: list[str], key: str, shown: int = 100) -> lis
     if rows:
         more = f"; the first {shown} shown" if len(rows) > shown else ""
         retry = f"; the retryable ones again: `python -m pipeline download --input <list> --output {root} " \
-                f"--retry-failed`" if DOWNLOAD_STAGE in stages else ""
+                f"--retry-failed`" if DOWNLOAD_STAGE in stages else \
+            f"; the shards with model errors again: `python -m pipeline label --data {root} --retry-failed`"
         create_table_artifact(rows[:shown], key=key, description=(
             f"{len(rows)} failed rows{more}; every one: `python -m pipeline failures --data {root} "
             f"{' '.join(f'--stage {s}' for s in stages)} --out failures.csv`{retry}"))

@@ -178,11 +178,14 @@ NOT_FAILURES = {"ok", "filtered"}  # a sample the quality thresholds dropped was
 
 def failure_rows(root: str | Path, stages: list[str] | None = None) -> list[dict]:
     """Every failed row of the stages' committed shards (all stages by default), in stage and shard order: stage,
-    shard, key, status, error, and for the download its URL and whether `download --retry-failed` tries it again."""
+    shard, key, status, error, for the download its URL, and whether `download --retry-failed` (or `label
+    --retry-failed`, for a labeler's) tries it again."""
     from stages.download.download import STAGE as DOWNLOAD
     from stages.download.download import retryable
+    from stages.label.label import RETRYABLE as LABEL_RETRYABLE
 
     layout = DatasetLayout(root)
+    labelled = {m.stage for m in layout.modality_set().labelled()}
     present = _stage_order(layout)
     unknown = [stage for stage in stages or [] if stage not in present]
     if unknown:
@@ -197,5 +200,6 @@ def failure_rows(root: str | Path, stages: list[str] | None = None) -> list[dict
                 if r["status"] not in NOT_FAILURES:
                     rows.append({"stage": stage, "shard": shard, "key": r["key"], "status": r["status"],
                                  "error": r.get("error") or "", "url": r.get("url") or "",
-                                 "retryable": ("yes" if retryable(r) else "no") if stage == DOWNLOAD else ""})
+                                 "retryable": ("yes" if retryable(r) else "no") if stage == DOWNLOAD else
+                                 ("yes" if r["status"] in LABEL_RETRYABLE else "no") if stage in labelled else ""})
     return rows

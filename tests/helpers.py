@@ -265,7 +265,8 @@ def make_labelled_input(root, corrupt_key="000000003"):
                 name = DATASET_PHOTOS[int(key)]
                 data = b"\xff\xd8 not really a jpeg" if key == corrupt_key else encode(photo(name), quality=95)
                 writer.write(key, {"rgb": ("jpg", data), "caption": ("txt", f"a photo of a {name}".encode())})
-            writer.commit(pa.table({"key": chunk, "status": ["ok"] * len(chunk)}), {"rows": len(chunk)})
+            writer.commit(pa.table({"key": chunk, "status": ["ok"] * len(chunk)}),
+                          {"rows": len(chunk), "ok": len(chunk), "status_counts": {"ok": len(chunk)}})
     return layout
 
 
@@ -363,7 +364,8 @@ def write_rgb_shard(root, sizes: list[tuple[int, int]], captions: list[str | Non
             if captions and captions[i] is not None:
                 members["caption"] = ("txt", captions[i].encode())
             writer.write(key, members)
-        writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys)}), {"rows": len(keys)})
+        writer.commit(pa.table({"key": keys, "status": ["ok"] * len(keys)}),
+                      {"rows": len(keys), "ok": len(keys), "status_counts": {"ok": len(keys)}})
     return layout, keys
 
 

@@ -88,7 +88,9 @@ def polled(read, holds, seconds: float = 60):
 def test_a_running_stage_shows_each_committed_shard_while_it_runs(prefect_api, ray_address, server, tmp_path):
     """Read through Prefect's API while the download holds its second shard (its last URL kept waiting by the test
     server): the progress bar, its rate and time left, the shards table and the flow run's log already show the
-    committed first shard. Then the held URL is let go and the run completes."""
+    committed first shard, and the second one's worker has said how far it is within its shard (1 of 2 rows: it
+    reports every sample here); the workers table shows both workers, one of them on that shard. Then the held URL
+    is let go and the run completes."""
     from prefect.artifacts import Artifact
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -103,15 +105,24 @@ def test_a_running_stage_shows_each_committed_shard_while_it_runs(prefect_api, r
     result = {}
     run = threading.Thread(target=lambda: result.update(download_flow(
         input=str(urls), output=str(tmp_path / "data"), profile="demo",
-        overrides=["download.shard_size=2", "download.timeout=300", "download.deadline=300", allow(server)])))
+        overrides=["download.shard_size=2", "download.timeout=300", "download.deadline=300", allow(server),
+                   "dashboards.progress_every=1", "dashboards.table_seconds=0"])))
     run.start()
     try:
         assert server.arrived.wait(120), "the second shard never asked for its held URL"
-        progress = polled(lambda: Artifact.get("download-progress"), lambda a: a and a.data and float(a.data) == 50.0)
-        assert float(progress.data) == 50.0
-        assert re.fullmatch(r"download: 1 of 2 shards, [\d.]+ images/s, about \d+ s left", progress.description)
-        table = json.loads(Artifact.get("download-shards").data)
-        assert [(r["shard"], r["ok"]) for r in table] == [("shard-000000", 2)]
+        progress = polled(lambda: Artifact.get("download-progress"), lambda a: a and a.data and float(a.data) == 75.0)
+        assert float(progress.data) == 75.0  # one shard committed, and half of the other
+        assert re.fullmatch(r"download: 1 of 2 shards \(1 in progress: shard-000001 1 of 2\), [\d.]+ images/s, "
+                            r"about \d+ s left", progress.description), progress.description
+        table = polled(lambda: json.loads(Artifact.get("download-shards").data), lambda rows: len(rows) == 2)
+        assert [(r["shard"], r["ok"], r["state"]) for r in table] == [("shard-000001", "", "running: 1 of 2"),
+                                                                      ("shard-000000", 2, "done")]
+        workers_artifact = Artifact.get("download-workers")  # published between commits, by the flow run still
+        assert workers_artifact.flow_run_id == progress.flow_run_id
+        workers = json.loads(workers_artifact.data)
+        assert sorted((w["shards"], w["images"], w["now"]) for w in workers) == [(0, 1, "shard-000001: 1 of 2"),
+                                                                                (1, 2, "")], workers
+        assert all(re.fullmatch(r"\S+ pid \d+", w["worker"]) for w in workers)
 
         def log_lines():
             with get_client(sync_client=True) as client:

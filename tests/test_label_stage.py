@@ -90,12 +90,40 @@ def test_rerun_skips_committed_labelers_and_redoes_the_rest(ray_address, tiny_mo
     # An interrupted clip shard, as a kill leaves it: no commit marker, a temporary file.
     (layout.root / "clip").mkdir()
     (layout.root / "clip" / ".shard-000000.tar.tmp-0123abcd").write_bytes(b"partial")
-    second = run_label(tmp_path, config(tiny_models), ["depth", "clip"])
+    watching = WatchingWithinShards()
+    second = run_label(tmp_path, config(tiny_models), ["depth", "clip"], observer=watching)
     assert second.shards_done == 2 and second.status_counts["clip"]["ok"] == 4
+    # within each shard the worker reported at its start, after every sample (progress_every=1) and at its end,
+    # under the name its committed stats give the worker
+    counts = watching.seen[-1]
+    assert sorted(counts) == sorted(watching.committed)
+    for shard, count in counts.items():
+        images = layout.read_stats("download", shard)["ok"]
+        stats = layout.read_stats("label_clip", shard)
+        assert (count["done"], count["total"], count["reports"]) == (images, images, images + 2)
+        assert count["worker"] == f"{stats['node']} pid {stats['worker']}"
     assert layout.stats("label_depth", "shard-000000").stat().st_mtime_ns == stamp, "depth was not redone"
     assert not list(layout.root.rglob("*.tmp-*"))
     third = run_label(tmp_path, config(tiny_models), ["depth", "clip"])
     assert (third.shards_done, third.shards_skipped) == (0, 2)
+
+
+class WatchingWithinShards:
+    """An observer that keeps what the workers report within shards (`stages.progress`), read once at the end."""
+
+    progress_every, poll_seconds = 1, 3600.0
+
+    def __init__(self):
+        self.seen, self.committed = [], []
+
+    def start(self, total_shards: int) -> None:
+        pass
+
+    def __call__(self, name: str, stats: dict, skipped: bool) -> None:
+        self.committed.append(name)
+
+    def in_progress(self, shards: dict) -> None:
+        self.seen.append(shards)
 
 
 def test_one_failing_sample_costs_only_itself():
@@ -395,3 +423,67 @@ def test_labels_read_beside_the_image_stream_in_key_order_with_gaps(tmp_path):
     got = [reader.get(f"{i:09d}") for i in (0, 2, 3, 4)]  # key 1 skipped (its image did not decode), 2 absent
     reader.close()
     assert got == [b"000000000", None, b"000000003", None]
+
+
+FLAKY = '''
+"""A labeler that fails on one photo (its size given) while a file exists: a device error that passes."""
+import os
+
+from core.registry import Labeling, register
+from models.labelers import ComputedLabeler
+from models.modality_kinds import SequenceModality
+
+
+class FlakyLabeler(ComputedLabeler):
+    def compute(self, image):
+        if image.shape[:2] == {shape} and os.path.exists({marker!r}):
+            raise RuntimeError("CUDA error: out of memory (the test's)")
+        return "a label"
+
+
+class Flaky(SequenceModality):
+    name, label_order = "flaky", 62
+    labeler = Labeling(load=FlakyLabeler)
+
+
+register(Flaky())
+'''
+
+
+def test_label_retry_failed_redoes_only_the_shards_with_model_errors(ray_address, tiny_models, tmp_path):
+    """`label --retry-failed` redoes a labeler's shard where the model failed on a photo (model_error), withdrawing
+    first what is built on it; a shard whose only failure is a photo that does not decode is left as it is, and so
+    are the other labelers' shards."""
+    from stages.label.label import built_on
+
+    layout = make_dataset(tmp_path / "data")
+    marker = tmp_path / "device-fails"
+    marker.touch()
+    plugin = tmp_path / "flaky.py"
+    plugin.write_text(FLAKY.format(shape=tuple(np.asarray(photo(PHOTOS[1])).shape[:2]), marker=str(marker)))
+    modules = f"modalities=[{', '.join([*load_config('demo').modalities, str(plugin)])}]"  # the demo's and this one
+    cfg = config(tiny_models, modules)
+    first = run_label(layout.root, cfg, ["flaky", "canny_edge"])
+    assert first.status_counts["flaky"] == {"ok": 3, "model_error": 1, "decode_error": 1}, first.failed_shards
+    # what a tokenize run would have committed on that shard: withdrawn with the labeler's shard
+    tokens = layout.stats("tokenize_flaky", "shard-000000")
+    tokens.parent.mkdir(parents=True)
+    tokens.write_text(json.dumps({"rows": 3, "ok": 2}))
+    kept = {(stage, shard): layout.stats(stage, shard).stat().st_mtime_ns
+            for stage in ("label_flaky", "label_canny_edge") for shard in ("shard-000000", "shard-000001")}
+
+    marker.unlink()  # the device error passes
+    result = subprocess.run([sys.executable, "-m", "pipeline", "label", "--data", str(layout.root), "--labelers",
+                             "flaky,canny_edge", "--retry-failed", "--profile", "demo", "--set",
+                             f"label.models={tiny_models}", "--set", modules,
+                             *[f"--set={o}" for o in UNSCORED]],
+                            env={**os.environ, "RAY_ADDRESS": ray_address, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = pq.read_table(layout.status_table("label_flaky", "shard-000000")).to_pylist()
+    assert [r["status"] for r in status] == ["ok", "ok", "ok"]
+    redone = [key for key, stamp in kept.items() if layout.stats(*key).stat().st_mtime_ns != stamp]
+    assert redone == [("label_flaky", "shard-000000")]  # not the decode error's shard, nor canny_edge's
+    assert not layout.is_committed("tokenize_flaky", "shard-000000")
+    assert built_on("det", load_config("paper21").modality_set) == [
+        "align", "tokenize_det", "tokenize_metadata", "label_metadata", "label_det"]  # metadata reads det's boxes

@@ -32,6 +32,7 @@ from stages.download.duplicates import Duplicates
 from stages.download.fetch import Fetcher
 from stages.download.images import ImageError, process_image
 from stages.download.inputs import InputError, InputRow, read_rows
+from stages.progress import ProgressChannel, counter, watched_shards
 
 STAGE = "download"
 # Failures that may pass on another try (`download --retry-failed`): the network's and the server's, not the URL's
@@ -108,9 +109,11 @@ def retryable(record: dict) -> bool:
 
 
 # -- one shard ---------------------------------------------------------------------------------------
-def download_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict:
-    """Download one shard and commit it; returns the shard's stats."""
+def download_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig, progress: ProgressChannel | None = None
+                   ) -> dict:
+    """Download one shard and commit it, telling `progress` how far it is; returns the shard's stats."""
     layout = DatasetLayout(root)
+    samples = counter(progress, task.name, len(task.rows))
     fetcher = Fetcher(cfg)
     started = time.time()
     records = []
@@ -134,10 +137,13 @@ def download_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict
                 caption = (row.caption or "").encode("utf-8")
                 writer.write(row.key, {photo.folder: (photo.extension, jpeg),
                                        caption_spec.folder: (caption_spec.extension, caption)})
+            samples.advance()
+        samples.finish()
         return _commit(writer, records, started, cfg)
 
 
-def retry_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict:
+def retry_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig, progress: ProgressChannel | None = None
+                ) -> dict:
     """Fetch a committed shard's retryable failures again (`task.rows`: those rows) and publish the shard anew, its
     earlier photos with those that now succeed, in key order. The later stages' commits of the shard are withdrawn
     first, so that each redoes the shard on its next run; returns the shard's new stats."""
@@ -150,13 +156,15 @@ def retry_shard(root: DataPath, task: ShardTask, cfg: DownloadConfig) -> dict:
                for key, data in read_members(layout.tar(photo.folder, task.name), photo.extension)}
     for key, data in read_members(layout.tar(caption_spec.folder, task.name), caption_spec.extension):
         members.setdefault(key, {})[caption_spec.folder] = (caption_spec.extension, data)
-    fetcher, started = Fetcher(cfg), time.time()
+    fetcher, started, samples = Fetcher(cfg), time.time(), counter(progress, task.name, len(task.rows))
     for row, (record, jpeg) in zip(task.rows, _ordered_map(lambda r: download_sample(r, fetcher, cfg), task.rows,
                                                            cfg.threads)):
         records[row.key] = record
         if jpeg is not None:
             members[row.key] = {photo.folder: (photo.extension, jpeg),
                                 caption_spec.folder: (caption_spec.extension, (row.caption or "").encode("utf-8"))}
+        samples.advance()
+    samples.finish()
     layout.withdraw_later_stages(STAGE, task.name)
     with ShardWriter(layout, STAGE, task.name, [photo.folder, caption_spec.folder]) as writer:
         for key in sorted(members):
@@ -225,7 +233,8 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
     """Download every shard not yet committed, `processes` Ray tasks at a time; `retry_failed`: fetch the
     retryable failures of committed shards again too (`retry_shard`).
 
-    The observer hears the number of shards, then each shard as it finishes or is found committed.
+    The observer hears the number of shards, then each shard as it finishes or is found committed (and, where it
+    has `in_progress`, the shards in progress every few seconds: `stages.progress`).
     """
     import ray
 
@@ -263,23 +272,24 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
             if observer:
                 observer(name, stats, False)
 
-    for task in plan_shards(rows(), cfg.shard_size, duplicates):
-        work = remote
-        if layout.is_committed(STAGE, task.name) and retry_failed:
-            again = retry_rows(layout, task, str(input_path))
-            if again:
-                task, work = ShardTask(task.index, again), remote_retry
-        if work is remote and layout.is_committed(STAGE, task.name):
-            stats = layout.read_stats(STAGE, task.name)
-            summary.shards_skipped += 1
-            summary.status_counts.update(stats["status_counts"])
-            if observer:
-                observer(task.name, stats, True)
-            continue
-        settle(cfg.processes - 1)
-        named = work.options(name=f"download {task.name}")  # the task's name in the Ray dashboard
-        in_flight[named.remote(root_arg, task, cfg_ref)] = task.name
-    settle(0)
+    with watched_shards(observer) as channel:
+        for task in plan_shards(rows(), cfg.shard_size, duplicates):
+            work = remote
+            if layout.is_committed(STAGE, task.name) and retry_failed:
+                again = retry_rows(layout, task, str(input_path))
+                if again:
+                    task, work = ShardTask(task.index, again), remote_retry
+            if work is remote and layout.is_committed(STAGE, task.name):
+                stats = layout.read_stats(STAGE, task.name)
+                summary.shards_skipped += 1
+                summary.status_counts.update(stats["status_counts"])
+                if observer:
+                    observer(task.name, stats, True)
+                continue
+            settle(cfg.processes - 1)
+            named = work.options(name=f"download {task.name}")  # the task's name in the Ray dashboard
+            in_flight[named.remote(root_arg, task, cfg_ref, channel)] = task.name
+        settle(0)
     scratch.cleanup()
     summary.seconds = time.time() - started
     return summary

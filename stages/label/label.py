@@ -39,9 +39,11 @@ from core.ray_runtime import init_ray
 from core.storage import absolute, open_tar, read_parquet
 from models.labelers import SizeBuckets, WeightsUnavailable, check_weights, run_overlapped
 from stages.actor_pool import run_on_actors
+from stages.dataset.align import STAGE as ALIGN_STAGE
 from stages.dataset.provenance import provenance
 from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, skip_or_queue
 from stages.download.download import STAGE as DOWNLOAD_STAGE
+from stages.progress import ProgressChannel, SampleCounter, counter
 from stages.quality.filters import FILTERED, QualityFilterError, check_scored, rejected
 from stages.quality.filters import SCORED as QUALITY
 
@@ -116,8 +118,10 @@ class ShardLabelling:
     commit    each labeler's status table and stats, the stats (the commit marker) last
     """
 
-    def __init__(self, root: str, shard: str, labelers: dict, cfg: LabelConfig, quality: QualityConfig | None = None):
+    def __init__(self, root: str, shard: str, labelers: dict, cfg: LabelConfig, quality: QualityConfig | None = None,
+                 samples: SampleCounter | None = None):
         self.layout, self.shard, self.labelers, self.cfg = DatasetLayout(root), shard, labelers, cfg
+        self.samples = samples or counter(None, shard, 0)  # a step per sample written by one labeler
         # the samples the quality thresholds drop: recorded as filtered, never decoded nor labelled
         self.rejected = rejected(self.layout, shard, quality) if quality else {}
         # the committed shards of other modalities a labeler reads beside the image, streamed in the rgb key order
@@ -265,6 +269,7 @@ class ShardLabelling:
 
     # write and commit -----------------------------------------------------------------------------------------
     def write(self, name: str, key: str, shape, fate: tuple[str, str] | None, slot: Future | None) -> None:
+        self.samples.advance()
         if fate:
             self.records[name].append({"key": key, "status": fate[0], "error": fate[1]})
             return
@@ -332,14 +337,16 @@ def waves(names: list[str]) -> list[list[str]]:
     return out
 
 
-def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig, quality: QualityConfig | None = None
-                ) -> dict[str, dict]:
-    """Label one rgb shard with every labeler given (name -> Labeler), but the samples `quality`'s thresholds drop;
-    returns each labeler's committed stats. A labeler that reads other labels (4M-21's metadata) runs in a second
-    pass, once those are committed."""
+def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig, quality: QualityConfig | None = None,
+                progress: ProgressChannel | None = None) -> dict[str, dict]:
+    """Label one rgb shard with every labeler given (name -> Labeler), but the samples `quality`'s thresholds drop,
+    telling `progress` how far it is; returns each labeler's committed stats. A labeler that reads other labels
+    (4M-21's metadata) runs in a second pass, once those are committed."""
     stats = {}
+    samples = counter(progress, shard, photos_in(DatasetLayout(root), shard), len(labelers))
     for wave in waves(list(labelers)):
-        stats.update(ShardLabelling(root, shard, {n: labelers[n] for n in wave}, cfg, quality).run())
+        stats.update(ShardLabelling(root, shard, {n: labelers[n] for n in wave}, cfg, quality, samples).run())
+    samples.finish()
     return stats
 
 
@@ -386,8 +393,47 @@ class LabelWorker:
             self.labelers[name] = labeling.load(cfg.models.get(name), cfg.device, cfg.batch_size_of(name),
                                                 **cfg.options_of(name))
 
-    def label(self, shard: str, names: list[str]) -> dict:
-        return label_shard(self.root, shard, {n: self.labelers[n] for n in names}, self.cfg, self.quality)
+    def label(self, shard: str, names: list[str], progress: ProgressChannel | None = None) -> dict:
+        return label_shard(self.root, shard, {n: self.labelers[n] for n in names}, self.cfg, self.quality, progress)
+
+
+# A model that failed on a sample (out of memory on a large photo, a device error) may not fail the next time; a
+# photo that does not decode, or a threshold that drops it, will: `label --retry-failed` redoes only these.
+RETRYABLE = ("model_error",)
+
+
+def built_on(name: str, modalities: registry.ModalitySet) -> list[str]:
+    """The stages a labeler's shard feeds, latest first, then its own: the labelers that read its labels (and what
+    feeds on those), its tokens, the alignment of the loader folders."""
+    readers = [m.name for m in modalities.labelled()
+               if name in (*m.labeler.reads, *m.labeler.reads_if_present)]
+    later = [stage for reader in readers for stage in built_on(reader, modalities)]
+    return list(dict.fromkeys([ALIGN_STAGE, registry.get(name).tokenize_stage, *later, stage_name(name)]))
+
+
+def withdraw_retryable(layout: DatasetLayout, shards: list[str], names: list[str],
+                       modalities: registry.ModalitySet) -> dict[str, list[str]]:
+    """Withdraw the commit of every labeler's shard holding a sample that failed for a reason that may pass
+    (`RETRYABLE`), and first that of each stage built on it, so that this run redoes them (a stop in between costs
+    work, never a stale commit); returns shard -> the labelers withdrawn."""
+    withdrawn: dict[str, list[str]] = {}
+    for shard in shards:
+        for name in names:
+            if not layout.is_committed(stage_name(name), shard):
+                continue
+            counts = layout.read_stats(stage_name(name), shard)["status_counts"]
+            if not any(counts.get(status) for status in RETRYABLE):
+                continue
+            for stage in built_on(name, modalities):
+                if layout.is_committed(stage, shard):
+                    layout.stats(stage, shard).unlink()
+            withdrawn.setdefault(shard, []).append(name)
+    return withdrawn
+
+
+def photos_in(layout: DatasetLayout, shard: str) -> int:
+    """How many photos a committed download shard holds, as its stats say (0: not recorded)."""
+    return layout.read_stats(DOWNLOAD_STAGE, shard).get("ok", 0)
 
 
 def input_shards(layout: DatasetLayout) -> list[str]:
@@ -414,8 +460,9 @@ def check_all_weights(models: dict[str, str]) -> None:
 
 
 def run_label(root: str | Path, config: Config, labelers: list[str] | None = None,
-              observer: ShardObserver | None = None) -> ShardsSummary:
-    """Label every rgb shard with every requested labeler not yet committed for it."""
+              observer: ShardObserver | None = None, retry_failed: bool = False) -> ShardsSummary:
+    """Label every rgb shard with every requested labeler not yet committed for it; `retry_failed`: redo too the
+    committed shards of a labeler that failed on some sample for a reason that may pass (`withdraw_retryable`)."""
     cfg = config.label
     names = labelers or cfg.labelers
     layout = DatasetLayout(root)
@@ -439,6 +486,8 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
     cfg = cfg.model_copy(update={"models": {n: local(p) for n, p in cfg.models.items()},
                                  "det_detectron2_config": local(cfg.det_detectron2_config),
                                  "det_detectron2_weights": local(cfg.det_detectron2_weights)})
+    if retry_failed:
+        withdraw_retryable(layout, shards, names, config.modality_set)
     needed = [n for n in names if any(not layout.is_committed(stage_name(n), shard) for shard in shards)]
     check_all_weights({n: cfg.models[n] for n in needed
                        if labelings[n].weights_used(cfg) and labelings[n].weights and n in cfg.models})
@@ -459,7 +508,7 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
         worker_args = (absolute(layout.root), cfg, names, config.quality)
         for shard, stats, error in run_on_actors(LabelWorker, worker_args, todo,
                                                  "label", device=cfg.device, workers=cfg.workers,
-                                                 cpus_per_worker=cfg.cpus_per_worker):
+                                                 cpus_per_worker=cfg.cpus_per_worker, observer=observer):
             if error:
                 summary.failed_shards[shard] = error
                 continue

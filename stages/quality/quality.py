@@ -32,7 +32,8 @@ from core.ray_runtime import init_ray
 from core.storage import absolute
 from stages.actor_pool import run_on_actors
 from stages.dataset.shards import OK, DatasetLayout, ShardObserver, ShardsSummary, ShardWriter, skip_or_queue
-from stages.label.label import decode_rgb, input_shards
+from stages.label.label import decode_rgb, input_shards, photos_in
+from stages.progress import ProgressChannel, counter
 from stages.quality.dedup import covered_shards, find_near_duplicates
 from stages.tokenizers.tokenizer_data import read_members
 
@@ -113,8 +114,10 @@ class QualityScorer:
 
 
 # -- one shard ----------------------------------------------------------------------------------------------------
-def score_shard(root: str, shard: str, scorer: QualityScorer, cfg: QualityConfig) -> dict:
-    """Score every photo of a shard; commit its scores table, its status table and its stats."""
+def score_shard(root: str, shard: str, scorer: QualityScorer, cfg: QualityConfig,
+                progress: ProgressChannel | None = None) -> dict:
+    """Score every photo of a shard, telling `progress` how far it is; commit its scores table, its status table
+    and its stats."""
     from PIL import Image
 
     layout = DatasetLayout(root)
@@ -123,7 +126,7 @@ def score_shard(root: str, shard: str, scorer: QualityScorer, cfg: QualityConfig
                 for key, data in read_members(layout.tar(caption.folder, shard), caption.extension)} \
         if layout.tar(caption.folder, shard).exists() else {}
     statuses, columns, batch = [], {name: [] for name in ("key", "clip_score", "aesthetic", "watermark", "embedding")}, []
-    started = time.time()
+    started, samples = time.time(), counter(progress, shard, photos_in(layout, shard))
 
     def flush():
         if not batch:
@@ -135,6 +138,7 @@ def score_shard(root: str, shard: str, scorer: QualityScorer, cfg: QualityConfig
             columns[name] += [None] * len(batch) if values is None else \
                 [None if np.isnan(v) else float(v) for v in values]
         columns["embedding"] += list(scores["embedding"])
+        samples.advance(len(batch))
         batch.clear()
 
     with ShardWriter(layout, STAGE, shard, []) as writer:
@@ -143,12 +147,14 @@ def score_shard(root: str, shard: str, scorer: QualityScorer, cfg: QualityConfig
                 image = Image.fromarray(decode_rgb(data))
             except ValueError as err:
                 statuses.append((key, "decode_error", f"{key}.{photo.extension}: {err}"))
+                samples.advance()
                 continue
             statuses.append((key, OK, None))
             batch.append((key, image))
             if len(batch) == cfg.batch_size:
                 flush()
         flush()
+        samples.finish()
         schema = scores_schema(scorer.embed_dim())
         columns["embedding"] = pa.array([e.tolist() for e in columns["embedding"]], schema.field("embedding").type)
         scores = pa.table(columns, schema=schema)
@@ -169,8 +175,8 @@ class QualityWorker:
     def __init__(self, root: str, cfg: QualityConfig):
         self.root, self.cfg, self.scorer = root, cfg, QualityScorer(cfg)
 
-    def score(self, shard: str, _) -> dict:
-        return score_shard(self.root, shard, self.scorer, self.cfg)
+    def score(self, shard: str, _, progress: ProgressChannel | None = None) -> dict:
+        return score_shard(self.root, shard, self.scorer, self.cfg, progress)
 
 
 def check_models(cfg: QualityConfig) -> QualityConfig:
@@ -212,7 +218,7 @@ def run_quality(root: str | Path, config: Config, observer: ShardObserver | None
         init_ray(config.ray)
         for shard, stats, error in run_on_actors(QualityWorker, (absolute(layout.root), cfg), todo, "score",
                                                  device=cfg.device, workers=cfg.workers,
-                                                 cpus_per_worker=cfg.cpus_per_worker):
+                                                 cpus_per_worker=cfg.cpus_per_worker, observer=observer):
             if error:
                 summary.failed_shards[shard] = error
                 continue

@@ -57,6 +57,7 @@ from stages.dataset.shards import (
     ShardWriter,
     skip_or_queue,
 )
+from stages.progress import ProgressChannel, SampleCounter, counter
 from stages.quality.filters import FILTERED, rejected
 from stages.tokenizers import dataset_tokenizers as tokenizers
 from stages.tokenizers.tokenizer_data import (
@@ -93,16 +94,17 @@ STATUS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("erro
 
 # -- one shard ---------------------------------------------------------------------------------------
 def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, index: RgbIndex,
-                filtered: dict[str, tuple[str, str]] | None = None) -> dict:
+                filtered: dict[str, tuple[str, str]] | None = None, samples: SampleCounter | None = None) -> dict:
     """Each sample's crop settings, and the photo cut to each crop at 224 (`CROP_PIXELS`) for the 4M loader;
-    none for the samples the quality filters drop (`filtered`: key -> (setting, why))."""
-    filtered = filtered or {}
+    none for the samples the quality filters drop (`filtered`: key -> (setting, why)). `samples` counts them."""
+    filtered, samples = filtered or {}, samples or counter(None, shard, 0)
     rows, started = [], time.time()
     sizes = index.sizes
     photo = registry.photo()
     photos = read_members(layout.tar(photo.folder, shard), photo.extension)
     with ShardWriter(layout, CROPS, shard, [CROPS, CROP_PIXELS] if cfg.store_crops else [CROPS]) as writer:
         for key, data in photos:
+            samples.advance()
             if key in filtered:
                 rows.append({"key": key, "status": FILTERED, "error": filtered[key][1]})
                 continue
@@ -125,13 +127,15 @@ def write_crops(layout: DatasetLayout, shard: str, cfg: TokenizerStageConfig, in
 
 def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg: TokenizerStageConfig,
                    device: torch.device, index: RgbIndex | None = None, model_record: dict | None = None,
-                   crop_labeler=None, filtered: dict[str, tuple[str, str]] | None = None) -> dict:
+                   crop_labeler=None, filtered: dict[str, tuple[str, str]] | None = None,
+                   samples: SampleCounter | None = None) -> dict:
     """Encode every crop of every sample of one shard with one tokenizer, and commit the token shard.
 
     `model_record` (source, weights_sha256) goes into the shard's provenance. `crop_labeler`: the modality's
     labeler, run on each crop of the photo to make the tokenizer's input (instead of cropping the stored label).
-    `filtered`: the samples the quality filters drop (key -> (setting, why)), recorded as such, not encoded."""
-    started, filtered = time.time(), filtered or {}
+    `filtered`: the samples the quality filters drop (key -> (setting, why)), recorded as such, not encoded.
+    `samples` counts the samples encoded."""
+    started, filtered, samples = time.time(), filtered or {}, samples or counter(None, shard, 0)
     index = index or rgb_index(layout, shard)
     keys, sizes = index.keys, index.sizes
     entry = registry.get(modality)
@@ -190,6 +194,7 @@ def tokenize_shard(layout: DatasetLayout, shard: str, modality: str, model, cfg:
                 if crops is not None:
                     pending.append((key, *crops))
             flush()
+            samples.advance(len(chunks[i]))
     flush()
     folder = token_folder(modality)
     with ShardWriter(layout, stage_name(modality), shard, [folder]) as writer:
@@ -228,14 +233,17 @@ class TokenizeWorker:
         for m, labeler in self.crop_labelers.items():
             self.records[m]["features_per_crop"] = getattr(labeler, "provenance", None)
 
-    def tokenize(self, shard: str, modalities: list[str]) -> dict:
+    def tokenize(self, shard: str, modalities: list[str], progress: ProgressChannel | None = None) -> dict:
         index, out = rgb_index(self.layout, shard), {}  # read once for the crops and every tokenizer
         filtered = rejected(self.layout, shard, self.quality) if self.quality else {}
-        if not self.layout.is_committed(CROPS, shard):
-            out[CROPS] = write_crops(self.layout, shard, self.cfg, index, filtered)
+        crops = not self.layout.is_committed(CROPS, shard)
+        samples = counter(progress, shard, len(index.keys), len(modalities) + crops)  # a step per pass per sample
+        if crops:
+            out[CROPS] = write_crops(self.layout, shard, self.cfg, index, filtered, samples)
         for m in modalities:
             out[m] = tokenize_shard(self.layout, shard, m, self.models[m], self.cfg, self.device, index,
-                                    self.records[m], self.crop_labelers.get(m), filtered)
+                                    self.records[m], self.crop_labelers.get(m), filtered, samples)
+        samples.finish()
         try:  # the shard's folders now complete: drop what failed anywhere from all of them
             out[ALIGN] = align_shard(self.layout, shard)
         except AlignError as err:
@@ -310,7 +318,8 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
         init_ray(config.ray)
         worker_args = (absolute(layout.root), cfg, names, crop_labelers, quality)
         for shard, stats, error in run_on_actors(TokenizeWorker, worker_args, todo, "tokenize", device=cfg.device,
-                                                 workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker):
+                                                 workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
+                                                 observer=observer):
             if error:
                 summary.failed_shards[shard] = error
                 continue
