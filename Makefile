@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo cluster-demo up down status train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu bench-storage bench-planning bench-quality clean
+.PHONY: install test demo cluster-demo up down status screenshots train-tokenizers tokenize pretrain verify bench-download bench-label bench-tokenize bench-pretrain bench-transfer bench-generate bench-gpu bench-storage bench-planning bench-quality clean
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ down: $(STAMP)
 
 status: $(STAMP)
 	$(BIN)/python -m pipeline services
+
+# The dashboards while a demo stage runs, in headless Chromium (docs/screenshots/*.png); its own services on other
+# ports, stopped at the end. Needs Chromium: `apt-get install chromium` (Debian) or CHROMIUM=/path/to/chrome.
+screenshots: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[screenshots]"
+	$(BIN)/python docs/screenshots.py
 
 # The dataset stages, with the paper's settings on data/cc12m unless told otherwise:
 #   make tokenize                          PROFILE=demo make tokenize (the demo dataset)

@@ -524,8 +524,12 @@ class DashboardsConfig(Section):
                                                        "samples (and at its start and end)")
     poll_seconds: float = Field(2.0, gt=0, description="seconds between two readings of the workers' reports: the "
                                                        "progress bar is at most this old")
-    table_seconds: float = Field(10.0, ge=0, description="seconds between two versions of the shards and workers "
-                                                         "tables (each version is kept by Prefect)")
+    table_seconds: float = Field(10.0, ge=0, description="seconds at least between two versions of the shards and "
+                                                         "workers tables, made as shards commit (Prefect keeps each "
+                                                         "version: at most one per shard)")
+    running_table_seconds: float = Field(300.0, ge=0, description="seconds between two versions of those tables "
+                                                                  "while no shard commits (the shards in progress, "
+                                                                  "what each worker is on)")
 
 
 class Config(Section):

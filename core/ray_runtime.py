@@ -174,3 +174,11 @@ def dashboard_sign_in(token_path: str | None = None) -> str:
     if token_path:
         return f"sign in: paste the token in {token_path} into its page"
     return "sign in: paste the token `ray get-auth-token` prints on the head's machine into its page"
+
+
+def named_for_the_dashboard(worker_class, job: str):
+    """The worker class, shown in the Ray dashboard (and its log prefixes) as `LabelWorker (python -m pipeline
+    label)` or `LabelWorker (cc12m-pipeline / lively-heron)`: Ray shows an actor's __repr__."""
+    name = f"{worker_class.__name__} ({job})"
+    return type(worker_class.__name__, (worker_class,), {"__repr__": lambda self: name,
+                                                        "__module__": worker_class.__module__})

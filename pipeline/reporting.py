@@ -55,6 +55,7 @@ class StageReporter:
         self.counts: Counter = Counter()
         self.started = time.time()
         self.table_every, self._last_table = dashboards.table_seconds, 0.0
+        self.running_table_every = dashboards.running_table_seconds
         self.progress_id = None
         self.lock = threading.Lock()  # the workers' counts arrive on another thread than the commits
 
@@ -83,7 +84,8 @@ class StageReporter:
             committed = {row["shard"] for row in self.rows}
             self.running = {shard: count for shard, count in shards.items() if shard not in committed}
             self._show_progress()
-            if self.running and time.time() - self._last_table >= self.table_every:
+            # a new table version per commit at most, and while none commits, now and then: Prefect keeps every one
+            if self.running and time.time() - self._last_table >= max(self.table_every, self.running_table_every):
                 self._publish_tables()
 
     def _show_progress(self) -> str:

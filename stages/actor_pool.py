@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from core.ray_runtime import capacity, job_metadata, require_resources
+from core.ray_runtime import capacity, job_metadata, named_for_the_dashboard, require_resources
 from stages.progress import watched_shards
 
 MAX_LOST = 3  # times a shard is redone because the actor (or node) running it went away
@@ -72,11 +72,3 @@ def _run(actor, init_args, todo, method, per_worker, what, workers, progress):
     finally:
         for worker in idle + [w for w, _, _ in running.values()]:
             ray.kill(worker)
-
-
-def named_for_the_dashboard(worker_class, job: str):
-    """The worker class, shown in the Ray dashboard (and its log prefixes) as `LabelWorker (python -m pipeline
-    label)` or `LabelWorker (cc12m-pipeline / lively-heron)`: Ray shows an actor's __repr__."""
-    name = f"{worker_class.__name__} ({job})"
-    return type(worker_class.__name__, (worker_class,), {"__repr__": lambda self: name,
-                                                        "__module__": worker_class.__module__})

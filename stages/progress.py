@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from core.ray_runtime import node_name
+from core.ray_runtime import job_metadata, named_for_the_dashboard, node_name
 
 POLL_SECONDS = 2.0  # how often the driver reads the board: what the dashboards show is at most this old
 
@@ -104,7 +104,7 @@ def watched_shards(observer):
         return
     import ray
 
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    board = ray.remote(num_cpus=0)(named_for_the_dashboard(ProgressBoard, job_metadata()["job_name"])).remote()
     stop = threading.Event()
 
     def show() -> None:

@@ -106,7 +106,8 @@ def test_a_running_stage_shows_each_committed_shard_while_it_runs(prefect_api, r
     run = threading.Thread(target=lambda: result.update(download_flow(
         input=str(urls), output=str(tmp_path / "data"), profile="demo",
         overrides=["download.shard_size=2", "download.timeout=300", "download.deadline=300", allow(server),
-                   "dashboards.progress_every=1", "dashboards.table_seconds=0"])))
+                   "dashboards.progress_every=1", "dashboards.table_seconds=0",
+                   "dashboards.running_table_seconds=0"])))
     run.start()
     try:
         assert server.arrived.wait(120), "the second shard never asked for its held URL"
