@@ -27,6 +27,7 @@ from pipeline.reporting import (
     publish_transfer,
     quality_markdown,
     sample_pictures_markdown,
+    without_pictures,
 )
 from pipeline.stage_list import pipeline_stages, stage
 from stages.download.download import STAGE as DOWNLOAD_STAGE
@@ -64,7 +65,7 @@ def download_with_artifacts(config: Config, input: str, retry_failed: bool = Fal
         summary = download_demo_photos(root, config, observer=reporter)
     else:
         summary = run_download(input, root, config, observer=reporter, retry_failed=retry_failed)
-    print(reporter.finish())
+    print(without_pictures(reporter.finish()))
     publish_stage_table(root, key="download-stages")
     publish_failures(root, [DOWNLOAD_STAGE], key="download-failures")
     _check("download", summary)
@@ -77,7 +78,7 @@ def quality_with_artifacts(config: Config):
     root = open_data_root(config.root, writable=True)
     reporter = StageReporter("quality", config.dashboards)
     summary = run_quality(root, config, observer=reporter)
-    print(reporter.finish())
+    print(without_pictures(reporter.finish()))
     publish_stage_table(root, key="quality-stages")
     quality_markdown(root, config.quality, key="quality-scores")
     _check("quality", summary)
@@ -90,7 +91,7 @@ def label_with_artifacts(config: Config, pictures: int = 3, retry_failed: bool =
     root = open_data_root(config.root, writable=True)
     reporter = LabelReporter("pseudo-label", config.label.labelers, config.dashboards)
     summary = run_label(root, config, observer=reporter, retry_failed=retry_failed)
-    print(reporter.finish())
+    print(without_pictures(reporter.finish()))
     publish_stage_table(root, key="pseudo-label-stages")
     publish_failures(root, [registry.get(n).stage for n in config.label.labelers], key="pseudo-label-failures")
     if pictures:
@@ -103,7 +104,7 @@ def train_with_artifacts(config: Config) -> dict:
     root = open_data_root(config.root, writable=True)
     reporter = TokenizerReporter(root, config.tokenizer.modalities)
     results = run_train_tokenizers(root, config, observer=reporter)
-    print(reporter.finish())
+    print(without_pictures(reporter.finish()))
     publish_stage_table(root, key="train-tokenizers-stages")
     return results
 
@@ -112,7 +113,7 @@ def tokenize_with_artifacts(config: Config, modalities: list[str] | None = None)
     root = open_data_root(config.root, writable=True)
     reporter = StageReporter("tokenize", config.dashboards)
     summary = run_tokenize(root, config, modalities, observer=reporter)
-    print(reporter.finish())
+    print(without_pictures(reporter.finish()))
     publish_stage_table(root, key="tokenize-stages")
     _check("tokenize", summary)
     return summary
@@ -125,7 +126,7 @@ def pretrain_with_artifacts(config: Config) -> dict:
         summary = run_pretrain(root, config)
     finally:
         reporter.stop.set()
-    print(reporter.finish(summary).split("![")[0])
+    print(without_pictures(reporter.finish(summary)))
     return summary
 
 

@@ -20,12 +20,17 @@ from prefect.artifacts import (
 from core.config import DashboardsConfig
 from core.ray_runtime import dashboard_sign_in, dashboard_url, live_nodes
 from core.storage import data_path
-from pipeline.show import draw_loss_curves, draw_sample, draw_transfer_curves
+from pipeline.show import draw_loss_curves, draw_sample, draw_throughput, draw_transfer_curves
 from pipeline.status import RANDOM_WARNING, failure_rows, node_shares, random_weight_stages, stage_rows
 from stages.dataset.shards import DatasetLayout
 from stages.download.download import STAGE as DOWNLOAD_STAGE
 from stages.fourm.pretrain import run_dir
 from stages.tokenizers.train_tokenizer import quality, tokenizer_dir
+
+
+def without_pictures(markdown: str) -> str:
+    """Markdown for a log: each inlined picture replaced by a word (the artifact has it)."""
+    return re.sub(r"!\[([^\]]*)\]\(data:[^)]*\)", r"(\1: a picture in the artifact)", markdown)
 
 
 def artifact_key(*parts: str) -> str:
@@ -161,10 +166,13 @@ class StageReporter:
                               description=f"{self.progress_line()}{hidden}")
         workers = worker_rows(self.made, self.running, time.time() - self.started)
         if workers:
-            create_table_artifact([{k: ("" if v is None else v) for k, v in row.items()} for row in workers],
+            shown = slowest_workers(workers)
+            which = f"the {len(shown)} slowest of {len(workers)}" if len(shown) < len(workers) else \
+                f"each of {len(workers)}"
+            create_table_artifact([{k: ("" if v is None else v) for k, v in row.items()} for row in shown],
                                   key=artifact_key(self.stage, "workers"),
-                                  description=f"{self.stage}: each worker process, as of "
-                                              f"{time.strftime('%H:%M:%S')} ({len(workers)} workers)")
+                                  description=f"{self.stage}: {which} worker processes, as of "
+                                              f"{time.strftime('%H:%M:%S')}")
 
     def finish(self) -> str:
         with self.lock:
@@ -190,6 +198,7 @@ class StageReporter:
         lines += [f"| {k} | {v} |" for k, v in failures] or ["| none | 0 |"]
         lines += worker_table(self.made, elapsed)
         lines += node_table(self.made)
+        lines += throughput_picture(self.made, self.stage)
         tokens = sum(row.get("tokens", 0) for row in done)
         if tokens:
             lines += ["", f"**{tokens / elapsed if elapsed else 0:.0f} tokens/s** written in this run ({tokens} tokens)"]
@@ -227,14 +236,38 @@ def worker_rows(done: list[dict], running: dict[str, dict], elapsed: float) -> l
              "now": r["now"]} for _, r in sorted(by_worker.items())]
 
 
+def throughput_picture(done: list[dict], stage: str) -> list[str]:
+    """Markdown lines: the run's images/s over time (all workers, and each), where it made several shards."""
+    import tempfile
+
+    if len(done) < 2:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = draw_throughput(done, f"{tmp}/throughput.png", f"{stage}: images/s over the run")
+        return ["", picture_markdown(chart, "throughput")] if chart else []
+
+
+WORKERS_SHOWN = 50  # workers tables' rows: on a cluster of hundreds of GPUs, the slowest are the ones to look at
+
+
+def slowest_workers(rows: list[dict]) -> list[dict]:
+    """At most WORKERS_SHOWN of `worker_rows`, the slowest (images/s) first where some are left out."""
+    if len(rows) <= WORKERS_SHOWN:
+        return rows
+    return sorted(rows, key=lambda r: r["images/s"])[:WORKERS_SHOWN]
+
+
 def worker_table(done: list[dict], elapsed: float) -> list[str]:
-    """Markdown lines: `worker_rows` of the shards this run made, for the summary."""
+    """Markdown lines: `worker_rows` of the shards this run made (the slowest, where there are many), for the
+    summary."""
     rows = worker_rows(done, {}, elapsed)
     if not rows:
         return []
-    lines = ["", "| worker | shards | images | images/s | busy | failed |", "| --- | --- | --- | --- | --- | --- |"]
+    shown = slowest_workers(rows)
+    lines = ["", f"the {len(shown)} slowest of {len(rows)} worker processes:" if len(shown) < len(rows) else "",
+             "| worker | shards | images | images/s | busy | failed |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['worker']} | {r['shards']} | {r['images']} | {r['images/s']:.1f} | {r['busy']} | "
-              f"{r['failed'] or ''} |" for r in rows]
+              f"{r['failed'] or ''} |" for r in shown]
     return lines
 
 

@@ -155,6 +155,47 @@ def draw_loss_curves(metrics: str | Path, out: str | Path) -> Path:
     return save_figure(fig, out, dpi=80)
 
 
+def throughput(made: list[dict], bins: int = 60) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Images/s over a run's time, from the stats of the shards it made (each shard's images spread evenly over its
+    own start to finish): the bins' start in seconds from the first start, and the rate per worker in each."""
+    spans = [(s["started_at"], s["finished_at"], s["ok"], f"{s.get('node') or '?'} pid {s.get('worker', '?')}")
+             for s in made if s.get("started_at") and s.get("finished_at")]
+    if not spans:
+        return np.zeros(0), {}
+    start, end = min(a for a, *_ in spans), max(b for _, b, *_ in spans)
+    edges = np.linspace(start, max(end, start + 1e-3), bins + 1)
+    width = edges[1] - edges[0]
+    rates: dict[str, np.ndarray] = {}
+    for began, finished, images, worker in spans:
+        overlap = np.clip(np.minimum(edges[1:], finished) - np.maximum(edges[:-1], began), 0, None)
+        rates.setdefault(worker, np.zeros(bins))
+        rates[worker] += images * overlap / max(finished - began, 1e-3) / width
+    return edges[:-1] - start, rates
+
+
+def draw_throughput(made: list[dict], out: str | Path, title: str) -> Path | None:
+    """The run's images/s against time, in all and per worker process (up to 8 drawn), or None for no shards."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seconds, rates = throughput(made)
+    if not rates:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3))
+    scale, unit = (60.0, "min") if seconds[-1] > 300 else (1.0, "s")
+    ax.step(seconds / scale, sum(rates.values()), where="post", color="C0", linewidth=2, label="all workers")
+    if 1 < len(rates) <= 8:
+        for i, (worker, rate) in enumerate(sorted(rates.items())):
+            ax.step(seconds / scale, rate, where="post", color=f"C{i + 1}", linewidth=1, label=worker)
+    ax.set_xlabel(f"{unit} since the first shard started")
+    ax.set_ylabel("images/s")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return save_figure(fig, out, dpi=80)
+
+
 def draw_transfer_curves(metrics: str | Path, out: str | Path, title: str) -> Path:
     """A fine-tune's training loss against steps, and its validation scores (right axis), from metrics.jsonl."""
     import matplotlib

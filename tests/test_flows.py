@@ -63,7 +63,7 @@ def test_download_flow_publishes_progress_table_and_summary(prefect_api, ray_add
     assert all(r["node"].startswith(socket.gethostname() + "/") for r in rows)  # the machine and Ray node
     summary = Artifact.get("download-summary")
     assert "images/s" in summary.data and "| http_error | 1 |" in summary.data
-    assert "**5** of 6 input rows ok" in summary.data
+    assert "**5** of 6 input rows ok" in summary.data and "![throughput](data:image/jpeg;base64," in summary.data
     # each worker process: its shards, images, images/s while it worked, its busy share, its failures
     workers = re.findall(r"^\| (\S+ pid \d+) \| (\d+) \| (\d+) \| [\d.]+ \| \d+% \| (\d*) \|$", summary.data, re.M)
     assert sum(int(n) for _, n, _, _ in workers) == 3 and sum(int(i) for _, _, i, _ in workers) == 5
@@ -147,16 +147,25 @@ def test_a_2000_shard_run_keeps_its_artifacts_bounded(prefect_api):
 
     reporter = StageReporter("scale-stage")
     reporter.start(2000)
-    for i in range(2000):
+    for i in range(2000):  # 200 worker processes, each taking 10 shards of 30 s one after the other
         failed = 3 if i % 250 == 7 else 0
-        reporter.record(f"shard-{i:06d}", {"rows": 1000, "ok": 1000 - failed, "seconds": 1000.0 if i == 1234 else 30.0,
+        seconds = 1000.0 if i == 1234 else 30.0
+        reporter.record(f"shard-{i:06d}", {"rows": 1000, "ok": 1000 - failed, "seconds": seconds,
                                             "status_counts": {"ok": 1000 - failed, **({"http_error": failed} if failed
                                                                                      else {})},
-                                            "images_per_s": 33.3, "node": "vm/0a1b2c3d"}, False)
+                                            "images_per_s": 33.3, "node": f"vm/{i % 25:08x}", "worker": 1000 + i % 200,
+                                            "started_at": 30.0 * (i // 200), "finished_at": 30.0 * (i // 200) + seconds},
+                        False)
     summary = reporter.finish()
     table = Artifact.get("scale-stage-shards")
     shown = [r["shard"] for r in json.loads(table.data)]
-    assert len(shown) <= 45 and len(table.data) < 16_000 and len(summary) < 2_000
+    assert len(shown) <= 45 and len(table.data) < 16_000
+    workers = Artifact.get("scale-stage-workers")  # the slowest 50 of the 200
+    assert len(json.loads(workers.data)) == 50 and len(workers.data) < 8_000
+    assert "the 50 slowest of 200" in workers.description
+    # the summary: totals, failures, the slowest workers and one picture of images/s over the run
+    assert len(summary) < 100_000 and summary.count("![throughput](data:image/jpeg;base64,") == 1
+    assert "the 50 slowest of 200 worker processes" in summary
     assert shown[-20:] == [f"shard-{i:06d}" for i in range(1980, 2000)]  # the last to finish
     assert "shard-001234" in shown  # the slowest
     assert {f"shard-{i:06d}" for i in range(7, 2000, 250)} <= set(shown)  # every one with failures
