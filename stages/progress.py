@@ -81,7 +81,10 @@ class SampleCounter:
         if self.channel is not None:
             import ray
 
-            ray.get(self._report())
+            try:
+                ray.get(self._report())
+            except ray.exceptions.RayError:  # the board went away with the driver's node: the shard still counts
+                pass
 
     def _report(self):
         self._reported = self.done
@@ -103,15 +106,22 @@ def watched_shards(observer):
         yield None
         return
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    board = ray.remote(num_cpus=0)(named_for_the_dashboard(ProgressBoard, job_metadata()["job_name"])).remote()
-    stop = threading.Event()
+    # on the driver's node: a worker node lost mid-run takes nothing of the board with it (soft: where that node is
+    # not one Ray can place on, as a Ray Client's machine, anywhere)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    board = ray.remote(num_cpus=0, scheduling_strategy=here)(
+        named_for_the_dashboard(ProgressBoard, job_metadata()["job_name"])).remote()
+    stop, failed = threading.Event(), []
 
     def show() -> None:
         try:
             watch(ray.get(board.snapshot.remote()))
         except Exception as err:  # noqa: BLE001 - a dashboard hiccup must not stop the stage
-            print(f"progress within shards not shown: {type(err).__name__}: {err}")
+            if not failed:  # said once; the next readings try again quietly
+                print(f"progress within shards not shown for now: {type(err).__name__}: {err}")
+            failed.append(err)
 
     def poll() -> None:
         while not stop.wait(getattr(observer, "poll_seconds", POLL_SECONDS)):
