@@ -259,3 +259,37 @@ def test_a_published_tokenizer_is_installed_into_a_bucket_whole(s3, monkeypatch,
     capsys.readouterr()
     assert main(args) == 2
     assert "already holds a tokenizer" in capsys.readouterr().err
+
+
+def test_retry_failed_republishes_a_shard_whole_on_object_storage(ray_address, server, s3, tmp_path):
+    """`download --retry-failed` on an s3:// root: the shard whose 503 has since recovered is fetched again and
+    published anew, whole objects in key order, after the later stages' commit of that shard is withdrawn; the
+    other shard and its later commits are left as they were."""
+    from core.config import load_config
+    from core.files import write_json
+    from stages.download.download import run_download
+
+    bucket = s3.make_bucket("retry")
+    jpeg = large_jpeg((320, 240))
+    urls = [server.add("a.jpg", jpeg), f"{server.base}/flaky/1/b.jpg", server.add("c.jpg", jpeg)]
+    server.add("b.jpg", jpeg)
+    listed = tmp_path / "urls.tsv"
+    listed.write_text("".join(f"{url}\tphoto {i}\n" for i, url in enumerate(urls)))
+    config = load_config("demo", ["download.allow_private_hosts=true", "download.shard_size=2", "download.retries=0",
+                                  f"storage_options={json.dumps(s3.options)}", *UNSCORED])
+    layout = DatasetLayout(data_path(f"s3://{bucket}/ds", s3.options))
+    run_download(listed, layout.root, config)
+    for shard in ("shard-000000", "shard-000001"):  # a later stage's commits, as the label stage leaves them
+        write_json(layout.stats("label_canny_edge", shard), {"rows": 2, "ok": 2, "status_counts": {"ok": 2}})
+    fs = s3.fs()
+    kept = fs.info(f"{bucket}/ds/_status/download/shard-000001.json")["LastModified"]
+
+    summary = run_download(listed, layout.root, config, retry_failed=True)
+    assert (summary.shards_done, summary.shards_skipped) == (1, 1)
+    status = read_parquet(layout.status_table(STAGE, "shard-000000")).to_pylist()
+    assert [(r["key"], r["status"]) for r in status] == [("000000000", "ok"), ("000000001", "ok")]
+    assert tar_keys(fs, f"{bucket}/ds/rgb/shard-000000.tar") == ["000000000", "000000001"]
+    assert not layout.is_committed("label_canny_edge", "shard-000000")  # withdrawn: the next label run redoes it
+    assert layout.is_committed("label_canny_edge", "shard-000001")
+    assert fs.info(f"{bucket}/ds/_status/download/shard-000001.json")["LastModified"] == kept
+    assert not [p for p in fs.find(f"{bucket}/ds") if ".tmp" in p], "only whole objects"
