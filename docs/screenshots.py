@@ -179,6 +179,13 @@ def main() -> None:
                 camera.shoot("prefect-workers", artifact_page(u, "pseudo-label-workers"), wait_for="pid")
                 camera.page.goto(flow_run)
                 camera.shoot("prefect-flow-run-logs", wait_for="committed")
+                while artifact("pseudo-label-samples") is None:  # the first shard's, drawn once it committed
+                    if time.monotonic() > deadline:
+                        sys.exit("pseudo-label/demo published no pictures while it ran")
+                    time.sleep(0.2)
+                camera.shoot("pseudo-label-samples-running", artifact_page(u, "pseudo-label-samples"),
+                             wait_for="Labelled samples")
+                pictures_while_running = camera.pictures_loaded()
                 ray_dashboard(camera, u["ray_dashboard"], Path(ray_token()).read_text().strip())
             finally:
                 for pid in paused:
@@ -195,10 +202,11 @@ def main() -> None:
             camera.shoot("pseudo-label-stages", artifact_page(u, "pseudo-label-stages"), wait_for="label_depth")
             camera.shoot("pseudo-label-samples", artifact_page(u, "pseudo-label-samples"),
                          wait_for="Labelled samples")
-            loaded, pictures = camera.pictures_loaded()
-            print(f"pictures rendered in Prefect's default UI: {loaded} of {pictures}")
-            if not pictures or loaded < pictures:
-                camera.missed.append(f"pseudo-label-samples: {loaded} of {pictures} pictures rendered")
+            for view, (loaded, pictures) in (("while running", pictures_while_running),
+                                              ("at the end", camera.pictures_loaded())):
+                print(f"pictures rendered in Prefect's default UI {view}: {loaded} of {pictures}")
+                if not pictures or loaded < pictures:
+                    camera.missed.append(f"pseudo-label-samples {view}: {loaded} of {pictures} pictures rendered")
             camera.browser.close()
     finally:
         down()

@@ -89,7 +89,10 @@ def label_with_artifacts(config: Config, pictures: int = 3, retry_failed: bool =
     if config.profile == "demo":  # the demo's tiny random-weight models, where the profile names them
         save_demo_models(config)
     root = open_data_root(config.root, writable=True)
-    reporter = LabelReporter("pseudo-label", config.label.labelers, config.dashboards)
+    # the first labelled shard's pictures while the others are labelled, the first shards' at the end
+    first = (lambda shard: sample_pictures_markdown(root, pictures, "pseudo-label-samples", [shard])) if pictures \
+        else None
+    reporter = LabelReporter("pseudo-label", config.label.labelers, config.dashboards, first)
     summary = run_label(root, config, observer=reporter, retry_failed=retry_failed)
     print(without_pictures(reporter.finish()))
     publish_stage_table(root, key="pseudo-label-stages")

@@ -284,11 +284,13 @@ def node_table(done: list[dict]) -> list[str]:
 
 
 class LabelReporter(StageReporter):
-    """The stage reporter plus one progress artifact per labeler."""
+    """The stage reporter plus one progress artifact per labeler, and `pictures(shard)` called once, on the first
+    shard this run labels (the samples' pictures while the stage goes on)."""
 
-    def __init__(self, stage: str, labelers: list[str], dashboards: DashboardsConfig | None = None):
+    def __init__(self, stage: str, labelers: list[str], dashboards: DashboardsConfig | None = None, pictures=None):
         super().__init__(stage, dashboards)
         self.labelers, self.per_labeler, self.done = labelers, {}, Counter()
+        self.pictures = pictures
 
     def start(self, total_shards: int) -> None:
         super().start(total_shards)
@@ -298,6 +300,9 @@ class LabelReporter(StageReporter):
 
     def __call__(self, name: str, stats: dict, skipped: bool) -> None:
         super().__call__(name, stats, skipped)
+        if self.pictures and not skipped and stats["ok"]:
+            self.pictures(name)
+            self.pictures = None
         for labeler in stats.get("labelers", {}):
             self.done[labeler] += 1
             update_progress_artifact(self.per_labeler[labeler], 100.0 * self.done[labeler] / self.total,
@@ -379,13 +384,14 @@ class TokenizerReporter:
         return markdown
 
 
-def sample_pictures_markdown(root, count: int, key: str) -> str | None:
-    """A markdown artifact showing `count` labelled samples (pictures inlined, so no file server is needed)."""
+def sample_pictures_markdown(root, count: int, key: str, shards: list[str] | None = None) -> str | None:
+    """A markdown artifact showing `count` labelled samples of `shards` (by default the first downloaded ones),
+    pictures inlined, so no file server is needed."""
     import tempfile
 
     layout = DatasetLayout(root)
     keys = []
-    for shard in layout.committed_shards(DOWNLOAD_STAGE):
+    for shard in shards or layout.committed_shards(DOWNLOAD_STAGE):
         table = layout.read_status(DOWNLOAD_STAGE, shard, ["key", "status"]).to_pylist()
         keys += [r["key"] for r in table if r["status"] == "ok"]
         if len(keys) >= count:

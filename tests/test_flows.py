@@ -224,6 +224,16 @@ def test_deployments_cc12m_run_the_paper_profile_and_demo_ones_the_demo():
     assert made["cc12m-pipeline/cc12m"]["input"] == "data/cc12m.tsv" and made["cc12m-pipeline/demo"]["input"] == "demo"
 
 
+def run_artifacts(flow_run_id, key: str) -> list:
+    """Every version of an artifact that a flow run published."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
 @pytest.fixture(scope="module")
 def labelled(served, tiny_models, tmp_path_factory):
     """`prefect deployment run pseudo-label/demo` served, on two shards with one corrupt image: the run and its
@@ -250,6 +260,10 @@ def test_pseudo_label_deployment_runs_when_served(labelled):
         assert float(Artifact.get(f"pseudo-label-{name.replace('_', '-')}-progress").data) == 100.0
     pictures = Artifact.get("pseudo-label-samples").data
     assert pictures.count("data:image/jpeg;base64,") == 2 and len(pictures) < 2 * 150_000  # thumbnails
+    # the first labelled shard's pictures came while the run went on, before its summary; then the end's
+    versions = run_artifacts(run.id, "pseudo-label-samples") + run_artifacts(run.id, "pseudo-label-summary")
+    assert [a.key for a in sorted(versions, key=lambda a: a.created)] == [
+        "pseudo-label-samples", "pseudo-label-summary", "pseudo-label-samples"]
     assert "| depth:decode_error | 1 |" in Artifact.get("pseudo-label-summary").data
     failed = json.loads(Artifact.get("pseudo-label-failures").data)
     assert {r["stage"] for r in failed} >= {"label_depth"} and all(r["status"] == "decode_error" for r in failed)
