@@ -13,7 +13,7 @@ class ShardProgress:
         self.desc, self.bar = desc, None
         self.ok = self.failed = self.filtered = 0
         self.postfix: dict = {}
-        self.committed: set[str] = set()
+        self.ended: set[str] = set()  # committed or failed: no longer in progress
         self.made: list[dict] = []  # this run's shards, for the per-node lines on a cluster
 
     def start(self, total_shards: int) -> None:
@@ -30,14 +30,17 @@ class ShardProgress:
         if not skipped and stats.get("device_wait_share") is not None:  # the label stage: which side bounds it
             postfix |= {"gpu_wait": f"{stats['device_wait_share']:.0%}", "decode_wait": f"{stats['decode_wait_share']:.0%}"}
         self.postfix = postfix
-        self.committed.add(name)
+        self.ended.add(name)
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
         if not skipped:
             self.made.append(stats)
 
+    def failed(self, shard: str, error: str) -> None:
+        self.ended.add(shard)  # said at the end, with the other failed shards
+
     def in_progress(self, shards: dict[str, dict]) -> None:
-        running = {s: c for s, c in shards.items() if s not in self.committed}
+        running = {s: c for s, c in shards.items() if s not in self.ended}
         if self.bar is not None and running:
             now = ", ".join(f"{s[-6:]} {c['done']}/{c['total']}" for s, c in sorted(running.items())[:3])
             self.bar.set_postfix({**self.postfix, "in progress": now})

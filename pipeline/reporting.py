@@ -57,6 +57,7 @@ class StageReporter:
         self.rows: list[dict] = []  # every shard seen, in the order they finished
         self.made: list[dict] = []  # the stats of the shards this run made (not found committed): per node
         self.running: dict[str, dict] = {}  # shard -> the workers' latest count, for the shards not committed yet
+        self.failures: dict[str, str] = {}  # shard -> why it failed in this run
         self.counts: Counter = Counter()
         self.started = time.time()
         self.table_every, self._last_table = dashboards.table_seconds, 0.0
@@ -86,12 +87,20 @@ class StageReporter:
     def in_progress(self, shards: dict[str, dict]) -> None:
         """The workers' counts within shards (`stages.progress`): the bar and the tables move between commits."""
         with self.lock:
-            committed = {row["shard"] for row in self.rows}
-            self.running = {shard: count for shard, count in shards.items() if shard not in committed}
+            ended = {row["shard"] for row in self.rows} | set(self.failures)
+            self.running = {shard: count for shard, count in shards.items() if shard not in ended}
             self._show_progress()
             # a new table version per commit at most, and while none commits, now and then: Prefect keeps every one
             if self.running and time.time() - self._last_table >= max(self.table_every, self.running_table_every):
                 self._publish_tables()
+
+    def failed(self, shard: str, error: str) -> None:
+        """A shard that failed in this run: out of the shards in progress, and a line in the flow run's log."""
+        with self.lock:
+            self.running.pop(shard, None)
+            self.failures[shard] = error
+            print(f"{self.stage}: {shard} failed (the next run redoes it): {error}")
+            self._show_progress()
 
     def _show_progress(self) -> str:
         progress = self.progress_line()
@@ -129,6 +138,8 @@ class StageReporter:
         done = [row for row in self.rows if row["state"] == "done"]
         elapsed = time.time() - self.started
         line = f"{self.stage}: {len(self.rows)} of {self.total} shards"
+        if self.failures:
+            line += f", {len(self.failures)} failed (redone on the next run)"
         if self.running:
             shown = sorted(self.running.items())[:3]
             more = f", {len(self.running) - len(shown)} more" if len(self.running) > len(shown) else ""
@@ -138,7 +149,7 @@ class StageReporter:
         images = sum(row["ok"] for row in done) + sum(c["done"] for c in self.running.values())
         if shards and elapsed:
             line += f", {images / elapsed:.1f} images/s"
-            left = self.total - len(self.rows) - sum(self._fraction(c) for c in self.running.values())
+            left = self.total - len(self.rows) - len(self.failures) - sum(self._fraction(c) for c in self.running.values())
             line += f", about {elapsed / shards * left:.0f} s left"
         return line
 

@@ -387,9 +387,13 @@ def test_a_run_with_nothing_to_do_says_so_instead_of_a_rate(prefect_api):
     assert "**nothing to do**: all 2 shards were already committed" in summary and "images/s" not in summary
 
     busy = StageReporter("busy-stage")
-    busy.start(2)
+    busy.start(3)
     busy("shard-000000", stats, True)
     busy("shard-000001", stats, False)
+    busy.in_progress({"shard-000002": {"done": 1, "total": 4, "worker": "vm/1 pid 7", "since": time.time()}})
+    busy.failed("shard-000002", "RayTaskError: out of memory")  # out of the shards in progress, counted apart
+    assert re.fullmatch(r"busy-stage: 2 of 3 shards, 1 failed \(redone on the next run\), [\d.]+ images/s, "
+                        r"about 0 s left", busy.progress_line())
     summary = busy.finish()
     assert "images/s** in this run (1 shards done, 1 already committed)" in summary
 

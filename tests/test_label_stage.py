@@ -76,8 +76,10 @@ def test_labels_are_aligned_with_rgb_in_the_reference_formats(ray_address, tiny_
 
 def test_a_labeler_reading_labels_not_committed_fails_its_shards_by_name(ray_address, tiny_models, tmp_path):
     make_dataset(tmp_path)
-    summary = run_label(tmp_path, config(tiny_models), ["metadata"])
+    watching = WatchingWithinShards()
+    summary = run_label(tmp_path, config(tiny_models), ["metadata"], observer=watching)
     assert summary.shards_done == 0 and set(summary.failed_shards) == {"shard-000000", "shard-000001"}
+    assert watching.failures == summary.failed_shards  # told as they failed, not only in the summary
     assert "metadata reads det labels, not committed for shard-000000 (label det first" in (
         summary.failed_shards["shard-000000"])
 
@@ -114,7 +116,7 @@ class WatchingWithinShards:
     progress_every, poll_seconds = 1, 3600.0
 
     def __init__(self):
-        self.seen, self.committed = [], []
+        self.seen, self.committed, self.failures = [], [], {}
 
     def start(self, total_shards: int) -> None:
         pass
@@ -124,6 +126,9 @@ class WatchingWithinShards:
 
     def in_progress(self, shards: dict) -> None:
         self.seen.append(shards)
+
+    def failed(self, shard: str, error: str) -> None:
+        self.failures[shard] = error
 
 
 def test_one_failing_sample_costs_only_itself():

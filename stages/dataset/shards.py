@@ -40,7 +40,9 @@ OK = "ok"
 
 
 class ShardObserver(Protocol):
-    """What watches a run: a progress bar, Prefect artifacts. Called in the driver."""
+    """What watches a run: a progress bar, Prefect artifacts. Called in the driver. It may also have
+    `in_progress(shards)` (the workers' counts within shards: `stages.progress`) and `failed(shard, error)` (a shard
+    that failed in this run, redone on the next)."""
 
     def start(self, total_shards: int) -> None: ...
 
@@ -58,6 +60,12 @@ class ShardsSummary:
     failed_shards: dict[str, str] = field(default_factory=dict)
     status_counts: Counter | dict[str, Counter] = field(default_factory=Counter)
     seconds: float = 0.0
+
+    def fail(self, shard: str, error: str, observer: "ShardObserver | None" = None) -> None:
+        """A shard that failed in this run (redone on the next), told to the observer where it listens."""
+        self.failed_shards[shard] = error
+        if callable(getattr(observer, "failed", None)):
+            observer.failed(shard, error)
 
     @property
     def images(self) -> int:

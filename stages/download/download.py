@@ -265,7 +265,7 @@ def run_download(input_path: str | Path, root: DataPath | str, config: Config,
             try:
                 stats = ray.get(done[0])
             except Exception as err:  # noqa: BLE001 - record and go on; the shard is redone next run
-                summary.failed_shards[name] = f"{type(err).__name__}: {err}"
+                summary.fail(name, f"{type(err).__name__}: {err}", observer)
                 continue
             summary.shards_done += 1
             summary.status_counts.update(stats["status_counts"])

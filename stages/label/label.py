@@ -510,7 +510,7 @@ def run_label(root: str | Path, config: Config, labelers: list[str] | None = Non
                                                  "label", device=cfg.device, workers=cfg.workers,
                                                  cpus_per_worker=cfg.cpus_per_worker, observer=observer):
             if error:
-                summary.failed_shards[shard] = error
+                summary.fail(shard, error, observer)
                 continue
             summary.shards_done += 1
             for n, s in stats.items():

@@ -220,7 +220,7 @@ def run_quality(root: str | Path, config: Config, observer: ShardObserver | None
                                                  device=cfg.device, workers=cfg.workers,
                                                  cpus_per_worker=cfg.cpus_per_worker, observer=observer):
             if error:
-                summary.failed_shards[shard] = error
+                summary.fail(shard, error, observer)
                 continue
             summary.shards_done += 1
             summary.status_counts[STAGE].update(stats["status_counts"])

@@ -307,7 +307,7 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
         missing = [m for m in pending if not registry.get(m).downloaded
                    and not layout.is_committed(registry.get(m).stage, shard)]
         if missing:
-            summary.failed_shards[shard] = f"labels not committed for {missing} (run the label stage first)"
+            summary.fail(shard, f"labels not committed for {missing} (run the label stage first)", observer)
     crop_labelers = per_crop_labelers(root, config, names)
     quality = quality_filters(layout, shards, config.quality)  # the samples its thresholds drop: not tokenized
     ready = [s for s in shards if s not in summary.failed_shards]
@@ -321,7 +321,7 @@ def run_tokenize(root: str | Path, config: Config, modalities: list[str] | None 
                                                  workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
                                                  observer=observer):
             if error:
-                summary.failed_shards[shard] = error
+                summary.fail(shard, error, observer)
                 continue
             summary.shards_done += 1
             for m in names:
