@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections import Counter
 
@@ -49,8 +50,6 @@ class StageReporter:
     RECENT, SLOWEST, WITH_FAILURES = 20, 5, 20  # the shards table's rows, however many shards there are
 
     def __init__(self, stage: str, dashboards: DashboardsConfig | None = None):
-        import threading
-
         dashboards = dashboards or DashboardsConfig()
         self.stage, self.total = stage, 1
         self.progress_every, self.poll_seconds = dashboards.progress_every, dashboards.poll_seconds  # for the workers

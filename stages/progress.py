@@ -20,7 +20,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from core.ray_runtime import job_metadata, named_for_the_dashboard, node_name
 
@@ -91,8 +91,12 @@ class SampleCounter:
         return self.channel.board.report.remote(self.shard, self._reported, self.total, self.worker)
 
 
-def counter(channel: ProgressChannel | None, shard: str, total: int, parts: int = 1) -> SampleCounter:
-    """The shard's counter; one that counts without telling anyone when nobody watches (`channel` None)."""
+def counter(channel: ProgressChannel | None, shard: str, total: int | Callable[[], int], parts: int = 1
+            ) -> SampleCounter:
+    """The shard's counter; one that counts without telling anyone when nobody watches (`channel` None). `total`
+    may be a function, called only where someone watches (a read the stage need not make otherwise)."""
+    if callable(total):
+        total = total() if channel is not None else 0
     return SampleCounter(channel, shard, total, parts)
 
 

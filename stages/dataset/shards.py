@@ -193,6 +193,11 @@ class DatasetLayout:
         between costs work, never a stale commit. Returns the stages withdrawn."""
         root = self.status_root
         stages = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != first) if root.is_dir() else []
+        return self.withdraw(stages, shard)
+
+    def withdraw(self, stages: list[str], shard: str) -> list[str]:
+        """Remove the commit record of `shard` from each of `stages` that committed it, in their order (what is
+        built on another first); returns the stages withdrawn."""
         withdrawn = [stage for stage in stages if self.is_committed(stage, shard)]
         for stage in withdrawn:
             self.stats(stage, shard).unlink()

@@ -343,7 +343,7 @@ def label_shard(root: str, shard: str, labelers: dict, cfg: LabelConfig, quality
     telling `progress` how far it is; returns each labeler's committed stats. A labeler that reads other labels
     (4M-21's metadata) runs in a second pass, once those are committed."""
     stats = {}
-    samples = counter(progress, shard, photos_in(DatasetLayout(root), shard), len(labelers))
+    samples = counter(progress, shard, lambda: photos_in(DatasetLayout(root), shard), len(labelers))
     for wave in waves(list(labelers)):
         stats.update(ShardLabelling(root, shard, {n: labelers[n] for n in wave}, cfg, quality, samples).run())
     samples.finish()
@@ -424,9 +424,7 @@ def withdraw_retryable(layout: DatasetLayout, shards: list[str], names: list[str
             counts = layout.read_stats(stage_name(name), shard)["status_counts"]
             if not any(counts.get(status) for status in RETRYABLE):
                 continue
-            for stage in built_on(name, modalities):
-                if layout.is_committed(stage, shard):
-                    layout.stats(stage, shard).unlink()
+            layout.withdraw(built_on(name, modalities), shard)
             withdrawn.setdefault(shard, []).append(name)
     return withdrawn
 

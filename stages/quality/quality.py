@@ -126,7 +126,7 @@ def score_shard(root: str, shard: str, scorer: QualityScorer, cfg: QualityConfig
                 for key, data in read_members(layout.tar(caption.folder, shard), caption.extension)} \
         if layout.tar(caption.folder, shard).exists() else {}
     statuses, columns, batch = [], {name: [] for name in ("key", "clip_score", "aesthetic", "watermark", "embedding")}, []
-    started, samples = time.time(), counter(progress, shard, photos_in(layout, shard))
+    started, samples = time.time(), counter(progress, shard, lambda: photos_in(layout, shard))
 
     def flush():
         if not batch:
